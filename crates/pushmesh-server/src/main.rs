@@ -1,1 +1,90 @@
-fn main(){}
+//! The `pushmesh` binary: parse the configuration, install logging, serve.
+
+use anyhow::Context;
+use clap::Parser;
+use pushmesh_server::config::{Cli, Config, LogFormat};
+use pushmesh_server::Server;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_cli(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pushmesh: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(config) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pushmesh: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.is_empty() => EnvFilter::try_new(f),
+        _ => EnvFilter::try_new(&config.log),
+    }
+    .context("invalid log filter")?;
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+    Ok(())
+}
+
+fn banner(config: &Config, addr: std::net::SocketAddr) {
+    let port = addr.port();
+    println!("pushmesh {} listening on {addr}", env!("CARGO_PKG_VERSION"));
+    for a in &config.apps {
+        println!("  app id: {}  key: {}  secret: {}", a.id, a.key, a.secret);
+    }
+    if config.development {
+        let a = &config.apps[0];
+        println!(
+            "\nDevelopment app (no app configured; do not use in production). Connect with pusher-js:\n\n  \
+             new Pusher('{key}', {{ wsHost: '127.0.0.1', wsPort: {port}, forceTLS: false,\n    \
+             enabledTransports: ['ws'], cluster: 'mt1' }});\n\n\
+             and publish with the Node SDK:\n\n  \
+             new Pusher({{ appId: '{id}', key: '{key}', secret: '{secret}', host: '127.0.0.1', port: '{port}', useTLS: false }})\n",
+            key = a.key,
+            id = a.id,
+            secret = a.secret
+        );
+    }
+}
+
+#[tokio::main]
+async fn run(config: Config) -> anyhow::Result<()> {
+    init_logging(&config)?;
+    let server = Server::bind(config.clone()).await?;
+    let addr = server.local_addr()?;
+    banner(&config, addr);
+    tracing::info!(%addr, apps = config.apps.len(), "pushmesh started");
+    server.run(shutdown_signal()).await?;
+    tracing::info!("pushmesh stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+}

@@ -1,0 +1,237 @@
+//! The Pusher WebSocket endpoint `/app/{key}` and its per-connection task.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use futures_util::SinkExt;
+use pushmesh_core::{AppIdx, ConnId, Keepalive, KeepaliveAction};
+use pushmesh_protocol::{server, CloseCode};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, timeout};
+
+use crate::hub::{CloseRequest, ConnHandle};
+use crate::Shared;
+
+/// How long one batch of writes may take before the client counts as dead.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most frames written before one flush.
+const WRITE_BATCH: usize = 256;
+
+/// What the upgrade decided before the socket exists.
+enum Admission {
+    App(AppIdx),
+    Refuse(CloseCode, String),
+}
+
+/// `GET /app/{key}`: upgrades to a Pusher protocol connection.
+pub async fn pusher_ws(
+    State(st): State<Arc<Shared>>,
+    Path(key): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let admission = match q.get("protocol").map(|p| p.parse::<u32>()) {
+        Some(Err(_)) => Admission::Refuse(
+            CloseCode::InvalidVersionFormat,
+            "protocol version must be a number".into(),
+        ),
+        Some(Ok(v)) if v != 7 => Admission::Refuse(
+            CloseCode::UnsupportedProtocol,
+            format!("unsupported protocol version {v}; this server speaks 7"),
+        ),
+        // A missing protocol is taken as 7.
+        _ => match st.app_by_key(&key) {
+            Some(app) => Admission::App(app),
+            None => Admission::Refuse(CloseCode::AppNotFound, format!("no app with key {key:?}")),
+        },
+    };
+    ws.read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(st.config.max_message_bytes)
+        .max_frame_size(st.config.max_message_bytes)
+        .on_upgrade(move |socket| async move {
+            match admission {
+                Admission::App(app) => run_connection(st, socket, app).await,
+                Admission::Refuse(code, reason) => {
+                    tracing::debug!(code = code.code(), %reason, "connection refused");
+                    refuse(socket, code, &reason).await;
+                }
+            }
+        })
+}
+
+async fn refuse(mut socket: WebSocket, code: CloseCode, reason: &str) {
+    let frame = server::error(reason, Some(code.code()));
+    if let Ok(t) = Utf8Bytes::try_from(frame) {
+        let _ = timeout(WRITE_TIMEOUT, socket.send(Message::Text(t))).await;
+    }
+    let _ = timeout(WRITE_TIMEOUT, socket.send(close_message(code, reason))).await;
+}
+
+fn close_message(code: CloseCode, reason: &str) -> Message {
+    // A close reason is at most 123 bytes; cut on a character boundary.
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::Close(Some(CloseFrame {
+        code: code.code(),
+        reason: Utf8Bytes::from(&reason[..end]),
+    }))
+}
+
+/// Why the connection loop ended.
+enum End {
+    /// The client went away or the socket failed.
+    Gone,
+    /// The server closes with a code.
+    Close(CloseRequest),
+}
+
+async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
+    let conn = ConnId(st.next_conn.fetch_add(1, Ordering::Relaxed));
+    let (handle, mut rx, mut close_rx) = ConnHandle::new(st.config.outbound_queue);
+    let opened = Instant::now();
+    let (requires_signin, open_result) = {
+        let mut hub = st.lock();
+        hub.attach(conn, handle);
+        let requires = hub.core.app(app).user_authentication_required;
+        let r = hub.core.open(opened, app, conn);
+        if r.is_err() {
+            hub.detach(conn);
+        }
+        hub.dispatch(&st.stats);
+        (requires, r)
+    };
+    if let Err(e) = open_result {
+        tracing::debug!(conn = conn.0, error = %e, "connection refused");
+        refuse(socket, e.close_code(), &e.to_string()).await;
+        return;
+    }
+    tracing::debug!(conn = conn.0, "connection opened");
+
+    let mut keepalive = Keepalive::new(opened, st.config.activity_timeout, st.config.pong_timeout);
+    let signin_deadline = requires_signin.then(|| opened + st.config.signin_timeout);
+    let mut signin_checked = false;
+    let end = loop {
+        let signin_wait = async {
+            match signin_deadline {
+                Some(d) if !signin_checked => sleep_until(d.into()).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            req = &mut close_rx => match req {
+                Ok(req) => break End::Close(req),
+                Err(_) => break End::Gone,
+            },
+            Some(first) = rx.recv() => {
+                if !write_batch(&mut socket, &mut rx, first).await {
+                    break End::Gone;
+                }
+            }
+            msg = socket.recv() => {
+                let now = Instant::now();
+                keepalive.on_activity(now);
+                match msg {
+                    Some(Ok(Message::Text(t))) => {
+                        let mut hub = st.lock();
+                        hub.core.handle_frame(now, conn, t.as_str());
+                        hub.dispatch(&st.stats);
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        let mut hub = st.lock();
+                        hub.core.handle_binary(conn);
+                        hub.dispatch(&st.stats);
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Ok(Message::Close(_))) | None => break End::Gone,
+                    Some(Err(e)) => {
+                        tracing::debug!(conn = conn.0, error = %e, "websocket read error");
+                        break End::Gone;
+                    }
+                }
+            }
+            _ = sleep_until(keepalive.deadline().into()) => {
+                match keepalive.poll(Instant::now()) {
+                    KeepaliveAction::Wait => {}
+                    KeepaliveAction::SendPing => {
+                        if let Ok(t) = Utf8Bytes::try_from(server::ping()) {
+                            if timeout(WRITE_TIMEOUT, socket.send(Message::Text(t))).await.map_or(true, |r| r.is_err()) {
+                                break End::Gone;
+                            }
+                        }
+                    }
+                    KeepaliveAction::Close => break End::Close(CloseRequest {
+                        code: CloseCode::PongNotReceived,
+                        reason: "pong not received in time".into(),
+                    }),
+                }
+            }
+            _ = signin_wait => {
+                signin_checked = true;
+                let mut hub = st.lock();
+                hub.core.signin_deadline(conn);
+                hub.dispatch(&st.stats);
+            }
+        }
+    };
+
+    // Leave the hub first so nothing more is queued for this connection.
+    {
+        let mut hub = st.lock();
+        hub.detach(conn);
+        hub.core.disconnect(Instant::now(), conn);
+        hub.dispatch(&st.stats);
+    }
+    let reason = match end {
+        End::Gone => "client went away".to_string(),
+        End::Close(req) => {
+            // Frames queued before the close (e.g. the pusher:error) go first.
+            let _ = flush_queued(&mut socket, &mut rx).await;
+            let _ = timeout(WRITE_TIMEOUT, socket.send(close_message(req.code, &req.reason))).await;
+            format!("{} {}", req.code.code(), req.reason)
+        }
+    };
+    close_rx.close();
+    tracing::debug!(
+        conn = conn.0,
+        reason = %reason,
+        duration_ms = opened.elapsed().as_millis() as u64,
+        "connection closed"
+    );
+}
+
+/// Writes `first` and whatever else is queued, then flushes once.
+async fn write_batch(
+    socket: &mut WebSocket,
+    rx: &mut mpsc::Receiver<Utf8Bytes>,
+    first: Utf8Bytes,
+) -> bool {
+    let work = async {
+        socket.feed(Message::Text(first)).await?;
+        let mut n = 1;
+        while n < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(t) => socket.feed(Message::Text(t)).await?,
+                Err(_) => break,
+            }
+            n += 1;
+        }
+        socket.flush().await
+    };
+    matches!(timeout(WRITE_TIMEOUT, work).await, Ok(Ok(())))
+}
+
+async fn flush_queued(socket: &mut WebSocket, rx: &mut mpsc::Receiver<Utf8Bytes>) -> bool {
+    match rx.try_recv() {
+        Ok(first) => write_batch(socket, rx, first).await,
+        Err(_) => true,
+    }
+}
