@@ -19,6 +19,8 @@ use crate::Shared;
 
 /// How long one batch of writes may take before the client counts as dead.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the client's close frame after sending ours.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most frames written before one flush.
 const WRITE_BATCH: usize = 256;
 
@@ -71,6 +73,21 @@ async fn refuse(mut socket: WebSocket, code: CloseCode, reason: &str) {
         let _ = timeout(WRITE_TIMEOUT, socket.send(Message::Text(t))).await;
     }
     let _ = timeout(WRITE_TIMEOUT, socket.send(close_message(code, reason))).await;
+    await_close(&mut socket).await;
+}
+
+/// Completes the closing handshake: reads (and drops) what the client still
+/// sends until its close frame, bounded in time. Closing the TCP socket with
+/// unread input would reset it and the client could lose the close frame.
+async fn await_close(socket: &mut WebSocket) {
+    let drain = async {
+        while let Some(Ok(m)) = socket.recv().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = timeout(CLOSE_TIMEOUT, drain).await;
 }
 
 fn close_message(code: CloseCode, reason: &str) -> Message {
@@ -196,6 +213,7 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
             // Frames queued before the close (e.g. the pusher:error) go first.
             let _ = flush_queued(&mut socket, &mut rx).await;
             let _ = timeout(WRITE_TIMEOUT, socket.send(close_message(req.code, &req.reason))).await;
+            await_close(&mut socket).await;
             format!("{} {}", req.code.code(), req.reason)
         }
     };
