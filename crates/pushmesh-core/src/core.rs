@@ -378,7 +378,10 @@ impl Core {
 
     /// A binary frame, which the protocol does not use.
     pub fn handle_binary(&mut self, conn: ConnId) {
-        self.error(conn, "binary frames are not supported; send JSON text frames");
+        self.error(
+            conn,
+            "binary frames are not supported; send JSON text frames",
+        );
     }
 
     /// A text frame from a client.
@@ -406,7 +409,13 @@ impl Core {
                 channel,
                 auth,
                 channel_data,
-            } => self.subscribe(now, conn, &channel, auth.as_deref(), channel_data.as_deref()),
+            } => self.subscribe(
+                now,
+                conn,
+                &channel,
+                auth.as_deref(),
+                channel_data.as_deref(),
+            ),
             ClientMessage::Unsubscribe { channel } => {
                 if let Ok(name) = ChannelName::parse_with_limit(&channel, usize::MAX) {
                     self.unsubscribe(conn, &name);
@@ -429,7 +438,9 @@ impl Core {
         auth: Option<&str>,
         channel_data: Option<&str>,
     ) {
-        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         let app = c.app;
         let cfg = &self.apps[app.0 as usize].cfg;
         let name = match ChannelName::parse_with_limit(channel, cfg.limits.max_channel_name_length)
@@ -501,7 +512,13 @@ impl Core {
         }
     }
 
-    fn subscribe_presence(&mut self, conn: ConnId, app: AppIdx, name: &ChannelName, data: &str) -> bool {
+    fn subscribe_presence(
+        &mut self,
+        conn: ConnId,
+        app: AppIdx,
+        name: &ChannelName,
+        data: &str,
+    ) -> bool {
         let limits = self.apps[app.0 as usize].cfg.limits.clone();
         let parsed: ChannelData = match serde_json::from_str(data) {
             Ok(d) => d,
@@ -532,7 +549,10 @@ impl Core {
             None
         };
         if let Some(p) = problem {
-            self.send(conn, server::subscription_error(name.as_str(), "AuthError", p, 400));
+            self.send(
+                conn,
+                server::subscription_error(name.as_str(), "AuthError", p, 400),
+            );
             return false;
         }
         let a = &mut self.apps[app.0 as usize];
@@ -577,7 +597,12 @@ impl Core {
         ch.subscribers.insert(conn);
         let succeeded = presence_frame(name.as_str(), ch);
         if let Some(f) = added {
-            let others: Vec<ConnId> = ch.subscribers.iter().copied().filter(|c| *c != conn).collect();
+            let others: Vec<ConnId> = ch
+                .subscribers
+                .iter()
+                .copied()
+                .filter(|c| *c != conn)
+                .collect();
             for o in others {
                 self.out.push_back(Output::Send {
                     conn: o,
@@ -607,11 +632,17 @@ impl Core {
     }
 
     fn unsubscribe(&mut self, conn: ConnId, name: &ChannelName) {
-        let Some(c) = self.conns.get_mut(&conn) else { return };
-        let Some(presence_user) = c.subs.remove(name) else { return };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let Some(presence_user) = c.subs.remove(name) else {
+            return;
+        };
         let app = c.app;
         let a = &mut self.apps[app.0 as usize];
-        let Some(ch) = a.channels.get_mut(name) else { return };
+        let Some(ch) = a.channels.get_mut(name) else {
+            return;
+        };
         ch.subscribers.swap_remove(&conn);
         if let Some(uid) = presence_user {
             let gone = match ch.members.get_mut(&uid) {
@@ -640,7 +671,9 @@ impl Core {
     }
 
     fn signin(&mut self, conn: ConnId, auth: &str, user_data: &str) {
-        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         let app = c.app;
         let cfg = &self.apps[app.0 as usize].cfg;
         let limits = &cfg.limits;
@@ -651,7 +684,11 @@ impl Core {
             &sign::signin_string(&c.socket_id, user_data),
         ) {
             tracing::debug!(conn = conn.0, error = %e, "sign-in refused");
-            self.close(conn, CloseCode::Unauthorized, format!("sign-in failed: {e}"));
+            self.close(
+                conn,
+                CloseCode::Unauthorized,
+                format!("sign-in failed: {e}"),
+            );
             return;
         }
         let data: UserData = match serde_json::from_str(user_data) {
@@ -666,13 +703,19 @@ impl Core {
             }
         };
         if data.id.is_empty() || data.id.len() > limits.max_user_id_length {
-            let m = format!("sign-in failed: id must be 1 to {} characters", limits.max_user_id_length);
+            let m = format!(
+                "sign-in failed: id must be 1 to {} characters",
+                limits.max_user_id_length
+            );
             self.close(conn, CloseCode::Unauthorized, m);
             return;
         }
         let watchlist = data.watchlist.unwrap_or_default();
         if watchlist.len() > limits.max_watchlist_size {
-            let m = format!("watchlist is longer than {} users", limits.max_watchlist_size);
+            let m = format!(
+                "watchlist is longer than {} users",
+                limits.max_watchlist_size
+            );
             self.close(conn, CloseCode::WatchlistLimit, m);
             return;
         }
@@ -735,7 +778,9 @@ impl Core {
     }
 
     fn client_event(&mut self, now: Instant, conn: ConnId, event: &str, channel: &str, data: &str) {
-        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
         let app = c.app;
         let cfg = &self.apps[app.0 as usize].cfg;
         let limits = &cfg.limits;
@@ -755,9 +800,15 @@ impl Core {
         let refusal = if !cfg.client_events {
             Some("client events are not enabled for this app".to_owned())
         } else if event.len() > limits.max_event_name_length {
-            Some(format!("event name is longer than {} characters", limits.max_event_name_length))
+            Some(format!(
+                "event name is longer than {} characters",
+                limits.max_event_name_length
+            ))
         } else if data.len() > limits.max_event_payload_bytes {
-            Some(format!("event data is larger than {} bytes", limits.max_event_payload_bytes))
+            Some(format!(
+                "event data is larger than {} bytes",
+                limits.max_event_payload_bytes
+            ))
         } else {
             None
         };
@@ -766,11 +817,19 @@ impl Core {
             return;
         }
         let Some((name, presence_user)) = c.subs.get_key_value(channel) else {
-            self.error(conn, &format!("client event on {channel:?}, which this connection has not subscribed to"));
+            self.error(
+                conn,
+                &format!(
+                    "client event on {channel:?}, which this connection has not subscribed to"
+                ),
+            );
             return;
         };
         if !name.allows_client_events() {
-            self.error(conn, "client events are only allowed on private and presence channels");
+            self.error(
+                conn,
+                "client events are only allowed on private and presence channels",
+            );
             return;
         }
         let name = name.clone();
@@ -802,12 +861,16 @@ impl Core {
     /// The driver saw the connection go away (or closed it). Cleans up its
     /// subscriptions, presence memberships and sign-in.
     pub fn disconnect(&mut self, _now: Instant, conn: ConnId) {
-        let Some(c) = self.conns.get(&conn) else { return };
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
         let channels: Vec<ChannelName> = c.subs.keys().cloned().collect();
         for name in &channels {
             self.unsubscribe(conn, name);
         }
-        let Some(c) = self.conns.remove(&conn) else { return };
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
         let a = &mut self.apps[c.app.0 as usize];
         a.conn_count = a.conn_count.saturating_sub(1);
         let Some(user) = c.user else { return };
@@ -819,7 +882,9 @@ impl Core {
                 }
             }
         }
-        let Some(u) = a.users.get_mut(&user.id) else { return };
+        let Some(u) = a.users.get_mut(&user.id) else {
+            return;
+        };
         u.conns.swap_remove(&conn);
         if !u.conns.is_empty() {
             return;
@@ -847,7 +912,11 @@ impl Core {
     /// The sign-in deadline passed: closes the connection unless it signed in.
     pub fn signin_deadline(&mut self, conn: ConnId) {
         if self.conns.contains_key(&conn) && !self.is_signed_in(conn) {
-            self.close(conn, CloseCode::Unauthorized, "sign-in required: not signed in in time");
+            self.close(
+                conn,
+                CloseCode::Unauthorized,
+                "sign-in required: not signed in in time",
+            );
         }
     }
 
@@ -940,7 +1009,11 @@ impl Core {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if names.len() > 1 && names.iter().any(|n| n.kind() == ChannelKind::PrivateEncrypted) {
+        if names.len() > 1
+            && names
+                .iter()
+                .any(|n| n.kind() == ChannelKind::PrivateEncrypted)
+        {
             return Err(PublishError::EncryptedMulti);
         }
         Ok(names)
@@ -964,7 +1037,8 @@ impl Core {
             subscription_count: ch.map_or(0, |c| c.subscribers.len()),
             cache: a.cache.get(name).and_then(|c| {
                 let age = now.saturating_duration_since(c.at);
-                (age < CACHE_TTL).then(|| (c.event.clone(), c.data.clone(), (CACHE_TTL - age).as_secs()))
+                (age < CACHE_TTL)
+                    .then(|| (c.event.clone(), c.data.clone(), (CACHE_TTL - age).as_secs()))
             }),
         }
     }
@@ -1033,7 +1107,11 @@ impl Core {
             .map(|u| u.conns.iter().copied().collect())
             .unwrap_or_default();
         for c in &conns {
-            self.close(*c, CloseCode::Unauthorized, "connection terminated by the server");
+            self.close(
+                *c,
+                CloseCode::Unauthorized,
+                "connection terminated by the server",
+            );
         }
         conns.len()
     }
@@ -1045,7 +1123,9 @@ impl Core {
                 .retain(|_, c| now.saturating_duration_since(c.at) < CACHE_TTL);
             let dirty = std::mem::take(&mut a.dirty_counts);
             for name in dirty {
-                let Some(ch) = a.channels.get(&name) else { continue };
+                let Some(ch) = a.channels.get(&name) else {
+                    continue;
+                };
                 let f = server::subscription_count(name.as_str(), ch.subscribers.len());
                 for s in ch.subscribers.iter().copied() {
                     self.out.push_back(Output::Send {

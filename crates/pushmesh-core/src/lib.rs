@@ -14,3 +14,6 @@ pub use crate::core::{
     PublishRequest, PublishedChannel, QueryError,
 };
 pub use keepalive::{Keepalive, KeepaliveAction};
+
+#[cfg(test)]
+mod tests;

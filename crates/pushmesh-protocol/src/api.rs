@@ -104,10 +104,14 @@ mod tests {
     #[test]
     fn trigger_data_string_or_object() {
         let t: TriggerRequest =
-            serde_json::from_str(r#"{"name":"a","channel":"c","data":"{\"x\":1}"}"#).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
+            serde_json::from_str(r#"{"name":"a","channel":"c","data":"{\"x\":1}"}"#)
+                .map_err(|e| e.to_string())
+                .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.data.into_string().ok().as_deref(), Some(r#"{"x":1}"#));
         let t: TriggerRequest =
-            serde_json::from_str(r#"{"name":"a","channel":"c","data":{"x":1}}"#).map_err(|e| e.to_string()).unwrap_or_else(|e| panic!("{e}"));
+            serde_json::from_str(r#"{"name":"a","channel":"c","data":{"x":1}}"#)
+                .map_err(|e| e.to_string())
+                .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(t.data.into_string().ok().as_deref(), Some(r#"{"x":1}"#));
     }
 

@@ -162,14 +162,20 @@ mod tests {
         assert_eq!(k("cache-x"), Ok((ChannelKind::Public, true)));
         assert_eq!(k("private-x"), Ok((ChannelKind::Private, false)));
         assert_eq!(k("private-cache-x"), Ok((ChannelKind::Private, true)));
-        assert_eq!(k("private-encrypted-x"), Ok((ChannelKind::PrivateEncrypted, false)));
+        assert_eq!(
+            k("private-encrypted-x"),
+            Ok((ChannelKind::PrivateEncrypted, false))
+        );
         assert_eq!(
             k("private-encrypted-cache-x"),
             Ok((ChannelKind::PrivateEncrypted, true))
         );
         assert_eq!(k("presence-x"), Ok((ChannelKind::Presence, false)));
         assert_eq!(k("presence-cache-x"), Ok((ChannelKind::Presence, true)));
-        assert_eq!(k("#server-to-user-42"), Ok((ChannelKind::ServerToUser, false)));
+        assert_eq!(
+            k("#server-to-user-42"),
+            Ok((ChannelKind::ServerToUser, false))
+        );
     }
 
     #[test]
@@ -188,7 +194,10 @@ mod tests {
             ChannelName::parse(&"a".repeat(165)),
             Err(ChannelNameError::TooLong { max: 164 })
         );
-        assert_eq!(ChannelName::parse("#server-to-user-"), Err(ChannelNameError::Empty));
+        assert_eq!(
+            ChannelName::parse("#server-to-user-"),
+            Err(ChannelNameError::Empty)
+        );
         assert!(ChannelName::parse("private-a_b-c=d@e,f.g;h").is_ok());
     }
 

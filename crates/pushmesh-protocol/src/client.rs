@@ -109,13 +109,15 @@ fn object_data<T: for<'de> Deserialize<'de>>(
 impl ClientMessage {
     /// Parses one text frame.
     pub fn parse(text: &str) -> Result<Self, ParseError> {
-        let frame: RawFrame<'_> = serde_json::from_str(text).map_err(|_| ParseError::InvalidJson)?;
+        let frame: RawFrame<'_> =
+            serde_json::from_str(text).map_err(|_| ParseError::InvalidJson)?;
         let event = frame.event;
         match event.as_str() {
             "pusher:ping" => Ok(Self::Ping),
             "pusher:pong" => Ok(Self::Pong),
             "pusher:subscribe" => {
-                let d: SubscribeData = object_data(&event, frame.data, "data must hold a string \"channel\"")?;
+                let d: SubscribeData =
+                    object_data(&event, frame.data, "data must hold a string \"channel\"")?;
                 Ok(Self::Subscribe {
                     channel: d.channel,
                     auth: d.auth,
@@ -123,7 +125,8 @@ impl ClientMessage {
                 })
             }
             "pusher:unsubscribe" => {
-                let d: SubscribeData = object_data(&event, frame.data, "data must hold a string \"channel\"")?;
+                let d: SubscribeData =
+                    object_data(&event, frame.data, "data must hold a string \"channel\"")?;
                 Ok(Self::Unsubscribe { channel: d.channel })
             }
             "pusher:signin" => {
@@ -145,11 +148,16 @@ impl ClientMessage {
                 let data = match frame.data {
                     None => String::new(),
                     Some(raw) if raw.get().starts_with('"') => {
-                        serde_json::from_str::<String>(raw.get()).map_err(|_| ParseError::InvalidJson)?
+                        serde_json::from_str::<String>(raw.get())
+                            .map_err(|_| ParseError::InvalidJson)?
                     }
                     Some(raw) => raw.get().to_owned(),
                 };
-                Ok(Self::ClientEvent { event, channel, data })
+                Ok(Self::ClientEvent {
+                    event,
+                    channel,
+                    data,
+                })
             }
             _ => Err(ParseError::UnknownEvent(event)),
         }
@@ -162,8 +170,12 @@ mod tests {
 
     #[test]
     fn parses_subscribe_with_object_or_string_data() {
-        let a = ClientMessage::parse(r#"{"event":"pusher:subscribe","data":{"channel":"x","auth":"k:s"}}"#);
-        let b = ClientMessage::parse(r#"{"event":"pusher:subscribe","data":"{\"channel\":\"x\",\"auth\":\"k:s\"}"}"#);
+        let a = ClientMessage::parse(
+            r#"{"event":"pusher:subscribe","data":{"channel":"x","auth":"k:s"}}"#,
+        );
+        let b = ClientMessage::parse(
+            r#"{"event":"pusher:subscribe","data":"{\"channel\":\"x\",\"auth\":\"k:s\"}"}"#,
+        );
         let want = ClientMessage::Subscribe {
             channel: "x".into(),
             auth: Some("k:s".into()),
@@ -175,7 +187,8 @@ mod tests {
 
     #[test]
     fn parses_client_event_data_forms() {
-        let m = ClientMessage::parse(r#"{"event":"client-a","channel":"private-x","data":{"k":1}}"#);
+        let m =
+            ClientMessage::parse(r#"{"event":"client-a","channel":"private-x","data":{"k":1}}"#);
         assert_eq!(
             m,
             Ok(ClientMessage::ClientEvent {
@@ -190,9 +203,15 @@ mod tests {
 
     #[test]
     fn refuses_garbage_without_panicking() {
-        assert_eq!(ClientMessage::parse("not json"), Err(ParseError::InvalidJson));
+        assert_eq!(
+            ClientMessage::parse("not json"),
+            Err(ParseError::InvalidJson)
+        );
         assert_eq!(ClientMessage::parse("[]"), Err(ParseError::InvalidJson));
-        assert_eq!(ClientMessage::parse(r#"{"event":5}"#), Err(ParseError::InvalidJson));
+        assert_eq!(
+            ClientMessage::parse(r#"{"event":5}"#),
+            Err(ParseError::InvalidJson)
+        );
         assert_eq!(
             ClientMessage::parse(r#"{"event":"pusher:nope"}"#),
             Err(ParseError::UnknownEvent("pusher:nope".into()))

@@ -73,7 +73,11 @@ pub fn ping() -> Bytes {
 
 /// `pusher_internal:subscription_succeeded` for a non-presence channel.
 pub fn subscription_succeeded(channel: &str) -> Bytes {
-    frame("pusher_internal:subscription_succeeded", Some(channel), "{}")
+    frame(
+        "pusher_internal:subscription_succeeded",
+        Some(channel),
+        "{}",
+    )
 }
 
 /// A presence member as listed in `subscription_succeeded`.
@@ -261,12 +265,25 @@ mod tests {
     fn presence_lists_members() {
         let info = RawValue::from_string(r#"{"name":"a"}"#.into()).ok();
         let members = [
-            MemberRef { id: "1", info: info.as_deref() },
-            MemberRef { id: "2", info: None },
+            MemberRef {
+                id: "1",
+                info: info.as_deref(),
+            },
+            MemberRef {
+                id: "2",
+                info: None,
+            },
         ];
-        let b = presence_subscription_succeeded("presence-x", members.iter().map(|m| MemberRef { id: m.id, info: m.info }));
+        let b = presence_subscription_succeeded(
+            "presence-x",
+            members.iter().map(|m| MemberRef {
+                id: m.id,
+                info: m.info,
+            }),
+        );
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
-        let d: serde_json::Value = serde_json::from_str(v["data"].as_str().unwrap_or("")).unwrap_or_default();
+        let d: serde_json::Value =
+            serde_json::from_str(v["data"].as_str().unwrap_or("")).unwrap_or_default();
         assert_eq!(d["presence"]["count"], 2);
         assert_eq!(d["presence"]["ids"][1], "2");
         assert_eq!(d["presence"]["hash"]["1"]["name"], "a");

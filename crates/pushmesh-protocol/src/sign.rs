@@ -151,7 +151,12 @@ pub fn verify_api_request(
     secret: &str,
     now_unix: i64,
 ) -> Result<(), ApiAuthError> {
-    let get = |name: &str| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let get = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     let key = get("auth_key").ok_or(ApiAuthError::Missing("auth_key"))?;
     let ts = get("auth_timestamp").ok_or(ApiAuthError::Missing("auth_timestamp"))?;
     let version = get("auth_version").ok_or(ApiAuthError::Missing("auth_version"))?;
@@ -197,7 +202,12 @@ mod tests {
         );
         let auth = format!("{KEY}:{s}");
         assert_eq!(
-            verify_client_auth(KEY, SECRET, &auth, &channel_string(SOCKET, "private-foobar")),
+            verify_client_auth(
+                KEY,
+                SECRET,
+                &auth,
+                &channel_string(SOCKET, "private-foobar")
+            ),
             Ok(())
         );
         assert_eq!(
@@ -208,7 +218,10 @@ mod tests {
             verify_client_auth("other", SECRET, &auth, "x"),
             Err(AuthError::WrongKey)
         );
-        assert_eq!(verify_client_auth(KEY, SECRET, "nocolon", "x"), Err(AuthError::Malformed));
+        assert_eq!(
+            verify_client_auth(KEY, SECRET, "nocolon", "x"),
+            Err(AuthError::Malformed)
+        );
     }
 
     #[test]
@@ -241,7 +254,10 @@ mod tests {
 
     #[test]
     fn http_api_vector() {
-        assert_eq!(body_md5(BODY.as_bytes()), "ec365a775a4cd0599faeb73354201b6f");
+        assert_eq!(
+            body_md5(BODY.as_bytes()),
+            "ec365a775a4cd0599faeb73354201b6f"
+        );
         let mut q = vector_query("1353088179");
         let s = sign(SECRET, &api_string_to_sign("POST", "/apps/3/events", &q));
         assert_eq!(
@@ -249,13 +265,38 @@ mod tests {
             "da454824c97ba181a32ccc17a72625ba02771f50b50e1e7430e47a1f3f457e6c"
         );
         q.push(("auth_signature".into(), s));
-        let ok = verify_api_request("POST", "/apps/3/events", &q, BODY.as_bytes(), KEY, SECRET, 1353088179 + 599);
+        let ok = verify_api_request(
+            "POST",
+            "/apps/3/events",
+            &q,
+            BODY.as_bytes(),
+            KEY,
+            SECRET,
+            1353088179 + 599,
+        );
         assert_eq!(ok, Ok(()));
-        let stale = verify_api_request("POST", "/apps/3/events", &q, BODY.as_bytes(), KEY, SECRET, 1353088179 + 601);
+        let stale = verify_api_request(
+            "POST",
+            "/apps/3/events",
+            &q,
+            BODY.as_bytes(),
+            KEY,
+            SECRET,
+            1353088179 + 601,
+        );
         assert_eq!(stale, Err(ApiAuthError::StaleTimestamp));
-        let bad_body = verify_api_request("POST", "/apps/3/events", &q, b"{}", KEY, SECRET, 1353088179);
+        let bad_body =
+            verify_api_request("POST", "/apps/3/events", &q, b"{}", KEY, SECRET, 1353088179);
         assert_eq!(bad_body, Err(ApiAuthError::BodyMd5));
-        let bad_path = verify_api_request("POST", "/apps/4/events", &q, BODY.as_bytes(), KEY, SECRET, 1353088179);
+        let bad_path = verify_api_request(
+            "POST",
+            "/apps/4/events",
+            &q,
+            BODY.as_bytes(),
+            KEY,
+            SECRET,
+            1353088179,
+        );
         assert_eq!(bad_path, Err(ApiAuthError::BadSignature));
     }
 
@@ -263,7 +304,15 @@ mod tests {
     fn missing_and_garbage_signatures_are_refused() {
         let q = vector_query("1353088179");
         assert_eq!(
-            verify_api_request("POST", "/apps/3/events", &q, BODY.as_bytes(), KEY, SECRET, 1353088179),
+            verify_api_request(
+                "POST",
+                "/apps/3/events",
+                &q,
+                BODY.as_bytes(),
+                KEY,
+                SECRET,
+                1353088179
+            ),
             Err(ApiAuthError::Missing("auth_signature"))
         );
         assert!(!verify(SECRET, b"x", "zz-not-hex"));

@@ -11,7 +11,9 @@ use axum::extract::{Path, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use pushmesh_core::{AppIdx, ChannelInfo, PublishError, PublishRequest, PublishedChannel, QueryError};
+use pushmesh_core::{
+    AppIdx, ChannelInfo, PublishError, PublishRequest, PublishedChannel, QueryError,
+};
 use pushmesh_protocol::api::{BatchRequest, InfoFlags, TriggerRequest};
 use pushmesh_protocol::sign::{self, ApiAuthError};
 use serde_json::{json, Map, Value};
@@ -147,7 +149,8 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 fn info_json(info: &ChannelInfo, flags: InfoFlags) -> Value {
@@ -206,9 +209,13 @@ pub async fn events(
         hub.dispatch(&st.stats);
         r?
     };
-    st.stats.published.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    st.stats
+        .published
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if flags.any() {
-        Ok(Json(json!({ "channels": published_json(&published, flags) })))
+        Ok(Json(
+            json!({ "channels": published_json(&published, flags) }),
+        ))
     } else {
         Ok(Json(json!({})))
     }
@@ -230,7 +237,13 @@ pub async fn batch_events(
             .data
             .into_string()
             .map_err(|err| ApiError::BadRequest(format!("invalid data: {err}")))?;
-        events.push((e.name, data, vec![e.channel], e.socket_id, InfoFlags::parse(e.info.as_deref())));
+        events.push((
+            e.name,
+            data,
+            vec![e.channel],
+            e.socket_id,
+            InfoFlags::parse(e.info.as_deref()),
+        ));
     }
     let any_info = events.iter().any(|e| e.4.any());
     let results = {

@@ -73,7 +73,12 @@ pub struct Cli {
     pub listen: Option<SocketAddr>,
     /// An app as ID:KEY:SECRET; repeatable; replaces the development app.
     /// In the environment: comma-separated.
-    #[arg(long = "app", env = "PUSHMESH_APPS", value_name = "ID:KEY:SECRET", value_delimiter = ',')]
+    #[arg(
+        long = "app",
+        env = "PUSHMESH_APPS",
+        value_name = "ID:KEY:SECRET",
+        value_delimiter = ','
+    )]
     pub apps: Vec<String>,
     /// Seconds of client silence before the server pings it [default: 120].
     #[arg(long, env = "PUSHMESH_ACTIVITY_TIMEOUT", value_name = "SECS")]
@@ -322,7 +327,9 @@ impl Config {
             ));
         }
         if cfg.outbound_queue == 0 {
-            return Err(ConfigError::Invalid("outbound_queue must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "outbound_queue must be at least 1".into(),
+            ));
         }
         Ok(cfg)
     }
@@ -372,7 +379,8 @@ max_presence_members = 5
 "#,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let c = Config::resolve(file, cli(&["--listen", "127.0.0.1:7001"])).unwrap_or_else(|e| panic!("{e}"));
+        let c = Config::resolve(file, cli(&["--listen", "127.0.0.1:7001"]))
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.listen.port(), 7001);
         assert_eq!(c.activity_timeout, Duration::from_secs(60));
         assert!(!c.development);
@@ -382,12 +390,19 @@ max_presence_members = 5
 
     #[test]
     fn app_flags_replace_apps() {
-        let c = Config::resolve(FileConfig::default(), cli(&["--app", "1:a:b", "--app", "2:c:d:e"]))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let c = Config::resolve(
+            FileConfig::default(),
+            cli(&["--app", "1:a:b", "--app", "2:c:d:e"]),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.apps.len(), 2);
         assert_eq!(c.apps[1].secret, "d:e");
         assert!(Config::resolve(FileConfig::default(), cli(&["--app", "1::b"])).is_err());
-        assert!(Config::resolve(FileConfig::default(), cli(&["--app", "1:a:b", "--app", "1:c:d"])).is_err());
+        assert!(Config::resolve(
+            FileConfig::default(),
+            cli(&["--app", "1:a:b", "--app", "1:c:d"])
+        )
+        .is_err());
     }
 
     #[test]

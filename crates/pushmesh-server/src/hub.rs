@@ -31,10 +31,23 @@ pub struct ConnHandle {
 
 impl ConnHandle {
     /// A handle and what its connection task receives.
-    pub fn new(queue: usize) -> (Self, mpsc::Receiver<Utf8Bytes>, oneshot::Receiver<CloseRequest>) {
+    pub fn new(
+        queue: usize,
+    ) -> (
+        Self,
+        mpsc::Receiver<Utf8Bytes>,
+        oneshot::Receiver<CloseRequest>,
+    ) {
         let (tx, rx) = mpsc::channel(queue);
         let (ctx, crx) = oneshot::channel();
-        (Self { tx, close: Some(ctx) }, rx, crx)
+        (
+            Self {
+                tx,
+                close: Some(ctx),
+            },
+            rx,
+            crx,
+        )
     }
 
     fn request_close(&mut self, code: CloseCode, reason: String) {
@@ -105,8 +118,12 @@ impl Hub {
         while let Some(out) = self.core.poll_output() {
             match out {
                 Output::Send { conn, frame } => {
-                    let Some(text) = self.text(frame) else { continue };
-                    let Some(h) = self.conns.get_mut(&conn) else { continue };
+                    let Some(text) = self.text(frame) else {
+                        continue;
+                    };
+                    let Some(h) = self.conns.get_mut(&conn) else {
+                        continue;
+                    };
                     match h.tx.try_send(text) {
                         Ok(()) => queued += 1,
                         Err(mpsc::error::TrySendError::Full(_)) => {

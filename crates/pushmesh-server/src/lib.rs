@@ -91,12 +91,13 @@ pub struct Server {
 impl Server {
     /// Binds the listener and builds the node's state.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let core = Core::new(CoreConfig {
             apps: config.apps.clone(),
             activity_timeout_secs: config.activity_timeout.as_secs(),
@@ -123,7 +124,10 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then drains.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
         let st = self.shared;
         let app = router(st.clone());
         let ticker = tokio::spawn(tick_loop(st.clone()));
@@ -134,8 +138,10 @@ impl Server {
             tracing::info!("shutting down: closing clients with 4200");
             {
                 let mut hub = st2.lock();
-                hub.core
-                    .close_all(CloseCode::ReconnectImmediately, "server shutting down, reconnect");
+                hub.core.close_all(
+                    CloseCode::ReconnectImmediately,
+                    "server shutting down, reconnect",
+                );
                 hub.dispatch(&st2.stats);
             }
             let deadline = Instant::now() + st2.config.shutdown_timeout;
@@ -173,7 +179,10 @@ fn router(st: Arc<Shared>) -> Router {
         .route("/apps/{app_id}/batch_events", post(api::batch_events))
         .route("/apps/{app_id}/channels", get(api::channels))
         .route("/apps/{app_id}/channels/{channel}", get(api::channel))
-        .route("/apps/{app_id}/channels/{channel}/users", get(api::channel_users))
+        .route(
+            "/apps/{app_id}/channels/{channel}/users",
+            get(api::channel_users),
+        )
         .route(
             "/apps/{app_id}/users/{user_id}/terminate_connections",
             post(api::terminate_connections),
@@ -188,7 +197,9 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-async fn stats(axum::extract::State(st): axum::extract::State<Arc<Shared>>) -> Json<serde_json::Value> {
+async fn stats(
+    axum::extract::State(st): axum::extract::State<Arc<Shared>>,
+) -> Json<serde_json::Value> {
     let connections = st.lock().core.connection_count();
     Json(json!({
         "connections": connections,

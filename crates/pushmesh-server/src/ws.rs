@@ -54,8 +54,10 @@ pub async fn pusher_ws(
     };
     ws.read_buffer_size(4096)
         .write_buffer_size(0)
-        .max_message_size(st.config.max_message_bytes)
-        .max_frame_size(st.config.max_message_bytes)
+        // The transport's hard cap; messages over max_message_bytes but under
+        // this get a pusher:error and a clean 1009 close (see run_connection).
+        .max_message_size(st.config.max_message_bytes.saturating_mul(4))
+        .max_frame_size(st.config.max_message_bytes.saturating_mul(4))
         .on_upgrade(move |socket| async move {
             match admission {
                 Admission::App(app) => run_connection(st, socket, app).await,
@@ -108,6 +110,8 @@ enum End {
     Gone,
     /// The server closes with a code.
     Close(CloseRequest),
+    /// The client sent a message over the size limit (WebSocket 1009).
+    TooBig(String),
 }
 
 async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
@@ -149,14 +153,31 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
                 Err(_) => break End::Gone,
             },
             Some(first) = rx.recv() => {
-                if !write_batch(&mut socket, &mut rx, first).await {
-                    break End::Gone;
+                // A close request (e.g. 4100 for this very connection) wins
+                // over a write stuck on a client that does not read.
+                tokio::select! {
+                    biased;
+                    req = &mut close_rx => match req {
+                        Ok(req) => break End::Close(req),
+                        Err(_) => break End::Gone,
+                    },
+                    ok = write_batch(&mut socket, &mut rx, first, WRITE_TIMEOUT) => if !ok {
+                        break End::Gone;
+                    },
                 }
             }
             msg = socket.recv() => {
                 let now = Instant::now();
                 keepalive.on_activity(now);
                 match msg {
+                    Some(Ok(Message::Text(t))) if t.len() > st.config.max_message_bytes => {
+                        let reason = format!("message larger than {} bytes", st.config.max_message_bytes);
+                        tracing::debug!(conn = conn.0, len = t.len(), "oversize message");
+                        if let Ok(e) = Utf8Bytes::try_from(server::error(&reason, None)) {
+                            let _ = timeout(WRITE_TIMEOUT, socket.send(Message::Text(e))).await;
+                        }
+                        break End::TooBig(reason);
+                    }
                     Some(Ok(Message::Text(t))) => {
                         let mut hub = st.lock();
                         hub.core.handle_frame(now, conn, t.as_str());
@@ -212,9 +233,22 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
         End::Close(req) => {
             // Frames queued before the close (e.g. the pusher:error) go first.
             let _ = flush_queued(&mut socket, &mut rx).await;
-            let _ = timeout(WRITE_TIMEOUT, socket.send(close_message(req.code, &req.reason))).await;
+            let _ = timeout(
+                CLOSE_TIMEOUT,
+                socket.send(close_message(req.code, &req.reason)),
+            )
+            .await;
             await_close(&mut socket).await;
             format!("{} {}", req.code.code(), req.reason)
+        }
+        End::TooBig(reason) => {
+            let frame = Message::Close(Some(CloseFrame {
+                code: 1009,
+                reason: Utf8Bytes::from(reason.as_str()),
+            }));
+            let _ = timeout(WRITE_TIMEOUT, socket.send(frame)).await;
+            await_close(&mut socket).await;
+            format!("1009 {reason}")
         }
     };
     close_rx.close();
@@ -231,6 +265,7 @@ async fn write_batch(
     socket: &mut WebSocket,
     rx: &mut mpsc::Receiver<Utf8Bytes>,
     first: Utf8Bytes,
+    limit: Duration,
 ) -> bool {
     let work = async {
         socket.feed(Message::Text(first)).await?;
@@ -244,12 +279,13 @@ async fn write_batch(
         }
         socket.flush().await
     };
-    matches!(timeout(WRITE_TIMEOUT, work).await, Ok(Ok(())))
+    matches!(timeout(limit, work).await, Ok(Ok(())))
 }
 
 async fn flush_queued(socket: &mut WebSocket, rx: &mut mpsc::Receiver<Utf8Bytes>) -> bool {
     match rx.try_recv() {
-        Ok(first) => write_batch(socket, rx, first).await,
+        // On the way out: bounded tighter, the client may be the slow one.
+        Ok(first) => write_batch(socket, rx, first, CLOSE_TIMEOUT).await,
         Err(_) => true,
     }
 }

@@ -2,6 +2,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startServer, serverSdk, startAuthServer, client, connected, subscribed, next, until, APP, MASTER_KEY } from './helpers.mjs';
+import { closeAll } from './helpers.mjs';
 
 let srv, sdk, auth, forged;
 const clients = [];
@@ -14,6 +15,7 @@ before(async () => {
   forged = await startAuthServer(sdk, { forge: true });
 });
 after(async () => {
+  closeAll();
   for (const c of clients) c.disconnect();
   await auth.close(); await forged.close();
   const { code } = await srv.stop();

@@ -119,17 +119,28 @@ export async function startAuthServer(sdk, { forge = false } = {}) {
   return { url, close: () => new Promise((r) => server.close(r)) };
 }
 
+const live = [];
+
+/** Disconnects every client and socket the helpers made, so the test process can end. */
+export function closeAll() {
+  for (const c of live.splice(0)) {
+    try { c.disconnect ? c.disconnect() : c.terminate(); } catch { /* already gone */ }
+  }
+}
+
 /** A pusher-js client; `user` and `watchlist` are passed to the auth endpoint. */
 export function client(port, { authUrl, user, watchlist, key = APP.key, ...rest } = {}) {
   const params = { user: user || 'anon' };
   if (watchlist) params.watchlist = watchlist.join(',');
-  return new PusherClient(key, {
+  const c = new PusherClient(key, {
     wsHost: '127.0.0.1', wsPort: port, forceTLS: false, enabledTransports: ['ws'],
     cluster: 'mt1', disableStats: true,
     channelAuthorization: { endpoint: `${authUrl}/pusher/auth`, transport: 'ajax', params },
     userAuthentication: { endpoint: `${authUrl}/pusher/user-auth`, transport: 'ajax', params },
     ...rest,
   });
+  live.push(c);
+  return c;
 }
 
 export function connected(c) {
@@ -172,6 +183,7 @@ export async function until(cond, what, ms = 10000) {
 /** A raw WebSocket speaking the protocol by hand, for malformed input. */
 export async function rawSocket(port, pathAndQuery = `/app/${APP.key}?protocol=7`) {
   const ws = new WebSocket(`ws://127.0.0.1:${port}${pathAndQuery}`);
+  live.push(ws);
   const frames = [];
   const waiters = [];
   ws.on('message', (d, isBinary) => {
@@ -184,6 +196,7 @@ export async function rawSocket(port, pathAndQuery = `/app/${APP.key}?protocol=7
   });
   const closed = new Promise((r) => ws.on('close', (code, reason) => r({ code, reason: reason.toString() })));
   ws.on('error', () => {});
+  await withTimeout(new Promise((resolve) => { ws.on('open', resolve); ws.on('close', resolve); }), 10000, 'websocket open');
   return {
     ws, frames, closed,
     send: (obj) => ws.send(typeof obj === 'string' ? obj : JSON.stringify(obj)),

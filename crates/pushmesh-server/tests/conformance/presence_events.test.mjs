@@ -2,6 +2,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { startServer, serverSdk, startAuthServer, client, connected, subscribed, next, collect, until } from './helpers.mjs';
+import { closeAll } from './helpers.mjs';
 
 let srv, sdk, auth;
 const clients = [];
@@ -13,6 +14,7 @@ before(async () => {
   auth = await startAuthServer(sdk);
 });
 after(async () => {
+  closeAll();
   for (const c of clients) c.disconnect();
   await auth.close();
   await srv.stop();

@@ -1,0 +1,526 @@
+//! Deterministic tests of the core: no sockets, no clock, no runtime.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use pushmesh_protocol::sign;
+use pushmesh_protocol::{CloseCode, Limits};
+use serde_json::Value;
+
+use crate::{
+    AppConfig, AppIdx, ConnId, Core, CoreConfig, OpenError, Output, PublishError, PublishRequest,
+};
+
+const KEY: &str = "key";
+const SECRET: &str = "secret";
+
+fn app() -> AppConfig {
+    AppConfig {
+        id: "1".into(),
+        key: KEY.into(),
+        secret: SECRET.into(),
+        enabled: true,
+        client_events: true,
+        user_authentication_required: false,
+        max_connections: None,
+        subscription_count_events: false,
+        limits: Limits::default(),
+    }
+}
+
+struct Harness {
+    core: Core,
+    now: Instant,
+    next: u64,
+    /// Everything each connection received, decoded.
+    inbox: BTreeMap<u64, Vec<Value>>,
+    closed: BTreeMap<u64, CloseCode>,
+}
+
+fn decode(frame: &[u8]) -> Value {
+    let mut v: Value = serde_json::from_slice(frame).unwrap_or(Value::Null);
+    if let Some(Value::String(s)) = v.get("data").cloned() {
+        if let Ok(inner) = serde_json::from_str::<Value>(&s) {
+            v["data"] = inner;
+        }
+    }
+    v
+}
+
+impl Harness {
+    fn new(apps: Vec<AppConfig>) -> Self {
+        Self {
+            core: Core::new(CoreConfig {
+                apps,
+                activity_timeout_secs: 120,
+                max_connections: None,
+                socket_prefix: 7,
+            }),
+            now: Instant::now(),
+            next: 1,
+            inbox: BTreeMap::new(),
+            closed: BTreeMap::new(),
+        }
+    }
+
+    fn pump(&mut self) {
+        while let Some(o) = self.core.poll_output() {
+            match o {
+                Output::Send { conn, frame } => {
+                    self.inbox.entry(conn.0).or_default().push(decode(&frame))
+                }
+                Output::Close { conn, code, .. } => {
+                    self.closed.insert(conn.0, code);
+                }
+            }
+        }
+    }
+
+    fn open(&mut self) -> ConnId {
+        let c = ConnId(self.next);
+        self.next += 1;
+        self.core
+            .open(self.now, AppIdx(0), c)
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.pump();
+        c
+    }
+
+    fn socket(&self, c: ConnId) -> String {
+        format!("7.{}", c.0)
+    }
+
+    fn frame(&mut self, c: ConnId, v: Value) {
+        self.core.handle_frame(self.now, c, &v.to_string());
+        self.pump();
+    }
+
+    fn subscribe(&mut self, c: ConnId, channel: &str) {
+        let auth = format!(
+            "{KEY}:{}",
+            sign::sign(SECRET, &sign::channel_string(&self.socket(c), channel))
+        );
+        self.frame(
+            c,
+            serde_json::json!({"event":"pusher:subscribe","data":{"channel":channel,"auth":auth}}),
+        );
+    }
+
+    fn join(&mut self, c: ConnId, channel: &str, user: &str) {
+        let data = serde_json::json!({"user_id": user, "user_info": {"n": user}}).to_string();
+        let sig = sign::sign(
+            SECRET,
+            &sign::presence_string(&self.socket(c), channel, &data),
+        );
+        self.frame(
+            c,
+            serde_json::json!({"event":"pusher:subscribe","data":{"channel":channel,"auth":format!("{KEY}:{sig}"),"channel_data":data}}),
+        );
+    }
+
+    fn take(&mut self, c: ConnId) -> Vec<Value> {
+        self.inbox.remove(&c.0).unwrap_or_default()
+    }
+
+    fn events(&mut self, c: ConnId, name: &str) -> Vec<Value> {
+        self.take(c)
+            .into_iter()
+            .filter(|v| v["event"] == name)
+            .collect()
+    }
+
+    fn publish(
+        &mut self,
+        channels: &[&str],
+        name: &str,
+        data: &str,
+        exclude: Option<&str>,
+    ) -> Result<(), PublishError> {
+        let channels: Vec<String> = channels.iter().map(|s| s.to_string()).collect();
+        let r = self.core.publish(
+            self.now,
+            AppIdx(0),
+            &PublishRequest {
+                name,
+                data,
+                channels: &channels,
+                exclude_socket: exclude,
+            },
+        );
+        self.pump();
+        r.map(|_| ())
+    }
+}
+
+#[test]
+fn open_sends_connection_established() {
+    let mut h = Harness::new(vec![app()]);
+    let c = h.open();
+    let got = h.take(c);
+    assert_eq!(got[0]["event"], "pusher:connection_established");
+    assert_eq!(got[0]["data"]["socket_id"], "7.1");
+    assert_eq!(got[0]["data"]["activity_timeout"], 120);
+}
+
+#[test]
+fn publish_shares_one_frame_and_honours_exclusion() {
+    let mut h = Harness::new(vec![app()]);
+    let conns: Vec<ConnId> = (0..3).map(|_| h.open()).collect();
+    for c in &conns {
+        h.subscribe(*c, "news");
+        h.take(*c);
+    }
+    let exclude = h.socket(conns[0]);
+    let channels = vec!["news".to_string()];
+    h.core
+        .publish(
+            h.now,
+            AppIdx(0),
+            &PublishRequest {
+                name: "e",
+                data: "{}",
+                channels: &channels,
+                exclude_socket: Some(&exclude),
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut frames = Vec::new();
+    while let Some(Output::Send { conn, frame }) = h.core.poll_output() {
+        frames.push((conn, frame));
+    }
+    assert_eq!(frames.len(), 2, "the excluded socket gets nothing");
+    assert!(frames.iter().all(|(c, _)| *c != conns[0]));
+    assert_eq!(
+        frames[0].1.as_ptr(),
+        frames[1].1.as_ptr(),
+        "one encoding shared by every recipient"
+    );
+}
+
+#[test]
+fn double_subscribe_does_not_duplicate() {
+    let mut h = Harness::new(vec![app()]);
+    let c = h.open();
+    h.subscribe(c, "a");
+    h.subscribe(c, "a");
+    h.take(c);
+    h.publish(&["a"], "e", "x", None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(h.events(c, "e").len(), 1);
+    // Leaving a channel never joined is harmless.
+    h.frame(
+        c,
+        serde_json::json!({"event":"pusher:unsubscribe","data":{"channel":"never"}}),
+    );
+    assert!(h.take(c).is_empty());
+}
+
+#[test]
+fn presence_member_events_once_per_user() {
+    let mut h = Harness::new(vec![app()]);
+    let a = h.open();
+    let b1 = h.open();
+    let b2 = h.open();
+    h.join(a, "presence-r", "alice");
+    h.take(a);
+    h.join(b1, "presence-r", "bob");
+    let ok = h.events(b1, "pusher_internal:subscription_succeeded");
+    assert_eq!(ok[0]["data"]["presence"]["count"], 2);
+    h.join(b2, "presence-r", "bob");
+    let added = h.events(a, "pusher_internal:member_added");
+    assert_eq!(added.len(), 1, "one member_added for two tabs");
+    assert_eq!(added[0]["data"]["user_id"], "bob");
+    h.core.disconnect(h.now, b1);
+    h.pump();
+    assert!(h.events(a, "pusher_internal:member_removed").is_empty());
+    h.core.disconnect(h.now, b2);
+    h.pump();
+    let removed = h.events(a, "pusher_internal:member_removed");
+    assert_eq!(removed.len(), 1);
+    assert_eq!(removed[0]["data"]["user_id"], "bob");
+    assert_eq!(
+        h.core.channel_users(AppIdx(0), "presence-r"),
+        Ok(vec!["alice".to_string()])
+    );
+}
+
+#[test]
+fn presence_limit_and_bad_channel_data() {
+    let mut cfg = app();
+    cfg.limits.max_presence_members = 1;
+    let mut h = Harness::new(vec![cfg]);
+    let a = h.open();
+    let b = h.open();
+    h.join(a, "presence-x", "1");
+    h.join(b, "presence-x", "2");
+    let err = h.events(b, "pusher:subscription_error");
+    assert_eq!(err[0]["data"]["status"], 403);
+    // A signed but malformed channel_data is refused, not a panic.
+    let data = "not json";
+    let sig = sign::sign(
+        SECRET,
+        &sign::presence_string(&h.socket(b), "presence-y", data),
+    );
+    h.frame(b, serde_json::json!({"event":"pusher:subscribe","data":{"channel":"presence-y","auth":format!("{KEY}:{sig}"),"channel_data":data}}));
+    assert_eq!(
+        h.events(b, "pusher:subscription_error")[0]["data"]["status"],
+        400
+    );
+}
+
+#[test]
+fn client_event_rules() {
+    let mut h = Harness::new(vec![app()]);
+    let a = h.open();
+    let b = h.open();
+    for c in [a, b] {
+        h.subscribe(c, "private-p");
+        h.subscribe(c, "pub");
+        h.take(c);
+    }
+    let ev = |ch: &str| serde_json::json!({"event":"client-x","channel":ch,"data":{"k":1}});
+    h.frame(a, ev("private-p"));
+    assert!(h.take(a).is_empty(), "not echoed");
+    let got = h.events(b, "client-x");
+    assert_eq!(got[0]["data"]["k"], 1);
+    h.frame(a, ev("pub"));
+    assert_eq!(h.events(a, "pusher:error").len(), 1);
+    assert!(h.take(b).is_empty());
+    // Rate limit: 10 per second, counting the two above.
+    for _ in 0..8 {
+        h.frame(a, ev("private-p"));
+    }
+    assert!(!h.closed.contains_key(&a.0));
+    h.frame(a, ev("private-p"));
+    assert_eq!(h.closed.get(&a.0), Some(&CloseCode::ClientEventRateLimit));
+    // A new second starts a new window.
+    h.now += Duration::from_secs(1);
+    h.frame(b, ev("private-p"));
+    assert!(!h.closed.contains_key(&b.0));
+}
+
+#[test]
+fn signin_server_to_user_and_watchlist() {
+    let mut h = Harness::new(vec![app()]);
+    let w = h.open();
+    let u = h.open();
+    h.take(w);
+    let signin = |h: &mut Harness, c: ConnId, data: &str| {
+        let sig = sign::sign(SECRET, &sign::signin_string(&h.socket(c), data));
+        h.frame(c, serde_json::json!({"event":"pusher:signin","data":{"auth":format!("{KEY}:{sig}"),"user_data":data}}));
+    };
+    signin(&mut h, w, r#"{"id":"w","watchlist":["u"]}"#);
+    let got = h.take(w);
+    assert_eq!(got[0]["event"], "pusher:signin_success");
+    assert_eq!(got[1]["data"]["events"][0]["name"], "online");
+    assert_eq!(
+        got[1]["data"]["events"][0]["user_ids"],
+        serde_json::json!([])
+    );
+    signin(&mut h, u, r#"{"id":"u"}"#);
+    let got = h.events(w, "pusher_internal:watchlist_events");
+    assert_eq!(
+        got[0]["data"]["events"][0]["user_ids"],
+        serde_json::json!(["u"])
+    );
+    h.take(u);
+    h.frame(
+        u,
+        serde_json::json!({"event":"pusher:subscribe","data":{"channel":"#server-to-user-u"}}),
+    );
+    assert_eq!(
+        h.events(u, "pusher_internal:subscription_succeeded").len(),
+        1
+    );
+    h.frame(
+        w,
+        serde_json::json!({"event":"pusher:subscribe","data":{"channel":"#server-to-user-u"}}),
+    );
+    assert_eq!(h.events(w, "pusher:subscription_error").len(), 1);
+    assert_eq!(h.core.terminate_user(AppIdx(0), "u"), 1);
+    h.pump();
+    assert_eq!(h.closed.get(&u.0), Some(&CloseCode::Unauthorized));
+    h.core.disconnect(h.now, u);
+    h.pump();
+    let got = h.events(w, "pusher_internal:watchlist_events");
+    assert_eq!(got[0]["data"]["events"][0]["name"], "offline");
+    // A bad signature closes with 4009.
+    let x = h.open();
+    h.frame(x, serde_json::json!({"event":"pusher:signin","data":{"auth":"key:00","user_data":"{\"id\":\"x\"}"}}));
+    assert_eq!(h.closed.get(&x.0), Some(&CloseCode::Unauthorized));
+}
+
+#[test]
+fn cache_channels_and_expiry() {
+    let mut h = Harness::new(vec![app()]);
+    h.publish(&["cache-c"], "e", "1", None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let c = h.open();
+    h.subscribe(c, "cache-c");
+    let got = h.take(c);
+    assert_eq!(got[2]["event"], "e");
+    h.subscribe(c, "cache-empty");
+    assert_eq!(h.events(c, "pusher:cache_miss").len(), 1);
+    h.now += crate::core::CACHE_TTL;
+    let d = h.open();
+    h.subscribe(d, "cache-c");
+    assert_eq!(
+        h.events(d, "pusher:cache_miss").len(),
+        1,
+        "expired after the TTL"
+    );
+}
+
+#[test]
+fn quotas_and_validation() {
+    let mut cfg = app();
+    cfg.max_connections = Some(1);
+    let mut disabled = app();
+    disabled.id = "2".into();
+    disabled.key = "k2".into();
+    disabled.enabled = false;
+    let mut h = Harness::new(vec![cfg, disabled]);
+    h.open();
+    assert_eq!(
+        h.core.open(h.now, AppIdx(0), ConnId(99)),
+        Err(OpenError::AppOverQuota)
+    );
+    assert_eq!(
+        h.core.open(h.now, AppIdx(1), ConnId(98)),
+        Err(OpenError::AppDisabled)
+    );
+    assert_eq!(h.publish(&[], "e", "", None), Err(PublishError::NoChannels));
+    assert_eq!(
+        h.publish(&["a"], "", "", None),
+        Err(PublishError::EventName(200))
+    );
+    let big = "x".repeat(10 * 1024 + 1);
+    assert_eq!(
+        h.publish(&["a"], "e", &big, None),
+        Err(PublishError::DataTooLarge(10 * 1024))
+    );
+    assert_eq!(
+        h.publish(&["private-encrypted-a", "b"], "e", "", None),
+        Err(PublishError::EncryptedMulti)
+    );
+    let many: Vec<String> = (0..101).map(|i| format!("c{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    assert_eq!(
+        h.publish(&many, "e", "", None),
+        Err(PublishError::TooManyChannels(100))
+    );
+    assert!(matches!(
+        h.publish(&["bad name"], "e", "", None),
+        Err(PublishError::InvalidChannel { .. })
+    ));
+}
+
+#[test]
+fn subscription_count_on_tick() {
+    let mut cfg = app();
+    cfg.subscription_count_events = true;
+    let mut h = Harness::new(vec![cfg]);
+    let a = h.open();
+    let b = h.open();
+    h.subscribe(a, "c");
+    h.subscribe(b, "c");
+    h.take(a);
+    h.core.tick(h.now);
+    h.pump();
+    let got = h.events(a, "pusher_internal:subscription_count");
+    assert_eq!(got.len(), 1, "changes are coalesced until the tick");
+    assert_eq!(got[0]["data"]["subscription_count"], 2);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Open,
+    Sub(usize, usize),
+    Unsub(usize, usize),
+    Join(usize, usize, usize),
+    Disconnect(usize),
+    Publish(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        Just(Op::Open),
+        (0..8usize, 0..3usize).prop_map(|(c, ch)| Op::Sub(c, ch)),
+        (0..8usize, 0..3usize).prop_map(|(c, ch)| Op::Unsub(c, ch)),
+        (0..8usize, 0..2usize, 0..3usize).prop_map(|(c, ch, u)| Op::Join(c, ch, u)),
+        (0..8usize).prop_map(Op::Disconnect),
+        (0..5usize).prop_map(Op::Publish),
+    ]
+}
+
+proptest! {
+    /// Every connection subscribed at publish time gets exactly one copy and
+    /// nobody else gets any; presence members match the users with a
+    /// subscribed connection; member_added/removed alternate per user.
+    #[test]
+    fn every_subscriber_gets_exactly_one_copy(ops in proptest::collection::vec(op(), 1..80)) {
+        let channels = ["a", "b", "private-c"];
+        let presence = ["presence-p", "presence-q"];
+        let mut h = Harness::new(vec![app()]);
+        let mut open: Vec<ConnId> = Vec::new();
+        // Model: conn -> channels; conn -> presence (channel -> user).
+        let mut subs: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+        let mut users: BTreeMap<(u64, String), String> = BTreeMap::new();
+        let mut seq = 0;
+        for op in ops {
+            match op {
+                Op::Open => { let c = h.open(); open.push(c); subs.insert(c.0, BTreeSet::new()); }
+                Op::Sub(i, ch) if i < open.len() => {
+                    let c = open[i];
+                    h.subscribe(c, channels[ch]);
+                    subs.entry(c.0).or_default().insert(channels[ch].into());
+                }
+                Op::Unsub(i, ch) if i < open.len() => {
+                    let c = open[i];
+                    h.frame(c, serde_json::json!({"event":"pusher:unsubscribe","data":{"channel":channels[ch]}}));
+                    subs.entry(c.0).or_default().remove(channels[ch]);
+                }
+                Op::Join(i, ch, u) if i < open.len() => {
+                    let c = open[i];
+                    let key = (c.0, presence[ch].to_string());
+                    if let std::collections::btree_map::Entry::Vacant(e) = users.entry(key) {
+                        let user = format!("u{u}");
+                        h.join(c, presence[ch], &user);
+                        e.insert(user);
+                    }
+                }
+                Op::Disconnect(i) if i < open.len() => {
+                    let c = open.remove(i);
+                    h.core.disconnect(h.now, c);
+                    h.pump();
+                    subs.remove(&c.0);
+                    users.retain(|(cc, _), _| *cc != c.0);
+                }
+                Op::Publish(ch) => {
+                    seq += 1;
+                    let name = format!("ev{seq}");
+                    let target = if ch < 3 { channels[ch] } else { presence[ch - 3] };
+                    h.publish(&[target], &name, "{}", None).unwrap_or_else(|e| panic!("{e}"));
+                    for c in &open {
+                        let n = h.inbox.get(&c.0).map_or(0, |v| v.iter().filter(|f| f["event"] == name.as_str()).count());
+                        let expected = if ch < 3 {
+                            subs.get(&c.0).is_some_and(|s| s.contains(target))
+                        } else {
+                            users.contains_key(&(c.0, target.to_string()))
+                        };
+                        prop_assert_eq!(n, usize::from(expected), "conn {} channel {}", c.0, target);
+                    }
+                }
+                _ => {}
+            }
+        }
+        for p in presence {
+            let mut want: Vec<String> = users.iter().filter(|((_, ch), _)| ch == p).map(|(_, u)| u.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+            want.sort();
+            let mut got = h.core.channel_users(AppIdx(0), p).unwrap_or_default();
+            got.sort();
+            prop_assert_eq!(got, want);
+        }
+    }
+}
