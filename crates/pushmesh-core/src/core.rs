@@ -8,6 +8,8 @@ use indexmap::{IndexMap, IndexSet};
 use pushmesh_protocol::client::{ClientMessage, ParseError};
 use pushmesh_protocol::server::{self, MemberRef, WatchlistEvent};
 use pushmesh_protocol::sign::{self, AuthError};
+use pushmesh_protocol::webhook::WebhookEvent;
+use pushmesh_protocol::wsify;
 use pushmesh_protocol::{ChannelKind, ChannelName, CloseCode, Limits};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -44,6 +46,10 @@ pub struct AppConfig {
     pub subscription_count_events: bool,
     /// Protocol limits.
     pub limits: Limits,
+    /// Whether to emit [`Output::Hook`] events (the app has webhooks).
+    pub webhooks: bool,
+    /// Name of the Pusher event a wsify `broadcast` becomes.
+    pub wsify_event: String,
 }
 
 /// Node-wide settings of the core.
@@ -78,6 +84,13 @@ pub enum Output {
         code: CloseCode,
         /// Human-readable reason.
         reason: String,
+    },
+    /// A webhook event of an app (only for apps with `webhooks`).
+    Hook {
+        /// The app.
+        app: AppIdx,
+        /// The event.
+        event: WebhookEvent,
     },
 }
 
@@ -194,8 +207,34 @@ struct App {
 
 #[derive(Default)]
 struct Channel {
+    /// Pusher connections.
     subscribers: IndexSet<ConnId>,
+    /// wsify connections receiving raw content.
+    wsify_raw: IndexSet<ConnId>,
+    /// wsify connections receiving `{"channel","content"}` envelopes.
+    wsify_env: IndexSet<ConnId>,
     members: IndexMap<String, Member>,
+}
+
+impl Channel {
+    fn count(&self) -> usize {
+        self.subscribers.len() + self.wsify_raw.len() + self.wsify_env.len()
+    }
+
+    fn set(&mut self, proto: Proto) -> &mut IndexSet<ConnId> {
+        match proto {
+            Proto::Pusher => &mut self.subscribers,
+            Proto::Wsify { envelope: false } => &mut self.wsify_raw,
+            Proto::Wsify { envelope: true } => &mut self.wsify_env,
+        }
+    }
+}
+
+/// Which protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Pusher,
+    Wsify { envelope: bool },
 }
 
 struct Member {
@@ -223,6 +262,7 @@ struct SignedIn {
 
 struct Conn {
     app: AppIdx,
+    proto: Proto,
     socket_id: String,
     /// Channels, with the presence user id where there is one.
     subs: HashMap<ChannelName, Option<String>>,
@@ -335,7 +375,10 @@ impl Core {
             c.closing = true;
         }
         let reason = reason.into();
-        self.send(conn, server::error(&reason, Some(code.code())));
+        let pusher = self.conns.get(&conn).is_some_and(|c| c.proto == Proto::Pusher);
+        if pusher {
+            self.send(conn, server::error(&reason, Some(code.code())));
+        }
         self.out.push_back(Output::Close { conn, code, reason });
     }
 
@@ -361,6 +404,7 @@ impl Core {
             conn,
             Conn {
                 app,
+                proto: Proto::Pusher,
                 socket_id: socket_id.clone(),
                 subs: HashMap::new(),
                 user: None,
@@ -494,17 +538,7 @@ impl Core {
                 return;
             }
         } else {
-            let a = &mut self.apps[app.0 as usize];
-            let ch = a.channels.entry(name.clone()).or_default();
-            let new = ch.subscribers.insert(conn);
-            if new {
-                if let Some(c) = self.conns.get_mut(&conn) {
-                    c.subs.insert(name.clone(), None);
-                }
-                if a.cfg.subscription_count_events {
-                    a.dirty_counts.insert(name.clone());
-                }
-            }
+            self.add_subscriber(conn, app, Proto::Pusher, &name);
             self.send(conn, server::subscription_succeeded(name.as_str()));
         }
         if name.is_cache() {
@@ -594,8 +628,21 @@ impl Core {
             }
             None
         };
+        let occupied = ch.count() == 0;
         ch.subscribers.insert(conn);
         let succeeded = presence_frame(name.as_str(), ch);
+        if a.cfg.webhooks {
+            if occupied {
+                let channel = name.to_string();
+                self.out.push_back(Output::Hook { app, event: WebhookEvent::ChannelOccupied { channel } });
+            }
+            if is_new_member {
+                let event = WebhookEvent::MemberAdded { channel: name.to_string(), user_id: user_id.clone() };
+                self.out.push_back(Output::Hook { app, event });
+            }
+        }
+        let a = &mut self.apps[app.0 as usize];
+        let Some(ch) = a.channels.get_mut(name) else { return false };
         if let Some(f) = added {
             let others: Vec<ConnId> = ch
                 .subscribers
@@ -626,24 +673,44 @@ impl Core {
             }
             _ => {
                 a.cache.remove(name);
+                let hook = a.cfg.webhooks;
                 self.send(conn, server::cache_miss(name.as_str()));
+                if hook {
+                    let event = WebhookEvent::CacheMiss { channel: name.to_string() };
+                    self.out.push_back(Output::Hook { app, event });
+                }
             }
         }
     }
 
-    fn unsubscribe(&mut self, conn: ConnId, name: &ChannelName) {
-        let Some(c) = self.conns.get_mut(&conn) else {
-            return;
-        };
-        let Some(presence_user) = c.subs.remove(name) else {
-            return;
-        };
-        let app = c.app;
+    /// Adds a non-presence subscriber; idempotent.
+    fn add_subscriber(&mut self, conn: ConnId, app: AppIdx, proto: Proto, name: &ChannelName) {
         let a = &mut self.apps[app.0 as usize];
-        let Some(ch) = a.channels.get_mut(name) else {
+        let ch = a.channels.entry(name.clone()).or_default();
+        let occupied = ch.count() == 0;
+        if !ch.set(proto).insert(conn) {
             return;
-        };
-        ch.subscribers.swap_remove(&conn);
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.subs.insert(name.clone(), None);
+        }
+        if a.cfg.subscription_count_events || a.cfg.webhooks {
+            a.dirty_counts.insert(name.clone());
+        }
+        if occupied && a.cfg.webhooks {
+            let event = WebhookEvent::ChannelOccupied { channel: name.to_string() };
+            self.out.push_back(Output::Hook { app, event });
+        }
+    }
+
+    fn unsubscribe(&mut self, conn: ConnId, name: &ChannelName) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(presence_user) = c.subs.remove(name) else { return };
+        let (app, proto) = (c.app, c.proto);
+        let a = &mut self.apps[app.0 as usize];
+        let hooks = a.cfg.webhooks;
+        let Some(ch) = a.channels.get_mut(name) else { return };
+        ch.set(proto).swap_remove(&conn);
         if let Some(uid) = presence_user {
             let gone = match ch.members.get_mut(&uid) {
                 Some(m) => {
@@ -661,12 +728,20 @@ impl Core {
                         frame: f.clone(),
                     });
                 }
+                if hooks {
+                    let event = WebhookEvent::MemberRemoved { channel: name.to_string(), user_id: uid };
+                    self.out.push_back(Output::Hook { app, event });
+                }
             }
-        } else if a.cfg.subscription_count_events {
+        } else if a.cfg.subscription_count_events || hooks {
             a.dirty_counts.insert(name.clone());
         }
-        if ch.subscribers.is_empty() {
+        if ch.count() == 0 {
             a.channels.remove(name);
+            if hooks {
+                let event = WebhookEvent::ChannelVacated { channel: name.to_string() };
+                self.out.push_back(Output::Hook { app, event });
+            }
         }
     }
 
@@ -834,6 +909,16 @@ impl Core {
         }
         let name = name.clone();
         let frame = server::channel_event(event, name.as_str(), data, presence_user.as_deref());
+        if cfg.webhooks {
+            let hook = WebhookEvent::ClientEvent {
+                channel: name.to_string(),
+                event: event.to_owned(),
+                data: data.to_owned(),
+                socket_id: c.socket_id.clone(),
+                user_id: presence_user.clone(),
+            };
+            self.out.push_back(Output::Hook { app, event: hook });
+        }
         let a = &mut self.apps[app.0 as usize];
         if name.is_cache() {
             a.cache.insert(
@@ -945,34 +1030,168 @@ impl Core {
         let exclude = req.exclude_socket.and_then(|s| self.local_conn_of(s));
         let mut published = Vec::with_capacity(names.len());
         for name in names {
-            let frame = server::channel_event(req.name, name.as_str(), req.data, None);
-            let a = &mut self.apps[app.0 as usize];
-            if name.is_cache() {
-                a.cache.insert(
-                    name.clone(),
-                    Cached {
-                        event: req.name.to_owned(),
-                        data: req.data.to_owned(),
-                        frame: frame.clone(),
-                        at: now,
-                    },
-                );
-            }
-            if let Some(ch) = a.channels.get(&name) {
-                self.out.reserve(ch.subscribers.len());
-                for s in ch.subscribers.iter().copied() {
-                    if Some(s) != exclude {
-                        self.out.push_back(Output::Send {
-                            conn: s,
-                            frame: frame.clone(),
-                        });
-                    }
-                }
-            }
+            self.fanout(now, app, &name, req.name, req.data, None, exclude);
             let info = self.info_of(now, app, &name);
             published.push(PublishedChannel { name, info });
         }
         Ok(published)
+    }
+
+    /// Delivers one event to every local subscriber of a channel, Pusher and
+    /// wsify alike, each protocol's frame encoded once.
+    #[allow(clippy::too_many_arguments)]
+    fn fanout(
+        &mut self,
+        now: Instant,
+        app: AppIdx,
+        name: &ChannelName,
+        event: &str,
+        data: &str,
+        content: Option<&RawValue>,
+        exclude: Option<ConnId>,
+    ) {
+        let frame = server::channel_event(event, name.as_str(), data, None);
+        let a = &mut self.apps[app.0 as usize];
+        if name.is_cache() {
+            a.cache.insert(
+                name.clone(),
+                Cached {
+                    event: event.to_owned(),
+                    data: data.to_owned(),
+                    frame: frame.clone(),
+                    at: now,
+                },
+            );
+        }
+        let Some(ch) = a.channels.get(name) else { return };
+        self.out.reserve(ch.count());
+        for s in ch.subscribers.iter().copied() {
+            if Some(s) != exclude {
+                self.out.push_back(Output::Send {
+                    conn: s,
+                    frame: frame.clone(),
+                });
+            }
+        }
+        if ch.wsify_raw.is_empty() && ch.wsify_env.is_empty() {
+            return;
+        }
+        let owned;
+        let content = match content {
+            Some(c) => c,
+            None => {
+                owned = wsify::content_of_event_data(data);
+                &owned
+            }
+        };
+        for (set, frame) in [
+            (&ch.wsify_raw, wsify::raw_frame(content.get())),
+            (&ch.wsify_env, wsify::envelope_frame(name.as_str(), content)),
+        ] {
+            for s in set.iter().copied() {
+                if Some(s) != exclude {
+                    self.out.push_back(Output::Send {
+                        conn: s,
+                        frame: frame.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// A new wsify connection (no handshake frame: wsify has none).
+    pub fn open_wsify(
+        &mut self,
+        now: Instant,
+        app: AppIdx,
+        conn: ConnId,
+        envelope: bool,
+    ) -> Result<String, OpenError> {
+        let socket_id = self.open(now, app, conn)?;
+        // Drop the Pusher handshake queued by open().
+        if let Some(Output::Send { conn: c, .. }) = self.out.back() {
+            if *c == conn {
+                self.out.pop_back();
+            }
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.proto = Proto::Wsify { envelope };
+        }
+        Ok(socket_id)
+    }
+
+    /// Checks a channel name a wsify client may use: public channels only
+    /// (private, presence and encrypted channels need Pusher signatures).
+    pub fn wsify_channel(&self, conn: ConnId, channel: &str) -> Result<ChannelName, String> {
+        let max = self.conns.get(&conn).map_or(164, |c| {
+            self.apps[c.app.0 as usize].cfg.limits.max_channel_name_length
+        });
+        let name = ChannelName::parse_with_limit(channel, max).map_err(|e| e.to_string())?;
+        if name.kind() != ChannelKind::Public {
+            return Err(format!(
+                "channel {channel:?} needs Pusher authorization; wsify clients may join public channels only"
+            ));
+        }
+        Ok(name)
+    }
+
+    /// wsify `join`: idempotent (joining twice delivers once).
+    pub fn wsify_join(&mut self, conn: ConnId, channel: &str) -> Result<(), String> {
+        let name = self.wsify_channel(conn, channel)?;
+        let Some(c) = self.conns.get(&conn) else {
+            return Ok(());
+        };
+        let (app, proto) = (c.app, c.proto);
+        self.add_subscriber(conn, app, proto, &name);
+        Ok(())
+    }
+
+    /// wsify `leave`: leaving a channel never joined does nothing.
+    pub fn wsify_leave(&mut self, conn: ConnId, channel: &str) {
+        if let Ok(name) = ChannelName::parse_with_limit(channel, usize::MAX) {
+            self.unsubscribe(conn, &name);
+        }
+    }
+
+    /// A wsify `broadcast` (from a client or `POST /broadcast`): wsify
+    /// clients get the content, Pusher clients the app's `wsify_event` with
+    /// the content's JSON as `data`. The sender, if any, gets it too, as in wsify.
+    pub fn wsify_broadcast(
+        &mut self,
+        now: Instant,
+        app: AppIdx,
+        channel: &str,
+        content: &RawValue,
+    ) -> Result<(), PublishError> {
+        let cfg = &self.apps[app.0 as usize].cfg;
+        let invalid = |reason: String| PublishError::InvalidChannel {
+            name: channel.to_owned(),
+            reason,
+        };
+        let name = ChannelName::parse_with_limit(channel, cfg.limits.max_channel_name_length)
+            .map_err(|e| invalid(e.to_string()))?;
+        if name.kind() != ChannelKind::Public {
+            return Err(invalid("wsify broadcasts go to public channels only".into()));
+        }
+        if content.get().len() > cfg.limits.max_event_payload_bytes {
+            return Err(PublishError::DataTooLarge(cfg.limits.max_event_payload_bytes));
+        }
+        let event = cfg.wsify_event.clone();
+        self.fanout(now, app, &name, &event, content.get(), Some(content), None);
+        Ok(())
+    }
+
+    /// The app of a connection.
+    pub fn app_of(&self, conn: ConnId) -> Option<AppIdx> {
+        self.conns.get(&conn).map(|c| c.app)
+    }
+
+    /// The channels a connection is in.
+    pub fn channels_of(&self, conn: ConnId) -> Vec<String> {
+        self.conns
+            .get(&conn)
+            .map(|c| c.subs.keys().map(|n| n.to_string()).collect())
+            .unwrap_or_default()
     }
 
     /// Checks a publish against the app's limits without doing it.
@@ -1031,10 +1250,10 @@ impl Core {
         let a = &self.apps[app.0 as usize];
         let ch = a.channels.get(name);
         ChannelInfo {
-            occupied: ch.is_some_and(|c| !c.subscribers.is_empty()),
+            occupied: ch.is_some_and(|c| c.count() > 0),
             user_count: (name.kind() == ChannelKind::Presence)
                 .then(|| ch.map_or(0, |c| c.members.len())),
-            subscription_count: ch.map_or(0, |c| c.subscribers.len()),
+            subscription_count: ch.map_or(0, Channel::count),
             cache: a.cache.get(name).and_then(|c| {
                 let age = now.saturating_duration_since(c.at);
                 (age < CACHE_TTL)
@@ -1059,7 +1278,7 @@ impl Core {
             .channels
             .iter()
             .filter(|(n, c)| {
-                !c.subscribers.is_empty()
+                c.count() > 0
                     && n.kind() != ChannelKind::ServerToUser
                     && prefix.is_none_or(|p| n.as_str().starts_with(p))
             })
@@ -1118,15 +1337,26 @@ impl Core {
 
     /// Periodic work: `subscription_count` events and cache expiry.
     pub fn tick(&mut self, now: Instant) {
-        for a in &mut self.apps {
+        for (idx, a) in self.apps.iter_mut().enumerate() {
             a.cache
                 .retain(|_, c| now.saturating_duration_since(c.at) < CACHE_TTL);
             let dirty = std::mem::take(&mut a.dirty_counts);
             for name in dirty {
+                let count = a.channels.get(&name).map_or(0, Channel::count);
+                if a.cfg.webhooks {
+                    let event = WebhookEvent::SubscriptionCount {
+                        channel: name.to_string(),
+                        subscription_count: count,
+                    };
+                    self.out.push_back(Output::Hook { app: AppIdx(idx as u32), event });
+                }
+                if !a.cfg.subscription_count_events || name.kind() == ChannelKind::Presence {
+                    continue;
+                }
                 let Some(ch) = a.channels.get(&name) else {
                     continue;
                 };
-                let f = server::subscription_count(name.as_str(), ch.subscribers.len());
+                let f = server::subscription_count(name.as_str(), count);
                 for s in ch.subscribers.iter().copied() {
                     self.out.push_back(Output::Send {
                         conn: s,

@@ -8,12 +8,14 @@
 
 mod core;
 mod keepalive;
+pub mod webhooks;
 
 pub use crate::core::{
     AppConfig, AppIdx, ChannelInfo, ConnId, Core, CoreConfig, OpenError, Output, PublishError,
     PublishRequest, PublishedChannel, QueryError,
 };
 pub use keepalive::{Keepalive, KeepaliveAction};
+pub use webhooks::WebhookScheduler;
 
 #[cfg(test)]
 mod tests;

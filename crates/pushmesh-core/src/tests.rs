@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use pushmesh_protocol::sign;
+use pushmesh_protocol::webhook::WebhookEvent;
 use pushmesh_protocol::{CloseCode, Limits};
 use serde_json::Value;
 
@@ -26,6 +27,8 @@ fn app() -> AppConfig {
         max_connections: None,
         subscription_count_events: false,
         limits: Limits::default(),
+        webhooks: false,
+        wsify_event: "broadcast".into(),
     }
 }
 
@@ -36,6 +39,7 @@ struct Harness {
     /// Everything each connection received, decoded.
     inbox: BTreeMap<u64, Vec<Value>>,
     closed: BTreeMap<u64, CloseCode>,
+    hooks: Vec<WebhookEvent>,
 }
 
 fn decode(frame: &[u8]) -> Value {
@@ -61,6 +65,7 @@ impl Harness {
             next: 1,
             inbox: BTreeMap::new(),
             closed: BTreeMap::new(),
+            hooks: Vec::new(),
         }
     }
 
@@ -73,6 +78,7 @@ impl Harness {
                 Output::Close { conn, code, .. } => {
                     self.closed.insert(conn.0, code);
                 }
+                Output::Hook { event, .. } => self.hooks.push(event),
             }
         }
     }
@@ -523,4 +529,76 @@ proptest! {
             prop_assert_eq!(got, want);
         }
     }
+}
+
+#[test]
+fn wsify_and_pusher_share_channels() {
+    let mut h = Harness::new(vec![app()]);
+    let p = h.open();
+    h.subscribe(p, "hello");
+    h.take(p);
+    let raw = ConnId(100);
+    let env = ConnId(101);
+    h.core.open_wsify(h.now, AppIdx(0), raw, false).unwrap_or_else(|e| panic!("{e}"));
+    h.core.open_wsify(h.now, AppIdx(0), env, true).unwrap_or_else(|e| panic!("{e}"));
+    h.pump();
+    assert!(h.take(raw).is_empty(), "wsify has no handshake frame");
+    assert_eq!(h.core.wsify_join(raw, "hello"), Ok(()));
+    assert_eq!(h.core.wsify_join(raw, "hello"), Ok(()), "joining twice is harmless");
+    assert_eq!(h.core.wsify_join(env, "hello"), Ok(()));
+    assert!(h.core.wsify_join(env, "private-x").is_err());
+    h.core.wsify_leave(env, "never-joined");
+    // A Pusher publish reaches wsify clients once, as raw content or envelope.
+    h.publish(&["hello"], "greet", r#"{"a":1}"#, None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(h.take(raw), vec![serde_json::json!({"a":1})]);
+    assert_eq!(h.take(env), vec![serde_json::json!({"channel":"hello","content":{"a":1}})]);
+    h.take(p);
+    // A wsify broadcast reaches Pusher clients as the configured event.
+    let content = serde_json::value::RawValue::from_string(r#"[1,"two"]"#.into()).unwrap_or_else(|e| panic!("{e}"));
+    h.core.wsify_broadcast(h.now, AppIdx(0), "hello", &content).unwrap_or_else(|e| panic!("{e}"));
+    h.pump();
+    let got = h.take(p);
+    assert_eq!(got[0]["event"], "broadcast");
+    assert_eq!(got[0]["data"], serde_json::json!([1, "two"]));
+    assert_eq!(h.take(raw), vec![serde_json::json!([1, "two"])], "the sender gets it too, as in wsify");
+    let info = h.core.channel(h.now, AppIdx(0), "hello", false).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(info.subscription_count, 3);
+    h.core.disconnect(h.now, raw);
+    h.core.disconnect(h.now, env);
+    h.pump();
+    let info = h.core.channel(h.now, AppIdx(0), "hello", false).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(info.subscription_count, 1);
+}
+
+#[test]
+fn hooks_for_channel_and_member_lifecycle() {
+    let mut cfg = app();
+    cfg.webhooks = true;
+    let mut h = Harness::new(vec![cfg]);
+    let a = h.open();
+    let b = h.open();
+    h.join(a, "presence-h", "u1");
+    h.join(b, "presence-h", "u1");
+    h.subscribe(a, "cache-h");
+    let sig = sign::sign(SECRET, &sign::channel_string(&h.socket(a), "private-h"));
+    h.frame(a, serde_json::json!({"event":"pusher:subscribe","data":{"channel":"private-h","auth":format!("{KEY}:{sig}")}}));
+    h.frame(a, serde_json::json!({"event":"client-e","channel":"private-h","data":"d"}));
+    h.core.disconnect(h.now, a);
+    h.core.disconnect(h.now, b);
+    h.pump();
+    h.core.tick(h.now);
+    h.pump();
+    let names: Vec<&str> = h.hooks.iter().map(|e| e.name()).collect();
+    assert_eq!(
+        names[..6],
+        ["channel_occupied", "member_added", "channel_occupied", "cache_miss", "channel_occupied", "client_event"]
+    );
+    // Disconnects leave channels in no particular order; count what they produced.
+    let mut rest: Vec<&str> = names[6..].to_vec();
+    rest.sort_unstable();
+    assert_eq!(
+        rest,
+        ["channel_vacated", "channel_vacated", "channel_vacated", "member_removed", "subscription_count", "subscription_count"]
+    );
+    assert!(matches!(&h.hooks[5], WebhookEvent::ClientEvent { socket_id, data, .. } if socket_id == "7.1" && data == "d"));
 }

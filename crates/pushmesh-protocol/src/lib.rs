@@ -15,6 +15,8 @@ pub mod codes;
 pub mod limits;
 pub mod server;
 pub mod sign;
+pub mod webhook;
+pub mod wsify;
 
 pub use channel::{ChannelKind, ChannelName, ChannelNameError};
 pub use codes::CloseCode;

@@ -35,6 +35,12 @@ pub fn verify(secret: &str, message: &[u8], signature_hex: &str) -> bool {
     m.verify_slice(&sig).is_ok()
 }
 
+/// Compares two secrets in constant time (for equal lengths).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
 /// The string signed for a private or encrypted channel.
 pub fn channel_string(socket_id: &str, channel: &str) -> String {
     format!("{socket_id}:{channel}")

@@ -132,7 +132,7 @@ async fn authenticate(
 }
 
 /// Decodes a query string. `+` stays `+`: the Pusher SDKs sign values unescaped.
-fn form_urlencoded(q: &str) -> Vec<(String, String)> {
+pub(crate) fn form_urlencoded(q: &str) -> Vec<(String, String)> {
     q.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {

@@ -51,6 +51,8 @@ pub const KNOWN_ENV: &[&str] = &[
     "PUSHMESH_MAX_CONNECTIONS",
     "PUSHMESH_LOG",
     "PUSHMESH_LOG_FORMAT",
+    "PUSHMESH_AUTHORIZER_URL",
+    "PUSHMESH_BROADCASTING_KEY",
 ];
 
 /// Command-line flags; each also reads its `PUSHMESH_*` variable.
@@ -92,6 +94,12 @@ pub struct Cli {
     /// Log format [default: text].
     #[arg(long, env = "PUSHMESH_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// wsify authorizer webhook for the app carrying wsify traffic.
+    #[arg(long, env = "PUSHMESH_AUTHORIZER_URL", value_name = "URL")]
+    pub authorizer_url: Option<String>,
+    /// Key required by `POST /broadcast?key=KEY`.
+    #[arg(long, env = "PUSHMESH_BROADCASTING_KEY", value_name = "KEY")]
+    pub broadcasting_key: Option<String>,
 }
 
 /// How logs are written.
@@ -119,6 +127,14 @@ pub struct FileConfig {
     shutdown_timeout: Option<u64>,
     log: Option<String>,
     log_format: Option<LogFormat>,
+    wsify_app: Option<String>,
+    authorizer_url: Option<String>,
+    broadcasting_key: Option<String>,
+    webhook_queue: Option<usize>,
+    webhook_timeout_ms: Option<u64>,
+    webhook_retry_for: Option<u64>,
+    webhook_backoff_ms: Option<u64>,
+    webhook_delay_ms: Option<u64>,
     #[serde(default)]
     apps: Vec<FileApp>,
 }
@@ -141,6 +157,82 @@ struct FileApp {
     subscription_count_events: bool,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    wsify_event: Option<String>,
+    #[serde(default)]
+    authorizer: Option<AuthorizerConfig>,
+    #[serde(default)]
+    webhooks: Vec<WebhookConfig>,
+    #[serde(default)]
+    allowed_origins: Vec<String>,
+}
+
+/// The wsify authorizer webhook of an app.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizerConfig {
+    /// Where to POST.
+    pub url: String,
+    /// Per-call timeout; no answer in time counts as "down" (5xx).
+    #[serde(default = "default_authorizer_timeout")]
+    pub timeout_ms: u64,
+    /// Calls in flight at once; beyond, a call waits (within its timeout).
+    #[serde(default = "default_authorizer_concurrency")]
+    pub max_concurrent: usize,
+    /// Which commands are sent: `connect`, `join`, `leave`, `broadcast`.
+    #[serde(default = "all_commands")]
+    pub commands: Vec<String>,
+}
+
+fn default_authorizer_timeout() -> u64 {
+    2000
+}
+fn default_authorizer_concurrency() -> usize {
+    64
+}
+fn all_commands() -> Vec<String> {
+    ["connect", "join", "leave", "broadcast"].map(String::from).to_vec()
+}
+
+impl AuthorizerConfig {
+    /// An authorizer at `url` with the defaults.
+    pub fn with_url(url: String) -> Self {
+        Self {
+            url,
+            timeout_ms: default_authorizer_timeout(),
+            max_concurrent: default_authorizer_concurrency(),
+            commands: all_commands(),
+        }
+    }
+}
+
+/// One webhook URL of an app.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Where to POST.
+    pub url: String,
+    /// Which events to send; default all.
+    #[serde(default)]
+    pub event_types: Option<Vec<String>>,
+    /// Extra request headers.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Gather events this long into one request; 0 sends as soon as possible
+    /// (events that queued up meanwhile still share a request).
+    #[serde(default)]
+    pub batch_ms: u64,
+}
+
+/// What the I/O side needs per app, beside the core's [`AppConfig`].
+#[derive(Debug, Clone, Default)]
+pub struct AppIo {
+    /// wsify authorizer.
+    pub authorizer: Option<AuthorizerConfig>,
+    /// Pusher webhooks.
+    pub webhooks: Vec<WebhookConfig>,
+    /// Allowed `Origin` header values; empty allows every origin.
+    pub allowed_origins: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -154,6 +246,22 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Apps served.
     pub apps: Vec<AppConfig>,
+    /// Per-app I/O settings, parallel to `apps`.
+    pub app_io: Vec<AppIo>,
+    /// Index (in `apps`) of the app that carries wsify traffic.
+    pub wsify_app: usize,
+    /// Key for `POST /broadcast`.
+    pub broadcasting_key: Option<String>,
+    /// Webhook events queued per URL before the oldest is dropped.
+    pub webhook_queue: usize,
+    /// Timeout of one webhook request.
+    pub webhook_timeout: Duration,
+    /// How long an event is retried before it is dropped.
+    pub webhook_retry_for: Duration,
+    /// First retry delay (doubles, with jitter, up to 30 s).
+    pub webhook_backoff: Duration,
+    /// How long `channel_vacated` / `member_removed` wait for a return.
+    pub webhook_delay: Duration,
     /// True when no app was configured and the development app is used.
     pub development: bool,
     /// Announced `activity_timeout`.
@@ -183,6 +291,14 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 6001)),
             apps: vec![development_app()],
+            app_io: vec![AppIo::default()],
+            wsify_app: 0,
+            broadcasting_key: None,
+            webhook_queue: 10_000,
+            webhook_timeout: Duration::from_secs(5),
+            webhook_retry_for: Duration::from_secs(300),
+            webhook_backoff: Duration::from_millis(500),
+            webhook_delay: Duration::from_secs(3),
             development: true,
             activity_timeout: Duration::from_secs(120),
             pong_timeout: Duration::from_secs(30),
@@ -210,6 +326,8 @@ pub fn development_app() -> AppConfig {
         max_connections: None,
         subscription_count_events: true,
         limits: Limits::default(),
+        webhooks: false,
+        wsify_event: "broadcast".into(),
     }
 }
 
@@ -264,10 +382,19 @@ impl Config {
     pub fn resolve(file: FileConfig, cli: Cli) -> Result<Self, ConfigError> {
         let d = Config::default();
         let secs = Duration::from_secs;
-        let mut apps: Vec<AppConfig> = file
-            .apps
-            .into_iter()
-            .map(|a| AppConfig {
+        let mut apps: Vec<AppConfig> = Vec::new();
+        let mut app_io: Vec<AppIo> = Vec::new();
+        for a in file.apps {
+            for t in a.webhooks.iter().flat_map(|w| w.event_types.iter().flatten()) {
+                if !pushmesh_protocol::webhook::EVENT_NAMES.contains(&t.as_str()) {
+                    return Err(ConfigError::Invalid(format!(
+                        "app {:?}: unknown webhook event type {t:?} (known: {})",
+                        a.id,
+                        pushmesh_protocol::webhook::EVENT_NAMES.join(", ")
+                    )));
+                }
+            }
+            apps.push(AppConfig {
                 id: a.id,
                 key: a.key,
                 secret: a.secret,
@@ -277,19 +404,63 @@ impl Config {
                 max_connections: a.max_connections,
                 subscription_count_events: a.subscription_count_events,
                 limits: a.limits,
-            })
-            .collect();
+                webhooks: !a.webhooks.is_empty(),
+                wsify_event: a.wsify_event.unwrap_or_else(|| "broadcast".into()),
+            });
+            app_io.push(AppIo {
+                authorizer: a.authorizer,
+                webhooks: a.webhooks,
+                allowed_origins: a.allowed_origins,
+            });
+        }
         if !cli.apps.is_empty() {
             apps = cli
                 .apps
                 .iter()
                 .map(|s| parse_app(s))
                 .collect::<Result<_, _>>()?;
+            app_io = vec![AppIo::default(); apps.len()];
         }
         let development = apps.is_empty();
         if development {
             apps.push(development_app());
+            app_io.push(AppIo::default());
         }
+        let wsify_app = match &file.wsify_app {
+            None => 0,
+            Some(id) => apps.iter().position(|a| &a.id == id).ok_or_else(|| {
+                ConfigError::Invalid(format!("wsify_app {id:?} is not a configured app"))
+            })?,
+        };
+        if let Some(url) = cli.authorizer_url.or(file.authorizer_url) {
+            let io = &mut app_io[wsify_app];
+            match &mut io.authorizer {
+                Some(a) => a.url = url,
+                None => io.authorizer = Some(AuthorizerConfig::with_url(url)),
+            }
+        }
+        for (a, io) in apps.iter().zip(&app_io) {
+            if let Some(z) = &io.authorizer {
+                if !(z.url.starts_with("http://") || z.url.starts_with("https://")) {
+                    return Err(ConfigError::Invalid(format!(
+                        "app {:?}: authorizer url must be http:// or https://",
+                        a.id
+                    )));
+                }
+                for c in &z.commands {
+                    if !all_commands().contains(c) {
+                        return Err(ConfigError::Invalid(format!(
+                            "app {:?}: unknown authorizer command {c:?}",
+                            a.id
+                        )));
+                    }
+                }
+            }
+        }
+        let broadcasting_key = cli
+            .broadcasting_key
+            .or(file.broadcasting_key)
+            .filter(|k| !k.is_empty());
         for (i, a) in apps.iter().enumerate() {
             if a.id.is_empty() || a.key.is_empty() || a.secret.is_empty() {
                 return Err(ConfigError::Invalid(format!(
@@ -306,6 +477,20 @@ impl Config {
         let cfg = Config {
             listen: cli.listen.or(file.listen).unwrap_or(d.listen),
             apps,
+            app_io,
+            wsify_app,
+            broadcasting_key,
+            webhook_queue: file.webhook_queue.unwrap_or(d.webhook_queue),
+            webhook_timeout: file
+                .webhook_timeout_ms
+                .map_or(d.webhook_timeout, Duration::from_millis),
+            webhook_retry_for: file.webhook_retry_for.map_or(d.webhook_retry_for, secs),
+            webhook_backoff: file
+                .webhook_backoff_ms
+                .map_or(d.webhook_backoff, Duration::from_millis),
+            webhook_delay: file
+                .webhook_delay_ms
+                .map_or(d.webhook_delay, Duration::from_millis),
             development,
             activity_timeout: cli
                 .activity_timeout

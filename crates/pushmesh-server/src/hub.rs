@@ -7,12 +7,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
-use pushmesh_core::{ConnId, Core, Output};
+use pushmesh_core::{ConnId, Core, Output, WebhookScheduler};
 use pushmesh_protocol::CloseCode;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 /// Why the hub asks a connection task to close.
 #[derive(Debug, Clone)]
@@ -72,15 +74,21 @@ pub struct Hub {
     pub core: Core,
     conns: HashMap<ConnId, ConnHandle>,
     last: Option<(Bytes, Utf8Bytes)>,
+    /// Webhook events waiting for their delay (vacate, member removed) or for the sender.
+    pub webhooks: WebhookScheduler,
+    /// Wakes the webhook pump when events were scheduled.
+    pub hook_ready: Arc<Notify>,
 }
 
 impl Hub {
     /// A hub around `core`.
-    pub fn new(core: Core) -> Self {
+    pub fn new(core: Core, webhooks: WebhookScheduler) -> Self {
         Self {
             core,
             conns: HashMap::new(),
             last: None,
+            webhooks,
+            hook_ready: Arc::new(Notify::new()),
         }
     }
 
@@ -115,6 +123,7 @@ impl Hub {
     /// Moves everything the core wants done into the connection queues.
     pub fn dispatch(&mut self, stats: &HubStats) {
         let mut queued = 0u64;
+        let mut hooked = false;
         while let Some(out) = self.core.poll_output() {
             match out {
                 Output::Send { conn, frame } => {
@@ -144,9 +153,16 @@ impl Hub {
                         h.request_close(code, reason);
                     }
                 }
+                Output::Hook { app, event } => {
+                    self.webhooks.push(Instant::now(), app, event);
+                    hooked = true;
+                }
             }
         }
         self.last = None;
         stats.frames_queued.fetch_add(queued, Ordering::Relaxed);
+        if hooked {
+            self.hook_ready.notify_one();
+        }
     }
 }

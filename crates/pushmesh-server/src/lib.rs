@@ -5,9 +5,12 @@
 //! (bounded) for them to go.
 
 pub mod api;
+pub mod authorizer;
 pub mod config;
 pub mod hub;
+pub mod webhooks;
 pub mod ws;
+pub mod wsify;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use pushmesh_core::{AppIdx, Core, CoreConfig};
+use authorizer::{Authorizer, AuthorizerStats};
+use pushmesh_core::{AppIdx, Core, CoreConfig, WebhookScheduler};
+use webhooks::Webhooks;
 use pushmesh_protocol::CloseCode;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -42,15 +47,20 @@ pub enum ServerError {
     /// Serving failed.
     #[error("server error: {0}")]
     Serve(#[from] std::io::Error),
+    /// The HTTP client for webhooks could not be built.
+    #[error("cannot build the HTTP client: {0}")]
+    Http(String),
 }
 
 /// Counters of the node.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Events accepted through the HTTP API.
+    /// Events accepted (HTTP API, `POST /broadcast`, wsify broadcasts).
     pub published: AtomicU64,
     /// Hub counters.
     pub hub: HubStats,
+    /// Authorizer counters (all apps).
+    pub authorizer: Arc<AuthorizerStats>,
 }
 
 /// State shared by every task of the node.
@@ -61,6 +71,9 @@ pub struct Shared {
     next_conn: AtomicU64,
     /// Counters.
     pub stats: Stats,
+    /// Webhook delivery.
+    pub webhooks: Webhooks,
+    authorizers: Vec<Option<Arc<Authorizer>>>,
 }
 
 impl Shared {
@@ -72,6 +85,11 @@ impl Shared {
 
     fn app_by_key(&self, key: &str) -> Option<AppIdx> {
         self.lock().core.app_by_key(key)
+    }
+
+    /// The wsify authorizer of an app, if it has one.
+    pub fn authorizer(&self, app: AppIdx) -> Option<Arc<Authorizer>> {
+        self.authorizers.get(app.0 as usize).cloned().flatten()
     }
 }
 
@@ -104,11 +122,30 @@ impl Server {
             max_connections: config.max_connections,
             socket_prefix: rand::random_range(1..1_000_000_000),
         });
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(32)
+            .user_agent(concat!("pushmesh/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ServerError::Http(e.to_string()))?;
+        let stats = Stats::default();
+        let authorizers = config
+            .app_io
+            .iter()
+            .map(|io| {
+                io.authorizer
+                    .as_ref()
+                    .map(|a| Arc::new(Authorizer::new(a, http.clone(), stats.authorizer.clone())))
+            })
+            .collect();
+        let webhooks = Webhooks::new(&config, http);
+        let scheduler = WebhookScheduler::new(config.webhook_delay);
         let shared = Arc::new(Shared {
             config,
-            hub: Mutex::new(Hub::new(core)),
+            hub: Mutex::new(Hub::new(core, scheduler)),
             next_conn: AtomicU64::new(1),
-            stats: Stats::default(),
+            stats,
+            webhooks,
+            authorizers,
         });
         Ok(Self { listener, shared })
     }
@@ -131,6 +168,8 @@ impl Server {
         let st = self.shared;
         let app = router(st.clone());
         let ticker = tokio::spawn(tick_loop(st.clone()));
+        let senders = st.webhooks.start();
+        let pump = tokio::spawn(webhook_pump(st.clone()));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let st2 = st.clone();
         let drain = async move {
@@ -148,6 +187,13 @@ impl Server {
             while st2.lock().attached() > 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+            // Pending webhooks (delayed ones included) go out before the end.
+            let pending = st2.lock().webhooks.flush();
+            st2.webhooks.route(pending);
+            while !st2.webhooks.idle() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            st2.webhooks.abandon();
             let _ = stop_tx.send(true);
         };
         let mut stop = stop_rx;
@@ -156,6 +202,10 @@ impl Server {
         });
         let (r, ()) = tokio::join!(async { serve.await }, drain);
         ticker.abort();
+        pump.abort();
+        for s in senders {
+            s.abort();
+        }
         r?;
         Ok(())
     }
@@ -172,9 +222,36 @@ async fn tick_loop(st: Arc<Shared>) {
     }
 }
 
+/// Moves webhook events from the scheduler to the senders, as soon as they
+/// are scheduled or their delay is over.
+async fn webhook_pump(st: Arc<Shared>) {
+    let notify = st.lock().hook_ready.clone();
+    loop {
+        let next_due = {
+            let mut hub = st.lock();
+            let ready = hub.webhooks.poll(Instant::now());
+            let due = hub.webhooks.next_due();
+            drop(hub);
+            st.webhooks.route(ready);
+            due
+        };
+        match next_due {
+            Some(due) => {
+                tokio::select! {
+                    () = notify.notified() => {}
+                    () = tokio::time::sleep_until(due.into()) => {}
+                }
+            }
+            None => notify.notified().await,
+        }
+    }
+}
+
 fn router(st: Arc<Shared>) -> Router {
     Router::new()
         .route("/app/{key}", get(ws::pusher_ws))
+        .route("/ws", get(wsify::wsify_ws))
+        .route("/broadcast", post(wsify::broadcast))
         .route("/apps/{app_id}/events", post(api::events))
         .route("/apps/{app_id}/batch_events", post(api::batch_events))
         .route("/apps/{app_id}/channels", get(api::channels))
@@ -201,10 +278,20 @@ async fn stats(
     axum::extract::State(st): axum::extract::State<Arc<Shared>>,
 ) -> Json<serde_json::Value> {
     let connections = st.lock().core.connection_count();
+    let w = &st.webhooks.stats;
+    let a = &st.stats.authorizer;
+    let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
     Json(json!({
         "connections": connections,
-        "published": st.stats.published.load(Ordering::Relaxed),
-        "frames_queued": st.stats.frames_queued.load(Ordering::Relaxed),
-        "slow_consumers": st.stats.slow_consumers.load(Ordering::Relaxed),
+        "published": n(&st.stats.published),
+        "frames_queued": n(&st.stats.frames_queued),
+        "slow_consumers": n(&st.stats.slow_consumers),
+        "webhooks": {
+            "sent": n(&w.sent), "retried": n(&w.retried), "dropped": n(&w.dropped), "requests": n(&w.requests),
+        },
+        "authorizer": {
+            "allowed": n(&a.allowed), "refused": n(&a.refused), "unavailable": n(&a.unavailable),
+            "notifications_skipped": n(&a.notifications_skipped),
+        },
     }))
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use futures_util::SinkExt;
 use pushmesh_core::{AppIdx, ConnId, Keepalive, KeepaliveAction};
@@ -18,9 +19,9 @@ use crate::hub::{CloseRequest, ConnHandle};
 use crate::Shared;
 
 /// How long one batch of writes may take before the client counts as dead.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the client's close frame after sending ours.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most frames written before one flush.
 const WRITE_BATCH: usize = 256;
 
@@ -30,11 +31,30 @@ enum Admission {
     Refuse(CloseCode, String),
 }
 
+/// Checks the request's `Origin` against the app's `allowed_origins`
+/// (empty: every origin; `*` allows all too).
+pub(crate) fn check_origin(st: &Shared, app: AppIdx, headers: &HeaderMap) -> Result<(), String> {
+    let allowed = &st.config.app_io[app.0 as usize].allowed_origins;
+    if allowed.is_empty() || allowed.iter().any(|a| a == "*") {
+        return Ok(());
+    }
+    let origin = headers
+        .get(axum::http::header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .unwrap_or("");
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+        Ok(())
+    } else {
+        Err(format!("origin {origin:?} is not allowed for this app"))
+    }
+}
+
 /// `GET /app/{key}`: upgrades to a Pusher protocol connection.
 pub async fn pusher_ws(
     State(st): State<Arc<Shared>>,
     Path(key): Path<String>,
     Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
     let admission = match q.get("protocol").map(|p| p.parse::<u32>()) {
@@ -48,7 +68,10 @@ pub async fn pusher_ws(
         ),
         // A missing protocol is taken as 7.
         _ => match st.app_by_key(&key) {
-            Some(app) => Admission::App(app),
+            Some(app) => match check_origin(&st, app, &headers) {
+                Ok(()) => Admission::App(app),
+                Err(reason) => Admission::Refuse(CloseCode::Unauthorized, reason),
+            },
             None => Admission::Refuse(CloseCode::AppNotFound, format!("no app with key {key:?}")),
         },
     };
@@ -81,7 +104,7 @@ async fn refuse(mut socket: WebSocket, code: CloseCode, reason: &str) {
 /// Completes the closing handshake: reads (and drops) what the client still
 /// sends until its close frame, bounded in time. Closing the TCP socket with
 /// unread input would reset it and the client could lose the close frame.
-async fn await_close(socket: &mut WebSocket) {
+pub(crate) async fn await_close(socket: &mut WebSocket) {
     let drain = async {
         while let Some(Ok(m)) = socket.recv().await {
             if matches!(m, Message::Close(_)) {
@@ -261,7 +284,7 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
 }
 
 /// Writes `first` and whatever else is queued, then flushes once.
-async fn write_batch(
+pub(crate) async fn write_batch(
     socket: &mut WebSocket,
     rx: &mut mpsc::Receiver<Utf8Bytes>,
     first: Utf8Bytes,
@@ -282,7 +305,7 @@ async fn write_batch(
     matches!(timeout(limit, work).await, Ok(Ok(())))
 }
 
-async fn flush_queued(socket: &mut WebSocket, rx: &mut mpsc::Receiver<Utf8Bytes>) -> bool {
+pub(crate) async fn flush_queued(socket: &mut WebSocket, rx: &mut mpsc::Receiver<Utf8Bytes>) -> bool {
     match rx.try_recv() {
         // On the way out: bounded tighter, the client may be the slow one.
         Ok(first) => write_batch(socket, rx, first, CLOSE_TIMEOUT).await,

@@ -1,0 +1,344 @@
+//! The wsify protocol on `/ws`, its authorizer, and `POST /broadcast`.
+//!
+//! wsify connections belong to one app (`wsify_app`) and share its channels
+//! with Pusher clients. Commands of one connection are handled one at a time,
+//! in order (the authorizer's verdict on a `join` comes before the next
+//! command is read); the authorizer call is bounded by its timeout.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use pushmesh_core::{AppIdx, ConnId, Keepalive, KeepaliveAction};
+use pushmesh_protocol::wsify::{self, WsifyCommand};
+use pushmesh_protocol::CloseCode;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use tokio::time::{sleep_until, timeout};
+
+use crate::authorizer::Verdict;
+use crate::hub::{CloseRequest, ConnHandle};
+use crate::ws::{await_close, flush_queued, write_batch, CLOSE_TIMEOUT, WRITE_TIMEOUT};
+use crate::Shared;
+
+/// WebSocket close code for "the server is restarting, reconnect".
+const WS_SERVICE_RESTART: u16 = 1012;
+/// WebSocket close code for "try again later" (authorizer down, too slow).
+const WS_TRY_AGAIN_LATER: u16 = 1013;
+/// WebSocket close code for a policy violation.
+const WS_POLICY: u16 = 1008;
+
+fn ws_code(code: CloseCode) -> u16 {
+    match code {
+        CloseCode::ReconnectImmediately => WS_SERVICE_RESTART,
+        CloseCode::OverCapacity => WS_TRY_AGAIN_LATER,
+        _ => WS_POLICY,
+    }
+}
+
+/// Query or headers as `{name: [values]}`.
+fn multi_map<'a>(pairs: impl Iterator<Item = (&'a str, String)>) -> Value {
+    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, v) in pairs {
+        m.entry(k.to_owned()).or_default().push(v);
+    }
+    json!(m)
+}
+
+fn query_map(raw: Option<&str>) -> (Value, bool) {
+    let pairs = crate::api::form_urlencoded(raw.unwrap_or(""));
+    let envelope = pairs
+        .iter()
+        .any(|(k, v)| k == "envelope" && matches!(v.as_str(), "1" | "true" | "yes"));
+    (multi_map(pairs.iter().map(|(k, v)| (k.as_str(), v.clone()))), envelope)
+}
+
+/// `GET /ws`: a wsify connection, authorized by the app's authorizer if any.
+pub async fn wsify_ws(
+    State(st): State<Arc<Shared>>,
+    RawQuery(raw): RawQuery,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let app = AppIdx(st.config.wsify_app as u32);
+    if let Err(r) = crate::ws::check_origin(&st, app, &headers) {
+        return (StatusCode::FORBIDDEN, Json(json!({ "error": r }))).into_response();
+    }
+    let (query, envelope) = query_map(raw.as_deref());
+    if let Some(authz) = st.authorizer(app).filter(|a| a.wants("connect")) {
+        let hdrs = multi_map(
+            headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v.as_bytes()).into_owned())),
+        );
+        let body = json!({"command": "connect", "args": {"headers": hdrs, "query": query}});
+        match authz.ask(&body).await {
+            Verdict::Allowed => {}
+            Verdict::Refused(s) => {
+                tracing::debug!(status = s, "wsify connect refused by the authorizer");
+                let e = json!({ "error": format!("connection refused by the authorizer ({s})") });
+                return (StatusCode::FORBIDDEN, Json(e)).into_response();
+            }
+            Verdict::Unavailable(why) => {
+                tracing::warn!(error = %why, "wsify authorizer unavailable on connect");
+                let e = json!({ "error": "authorizer unavailable, retry later" });
+                return (StatusCode::SERVICE_UNAVAILABLE, Json(e)).into_response();
+            }
+        }
+    }
+    ws.read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(st.config.max_message_bytes)
+        .max_frame_size(st.config.max_message_bytes)
+        .on_upgrade(move |socket| run_wsify(st, socket, app, envelope, query))
+}
+
+enum End {
+    Gone,
+    Close(u16, String),
+}
+
+async fn send_now(socket: &mut WebSocket, frame: Bytes) -> bool {
+    match Utf8Bytes::try_from(frame) {
+        Ok(t) => matches!(timeout(WRITE_TIMEOUT, socket.send(Message::Text(t))).await, Ok(Ok(()))),
+        Err(_) => true,
+    }
+}
+
+async fn run_wsify(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx, envelope: bool, query: Value) {
+    let conn = ConnId(st.next_conn.fetch_add(1, Ordering::Relaxed));
+    let (handle, mut rx, mut close_rx) = ConnHandle::new(st.config.outbound_queue);
+    let opened = Instant::now();
+    let open = {
+        let mut hub = st.lock();
+        hub.attach(conn, handle);
+        let r = hub.core.open_wsify(opened, app, conn, envelope);
+        if r.is_err() {
+            hub.detach(conn);
+        }
+        hub.dispatch(&st.stats);
+        r
+    };
+    let socket_id = match open {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = timeout(CLOSE_TIMEOUT, socket.send(close(ws_code(e.close_code()), &e.to_string()))).await;
+            await_close(&mut socket).await;
+            return;
+        }
+    };
+    let authz = st.authorizer(app);
+    let identity = json!({ "id": socket_id, "query": query });
+    let mut keepalive = Keepalive::new(opened, st.config.activity_timeout, st.config.pong_timeout);
+    let end = loop {
+        tokio::select! {
+            biased;
+            req = &mut close_rx => match req {
+                Ok(CloseRequest { code, reason }) => break End::Close(ws_code(code), reason),
+                Err(_) => break End::Gone,
+            },
+            Some(first) = rx.recv() => {
+                tokio::select! {
+                    biased;
+                    req = &mut close_rx => match req {
+                        Ok(CloseRequest { code, reason }) => break End::Close(ws_code(code), reason),
+                        Err(_) => break End::Gone,
+                    },
+                    ok = write_batch(&mut socket, &mut rx, first, WRITE_TIMEOUT) => if !ok { break End::Gone },
+                }
+            }
+            msg = socket.recv() => {
+                keepalive.on_activity(Instant::now());
+                let text = match msg {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Binary(_))) => {
+                        if envelope && !send_now(&mut socket, wsify::error_frame("", "binary frames are not supported")).await {
+                            break End::Gone;
+                        }
+                        continue;
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Close(_))) | None => break End::Gone,
+                    Some(Err(e)) => {
+                        tracing::debug!(conn = conn.0, error = %e, "wsify read error");
+                        break End::Gone;
+                    }
+                };
+                match handle_command(&st, conn, app, &text, authz.as_deref(), &identity).await {
+                    Handled::Ok => {}
+                    Handled::Error(command, message) => {
+                        tracing::debug!(conn = conn.0, %command, %message, "wsify command refused");
+                        if envelope && !send_now(&mut socket, wsify::error_frame(&command, &message)).await {
+                            break End::Gone;
+                        }
+                    }
+                    Handled::Close(why) => break End::Close(WS_TRY_AGAIN_LATER, why),
+                }
+            }
+            _ = sleep_until(keepalive.deadline().into()) => {
+                match keepalive.poll(Instant::now()) {
+                    KeepaliveAction::Wait => {}
+                    KeepaliveAction::SendPing => {
+                        if !matches!(timeout(WRITE_TIMEOUT, socket.send(Message::Ping(Bytes::new()))).await, Ok(Ok(()))) {
+                            break End::Gone;
+                        }
+                    }
+                    KeepaliveAction::Close => break End::Close(WS_POLICY, "pong not received in time".into()),
+                }
+            }
+        }
+    };
+    let channels = {
+        let mut hub = st.lock();
+        let channels = hub.core.channels_of(conn);
+        hub.detach(conn);
+        hub.core.disconnect(Instant::now(), conn);
+        hub.dispatch(&st.stats);
+        channels
+    };
+    if let Some(a) = &authz {
+        if a.wants("leave") {
+            for c in channels {
+                a.notify(json!({"command": "leave", "args": {"channel": c}, "connection": identity}));
+            }
+        }
+        a.notify(json!({"command": "disconnect", "args": {}, "connection": identity}));
+    }
+    if let End::Close(code, reason) = &end {
+        let _ = flush_queued(&mut socket, &mut rx).await;
+        let _ = timeout(CLOSE_TIMEOUT, socket.send(close(*code, reason))).await;
+        await_close(&mut socket).await;
+    }
+    tracing::debug!(conn = conn.0, duration_ms = opened.elapsed().as_millis() as u64, "wsify connection closed");
+}
+
+fn close(code: u16, reason: &str) -> Message {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(&reason[..end]) }))
+}
+
+enum Handled {
+    Ok,
+    Error(String, String),
+    Close(String),
+}
+
+async fn handle_command(
+    st: &Shared,
+    conn: ConnId,
+    app: AppIdx,
+    text: &str,
+    authz: Option<&crate::authorizer::Authorizer>,
+    identity: &Value,
+) -> Handled {
+    // Each frame is parsed on its own: a bad one is refused, never replaced
+    // by an earlier command (a wsify flaw).
+    let cmd = match WsifyCommand::parse(text) {
+        Ok(c) => c,
+        Err(e) => return Handled::Error(String::new(), e.to_string()),
+    };
+    let name = cmd.name();
+    if let Some(a) = authz.filter(|a| a.wants(name)) {
+        let mut body: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+        if let Value::Object(m) = &mut body {
+            m.insert("connection".into(), identity.clone());
+        }
+        match a.ask(&body).await {
+            Verdict::Allowed => {}
+            Verdict::Refused(s) => {
+                return Handled::Error(name.into(), format!("not allowed by the authorizer ({s})"))
+            }
+            Verdict::Unavailable(why) => {
+                tracing::warn!(error = %why, command = name, "wsify authorizer unavailable, closing for reconnect");
+                return Handled::Close("authorizer unavailable, reconnect later".into());
+            }
+        }
+    }
+    let mut hub = st.lock();
+    let r = match &cmd {
+        WsifyCommand::Join { channel } => hub.core.wsify_join(conn, channel),
+        WsifyCommand::Leave { channel } => {
+            hub.core.wsify_leave(conn, channel);
+            Ok(())
+        }
+        WsifyCommand::Broadcast { channel, content } => hub
+            .core
+            .wsify_broadcast(Instant::now(), app, channel, content)
+            .map_err(|e| e.to_string()),
+    };
+    hub.dispatch(&st.stats);
+    drop(hub);
+    if let WsifyCommand::Broadcast { .. } = cmd {
+        if r.is_ok() {
+            st.stats.published.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    match r {
+        Ok(()) => Handled::Ok,
+        Err(e) => Handled::Error(name.into(), e),
+    }
+}
+
+#[derive(Deserialize)]
+struct BroadcastArgs {
+    content: Box<RawValue>,
+}
+
+#[derive(Deserialize)]
+struct BroadcastBody {
+    channel: String,
+    #[serde(default)]
+    content: Option<Box<RawValue>>,
+    #[serde(default)]
+    args: Option<BroadcastArgs>,
+}
+
+/// `POST /broadcast?key=KEY`: `{"channel","content"}` or `{"channel","args":{"content"}}`.
+pub async fn broadcast(State(st): State<Arc<Shared>>, RawQuery(raw): RawQuery, body: Bytes) -> Response {
+    let err = |s: StatusCode, m: String| (s, Json(json!({ "error": m }))).into_response();
+    let query = crate::api::form_urlencoded(raw.as_deref().unwrap_or(""));
+    let given = query.iter().find(|(k, _)| k == "key").map(|(_, v)| v.as_str());
+    match (&st.config.broadcasting_key, given) {
+        (Some(key), Some(g)) if pushmesh_protocol::sign::constant_time_eq(key.as_bytes(), g.as_bytes()) => {}
+        (Some(_), _) => return err(StatusCode::FORBIDDEN, "wrong or missing broadcasting key (?key=...)".into()),
+        (None, _) if st.config.development => {}
+        (None, _) => {
+            return err(
+                StatusCode::FORBIDDEN,
+                "no broadcasting key is configured (--broadcasting-key); POST /broadcast is off".into(),
+            )
+        }
+    }
+    let b: BroadcastBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return err(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")),
+    };
+    let Some(content) = b.content.or(b.args.map(|a| a.content)) else {
+        return err(StatusCode::BAD_REQUEST, "body needs \"content\" or \"args\": {\"content\"}".into());
+    };
+    let app = AppIdx(st.config.wsify_app as u32);
+    let r = {
+        let mut hub = st.lock();
+        let r = hub.core.wsify_broadcast(Instant::now(), app, &b.channel, &content);
+        hub.dispatch(&st.stats);
+        r
+    };
+    match r {
+        Ok(()) => {
+            st.stats.published.fetch_add(1, Ordering::Relaxed);
+            (StatusCode::OK, Json(json!({ "ok": true }))).into_response()
+        }
+        Err(e) => crate::api::ApiError::from(e).into_response(),
+    }
+}
