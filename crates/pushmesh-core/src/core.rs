@@ -375,7 +375,10 @@ impl Core {
             c.closing = true;
         }
         let reason = reason.into();
-        let pusher = self.conns.get(&conn).is_some_and(|c| c.proto == Proto::Pusher);
+        let pusher = self
+            .conns
+            .get(&conn)
+            .is_some_and(|c| c.proto == Proto::Pusher);
         if pusher {
             self.send(conn, server::error(&reason, Some(code.code())));
         }
@@ -634,15 +637,23 @@ impl Core {
         if a.cfg.webhooks {
             if occupied {
                 let channel = name.to_string();
-                self.out.push_back(Output::Hook { app, event: WebhookEvent::ChannelOccupied { channel } });
+                self.out.push_back(Output::Hook {
+                    app,
+                    event: WebhookEvent::ChannelOccupied { channel },
+                });
             }
             if is_new_member {
-                let event = WebhookEvent::MemberAdded { channel: name.to_string(), user_id: user_id.clone() };
+                let event = WebhookEvent::MemberAdded {
+                    channel: name.to_string(),
+                    user_id: user_id.clone(),
+                };
                 self.out.push_back(Output::Hook { app, event });
             }
         }
         let a = &mut self.apps[app.0 as usize];
-        let Some(ch) = a.channels.get_mut(name) else { return false };
+        let Some(ch) = a.channels.get_mut(name) else {
+            return false;
+        };
         if let Some(f) = added {
             let others: Vec<ConnId> = ch
                 .subscribers
@@ -676,7 +687,9 @@ impl Core {
                 let hook = a.cfg.webhooks;
                 self.send(conn, server::cache_miss(name.as_str()));
                 if hook {
-                    let event = WebhookEvent::CacheMiss { channel: name.to_string() };
+                    let event = WebhookEvent::CacheMiss {
+                        channel: name.to_string(),
+                    };
                     self.out.push_back(Output::Hook { app, event });
                 }
             }
@@ -698,18 +711,26 @@ impl Core {
             a.dirty_counts.insert(name.clone());
         }
         if occupied && a.cfg.webhooks {
-            let event = WebhookEvent::ChannelOccupied { channel: name.to_string() };
+            let event = WebhookEvent::ChannelOccupied {
+                channel: name.to_string(),
+            };
             self.out.push_back(Output::Hook { app, event });
         }
     }
 
     fn unsubscribe(&mut self, conn: ConnId, name: &ChannelName) {
-        let Some(c) = self.conns.get_mut(&conn) else { return };
-        let Some(presence_user) = c.subs.remove(name) else { return };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let Some(presence_user) = c.subs.remove(name) else {
+            return;
+        };
         let (app, proto) = (c.app, c.proto);
         let a = &mut self.apps[app.0 as usize];
         let hooks = a.cfg.webhooks;
-        let Some(ch) = a.channels.get_mut(name) else { return };
+        let Some(ch) = a.channels.get_mut(name) else {
+            return;
+        };
         ch.set(proto).swap_remove(&conn);
         if let Some(uid) = presence_user {
             let gone = match ch.members.get_mut(&uid) {
@@ -729,7 +750,10 @@ impl Core {
                     });
                 }
                 if hooks {
-                    let event = WebhookEvent::MemberRemoved { channel: name.to_string(), user_id: uid };
+                    let event = WebhookEvent::MemberRemoved {
+                        channel: name.to_string(),
+                        user_id: uid,
+                    };
                     self.out.push_back(Output::Hook { app, event });
                 }
             }
@@ -739,7 +763,9 @@ impl Core {
         if ch.count() == 0 {
             a.channels.remove(name);
             if hooks {
-                let event = WebhookEvent::ChannelVacated { channel: name.to_string() };
+                let event = WebhookEvent::ChannelVacated {
+                    channel: name.to_string(),
+                };
                 self.out.push_back(Output::Hook { app, event });
             }
         }
@@ -1063,7 +1089,9 @@ impl Core {
                 },
             );
         }
-        let Some(ch) = a.channels.get(name) else { return };
+        let Some(ch) = a.channels.get(name) else {
+            return;
+        };
         self.out.reserve(ch.count());
         for s in ch.subscribers.iter().copied() {
             if Some(s) != exclude {
@@ -1124,7 +1152,10 @@ impl Core {
     /// (private, presence and encrypted channels need Pusher signatures).
     pub fn wsify_channel(&self, conn: ConnId, channel: &str) -> Result<ChannelName, String> {
         let max = self.conns.get(&conn).map_or(164, |c| {
-            self.apps[c.app.0 as usize].cfg.limits.max_channel_name_length
+            self.apps[c.app.0 as usize]
+                .cfg
+                .limits
+                .max_channel_name_length
         });
         let name = ChannelName::parse_with_limit(channel, max).map_err(|e| e.to_string())?;
         if name.kind() != ChannelKind::Public {
@@ -1171,10 +1202,14 @@ impl Core {
         let name = ChannelName::parse_with_limit(channel, cfg.limits.max_channel_name_length)
             .map_err(|e| invalid(e.to_string()))?;
         if name.kind() != ChannelKind::Public {
-            return Err(invalid("wsify broadcasts go to public channels only".into()));
+            return Err(invalid(
+                "wsify broadcasts go to public channels only".into(),
+            ));
         }
         if content.get().len() > cfg.limits.max_event_payload_bytes {
-            return Err(PublishError::DataTooLarge(cfg.limits.max_event_payload_bytes));
+            return Err(PublishError::DataTooLarge(
+                cfg.limits.max_event_payload_bytes,
+            ));
         }
         let event = cfg.wsify_event.clone();
         self.fanout(now, app, &name, &event, content.get(), Some(content), None);
@@ -1348,7 +1383,10 @@ impl Core {
                         channel: name.to_string(),
                         subscription_count: count,
                     };
-                    self.out.push_back(Output::Hook { app: AppIdx(idx as u32), event });
+                    self.out.push_back(Output::Hook {
+                        app: AppIdx(idx as u32),
+                        event,
+                    });
                 }
                 if !a.cfg.subscription_count_events || name.kind() == ChannelKind::Presence {
                     continue;

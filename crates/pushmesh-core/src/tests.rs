@@ -539,34 +539,59 @@ fn wsify_and_pusher_share_channels() {
     h.take(p);
     let raw = ConnId(100);
     let env = ConnId(101);
-    h.core.open_wsify(h.now, AppIdx(0), raw, false).unwrap_or_else(|e| panic!("{e}"));
-    h.core.open_wsify(h.now, AppIdx(0), env, true).unwrap_or_else(|e| panic!("{e}"));
+    h.core
+        .open_wsify(h.now, AppIdx(0), raw, false)
+        .unwrap_or_else(|e| panic!("{e}"));
+    h.core
+        .open_wsify(h.now, AppIdx(0), env, true)
+        .unwrap_or_else(|e| panic!("{e}"));
     h.pump();
     assert!(h.take(raw).is_empty(), "wsify has no handshake frame");
     assert_eq!(h.core.wsify_join(raw, "hello"), Ok(()));
-    assert_eq!(h.core.wsify_join(raw, "hello"), Ok(()), "joining twice is harmless");
+    assert_eq!(
+        h.core.wsify_join(raw, "hello"),
+        Ok(()),
+        "joining twice is harmless"
+    );
     assert_eq!(h.core.wsify_join(env, "hello"), Ok(()));
     assert!(h.core.wsify_join(env, "private-x").is_err());
     h.core.wsify_leave(env, "never-joined");
     // A Pusher publish reaches wsify clients once, as raw content or envelope.
-    h.publish(&["hello"], "greet", r#"{"a":1}"#, None).unwrap_or_else(|e| panic!("{e}"));
+    h.publish(&["hello"], "greet", r#"{"a":1}"#, None)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(h.take(raw), vec![serde_json::json!({"a":1})]);
-    assert_eq!(h.take(env), vec![serde_json::json!({"channel":"hello","content":{"a":1}})]);
+    assert_eq!(
+        h.take(env),
+        vec![serde_json::json!({"channel":"hello","content":{"a":1}})]
+    );
     h.take(p);
     // A wsify broadcast reaches Pusher clients as the configured event.
-    let content = serde_json::value::RawValue::from_string(r#"[1,"two"]"#.into()).unwrap_or_else(|e| panic!("{e}"));
-    h.core.wsify_broadcast(h.now, AppIdx(0), "hello", &content).unwrap_or_else(|e| panic!("{e}"));
+    let content = serde_json::value::RawValue::from_string(r#"[1,"two"]"#.into())
+        .unwrap_or_else(|e| panic!("{e}"));
+    h.core
+        .wsify_broadcast(h.now, AppIdx(0), "hello", &content)
+        .unwrap_or_else(|e| panic!("{e}"));
     h.pump();
     let got = h.take(p);
     assert_eq!(got[0]["event"], "broadcast");
     assert_eq!(got[0]["data"], serde_json::json!([1, "two"]));
-    assert_eq!(h.take(raw), vec![serde_json::json!([1, "two"])], "the sender gets it too, as in wsify");
-    let info = h.core.channel(h.now, AppIdx(0), "hello", false).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        h.take(raw),
+        vec![serde_json::json!([1, "two"])],
+        "the sender gets it too, as in wsify"
+    );
+    let info = h
+        .core
+        .channel(h.now, AppIdx(0), "hello", false)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(info.subscription_count, 3);
     h.core.disconnect(h.now, raw);
     h.core.disconnect(h.now, env);
     h.pump();
-    let info = h.core.channel(h.now, AppIdx(0), "hello", false).unwrap_or_else(|e| panic!("{e}"));
+    let info = h
+        .core
+        .channel(h.now, AppIdx(0), "hello", false)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(info.subscription_count, 1);
 }
 
@@ -582,7 +607,10 @@ fn hooks_for_channel_and_member_lifecycle() {
     h.subscribe(a, "cache-h");
     let sig = sign::sign(SECRET, &sign::channel_string(&h.socket(a), "private-h"));
     h.frame(a, serde_json::json!({"event":"pusher:subscribe","data":{"channel":"private-h","auth":format!("{KEY}:{sig}")}}));
-    h.frame(a, serde_json::json!({"event":"client-e","channel":"private-h","data":"d"}));
+    h.frame(
+        a,
+        serde_json::json!({"event":"client-e","channel":"private-h","data":"d"}),
+    );
     h.core.disconnect(h.now, a);
     h.core.disconnect(h.now, b);
     h.pump();
@@ -591,14 +619,30 @@ fn hooks_for_channel_and_member_lifecycle() {
     let names: Vec<&str> = h.hooks.iter().map(|e| e.name()).collect();
     assert_eq!(
         names[..6],
-        ["channel_occupied", "member_added", "channel_occupied", "cache_miss", "channel_occupied", "client_event"]
+        [
+            "channel_occupied",
+            "member_added",
+            "channel_occupied",
+            "cache_miss",
+            "channel_occupied",
+            "client_event"
+        ]
     );
     // Disconnects leave channels in no particular order; count what they produced.
     let mut rest: Vec<&str> = names[6..].to_vec();
     rest.sort_unstable();
     assert_eq!(
         rest,
-        ["channel_vacated", "channel_vacated", "channel_vacated", "member_removed", "subscription_count", "subscription_count"]
+        [
+            "channel_vacated",
+            "channel_vacated",
+            "channel_vacated",
+            "member_removed",
+            "subscription_count",
+            "subscription_count"
+        ]
     );
-    assert!(matches!(&h.hooks[5], WebhookEvent::ClientEvent { socket_id, data, .. } if socket_id == "7.1" && data == "d"));
+    assert!(
+        matches!(&h.hooks[5], WebhookEvent::ClientEvent { socket_id, data, .. } if socket_id == "7.1" && data == "d")
+    );
 }

@@ -53,12 +53,14 @@ impl WebhookScheduler {
             WebhookEvent::ChannelOccupied { channel } => {
                 (None, Some(Key::Channel(app, channel.clone())))
             }
-            WebhookEvent::MemberRemoved { channel, user_id } => {
-                (Some(Key::Member(app, channel.clone(), user_id.clone())), None)
-            }
-            WebhookEvent::MemberAdded { channel, user_id } => {
-                (None, Some(Key::Member(app, channel.clone(), user_id.clone())))
-            }
+            WebhookEvent::MemberRemoved { channel, user_id } => (
+                Some(Key::Member(app, channel.clone(), user_id.clone())),
+                None,
+            ),
+            WebhookEvent::MemberAdded { channel, user_id } => (
+                None,
+                Some(Key::Member(app, channel.clone(), user_id.clone())),
+            ),
             _ => (None, None),
         };
         if let Some(k) = undo_key {
@@ -148,11 +150,17 @@ mod tests {
         s.push(t0, app, vacated("a"));
         assert!(s.poll(t0 + Duration::from_secs(1)).is_empty());
         s.push(t0 + Duration::from_secs(2), app, occupied("a"));
-        assert!(s.poll(t0 + Duration::from_secs(10)).is_empty(), "neither vacated nor occupied");
+        assert!(
+            s.poll(t0 + Duration::from_secs(10)).is_empty(),
+            "neither vacated nor occupied"
+        );
         assert_eq!(s.cancelled(), 2);
         s.push(t0 + Duration::from_secs(11), app, vacated("a"));
         assert!(s.poll(t0 + Duration::from_secs(13)).is_empty());
-        assert_eq!(s.poll(t0 + Duration::from_secs(14)), vec![(app, vacated("a"))]);
+        assert_eq!(
+            s.poll(t0 + Duration::from_secs(14)),
+            vec![(app, vacated("a"))]
+        );
     }
 
     #[test]
@@ -160,14 +168,27 @@ mod tests {
         let t0 = Instant::now();
         let mut s = WebhookScheduler::new(Duration::from_secs(3));
         let app = AppIdx(1);
-        let removed = WebhookEvent::MemberRemoved { channel: "presence-a".into(), user_id: "1".into() };
-        let added = WebhookEvent::MemberAdded { channel: "presence-a".into(), user_id: "1".into() };
-        let other = WebhookEvent::MemberAdded { channel: "presence-a".into(), user_id: "2".into() };
+        let removed = WebhookEvent::MemberRemoved {
+            channel: "presence-a".into(),
+            user_id: "1".into(),
+        };
+        let added = WebhookEvent::MemberAdded {
+            channel: "presence-a".into(),
+            user_id: "1".into(),
+        };
+        let other = WebhookEvent::MemberAdded {
+            channel: "presence-a".into(),
+            user_id: "2".into(),
+        };
         s.push(t0, app, removed.clone());
         s.push(t0, app, other.clone());
         s.push(t0, app, added);
         assert_eq!(s.poll(t0 + Duration::from_secs(5)), vec![(app, other)]);
         s.push(t0, app, removed.clone());
-        assert_eq!(s.flush(), vec![(app, removed)], "flush releases delayed events");
+        assert_eq!(
+            s.flush(),
+            vec![(app, removed)],
+            "flush releases delayed events"
+        );
     }
 }

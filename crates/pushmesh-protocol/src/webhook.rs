@@ -116,7 +116,10 @@ mod tests {
         let b = body(
             5,
             &[
-                WebhookEvent::MemberAdded { channel: "presence-a".into(), user_id: "1".into() },
+                WebhookEvent::MemberAdded {
+                    channel: "presence-a".into(),
+                    user_id: "1".into(),
+                },
                 WebhookEvent::ClientEvent {
                     channel: "private-a".into(),
                     event: "client-x".into(),

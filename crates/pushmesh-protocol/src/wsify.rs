@@ -86,7 +86,10 @@ impl WsifyCommand {
         let f: Frame<'_> = serde_json::from_str(text).map_err(|_| WsifyError::Invalid)?;
         let args: Args = match f.args {
             Some(a) => serde_json::from_str(a.get()).map_err(|_| WsifyError::Invalid)?,
-            None => Args { channel: None, content: None },
+            None => Args {
+                channel: None,
+                content: None,
+            },
         };
         let name: &'static str = match f.command.as_str() {
             "join" => "join",
@@ -97,15 +100,19 @@ impl WsifyCommand {
         let channel = args
             .channel
             .filter(|c| !c.is_empty())
-            .ok_or(WsifyError::MissingArg { command: name, field: "channel" })?;
+            .ok_or(WsifyError::MissingArg {
+                command: name,
+                field: "channel",
+            })?;
         let cmd = match name {
             "join" => Self::Join { channel },
             "leave" => Self::Leave { channel },
             _ => Self::Broadcast {
                 channel,
-                content: args
-                    .content
-                    .ok_or(WsifyError::MissingArg { command: name, field: "content" })?,
+                content: args.content.ok_or(WsifyError::MissingArg {
+                    command: name,
+                    field: "content",
+                })?,
             },
         };
         Ok(cmd)
@@ -164,10 +171,16 @@ mod tests {
 
     #[test]
     fn parses_commands() {
-        let c = WsifyCommand::parse(r#"{"command":"join","args":{"channel":"hello"}}"#).unwrap_or_else(|e| panic!("{e}"));
+        let c = WsifyCommand::parse(r#"{"command":"join","args":{"channel":"hello"}}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(c, WsifyCommand::Join { channel } if channel == "hello"));
-        let c = WsifyCommand::parse(r#"{"command":"broadcast","args":{"channel":"h","content":{"a":[1]}}}"#).unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(c, WsifyCommand::Broadcast { content, .. } if content.get() == r#"{"a":[1]}"#));
+        let c = WsifyCommand::parse(
+            r#"{"command":"broadcast","args":{"channel":"h","content":{"a":[1]}}}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            matches!(c, WsifyCommand::Broadcast { content, .. } if content.get() == r#"{"a":[1]}"#)
+        );
         assert_eq!(WsifyCommand::parse("nope").err(), Some(WsifyError::Invalid));
         assert_eq!(
             WsifyCommand::parse(r#"{"command":"dance","args":{}}"#).err(),
@@ -175,11 +188,17 @@ mod tests {
         );
         assert_eq!(
             WsifyCommand::parse(r#"{"command":"join","args":{}}"#).err(),
-            Some(WsifyError::MissingArg { command: "join", field: "channel" })
+            Some(WsifyError::MissingArg {
+                command: "join",
+                field: "channel"
+            })
         );
         assert_eq!(
             WsifyCommand::parse(r#"{"command":"broadcast","args":{"channel":"x"}}"#).err(),
-            Some(WsifyError::MissingArg { command: "broadcast", field: "content" })
+            Some(WsifyError::MissingArg {
+                command: "broadcast",
+                field: "content"
+            })
         );
     }
 
@@ -188,7 +207,13 @@ mod tests {
         let content = content_of_event_data(r#"{"x":1}"#);
         assert_eq!(content.get(), r#"{"x":1}"#);
         assert_eq!(content_of_event_data("plain text").get(), r#""plain text""#);
-        assert_eq!(&envelope_frame("c", &content)[..], br#"{"channel":"c","content":{"x":1}}"#);
-        assert_eq!(&error_frame("join", "no")[..], br#"{"error":{"command":"join","message":"no"}}"#);
+        assert_eq!(
+            &envelope_frame("c", &content)[..],
+            br#"{"channel":"c","content":{"x":1}}"#
+        );
+        assert_eq!(
+            &error_frame("join", "no")[..],
+            br#"{"error":{"command":"join","message":"no"}}"#
+        );
     }
 }

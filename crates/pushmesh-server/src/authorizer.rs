@@ -47,7 +47,11 @@ pub struct Authorizer {
 
 impl Authorizer {
     /// An authorizer from its configuration, sharing `client`'s pool.
-    pub fn new(cfg: &AuthorizerConfig, client: reqwest::Client, stats: Arc<AuthorizerStats>) -> Self {
+    pub fn new(
+        cfg: &AuthorizerConfig,
+        client: reqwest::Client,
+        stats: Arc<AuthorizerStats>,
+    ) -> Self {
         Self {
             client,
             url: cfg.url.clone(),
@@ -81,7 +85,9 @@ impl Authorizer {
             Ok::<u16, String>(r.status().as_u16())
         };
         let verdict = match tokio::time::timeout(self.timeout, call).await {
-            Err(_) => Verdict::Unavailable(format!("no answer within {} ms", self.timeout.as_millis())),
+            Err(_) => {
+                Verdict::Unavailable(format!("no answer within {} ms", self.timeout.as_millis()))
+            }
             Ok(Err(e)) => Verdict::Unavailable(e),
             Ok(Ok(200)) => Verdict::Allowed,
             Ok(Ok(s)) if s >= 500 => Verdict::Unavailable(format!("status {s}")),
@@ -100,7 +106,9 @@ impl Authorizer {
     /// slot; when all are busy the notification is skipped and counted.
     pub fn notify(self: &Arc<Self>, body: Value) {
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-            self.stats.notifications_skipped.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .notifications_skipped
+                .fetch_add(1, Ordering::Relaxed);
             return;
         };
         let this = self.clone();

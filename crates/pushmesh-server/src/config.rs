@@ -191,7 +191,9 @@ fn default_authorizer_concurrency() -> usize {
     64
 }
 fn all_commands() -> Vec<String> {
-    ["connect", "join", "leave", "broadcast"].map(String::from).to_vec()
+    ["connect", "join", "leave", "broadcast"]
+        .map(String::from)
+        .to_vec()
 }
 
 impl AuthorizerConfig {
@@ -385,7 +387,11 @@ impl Config {
         let mut apps: Vec<AppConfig> = Vec::new();
         let mut app_io: Vec<AppIo> = Vec::new();
         for a in file.apps {
-            for t in a.webhooks.iter().flat_map(|w| w.event_types.iter().flatten()) {
+            for t in a
+                .webhooks
+                .iter()
+                .flat_map(|w| w.event_types.iter().flatten())
+            {
                 if !pushmesh_protocol::webhook::EVENT_NAMES.contains(&t.as_str()) {
                     return Err(ConfigError::Invalid(format!(
                         "app {:?}: unknown webhook event type {t:?} (known: {})",

@@ -18,14 +18,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use authorizer::{Authorizer, AuthorizerStats};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use authorizer::{Authorizer, AuthorizerStats};
 use pushmesh_core::{AppIdx, Core, CoreConfig, WebhookScheduler};
-use webhooks::Webhooks;
 use pushmesh_protocol::CloseCode;
 use serde_json::json;
 use tokio::net::TcpListener;
+use webhooks::Webhooks;
 
 pub use config::Config;
 use hub::{Hub, HubStats};

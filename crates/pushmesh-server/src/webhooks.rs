@@ -125,7 +125,10 @@ impl Webhooks {
                     .map(|w| {
                         let mut headers = HeaderMap::new();
                         for (k, v) in &w.headers {
-                            match (HeaderName::try_from(k.as_str()), HeaderValue::try_from(v.as_str())) {
+                            match (
+                                HeaderName::try_from(k.as_str()),
+                                HeaderValue::try_from(v.as_str()),
+                            ) {
                                 (Ok(k), Ok(v)) => {
                                     headers.insert(k, v);
                                 }
@@ -179,7 +182,9 @@ impl Webhooks {
     /// Queues events for every target of their app that wants them.
     pub fn route(&self, events: Vec<(AppIdx, WebhookEvent)>) {
         for (app, event) in events {
-            let Some(targets) = self.targets.get(app.0 as usize) else { continue };
+            let Some(targets) = self.targets.get(app.0 as usize) else {
+                continue;
+            };
             for t in targets.iter().filter(|t| t.wants(&event)) {
                 t.enqueue(event.clone(), &self.stats);
             }

@@ -305,7 +305,10 @@ pub(crate) async fn write_batch(
     matches!(timeout(limit, work).await, Ok(Ok(())))
 }
 
-pub(crate) async fn flush_queued(socket: &mut WebSocket, rx: &mut mpsc::Receiver<Utf8Bytes>) -> bool {
+pub(crate) async fn flush_queued(
+    socket: &mut WebSocket,
+    rx: &mut mpsc::Receiver<Utf8Bytes>,
+) -> bool {
     match rx.try_recv() {
         // On the way out: bounded tighter, the client may be the slow one.
         Ok(first) => write_batch(socket, rx, first, CLOSE_TIMEOUT).await,

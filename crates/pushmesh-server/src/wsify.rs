@@ -58,7 +58,10 @@ fn query_map(raw: Option<&str>) -> (Value, bool) {
     let envelope = pairs
         .iter()
         .any(|(k, v)| k == "envelope" && matches!(v.as_str(), "1" | "true" | "yes"));
-    (multi_map(pairs.iter().map(|(k, v)| (k.as_str(), v.clone()))), envelope)
+    (
+        multi_map(pairs.iter().map(|(k, v)| (k.as_str(), v.clone()))),
+        envelope,
+    )
 }
 
 /// `GET /ws`: a wsify connection, authorized by the app's authorizer if any.
@@ -74,11 +77,12 @@ pub async fn wsify_ws(
     }
     let (query, envelope) = query_map(raw.as_deref());
     if let Some(authz) = st.authorizer(app).filter(|a| a.wants("connect")) {
-        let hdrs = multi_map(
-            headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v.as_bytes()).into_owned())),
-        );
+        let hdrs = multi_map(headers.iter().map(|(k, v)| {
+            (
+                k.as_str(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        }));
         let body = json!({"command": "connect", "args": {"headers": hdrs, "query": query}});
         match authz.ask(&body).await {
             Verdict::Allowed => {}
@@ -108,12 +112,21 @@ enum End {
 
 async fn send_now(socket: &mut WebSocket, frame: Bytes) -> bool {
     match Utf8Bytes::try_from(frame) {
-        Ok(t) => matches!(timeout(WRITE_TIMEOUT, socket.send(Message::Text(t))).await, Ok(Ok(()))),
+        Ok(t) => matches!(
+            timeout(WRITE_TIMEOUT, socket.send(Message::Text(t))).await,
+            Ok(Ok(()))
+        ),
         Err(_) => true,
     }
 }
 
-async fn run_wsify(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx, envelope: bool, query: Value) {
+async fn run_wsify(
+    st: Arc<Shared>,
+    mut socket: WebSocket,
+    app: AppIdx,
+    envelope: bool,
+    query: Value,
+) {
     let conn = ConnId(st.next_conn.fetch_add(1, Ordering::Relaxed));
     let (handle, mut rx, mut close_rx) = ConnHandle::new(st.config.outbound_queue);
     let opened = Instant::now();
@@ -130,7 +143,11 @@ async fn run_wsify(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx, envelope
     let socket_id = match open {
         Ok(s) => s,
         Err(e) => {
-            let _ = timeout(CLOSE_TIMEOUT, socket.send(close(ws_code(e.close_code()), &e.to_string()))).await;
+            let _ = timeout(
+                CLOSE_TIMEOUT,
+                socket.send(close(ws_code(e.close_code()), &e.to_string())),
+            )
+            .await;
             await_close(&mut socket).await;
             return;
         }
@@ -207,7 +224,9 @@ async fn run_wsify(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx, envelope
     if let Some(a) = &authz {
         if a.wants("leave") {
             for c in channels {
-                a.notify(json!({"command": "leave", "args": {"channel": c}, "connection": identity}));
+                a.notify(
+                    json!({"command": "leave", "args": {"channel": c}, "connection": identity}),
+                );
             }
         }
         a.notify(json!({"command": "disconnect", "args": {}, "connection": identity}));
@@ -217,7 +236,11 @@ async fn run_wsify(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx, envelope
         let _ = timeout(CLOSE_TIMEOUT, socket.send(close(*code, reason))).await;
         await_close(&mut socket).await;
     }
-    tracing::debug!(conn = conn.0, duration_ms = opened.elapsed().as_millis() as u64, "wsify connection closed");
+    tracing::debug!(
+        conn = conn.0,
+        duration_ms = opened.elapsed().as_millis() as u64,
+        "wsify connection closed"
+    );
 }
 
 fn close(code: u16, reason: &str) -> Message {
@@ -225,7 +248,10 @@ fn close(code: u16, reason: &str) -> Message {
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from(&reason[..end]) }))
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(&reason[..end]),
+    }))
 }
 
 enum Handled {
@@ -305,18 +331,32 @@ struct BroadcastBody {
 }
 
 /// `POST /broadcast?key=KEY`: `{"channel","content"}` or `{"channel","args":{"content"}}`.
-pub async fn broadcast(State(st): State<Arc<Shared>>, RawQuery(raw): RawQuery, body: Bytes) -> Response {
+pub async fn broadcast(
+    State(st): State<Arc<Shared>>,
+    RawQuery(raw): RawQuery,
+    body: Bytes,
+) -> Response {
     let err = |s: StatusCode, m: String| (s, Json(json!({ "error": m }))).into_response();
     let query = crate::api::form_urlencoded(raw.as_deref().unwrap_or(""));
-    let given = query.iter().find(|(k, _)| k == "key").map(|(_, v)| v.as_str());
+    let given = query
+        .iter()
+        .find(|(k, _)| k == "key")
+        .map(|(_, v)| v.as_str());
     match (&st.config.broadcasting_key, given) {
-        (Some(key), Some(g)) if pushmesh_protocol::sign::constant_time_eq(key.as_bytes(), g.as_bytes()) => {}
-        (Some(_), _) => return err(StatusCode::FORBIDDEN, "wrong or missing broadcasting key (?key=...)".into()),
+        (Some(key), Some(g))
+            if pushmesh_protocol::sign::constant_time_eq(key.as_bytes(), g.as_bytes()) => {}
+        (Some(_), _) => {
+            return err(
+                StatusCode::FORBIDDEN,
+                "wrong or missing broadcasting key (?key=...)".into(),
+            )
+        }
         (None, _) if st.config.development => {}
         (None, _) => {
             return err(
                 StatusCode::FORBIDDEN,
-                "no broadcasting key is configured (--broadcasting-key); POST /broadcast is off".into(),
+                "no broadcasting key is configured (--broadcasting-key); POST /broadcast is off"
+                    .into(),
             )
         }
     }
@@ -325,12 +365,17 @@ pub async fn broadcast(State(st): State<Arc<Shared>>, RawQuery(raw): RawQuery, b
         Err(e) => return err(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")),
     };
     let Some(content) = b.content.or(b.args.map(|a| a.content)) else {
-        return err(StatusCode::BAD_REQUEST, "body needs \"content\" or \"args\": {\"content\"}".into());
+        return err(
+            StatusCode::BAD_REQUEST,
+            "body needs \"content\" or \"args\": {\"content\"}".into(),
+        );
     };
     let app = AppIdx(st.config.wsify_app as u32);
     let r = {
         let mut hub = st.lock();
-        let r = hub.core.wsify_broadcast(Instant::now(), app, &b.channel, &content);
+        let r = hub
+            .core
+            .wsify_broadcast(Instant::now(), app, &b.channel, &content);
         hub.dispatch(&st.stats);
         r
     };
