@@ -2,7 +2,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { startServer, serverSdk, rawSocket, client, next, subscribed, until, withTimeout, BIN, APP } from './helpers.mjs';
+import { startServer, serverSdk, rawSocket, client, next, subscribed, until, withTimeout, cleanEnv, BIN, APP } from './helpers.mjs';
 import { closeAll } from './helpers.mjs';
 
 const servers = [];
@@ -151,19 +151,19 @@ subscription_count_events = true
 });
 
 test('binary: --help, --version, bad config exits non-zero with a message', () => {
-  const help = spawnSync(BIN, ['--help'], { encoding: 'utf8' });
+  const help = spawnSync(BIN, ['--help'], { encoding: 'utf8', env: cleanEnv() });
   assert.equal(help.status, 0);
   for (const flag of ['--config', '--listen', '--app']) assert.ok(help.stdout.includes(flag), flag);
-  const version = spawnSync(BIN, ['--version'], { encoding: 'utf8' });
+  const version = spawnSync(BIN, ['--version'], { encoding: 'utf8', env: cleanEnv() });
   assert.equal(version.status, 0);
   assert.match(version.stdout, /pushmesh \d+\.\d+\.\d+/);
-  const missing = spawnSync(BIN, ['--config', '/nonexistent/pushmesh.toml'], { encoding: 'utf8' });
+  const missing = spawnSync(BIN, ['--config', '/nonexistent/pushmesh.toml'], { encoding: 'utf8', env: cleanEnv() });
   assert.notEqual(missing.status, 0);
   assert.match(missing.stderr, /cannot read config file/);
-  const badApp = spawnSync(BIN, ['--app', 'only-id'], { encoding: 'utf8' });
+  const badApp = spawnSync(BIN, ['--app', 'only-id'], { encoding: 'utf8', env: cleanEnv() });
   assert.notEqual(badApp.status, 0);
   assert.match(badApp.stderr, /ID:KEY:SECRET/);
-  const env = { ...process.env, PUSHMESH_LISTN: '1' };
+  const env = { ...cleanEnv(), PUSHMESH_LISTN: '1' };
   const typo = spawnSync(BIN, [], { encoding: 'utf8', env });
   assert.notEqual(typo.status, 0);
   assert.match(typo.stderr, /PUSHMESH_LISTN/);

@@ -67,7 +67,8 @@ export async function startServer({ args = [], configToml = null, env = {} } = {
   };
 }
 
-function cleanEnv() {
+/** The environment without PUSHMESH_* variables (pushmesh refuses unknown ones). */
+export function cleanEnv() {
   const env = { ...process.env };
   for (const k of Object.keys(env)) if (k.startsWith('PUSHMESH_')) delete env[k];
   return env;
