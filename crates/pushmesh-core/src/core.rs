@@ -1,6 +1,6 @@
 //! The node state machine: apps, connections, channels, presence, users.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,6 +13,8 @@ use pushmesh_protocol::wsify;
 use pushmesh_protocol::{ChannelKind, ChannelName, CloseCode, Limits};
 use serde::Deserialize;
 use serde_json::value::RawValue;
+
+use crate::cluster::{ClusterState, Delta, FrameKind, NodeId, Remote};
 
 /// How long a cache channel keeps its last event.
 pub const CACHE_TTL: Duration = Duration::from_secs(30 * 60);
@@ -63,6 +65,10 @@ pub struct CoreConfig {
     pub max_connections: Option<usize>,
     /// First part of every socket id of this node (`<prefix>.<conn>`).
     pub socket_prefix: u32,
+    /// This node's id in the cluster.
+    pub node_id: String,
+    /// This node's incarnation (e.g. its start time in ms), higher on each restart.
+    pub epoch: u64,
 }
 
 /// What the core wants the driver to do.
@@ -84,6 +90,15 @@ pub enum Output {
         code: CloseCode,
         /// Human-readable reason.
         reason: String,
+    },
+    /// A frame for a peer node.
+    Peer {
+        /// Recipient.
+        to: NodeId,
+        /// Data (channel message) or control.
+        kind: FrameKind,
+        /// The encoded frame, shared by every recipient.
+        frame: Bytes,
     },
     /// A webhook event of an app (only for apps with `webhooks`).
     Hook {
@@ -196,28 +211,35 @@ pub struct PublishedChannel {
     pub info: ChannelInfo,
 }
 
-struct App {
-    cfg: AppConfig,
-    channels: HashMap<ChannelName, Channel>,
-    users: HashMap<String, User>,
+pub(crate) struct App {
+    pub(crate) cfg: AppConfig,
+    pub(crate) channels: HashMap<ChannelName, Channel>,
+    pub(crate) users: HashMap<String, User>,
     cache: HashMap<ChannelName, Cached>,
+    /// Channels whose local count changed: replicate, notify.
     dirty_counts: IndexSet<ChannelName>,
+    /// Channels whose remote count changed: notify local subscribers.
+    pub(crate) dirty_events: IndexSet<ChannelName>,
     conn_count: usize,
+    /// What other nodes hold, per channel.
+    pub(crate) remote: HashMap<ChannelName, Remote>,
+    /// Users signed in on other nodes.
+    pub(crate) remote_users: HashMap<String, BTreeSet<NodeId>>,
 }
 
 #[derive(Default)]
-struct Channel {
+pub(crate) struct Channel {
     /// Pusher connections.
-    subscribers: IndexSet<ConnId>,
+    pub(crate) subscribers: IndexSet<ConnId>,
     /// wsify connections receiving raw content.
     wsify_raw: IndexSet<ConnId>,
     /// wsify connections receiving `{"channel","content"}` envelopes.
     wsify_env: IndexSet<ConnId>,
-    members: IndexMap<String, Member>,
+    pub(crate) members: IndexMap<String, Member>,
 }
 
 impl Channel {
-    fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.subscribers.len() + self.wsify_raw.len() + self.wsify_env.len()
     }
 
@@ -237,8 +259,8 @@ enum Proto {
     Wsify { envelope: bool },
 }
 
-struct Member {
-    info: Option<Box<RawValue>>,
+pub(crate) struct Member {
+    pub(crate) info: Option<Box<RawValue>>,
     conns: u32,
 }
 
@@ -250,9 +272,9 @@ struct Cached {
 }
 
 #[derive(Default)]
-struct User {
-    conns: IndexSet<ConnId>,
-    watchers: IndexSet<ConnId>,
+pub(crate) struct User {
+    pub(crate) conns: IndexSet<ConnId>,
+    pub(crate) watchers: IndexSet<ConnId>,
 }
 
 struct SignedIn {
@@ -288,11 +310,12 @@ struct UserData {
 
 /// The node state machine. See the crate docs.
 pub struct Core {
-    apps: Vec<App>,
-    by_id: HashMap<String, AppIdx>,
+    pub(crate) apps: Vec<App>,
+    pub(crate) by_id: HashMap<String, AppIdx>,
     by_key: HashMap<String, AppIdx>,
     conns: HashMap<ConnId, Conn>,
-    out: VecDeque<Output>,
+    pub(crate) out: VecDeque<Output>,
+    pub(crate) cluster: ClusterState,
     activity_timeout_secs: u64,
     max_connections: Option<usize>,
     socket_prefix: u32,
@@ -317,7 +340,10 @@ impl Core {
                     users: HashMap::new(),
                     cache: HashMap::new(),
                     dirty_counts: IndexSet::new(),
+                    dirty_events: IndexSet::new(),
                     conn_count: 0,
+                    remote: HashMap::new(),
+                    remote_users: HashMap::new(),
                 }
             })
             .collect();
@@ -327,6 +353,7 @@ impl Core {
             by_key,
             conns: HashMap::new(),
             out: VecDeque::new(),
+            cluster: ClusterState::new(NodeId::new(&config.node_id), config.epoch),
             activity_timeout_secs: config.activity_timeout_secs,
             max_connections: config.max_connections,
             socket_prefix: config.socket_prefix,
@@ -592,20 +619,23 @@ impl Core {
             );
             return false;
         }
-        let a = &mut self.apps[app.0 as usize];
-        let ch = a.channels.entry(name.clone()).or_default();
-        if ch.subscribers.contains(&conn) {
+        let remote_has = self.remote_member(app, name.as_str(), &user_id);
+        let already = self.apps[app.0 as usize]
+            .channels
+            .get(name)
+            .is_some_and(|c| c.subscribers.contains(&conn));
+        if already {
             // Already subscribed: answer again, change nothing.
-            let f = presence_frame(name.as_str(), ch);
+            let f = self.presence_frame(app, name);
             self.send(conn, f);
             return true;
         }
-        let is_new_member = !ch.members.contains_key(&user_id);
-        if is_new_member && ch.members.len() >= limits.max_presence_members {
-            let empty = ch.subscribers.is_empty();
-            if empty {
-                a.channels.remove(name);
-            }
+        let is_new_local = !self.apps[app.0 as usize]
+            .channels
+            .get(name)
+            .is_some_and(|c| c.members.contains_key(&user_id));
+        let is_new_member = is_new_local && !remote_has;
+        if is_new_member && self.member_count(app, name.as_str()) >= limits.max_presence_members {
             let f = server::subscription_error(
                 name.as_str(),
                 "LimitReached",
@@ -615,8 +645,11 @@ impl Core {
             self.send(conn, f);
             return false;
         }
-        let added = if is_new_member {
-            let f = server::member_added(name.as_str(), &user_id, parsed.user_info.as_deref());
+        let info_json = parsed.user_info.as_ref().map(|i| i.get().to_owned());
+        let a = &mut self.apps[app.0 as usize];
+        let ch = a.channels.entry(name.clone()).or_default();
+        let occupied = ch.count() == 0;
+        if is_new_local {
             ch.members.insert(
                 user_id.clone(),
                 Member {
@@ -624,55 +657,82 @@ impl Core {
                     conns: 1,
                 },
             );
-            Some(f)
-        } else {
-            if let Some(m) = ch.members.get_mut(&user_id) {
-                m.conns += 1;
-            }
-            None
-        };
-        let occupied = ch.count() == 0;
-        ch.subscribers.insert(conn);
-        let succeeded = presence_frame(name.as_str(), ch);
-        if a.cfg.webhooks {
-            if occupied {
-                let channel = name.to_string();
-                self.out.push_back(Output::Hook {
-                    app,
-                    event: WebhookEvent::ChannelOccupied { channel },
-                });
-            }
-            if is_new_member {
-                let event = WebhookEvent::MemberAdded {
-                    channel: name.to_string(),
-                    user_id: user_id.clone(),
-                };
-                self.out.push_back(Output::Hook { app, event });
-            }
+        } else if let Some(m) = ch.members.get_mut(&user_id) {
+            m.conns += 1;
         }
-        let a = &mut self.apps[app.0 as usize];
-        let Some(ch) = a.channels.get_mut(name) else {
-            return false;
-        };
-        if let Some(f) = added {
-            let others: Vec<ConnId> = ch
-                .subscribers
-                .iter()
-                .copied()
-                .filter(|c| *c != conn)
-                .collect();
-            for o in others {
-                self.out.push_back(Output::Send {
-                    conn: o,
-                    frame: f.clone(),
-                });
-            }
+        a.dirty_counts.insert(name.clone());
+        if occupied {
+            self.local_interest(app, name, true);
+        }
+        if is_new_local {
+            let app_id = self.apps[app.0 as usize].cfg.id.clone();
+            self.broadcast_delta(Delta::Member {
+                app: app_id,
+                channel: name.to_string(),
+                user: user_id.clone(),
+                info: info_json.clone(),
+                add: true,
+            });
+        }
+        if is_new_member {
+            // To the subscribers already there, not to the joining connection.
+            let info = info_json.and_then(|s| RawValue::from_string(s).ok());
+            self.member_event(app, name.as_str(), &user_id, info.as_deref(), true);
+        }
+        if let Some(ch) = self.apps[app.0 as usize].channels.get_mut(name) {
+            ch.subscribers.insert(conn);
         }
         if let Some(c) = self.conns.get_mut(&conn) {
             c.subs.insert(name.clone(), Some(user_id));
         }
+        let succeeded = self.presence_frame(app, name);
         self.send(conn, succeeded);
         true
+    }
+
+    /// Presence members of a channel, cluster-wide: local ones, then remote ones.
+    fn members_union(&self, app: AppIdx, name: &str) -> Vec<(String, Option<Box<RawValue>>)> {
+        let a = &self.apps[app.0 as usize];
+        let local = a.channels.get(name);
+        let mut out: Vec<(String, Option<Box<RawValue>>)> = local
+            .map(|c| {
+                c.members
+                    .iter()
+                    .map(|(id, m)| (id.clone(), m.info.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(r) = a.remote.get(name) {
+            for (id, m) in &r.members {
+                if !local.is_some_and(|c| c.members.contains_key(id)) {
+                    out.push((id.clone(), m.info.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    fn member_count(&self, app: AppIdx, name: &str) -> usize {
+        let a = &self.apps[app.0 as usize];
+        let local = a.channels.get(name);
+        let remote_only = a.remote.get(name).map_or(0, |r| {
+            r.members
+                .keys()
+                .filter(|id| !local.is_some_and(|c| c.members.contains_key(*id)))
+                .count()
+        });
+        local.map_or(0, |c| c.members.len()) + remote_only
+    }
+
+    fn presence_frame(&self, app: AppIdx, name: &ChannelName) -> Bytes {
+        let members = self.members_union(app, name.as_str());
+        server::presence_subscription_succeeded(
+            name.as_str(),
+            members.iter().map(|(id, info)| MemberRef {
+                id: id.as_str(),
+                info: info.as_deref(),
+            }),
+        )
     }
 
     fn send_cached(&mut self, now: Instant, conn: ConnId, app: AppIdx, name: &ChannelName) {
@@ -704,17 +764,12 @@ impl Core {
         if !ch.set(proto).insert(conn) {
             return;
         }
+        a.dirty_counts.insert(name.clone());
         if let Some(c) = self.conns.get_mut(&conn) {
             c.subs.insert(name.clone(), None);
         }
-        if a.cfg.subscription_count_events || a.cfg.webhooks {
-            a.dirty_counts.insert(name.clone());
-        }
-        if occupied && a.cfg.webhooks {
-            let event = WebhookEvent::ChannelOccupied {
-                channel: name.to_string(),
-            };
-            self.out.push_back(Output::Hook { app, event });
+        if occupied {
+            self.local_interest(app, name, true);
         }
     }
 
@@ -727,11 +782,11 @@ impl Core {
         };
         let (app, proto) = (c.app, c.proto);
         let a = &mut self.apps[app.0 as usize];
-        let hooks = a.cfg.webhooks;
         let Some(ch) = a.channels.get_mut(name) else {
             return;
         };
         ch.set(proto).swap_remove(&conn);
+        let mut member_gone = None;
         if let Some(uid) = presence_user {
             let gone = match ch.members.get_mut(&uid) {
                 Some(m) => {
@@ -742,32 +797,29 @@ impl Core {
             };
             if gone {
                 ch.members.swap_remove(&uid);
-                let f = server::member_removed(name.as_str(), &uid);
-                for o in ch.subscribers.iter().copied() {
-                    self.out.push_back(Output::Send {
-                        conn: o,
-                        frame: f.clone(),
-                    });
-                }
-                if hooks {
-                    let event = WebhookEvent::MemberRemoved {
-                        channel: name.to_string(),
-                        user_id: uid,
-                    };
-                    self.out.push_back(Output::Hook { app, event });
-                }
+                member_gone = Some(uid);
             }
-        } else if a.cfg.subscription_count_events || hooks {
-            a.dirty_counts.insert(name.clone());
         }
-        if ch.count() == 0 {
+        let empty = ch.count() == 0;
+        a.dirty_counts.insert(name.clone());
+        if empty {
             a.channels.remove(name);
-            if hooks {
-                let event = WebhookEvent::ChannelVacated {
-                    channel: name.to_string(),
-                };
-                self.out.push_back(Output::Hook { app, event });
+        }
+        if let Some(uid) = member_gone {
+            let app_id = self.apps[app.0 as usize].cfg.id.clone();
+            self.broadcast_delta(Delta::Member {
+                app: app_id,
+                channel: name.to_string(),
+                user: uid.clone(),
+                info: None,
+                add: false,
+            });
+            if !self.remote_member(app, name.as_str(), &uid) {
+                self.member_event(app, name.as_str(), &uid, None, false);
             }
+        }
+        if empty {
+            self.local_interest(app, name, false);
         }
     }
 
@@ -831,22 +883,25 @@ impl Core {
             }
             None => {}
         }
+        let remote_online: Vec<bool> = watchlist
+            .iter()
+            .map(|w| self.remote_online(app, w))
+            .collect();
+        let was_online_elsewhere = self.remote_online(app, &data.id);
         let a = &mut self.apps[app.0 as usize];
         let user = a.users.entry(data.id.clone()).or_default();
         let came_online = user.conns.is_empty();
         user.conns.insert(conn);
-        let watchers: Vec<ConnId> = if came_online {
-            user.watchers.iter().copied().collect()
-        } else {
-            Vec::new()
-        };
         for w in &watchlist {
             a.users.entry(w.clone()).or_default().watchers.insert(conn);
         }
         let online: Vec<&str> = watchlist
             .iter()
-            .filter(|w| a.users.get(w.as_str()).is_some_and(|u| !u.conns.is_empty()))
-            .map(String::as_str)
+            .zip(&remote_online)
+            .filter(|(w, remote)| {
+                **remote || a.users.get(w.as_str()).is_some_and(|u| !u.conns.is_empty())
+            })
+            .map(|(w, _)| w.as_str())
             .collect();
         let initial = (!watchlist.is_empty()).then(|| {
             server::watchlist_events(&[WatchlistEvent {
@@ -854,16 +909,15 @@ impl Core {
                 user_ids: online,
             }])
         });
-        if came_online && !watchers.is_empty() {
-            let f = server::watchlist_events(&[WatchlistEvent {
-                name: "online",
-                user_ids: vec![data.id.as_str()],
-            }]);
-            for w in watchers {
-                self.out.push_back(Output::Send {
-                    conn: w,
-                    frame: f.clone(),
-                });
+        if came_online {
+            let app_id = self.apps[app.0 as usize].cfg.id.clone();
+            self.broadcast_delta(Delta::User {
+                app: app_id,
+                user: data.id.clone(),
+                online: true,
+            });
+            if !was_online_elsewhere {
+                self.watchlist_event(app, &data.id, true);
             }
         }
         self.send(conn, server::signin_success(user_data));
@@ -934,39 +988,37 @@ impl Core {
             return;
         }
         let name = name.clone();
-        let frame = server::channel_event(event, name.as_str(), data, presence_user.as_deref());
+        let presence_user = presence_user.clone();
+        let socket_id = c.socket_id.clone();
         if cfg.webhooks {
+            // Fired where the event happens: once per cluster.
             let hook = WebhookEvent::ClientEvent {
                 channel: name.to_string(),
                 event: event.to_owned(),
                 data: data.to_owned(),
-                socket_id: c.socket_id.clone(),
+                socket_id: socket_id.clone(),
                 user_id: presence_user.clone(),
             };
             self.out.push_back(Output::Hook { app, event: hook });
         }
-        let a = &mut self.apps[app.0 as usize];
-        if name.is_cache() {
-            a.cache.insert(
-                name.clone(),
-                Cached {
-                    event: event.to_owned(),
-                    data: data.to_owned(),
-                    frame: frame.clone(),
-                    at: now,
-                },
-            );
-        }
-        if let Some(ch) = a.channels.get(&name) {
-            for s in ch.subscribers.iter().copied() {
-                if s != conn {
-                    self.out.push_back(Output::Send {
-                        conn: s,
-                        frame: frame.clone(),
-                    });
-                }
-            }
-        }
+        self.deliver_local(
+            now,
+            app,
+            &name,
+            event,
+            data,
+            None,
+            Some(conn),
+            presence_user.as_deref(),
+        );
+        self.forward(
+            app,
+            &name,
+            event,
+            data,
+            Some(&socket_id),
+            presence_user.as_deref(),
+        );
     }
 
     /// The driver saw the connection go away (or closed it). Cleans up its
@@ -1000,17 +1052,21 @@ impl Core {
         if !u.conns.is_empty() {
             return;
         }
-        let f = server::watchlist_events(&[WatchlistEvent {
-            name: "offline",
-            user_ids: vec![user.id.as_str()],
-        }]);
-        for w in u.watchers.iter().copied() {
-            self.out.push_back(Output::Send {
-                conn: w,
-                frame: f.clone(),
-            });
+        let app = c.app;
+        let app_id = a.cfg.id.clone();
+        self.broadcast_delta(Delta::User {
+            app: app_id,
+            user: user.id.clone(),
+            online: false,
+        });
+        if !self.remote_online(app, &user.id) {
+            self.watchlist_event(app, &user.id, false);
         }
-        if u.watchers.is_empty() {
+        let a = &mut self.apps[app.0 as usize];
+        if a.users
+            .get(&user.id)
+            .is_some_and(|u| u.watchers.is_empty() && u.conns.is_empty())
+        {
             a.users.remove(&user.id);
         }
     }
@@ -1056,30 +1112,27 @@ impl Core {
         let exclude = req.exclude_socket.and_then(|s| self.local_conn_of(s));
         let mut published = Vec::with_capacity(names.len());
         for name in names {
-            self.fanout(now, app, &name, req.name, req.data, None, exclude);
+            self.deliver_local(now, app, &name, req.name, req.data, None, exclude, None);
+            self.forward(app, &name, req.name, req.data, req.exclude_socket, None);
             let info = self.info_of(now, app, &name);
             published.push(PublishedChannel { name, info });
         }
         Ok(published)
     }
 
-    /// Delivers one event to every local subscriber of a channel, Pusher and
-    /// wsify alike, each protocol's frame encoded once.
-    #[allow(clippy::too_many_arguments)]
-    fn fanout(
+    /// Remembers the last event of a cache channel; returns its frame.
+    pub(crate) fn cache_event(
         &mut self,
         now: Instant,
         app: AppIdx,
         name: &ChannelName,
         event: &str,
         data: &str,
-        content: Option<&RawValue>,
-        exclude: Option<ConnId>,
-    ) {
-        let frame = server::channel_event(event, name.as_str(), data, None);
-        let a = &mut self.apps[app.0 as usize];
+        user_id: Option<&str>,
+    ) -> Bytes {
+        let frame = server::channel_event(event, name.as_str(), data, user_id);
         if name.is_cache() {
-            a.cache.insert(
+            self.apps[app.0 as usize].cache.insert(
                 name.clone(),
                 Cached {
                     event: event.to_owned(),
@@ -1089,6 +1142,25 @@ impl Core {
                 },
             );
         }
+        frame
+    }
+
+    /// Delivers one event to every local subscriber of a channel, Pusher and
+    /// wsify alike, each protocol's frame encoded once. Never forwards.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn deliver_local(
+        &mut self,
+        now: Instant,
+        app: AppIdx,
+        name: &ChannelName,
+        event: &str,
+        data: &str,
+        content: Option<&RawValue>,
+        exclude: Option<ConnId>,
+        user_id: Option<&str>,
+    ) {
+        let frame = self.cache_event(now, app, name, event, data, user_id);
+        let a = &self.apps[app.0 as usize];
         let Some(ch) = a.channels.get(name) else {
             return;
         };
@@ -1212,8 +1284,35 @@ impl Core {
             ));
         }
         let event = cfg.wsify_event.clone();
-        self.fanout(now, app, &name, &event, content.get(), Some(content), None);
+        self.deliver_local(
+            now,
+            app,
+            &name,
+            &event,
+            content.get(),
+            Some(content),
+            None,
+            None,
+        );
+        self.forward(app, &name, &event, content.get(), None, None);
         Ok(())
+    }
+
+    /// Subscribers of a channel on this node only.
+    pub fn local_subscriber_count(&self, app: AppIdx, channel: &str) -> usize {
+        self.apps[app.0 as usize]
+            .channels
+            .get(channel)
+            .map_or(0, Channel::count)
+    }
+
+    /// Presence members whose connections are on this node.
+    pub fn local_members(&self, app: AppIdx, channel: &str) -> Vec<String> {
+        self.apps[app.0 as usize]
+            .channels
+            .get(channel)
+            .map(|c| c.members.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// The app of a connection.
@@ -1273,7 +1372,7 @@ impl Core {
         Ok(names)
     }
 
-    fn local_conn_of(&self, socket_id: &str) -> Option<ConnId> {
+    pub(crate) fn local_conn_of(&self, socket_id: &str) -> Option<ConnId> {
         let (prefix, n) = socket_id.split_once('.')?;
         if prefix.parse::<u32>().ok()? != self.socket_prefix {
             return None;
@@ -1285,10 +1384,10 @@ impl Core {
         let a = &self.apps[app.0 as usize];
         let ch = a.channels.get(name);
         ChannelInfo {
-            occupied: ch.is_some_and(|c| c.count() > 0),
+            occupied: self.cluster_occupied(app, name),
             user_count: (name.kind() == ChannelKind::Presence)
-                .then(|| ch.map_or(0, |c| c.members.len())),
-            subscription_count: ch.map_or(0, Channel::count),
+                .then(|| self.member_count(app, name.as_str())),
+            subscription_count: ch.map_or(0, Channel::count) + self.remote_count(app, name),
             cache: a.cache.get(name).and_then(|c| {
                 let age = now.saturating_duration_since(c.at);
                 (age < CACHE_TTL)
@@ -1309,15 +1408,25 @@ impl Core {
             return Err(QueryError::PresenceOnly("user_count"));
         }
         let a = &self.apps[app.0 as usize];
-        let mut out: Vec<_> = a
+        let names: BTreeSet<&ChannelName> = a
             .channels
             .iter()
-            .filter(|(n, c)| {
-                c.count() > 0
-                    && n.kind() != ChannelKind::ServerToUser
+            .filter(|(_, c)| c.count() > 0)
+            .map(|(n, _)| n)
+            .chain(
+                a.remote
+                    .iter()
+                    .filter(|(_, r)| !r.interested.is_empty())
+                    .map(|(n, _)| n),
+            )
+            .filter(|n| {
+                n.kind() != ChannelKind::ServerToUser
                     && prefix.is_none_or(|p| n.as_str().starts_with(p))
             })
-            .map(|(n, _)| (n.clone(), self.info_of(now, app, n)))
+            .collect();
+        let mut out: Vec<_> = names
+            .into_iter()
+            .map(|n| (n.clone(), self.info_of(now, app, n)))
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
@@ -1346,56 +1455,62 @@ impl Core {
         if name.kind() != ChannelKind::Presence {
             return Err(QueryError::PresenceOnly("users"));
         }
-        let a = &self.apps[app.0 as usize];
-        Ok(a.channels
-            .get(&name)
-            .map(|c| c.members.keys().cloned().collect())
-            .unwrap_or_default())
+        Ok(self
+            .members_union(app, name.as_str())
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect())
     }
 
-    /// `POST /users/{id}/terminate_connections`: closes every connection of the user.
+    /// `POST /users/{id}/terminate_connections`: closes every connection of
+    /// the user, on this node and (through peers) everywhere.
     pub fn terminate_user(&mut self, app: AppIdx, user_id: &str) -> usize {
-        let conns: Vec<ConnId> = self.apps[app.0 as usize]
-            .users
-            .get(user_id)
-            .map(|u| u.conns.iter().copied().collect())
-            .unwrap_or_default();
-        for c in &conns {
-            self.close(
-                *c,
-                CloseCode::Unauthorized,
-                "connection terminated by the server",
-            );
-        }
-        conns.len()
+        self.forward_terminate(app, user_id);
+        self.terminate_local(app, user_id)
     }
 
-    /// Periodic work: `subscription_count` events and cache expiry.
+    /// Periodic work: count replication, `subscription_count` events and
+    /// webhooks (coalesced per tick), cache expiry.
     pub fn tick(&mut self, now: Instant) {
-        for (idx, a) in self.apps.iter_mut().enumerate() {
+        for idx in 0..self.apps.len() {
+            let app = AppIdx(idx as u32);
+            let a = &mut self.apps[idx];
             a.cache
                 .retain(|_, c| now.saturating_duration_since(c.at) < CACHE_TTL);
-            let dirty = std::mem::take(&mut a.dirty_counts);
-            for name in dirty {
-                let count = a.channels.get(&name).map_or(0, Channel::count);
-                if a.cfg.webhooks {
-                    let event = WebhookEvent::SubscriptionCount {
-                        channel: name.to_string(),
-                        subscription_count: count,
-                    };
-                    self.out.push_back(Output::Hook {
-                        app: AppIdx(idx as u32),
-                        event,
-                    });
-                }
-                if !a.cfg.subscription_count_events || name.kind() == ChannelKind::Presence {
+            let local = std::mem::take(&mut a.dirty_counts);
+            let mut remote = std::mem::take(&mut a.dirty_events);
+            for name in &local {
+                let count = self.apps[idx].channels.get(name).map_or(0, Channel::count);
+                let app_id = self.apps[idx].cfg.id.clone();
+                self.broadcast_delta(Delta::Count {
+                    app: app_id,
+                    channel: name.to_string(),
+                    count,
+                });
+                remote.swap_remove(name);
+            }
+            for name in local.iter().chain(remote.iter()) {
+                let total = self.apps[idx].channels.get(name).map_or(0, Channel::count)
+                    + self.remote_count(app, name);
+                // Presence channels count members, not subscriptions (as Pusher).
+                if name.kind() == ChannelKind::Presence {
                     continue;
                 }
-                let Some(ch) = a.channels.get(&name) else {
+                let event = WebhookEvent::SubscriptionCount {
+                    channel: name.to_string(),
+                    subscription_count: total,
+                };
+                self.hook(app, name.as_str(), event);
+                let a = &self.apps[idx];
+                if !a.cfg.subscription_count_events {
+                    continue;
+                }
+                let Some(ch) = a.channels.get(name) else {
                     continue;
                 };
-                let f = server::subscription_count(name.as_str(), count);
-                for s in ch.subscribers.iter().copied() {
+                let f = server::subscription_count(name.as_str(), total);
+                let subs: Vec<ConnId> = ch.subscribers.iter().copied().collect();
+                for s in subs {
                     self.out.push_back(Output::Send {
                         conn: s,
                         frame: f.clone(),
@@ -1404,14 +1519,4 @@ impl Core {
             }
         }
     }
-}
-
-fn presence_frame(channel: &str, ch: &Channel) -> Bytes {
-    server::presence_subscription_succeeded(
-        channel,
-        ch.members.iter().map(|(id, m)| MemberRef {
-            id: id.as_str(),
-            info: m.info.as_deref(),
-        }),
-    )
 }

@@ -6,6 +6,7 @@
 //! and drain what it wants done with [`Core::poll_output`]. Each event is
 //! encoded once; every recipient's [`Output::Send`] shares the same bytes.
 
+pub mod cluster;
 mod core;
 mod keepalive;
 pub mod webhooks;
@@ -14,8 +15,11 @@ pub use crate::core::{
     AppConfig, AppIdx, ChannelInfo, ConnId, Core, CoreConfig, OpenError, Output, PublishError,
     PublishRequest, PublishedChannel, QueryError,
 };
+pub use cluster::{FrameKind, NodeId, PeerFrame, PeerFrameError};
 pub use keepalive::{Keepalive, KeepaliveAction};
 pub use webhooks::WebhookScheduler;
 
+#[cfg(test)]
+mod sim;
 #[cfg(test)]
 mod tests;

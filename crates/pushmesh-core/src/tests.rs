@@ -60,6 +60,8 @@ impl Harness {
                 activity_timeout_secs: 120,
                 max_connections: None,
                 socket_prefix: 7,
+                node_id: "n1".into(),
+                epoch: 1,
             }),
             now: Instant::now(),
             next: 1,
@@ -79,6 +81,7 @@ impl Harness {
                     self.closed.insert(conn.0, code);
                 }
                 Output::Hook { event, .. } => self.hooks.push(event),
+                Output::Peer { .. } => {}
             }
         }
     }

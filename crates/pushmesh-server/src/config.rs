@@ -53,6 +53,18 @@ pub const KNOWN_ENV: &[&str] = &[
     "PUSHMESH_LOG_FORMAT",
     "PUSHMESH_AUTHORIZER_URL",
     "PUSHMESH_BROADCASTING_KEY",
+    "PUSHMESH_NODE_ID",
+    "PUSHMESH_CLUSTER_ID",
+    "PUSHMESH_GOSSIP_LISTEN",
+    "PUSHMESH_GOSSIP_ADVERTISE",
+    "PUSHMESH_CLUSTER_LISTEN",
+    "PUSHMESH_CLUSTER_ADVERTISE",
+    "PUSHMESH_SEEDS",
+    "PUSHMESH_CLUSTER_SECRET",
+    "PUSHMESH_CLUSTER_SECRET_FILE",
+    "PUSHMESH_CLUSTER_CA",
+    "PUSHMESH_CLUSTER_CERT",
+    "PUSHMESH_CLUSTER_KEY",
 ];
 
 /// Command-line flags; each also reads its `PUSHMESH_*` variable.
@@ -100,6 +112,80 @@ pub struct Cli {
     /// Key required by `POST /broadcast?key=KEY`.
     #[arg(long, env = "PUSHMESH_BROADCASTING_KEY", value_name = "KEY")]
     pub broadcasting_key: Option<String>,
+    /// This node's id in the cluster [default: generated per start].
+    #[arg(long, env = "PUSHMESH_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
+    /// Cluster id; gossip of other clusters is ignored [default: pushmesh].
+    #[arg(long, env = "PUSHMESH_CLUSTER_ID", value_name = "ID")]
+    pub cluster_id: Option<String>,
+    /// UDP address for gossip; setting it (or --seed) turns clustering on.
+    #[arg(long, env = "PUSHMESH_GOSSIP_LISTEN", value_name = "ADDR:PORT")]
+    pub gossip_listen: Option<SocketAddr>,
+    /// Gossip address peers use [default: --gossip-listen].
+    #[arg(long, env = "PUSHMESH_GOSSIP_ADVERTISE", value_name = "ADDR:PORT")]
+    pub gossip_advertise: Option<SocketAddr>,
+    /// UDP address for QUIC peer links [default: gossip port + 1].
+    #[arg(long, env = "PUSHMESH_CLUSTER_LISTEN", value_name = "ADDR:PORT")]
+    pub cluster_listen: Option<SocketAddr>,
+    /// QUIC address peers use [default: --cluster-listen].
+    #[arg(long, env = "PUSHMESH_CLUSTER_ADVERTISE", value_name = "ADDR:PORT")]
+    pub cluster_advertise: Option<SocketAddr>,
+    /// A gossip seed, HOST:PORT; repeatable; host names are re-resolved.
+    #[arg(
+        long = "seed",
+        env = "PUSHMESH_SEEDS",
+        value_name = "HOST:PORT",
+        value_delimiter = ','
+    )]
+    pub seeds: Vec<String>,
+    /// Cluster secret: seals gossip; derives development certificates.
+    #[arg(
+        long,
+        env = "PUSHMESH_CLUSTER_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub cluster_secret: Option<String>,
+    /// File holding the cluster secret.
+    #[arg(long, env = "PUSHMESH_CLUSTER_SECRET_FILE", value_name = "FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Cluster CA certificate (PEM) [default: derived from the secret].
+    #[arg(long, env = "PUSHMESH_CLUSTER_CA", value_name = "FILE")]
+    pub cluster_ca: Option<PathBuf>,
+    /// This node's certificate (PEM).
+    #[arg(long, env = "PUSHMESH_CLUSTER_CERT", value_name = "FILE")]
+    pub cluster_cert: Option<PathBuf>,
+    /// This node's private key (PKCS#8 PEM).
+    #[arg(long, env = "PUSHMESH_CLUSTER_KEY", value_name = "FILE")]
+    pub cluster_key: Option<PathBuf>,
+    /// Subcommands.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands of `pushmesh`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Cluster tools.
+    Cluster {
+        /// What to do.
+        #[command(subcommand)]
+        action: ClusterCommand,
+    },
+}
+
+/// `pushmesh cluster ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ClusterCommand {
+    /// Generates a cluster CA and one certificate per node (PEM files).
+    Init {
+        /// Directory to write into.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// A node id; repeatable.
+        #[arg(long = "node", value_name = "ID", required = true)]
+        nodes: Vec<String>,
+    },
 }
 
 /// How logs are written.
@@ -137,6 +223,64 @@ pub struct FileConfig {
     webhook_delay_ms: Option<u64>,
     #[serde(default)]
     apps: Vec<FileApp>,
+    #[serde(default)]
+    cluster: Option<FileCluster>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    node_id: Option<String>,
+    cluster_id: Option<String>,
+    gossip_listen: Option<SocketAddr>,
+    gossip_advertise: Option<SocketAddr>,
+    cluster_listen: Option<SocketAddr>,
+    cluster_advertise: Option<SocketAddr>,
+    #[serde(default)]
+    seeds: Vec<String>,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    gossip_interval_ms: Option<u64>,
+    phi_threshold: Option<f64>,
+    dead_node_grace_secs: Option<u64>,
+    peer_queue: Option<usize>,
+    drain_wait_ms: Option<u64>,
+}
+
+/// Clustering settings (present when clustering is on).
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// This node's id.
+    pub node_id: String,
+    /// Cluster id.
+    pub cluster_id: String,
+    /// Gossip UDP address.
+    pub gossip_listen: SocketAddr,
+    /// Advertised gossip address.
+    pub gossip_advertise: SocketAddr,
+    /// QUIC UDP address.
+    pub cluster_listen: SocketAddr,
+    /// Advertised QUIC address.
+    pub cluster_advertise: SocketAddr,
+    /// Seeds.
+    pub seeds: Vec<String>,
+    /// The secret.
+    pub secret: String,
+    /// CA, certificate and key files; `None`: derived from the secret.
+    pub certs: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// Gossip interval.
+    pub gossip_interval: Duration,
+    /// Failure detector phi threshold.
+    pub phi_threshold: f64,
+    /// How long dead nodes are remembered.
+    pub dead_node_grace: Duration,
+    /// Frames queued per peer.
+    pub peer_queue: usize,
+    /// How long a draining node stays up, marked draining, before closing clients.
+    pub drain_wait: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -264,6 +408,10 @@ pub struct Config {
     pub webhook_backoff: Duration,
     /// How long `channel_vacated` / `member_removed` wait for a return.
     pub webhook_delay: Duration,
+    /// Clustering, when on.
+    pub cluster: Option<ClusterSettings>,
+    /// This node's id (also without clustering).
+    pub node_id: String,
     /// True when no app was configured and the development app is used.
     pub development: bool,
     /// Announced `activity_timeout`.
@@ -301,6 +449,8 @@ impl Default for Config {
             webhook_retry_for: Duration::from_secs(300),
             webhook_backoff: Duration::from_millis(500),
             webhook_delay: Duration::from_secs(3),
+            cluster: None,
+            node_id: generated_node_id(),
             development: true,
             activity_timeout: Duration::from_secs(120),
             pong_timeout: Duration::from_secs(30),
@@ -314,6 +464,10 @@ impl Default for Config {
             log_format: LogFormat::Text,
         }
     }
+}
+
+fn generated_node_id() -> String {
+    format!("node-{:08x}", rand::random::<u32>())
 }
 
 /// The app used when none is configured. Never use it in production.
@@ -438,7 +592,7 @@ impl Config {
                 ConfigError::Invalid(format!("wsify_app {id:?} is not a configured app"))
             })?,
         };
-        if let Some(url) = cli.authorizer_url.or(file.authorizer_url) {
+        if let Some(url) = cli.authorizer_url.clone().or(file.authorizer_url) {
             let io = &mut app_io[wsify_app];
             match &mut io.authorizer {
                 Some(a) => a.url = url,
@@ -463,6 +617,12 @@ impl Config {
                 }
             }
         }
+        let cluster = resolve_cluster(&cli, file.cluster.unwrap_or_default())?;
+        let node_id = cluster
+            .as_ref()
+            .map(|c| c.node_id.clone())
+            .or(cli.node_id.clone())
+            .unwrap_or_else(generated_node_id);
         let broadcasting_key = cli
             .broadcasting_key
             .or(file.broadcasting_key)
@@ -497,6 +657,8 @@ impl Config {
             webhook_delay: file
                 .webhook_delay_ms
                 .map_or(d.webhook_delay, Duration::from_millis),
+            cluster,
+            node_id,
             development,
             activity_timeout: cli
                 .activity_timeout
@@ -524,6 +686,99 @@ impl Config {
         }
         Ok(cfg)
     }
+}
+
+fn resolve_cluster(cli: &Cli, f: FileCluster) -> Result<Option<ClusterSettings>, ConfigError> {
+    let invalid = |m: &str| ConfigError::Invalid(m.to_string());
+    let gossip_listen = cli.gossip_listen.or(f.gossip_listen);
+    let seeds: Vec<String> = if cli.seeds.is_empty() {
+        f.seeds
+    } else {
+        cli.seeds.clone()
+    };
+    let cluster_listen = cli.cluster_listen.or(f.cluster_listen);
+    if gossip_listen.is_none() && seeds.is_empty() && cluster_listen.is_none() {
+        return Ok(None);
+    }
+    let gossip_listen = gossip_listen.ok_or_else(|| {
+        invalid("clustering needs --gossip-listen ADDR:PORT (seeds or --cluster-listen were given)")
+    })?;
+    let cluster_listen = cluster_listen.unwrap_or_else(|| {
+        let mut a = gossip_listen;
+        a.set_port(gossip_listen.port().wrapping_add(1));
+        a
+    });
+    let advertise = |given: Option<SocketAddr>, listen: SocketAddr, flag: &str| {
+        let a = given.unwrap_or(listen);
+        if a.ip().is_unspecified() || a.port() == 0 {
+            Err(ConfigError::Invalid(format!(
+                "{flag}: listening on {listen}, peers need a concrete address: set {flag}"
+            )))
+        } else {
+            Ok(a)
+        }
+    };
+    let gossip_advertise = advertise(
+        cli.gossip_advertise.or(f.gossip_advertise),
+        gossip_listen,
+        "--gossip-advertise",
+    )?;
+    let cluster_advertise = advertise(
+        cli.cluster_advertise.or(f.cluster_advertise),
+        cluster_listen,
+        "--cluster-advertise",
+    )?;
+    let secret = match (
+        cli.cluster_secret.clone().or(f.secret),
+        cli.cluster_secret_file.clone().or(f.secret_file),
+    ) {
+        (Some(s), _) => s,
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .map_err(|source| ConfigError::Read { path: path.clone(), source })?
+            .trim()
+            .to_string(),
+        (None, None) => {
+            return Err(invalid(
+                "clustering needs a cluster secret: --cluster-secret, --cluster-secret-file or PUSHMESH_CLUSTER_SECRET",
+            ))
+        }
+    };
+    if secret.len() < 16 {
+        return Err(invalid("the cluster secret must be at least 16 characters"));
+    }
+    let certs = match (
+        cli.cluster_ca.clone().or(f.ca),
+        cli.cluster_cert.clone().or(f.cert),
+        cli.cluster_key.clone().or(f.key),
+    ) {
+        (None, None, None) => None,
+        (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
+        _ => return Err(invalid("give all of --cluster-ca, --cluster-cert and --cluster-key, or none (development mode)")),
+    };
+    Ok(Some(ClusterSettings {
+        node_id: cli
+            .node_id
+            .clone()
+            .or(f.node_id)
+            .unwrap_or_else(generated_node_id),
+        cluster_id: cli
+            .cluster_id
+            .clone()
+            .or(f.cluster_id)
+            .unwrap_or_else(|| "pushmesh".into()),
+        gossip_listen,
+        gossip_advertise,
+        cluster_listen,
+        cluster_advertise,
+        seeds,
+        secret,
+        certs,
+        gossip_interval: Duration::from_millis(f.gossip_interval_ms.unwrap_or(500)),
+        phi_threshold: f.phi_threshold.unwrap_or(8.0),
+        dead_node_grace: Duration::from_secs(f.dead_node_grace_secs.unwrap_or(60)),
+        peer_queue: f.peer_queue.unwrap_or(65_536),
+        drain_wait: Duration::from_millis(f.drain_wait_ms.unwrap_or(1500)),
+    }))
 }
 
 /// Refuses unknown `PUSHMESH_*` environment variables (a typo would otherwise be ignored).

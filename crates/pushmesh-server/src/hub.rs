@@ -78,6 +78,8 @@ pub struct Hub {
     pub webhooks: WebhookScheduler,
     /// Wakes the webhook pump when events were scheduled.
     pub hook_ready: Arc<Notify>,
+    /// The cluster layer, when clustering is on.
+    pub cluster: Option<pushmesh_cluster::Cluster>,
 }
 
 impl Hub {
@@ -89,6 +91,7 @@ impl Hub {
             last: None,
             webhooks,
             hook_ready: Arc::new(Notify::new()),
+            cluster: None,
         }
     }
 
@@ -151,6 +154,11 @@ impl Hub {
                 Output::Close { conn, code, reason } => {
                     if let Some(h) = self.conns.get_mut(&conn) {
                         h.request_close(code, reason);
+                    }
+                }
+                Output::Peer { to, kind, frame } => {
+                    if let Some(c) = &self.cluster {
+                        c.send(&to, kind, frame);
                     }
                 }
                 Output::Hook { app, event } => {

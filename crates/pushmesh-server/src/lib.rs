@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod authorizer;
+pub mod cluster;
 pub mod config;
 pub mod hub;
 pub mod webhooks;
@@ -50,6 +51,9 @@ pub enum ServerError {
     /// The HTTP client for webhooks could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Http(String),
+    /// The cluster layer could not start.
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// Counters of the node.
@@ -74,6 +78,11 @@ pub struct Shared {
     /// Webhook delivery.
     pub webhooks: Webhooks,
     authorizers: Vec<Option<Arc<Authorizer>>>,
+    /// The cluster layer, when clustering is on.
+    pub cluster: Option<pushmesh_cluster::Cluster>,
+    cluster_events: Mutex<Option<tokio::sync::mpsc::Receiver<pushmesh_cluster::ClusterEvent>>>,
+    /// Set when the node starts draining: no new connections, not ready.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -116,12 +125,24 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let core = Core::new(CoreConfig {
             apps: config.apps.clone(),
             activity_timeout_secs: config.activity_timeout.as_secs(),
             max_connections: config.max_connections,
             socket_prefix: rand::random_range(1..1_000_000_000),
+            node_id: config.node_id.clone(),
+            epoch,
         });
+        let (cluster, cluster_events) = match &config.cluster {
+            None => (None, None),
+            Some(c) => {
+                let (cl, rx) = cluster::start(c, epoch).await?;
+                (Some(cl), Some(rx))
+            }
+        };
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(32)
             .user_agent(concat!("pushmesh/", env!("CARGO_PKG_VERSION")))
@@ -139,9 +160,14 @@ impl Server {
             .collect();
         let webhooks = Webhooks::new(&config, http);
         let scheduler = WebhookScheduler::new(config.webhook_delay);
+        let mut hub = Hub::new(core, scheduler);
+        hub.cluster = cluster.clone();
         let shared = Arc::new(Shared {
             config,
-            hub: Mutex::new(Hub::new(core, scheduler)),
+            hub: Mutex::new(hub),
+            cluster,
+            cluster_events: Mutex::new(cluster_events),
+            draining: std::sync::atomic::AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
             stats,
             webhooks,
@@ -169,11 +195,19 @@ impl Server {
         let app = router(st.clone());
         let ticker = tokio::spawn(tick_loop(st.clone()));
         let senders = st.webhooks.start();
+        let cluster_tasks = cluster::spawn_tasks(&st);
         let pump = tokio::spawn(webhook_pump(st.clone()));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let st2 = st.clone();
         let drain = async move {
             shutdown.await;
+            st2.draining.store(true, Ordering::Relaxed);
+            if let (Some(c), Some(settings)) = (&st2.cluster, &st2.config.cluster) {
+                tracing::info!("draining: marked in gossip, waiting for the load balancer");
+                c.set_key(pushmesh_cluster::KEY_STATE, "draining".into())
+                    .await;
+                tokio::time::sleep(settings.drain_wait).await;
+            }
             tracing::info!("shutting down: closing clients with 4200");
             {
                 let mut hub = st2.lock();
@@ -194,6 +228,9 @@ impl Server {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             st2.webhooks.abandon();
+            if let Some(c) = &st2.cluster {
+                c.shutdown(Duration::from_secs(2)).await;
+            }
             let _ = stop_tx.send(true);
         };
         let mut stop = stop_rx;
@@ -203,6 +240,9 @@ impl Server {
         let (r, ()) = tokio::join!(async { serve.await }, drain);
         ticker.abort();
         pump.abort();
+        for t in cluster_tasks {
+            t.abort();
+        }
         for s in senders {
             s.abort();
         }
@@ -265,6 +305,9 @@ fn router(st: Arc<Shared>) -> Router {
             post(api::terminate_connections),
         )
         .route("/healthz", get(healthz))
+        .route("/readyz", get(cluster::readyz))
+        .route("/cluster", get(cluster::cluster_status))
+        .route("/metrics", get(cluster::metrics))
         .route("/stats", get(stats))
         .fallback(api::not_found)
         .with_state(st)

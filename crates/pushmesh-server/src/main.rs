@@ -2,12 +2,31 @@
 
 use anyhow::Context;
 use clap::Parser;
-use pushmesh_server::config::{Cli, Config, LogFormat};
+use pushmesh_server::config::{Cli, ClusterCommand, Command, Config, LogFormat};
 use pushmesh_server::Server;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if let Some(Command::Cluster { action }) = cli.command.take() {
+        return match action {
+            ClusterCommand::Init { out, nodes } => {
+                match pushmesh_cluster::tls::init(&out, &nodes) {
+                    Ok(files) => {
+                        for f in files {
+                            println!("wrote {f}");
+                        }
+                        println!("keep ca-key.pem offline; give each node its <id>.pem, <id>-key.pem and ca.pem");
+                        std::process::ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("pushmesh: {e}");
+                        std::process::ExitCode::FAILURE
+                    }
+                }
+            }
+        };
+    }
     let config = match Config::from_cli(cli) {
         Ok(c) => c,
         Err(e) => {
@@ -43,6 +62,17 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
 fn banner(config: &Config, addr: std::net::SocketAddr) {
     let port = addr.port();
     println!("pushmesh {} listening on {addr}", env!("CARGO_PKG_VERSION"));
+    if let Some(c) = &config.cluster {
+        println!(
+            "  node {} of cluster {}: gossip {} (advertised {}), QUIC {} (advertised {})",
+            c.node_id,
+            c.cluster_id,
+            c.gossip_listen,
+            c.gossip_advertise,
+            c.cluster_listen,
+            c.cluster_advertise
+        );
+    }
     for a in &config.apps {
         println!("  app id: {}  key: {}  secret: {}", a.id, a.key, a.secret);
     }

@@ -66,6 +66,11 @@ pub async fn pusher_ws(
             CloseCode::UnsupportedProtocol,
             format!("unsupported protocol version {v}; this server speaks 7"),
         ),
+        // A draining node sends newcomers elsewhere.
+        _ if st.draining.load(std::sync::atomic::Ordering::Relaxed) => Admission::Refuse(
+            CloseCode::ReconnectImmediately,
+            "node is draining, reconnect".into(),
+        ),
         // A missing protocol is taken as 7.
         _ => match st.app_by_key(&key) {
             Some(app) => match check_origin(&st, app, &headers) {

@@ -1,0 +1,736 @@
+//! Cluster I/O of pushmesh: membership by gossip (chitchat, sealed with a
+//! key derived from the cluster secret), one QUIC connection per peer pair
+//! with mutual TLS, and the length-delimited frame codec on it.
+//!
+//! It knows nothing of channels: it reports [`ClusterEvent`]s (a peer link
+//! is up or down, a frame arrived, a peer's interest digest) and sends
+//! frames the core produced. One QUIC uni stream per direction per link
+//! keeps frames in order; each peer has a bounded send queue, so a slow
+//! peer never blocks anything else (overflow is counted and logged).
+
+pub mod gossip;
+pub mod tls;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
+use pushmesh_core::{FrameKind, NodeId};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+pub use gossip::GossipStats;
+pub use tls::TlsMaterial;
+
+/// Gossip key: the node's QUIC address (a node is live only once it has it).
+pub const KEY_QUIC: &str = "quic";
+/// Gossip key: `ready` or `draining`.
+pub const KEY_STATE: &str = "state";
+/// Gossip key: the pushmesh version.
+pub const KEY_VERSION: &str = "version";
+/// Gossip key: the node's interest digest (constant size).
+pub const KEY_INTEREST: &str = "interest";
+/// Gossip key: the node's epoch.
+pub const KEY_EPOCH: &str = "epoch";
+
+/// Largest frame accepted from a peer.
+const MAX_FRAME: usize = 16 * 1024 * 1024;
+/// Frames written before one flush of the stream.
+const WRITE_BATCH: usize = 512;
+
+/// Settings of the cluster layer.
+pub struct ClusterConfig {
+    /// This node's id.
+    pub node_id: String,
+    /// Cluster id: gossip from another cluster is ignored.
+    pub cluster_id: String,
+    /// This node's incarnation.
+    pub epoch: u64,
+    /// UDP address gossip listens on.
+    pub gossip_listen: SocketAddr,
+    /// Gossip address other nodes reach this one at.
+    pub gossip_advertise: SocketAddr,
+    /// UDP address QUIC listens on.
+    pub quic_listen: SocketAddr,
+    /// QUIC address advertised to peers.
+    pub quic_advertise: SocketAddr,
+    /// Seeds, `host:port`, re-resolved by chitchat.
+    pub seeds: Vec<String>,
+    /// Cluster secret (gossip key).
+    pub secret: String,
+    /// Certificates for mutual TLS.
+    pub tls: TlsMaterial,
+    /// Gossip round interval.
+    pub gossip_interval: Duration,
+    /// Phi threshold of the failure detector.
+    pub phi_threshold: f64,
+    /// How long a dead node stays known before it is forgotten.
+    pub dead_node_grace: Duration,
+    /// Frames queued per peer before new ones are dropped.
+    pub peer_queue: usize,
+    /// This node's version string.
+    pub version: String,
+}
+
+/// Why the cluster layer cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// TLS material problem.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// QUIC endpoint could not be bound.
+    #[error("cannot bind QUIC on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Gossip could not start.
+    #[error("cannot start gossip on {addr}: {message}")]
+    Gossip {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        message: String,
+    },
+}
+
+/// What the cluster layer reports.
+#[derive(Debug, Clone)]
+pub enum ClusterEvent {
+    /// A link to a peer is up (after the hello exchange).
+    PeerUp {
+        /// Peer.
+        node: NodeId,
+        /// Its epoch.
+        epoch: u64,
+    },
+    /// The link is gone.
+    PeerDown {
+        /// Peer.
+        node: NodeId,
+    },
+    /// A frame from a peer.
+    Frame {
+        /// Sender.
+        from: NodeId,
+        /// The frame.
+        frame: Bytes,
+    },
+    /// A peer's gossiped interest digest changed.
+    Digest {
+        /// Peer.
+        node: NodeId,
+        /// Digest.
+        digest: String,
+    },
+}
+
+/// Counters of one peer.
+#[derive(Debug, Default)]
+pub struct PeerCounters {
+    /// Data frames sent.
+    pub data_sent: AtomicU64,
+    /// Control frames sent.
+    pub control_sent: AtomicU64,
+    /// Data frames received.
+    pub data_received: AtomicU64,
+    /// Control frames received.
+    pub control_received: AtomicU64,
+    /// Frames dropped: queue full or link down.
+    pub dropped: AtomicU64,
+}
+
+impl PeerCounters {
+    fn sent(&self, kind: FrameKind) -> &AtomicU64 {
+        match kind {
+            FrameKind::Data => &self.data_sent,
+            FrameKind::Control => &self.control_sent,
+        }
+    }
+
+    fn received(&self, kind: FrameKind) -> &AtomicU64 {
+        match kind {
+            FrameKind::Data => &self.data_received,
+            FrameKind::Control => &self.control_received,
+        }
+    }
+}
+
+/// A peer as `GET /cluster` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    /// Node id.
+    pub node: String,
+    /// Whether gossip considers it live.
+    pub live: bool,
+    /// Its advertised state (`ready`, `draining`).
+    pub state: Option<String>,
+    /// Its QUIC address.
+    pub quic: Option<String>,
+    /// Whether a link is up.
+    pub link: bool,
+    /// Frame counters.
+    pub frames: BTreeMap<&'static str, u64>,
+}
+
+struct Link {
+    id: u64,
+    tx: mpsc::Sender<(FrameKind, Bytes)>,
+    conn: quinn::Connection,
+}
+
+struct Inner {
+    node: NodeId,
+    epoch: u64,
+    cluster_id: String,
+    links: Mutex<HashMap<NodeId, Link>>,
+    dialing: Mutex<HashSet<NodeId>>,
+    counters: Mutex<HashMap<NodeId, Arc<PeerCounters>>>,
+    events: mpsc::Sender<ClusterEvent>,
+    endpoint: quinn::Endpoint,
+    chitchat: ChitchatHandle,
+    next_link: AtomicU64,
+    peer_queue: usize,
+    stopping: AtomicBool,
+    /// Gossip counters.
+    gossip: Arc<GossipStats>,
+}
+
+/// A running cluster layer.
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn kind_byte(k: FrameKind) -> u8 {
+    match k {
+        FrameKind::Data => 0,
+        FrameKind::Control => 1,
+    }
+}
+
+fn hello(node: &NodeId, epoch: u64, cluster_id: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    b.extend_from_slice(b"PMH1");
+    b.extend_from_slice(&epoch.to_be_bytes());
+    b.extend_from_slice(&(cluster_id.len() as u16).to_be_bytes());
+    b.extend_from_slice(cluster_id.as_bytes());
+    b.extend_from_slice(node.as_str().as_bytes());
+    b.freeze()
+}
+
+fn parse_hello(b: &[u8]) -> Option<(NodeId, u64, String)> {
+    let rest = b.strip_prefix(b"PMH1")?;
+    let epoch = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    let n = u16::from_be_bytes(rest.get(8..10)?.try_into().ok()?) as usize;
+    let cluster = std::str::from_utf8(rest.get(10..10 + n)?).ok()?.to_owned();
+    let node = std::str::from_utf8(rest.get(10 + n..)?).ok()?;
+    (!node.is_empty()).then(|| (NodeId::new(node), epoch, cluster))
+}
+
+async fn write_frame(
+    s: &mut quinn::SendStream,
+    kind: Option<FrameKind>,
+    b: &[u8],
+) -> Result<(), quinn::WriteError> {
+    let len = b.len() + usize::from(kind.is_some());
+    let mut head = Vec::with_capacity(5);
+    head.extend_from_slice(&(len as u32).to_be_bytes());
+    if let Some(k) = kind {
+        head.push(kind_byte(k));
+    }
+    s.write_all(&head).await?;
+    s.write_all(b).await
+}
+
+async fn read_frame(r: &mut quinn::RecvStream) -> Option<Bytes> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await.ok()?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len == 0 || len > MAX_FRAME {
+        return None;
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await.ok()?;
+    Some(Bytes::from(buf))
+}
+
+impl Cluster {
+    /// Binds QUIC, starts gossip and the membership loop.
+    pub async fn start(
+        cfg: ClusterConfig,
+    ) -> Result<(Self, mpsc::Receiver<ClusterEvent>), ClusterError> {
+        let server = tls::server_config(&cfg.tls)?;
+        let client = tls::client_config(&cfg.tls)?;
+        let mut endpoint = quinn::Endpoint::server(server, cfg.quic_listen).map_err(|source| {
+            ClusterError::Bind {
+                addr: cfg.quic_listen,
+                source,
+            }
+        })?;
+        endpoint.set_default_client_config(client);
+        let gossip = Arc::new(GossipStats::default());
+        let transport =
+            gossip::SealedTransport::new(gossip::gossip_key(&cfg.secret), gossip.clone());
+        let chitchat_cfg = ChitchatConfig {
+            chitchat_id: ChitchatId::new(cfg.node_id.clone(), cfg.epoch, cfg.gossip_advertise),
+            cluster_id: cfg.cluster_id.clone(),
+            gossip_interval: cfg.gossip_interval,
+            listen_addr: cfg.gossip_listen,
+            seed_nodes: cfg.seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                phi_threshold: cfg.phi_threshold,
+                sampling_window_size: 1000,
+                max_interval: Duration::from_secs(10),
+                initial_interval: cfg.gossip_interval,
+                dead_node_grace_period: cfg.dead_node_grace,
+            },
+            marked_for_deletion_grace_period: cfg.dead_node_grace,
+            catchup_callback: None,
+            // Live only once the QUIC address is advertised.
+            extra_liveness_predicate: Some(Box::new(|state| state.get(KEY_QUIC).is_some())),
+            protocol_version: chitchat::ProtocolVersion::V1,
+        };
+        let initial = vec![
+            (KEY_QUIC.to_string(), cfg.quic_advertise.to_string()),
+            (KEY_STATE.to_string(), "ready".to_string()),
+            (KEY_VERSION.to_string(), cfg.version.clone()),
+            (KEY_EPOCH.to_string(), cfg.epoch.to_string()),
+        ];
+        let chitchat = spawn_chitchat(chitchat_cfg, initial, &transport)
+            .await
+            .map_err(|e| ClusterError::Gossip {
+                addr: cfg.gossip_listen,
+                message: format!("{e:#}"),
+            })?;
+        let (tx, rx) = mpsc::channel(65_536);
+        let inner = Arc::new(Inner {
+            node: NodeId::new(&cfg.node_id),
+            epoch: cfg.epoch,
+            cluster_id: cfg.cluster_id,
+            links: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashSet::new()),
+            counters: Mutex::new(HashMap::new()),
+            events: tx,
+            endpoint,
+            chitchat,
+            next_link: AtomicU64::new(1),
+            peer_queue: cfg.peer_queue.max(16),
+            stopping: AtomicBool::new(false),
+            gossip,
+        });
+        let c = Self { inner };
+        tokio::spawn(c.clone().accept_loop());
+        tokio::spawn(c.clone().membership_loop());
+        Ok((c, rx))
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        &self.inner.node
+    }
+
+    /// Gossip counters.
+    pub fn gossip_stats(&self) -> &GossipStats {
+        &self.inner.gossip
+    }
+
+    fn counters(&self, node: &NodeId) -> Arc<PeerCounters> {
+        lock(&self.inner.counters)
+            .entry(node.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Queues a frame for a peer; never waits. Dropped and counted when the
+    /// peer's queue is full or no link is up.
+    pub fn send(&self, to: &NodeId, kind: FrameKind, frame: Bytes) {
+        let r = lock(&self.inner.links)
+            .get(to)
+            .map(|l| l.tx.try_send((kind, frame)));
+        match r {
+            Some(Ok(())) => {}
+            Some(Err(_)) | None => {
+                let c = self.counters(to);
+                let n = c.dropped.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() {
+                    tracing::warn!(peer = %to, dropped = n + 1, "peer queue full or link down, frames dropped");
+                }
+            }
+        }
+    }
+
+    /// Sets a gossip key of this node.
+    pub async fn set_key(&self, key: &str, value: String) {
+        let key = key.to_owned();
+        self.inner
+            .chitchat
+            .with_chitchat(move |c| c.self_node_state().set(key.clone(), value.clone()))
+            .await;
+    }
+
+    /// Peers as gossip and the links see them.
+    pub async fn status(&self) -> Vec<PeerStatus> {
+        let me = self.inner.node.clone();
+        let states: Vec<(String, bool, Option<String>, Option<String>)> = self
+            .inner
+            .chitchat
+            .with_chitchat(move |c| {
+                let live: HashSet<ChitchatId> = c.live_nodes().cloned().collect();
+                c.node_states()
+                    .iter()
+                    .filter(|(id, _)| *id.node_id != *me.as_str())
+                    .map(|(id, st)| {
+                        (
+                            id.node_id.to_string(),
+                            live.contains(id),
+                            st.get(KEY_STATE).map(str::to_owned),
+                            st.get(KEY_QUIC).map(str::to_owned),
+                        )
+                    })
+                    .collect()
+            })
+            .await;
+        let links = lock(&self.inner.links);
+        let counters = lock(&self.inner.counters);
+        let mut out: BTreeMap<String, PeerStatus> = BTreeMap::new();
+        for (node, live, state, quic) in states {
+            // Several generations of a node may be known; a live one wins.
+            let e = out.entry(node.clone()).or_insert(PeerStatus {
+                node: node.clone(),
+                live,
+                state: state.clone(),
+                quic: quic.clone(),
+                link: false,
+                frames: BTreeMap::new(),
+            });
+            if live {
+                e.live = true;
+                e.state = state;
+                e.quic = quic;
+            }
+        }
+        for (node, c) in counters.iter() {
+            let e = out.entry(node.to_string()).or_insert(PeerStatus {
+                node: node.to_string(),
+                live: false,
+                state: None,
+                quic: None,
+                link: false,
+                frames: BTreeMap::new(),
+            });
+            let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            e.frames.insert("data_sent", l(&c.data_sent));
+            e.frames.insert("control_sent", l(&c.control_sent));
+            e.frames.insert("data_received", l(&c.data_received));
+            e.frames.insert("control_received", l(&c.control_received));
+            e.frames.insert("dropped", l(&c.dropped));
+        }
+        for (node, _) in links.iter() {
+            if let Some(e) = out.get_mut(node.as_str()) {
+                e.link = true;
+            }
+        }
+        out.into_values().collect()
+    }
+
+    /// Per-peer frame counters, for metrics.
+    pub fn counters_snapshot(&self) -> Vec<(NodeId, Arc<PeerCounters>)> {
+        lock(&self.inner.counters)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Peers with a link up.
+    pub fn linked_peers(&self) -> Vec<NodeId> {
+        lock(&self.inner.links).keys().cloned().collect()
+    }
+
+    /// Stops: closes every link after its queue is written, then leaves gossip.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.stopping.store(true, Ordering::Relaxed);
+        let links: Vec<(mpsc::Sender<(FrameKind, Bytes)>, quinn::Connection)> =
+            lock(&self.inner.links)
+                .drain()
+                .map(|(_, l)| (l.tx, l.conn))
+                .collect();
+        // Dropping the senders lets each writer finish its queue and finish its stream.
+        let conns: Vec<quinn::Connection> = links.into_iter().map(|(_, c)| c).collect();
+        let deadline = tokio::time::Instant::now() + grace;
+        for c in &conns {
+            let _ = tokio::time::timeout_at(deadline, c.closed()).await;
+        }
+        for c in &conns {
+            c.close(0u32.into(), b"shutdown");
+        }
+        let _ = self.inner.chitchat.initiate_shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+    }
+
+    async fn accept_loop(self) {
+        while let Some(incoming) = self.inner.endpoint.accept().await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "incoming QUIC connection failed");
+                        return;
+                    }
+                };
+                me.establish(conn, None).await;
+            });
+        }
+    }
+
+    /// Hello exchange, then the link runs until either side goes.
+    async fn establish(&self, conn: quinn::Connection, expect: Option<NodeId>) {
+        let inner = &self.inner;
+        let exchange = async {
+            let mut send = conn.open_uni().await.ok()?;
+            write_frame(
+                &mut send,
+                None,
+                &hello(&inner.node, inner.epoch, &inner.cluster_id),
+            )
+            .await
+            .ok()?;
+            let mut recv = conn.accept_uni().await.ok()?;
+            let h = read_frame(&mut recv).await?;
+            Some((send, recv, parse_hello(&h)?))
+        };
+        let Ok(Some((send, recv, (peer, epoch, cluster)))) =
+            tokio::time::timeout(Duration::from_secs(5), exchange).await
+        else {
+            conn.close(1u32.into(), b"hello failed");
+            return;
+        };
+        if cluster != inner.cluster_id
+            || expect.as_ref().is_some_and(|e| *e != peer)
+            || peer == inner.node
+        {
+            tracing::warn!(peer = %peer, cluster = %cluster, "peer link refused: wrong cluster or node");
+            conn.close(2u32.into(), b"wrong peer");
+            return;
+        }
+        let id = inner.next_link.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(inner.peer_queue);
+        let old = lock(&inner.links).insert(
+            peer.clone(),
+            Link {
+                id,
+                tx,
+                conn: conn.clone(),
+            },
+        );
+        if let Some(old) = old {
+            old.conn.close(3u32.into(), b"replaced");
+            let _ = inner
+                .events
+                .send(ClusterEvent::PeerDown { node: peer.clone() })
+                .await;
+        }
+        tracing::info!(peer = %peer, epoch, remote = %conn.remote_address(), "peer link up");
+        let _ = inner
+            .events
+            .send(ClusterEvent::PeerUp {
+                node: peer.clone(),
+                epoch,
+            })
+            .await;
+        let counters = self.counters(&peer);
+        let writer = tokio::spawn(write_loop(send, rx, counters.clone()));
+        self.read_loop(recv, &peer, &counters).await;
+        writer.abort();
+        conn.close(0u32.into(), b"link closed");
+        let mine = {
+            let mut links = lock(&inner.links);
+            match links.get(&peer) {
+                Some(l) if l.id == id => {
+                    links.remove(&peer);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if mine {
+            tracing::info!(peer = %peer, "peer link down");
+            let _ = inner
+                .events
+                .send(ClusterEvent::PeerDown { node: peer })
+                .await;
+        }
+    }
+
+    async fn read_loop(&self, mut recv: quinn::RecvStream, peer: &NodeId, counters: &PeerCounters) {
+        while let Some(mut f) = read_frame(&mut recv).await {
+            let kind = match f.first() {
+                Some(0) => FrameKind::Data,
+                Some(1) => FrameKind::Control,
+                _ => {
+                    tracing::warn!(peer = %peer, "bad frame kind from peer, closing link");
+                    return;
+                }
+            };
+            counters.received(kind).fetch_add(1, Ordering::Relaxed);
+            let frame = f.split_off(1);
+            if self
+                .inner
+                .events
+                .send(ClusterEvent::Frame {
+                    from: peer.clone(),
+                    frame,
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    async fn dial(self, node: NodeId, addr: SocketAddr) {
+        let conn = match self.inner.endpoint.connect(addr, tls::NODE_SERVER_NAME) {
+            Ok(c) => tokio::time::timeout(Duration::from_secs(5), c).await,
+            Err(e) => {
+                tracing::debug!(peer = %node, error = %e, "cannot dial peer");
+                lock(&self.inner.dialing).remove(&node);
+                return;
+            }
+        };
+        match conn {
+            Ok(Ok(conn)) => {
+                lock(&self.inner.dialing).remove(&node);
+                self.establish(conn, Some(node)).await;
+            }
+            other => {
+                let why = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".into(),
+                };
+                tracing::debug!(peer = %node, error = %why, "dialing peer failed");
+                // Back off a little before the membership loop tries again.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                lock(&self.inner.dialing).remove(&node);
+            }
+        }
+    }
+
+    /// Every 200 ms: dial live peers without a link (the lower node id
+    /// dials, so a pair has one connection), close links to peers gossip
+    /// declared dead, report changed interest digests.
+    async fn membership_loop(self) {
+        let mut digests: HashMap<NodeId, String> = HashMap::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            if self.inner.stopping.load(Ordering::Relaxed) {
+                return;
+            }
+            let me = self.inner.node.clone();
+            let live: Vec<(NodeId, Option<SocketAddr>, Option<String>)> = self
+                .inner
+                .chitchat
+                .with_chitchat(move |c| {
+                    c.live_nodes()
+                        .filter(|id| *id.node_id != *me.as_str())
+                        .filter_map(|id| {
+                            let st = c.node_state(id)?;
+                            Some((
+                                NodeId::new(&id.node_id),
+                                st.get(KEY_QUIC).and_then(|a| a.parse().ok()),
+                                st.get(KEY_INTEREST).map(str::to_owned),
+                            ))
+                        })
+                        .collect()
+                })
+                .await;
+            let live_ids: HashSet<NodeId> = live.iter().map(|(n, ..)| n.clone()).collect();
+            for (node, quic, digest) in &live {
+                let linked = lock(&self.inner.links).contains_key(node);
+                if !linked && self.inner.node < *node {
+                    if let Some(addr) = quic {
+                        if lock(&self.inner.dialing).insert(node.clone()) {
+                            tokio::spawn(self.clone().dial(node.clone(), *addr));
+                        }
+                    }
+                }
+                if let Some(d) = digest {
+                    if digests.get(node) != Some(d) {
+                        digests.insert(node.clone(), d.clone());
+                        let _ = self.inner.events.try_send(ClusterEvent::Digest {
+                            node: node.clone(),
+                            digest: d.clone(),
+                        });
+                    }
+                }
+            }
+            // Links to nodes gossip no longer considers live are closed.
+            let dead: Vec<quinn::Connection> = lock(&self.inner.links)
+                .iter()
+                .filter(|(n, _)| !live_ids.contains(*n))
+                .map(|(_, l)| l.conn.clone())
+                .collect();
+            for c in dead {
+                c.close(4u32.into(), b"declared dead");
+            }
+            digests.retain(|n, _| live_ids.contains(n));
+        }
+    }
+}
+
+async fn write_loop(
+    mut send: quinn::SendStream,
+    mut rx: mpsc::Receiver<(FrameKind, Bytes)>,
+    counters: Arc<PeerCounters>,
+) {
+    while let Some((kind, frame)) = rx.recv().await {
+        let mut batch = vec![(kind, frame)];
+        while batch.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        let mut buf = BytesMut::with_capacity(batch.iter().map(|(_, f)| f.len() + 5).sum());
+        for (k, f) in &batch {
+            buf.extend_from_slice(&((f.len() + 1) as u32).to_be_bytes());
+            buf.extend_from_slice(&[kind_byte(*k)]);
+            buf.extend_from_slice(f);
+            counters.sent(*k).fetch_add(1, Ordering::Relaxed);
+        }
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+    // Sender dropped (shutdown): finish the stream so the peer reads everything.
+    let _ = send.finish();
+    let _ = send.stopped().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_round_trip() {
+        let h = hello(&NodeId::new("node-a"), 42, "c1");
+        assert_eq!(
+            parse_hello(&h),
+            Some((NodeId::new("node-a"), 42, "c1".to_string()))
+        );
+        assert_eq!(parse_hello(b"nope"), None);
+        assert_eq!(parse_hello(b"PMH1"), None);
+    }
+}

@@ -1,0 +1,264 @@
+//! Cluster certificates: a CA and node certificates, either generated
+//! (`pushmesh cluster init`) or derived from the cluster secret (development
+//! mode), and the mutual-TLS rustls configurations of the QUIC links.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use hkdf::Hkdf;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SerialNumber, PKCS_ED25519,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::Sha256;
+
+/// The name every node certificate carries and every dial verifies.
+pub const NODE_SERVER_NAME: &str = "pushmesh-node";
+/// ALPN of the peer protocol.
+pub const ALPN: &[u8] = b"pushmesh/1";
+
+/// Why TLS material cannot be made or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Certificate generation failed.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// File.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A PEM file held nothing usable.
+    #[error("{0}: no usable PEM item")]
+    Pem(String),
+    /// rustls refused the material.
+    #[error("tls configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// A verifier could not be built.
+    #[error("tls verifier: {0}")]
+    Verifier(String),
+}
+
+/// What a node needs for mutual TLS.
+pub struct TlsMaterial {
+    /// The cluster CA (trust root).
+    pub ca: CertificateDer<'static>,
+    /// This node's certificate chain.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// This node's private key (PKCS#8).
+    pub key: PrivatePkcs8KeyDer<'static>,
+}
+
+/// An Ed25519 PKCS#8 (v1) document for a 32-byte seed.
+fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
+    let mut der = vec![
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    der.extend_from_slice(seed);
+    der
+}
+
+fn derive_seed(secret: &str, label: &str) -> [u8; 32] {
+    let hk = Hkdf::<Sha256>::new(Some(b"pushmesh cluster v1"), secret.as_bytes());
+    let mut out = [0u8; 32];
+    // 32 bytes is always a valid HKDF-SHA256 output length.
+    let _ = hk.expand(label.as_bytes(), &mut out);
+    out
+}
+
+fn ca_params() -> Result<CertificateParams, TlsError> {
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "pushmesh cluster CA");
+    p.distinguished_name = dn;
+    p.serial_number = Some(SerialNumber::from(1u64));
+    Ok(p)
+}
+
+fn node_params(node: &str, serial: u64) -> Result<CertificateParams, TlsError> {
+    let mut p = CertificateParams::new(vec![NODE_SERVER_NAME.to_string(), node.to_string()])?;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, node);
+    p.distinguished_name = dn;
+    p.serial_number = Some(SerialNumber::from(serial));
+    p.use_authority_key_identifier_extension = true;
+    Ok(p)
+}
+
+fn key_from_seed(seed: &[u8; 32]) -> Result<KeyPair, TlsError> {
+    let der = PrivatePkcs8KeyDer::from(ed25519_pkcs8(seed));
+    Ok(KeyPair::from_pkcs8_der_and_sign_algo(&der, &PKCS_ED25519)?)
+}
+
+/// Development mode: a CA and one node certificate derived from the cluster
+/// secret alone, identical on every node that knows the secret. A host
+/// without the secret cannot present a certificate chained to this CA.
+pub fn derive_from_secret(secret: &str) -> Result<TlsMaterial, TlsError> {
+    let ca_key = key_from_seed(&derive_seed(secret, "ca key"))?;
+    let ca_params = ca_params()?;
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let node_key = key_from_seed(&derive_seed(secret, "node key"))?;
+    let node_cert = node_params("pushmesh-dev-node", 2)?.signed_by(&node_key, &issuer)?;
+    Ok(TlsMaterial {
+        ca: ca_cert.der().clone(),
+        chain: vec![node_cert.der().clone()],
+        key: PrivatePkcs8KeyDer::from(node_key.serialize_der()),
+    })
+}
+
+fn write(path: &Path, contents: &str) -> Result<(), TlsError> {
+    std::fs::write(path, contents).map_err(|source| TlsError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// `pushmesh cluster init`: writes `ca.pem`, `ca-key.pem` and, per node,
+/// `<node>.pem` and `<node>-key.pem` into `dir`. Keep `ca-key.pem` offline.
+pub fn init(dir: &Path, nodes: &[String]) -> Result<Vec<String>, TlsError> {
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let ca_key = KeyPair::generate_for(&PKCS_ED25519)?;
+    let mut params = ca_params()?;
+    params.serial_number = Some(SerialNumber::from(rand::random::<u64>()));
+    let ca_cert = params.self_signed(&ca_key)?;
+    let mut written = vec![];
+    write(&dir.join("ca.pem"), &ca_cert.pem())?;
+    write(&dir.join("ca-key.pem"), &ca_key.serialize_pem())?;
+    written.push(dir.join("ca.pem").display().to_string());
+    written.push(dir.join("ca-key.pem").display().to_string());
+    let issuer = Issuer::new(params, ca_key);
+    for node in nodes {
+        let key = KeyPair::generate_for(&PKCS_ED25519)?;
+        let cert = node_params(node, rand::random::<u64>())?.signed_by(&key, &issuer)?;
+        let c = dir.join(format!("{node}.pem"));
+        let k = dir.join(format!("{node}-key.pem"));
+        write(&c, &cert.pem())?;
+        write(&k, &key.serialize_pem())?;
+        written.push(c.display().to_string());
+        written.push(k.display().to_string());
+    }
+    Ok(written)
+}
+
+fn pem_err(path: &Path, e: rustls::pki_types::pem::Error) -> TlsError {
+    TlsError::Pem(format!("{}: {e}", path.display()))
+}
+
+/// Loads a CA certificate, a node certificate (chain) and its PKCS#8 key from PEM files.
+pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<TlsMaterial, TlsError> {
+    let ca_der = CertificateDer::from_pem_file(ca).map_err(|e| pem_err(ca, e))?;
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| pem_err(cert, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(cert, e))?;
+    if chain.is_empty() {
+        return Err(TlsError::Pem(cert.display().to_string()));
+    }
+    let key_der = PrivatePkcs8KeyDer::from_pem_file(key).map_err(|e| pem_err(key, e))?;
+    Ok(TlsMaterial {
+        ca: ca_der,
+        chain,
+        key: key_der,
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(m: &TlsMaterial) -> Result<Arc<rustls::RootCertStore>, TlsError> {
+    let mut r = rustls::RootCertStore::empty();
+    r.add(m.ca.clone())?;
+    Ok(Arc::new(r))
+}
+
+/// The QUIC server side: requires a client certificate chained to the CA.
+pub fn server_config(m: &TlsMaterial) -> Result<quinn::ServerConfig, TlsError> {
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(m)?, provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(m.chain.clone(), PrivateKeyDer::Pkcs8(m.key.clone_key()))?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server.transport_config(transport());
+    Ok(server)
+}
+
+/// The QUIC client side: verifies the peer against the CA, presents this node's certificate.
+pub fn client_config(m: &TlsMaterial) -> Result<quinn::ClientConfig, TlsError> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(m)?)
+        .with_client_auth_cert(m.chain.clone(), PrivateKeyDer::Pkcs8(m.key.clone_key()))?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(quic));
+    client.transport_config(transport());
+    Ok(client)
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(std::time::Duration::from_millis(500)));
+    // A link silent this long is dead: part of the failure bound.
+    if let Ok(idle) = quinn::IdleTimeout::try_from(std::time::Duration::from_secs(3)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    Arc::new(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derivation_is_deterministic_and_secret_bound() {
+        let a = derive_from_secret("s1").unwrap_or_else(|e| panic!("{e}"));
+        let b = derive_from_secret("s1").unwrap_or_else(|e| panic!("{e}"));
+        let c = derive_from_secret("s2").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.ca, b.ca);
+        assert_eq!(a.chain, b.chain);
+        assert_ne!(a.ca, c.ca);
+        assert!(server_config(&a).is_ok());
+        assert!(client_config(&a).is_ok());
+    }
+
+    #[test]
+    fn init_writes_loadable_files() {
+        let dir = std::env::temp_dir().join(format!("pushmesh-tls-{}", rand::random::<u64>()));
+        let nodes = vec!["n1".to_string()];
+        init(&dir, &nodes).unwrap_or_else(|e| panic!("{e}"));
+        let m = load(
+            &dir.join("ca.pem"),
+            &dir.join("n1.pem"),
+            &dir.join("n1-key.pem"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(server_config(&m).is_ok());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
