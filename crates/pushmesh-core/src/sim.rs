@@ -180,7 +180,7 @@ impl Net {
 
     /// Delivers every frame in flight, picking links at random.
     fn settle(&mut self) {
-        for _ in 0..100_000 {
+        for _ in 0..1_000_000 {
             let busy: Vec<(usize, usize)> = self
                 .links
                 .iter()
@@ -469,4 +469,135 @@ fn uninterested_node_gets_no_data_frames_and_presence_spans_nodes() {
         .channel(now, AppIdx(0), "news", false)
         .unwrap_or_default();
     assert!(info.occupied);
+}
+
+#[test]
+fn cache_users_terminate_and_watchlists_span_nodes() {
+    let mut net = Net::new();
+    let now = net.now;
+    // Cache: published on node 2 with no subscriber anywhere, found from node 0.
+    let channels = vec!["cache-c".to_string()];
+    assert!(net.nodes[2]
+        .core
+        .publish(
+            now,
+            AppIdx(0),
+            &PublishRequest {
+                name: "last",
+                data: "7",
+                channels: &channels,
+                exclude_socket: None
+            }
+        )
+        .is_ok());
+    net.pump(2);
+    net.settle();
+    let late = net.open(0);
+    net.subscribe(0, late, "cache-c");
+    assert_eq!(
+        net.received(0, late, "last"),
+        1,
+        "cached event found on another node"
+    );
+    // Sign-in on node 1 with a watchlist; the watched user signs in on node 2.
+    let signin = |net: &mut Net, i: usize, c: ConnId, data: &str| {
+        let sig = sign::sign(SECRET, &sign::signin_string(&Net::socket(i, c), data));
+        net.frame(i, c, serde_json::json!({"event":"pusher:signin","data":{"auth":format!("{KEY}:{sig}"),"user_data":data}}));
+    };
+    let watcher = net.open(1);
+    signin(&mut net, 1, watcher, r#"{"id":"w","watchlist":["u"]}"#);
+    let u = net.open(2);
+    signin(&mut net, 2, u, r#"{"id":"u"}"#);
+    net.settle();
+    let online = net.nodes[1].inbox.get(&watcher.0).map_or(0, |v| {
+        v.iter()
+            .filter(|f| {
+                f["event"] == "pusher_internal:watchlist_events"
+                    && f["data"]["events"][0]["user_ids"][0] == "u"
+            })
+            .count()
+    });
+    assert_eq!(
+        online, 1,
+        "watcher on node 1 told that u came online on node 2"
+    );
+    // terminate_connections on node 0 closes u's connection on node 2.
+    net.nodes[0].core.terminate_user(AppIdx(0), "u");
+    net.pump(0);
+    net.settle();
+    let errors = net.received(2, u, "pusher:error");
+    assert_eq!(errors, 1, "u got the 4009 error before its close");
+    // sendToUser through node 0 reaches u's #server-to-user channel on node 2.
+    let v = net.open(2);
+    signin(&mut net, 2, v, r#"{"id":"v"}"#);
+    net.frame(
+        2,
+        v,
+        serde_json::json!({"event":"pusher:subscribe","data":{"channel":"#server-to-user-v"}}),
+    );
+    net.settle();
+    let to_user = vec!["#server-to-user-v".to_string()];
+    assert!(net.nodes[0]
+        .core
+        .publish(
+            now,
+            AppIdx(0),
+            &PublishRequest {
+                name: "hi",
+                data: "{}",
+                channels: &to_user,
+                exclude_socket: None
+            }
+        )
+        .is_ok());
+    net.pump(0);
+    net.settle();
+    assert_eq!(net.received(2, v, "hi"), 1);
+}
+
+#[test]
+fn a_sync_of_100k_channels_is_one_frame_and_applies() {
+    let mut net = Net::new();
+    let c = net.open(0);
+    for k in 0..100_000 {
+        net.nodes[0].core.handle_frame(
+            net.now,
+            c,
+            &format!(r#"{{"event":"pusher:subscribe","data":{{"channel":"ch-{k}"}}}}"#),
+        );
+    }
+    // Drop the 100k subscription_succeeded frames and the deltas in flight.
+    net.pump(0);
+    net.settle();
+    assert_eq!(
+        net.nodes[1]
+            .core
+            .channels(net.now, AppIdx(0), None, false)
+            .map(|v| v.len())
+            .unwrap_or(0),
+        100_000
+    );
+    // A fresh link carries everything in one Sync frame.
+    net.cut(0, 1);
+    net.connect(0, 1);
+    let frames = net.links.get(&(0, 1)).map_or(0, VecDeque::len);
+    assert_eq!(frames, 1, "one sync frame");
+    let bytes = net
+        .links
+        .get(&(0, 1))
+        .and_then(|q| q.front())
+        .map_or(0, |f| f.len());
+    assert!(
+        bytes < 4 * 1024 * 1024,
+        "sync of 100k channels is {bytes} bytes"
+    );
+    net.settle();
+    assert_eq!(
+        net.nodes[1]
+            .core
+            .channels(net.now, AppIdx(0), None, false)
+            .map(|v| v.len())
+            .unwrap_or(0),
+        100_000
+    );
 }
