@@ -1,0 +1,547 @@
+//! Scenarios: fanout, channels, connections, cluster.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use pushmesh_protocol::sign;
+use serde::Serialize;
+use tokio::net::TcpSocket;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::procstat;
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Where the server is and how to talk to it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Host (IP) of the WebSocket / API port.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// App id.
+    pub app_id: String,
+    /// App key.
+    pub key: String,
+    /// App secret.
+    pub secret: String,
+    /// The server's pid, for CPU time and RSS.
+    pub pid: Option<u32>,
+}
+
+/// How to load it.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Subscribers.
+    pub subscribers: usize,
+    /// Subscribers per channel (fanout: all on one).
+    pub group: usize,
+    /// Publishes per second; 0: as fast as accepted.
+    pub rate: u64,
+    /// How long to publish.
+    pub duration: Duration,
+    /// Payload padding, bytes.
+    pub payload: usize,
+    /// Loopback source addresses to spread client sockets over (127.0.0.x).
+    pub source_addrs: u8,
+    /// Print progress to stderr.
+    pub progress: bool,
+    /// Added to the embedded send time (tests: proves latency comes from it).
+    pub ts_offset_us: i64,
+    /// Publish through this target instead (cluster scenario).
+    pub publish_via: Option<Target>,
+    /// How long to wait for outstanding deliveries after publishing.
+    pub drain: Duration,
+}
+
+/// Percentiles in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: f64,
+    /// 90th.
+    pub p90: f64,
+    /// 99th.
+    pub p99: f64,
+    /// 99.9th.
+    pub p999: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        let ms = |us: u64| us as f64 / 1000.0;
+        if h.is_empty() {
+            return Self::default();
+        }
+        Self {
+            p50: ms(h.value_at_quantile(0.5)),
+            p90: ms(h.value_at_quantile(0.9)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// Subscribers.
+    pub subscribers: usize,
+    /// Events published (accepted by the API).
+    pub published: u64,
+    /// Deliveries expected.
+    pub expected: u64,
+    /// Deliveries received (duplicates included).
+    pub delivered: u64,
+    /// Expected deliveries never received.
+    pub lost: u64,
+    /// Deliveries received more than once.
+    pub duplicated: u64,
+    /// Publishing time, seconds.
+    pub seconds: f64,
+    /// Deliveries per second over the publishing time.
+    pub deliveries_per_sec: f64,
+    /// Server CPU seconds during the run (with --pid).
+    pub server_cpu_seconds: Option<f64>,
+    /// Server CPU microseconds per delivery (with --pid).
+    pub server_cpu_us_per_delivery: Option<f64>,
+    /// HTTP publish call latency.
+    pub publish_ms: Percentiles,
+    /// Publish → receive latency, from the timestamps inside the events.
+    pub latency_ms: Percentiles,
+    /// Server RSS per connection, KiB (connections scenario, with --pid).
+    pub rss_kib_per_connection: Option<f64>,
+    /// Extra latency of the cluster hop (cluster scenario): p50, p99 in ms.
+    pub hop_extra_ms: Option<(f64, f64)>,
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Pulls `seq` and `ts` out of a delivered frame (data double-encoded or not).
+pub fn parse_event(text: &str) -> Option<(u64, i64)> {
+    fn num_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+        let i = text.find(key)? + key.len();
+        let rest = text[i..].trim_start_matches(['\\', '"', ':']);
+        let end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '-'))
+            .unwrap_or(rest.len());
+        Some(&rest[..end])
+    }
+    let seq = num_after(text, "seq")?.parse().ok()?;
+    let ts = num_after(text, "\"ts")
+        .or_else(|| num_after(text, "\\\"ts"))?
+        .parse()
+        .ok()?;
+    Some((seq, ts))
+}
+
+fn src_ip(i: usize, n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % n.max(1) as usize) as u8))
+}
+
+async fn ws_connect(t: &Target, src: IpAddr) -> anyhow::Result<Ws> {
+    let addr: SocketAddr = format!("{}:{}", t.host, t.port)
+        .parse()
+        .context("bad host:port")?;
+    let sock = TcpSocket::new_v4()?;
+    if addr.ip().is_loopback() {
+        sock.bind(SocketAddr::new(src, 0))?;
+    }
+    let stream = sock.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let url = format!(
+        "ws://{}:{}/app/{}?protocol=7&client=pushmesh-bench&version=1",
+        t.host, t.port, t.key
+    );
+    let (ws, _) = tokio_tungstenite::client_async(url, stream).await?;
+    Ok(ws)
+}
+
+async fn next_text(ws: &mut Ws) -> anyhow::Result<String> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(15), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return Ok(t.to_string()),
+            Ok(Some(Ok(Message::Ping(p)))) => ws.send(Message::Pong(p)).await?,
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(e))) => bail!("websocket error: {e}"),
+            Ok(None) => bail!("connection closed"),
+            Err(_) => bail!("timed out waiting for the server"),
+        }
+    }
+}
+
+/// A subscribed client.
+pub async fn subscribe(t: &Target, channel: &str, src: IpAddr) -> anyhow::Result<Ws> {
+    let mut ws = ws_connect(t, src).await?;
+    let first = next_text(&mut ws).await?;
+    if !first.contains("connection_established") {
+        bail!("unexpected first frame: {first}");
+    }
+    let sub = format!(r#"{{"event":"pusher:subscribe","data":{{"channel":"{channel}"}}}}"#);
+    ws.send(Message::Text(sub.into())).await?;
+    loop {
+        let t = next_text(&mut ws).await?;
+        if t.contains("subscription_succeeded") {
+            return Ok(ws);
+        }
+        if t.contains("subscription_error") || t.contains("pusher:error") {
+            bail!("subscription refused: {t}");
+        }
+    }
+}
+
+struct SubResult {
+    hist: Histogram<u64>,
+    received: u64,
+    unique: u64,
+}
+
+/// One subscriber's receive loop: latency and a bitset of seen sequence numbers.
+async fn receive(
+    mut ws: Ws,
+    stop: Arc<AtomicBool>,
+    total: Arc<AtomicU64>,
+    ts_offset: i64,
+) -> SubResult {
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!());
+    let mut seen: Vec<u64> = Vec::new();
+    let (mut received, mut unique) = (0u64, 0u64);
+    while !stop.load(Ordering::Relaxed) {
+        let msg = match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+            Err(_) => continue,
+            Ok(Some(Ok(m))) => m,
+            Ok(_) => break,
+        };
+        let Message::Text(text) = msg else {
+            if let Message::Ping(p) = msg {
+                let _ = ws.send(Message::Pong(p)).await;
+            }
+            continue;
+        };
+        if !text.contains("\"bench\"") {
+            continue;
+        }
+        let Some((seq, ts)) = parse_event(text.as_str()) else {
+            continue;
+        };
+        let lat = (now_us() - ts + ts_offset).max(1) as u64;
+        let _ = hist.record(lat.min(60_000_000));
+        received += 1;
+        total.fetch_add(1, Ordering::Relaxed);
+        let (w, b) = ((seq / 64) as usize, seq % 64);
+        if seen.len() <= w {
+            seen.resize(w + 1, 0);
+        }
+        if seen[w] & (1 << b) == 0 {
+            seen[w] |= 1 << b;
+            unique += 1;
+        }
+    }
+    let _ = ws.close(None).await;
+    SubResult {
+        hist,
+        received,
+        unique,
+    }
+}
+
+fn signed_url(t: &Target, path: &str, body: &str) -> String {
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let md5 = sign::body_md5(body.as_bytes());
+    let q = format!(
+        "auth_key={}&auth_timestamp={ts}&auth_version=1.0&body_md5={md5}",
+        t.key
+    );
+    let sig = sign::sign(&t.secret, &format!("POST\n{path}\n{q}"));
+    format!(
+        "http://{}:{}{path}?{q}&auth_signature={sig}",
+        t.host, t.port
+    )
+}
+
+/// Publishes `bench` events, round-robin over `channels`; returns (published per channel, HTTP latency).
+async fn publish_loop(
+    t: &Target,
+    channels: &[String],
+    opts: &LoadOptions,
+) -> anyhow::Result<(Vec<u64>, Histogram<u64>, f64)> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut per_channel = vec![0u64; channels.len()];
+    let path = format!("/apps/{}/events", t.app_id);
+    let pad = "x".repeat(opts.payload);
+    let start = Instant::now();
+    let interval = (opts.rate > 0).then(|| Duration::from_secs_f64(1.0 / opts.rate as f64));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut seq = 0u64;
+    let mut last_progress = Instant::now();
+    while start.elapsed() < opts.duration {
+        if let Some(iv) = interval {
+            let due = start + iv.mul_f64(seq as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let ch = (seq as usize) % channels.len();
+        let data = format!(
+            r#"{{"seq":{seq},"ts":{},"pad":"{pad}"}}"#,
+            now_us() - opts.ts_offset_us
+        );
+        let body =
+            serde_json::json!({"name": "bench", "channel": channels[ch], "data": data}).to_string();
+        let url = signed_url(t, &path, &body);
+        let permit = in_flight.clone().acquire_owned().await?;
+        let c = client.clone();
+        tasks.spawn(async move {
+            let _p = permit;
+            let t0 = Instant::now();
+            let ok = c
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            (ok, t0.elapsed().as_micros() as u64)
+        });
+        per_channel[ch] += 1;
+        seq += 1;
+        while let Some(r) = tasks.try_join_next() {
+            if let Ok((ok, us)) = r {
+                if ok {
+                    let _ = hist.record(us.max(1));
+                }
+            }
+        }
+        if opts.progress && last_progress.elapsed() > Duration::from_secs(1) {
+            eprintln!(
+                "  published {seq} in {:.1} s",
+                start.elapsed().as_secs_f64()
+            );
+            last_progress = Instant::now();
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        if let Ok((ok, us)) = r {
+            if ok {
+                let _ = hist.record(us.max(1));
+            } else {
+                bail!("the server refused a publish");
+            }
+        }
+    }
+    Ok((per_channel, hist, start.elapsed().as_secs_f64()))
+}
+
+/// fanout (group = subscribers) and channels (group = K).
+pub async fn run_pubsub(scenario: &str, t: &Target, opts: &LoadOptions) -> anyhow::Result<Report> {
+    let group = opts.group.clamp(1, opts.subscribers.max(1));
+    let nchan = opts.subscribers.div_ceil(group).max(1);
+    let run = format!("{:x}", now_us() & 0xffffff);
+    let channels: Vec<String> = (0..nchan).map(|c| format!("bench-{run}-{c}")).collect();
+    if opts.progress {
+        eprintln!(
+            "{scenario}: {} subscribers on {nchan} channel(s)",
+            opts.subscribers
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let total = Arc::new(AtomicU64::new(0));
+    let mut subs = Vec::with_capacity(opts.subscribers);
+    let mut sub_channel = Vec::with_capacity(opts.subscribers);
+    for i in 0..opts.subscribers {
+        let ch = i / group;
+        let ws = subscribe(t, &channels[ch], src_ip(i, opts.source_addrs))
+            .await
+            .with_context(|| format!("subscriber {i}"))?;
+        subs.push(tokio::spawn(receive(
+            ws,
+            stop.clone(),
+            total.clone(),
+            opts.ts_offset_us,
+        )));
+        sub_channel.push(ch);
+        if opts.progress && (i + 1) % 1000 == 0 {
+            eprintln!("  {} subscribed", i + 1);
+        }
+    }
+    // Publishing through another node: its view of the subscribers arrives
+    // over the cluster link; wait until it reports every channel occupied.
+    if let Some(via) = &opts.publish_via {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for ch in &channels {
+            while !channel_occupied(via, ch).await {
+                if Instant::now() > deadline {
+                    bail!("the publishing node never saw the subscribers (same cluster?)");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let cpu0 = t.pid.and_then(procstat::cpu_seconds);
+    let via = opts.publish_via.as_ref().unwrap_or(t);
+    let (per_channel, pub_hist, secs) = publish_loop(via, &channels, opts).await?;
+    let expected: u64 = sub_channel.iter().map(|c| per_channel[*c]).sum();
+    // Wait for the deliveries to arrive (bounded).
+    let deadline = Instant::now() + opts.drain;
+    while total.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cpu1 = t.pid.and_then(procstat::cpu_seconds);
+    stop.store(true, Ordering::Relaxed);
+    let mut lat = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut delivered, mut unique) = (0u64, 0u64);
+    for s in subs {
+        let r = s.await?;
+        lat.add(&r.hist)?;
+        delivered += r.received;
+        unique += r.unique;
+    }
+    let cpu = cpu0.zip(cpu1).map(|(a, b)| b - a);
+    Ok(Report {
+        scenario: scenario.into(),
+        subscribers: opts.subscribers,
+        published: per_channel.iter().sum(),
+        expected,
+        delivered,
+        lost: expected.saturating_sub(unique),
+        duplicated: delivered - unique,
+        seconds: secs,
+        deliveries_per_sec: delivered as f64 / secs.max(1e-9),
+        server_cpu_seconds: cpu,
+        server_cpu_us_per_delivery: cpu.map(|c| c * 1e6 / delivered.max(1) as f64),
+        publish_ms: Percentiles::of(&pub_hist),
+        latency_ms: Percentiles::of(&lat),
+        rss_kib_per_connection: None,
+        hop_extra_ms: None,
+    })
+}
+
+/// connections: N idle subscribed connections, held; RSS per connection.
+pub async fn run_connections(
+    t: &Target,
+    n: usize,
+    hold: Duration,
+    opts: &LoadOptions,
+) -> anyhow::Result<Report> {
+    let rss0 = t.pid.and_then(procstat::rss_kib);
+    let mut conns = Vec::with_capacity(n);
+    let start = Instant::now();
+    for i in 0..n {
+        let ws = subscribe(t, &format!("idle-{i}"), src_ip(i, opts.source_addrs))
+            .await
+            .with_context(|| format!("connection {i}"))?;
+        conns.push(ws);
+        if opts.progress && (i + 1) % 1000 == 0 {
+            eprintln!("  {} connections", i + 1);
+        }
+    }
+    tokio::time::sleep(hold).await;
+    let rss1 = t.pid.and_then(procstat::rss_kib);
+    let secs = start.elapsed().as_secs_f64();
+    for mut c in conns {
+        let _ = c.close(None).await;
+    }
+    Ok(Report {
+        scenario: "connections".into(),
+        subscribers: n,
+        seconds: secs,
+        rss_kib_per_connection: rss0
+            .zip(rss1)
+            .map(|(a, b)| (b as f64 - a as f64) / n.max(1) as f64),
+        ..Report::default()
+    })
+}
+
+/// cluster: subscribers on `t`, publishes through `t` then through `via`; the hop's extra latency.
+pub async fn run_cluster(t: &Target, via: &Target, opts: &LoadOptions) -> anyhow::Result<Report> {
+    let mut local_opts = opts.clone();
+    local_opts.publish_via = None;
+    let local = run_pubsub("cluster-local", t, &local_opts).await?;
+    let mut remote_opts = opts.clone();
+    remote_opts.publish_via = Some(via.clone());
+    let mut remote = run_pubsub("cluster", t, &remote_opts).await?;
+    remote.hop_extra_ms = Some((
+        remote.latency_ms.p50 - local.latency_ms.p50,
+        remote.latency_ms.p99 - local.latency_ms.p99,
+    ));
+    Ok(remote)
+}
+
+/// Whether `via` reports the channel occupied (signed `GET /channels/{c}`).
+async fn channel_occupied(via: &Target, channel: &str) -> bool {
+    let path = format!("/apps/{}/channels/{channel}", via.app_id);
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let q = format!("auth_key={}&auth_timestamp={ts}&auth_version=1.0", via.key);
+    let sig = sign::sign(&via.secret, &format!("GET\n{path}\n{q}"));
+    let url = format!(
+        "http://{}:{}{path}?{q}&auth_signature={sig}",
+        via.host, via.port
+    );
+    match reqwest::get(url).await {
+        Ok(r) => r
+            .text()
+            .await
+            .is_ok_and(|b| b.contains("\"occupied\":true")),
+        Err(_) => false,
+    }
+}
+
+/// A one-screen table of a report.
+pub fn table(r: &Report) -> String {
+    let opt = |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |x| format!("{x:.2} {unit}"));
+    let mut s = format!(
+        "scenario            {}\nsubscribers         {}\npublished           {}\ndelivered           {} of {} expected\nlost / duplicated   {} / {}\ndeliveries/s        {:.0}\nserver CPU          {}\nserver CPU/delivery {}\npublish HTTP ms     p50 {:.2}  p99 {:.2}  max {:.2}\nlatency ms          p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
+        r.scenario, r.subscribers, r.published, r.delivered, r.expected, r.lost, r.duplicated,
+        r.deliveries_per_sec, opt(r.server_cpu_seconds, "s"), opt(r.server_cpu_us_per_delivery, "µs"),
+        r.publish_ms.p50, r.publish_ms.p99, r.publish_ms.max,
+        r.latency_ms.p50, r.latency_ms.p90, r.latency_ms.p99, r.latency_ms.p999, r.latency_ms.max,
+    );
+    if let Some(k) = r.rss_kib_per_connection {
+        s.push_str(&format!("RSS/connection      {k:.2} KiB\n"));
+    }
+    if let Some((p50, p99)) = r.hop_extra_ms {
+        s.push_str(&format!(
+            "cluster hop extra   p50 {p50:.3} ms  p99 {p99:.3} ms\n"
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_double_encoded_and_plain() {
+        assert_eq!(
+            parse_event(
+                r#"{"event":"bench","channel":"c","data":"{\"seq\":42,\"ts\":1700,\"pad\":\"\"}"}"#
+            ),
+            Some((42, 1700))
+        );
+        assert_eq!(parse_event(r#"{"seq":7,"ts":-5}"#), Some((7, -5)));
+        assert_eq!(parse_event("nothing"), None);
+    }
+}
