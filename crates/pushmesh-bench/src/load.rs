@@ -204,6 +204,38 @@ pub async fn subscribe(t: &Target, channel: &str, src: IpAddr) -> anyhow::Result
     }
 }
 
+/// Opens and subscribes many clients, 128 handshakes at a time.
+async fn subscribe_many(
+    t: &Target,
+    channels: Vec<String>,
+    opts: &LoadOptions,
+) -> anyhow::Result<Vec<Ws>> {
+    use futures_util::stream::{self, TryStreamExt};
+    let n = channels.len();
+    let done = AtomicU64::new(0);
+    let progress = opts.progress;
+    let source_addrs = opts.source_addrs;
+    let done = &done;
+    stream::iter(channels.into_iter().enumerate().map(Ok::<_, anyhow::Error>))
+        .map_ok(|(i, ch)| async move {
+            let ws = subscribe(t, &ch, src_ip(i, source_addrs))
+                .await
+                .with_context(|| format!("client {i}"))?;
+            let k = done.fetch_add(1, Ordering::Relaxed) + 1;
+            if progress && k % 1000 == 0 {
+                eprintln!("  {k} of {n} subscribed");
+            }
+            Ok::<_, anyhow::Error>((i, ws))
+        })
+        .try_buffer_unordered(128)
+        .try_collect::<Vec<_>>()
+        .await
+        .map(|mut v| {
+            v.sort_by_key(|(i, _)| *i);
+            v.into_iter().map(|(_, ws)| ws).collect()
+        })
+}
+
 struct SubResult {
     hist: Histogram<u64>,
     received: u64,
@@ -366,24 +398,13 @@ pub async fn run_pubsub(scenario: &str, t: &Target, opts: &LoadOptions) -> anyho
     }
     let stop = Arc::new(AtomicBool::new(false));
     let total = Arc::new(AtomicU64::new(0));
-    let mut subs = Vec::with_capacity(opts.subscribers);
-    let mut sub_channel = Vec::with_capacity(opts.subscribers);
-    for i in 0..opts.subscribers {
-        let ch = i / group;
-        let ws = subscribe(t, &channels[ch], src_ip(i, opts.source_addrs))
-            .await
-            .with_context(|| format!("subscriber {i}"))?;
-        subs.push(tokio::spawn(receive(
-            ws,
-            stop.clone(),
-            total.clone(),
-            opts.ts_offset_us,
-        )));
-        sub_channel.push(ch);
-        if opts.progress && (i + 1) % 1000 == 0 {
-            eprintln!("  {} subscribed", i + 1);
-        }
-    }
+    let sub_channel: Vec<usize> = (0..opts.subscribers).map(|i| i / group).collect();
+    let names = sub_channel.iter().map(|c| channels[*c].clone()).collect();
+    let subs: Vec<_> = subscribe_many(t, names, opts)
+        .await?
+        .into_iter()
+        .map(|ws| tokio::spawn(receive(ws, stop.clone(), total.clone(), opts.ts_offset_us)))
+        .collect();
     // Publishing through another node: its view of the subscribers arrives
     // over the cluster link; wait until it reports every channel occupied.
     if let Some(via) = &opts.publish_via {
@@ -444,17 +465,8 @@ pub async fn run_connections(
     opts: &LoadOptions,
 ) -> anyhow::Result<Report> {
     let rss0 = t.pid.and_then(procstat::rss_kib);
-    let mut conns = Vec::with_capacity(n);
     let start = Instant::now();
-    for i in 0..n {
-        let ws = subscribe(t, &format!("idle-{i}"), src_ip(i, opts.source_addrs))
-            .await
-            .with_context(|| format!("connection {i}"))?;
-        conns.push(ws);
-        if opts.progress && (i + 1) % 1000 == 0 {
-            eprintln!("  {} connections", i + 1);
-        }
-    }
+    let conns = subscribe_many(t, (0..n).map(|i| format!("idle-{i}")).collect(), opts).await?;
     tokio::time::sleep(hold).await;
     let rss1 = t.pid.and_then(procstat::rss_kib);
     let secs = start.elapsed().as_secs_f64();

@@ -49,7 +49,14 @@ fn drain(c: &mut Core) -> usize {
 fn frame_encoding(c: &mut Criterion) {
     let data = r#"{"seq":12345,"ts":1700000000000000,"msg":"hello world"}"#;
     c.bench_function("encode channel_event (60 B data)", |b| {
-        b.iter(|| server::channel_event(black_box("bench"), black_box("my-channel"), black_box(data), None))
+        b.iter(|| {
+            server::channel_event(
+                black_box("bench"),
+                black_box("my-channel"),
+                black_box(data),
+                None,
+            )
+        })
     });
 }
 
@@ -61,14 +68,27 @@ fn fanout(c: &mut Criterion) {
         for i in 0..n {
             let conn = ConnId(i as u64 + 1);
             let _ = core.open(now, AppIdx(0), conn);
-            core.handle_frame(now, conn, r#"{"event":"pusher:subscribe","data":{"channel":"fan"}}"#);
+            core.handle_frame(
+                now,
+                conn,
+                r#"{"event":"pusher:subscribe","data":{"channel":"fan"}}"#,
+            );
         }
         drain(&mut core);
         let channels = vec!["fan".to_string()];
         g.throughput(Throughput::Elements(n as u64));
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
-                let r = core.publish(now, AppIdx(0), &PublishRequest { name: "e", data: r#"{"x":1}"#, channels: &channels, exclude_socket: None });
+                let r = core.publish(
+                    now,
+                    AppIdx(0),
+                    &PublishRequest {
+                        name: "e",
+                        data: r#"{"x":1}"#,
+                        channels: &channels,
+                        exclude_socket: None,
+                    },
+                );
                 black_box(r.is_ok());
                 drain(&mut core)
             })
@@ -87,22 +107,52 @@ fn interest_lookup(c: &mut Criterion) {
     drain(&mut core);
     // Feed interest the way peers do: one Sync per peer with 100k channels.
     for p in 0..3 {
-        let interest: Vec<(String, String)> = (0..100_000).map(|k| ("1".to_string(), format!("ch-{p}-{k}"))).collect();
-        let frame = pushmesh_core::PeerFrame::Sync { epoch: 1, seq: 1, state: pushmesh_core::cluster::Snapshot { interest, ..Default::default() } };
+        let interest: Vec<(String, String)> = (0..100_000)
+            .map(|k| ("1".to_string(), format!("ch-{p}-{k}")))
+            .collect();
+        let frame = pushmesh_core::PeerFrame::Sync {
+            epoch: 1,
+            seq: 1,
+            state: pushmesh_core::cluster::Snapshot {
+                interest,
+                ..Default::default()
+            },
+        };
         let _ = core.handle_peer_frame(now, &NodeId::new(&format!("peer-{p}")), &frame.encode());
     }
     drain(&mut core);
     let hit = vec!["ch-1-54321".to_string()];
     let miss = vec!["nobody-here".to_string()];
-    c.bench_function("route publish, 300k remote channels, interested peer", |b| {
-        b.iter(|| {
-            let _ = core.publish(now, AppIdx(0), &PublishRequest { name: "e", data: "{}", channels: &hit, exclude_socket: None });
-            drain(&mut core)
-        })
-    });
+    c.bench_function(
+        "route publish, 300k remote channels, interested peer",
+        |b| {
+            b.iter(|| {
+                let _ = core.publish(
+                    now,
+                    AppIdx(0),
+                    &PublishRequest {
+                        name: "e",
+                        data: "{}",
+                        channels: &hit,
+                        exclude_socket: None,
+                    },
+                );
+                drain(&mut core)
+            })
+        },
+    );
     c.bench_function("route publish, 300k remote channels, no interest", |b| {
         b.iter(|| {
-            let _ = core.publish(now, AppIdx(0), &PublishRequest { name: "e", data: "{}", channels: &miss, exclude_socket: None });
+            let _ = core.publish(
+                now,
+                AppIdx(0),
+                &PublishRequest {
+                    name: "e",
+                    data: "{}",
+                    channels: &miss,
+                    exclude_socket: None,
+                },
+            );
             drain(&mut core)
         })
     });
@@ -117,14 +167,37 @@ fn signatures(c: &mut Criterion) {
         ("auth_version".to_string(), "1.0".to_string()),
         ("body_md5".to_string(), sign::body_md5(body.as_bytes())),
     ];
-    let s = sign::sign("7ad3773142a6692b25b8", &sign::api_string_to_sign("POST", "/apps/3/events", &q));
+    let s = sign::sign(
+        "7ad3773142a6692b25b8",
+        &sign::api_string_to_sign("POST", "/apps/3/events", &q),
+    );
     q.push(("auth_signature".to_string(), s));
     c.bench_function("verify signed HTTP API request", |b| {
-        b.iter(|| sign::verify_api_request("POST", "/apps/3/events", black_box(&q), body.as_bytes(), "278d425bdf160c739803", "7ad3773142a6692b25b8", 1353088179))
+        b.iter(|| {
+            sign::verify_api_request(
+                "POST",
+                "/apps/3/events",
+                black_box(&q),
+                body.as_bytes(),
+                "278d425bdf160c739803",
+                "7ad3773142a6692b25b8",
+                1353088179,
+            )
+        })
     });
-    let auth = format!("278d425bdf160c739803:{}", sign::sign("7ad3773142a6692b25b8", "1234.1234:private-foobar"));
+    let auth = format!(
+        "278d425bdf160c739803:{}",
+        sign::sign("7ad3773142a6692b25b8", "1234.1234:private-foobar")
+    );
     c.bench_function("verify private channel auth", |b| {
-        b.iter(|| sign::verify_client_auth("278d425bdf160c739803", "7ad3773142a6692b25b8", black_box(&auth), "1234.1234:private-foobar"))
+        b.iter(|| {
+            sign::verify_client_auth(
+                "278d425bdf160c739803",
+                "7ad3773142a6692b25b8",
+                black_box(&auth),
+                "1234.1234:private-foobar",
+            )
+        })
     });
 }
 

@@ -80,7 +80,7 @@ pub async fn pusher_ws(
             None => Admission::Refuse(CloseCode::AppNotFound, format!("no app with key {key:?}")),
         },
     };
-    ws.read_buffer_size(4096)
+    ws.read_buffer_size(1024)
         .write_buffer_size(0)
         // The transport's hard cap; messages over max_message_bytes but under
         // this get a pusher:error and a clean 1009 close (see run_connection).
@@ -167,13 +167,18 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
     let mut keepalive = Keepalive::new(opened, st.config.activity_timeout, st.config.pong_timeout);
     let signin_deadline = requires_signin.then(|| opened + st.config.signin_timeout);
     let mut signin_checked = false;
+    // One timer each for keepalive and sign-in, reset only when their
+    // deadline moves (not re-armed for every message).
+    let mut ka_deadline = keepalive.deadline();
+    let ka_sleep = sleep_until(ka_deadline.into());
+    tokio::pin!(ka_sleep);
+    let signin_sleep = sleep_until(signin_deadline.unwrap_or(opened).into());
+    tokio::pin!(signin_sleep);
     let end = loop {
-        let signin_wait = async {
-            match signin_deadline {
-                Some(d) if !signin_checked => sleep_until(d.into()).await,
-                _ => std::future::pending().await,
-            }
-        };
+        if keepalive.deadline() != ka_deadline {
+            ka_deadline = keepalive.deadline();
+            ka_sleep.as_mut().reset(ka_deadline.into());
+        }
         tokio::select! {
             biased;
             req = &mut close_rx => match req {
@@ -224,9 +229,9 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
                     }
                 }
             }
-            _ = sleep_until(keepalive.deadline().into()) => {
+            () = &mut ka_sleep => {
                 match keepalive.poll(Instant::now()) {
-                    KeepaliveAction::Wait => {}
+                    KeepaliveAction::Wait => ka_sleep.as_mut().reset(keepalive.deadline().into()),
                     KeepaliveAction::SendPing => {
                         if let Ok(t) = Utf8Bytes::try_from(server::ping()) {
                             if timeout(WRITE_TIMEOUT, socket.send(Message::Text(t))).await.map_or(true, |r| r.is_err()) {
@@ -240,7 +245,7 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
                     }),
                 }
             }
-            _ = signin_wait => {
+            () = &mut signin_sleep, if signin_deadline.is_some() && !signin_checked => {
                 signin_checked = true;
                 let mut hub = st.lock();
                 hub.core.signin_deadline(conn);

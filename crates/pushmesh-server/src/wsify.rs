@@ -98,7 +98,7 @@ pub async fn wsify_ws(
             }
         }
     }
-    ws.read_buffer_size(4096)
+    ws.read_buffer_size(1024)
         .write_buffer_size(0)
         .max_message_size(st.config.max_message_bytes)
         .max_frame_size(st.config.max_message_bytes)
@@ -155,7 +155,14 @@ async fn run_wsify(
     let authz = st.authorizer(app);
     let identity = json!({ "id": socket_id, "query": query });
     let mut keepalive = Keepalive::new(opened, st.config.activity_timeout, st.config.pong_timeout);
+    let mut ka_deadline = keepalive.deadline();
+    let ka_sleep = sleep_until(ka_deadline.into());
+    tokio::pin!(ka_sleep);
     let end = loop {
+        if keepalive.deadline() != ka_deadline {
+            ka_deadline = keepalive.deadline();
+            ka_sleep.as_mut().reset(ka_deadline.into());
+        }
         tokio::select! {
             biased;
             req = &mut close_rx => match req {
@@ -200,9 +207,9 @@ async fn run_wsify(
                     Handled::Close(why) => break End::Close(WS_TRY_AGAIN_LATER, why),
                 }
             }
-            _ = sleep_until(keepalive.deadline().into()) => {
+            () = &mut ka_sleep => {
                 match keepalive.poll(Instant::now()) {
-                    KeepaliveAction::Wait => {}
+                    KeepaliveAction::Wait => ka_sleep.as_mut().reset(keepalive.deadline().into()),
                     KeepaliveAction::SendPing => {
                         if !matches!(timeout(WRITE_TIMEOUT, socket.send(Message::Ping(Bytes::new()))).await, Ok(Ok(()))) {
                             break End::Gone;

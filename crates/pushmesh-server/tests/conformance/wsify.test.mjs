@@ -41,6 +41,12 @@ async function wsify(port, query = '', headers = {}) {
   };
 }
 
+/** Waits until the server counts `n` subscribers of `channel` (wsify joins are not acknowledged). */
+async function joined(port, channel, n) {
+  const api = serverSdk(port);
+  await until(async () => (await (await api.get({ path: `/channels/${channel}`, params: { info: 'subscription_count' } })).json()).subscription_count === n, `${n} members of ${channel}`);
+}
+
 /** The authorizer: answers by mode, records every call. */
 async function authorizer() {
   const calls = [];
@@ -69,7 +75,8 @@ test('join, broadcast, leave; raw and envelope frames; joining twice delivers on
   raw.send({ command: 'join', args: { channel: 'hello' } });
   raw.send({ command: 'join', args: { channel: 'hello' } });
   env.send({ command: 'join', args: { channel: 'hello' } });
-  // Commands of a connection are handled in order: a broadcast after the joins is seen by both.
+  // wsify has no join acknowledgement: wait until the server counts both members.
+  await joined(srv.port, 'hello', 2);
   env.send({ command: 'broadcast', args: { channel: 'hello', content: { msg: 'hi', n: [1, 2] } } });
   assert.deepEqual(await raw.waitFor((m) => m.msg === 'hi', 'raw content'), { msg: 'hi', n: [1, 2] });
   assert.deepEqual(await env.waitFor((m) => m.content && m.content.msg === 'hi', 'envelope'), { channel: 'hello', content: { msg: 'hi', n: [1, 2] } });
@@ -79,6 +86,7 @@ test('join, broadcast, leave; raw and envelope frames; joining twice delivers on
   // Leaving a channel never joined does not hang the connection.
   raw.send({ command: 'leave', args: { channel: 'never-joined' } });
   raw.send({ command: 'leave', args: { channel: 'hello' } });
+  await joined(srv.port, 'hello', 1);
   env.send({ command: 'broadcast', args: { channel: 'hello', content: 'third' } });
   await env.waitFor((m) => m.content === 'third', 'third at env');
   // A marker to raw on another channel proves 'third' never reached it.
@@ -98,6 +106,7 @@ test('malformed frames: error frame in envelope mode, never a re-run of the prev
   const other = await wsify(srv.port);
   other.send({ command: 'join', args: { channel: 'room' } });
   env.send({ command: 'join', args: { channel: 'room' } });
+  await joined(srv.port, 'room', 2);
   env.send({ command: 'broadcast', args: { channel: 'room', content: 1 } });
   await other.waitFor((m) => m === 1, 'first broadcast');
   env.send('{garbage');
