@@ -222,7 +222,7 @@ async fn subscribe_many(
                 .await
                 .with_context(|| format!("client {i}"))?;
             let k = done.fetch_add(1, Ordering::Relaxed) + 1;
-            if progress && k % 1000 == 0 {
+            if progress && k.is_multiple_of(1000) {
                 eprintln!("  {k} of {n} subscribed");
             }
             Ok::<_, anyhow::Error>((i, ws))
