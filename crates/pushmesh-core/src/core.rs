@@ -1298,6 +1298,31 @@ impl Core {
         Ok(())
     }
 
+    /// Per channel kind: (kind, occupied channels, subscriptions) on this node.
+    pub fn channel_stats(&self) -> Vec<(&'static str, usize, usize)> {
+        let mut out = [
+            ("public", 0, 0),
+            ("private", 0, 0),
+            ("private_encrypted", 0, 0),
+            ("presence", 0, 0),
+            ("server_to_user", 0, 0),
+        ];
+        for a in &self.apps {
+            for (name, ch) in &a.channels {
+                let i = match name.kind() {
+                    ChannelKind::Public => 0,
+                    ChannelKind::Private => 1,
+                    ChannelKind::PrivateEncrypted => 2,
+                    ChannelKind::Presence => 3,
+                    ChannelKind::ServerToUser => 4,
+                };
+                out[i].1 += 1;
+                out[i].2 += ch.count();
+            }
+        }
+        out.to_vec()
+    }
+
     /// Subscribers of a channel on this node only.
     pub fn local_subscriber_count(&self, app: AppIdx, channel: &str) -> usize {
         self.apps[app.0 as usize]

@@ -38,6 +38,9 @@ pub enum ApiError {
     /// 413.
     #[error("{0}")]
     TooLarge(String),
+    /// 429.
+    #[error("{0}")]
+    TooManyRequests(String),
 }
 
 impl From<PublishError> for ApiError {
@@ -63,6 +66,7 @@ impl IntoResponse for ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
         };
         tracing::debug!(status = status.as_u16(), error = %self, "api request refused");
         (status, Json(json!({ "error": self.to_string() }))).into_response()
@@ -127,6 +131,16 @@ async fn authenticate(
     )?;
     if !enabled {
         return Err(ApiError::Forbidden(format!("app {app_id:?} is disabled")));
+    }
+    if !st.api_limiter.allow(&app, Instant::now()) {
+        st.stats
+            .edge
+            .api_rate_limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Err(ApiError::TooManyRequests(format!(
+            "app {app_id:?} is over its API rate of {} requests per second",
+            st.config.api_requests_per_sec
+        )));
     }
     Ok(Authed { app, query, body })
 }

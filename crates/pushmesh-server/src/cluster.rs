@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use pushmesh_cluster::{tls, Cluster, ClusterConfig, ClusterEvent, KEY_INTEREST};
@@ -158,75 +158,58 @@ fn escape_label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// `GET /metrics`: Prometheus text.
-pub async fn metrics(State(st): State<Arc<Shared>>) -> Response {
-    let mut out = String::new();
-    let connections = st.lock().core.connection_count();
+/// The cluster section of `/metrics`.
+pub fn render_metrics(st: &Shared, out: &mut String) {
+    let Some(c) = &st.cluster else { return };
     let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let _ = writeln!(out, "# HELP pushmesh_connections Open WebSocket connections.\n# TYPE pushmesh_connections gauge\npushmesh_connections {connections}");
-    let _ = writeln!(out, "# HELP pushmesh_messages_published_total Events accepted for publishing.\n# TYPE pushmesh_messages_published_total counter\npushmesh_messages_published_total {}", l(&st.stats.published));
-    let _ = writeln!(out, "# HELP pushmesh_frames_queued_total Frames queued to client connections.\n# TYPE pushmesh_frames_queued_total counter\npushmesh_frames_queued_total {}", l(&st.stats.frames_queued));
-    let _ = writeln!(out, "# HELP pushmesh_slow_consumer_disconnects_total Clients closed because they could not keep up.\n# TYPE pushmesh_slow_consumer_disconnects_total counter\npushmesh_slow_consumer_disconnects_total {}", l(&st.stats.slow_consumers));
-    let w = &st.webhooks.stats;
-    let _ = writeln!(out, "# HELP pushmesh_webhooks_total Webhook events by outcome.\n# TYPE pushmesh_webhooks_total counter");
-    for (o, v) in [
-        ("sent", l(&w.sent)),
-        ("retried", l(&w.retried)),
-        ("dropped", l(&w.dropped)),
-    ] {
-        let _ = writeln!(out, "pushmesh_webhooks_total{{outcome=\"{o}\"}} {v}");
+    let counters = c.counters_snapshot();
+    let _ = writeln!(out, "# HELP pushmesh_cluster_frames_sent_total Frames sent to a peer.\n# TYPE pushmesh_cluster_frames_sent_total counter");
+    for (peer, k) in &counters {
+        let p = escape_label(peer.as_str());
+        let _ = writeln!(
+            out,
+            "pushmesh_cluster_frames_sent_total{{peer=\"{p}\",kind=\"data\"}} {}",
+            l(&k.data_sent)
+        );
+        let _ = writeln!(
+            out,
+            "pushmesh_cluster_frames_sent_total{{peer=\"{p}\",kind=\"control\"}} {}",
+            l(&k.control_sent)
+        );
     }
-    if let Some(c) = &st.cluster {
-        let counters = c.counters_snapshot();
-        let _ = writeln!(out, "# HELP pushmesh_cluster_frames_sent_total Frames sent to a peer.\n# TYPE pushmesh_cluster_frames_sent_total counter");
-        for (peer, k) in &counters {
-            let p = escape_label(peer.as_str());
-            let _ = writeln!(
-                out,
-                "pushmesh_cluster_frames_sent_total{{peer=\"{p}\",kind=\"data\"}} {}",
-                l(&k.data_sent)
-            );
-            let _ = writeln!(
-                out,
-                "pushmesh_cluster_frames_sent_total{{peer=\"{p}\",kind=\"control\"}} {}",
-                l(&k.control_sent)
-            );
-        }
-        let _ = writeln!(out, "# HELP pushmesh_cluster_frames_received_total Frames received from a peer.\n# TYPE pushmesh_cluster_frames_received_total counter");
-        for (peer, k) in &counters {
-            let p = escape_label(peer.as_str());
-            let _ = writeln!(
-                out,
-                "pushmesh_cluster_frames_received_total{{peer=\"{p}\",kind=\"data\"}} {}",
-                l(&k.data_received)
-            );
-            let _ = writeln!(
-                out,
-                "pushmesh_cluster_frames_received_total{{peer=\"{p}\",kind=\"control\"}} {}",
-                l(&k.control_received)
-            );
-        }
-        let _ = writeln!(out, "# HELP pushmesh_cluster_frames_dropped_total Frames dropped for a peer (queue full or link down).\n# TYPE pushmesh_cluster_frames_dropped_total counter");
-        for (peer, k) in &counters {
-            let _ = writeln!(
-                out,
-                "pushmesh_cluster_frames_dropped_total{{peer=\"{}\"}} {}",
-                escape_label(peer.as_str()),
-                l(&k.dropped)
-            );
-        }
-        let linked = c.linked_peers();
-        let _ = writeln!(out, "# HELP pushmesh_cluster_peer_link_up Whether the QUIC link to a peer is up.\n# TYPE pushmesh_cluster_peer_link_up gauge");
-        for (peer, _) in &counters {
-            let _ = writeln!(
-                out,
-                "pushmesh_cluster_peer_link_up{{peer=\"{}\"}} {}",
-                escape_label(peer.as_str()),
-                u8::from(linked.contains(peer))
-            );
-        }
-        let g = c.gossip_stats();
-        let _ = writeln!(out, "# HELP pushmesh_gossip_packets_rejected_total Gossip datagrams that failed authentication.\n# TYPE pushmesh_gossip_packets_rejected_total counter\npushmesh_gossip_packets_rejected_total {}", l(&g.rejected));
+    let _ = writeln!(out, "# HELP pushmesh_cluster_frames_received_total Frames received from a peer.\n# TYPE pushmesh_cluster_frames_received_total counter");
+    for (peer, k) in &counters {
+        let p = escape_label(peer.as_str());
+        let _ = writeln!(
+            out,
+            "pushmesh_cluster_frames_received_total{{peer=\"{p}\",kind=\"data\"}} {}",
+            l(&k.data_received)
+        );
+        let _ = writeln!(
+            out,
+            "pushmesh_cluster_frames_received_total{{peer=\"{p}\",kind=\"control\"}} {}",
+            l(&k.control_received)
+        );
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    let _ = writeln!(out, "# HELP pushmesh_cluster_frames_dropped_total Frames dropped for a peer (queue full or link down).\n# TYPE pushmesh_cluster_frames_dropped_total counter");
+    for (peer, k) in &counters {
+        let _ = writeln!(
+            out,
+            "pushmesh_cluster_frames_dropped_total{{peer=\"{}\"}} {}",
+            escape_label(peer.as_str()),
+            l(&k.dropped)
+        );
+    }
+    let linked = c.linked_peers();
+    let _ = writeln!(out, "# HELP pushmesh_cluster_peer_link_up Whether the QUIC link to a peer is up.\n# TYPE pushmesh_cluster_peer_link_up gauge");
+    for (peer, _) in &counters {
+        let _ = writeln!(
+            out,
+            "pushmesh_cluster_peer_link_up{{peer=\"{}\"}} {}",
+            escape_label(peer.as_str()),
+            u8::from(linked.contains(peer))
+        );
+    }
+    let g = c.gossip_stats();
+    let _ = writeln!(out, "# HELP pushmesh_gossip_packets_rejected_total Gossip datagrams that failed authentication.\n# TYPE pushmesh_gossip_packets_rejected_total counter\npushmesh_gossip_packets_rejected_total {}", l(&g.rejected));
 }

@@ -65,6 +65,9 @@ pub const KNOWN_ENV: &[&str] = &[
     "PUSHMESH_CLUSTER_CA",
     "PUSHMESH_CLUSTER_CERT",
     "PUSHMESH_CLUSTER_KEY",
+    "PUSHMESH_TLS_CERT",
+    "PUSHMESH_TLS_KEY",
+    "PUSHMESH_METRICS_LISTEN",
 ];
 
 /// Command-line flags; each also reads its `PUSHMESH_*` variable.
@@ -158,6 +161,15 @@ pub struct Cli {
     /// This node's private key (PKCS#8 PEM).
     #[arg(long, env = "PUSHMESH_CLUSTER_KEY", value_name = "FILE")]
     pub cluster_key: Option<PathBuf>,
+    /// TLS certificate chain (PEM): serve wss:// and https:// directly.
+    #[arg(long, env = "PUSHMESH_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM). Reloaded with the certificate on SIGHUP.
+    #[arg(long, env = "PUSHMESH_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve /metrics on this separate address (plain HTTP) as well.
+    #[arg(long, env = "PUSHMESH_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Subcommands.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -221,6 +233,12 @@ pub struct FileConfig {
     webhook_retry_for: Option<u64>,
     webhook_backoff_ms: Option<u64>,
     webhook_delay_ms: Option<u64>,
+    connections_per_ip_per_sec: Option<f64>,
+    api_requests_per_sec: Option<f64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    metrics_listen: Option<SocketAddr>,
+    dashboard_token: Option<String>,
     #[serde(default)]
     apps: Vec<FileApp>,
     #[serde(default)]
@@ -408,6 +426,16 @@ pub struct Config {
     pub webhook_backoff: Duration,
     /// How long `channel_vacated` / `member_removed` wait for a return.
     pub webhook_delay: Duration,
+    /// New WebSocket connections allowed per client IP per second (burst: twice that); 0: off.
+    pub connections_per_ip_per_sec: f64,
+    /// HTTP API requests allowed per app per second (burst: twice that); 0: off.
+    pub api_requests_per_sec: f64,
+    /// TLS certificate and key files.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Separate address for /metrics.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Token that opens the status page at /dashboard; none: the page is off.
+    pub dashboard_token: Option<String>,
     /// Clustering, when on.
     pub cluster: Option<ClusterSettings>,
     /// This node's id (also without clustering).
@@ -449,6 +477,11 @@ impl Default for Config {
             webhook_retry_for: Duration::from_secs(300),
             webhook_backoff: Duration::from_millis(500),
             webhook_delay: Duration::from_secs(3),
+            connections_per_ip_per_sec: 100.0,
+            api_requests_per_sec: 0.0,
+            tls: None,
+            metrics_listen: None,
+            dashboard_token: None,
             cluster: None,
             node_id: generated_node_id(),
             development: true,
@@ -657,6 +690,24 @@ impl Config {
             webhook_delay: file
                 .webhook_delay_ms
                 .map_or(d.webhook_delay, Duration::from_millis),
+            connections_per_ip_per_sec: file
+                .connections_per_ip_per_sec
+                .unwrap_or(d.connections_per_ip_per_sec),
+            api_requests_per_sec: file.api_requests_per_sec.unwrap_or(d.api_requests_per_sec),
+            tls: match (
+                cli.tls_cert.clone().or(file.tls_cert),
+                cli.tls_key.clone().or(file.tls_key),
+            ) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "give both tls_cert and tls_key, or neither".into(),
+                    ))
+                }
+            },
+            metrics_listen: cli.metrics_listen.or(file.metrics_listen),
+            dashboard_token: file.dashboard_token.filter(|t| !t.is_empty()),
             cluster,
             node_id,
             development,

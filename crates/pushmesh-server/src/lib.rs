@@ -8,7 +8,11 @@ pub mod api;
 pub mod authorizer;
 pub mod cluster;
 pub mod config;
+pub mod dashboard;
 pub mod hub;
+pub mod limits;
+pub mod metrics;
+pub mod tls;
 pub mod webhooks;
 pub mod ws;
 pub mod wsify;
@@ -48,6 +52,9 @@ pub enum ServerError {
     /// Serving failed.
     #[error("server error: {0}")]
     Serve(#[from] std::io::Error),
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// The HTTP client for webhooks could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Http(String),
@@ -65,6 +72,8 @@ pub struct Stats {
     pub hub: HubStats,
     /// Authorizer counters (all apps).
     pub authorizer: Arc<AuthorizerStats>,
+    /// Edge counters (connections, bytes, HTTP requests, limits).
+    pub edge: metrics::EdgeMetrics,
 }
 
 /// State shared by every task of the node.
@@ -83,6 +92,10 @@ pub struct Shared {
     cluster_events: Mutex<Option<tokio::sync::mpsc::Receiver<pushmesh_cluster::ClusterEvent>>>,
     /// Set when the node starts draining: no new connections, not ready.
     pub draining: std::sync::atomic::AtomicBool,
+    /// New connections per client IP.
+    pub ip_limiter: limits::RateLimiter<std::net::IpAddr>,
+    /// HTTP API requests per app.
+    pub api_limiter: limits::RateLimiter<AppIdx>,
 }
 
 impl Shared {
@@ -112,6 +125,8 @@ impl std::ops::Deref for Stats {
 /// A bound, not yet serving, node.
 pub struct Server {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    tls: Option<Arc<tls::Reloadable>>,
     shared: Arc<Shared>,
 }
 
@@ -125,6 +140,18 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
+        let tls = match &config.tls {
+            Some((cert, key)) => Some(Arc::new(tls::Reloadable::new(cert.clone(), key.clone())?)),
+            None => None,
+        };
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -160,6 +187,8 @@ impl Server {
             .collect();
         let webhooks = Webhooks::new(&config, http);
         let scheduler = WebhookScheduler::new(config.webhook_delay);
+        let ip_rate = config.connections_per_ip_per_sec;
+        let api_rate = config.api_requests_per_sec;
         let mut hub = Hub::new(core, scheduler);
         hub.cluster = cluster.clone();
         let shared = Arc::new(Shared {
@@ -168,12 +197,19 @@ impl Server {
             cluster,
             cluster_events: Mutex::new(cluster_events),
             draining: std::sync::atomic::AtomicBool::new(false),
+            ip_limiter: limits::RateLimiter::new(ip_rate, ip_rate * 2.0),
+            api_limiter: limits::RateLimiter::new(api_rate, api_rate * 2.0),
             next_conn: AtomicU64::new(1),
             stats,
             webhooks,
             authorizers,
         });
-        Ok(Self { listener, shared })
+        Ok(Self {
+            listener,
+            metrics_listener,
+            tls,
+            shared,
+        })
     }
 
     /// The address actually bound (useful with port 0).
@@ -199,6 +235,7 @@ impl Server {
         let pump = tokio::spawn(webhook_pump(st.clone()));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let st2 = st.clone();
+        let st3 = st.clone();
         let drain = async move {
             shutdown.await;
             st2.draining.store(true, Ordering::Relaxed);
@@ -234,10 +271,33 @@ impl Server {
             let _ = stop_tx.send(true);
         };
         let mut stop = stop_rx;
-        let serve = axum::serve(self.listener, app).with_graceful_shutdown(async move {
+        if let Some(ml) = self.metrics_listener {
+            let metrics_app = Router::new()
+                .route("/metrics", get(metrics::metrics))
+                .with_state(st.clone());
+            tokio::spawn(async move {
+                let _ = axum::serve(ml, metrics_app).await;
+            });
+        }
+        let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
-        });
-        let (r, ()) = tokio::join!(async { serve.await }, drain);
+        };
+        let serve = async move {
+            match self.tls {
+                Some(t) => {
+                    tls::spawn_reload_on_sighup(t.clone());
+                    tls::serve(self.listener, app, t, st3, stopped).await;
+                    Ok(())
+                }
+                None => {
+                    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+                    axum::serve(self.listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .await
+                }
+            }
+        };
+        let (r, ()) = tokio::join!(serve, drain);
         ticker.abort();
         pump.abort();
         for t in cluster_tasks {
@@ -307,9 +367,16 @@ fn router(st: Arc<Shared>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(cluster::readyz))
         .route("/cluster", get(cluster::cluster_status))
-        .route("/metrics", get(cluster::metrics))
+        .route("/metrics", get(metrics::metrics))
         .route("/stats", get(stats))
+        .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/api/stats", get(dashboard::stats))
+        .route("/dashboard/api/auth", get(dashboard::auth))
         .fallback(api::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            st.clone(),
+            metrics::track_http,
+        ))
         .with_state(st)
 }
 

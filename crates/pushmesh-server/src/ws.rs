@@ -1,12 +1,13 @@
 //! The Pusher WebSocket endpoint `/app/{key}` and its per-connection task.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use futures_util::SinkExt;
@@ -54,6 +55,7 @@ pub async fn pusher_ws(
     State(st): State<Arc<Shared>>,
     Path(key): Path<String>,
     Query(q): Query<HashMap<String, String>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -66,6 +68,16 @@ pub async fn pusher_ws(
             CloseCode::UnsupportedProtocol,
             format!("unsupported protocol version {v}; this server speaks 7"),
         ),
+        _ if !st.ip_limiter.allow(&peer.ip(), Instant::now()) => {
+            st.stats
+                .edge
+                .ip_rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            Admission::Refuse(
+                CloseCode::OverCapacity,
+                "too many new connections from this address, retry later".into(),
+            )
+        }
         // A draining node sends newcomers elsewhere.
         _ if st.draining.load(std::sync::atomic::Ordering::Relaxed) => Admission::Refuse(
             CloseCode::ReconnectImmediately,
@@ -75,7 +87,10 @@ pub async fn pusher_ws(
         _ => match st.app_by_key(&key) {
             Some(app) => match check_origin(&st, app, &headers) {
                 Ok(()) => Admission::App(app),
-                Err(reason) => Admission::Refuse(CloseCode::Unauthorized, reason),
+                Err(reason) => {
+                    st.stats.edge.origin_refused.fetch_add(1, Ordering::Relaxed);
+                    Admission::Refuse(CloseCode::Unauthorized, reason)
+                }
             },
             None => Admission::Refuse(CloseCode::AppNotFound, format!("no app with key {key:?}")),
         },
@@ -163,6 +178,10 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
         return;
     }
     tracing::debug!(conn = conn.0, "connection opened");
+    st.stats
+        .edge
+        .connections_opened
+        .fetch_add(1, Ordering::Relaxed);
 
     let mut keepalive = Keepalive::new(opened, st.config.activity_timeout, st.config.pong_timeout);
     let signin_deadline = requires_signin.then(|| opened + st.config.signin_timeout);
@@ -194,7 +213,7 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
                         Ok(req) => break End::Close(req),
                         Err(_) => break End::Gone,
                     },
-                    ok = write_batch(&mut socket, &mut rx, first, WRITE_TIMEOUT) => if !ok {
+                    ok = write_batch(&mut socket, &mut rx, first, WRITE_TIMEOUT, &st.stats.edge.bytes_out) => if !ok {
                         break End::Gone;
                     },
                 }
@@ -202,6 +221,9 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
             msg = socket.recv() => {
                 let now = Instant::now();
                 keepalive.on_activity(now);
+                if let Some(Ok(Message::Text(t))) = &msg {
+                    st.stats.edge.bytes_in.fetch_add(t.len() as u64, Ordering::Relaxed);
+                }
                 match msg {
                     Some(Ok(Message::Text(t))) if t.len() > st.config.max_message_bytes => {
                         let reason = format!("message larger than {} bytes", st.config.max_message_bytes);
@@ -261,11 +283,16 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
         hub.core.disconnect(Instant::now(), conn);
         hub.dispatch(&st.stats);
     }
+    let code_label = match &end {
+        End::Gone => "client".to_string(),
+        End::Close(req) => req.code.code().to_string(),
+        End::TooBig(_) => "1009".to_string(),
+    };
     let reason = match end {
         End::Gone => "client went away".to_string(),
         End::Close(req) => {
             // Frames queued before the close (e.g. the pusher:error) go first.
-            let _ = flush_queued(&mut socket, &mut rx).await;
+            let _ = flush_queued(&mut socket, &mut rx, &st.stats.edge.bytes_out).await;
             let _ = timeout(
                 CLOSE_TIMEOUT,
                 socket.send(close_message(req.code, &req.reason)),
@@ -285,6 +312,7 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
         }
     };
     close_rx.close();
+    st.stats.edge.closed(&code_label);
     tracing::debug!(
         conn = conn.0,
         reason = %reason,
@@ -299,17 +327,23 @@ pub(crate) async fn write_batch(
     rx: &mut mpsc::Receiver<Utf8Bytes>,
     first: Utf8Bytes,
     limit: Duration,
+    bytes_out: &AtomicU64,
 ) -> bool {
     let work = async {
+        let mut bytes = first.len();
         socket.feed(Message::Text(first)).await?;
         let mut n = 1;
         while n < WRITE_BATCH {
             match rx.try_recv() {
-                Ok(t) => socket.feed(Message::Text(t)).await?,
+                Ok(t) => {
+                    bytes += t.len();
+                    socket.feed(Message::Text(t)).await?
+                }
                 Err(_) => break,
             }
             n += 1;
         }
+        bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
         socket.flush().await
     };
     matches!(timeout(limit, work).await, Ok(Ok(())))
@@ -318,10 +352,11 @@ pub(crate) async fn write_batch(
 pub(crate) async fn flush_queued(
     socket: &mut WebSocket,
     rx: &mut mpsc::Receiver<Utf8Bytes>,
+    bytes_out: &AtomicU64,
 ) -> bool {
     match rx.try_recv() {
         // On the way out: bounded tighter, the client may be the slow one.
-        Ok(first) => write_batch(socket, rx, first, CLOSE_TIMEOUT).await,
+        Ok(first) => write_batch(socket, rx, first, CLOSE_TIMEOUT, bytes_out).await,
         Err(_) => true,
     }
 }

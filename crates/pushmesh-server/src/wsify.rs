@@ -68,11 +68,21 @@ fn query_map(raw: Option<&str>) -> (Value, bool) {
 pub async fn wsify_ws(
     State(st): State<Arc<Shared>>,
     RawQuery(raw): RawQuery,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
     let app = AppIdx(st.config.wsify_app as u32);
+    if !st.ip_limiter.allow(&peer.ip(), Instant::now()) {
+        st.stats
+            .edge
+            .ip_rate_limited
+            .fetch_add(1, Ordering::Relaxed);
+        let e = json!({ "error": "too many new connections from this address, retry later" });
+        return (StatusCode::TOO_MANY_REQUESTS, Json(e)).into_response();
+    }
     if let Err(r) = crate::ws::check_origin(&st, app, &headers) {
+        st.stats.edge.origin_refused.fetch_add(1, Ordering::Relaxed);
         return (StatusCode::FORBIDDEN, Json(json!({ "error": r }))).into_response();
     }
     let (query, envelope) = query_map(raw.as_deref());
@@ -152,6 +162,10 @@ async fn run_wsify(
             return;
         }
     };
+    st.stats
+        .edge
+        .connections_opened
+        .fetch_add(1, Ordering::Relaxed);
     let authz = st.authorizer(app);
     let identity = json!({ "id": socket_id, "query": query });
     let mut keepalive = Keepalive::new(opened, st.config.activity_timeout, st.config.pong_timeout);
@@ -176,11 +190,14 @@ async fn run_wsify(
                         Ok(CloseRequest { code, reason }) => break End::Close(ws_code(code), reason),
                         Err(_) => break End::Gone,
                     },
-                    ok = write_batch(&mut socket, &mut rx, first, WRITE_TIMEOUT) => if !ok { break End::Gone },
+                    ok = write_batch(&mut socket, &mut rx, first, WRITE_TIMEOUT, &st.stats.edge.bytes_out) => if !ok { break End::Gone },
                 }
             }
             msg = socket.recv() => {
                 keepalive.on_activity(Instant::now());
+                if let Some(Ok(Message::Text(t))) = &msg {
+                    st.stats.edge.bytes_in.fetch_add(t.len() as u64, Ordering::Relaxed);
+                }
                 let text = match msg {
                     Some(Ok(Message::Text(t))) => t,
                     Some(Ok(Message::Binary(_))) => {
@@ -238,8 +255,12 @@ async fn run_wsify(
         }
         a.notify(json!({"command": "disconnect", "args": {}, "connection": identity}));
     }
+    st.stats.edge.closed(&match &end {
+        End::Gone => "client".to_string(),
+        End::Close(code, _) => code.to_string(),
+    });
     if let End::Close(code, reason) = &end {
-        let _ = flush_queued(&mut socket, &mut rx).await;
+        let _ = flush_queued(&mut socket, &mut rx, &st.stats.edge.bytes_out).await;
         let _ = timeout(CLOSE_TIMEOUT, socket.send(close(*code, reason))).await;
         await_close(&mut socket).await;
     }

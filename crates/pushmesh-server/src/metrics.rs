@@ -1,0 +1,329 @@
+//! Prometheus metrics (text format 0.0.4) and the HTTP request counter.
+//!
+//! Labels are a small bounded set: route patterns (never a path with ids),
+//! status codes, close codes, channel kinds, peers. Never a channel name.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::Shared;
+
+/// Counters of the edge.
+#[derive(Debug, Default)]
+pub struct EdgeMetrics {
+    /// Connections accepted (Pusher and wsify).
+    pub connections_opened: AtomicU64,
+    /// Connections closed, by close code (`client` when the client left).
+    pub connections_closed: Mutex<BTreeMap<String, u64>>,
+    /// WebSocket payload bytes received.
+    pub bytes_in: AtomicU64,
+    /// WebSocket payload bytes sent.
+    pub bytes_out: AtomicU64,
+    /// HTTP requests by route pattern and status.
+    pub http: Mutex<BTreeMap<(String, u16), u64>>,
+    /// Connections refused by the per-IP rate limit.
+    pub ip_rate_limited: AtomicU64,
+    /// API requests refused by the per-app rate limit.
+    pub api_rate_limited: AtomicU64,
+    /// Connections refused by an Origin allow-list.
+    pub origin_refused: AtomicU64,
+    /// Accept errors (e.g. out of file descriptors).
+    pub accept_errors: AtomicU64,
+}
+
+impl EdgeMetrics {
+    /// Counts a closed connection.
+    pub fn closed(&self, code: &str) {
+        *self
+            .connections_closed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(code.to_owned())
+            .or_default() += 1;
+    }
+}
+
+/// Middleware: counts every HTTP request by matched route and status.
+pub async fn track_http(State(st): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    *st.stats
+        .edge
+        .http
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry((route, status))
+        .or_default() += 1;
+    resp
+}
+
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn proc_self() -> (Option<u64>, Option<f64>, Option<u64>) {
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        });
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let u: f64 = f.get(11)?.parse().ok()?;
+            let k: f64 = f.get(12)?.parse().ok()?;
+            Some((u + k) / 100.0)
+        });
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|d| d.count() as u64);
+    (rss.map(|k| k * 1024), cpu, fds)
+}
+
+/// Renders every metric.
+pub fn render(st: &Shared) -> String {
+    let mut out = String::with_capacity(4096);
+    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let (connections, kinds) = {
+        let hub = st.lock();
+        (hub.core.connection_count(), hub.core.channel_stats())
+    };
+    let e = &st.stats.edge;
+    family(
+        &mut out,
+        "pushmesh_connections",
+        "gauge",
+        "Open WebSocket connections.",
+    );
+    let _ = writeln!(out, "pushmesh_connections {connections}");
+    family(
+        &mut out,
+        "pushmesh_connections_opened_total",
+        "counter",
+        "WebSocket connections accepted.",
+    );
+    let _ = writeln!(
+        out,
+        "pushmesh_connections_opened_total {}",
+        l(&e.connections_opened)
+    );
+    family(
+        &mut out,
+        "pushmesh_connections_closed_total",
+        "counter",
+        "WebSocket connections closed, by close code (client: closed by the client).",
+    );
+    for (code, n) in e
+        .connections_closed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        let _ = writeln!(
+            out,
+            "pushmesh_connections_closed_total{{code=\"{}\"}} {n}",
+            esc(code)
+        );
+    }
+    family(
+        &mut out,
+        "pushmesh_channels",
+        "gauge",
+        "Occupied channels on this node, by kind.",
+    );
+    for (kind, channels, _) in &kinds {
+        let _ = writeln!(out, "pushmesh_channels{{kind=\"{kind}\"}} {channels}");
+    }
+    family(
+        &mut out,
+        "pushmesh_subscriptions",
+        "gauge",
+        "Subscriptions on this node, by channel kind.",
+    );
+    for (kind, _, subs) in &kinds {
+        let _ = writeln!(out, "pushmesh_subscriptions{{kind=\"{kind}\"}} {subs}");
+    }
+    family(
+        &mut out,
+        "pushmesh_messages_published_total",
+        "counter",
+        "Events accepted for publishing (HTTP API, /broadcast, wsify).",
+    );
+    let _ = writeln!(
+        out,
+        "pushmesh_messages_published_total {}",
+        l(&st.stats.published)
+    );
+    family(
+        &mut out,
+        "pushmesh_messages_delivered_total",
+        "counter",
+        "Frames queued to client connections.",
+    );
+    let _ = writeln!(
+        out,
+        "pushmesh_messages_delivered_total {}",
+        l(&st.stats.frames_queued)
+    );
+    family(
+        &mut out,
+        "pushmesh_slow_consumer_disconnects_total",
+        "counter",
+        "Clients closed (4100) because their queue was full.",
+    );
+    let _ = writeln!(
+        out,
+        "pushmesh_slow_consumer_disconnects_total {}",
+        l(&st.stats.slow_consumers)
+    );
+    family(
+        &mut out,
+        "pushmesh_received_bytes_total",
+        "counter",
+        "WebSocket payload bytes received.",
+    );
+    let _ = writeln!(out, "pushmesh_received_bytes_total {}", l(&e.bytes_in));
+    family(
+        &mut out,
+        "pushmesh_sent_bytes_total",
+        "counter",
+        "WebSocket payload bytes sent.",
+    );
+    let _ = writeln!(out, "pushmesh_sent_bytes_total {}", l(&e.bytes_out));
+    family(
+        &mut out,
+        "pushmesh_http_requests_total",
+        "counter",
+        "HTTP requests by route pattern and status.",
+    );
+    for ((route, status), n) in e.http.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let _ = writeln!(
+            out,
+            "pushmesh_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
+            esc(route)
+        );
+    }
+    family(
+        &mut out,
+        "pushmesh_rate_limited_total",
+        "counter",
+        "Requests refused by a rate limit or allow-list.",
+    );
+    let _ = writeln!(
+        out,
+        "pushmesh_rate_limited_total{{limit=\"connections_per_ip\"}} {}",
+        l(&e.ip_rate_limited)
+    );
+    let _ = writeln!(
+        out,
+        "pushmesh_rate_limited_total{{limit=\"api_requests\"}} {}",
+        l(&e.api_rate_limited)
+    );
+    let _ = writeln!(
+        out,
+        "pushmesh_rate_limited_total{{limit=\"origin\"}} {}",
+        l(&e.origin_refused)
+    );
+    family(
+        &mut out,
+        "pushmesh_accept_errors_total",
+        "counter",
+        "Errors accepting TCP connections (e.g. no file descriptors left).",
+    );
+    let _ = writeln!(out, "pushmesh_accept_errors_total {}", l(&e.accept_errors));
+    let w = &st.webhooks.stats;
+    family(
+        &mut out,
+        "pushmesh_webhooks_total",
+        "counter",
+        "Webhook events by outcome.",
+    );
+    for (o, v) in [
+        ("sent", l(&w.sent)),
+        ("retried", l(&w.retried)),
+        ("dropped", l(&w.dropped)),
+    ] {
+        let _ = writeln!(out, "pushmesh_webhooks_total{{outcome=\"{o}\"}} {v}");
+    }
+    let a = &st.stats.authorizer;
+    family(
+        &mut out,
+        "pushmesh_authorizer_calls_total",
+        "counter",
+        "wsify authorizer calls by outcome.",
+    );
+    for (o, v) in [
+        ("allowed", l(&a.allowed)),
+        ("refused", l(&a.refused)),
+        ("unavailable", l(&a.unavailable)),
+        ("skipped", l(&a.notifications_skipped)),
+    ] {
+        let _ = writeln!(
+            out,
+            "pushmesh_authorizer_calls_total{{outcome=\"{o}\"}} {v}"
+        );
+    }
+    crate::cluster::render_metrics(st, &mut out);
+    let (rss, cpu, fds) = proc_self();
+    if let Some(r) = rss {
+        family(
+            &mut out,
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+        );
+        let _ = writeln!(out, "process_resident_memory_bytes {r}");
+    }
+    if let Some(c) = cpu {
+        family(
+            &mut out,
+            "process_cpu_seconds_total",
+            "counter",
+            "User and system CPU time spent in seconds.",
+        );
+        let _ = writeln!(out, "process_cpu_seconds_total {c}");
+    }
+    if let Some(f) = fds {
+        family(
+            &mut out,
+            "process_open_fds",
+            "gauge",
+            "Open file descriptors.",
+        );
+        let _ = writeln!(out, "process_open_fds {f}");
+    }
+    out
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(st): State<Arc<Shared>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render(&st),
+    )
+        .into_response()
+}
