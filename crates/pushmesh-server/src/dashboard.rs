@@ -44,14 +44,14 @@ fn authorized(st: &Shared, q: &TokenQuery) -> Result<(), Response> {
 pub async fn page(State(st): State<Arc<Shared>>, Query(q): Query<TokenQuery>) -> Response {
     match authorized(&st, &q) {
         Ok(()) => Html(PAGE).into_response(),
-        Err(r) => r,
+        Err(r) => r.into_response(),
     }
 }
 
 /// `GET /dashboard/api/stats?token=…`.
 pub async fn stats(State(st): State<Arc<Shared>>, Query(q): Query<TokenQuery>) -> Response {
     if let Err(r) = authorized(&st, &q) {
-        return r;
+        return r.into_response();
     }
     let (connections, kinds, apps) = {
         let hub = st.lock();
@@ -90,7 +90,7 @@ pub async fn stats(State(st): State<Arc<Shared>>, Query(q): Query<TokenQuery>) -
 /// console's subscription to a private or presence channel.
 pub async fn auth(State(st): State<Arc<Shared>>, Query(q): Query<TokenQuery>) -> Response {
     if let Err(r) = authorized(&st, &q) {
-        return r;
+        return r.into_response();
     }
     let bad = |m: &str| (StatusCode::BAD_REQUEST, Json(json!({"error": m}))).into_response();
     let (Some(key), Some(socket), Some(channel)) = (&q.app, &q.socket_id, &q.channel) else {
