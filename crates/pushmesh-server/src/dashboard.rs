@@ -24,19 +24,30 @@ pub struct TokenQuery {
     channel: Option<String>,
 }
 
-fn authorized(st: &Shared, q: &TokenQuery) -> Result<(), Response> {
+/// Why a dashboard request is refused.
+enum Denied {
+    Off,
+    BadToken,
+}
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        let (status, msg) = match self {
+            Self::Off => (
+                StatusCode::NOT_FOUND,
+                "the status page is off (set dashboard_token)",
+            ),
+            Self::BadToken => (StatusCode::UNAUTHORIZED, "missing or wrong ?token="),
+        };
+        (status, Json(json!({ "error": msg }))).into_response()
+    }
+}
+
+fn authorized(st: &Shared, q: &TokenQuery) -> Result<(), Denied> {
     match (&st.config.dashboard_token, &q.token) {
         (Some(t), Some(given)) if sign::constant_time_eq(t.as_bytes(), given.as_bytes()) => Ok(()),
-        (None, _) => Err((
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": "the status page is off (set dashboard_token)"})),
-        )
-            .into_response()),
-        _ => Err((
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": "missing or wrong ?token="})),
-        )
-            .into_response()),
+        (None, _) => Err(Denied::Off),
+        _ => Err(Denied::BadToken),
     }
 }
 
