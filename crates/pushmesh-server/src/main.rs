@@ -43,19 +43,37 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Warnings/errors per second per call site, and the burst allowed.
+const LOG_PER_SEC: f64 = 10.0;
+const LOG_BURST: f64 = 20.0;
+
 fn init_logging(config: &Config) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(f) if !f.is_empty() => EnvFilter::try_new(f),
         _ => EnvFilter::try_new(&config.log),
     }
     .context("invalid log filter")?;
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match config.log_format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
-    }
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    // Warnings and errors are rate-limited per call site, so a flood of bad
+    // input or a dead peer cannot fill the disk; debug lines are off by default.
+    let limiter = pushmesh_server::limits::RateLimiter::<usize>::new(LOG_PER_SEC, LOG_BURST);
+    let rate_limit = tracing_subscriber::filter::dynamic_filter_fn(move |meta, _| {
+        if *meta.level() > tracing::Level::WARN || !meta.is_event() {
+            return true;
+        }
+        let site = meta as *const _ as usize;
+        limiter.allow(&site, std::time::Instant::now())
+    });
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match config.log_format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(rate_limit).with_filter(filter))
+        .init();
     Ok(())
 }
 
