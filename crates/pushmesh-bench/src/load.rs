@@ -1,7 +1,7 @@
 //! Scenarios: fanout, channels, connections, cluster.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -57,6 +57,8 @@ pub struct LoadOptions {
     pub publish_via: Option<Target>,
     /// How long to wait for outstanding deliveries after publishing.
     pub drain: Duration,
+    /// WebSocket handshakes in flight at once while setting up clients.
+    pub connect_concurrency: usize,
 }
 
 /// Percentiles in milliseconds.
@@ -204,7 +206,7 @@ pub async fn subscribe(t: &Target, channel: &str, src: IpAddr) -> anyhow::Result
     }
 }
 
-/// Opens and subscribes many clients, 128 handshakes at a time.
+/// Opens and subscribes many clients, `connect_concurrency` handshakes at a time.
 async fn subscribe_many(
     t: &Target,
     channels: Vec<String>,
@@ -215,6 +217,7 @@ async fn subscribe_many(
     let done = AtomicU64::new(0);
     let progress = opts.progress;
     let source_addrs = opts.source_addrs;
+    let concurrency = opts.connect_concurrency.max(1);
     let done = &done;
     stream::iter(channels.into_iter().enumerate().map(Ok::<_, anyhow::Error>))
         .map_ok(|(i, ch)| async move {
@@ -227,7 +230,7 @@ async fn subscribe_many(
             }
             Ok::<_, anyhow::Error>((i, ws))
         })
-        .try_buffer_unordered(128)
+        .try_buffer_unordered(concurrency)
         .try_collect::<Vec<_>>()
         .await
         .map(|mut v| {
@@ -245,19 +248,22 @@ struct SubResult {
 /// One subscriber's receive loop: latency and a bitset of seen sequence numbers.
 async fn receive(
     mut ws: Ws,
-    stop: Arc<AtomicBool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
     total: Arc<AtomicU64>,
     ts_offset: i64,
 ) -> SubResult {
-    let mut hist =
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!());
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!());
     let mut seen: Vec<u64> = Vec::new();
     let (mut received, mut unique) = (0u64, 0u64);
-    while !stop.load(Ordering::Relaxed) {
-        let msg = match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
-            Err(_) => continue,
-            Ok(Some(Ok(m))) => m,
-            Ok(_) => break,
+    loop {
+        // No timer per message: the stop signal is a watch channel.
+        let msg = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            m = ws.next() => match m {
+                Some(Ok(m)) => m,
+                _ => break,
+            },
         };
         let Message::Text(text) = msg else {
             if let Message::Ping(p) = msg {
@@ -285,11 +291,7 @@ async fn receive(
         }
     }
     let _ = ws.close(None).await;
-    SubResult {
-        hist,
-        received,
-        unique,
-    }
+    SubResult { hist, received, unique }
 }
 
 fn signed_url(t: &Target, path: &str, body: &str) -> String {
@@ -396,7 +398,7 @@ pub async fn run_pubsub(scenario: &str, t: &Target, opts: &LoadOptions) -> anyho
             opts.subscribers
         );
     }
-    let stop = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let total = Arc::new(AtomicU64::new(0));
     let sub_channel: Vec<usize> = (0..opts.subscribers).map(|i| i / group).collect();
     let names = sub_channel.iter().map(|c| channels[*c].clone()).collect();
@@ -428,7 +430,7 @@ pub async fn run_pubsub(scenario: &str, t: &Target, opts: &LoadOptions) -> anyho
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let cpu1 = t.pid.and_then(procstat::cpu_seconds);
-    stop.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
     let mut lat = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let (mut delivered, mut unique) = (0u64, 0u64);
     for s in subs {

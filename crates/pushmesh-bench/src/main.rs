@@ -63,6 +63,9 @@ struct Common {
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
+    /// WebSocket handshakes in flight at once while setting up clients.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
 }
 
 #[derive(Subcommand)]
@@ -150,6 +153,7 @@ fn options(c: &Common, subscribers: usize, group: usize) -> LoadOptions {
         ts_offset_us: 0,
         publish_via: None,
         drain: Duration::from_secs(10),
+        connect_concurrency: c.connect_concurrency,
     }
 }
 

@@ -34,6 +34,7 @@ fn opts(subscribers: usize, ts_offset_us: i64) -> LoadOptions {
         ts_offset_us,
         publish_via: None,
         drain: Duration::from_secs(2),
+        connect_concurrency: 4,
     }
 }
 
