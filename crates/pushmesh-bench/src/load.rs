@@ -252,7 +252,8 @@ async fn receive(
     total: Arc<AtomicU64>,
     ts_offset: i64,
 ) -> SubResult {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!());
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!());
     let mut seen: Vec<u64> = Vec::new();
     let (mut received, mut unique) = (0u64, 0u64);
     loop {
@@ -291,7 +292,11 @@ async fn receive(
         }
     }
     let _ = ws.close(None).await;
-    SubResult { hist, received, unique }
+    SubResult {
+        hist,
+        received,
+        unique,
+    }
 }
 
 fn signed_url(t: &Target, path: &str, body: &str) -> String {

@@ -16,6 +16,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::config::ClusterSettings;
+use crate::metrics::esc;
 use crate::{ServerError, Shared};
 
 /// Starts the cluster layer for these settings.
@@ -152,12 +153,6 @@ pub async fn readyz(State(st): State<Arc<Shared>>) -> Response {
     (StatusCode::OK, Json(json!({ "ready": true }))).into_response()
 }
 
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 /// The cluster section of `/metrics`.
 pub fn render_metrics(st: &Shared, out: &mut String) {
     let Some(c) = &st.cluster else { return };
@@ -165,7 +160,7 @@ pub fn render_metrics(st: &Shared, out: &mut String) {
     let counters = c.counters_snapshot();
     let _ = writeln!(out, "# HELP pushmesh_cluster_frames_sent_total Frames sent to a peer.\n# TYPE pushmesh_cluster_frames_sent_total counter");
     for (peer, k) in &counters {
-        let p = escape_label(peer.as_str());
+        let p = esc(peer.as_str());
         let _ = writeln!(
             out,
             "pushmesh_cluster_frames_sent_total{{peer=\"{p}\",kind=\"data\"}} {}",
@@ -179,7 +174,7 @@ pub fn render_metrics(st: &Shared, out: &mut String) {
     }
     let _ = writeln!(out, "# HELP pushmesh_cluster_frames_received_total Frames received from a peer.\n# TYPE pushmesh_cluster_frames_received_total counter");
     for (peer, k) in &counters {
-        let p = escape_label(peer.as_str());
+        let p = esc(peer.as_str());
         let _ = writeln!(
             out,
             "pushmesh_cluster_frames_received_total{{peer=\"{p}\",kind=\"data\"}} {}",
@@ -196,7 +191,7 @@ pub fn render_metrics(st: &Shared, out: &mut String) {
         let _ = writeln!(
             out,
             "pushmesh_cluster_frames_dropped_total{{peer=\"{}\"}} {}",
-            escape_label(peer.as_str()),
+            esc(peer.as_str()),
             l(&k.dropped)
         );
     }
@@ -206,7 +201,7 @@ pub fn render_metrics(st: &Shared, out: &mut String) {
         let _ = writeln!(
             out,
             "pushmesh_cluster_peer_link_up{{peer=\"{}\"}} {}",
-            escape_label(peer.as_str()),
+            esc(peer.as_str()),
             u8::from(linked.contains(peer))
         );
     }

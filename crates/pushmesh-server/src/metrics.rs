@@ -68,13 +68,15 @@ pub async fn track_http(State(st): State<Arc<Shared>>, req: Request, next: Next)
     resp
 }
 
-fn esc(v: &str) -> String {
+/// Escapes a Prometheus label value.
+pub(crate) fn esc(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+/// Writes the HELP and TYPE lines of a metric family.
+pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
