@@ -1,23 +1,47 @@
-//! The sans-IO brain of pushmesh.
+//! The sans-IO brain of pushmesh: state machines that take `now`, perform no
+//! I/O and never spawn.
 //!
-//! [`Core`] holds every connection, channel, presence member and signed-in
-//! user of a node. It performs no I/O and never reads the clock: drivers feed
-//! it inputs (`open`, `handle_frame`, `publish`, `tick`, …, each with `now`)
-//! and drain what it wants done with [`Core::poll_output`]. Each event is
-//! encoded once; every recipient's [`Output::Send`] shares the same bytes.
+//! - [`Session`]: one connection's protocol (parsing, authorization, rate
+//!   limits, sign-in), owned by its connection task.
+//! - [`Shard`]: a part of the router: the channels that hash to it, their
+//!   subscribers, presence members, cached event and peers' interest.
+//! - [`Users`]: signed-in users, watchlists, `terminate_connections`.
+//! - [`Replicator`]: numbers this node's state changes for its peers and
+//!   turns theirs into per-channel changes.
+//! - [`Core`]: all of them composed in one synchronous driver, for tests and
+//!   the simulation.
+//!
+//! Effects go to a [`Sink`] as they happen; each event is encoded once and
+//! every recipient gets the same `Bytes`.
 
-pub mod cluster;
-mod core;
+pub mod app;
 mod keepalive;
+mod node;
+pub mod peer_frame;
+pub mod replication;
+pub mod router;
+pub mod routing;
+pub mod session;
+pub mod sink;
+pub mod users;
 pub mod webhooks;
 
-pub use crate::core::{
-    AppConfig, AppIdx, ChannelInfo, ConnId, Core, CoreConfig, OpenError, Output, PublishError,
-    PublishRequest, PublishedChannel, QueryError,
+pub use app::{
+    AppConfig, AppIdx, Apps, ConnId, CoreConfig, OpenError, PublishError, PublishRequest,
 };
-pub use cluster::{FrameKind, NodeId, PeerFrame, PeerFrameError};
 pub use keepalive::{Keepalive, KeepaliveAction};
+pub use node::{Core, Output, PublishedChannel};
+pub use peer_frame::{Delta, FrameKind, NodeId, PeerFrame, PeerFrameError, Snapshot};
+pub use replication::{Effects, Replicator};
+pub use router::{ChannelInfo, Event, QueryError, Shard, CACHE_TTL};
+pub use routing::shard_of;
+pub use session::{PresenceJoin, Proto, Request, Session, SessionOutput};
+pub use sink::{Handle, Sink};
+pub use users::Users;
 pub use webhooks::WebhookScheduler;
+
+/// The old name of the peer-frame module.
+pub use peer_frame as cluster;
 
 #[cfg(test)]
 mod sim;

@@ -371,7 +371,7 @@ fn cache_channels_and_expiry() {
     assert_eq!(got[2]["event"], "e");
     h.subscribe(c, "cache-empty");
     assert_eq!(h.events(c, "pusher:cache_miss").len(), 1);
-    h.now += crate::core::CACHE_TTL;
+    h.now += crate::CACHE_TTL;
     let d = h.open();
     h.subscribe(d, "cache-c");
     assert_eq!(

@@ -1,0 +1,254 @@
+//! Apps and their configuration, shared read-only by every part of a node;
+//! the checks of a publish that need nothing but the app's limits.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use pushmesh_protocol::{ChannelKind, ChannelName, CloseCode, Limits};
+
+/// A connection, numbered by the driver; unique for the life of the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// Index of an app in the node's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AppIdx(pub u32);
+
+/// One application: credentials, switches and limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppConfig {
+    /// App id, used in the HTTP API path.
+    pub id: String,
+    /// Public key, used in the WebSocket path and in signatures.
+    pub key: String,
+    /// Secret for signatures.
+    pub secret: String,
+    /// A disabled app refuses connections (4003) and API calls (403).
+    pub enabled: bool,
+    /// Whether clients may send `client-` events.
+    pub client_events: bool,
+    /// Whether connections must sign in (else closed with 4009).
+    pub user_authentication_required: bool,
+    /// Most connections of this app on this node (4004 beyond).
+    pub max_connections: Option<usize>,
+    /// Whether to send `pusher_internal:subscription_count`.
+    pub subscription_count_events: bool,
+    /// Protocol limits.
+    pub limits: Limits,
+    /// Whether to emit [`Output::Hook`] events (the app has webhooks).
+    pub webhooks: bool,
+    /// Name of the Pusher event a wsify `broadcast` becomes.
+    pub wsify_event: String,
+}
+
+/// Node-wide settings of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// The apps served.
+    pub apps: Vec<AppConfig>,
+    /// `activity_timeout` announced to clients, in seconds.
+    pub activity_timeout_secs: u64,
+    /// Most connections on this node (4100 beyond).
+    pub max_connections: Option<usize>,
+    /// First part of every socket id of this node (`<prefix>.<conn>`).
+    pub socket_prefix: u32,
+    /// This node's id in the cluster.
+    pub node_id: String,
+    /// This node's incarnation (e.g. its start time in ms), higher on each restart.
+    pub epoch: u64,
+}
+
+/// Why a connection is refused at open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// The app is disabled.
+    #[error("app is disabled")]
+    AppDisabled,
+    /// The app is over its connection quota.
+    #[error("app is over its connection quota")]
+    AppOverQuota,
+    /// The node is over capacity.
+    #[error("node is over capacity")]
+    NodeOverCapacity,
+}
+
+impl OpenError {
+    /// The close code that goes with the error.
+    pub fn close_code(self) -> CloseCode {
+        match self {
+            Self::AppDisabled => CloseCode::AppDisabled,
+            Self::AppOverQuota => CloseCode::OverConnectionQuota,
+            Self::NodeOverCapacity => CloseCode::OverCapacity,
+        }
+    }
+}
+
+/// Why a publish through the HTTP API is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// No channel given.
+    #[error("no channel given: set \"channel\" or \"channels\"")]
+    NoChannels,
+    /// Too many channels.
+    #[error("too many channels: at most {0}")]
+    TooManyChannels(usize),
+    /// A bad channel name.
+    #[error("invalid channel name {name:?}: {reason}")]
+    InvalidChannel {
+        /// The name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Event name too long or empty.
+    #[error("event name must be 1 to {0} characters")]
+    EventName(usize),
+    /// Data too large.
+    #[error("event data is larger than {0} bytes")]
+    DataTooLarge(usize),
+    /// An encrypted channel in a multi-channel trigger.
+    #[error("encrypted channels cannot be triggered together with other channels")]
+    EncryptedMulti,
+    /// Too many events in a batch.
+    #[error("too many events in batch: at most {0}")]
+    BatchTooLarge(usize),
+}
+
+/// One publish (one event to one or more channels).
+#[derive(Debug, Clone)]
+pub struct PublishRequest<'a> {
+    /// Event name.
+    pub name: &'a str,
+    /// Event data, sent as a JSON string.
+    pub data: &'a str,
+    /// Target channel names, unvalidated.
+    pub channels: &'a [String],
+    /// The socket to leave out.
+    pub exclude_socket: Option<&'a str>,
+}
+
+/// The apps of a node, by index, id and key. Immutable once built.
+#[derive(Debug, Clone, Default)]
+pub struct Apps {
+    list: Vec<Arc<AppConfig>>,
+    by_id: HashMap<String, AppIdx>,
+    by_key: HashMap<String, AppIdx>,
+}
+
+impl Apps {
+    /// The apps of `configs`, indexed in order.
+    pub fn new(configs: Vec<AppConfig>) -> Self {
+        let mut apps = Self::default();
+        for (i, cfg) in configs.into_iter().enumerate() {
+            let idx = AppIdx(i as u32);
+            apps.by_id.insert(cfg.id.clone(), idx);
+            apps.by_key.insert(cfg.key.clone(), idx);
+            apps.list.push(Arc::new(cfg));
+        }
+        apps
+    }
+
+    /// The app with this key.
+    pub fn by_key(&self, key: &str) -> Option<AppIdx> {
+        self.by_key.get(key).copied()
+    }
+
+    /// The app with this id.
+    pub fn by_id(&self, id: &str) -> Option<AppIdx> {
+        self.by_id.get(id).copied()
+    }
+
+    /// An app's configuration.
+    pub fn get(&self, app: AppIdx) -> &Arc<AppConfig> {
+        &self.list[app.0 as usize]
+    }
+
+    /// How many apps.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Every app with its index.
+    pub fn iter(&self) -> impl Iterator<Item = (AppIdx, &Arc<AppConfig>)> {
+        self.list
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (AppIdx(i as u32), a))
+    }
+
+    /// Checks a publish against the app's limits without doing it.
+    pub fn validate_publish(
+        &self,
+        app: AppIdx,
+        req: &PublishRequest<'_>,
+    ) -> Result<Vec<ChannelName>, PublishError> {
+        let limits = &self.get(app).limits;
+        if req.channels.is_empty() {
+            return Err(PublishError::NoChannels);
+        }
+        if req.channels.len() > limits.max_event_channels {
+            return Err(PublishError::TooManyChannels(limits.max_event_channels));
+        }
+        if req.name.is_empty() || req.name.len() > limits.max_event_name_length {
+            return Err(PublishError::EventName(limits.max_event_name_length));
+        }
+        if req.data.len() > limits.max_event_payload_bytes {
+            return Err(PublishError::DataTooLarge(limits.max_event_payload_bytes));
+        }
+        let names = req
+            .channels
+            .iter()
+            .map(|c| {
+                let max = if c.starts_with(pushmesh_protocol::channel::SERVER_TO_USER_PREFIX) {
+                    usize::MAX
+                } else {
+                    limits.max_channel_name_length
+                };
+                ChannelName::parse_with_limit(c, max).map_err(|e| PublishError::InvalidChannel {
+                    name: c.clone(),
+                    reason: e.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if names.len() > 1
+            && names
+                .iter()
+                .any(|n| n.kind() == ChannelKind::PrivateEncrypted)
+        {
+            return Err(PublishError::EncryptedMulti);
+        }
+        Ok(names)
+    }
+
+    /// Checks a wsify broadcast: public channels only, content within the limit.
+    pub fn validate_wsify_broadcast(
+        &self,
+        app: AppIdx,
+        channel: &str,
+        content: &serde_json::value::RawValue,
+    ) -> Result<ChannelName, PublishError> {
+        let cfg = self.get(app);
+        let invalid = |reason: String| PublishError::InvalidChannel {
+            name: channel.to_owned(),
+            reason,
+        };
+        let name = ChannelName::parse_with_limit(channel, cfg.limits.max_channel_name_length)
+            .map_err(|e| invalid(e.to_string()))?;
+        if name.kind() != ChannelKind::Public {
+            return Err(invalid(
+                "wsify broadcasts go to public channels only".into(),
+            ));
+        }
+        if content.get().len() > cfg.limits.max_event_payload_bytes {
+            return Err(PublishError::DataTooLarge(
+                cfg.limits.max_event_payload_bytes,
+            ));
+        }
+        Ok(name)
+    }
+}

@@ -1,0 +1,701 @@
+//! [`Core`]: a whole node's state machines composed in one synchronous,
+//! single-threaded driver: sessions, router shards, the user registry and
+//! the replicator, wired exactly as the server wires them across tasks.
+//! The unit, property and simulation tests drive it with virtual time;
+//! its outputs are collected as [`Output`]s.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use pushmesh_protocol::webhook::WebhookEvent;
+use pushmesh_protocol::{ChannelName, CloseCode};
+use serde_json::value::RawValue;
+
+use crate::app::{
+    AppConfig, AppIdx, Apps, ConnId, CoreConfig, OpenError, PublishError, PublishRequest,
+};
+use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame, PeerFrameError};
+use crate::replication::{Effects, Replicator};
+use crate::router::{ChannelInfo, Event, QueryError, Shard, KINDS};
+use crate::routing::shard_of;
+use crate::session::{Request, Session, SessionOutput};
+use crate::sink::Sink;
+use crate::users::Users;
+
+/// Shards of the test driver: more than one, so tests cross shards.
+const SHARDS: usize = 4;
+
+/// What the node wants the driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Write a text frame to a connection.
+    Send {
+        /// Recipient.
+        conn: ConnId,
+        /// The encoded frame, shared by every recipient.
+        frame: Bytes,
+    },
+    /// Close a connection (the `pusher:error` with the same code is queued just before).
+    Close {
+        /// Connection.
+        conn: ConnId,
+        /// Close code.
+        code: CloseCode,
+        /// Human-readable reason.
+        reason: String,
+    },
+    /// A frame for a peer node.
+    Peer {
+        /// Recipient.
+        to: NodeId,
+        /// Data (channel message) or control.
+        kind: FrameKind,
+        /// The encoded frame.
+        frame: Bytes,
+    },
+    /// A webhook event of an app.
+    Hook {
+        /// The app.
+        app: AppIdx,
+        /// The event.
+        event: WebhookEvent,
+    },
+}
+
+/// A channel a publish reached.
+#[derive(Debug, Clone)]
+pub struct PublishedChannel {
+    /// The channel.
+    pub name: ChannelName,
+    /// Its state after the publish.
+    pub info: ChannelInfo,
+}
+
+struct CollectSink<'a> {
+    out: &'a mut VecDeque<Output>,
+    sessions: &'a mut HashMap<ConnId, Session>,
+    deltas: &'a mut Vec<Delta>,
+}
+
+impl Sink<ConnId> for CollectSink<'_> {
+    fn send(&mut self, to: &ConnId, frame: &Bytes) {
+        self.out.push_back(Output::Send {
+            conn: *to,
+            frame: frame.clone(),
+        });
+    }
+
+    fn close(&mut self, to: &ConnId, code: CloseCode, reason: &str) {
+        if let Some(s) = self.sessions.get_mut(to) {
+            s.close(code, reason);
+            while let Some(o) = s.poll() {
+                match o {
+                    SessionOutput::Send(frame) => {
+                        self.out.push_back(Output::Send { conn: *to, frame })
+                    }
+                    SessionOutput::Close { code, reason } => self.out.push_back(Output::Close {
+                        conn: *to,
+                        code,
+                        reason,
+                    }),
+                    SessionOutput::Route(_) => {}
+                }
+            }
+        }
+    }
+
+    fn peer(&mut self, to: &NodeId, kind: FrameKind, frame: &Bytes) {
+        self.out.push_back(Output::Peer {
+            to: to.clone(),
+            kind,
+            frame: frame.clone(),
+        });
+    }
+
+    fn hook(&mut self, app: AppIdx, event: WebhookEvent) {
+        self.out.push_back(Output::Hook { app, event });
+    }
+
+    fn replicate(&mut self, delta: Delta) {
+        self.deltas.push(delta);
+    }
+}
+
+/// A node's state machines in one synchronous driver. See the module docs.
+pub struct Core {
+    apps: Arc<Apps>,
+    sessions: HashMap<ConnId, Session>,
+    conn_counts: Vec<usize>,
+    shards: Vec<Shard<ConnId>>,
+    users: Users<ConnId>,
+    replicator: Replicator,
+    out: VecDeque<Output>,
+    deltas: Vec<Delta>,
+    activity_timeout_secs: u64,
+    max_connections: Option<usize>,
+    socket_prefix: u32,
+}
+
+macro_rules! sink {
+    ($s:ident) => {
+        CollectSink {
+            out: &mut $s.out,
+            sessions: &mut $s.sessions,
+            deltas: &mut $s.deltas,
+        }
+    };
+}
+
+impl Core {
+    /// A node serving `config.apps`.
+    pub fn new(config: CoreConfig) -> Self {
+        let apps = Arc::new(Apps::new(config.apps));
+        let node = NodeId::new(&config.node_id);
+        Self {
+            conn_counts: vec![0; apps.len()],
+            shards: (0..SHARDS)
+                .map(|_| Shard::new(apps.clone(), node.clone(), config.socket_prefix))
+                .collect(),
+            users: Users::new(apps.clone()),
+            replicator: Replicator::new(node, config.epoch),
+            apps,
+            sessions: HashMap::new(),
+            out: VecDeque::new(),
+            deltas: Vec::new(),
+            activity_timeout_secs: config.activity_timeout_secs,
+            max_connections: config.max_connections,
+            socket_prefix: config.socket_prefix,
+        }
+    }
+
+    /// The app with this key.
+    pub fn app_by_key(&self, key: &str) -> Option<AppIdx> {
+        self.apps.by_key(key)
+    }
+
+    /// The app with this id.
+    pub fn app_by_id(&self, id: &str) -> Option<AppIdx> {
+        self.apps.by_id(id)
+    }
+
+    /// An app's configuration.
+    pub fn app(&self, app: AppIdx) -> &AppConfig {
+        self.apps.get(app)
+    }
+
+    /// Connections open on this node.
+    pub fn connection_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// The socket id of a connection.
+    pub fn socket_id(&self, conn: ConnId) -> Option<&str> {
+        self.sessions.get(&conn).map(Session::socket_id)
+    }
+
+    fn shard(&self, app: AppIdx, channel: &str) -> usize {
+        shard_of(app, channel, self.shards.len())
+    }
+
+    /// Moves a session's outputs out, routing its requests.
+    fn pump(&mut self, now: Instant, conn: ConnId) {
+        let mut todo = Vec::new();
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            while let Some(o) = s.poll() {
+                todo.push(o);
+            }
+        }
+        for o in todo {
+            match o {
+                SessionOutput::Send(frame) => self.out.push_back(Output::Send { conn, frame }),
+                SessionOutput::Close { code, reason } => {
+                    self.out.push_back(Output::Close { conn, code, reason })
+                }
+                SessionOutput::Route(req) => self.route(now, conn, req),
+            }
+        }
+        self.flush_deltas();
+    }
+
+    fn route(&mut self, now: Instant, conn: ConnId, req: Request) {
+        let i = req.channel().map(|(a, c)| self.shard(a, c.as_str()));
+        let mut sink = sink!(self);
+        match (req, i) {
+            (
+                Request::Subscribe {
+                    app,
+                    channel,
+                    proto,
+                    presence,
+                },
+                Some(i),
+            ) => self.shards[i].subscribe(now, conn, app, &channel, proto, presence, &mut sink),
+            (Request::Unsubscribe { app, channel }, Some(i)) => {
+                self.shards[i].unsubscribe(conn, app, &channel, &mut sink)
+            }
+            (
+                Request::ClientEvent {
+                    app,
+                    channel,
+                    event,
+                    data,
+                    socket_id,
+                },
+                Some(i),
+            ) => self.shards[i].client_event(
+                now, &conn, app, &channel, &event, &data, &socket_id, &mut sink,
+            ),
+            (
+                Request::SignIn {
+                    app,
+                    user,
+                    watchlist,
+                    user_data,
+                },
+                _,
+            ) => self
+                .users
+                .signin(&conn, app, &user, &watchlist, &user_data, &mut sink),
+            (
+                Request::SignOut {
+                    app,
+                    user,
+                    watchlist,
+                },
+                _,
+            ) => self.users.signout(conn, app, &user, &watchlist, &mut sink),
+            _ => {}
+        }
+    }
+
+    fn flush_deltas(&mut self) {
+        let mut fx = Effects::default();
+        for d in std::mem::take(&mut self.deltas) {
+            self.replicator.local(d, &mut fx);
+        }
+        self.effects(fx);
+    }
+
+    fn effects(&mut self, fx: Effects) {
+        for (to, frame) in fx.send {
+            self.out.push_back(Output::Peer {
+                to,
+                kind: FrameKind::Control,
+                frame,
+            });
+        }
+        for (peer, d) in fx.apply {
+            let mut sink = sink!(self);
+            if matches!(d, Delta::User { .. }) {
+                self.users.apply_remote(&peer, &d, &mut sink);
+            } else if let (Some(app), Some(ch)) = (self.apps.by_id(d.app()), d.channel()) {
+                let i = shard_of(app, ch, self.shards.len());
+                self.shards[i].apply_remote(&peer, d, &mut sink);
+            }
+        }
+        self.flush_deltas_only();
+    }
+
+    fn flush_deltas_only(&mut self) {
+        if self.deltas.is_empty() {
+            return;
+        }
+        let mut fx = Effects::default();
+        for d in std::mem::take(&mut self.deltas) {
+            self.replicator.local(d, &mut fx);
+        }
+        for (to, frame) in fx.send {
+            self.out.push_back(Output::Peer {
+                to,
+                kind: FrameKind::Control,
+                frame,
+            });
+        }
+    }
+
+    /// A new WebSocket connection for `app`. Queues `connection_established`.
+    pub fn open(&mut self, now: Instant, app: AppIdx, conn: ConnId) -> Result<String, OpenError> {
+        let socket_id = self.admit(app, conn)?;
+        let cfg = self.apps.get(app).clone();
+        let s = Session::pusher(now, conn, app, cfg, &socket_id, self.activity_timeout_secs);
+        self.sessions.insert(conn, s);
+        self.pump(now, conn);
+        Ok(socket_id)
+    }
+
+    /// A new wsify connection (no handshake frame: wsify has none).
+    pub fn open_wsify(
+        &mut self,
+        now: Instant,
+        app: AppIdx,
+        conn: ConnId,
+        envelope: bool,
+    ) -> Result<String, OpenError> {
+        let socket_id = self.admit(app, conn)?;
+        let cfg = self.apps.get(app).clone();
+        let s = Session::wsify(now, conn, app, cfg, &socket_id, envelope);
+        self.sessions.insert(conn, s);
+        Ok(socket_id)
+    }
+
+    fn admit(&mut self, app: AppIdx, conn: ConnId) -> Result<String, OpenError> {
+        let cfg = self.apps.get(app);
+        if !cfg.enabled {
+            return Err(OpenError::AppDisabled);
+        }
+        if self
+            .max_connections
+            .is_some_and(|m| self.sessions.len() >= m)
+        {
+            return Err(OpenError::NodeOverCapacity);
+        }
+        let n = &mut self.conn_counts[app.0 as usize];
+        if cfg.max_connections.is_some_and(|m| *n >= m) {
+            return Err(OpenError::AppOverQuota);
+        }
+        *n += 1;
+        Ok(format!("{}.{}", self.socket_prefix, conn.0))
+    }
+
+    /// A binary frame, which the protocol does not use.
+    pub fn handle_binary(&mut self, conn: ConnId) {
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.handle_binary();
+        }
+        self.pump(Instant::now(), conn);
+    }
+
+    /// A text frame from a client.
+    pub fn handle_frame(&mut self, now: Instant, conn: ConnId, text: &str) {
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.handle_frame(now, text);
+        }
+        self.pump(now, conn);
+    }
+
+    /// The driver saw the connection go away (or closed it).
+    pub fn disconnect(&mut self, now: Instant, conn: ConnId) {
+        let Some(s) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        s.disconnect();
+        let app = s.app();
+        self.pump(now, conn);
+        self.sessions.remove(&conn);
+        let n = &mut self.conn_counts[app.0 as usize];
+        *n = n.saturating_sub(1);
+    }
+
+    /// Whether a connection has signed in.
+    pub fn is_signed_in(&self, conn: ConnId) -> bool {
+        self.sessions.get(&conn).is_some_and(Session::is_signed_in)
+    }
+
+    /// The sign-in deadline passed: closes the connection unless it signed in.
+    pub fn signin_deadline(&mut self, conn: ConnId) {
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.signin_deadline();
+        }
+        self.pump(Instant::now(), conn);
+    }
+
+    /// Closes a connection with `code`.
+    pub fn close_connection(&mut self, conn: ConnId, code: CloseCode, reason: &str) {
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.close(code, reason);
+        }
+        self.pump(Instant::now(), conn);
+    }
+
+    /// Closes every connection with `code`.
+    pub fn close_all(&mut self, code: CloseCode, reason: &str) {
+        let ids: Vec<ConnId> = self.sessions.keys().copied().collect();
+        for id in ids {
+            self.close_connection(id, code, reason);
+        }
+    }
+
+    /// Publishes one event from the HTTP API.
+    pub fn publish(
+        &mut self,
+        now: Instant,
+        app: AppIdx,
+        req: &PublishRequest<'_>,
+    ) -> Result<Vec<PublishedChannel>, PublishError> {
+        let names = self.apps.validate_publish(app, req)?;
+        let mut published = Vec::with_capacity(names.len());
+        for name in names {
+            let i = self.shard(app, name.as_str());
+            let ev = Event {
+                app,
+                channel: &name,
+                name: req.name,
+                data: req.data,
+                content: None,
+                exclude_socket: req.exclude_socket,
+                user_id: None,
+            };
+            let mut sink = sink!(self);
+            self.shards[i].publish(now, &ev, true, &mut sink);
+            let info = self.shards[i].info(now, app, &name);
+            published.push(PublishedChannel { name, info });
+        }
+        Ok(published)
+    }
+
+    /// Checks a channel name a wsify client may use.
+    pub fn wsify_channel(&self, conn: ConnId, channel: &str) -> Result<ChannelName, String> {
+        match self.sessions.get(&conn) {
+            Some(s) => s.wsify_channel(channel),
+            None => Err("no such connection".into()),
+        }
+    }
+
+    /// wsify `join`: idempotent.
+    pub fn wsify_join(&mut self, conn: ConnId, channel: &str) -> Result<(), String> {
+        let r = match self.sessions.get_mut(&conn) {
+            Some(s) => s.wsify_join(channel),
+            None => Ok(()),
+        };
+        self.pump(Instant::now(), conn);
+        r
+    }
+
+    /// wsify `leave`.
+    pub fn wsify_leave(&mut self, conn: ConnId, channel: &str) {
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.wsify_leave(channel);
+        }
+        self.pump(Instant::now(), conn);
+    }
+
+    /// A wsify `broadcast` (from a client or `POST /broadcast`).
+    pub fn wsify_broadcast(
+        &mut self,
+        now: Instant,
+        app: AppIdx,
+        channel: &str,
+        content: &RawValue,
+    ) -> Result<(), PublishError> {
+        let name = self.apps.validate_wsify_broadcast(app, channel, content)?;
+        let cfg = self.apps.get(app).clone();
+        let i = self.shard(app, name.as_str());
+        let ev = Event {
+            app,
+            channel: &name,
+            name: &cfg.wsify_event,
+            data: content.get(),
+            content: Some(content),
+            exclude_socket: None,
+            user_id: None,
+        };
+        let mut sink = sink!(self);
+        self.shards[i].publish(now, &ev, true, &mut sink);
+        Ok(())
+    }
+
+    /// Per channel kind: (kind, occupied channels, subscriptions) on this node.
+    pub fn channel_stats(&self) -> Vec<(&'static str, usize, usize)> {
+        let mut out: Vec<_> = KINDS.iter().map(|k| (*k, 0, 0)).collect();
+        for s in &self.shards {
+            for (i, k) in s.stats().iter().enumerate() {
+                out[i].1 += k.channels;
+                out[i].2 += k.subscriptions;
+            }
+        }
+        out
+    }
+
+    /// Subscribers of a channel on this node only.
+    pub fn local_subscriber_count(&self, app: AppIdx, channel: &str) -> usize {
+        self.shards[self.shard(app, channel)].local_subscriber_count(app, channel)
+    }
+
+    /// Presence members whose connections are on this node.
+    pub fn local_members(&self, app: AppIdx, channel: &str) -> Vec<String> {
+        self.shards[self.shard(app, channel)].local_members(app, channel)
+    }
+
+    /// `GET /channels`: occupied channels, optionally filtered by prefix.
+    pub fn channels(
+        &self,
+        now: Instant,
+        app: AppIdx,
+        prefix: Option<&str>,
+        user_count: bool,
+    ) -> Result<Vec<(ChannelName, ChannelInfo)>, QueryError> {
+        crate::router::check_channels_query(prefix, user_count)?;
+        let mut out = Vec::new();
+        for s in &self.shards {
+            s.occupied(now, app, prefix, &mut out);
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// `GET /channels/{name}`.
+    pub fn channel(
+        &self,
+        now: Instant,
+        app: AppIdx,
+        name: &str,
+        user_count: bool,
+    ) -> Result<ChannelInfo, QueryError> {
+        let name = crate::router::check_channel_query(name, user_count)?;
+        Ok(self.shards[self.shard(app, name.as_str())].info(now, app, &name))
+    }
+
+    /// `GET /channels/{name}/users`: the presence members' ids.
+    pub fn channel_users(&self, app: AppIdx, name: &str) -> Result<Vec<String>, QueryError> {
+        let name = crate::router::check_users_query(name)?;
+        Ok(self.shards[self.shard(app, name.as_str())].users(app, &name))
+    }
+
+    /// `POST /users/{id}/terminate_connections`.
+    pub fn terminate_user(&mut self, app: AppIdx, user_id: &str) -> usize {
+        let mut sink = sink!(self);
+        self.users.terminate(app, user_id, &mut sink)
+    }
+
+    /// Periodic work of every shard.
+    pub fn tick(&mut self, now: Instant) {
+        for i in 0..self.shards.len() {
+            let mut sink = sink!(self);
+            self.shards[i].tick(now, &mut sink);
+        }
+        self.flush_deltas();
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        self.replicator.node()
+    }
+
+    /// Peers with a link up.
+    pub fn peers(&self) -> Vec<NodeId> {
+        self.replicator.peers().into_iter().collect()
+    }
+
+    fn peers_changed(&mut self) {
+        let peers = self.replicator.peers();
+        for s in &mut self.shards {
+            s.set_peers(peers.clone());
+        }
+        self.users.set_peers(peers);
+    }
+
+    /// A link to `peer` (incarnation `epoch`) is up.
+    pub fn peer_up(&mut self, _now: Instant, peer: NodeId, epoch: u64) {
+        let mut fx = Effects::default();
+        self.replicator.peer_up(peer, epoch, &mut fx);
+        self.peers_changed();
+        self.effects(fx);
+    }
+
+    /// The link to `peer` is gone.
+    pub fn peer_down(&mut self, _now: Instant, peer: &NodeId) {
+        let mut fx = Effects::default();
+        self.replicator.peer_down(peer, &mut fx);
+        self.peers_changed();
+        self.effects(fx);
+    }
+
+    /// A frame from `from`. Undecodable frames are refused, never fatal.
+    pub fn handle_peer_frame(
+        &mut self,
+        now: Instant,
+        from: &NodeId,
+        bytes: &[u8],
+    ) -> Result<(), PeerFrameError> {
+        let frame = PeerFrame::decode(bytes)?;
+        if !self.replicator.peers().contains(from) {
+            return Ok(());
+        }
+        match frame {
+            PeerFrame::Publish {
+                app,
+                channel,
+                event,
+                data,
+                exclude,
+                user_id,
+            } => {
+                let Some(a) = self.apps.by_id(&app) else {
+                    return Ok(());
+                };
+                let i = self.shard(a, &channel);
+                let mut sink = sink!(self);
+                self.shards[i].deliver_remote(
+                    now,
+                    &app,
+                    &channel,
+                    &event,
+                    &data,
+                    exclude.as_deref(),
+                    user_id.as_deref(),
+                    &mut sink,
+                );
+            }
+            PeerFrame::CacheSet {
+                app,
+                channel,
+                event,
+                data,
+            } => {
+                if let Some(a) = self.apps.by_id(&app) {
+                    let i = self.shard(a, &channel);
+                    self.shards[i].cache_set(now, &app, &channel, &event, &data);
+                }
+            }
+            PeerFrame::Terminate { app, user } => {
+                if let Some(a) = self.apps.by_id(&app) {
+                    let mut sink = sink!(self);
+                    self.users.terminate_local(a, &user, &mut sink);
+                }
+            }
+            control => {
+                let mut fx = Effects::default();
+                self.replicator.handle(from, control, &mut fx);
+                self.effects(fx);
+            }
+        }
+        Ok(())
+    }
+
+    /// A constant-size digest of this node's interest for gossip.
+    pub fn interest_digest(&self) -> String {
+        self.replicator.digest()
+    }
+
+    /// Compares a peer's gossiped digest with what this node holds of it.
+    pub fn check_peer_digest(&mut self, peer: &NodeId, digest: &str) -> bool {
+        let mut fx = Effects::default();
+        let r = self.replicator.check_peer_digest(peer, digest, &mut fx);
+        self.effects(fx);
+        r
+    }
+
+    /// Checks a publish against the app's limits without doing it.
+    pub fn validate_publish(
+        &self,
+        app: AppIdx,
+        req: &PublishRequest<'_>,
+    ) -> Result<Vec<ChannelName>, PublishError> {
+        self.apps.validate_publish(app, req)
+    }
+
+    /// The channels a connection asked for.
+    pub fn channels_of(&self, conn: ConnId) -> Vec<String> {
+        self.sessions
+            .get(&conn)
+            .map(|s| s.channels().map(ToString::to_string).collect())
+            .unwrap_or_default()
+    }
+}

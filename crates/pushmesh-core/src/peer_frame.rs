@@ -1,0 +1,239 @@
+//! Frames between nodes: the replicated state (`Delta`, `Snapshot`) and the
+//! channel messages (`Publish`, `CacheSet`), versioned and bincode-encoded.
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Version byte in front of every encoded peer frame.
+pub const FRAME_VERSION: u8 = 1;
+
+/// A node of the cluster.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub Arc<str>);
+
+impl NodeId {
+    /// A node id from a string.
+    pub fn new(s: &str) -> Self {
+        Self(Arc::from(s))
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a peer frame carries, for counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FrameKind {
+    /// Channel messages.
+    Data,
+    /// Interest, presence, users, counts, sync.
+    Control,
+}
+
+impl FrameKind {
+    /// `data` or `control`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Data => "data",
+            Self::Control => "control",
+        }
+    }
+}
+
+/// A change of a node's own state, replicated to every peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Delta {
+    /// The node's interest in a channel (local subscribers > 0).
+    Interest {
+        /// App id.
+        app: String,
+        /// Channel.
+        channel: String,
+        /// Gained (true) or lost.
+        add: bool,
+    },
+    /// A user is (or is no longer) a presence member on the node.
+    Member {
+        /// App id.
+        app: String,
+        /// Channel.
+        channel: String,
+        /// User.
+        user: String,
+        /// `user_info` JSON.
+        info: Option<String>,
+        /// Joined (true) or left.
+        add: bool,
+    },
+    /// A user is (or is no longer) signed in on the node.
+    User {
+        /// App id.
+        app: String,
+        /// User.
+        user: String,
+        /// Online (true) or offline.
+        online: bool,
+    },
+    /// The node's subscriber count of a channel.
+    Count {
+        /// App id.
+        app: String,
+        /// Channel.
+        channel: String,
+        /// Local subscribers.
+        count: usize,
+    },
+}
+
+/// The whole replicated state of a node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// (app, channel) with local interest.
+    pub interest: Vec<(String, String)>,
+    /// (app, channel, user, info) presence members.
+    pub members: Vec<(String, String, String, Option<String>)>,
+    /// (app, user) signed in.
+    pub users: Vec<(String, String)>,
+    /// (app, channel, count) subscriber counts.
+    pub counts: Vec<(String, String, usize)>,
+}
+
+/// A frame between two nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerFrame {
+    /// The sender's whole state.
+    Sync {
+        /// Sender's epoch (incarnation).
+        epoch: u64,
+        /// Sequence number of the last delta included.
+        seq: u64,
+        /// State.
+        state: Snapshot,
+    },
+    /// One change of the sender's state.
+    Delta {
+        /// Sender's epoch.
+        epoch: u64,
+        /// Sequence number (one more than the previous delta's).
+        seq: u64,
+        /// The change.
+        delta: Delta,
+    },
+    /// "Your state as I hold it is off: send me a Sync."
+    ResyncRequest,
+    /// A channel event to deliver locally (never forwarded again).
+    Publish {
+        /// App id.
+        app: String,
+        /// Channel.
+        channel: String,
+        /// Event name.
+        event: String,
+        /// Event data.
+        data: String,
+        /// Socket id to leave out.
+        exclude: Option<String>,
+        /// `user_id` of a presence client event.
+        user_id: Option<String>,
+    },
+    /// The last event of a cache channel, for nodes without interest.
+    CacheSet {
+        /// App id.
+        app: String,
+        /// Channel.
+        channel: String,
+        /// Event name.
+        event: String,
+        /// Event data.
+        data: String,
+    },
+    /// Close every connection of a user.
+    Terminate {
+        /// App id.
+        app: String,
+        /// User.
+        user: String,
+    },
+}
+
+impl PeerFrame {
+    /// Data or control.
+    pub fn kind(&self) -> FrameKind {
+        match self {
+            Self::Publish { .. } => FrameKind::Data,
+            _ => FrameKind::Control,
+        }
+    }
+
+    /// Version byte + bincode.
+    pub fn encode(&self) -> Bytes {
+        let mut v = vec![FRAME_VERSION];
+        match bincode::serde::encode_to_vec(self, bincode::config::standard()) {
+            Ok(b) => v.extend_from_slice(&b),
+            Err(e) => tracing::error!(error = %e, "cannot encode a peer frame"),
+        }
+        Bytes::from(v)
+    }
+
+    /// Decodes a frame made by [`PeerFrame::encode`].
+    pub fn decode(b: &[u8]) -> Result<Self, PeerFrameError> {
+        match b.split_first() {
+            Some((&FRAME_VERSION, rest)) => {
+                bincode::serde::decode_from_slice(rest, bincode::config::standard())
+                    .map(|(f, _)| f)
+                    .map_err(|e| PeerFrameError::Decode(e.to_string()))
+            }
+            Some((v, _)) => Err(PeerFrameError::Version(*v)),
+            None => Err(PeerFrameError::Decode("empty frame".into())),
+        }
+    }
+}
+
+/// A frame from a peer that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerFrameError {
+    /// Unknown version.
+    #[error("unsupported peer frame version {0}")]
+    Version(u8),
+    /// Not a frame.
+    #[error("undecodable peer frame: {0}")]
+    Decode(String),
+}
+
+impl Delta {
+    /// The app id the change belongs to.
+    pub fn app(&self) -> &str {
+        match self {
+            Self::Interest { app, .. }
+            | Self::Member { app, .. }
+            | Self::User { app, .. }
+            | Self::Count { app, .. } => app,
+        }
+    }
+
+    /// The channel the change belongs to (`None` for users).
+    pub fn channel(&self) -> Option<&str> {
+        match self {
+            Self::Interest { channel, .. }
+            | Self::Member { channel, .. }
+            | Self::Count { channel, .. } => Some(channel),
+            Self::User { .. } => None,
+        }
+    }
+}

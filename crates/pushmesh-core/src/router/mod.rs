@@ -1,0 +1,538 @@
+//! The router: channel tables, presence and what peers hold, split into
+//! shards by channel. A [`Shard`] owns every channel that hashes to it
+//! ([`crate::routing::shard_of`]): its subscribers, presence members, cached
+//! event, and the peers' interest, counts and members for it. A publish
+//! touches one shard only; shards share nothing, so a driver runs each on
+//! its own task (or behind its own lock) with no node-wide lock.
+//!
+//! Every method takes `now` and a [`Sink`] that receives the effects in order.
+
+mod presence;
+mod query;
+mod remote;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use indexmap::{IndexMap, IndexSet};
+use pushmesh_protocol::server;
+use pushmesh_protocol::webhook::WebhookEvent;
+use pushmesh_protocol::wsify;
+use pushmesh_protocol::{ChannelKind, ChannelName};
+use serde_json::value::RawValue;
+
+pub use query::{
+    check_channel_query, check_channels_query, check_users_query, ChannelInfo, KindStats,
+    QueryError, KINDS,
+};
+
+use crate::app::{AppIdx, Apps, ConnId};
+use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame};
+use crate::routing::is_owner;
+use crate::session::{not_subscribed, PresenceJoin, Proto};
+use crate::sink::{Handle, Sink};
+
+/// How long a cache channel keeps its last event.
+pub const CACHE_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// One shard of the router.
+pub struct Shard<H> {
+    apps: Arc<Apps>,
+    node: NodeId,
+    socket_prefix: u32,
+    tables: Vec<Table<H>>,
+    /// Peers with a link up.
+    peers: BTreeSet<NodeId>,
+}
+
+struct Table<H> {
+    channels: HashMap<ChannelName, Channel<H>>,
+    cache: HashMap<ChannelName, Cached>,
+    /// What other nodes hold, per channel.
+    remote: HashMap<ChannelName, Remote>,
+    /// Channels whose local count changed: replicate, notify.
+    dirty_counts: IndexSet<ChannelName>,
+    /// Channels whose remote count changed: notify local subscribers.
+    dirty_events: IndexSet<ChannelName>,
+}
+
+struct Channel<H> {
+    pusher: IndexMap<ConnId, H>,
+    wsify_raw: IndexMap<ConnId, H>,
+    wsify_env: IndexMap<ConnId, H>,
+    /// Presence channels: the member each connection is.
+    presence_of: HashMap<ConnId, String>,
+    members: IndexMap<String, Member>,
+}
+
+impl<H> Default for Channel<H> {
+    fn default() -> Self {
+        Self {
+            pusher: IndexMap::new(),
+            wsify_raw: IndexMap::new(),
+            wsify_env: IndexMap::new(),
+            presence_of: HashMap::new(),
+            members: IndexMap::new(),
+        }
+    }
+}
+
+impl<H> Channel<H> {
+    fn count(&self) -> usize {
+        self.pusher.len() + self.wsify_raw.len() + self.wsify_env.len()
+    }
+
+    fn set(&mut self, proto: Proto) -> &mut IndexMap<ConnId, H> {
+        match proto {
+            Proto::Pusher => &mut self.pusher,
+            Proto::Wsify { envelope: false } => &mut self.wsify_raw,
+            Proto::Wsify { envelope: true } => &mut self.wsify_env,
+        }
+    }
+
+    fn handle(&self, conn: ConnId) -> Option<&H> {
+        self.pusher
+            .get(&conn)
+            .or_else(|| self.wsify_raw.get(&conn))
+            .or_else(|| self.wsify_env.get(&conn))
+    }
+}
+
+struct Member {
+    info: Option<Box<RawValue>>,
+    conns: u32,
+}
+
+struct Cached {
+    event: String,
+    data: String,
+    frame: Bytes,
+    at: Instant,
+}
+
+/// What the node holds about other nodes for one channel.
+#[derive(Default)]
+struct Remote {
+    interested: BTreeSet<NodeId>,
+    counts: BTreeMap<NodeId, usize>,
+    members: IndexMap<String, RemoteMember>,
+}
+
+impl Remote {
+    fn is_empty(&self) -> bool {
+        self.interested.is_empty() && self.counts.is_empty() && self.members.is_empty()
+    }
+}
+
+struct RemoteMember {
+    info: Option<Box<RawValue>>,
+    nodes: BTreeSet<NodeId>,
+}
+
+/// One event to deliver on a channel of this shard.
+#[derive(Debug, Clone, Copy)]
+pub struct Event<'a> {
+    /// App.
+    pub app: AppIdx,
+    /// Channel.
+    pub channel: &'a ChannelName,
+    /// Event name.
+    pub name: &'a str,
+    /// Data (a JSON string's content).
+    pub data: &'a str,
+    /// wsify content, when the event came from a wsify broadcast.
+    pub content: Option<&'a RawValue>,
+    /// Socket id to leave out.
+    pub exclude_socket: Option<&'a str>,
+    /// `user_id` of a presence client event.
+    pub user_id: Option<&'a str>,
+}
+
+impl<H: Handle> Shard<H> {
+    /// An empty shard of a node.
+    pub fn new(apps: Arc<Apps>, node: NodeId, socket_prefix: u32) -> Self {
+        let tables = (0..apps.len())
+            .map(|_| Table {
+                channels: HashMap::new(),
+                cache: HashMap::new(),
+                remote: HashMap::new(),
+                dirty_counts: IndexSet::new(),
+                dirty_events: IndexSet::new(),
+            })
+            .collect();
+        Self {
+            apps,
+            node,
+            socket_prefix,
+            tables,
+            peers: BTreeSet::new(),
+        }
+    }
+
+    /// The peers with a link up changed (their state arrives as deltas).
+    pub fn set_peers(&mut self, peers: BTreeSet<NodeId>) {
+        self.peers = peers;
+    }
+
+    fn table(&mut self, app: AppIdx) -> &mut Table<H> {
+        &mut self.tables[app.0 as usize]
+    }
+
+    fn app_id(&self, app: AppIdx) -> &str {
+        &self.apps.get(app).id
+    }
+
+    /// A webhook event, fired by the channel's owner only.
+    fn hook(&self, app: AppIdx, channel: &str, event: WebhookEvent, sink: &mut impl Sink<H>) {
+        let cfg = self.apps.get(app);
+        if cfg.webhooks && is_owner(&self.node, &self.peers, &cfg.id, channel) {
+            sink.hook(app, event);
+        }
+    }
+
+    fn remote_interest(&self, app: AppIdx, name: &ChannelName) -> bool {
+        self.tables[app.0 as usize]
+            .remote
+            .get(name)
+            .is_some_and(|r| !r.interested.is_empty())
+    }
+
+    /// The local subscriber count of a channel went 0→1 (`add`) or N→0.
+    fn local_interest(&self, app: AppIdx, name: &ChannelName, add: bool, sink: &mut impl Sink<H>) {
+        sink.replicate(Delta::Interest {
+            app: self.app_id(app).to_owned(),
+            channel: name.to_string(),
+            add,
+        });
+        if !self.remote_interest(app, name) {
+            let channel = name.to_string();
+            let event = if add {
+                WebhookEvent::ChannelOccupied { channel }
+            } else {
+                WebhookEvent::ChannelVacated { channel }
+            };
+            self.hook(app, name.as_str(), event, sink);
+        }
+    }
+
+    /// Subscribes a connection (authorized by its session). Pusher
+    /// connections get `subscription_succeeded` (and the cached event of a
+    /// cache channel); subscribing twice delivers once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn subscribe(
+        &mut self,
+        now: Instant,
+        h: H,
+        app: AppIdx,
+        name: &ChannelName,
+        proto: Proto,
+        presence: Option<PresenceJoin>,
+        sink: &mut impl Sink<H>,
+    ) {
+        if let Some(p) = presence {
+            if !self.subscribe_presence(h.clone(), app, name, p, sink) {
+                return;
+            }
+        } else {
+            let conn = h.conn();
+            let t = self.table(app);
+            let ch = t.channels.entry(name.clone()).or_default();
+            let occupied = ch.count() == 0;
+            if ch.set(proto).insert(conn, h.clone()).is_none() {
+                t.dirty_counts.insert(name.clone());
+                if occupied {
+                    self.local_interest(app, name, true, sink);
+                }
+            }
+            if proto != Proto::Pusher {
+                return;
+            }
+            sink.send(&h, &server::subscription_succeeded(name.as_str()));
+        }
+        if name.is_cache() {
+            self.send_cached(now, &h, app, name, sink);
+        }
+    }
+
+    fn send_cached(
+        &mut self,
+        now: Instant,
+        h: &H,
+        app: AppIdx,
+        name: &ChannelName,
+        sink: &mut impl Sink<H>,
+    ) {
+        let hook = self.apps.get(app).webhooks;
+        let t = self.table(app);
+        match t.cache.get(name) {
+            Some(c) if now.saturating_duration_since(c.at) < CACHE_TTL => {
+                sink.send(h, &c.frame);
+            }
+            _ => {
+                t.cache.remove(name);
+                sink.send(h, &server::cache_miss(name.as_str()));
+                if hook {
+                    let event = WebhookEvent::CacheMiss {
+                        channel: name.to_string(),
+                    };
+                    sink.hook(app, event);
+                }
+            }
+        }
+    }
+
+    /// Removes a connection from a channel; nothing if it is not in it.
+    pub fn unsubscribe(
+        &mut self,
+        conn: ConnId,
+        app: AppIdx,
+        name: &ChannelName,
+        sink: &mut impl Sink<H>,
+    ) {
+        let t = self.table(app);
+        let Some(ch) = t.channels.get_mut(name) else {
+            return;
+        };
+        let removed = ch.pusher.swap_remove(&conn).is_some()
+            || ch.wsify_raw.swap_remove(&conn).is_some()
+            || ch.wsify_env.swap_remove(&conn).is_some();
+        if !removed {
+            return;
+        }
+        let mut member_gone = None;
+        if let Some(uid) = ch.presence_of.remove(&conn) {
+            let gone = match ch.members.get_mut(&uid) {
+                Some(m) => {
+                    m.conns -= 1;
+                    m.conns == 0
+                }
+                None => false,
+            };
+            if gone {
+                ch.members.swap_remove(&uid);
+                member_gone = Some(uid);
+            }
+        }
+        let empty = ch.count() == 0;
+        t.dirty_counts.insert(name.clone());
+        if empty {
+            t.channels.remove(name);
+        }
+        if let Some(uid) = member_gone {
+            self.member_left(app, name, uid, sink);
+        }
+        if empty {
+            self.local_interest(app, name, false, sink);
+        }
+    }
+
+    /// A `client-` event from a connection (limits checked by its session):
+    /// refused unless the connection is in the channel; delivered to the
+    /// others here and on interested peers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn client_event(
+        &mut self,
+        now: Instant,
+        h: &H,
+        app: AppIdx,
+        name: &ChannelName,
+        event: &str,
+        data: &str,
+        socket_id: &str,
+        sink: &mut impl Sink<H>,
+    ) {
+        let conn = h.conn();
+        let Some(ch) = self.tables[app.0 as usize]
+            .channels
+            .get(name)
+            .filter(|c| c.handle(conn).is_some())
+        else {
+            sink.send(h, &server::error(&not_subscribed(name.as_str()), None));
+            return;
+        };
+        let user_id = ch.presence_of.get(&conn).cloned();
+        if self.apps.get(app).webhooks {
+            // Fired where the event happens: once per cluster.
+            let hook = WebhookEvent::ClientEvent {
+                channel: name.to_string(),
+                event: event.to_owned(),
+                data: data.to_owned(),
+                socket_id: socket_id.to_owned(),
+                user_id: user_id.clone(),
+            };
+            sink.hook(app, hook);
+        }
+        let ev = Event {
+            app,
+            channel: name,
+            name: event,
+            data,
+            content: None,
+            exclude_socket: Some(socket_id),
+            user_id: user_id.as_deref(),
+        };
+        self.publish(now, &ev, true, sink);
+    }
+
+    /// Delivers one event to every local subscriber of the channel (Pusher
+    /// and wsify, each protocol's frame encoded once), remembers it on a
+    /// cache channel, and, if `forward`, sends it to every interested peer.
+    pub fn publish(
+        &mut self,
+        now: Instant,
+        ev: &Event<'_>,
+        forward: bool,
+        sink: &mut impl Sink<H>,
+    ) {
+        let frame = self.cache_event(now, ev);
+        let exclude = ev.exclude_socket.and_then(|s| self.local_conn_of(s));
+        if let Some(ch) = self.tables[ev.app.0 as usize].channels.get(ev.channel) {
+            for (c, h) in &ch.pusher {
+                if Some(*c) != exclude {
+                    sink.send(h, &frame);
+                }
+            }
+            if !ch.wsify_raw.is_empty() || !ch.wsify_env.is_empty() {
+                let owned;
+                let content = match ev.content {
+                    Some(c) => c,
+                    None => {
+                        owned = wsify::content_of_event_data(ev.data);
+                        &owned
+                    }
+                };
+                for (set, frame) in [
+                    (&ch.wsify_raw, wsify::raw_frame(content.get())),
+                    (
+                        &ch.wsify_env,
+                        wsify::envelope_frame(ev.channel.as_str(), content),
+                    ),
+                ] {
+                    for (c, h) in set {
+                        if Some(*c) != exclude {
+                            sink.send(h, &frame);
+                        }
+                    }
+                }
+            }
+        }
+        if forward {
+            self.forward(ev, sink);
+        }
+    }
+
+    /// Remembers the last event of a cache channel; returns its frame.
+    fn cache_event(&mut self, now: Instant, ev: &Event<'_>) -> Bytes {
+        let frame = server::channel_event(ev.name, ev.channel.as_str(), ev.data, ev.user_id);
+        if ev.channel.is_cache() {
+            self.table(ev.app).cache.insert(
+                ev.channel.clone(),
+                Cached {
+                    event: ev.name.to_owned(),
+                    data: ev.data.to_owned(),
+                    frame: frame.clone(),
+                    at: now,
+                },
+            );
+        }
+        frame
+    }
+
+    /// Sends an event to every peer interested in the channel (once each),
+    /// and the new cached event of a cache channel to the others.
+    fn forward(&self, ev: &Event<'_>, sink: &mut impl Sink<H>) {
+        if self.peers.is_empty() {
+            return;
+        }
+        let app_id = self.app_id(ev.app);
+        let interested = self.tables[ev.app.0 as usize]
+            .remote
+            .get(ev.channel)
+            .map(|r| &r.interested);
+        if let Some(interested) = interested.filter(|i| !i.is_empty()) {
+            let frame = PeerFrame::Publish {
+                app: app_id.to_owned(),
+                channel: ev.channel.to_string(),
+                event: ev.name.to_owned(),
+                data: ev.data.to_owned(),
+                exclude: ev.exclude_socket.map(str::to_owned),
+                user_id: ev.user_id.map(str::to_owned),
+            }
+            .encode();
+            for to in interested {
+                sink.peer(to, FrameKind::Data, &frame);
+            }
+        }
+        let n = interested.map_or(0, BTreeSet::len);
+        if ev.channel.is_cache() && n < self.peers.len() {
+            let frame = PeerFrame::CacheSet {
+                app: app_id.to_owned(),
+                channel: ev.channel.to_string(),
+                event: ev.name.to_owned(),
+                data: ev.data.to_owned(),
+            }
+            .encode();
+            for to in &self.peers {
+                if !interested.is_some_and(|i| i.contains(to)) {
+                    sink.peer(to, FrameKind::Control, &frame);
+                }
+            }
+        }
+    }
+
+    /// The connection of this node a socket id names, if any.
+    fn local_conn_of(&self, socket_id: &str) -> Option<ConnId> {
+        let (prefix, n) = socket_id.split_once('.')?;
+        if prefix.parse::<u32>().ok()? != self.socket_prefix {
+            return None;
+        }
+        Some(ConnId(n.parse().ok()?))
+    }
+
+    /// Periodic work: count replication, `subscription_count` events and
+    /// webhooks (coalesced per tick), cache expiry.
+    pub fn tick(&mut self, now: Instant, sink: &mut impl Sink<H>) {
+        for idx in 0..self.tables.len() {
+            let app = AppIdx(idx as u32);
+            let cfg = self.apps.get(app).clone();
+            let t = &mut self.tables[idx];
+            t.cache
+                .retain(|_, c| now.saturating_duration_since(c.at) < CACHE_TTL);
+            let local = std::mem::take(&mut t.dirty_counts);
+            let mut remote = std::mem::take(&mut t.dirty_events);
+            for name in &local {
+                let count = t.channels.get(name).map_or(0, Channel::count);
+                sink.replicate(Delta::Count {
+                    app: cfg.id.clone(),
+                    channel: name.to_string(),
+                    count,
+                });
+                remote.swap_remove(name);
+            }
+            for name in local.iter().chain(remote.iter()) {
+                // Presence channels count members, not subscriptions (as Pusher).
+                if name.kind() == ChannelKind::Presence {
+                    continue;
+                }
+                let total = self.subscription_count(app, name);
+                let event = WebhookEvent::SubscriptionCount {
+                    channel: name.to_string(),
+                    subscription_count: total,
+                };
+                self.hook(app, name.as_str(), event, sink);
+                if !cfg.subscription_count_events {
+                    continue;
+                }
+                let Some(ch) = self.tables[idx].channels.get(name) else {
+                    continue;
+                };
+                let f = server::subscription_count(name.as_str(), total);
+                for h in ch.pusher.values() {
+                    sink.send(h, &f);
+                }
+            }
+        }
+    }
+}

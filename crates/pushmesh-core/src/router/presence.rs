@@ -1,0 +1,205 @@
+//! Presence channels in a shard: members (local and on peers), member
+//! limits, `member_added` / `member_removed`.
+
+use pushmesh_protocol::server::{self, MemberRef};
+use pushmesh_protocol::webhook::WebhookEvent;
+use pushmesh_protocol::ChannelName;
+use serde_json::value::RawValue;
+
+use super::{Member, Shard};
+use crate::app::AppIdx;
+use crate::peer_frame::Delta;
+use crate::session::PresenceJoin;
+use crate::sink::{Handle, Sink};
+
+impl<H: Handle> Shard<H> {
+    /// Adds a presence subscriber; false if refused (channel full).
+    pub(super) fn subscribe_presence(
+        &mut self,
+        h: H,
+        app: AppIdx,
+        name: &ChannelName,
+        join: PresenceJoin,
+        sink: &mut impl Sink<H>,
+    ) -> bool {
+        let conn = h.conn();
+        let max_members = self.apps.get(app).limits.max_presence_members;
+        let user_id = join.user_id;
+        let remote_has = self.remote_member(app, name.as_str(), &user_id);
+        let t = &self.tables[app.0 as usize];
+        if t.channels
+            .get(name)
+            .is_some_and(|c| c.pusher.contains_key(&conn))
+        {
+            // Already subscribed: answer again, change nothing.
+            sink.send(&h, &self.presence_frame(app, name));
+            return true;
+        }
+        let is_new_local = !t
+            .channels
+            .get(name)
+            .is_some_and(|c| c.members.contains_key(&user_id));
+        let is_new_member = is_new_local && !remote_has;
+        if is_new_member && self.member_count(app, name.as_str()) >= max_members {
+            let f = server::subscription_error(
+                name.as_str(),
+                "LimitReached",
+                "presence channel is full",
+                403,
+            );
+            sink.send(&h, &f);
+            return false;
+        }
+        let info_json = join.info.as_ref().map(|i| i.get().to_owned());
+        let t = self.table(app);
+        let ch = t.channels.entry(name.clone()).or_default();
+        let occupied = ch.count() == 0;
+        if is_new_local {
+            ch.members.insert(
+                user_id.clone(),
+                Member {
+                    info: join.info,
+                    conns: 1,
+                },
+            );
+        } else if let Some(m) = ch.members.get_mut(&user_id) {
+            m.conns += 1;
+        }
+        ch.pusher.insert(conn, h.clone());
+        ch.presence_of.insert(conn, user_id.clone());
+        t.dirty_counts.insert(name.clone());
+        if occupied {
+            self.local_interest(app, name, true, sink);
+        }
+        if is_new_local {
+            sink.replicate(Delta::Member {
+                app: self.app_id(app).to_owned(),
+                channel: name.to_string(),
+                user: user_id.clone(),
+                info: info_json.clone(),
+                add: true,
+            });
+        }
+        if is_new_member {
+            // To the subscribers already there, not to the joining connection.
+            let info = info_json.and_then(|s| RawValue::from_string(s).ok());
+            self.member_event(app, name, &user_id, info.as_deref(), true, Some(&h), sink);
+        }
+        sink.send(&h, &self.presence_frame(app, name));
+        true
+    }
+
+    /// The last local connection of a member left the channel.
+    pub(super) fn member_left(
+        &mut self,
+        app: AppIdx,
+        name: &ChannelName,
+        uid: String,
+        sink: &mut impl Sink<H>,
+    ) {
+        sink.replicate(Delta::Member {
+            app: self.app_id(app).to_owned(),
+            channel: name.to_string(),
+            user: uid.clone(),
+            info: None,
+            add: false,
+        });
+        if !self.remote_member(app, name.as_str(), &uid) {
+            self.member_event(app, name, &uid, None, false, None, sink);
+        }
+    }
+
+    /// Whether a user is a presence member of a channel on some peer.
+    pub(super) fn remote_member(&self, app: AppIdx, name: &str, user: &str) -> bool {
+        self.tables[app.0 as usize]
+            .remote
+            .get(name)
+            .is_some_and(|r| r.members.contains_key(user))
+    }
+
+    /// Sends `member_added` / `member_removed` to the local subscribers of a
+    /// channel (but `skip`) and fires the webhook.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn member_event(
+        &self,
+        app: AppIdx,
+        name: &ChannelName,
+        user: &str,
+        info: Option<&RawValue>,
+        add: bool,
+        skip: Option<&H>,
+        sink: &mut impl Sink<H>,
+    ) {
+        let frame = if add {
+            server::member_added(name.as_str(), user, info)
+        } else {
+            server::member_removed(name.as_str(), user)
+        };
+        if let Some(ch) = self.tables[app.0 as usize].channels.get(name) {
+            let skip = skip.map(Handle::conn);
+            for (c, h) in &ch.pusher {
+                if Some(*c) != skip {
+                    sink.send(h, &frame);
+                }
+            }
+        }
+        let channel = name.to_string();
+        let user_id = user.to_owned();
+        let event = if add {
+            WebhookEvent::MemberAdded { channel, user_id }
+        } else {
+            WebhookEvent::MemberRemoved { channel, user_id }
+        };
+        self.hook(app, name.as_str(), event, sink);
+    }
+
+    /// Presence members of a channel, cluster-wide: local ones, then remote ones.
+    pub(super) fn members_union(
+        &self,
+        app: AppIdx,
+        name: &str,
+    ) -> Vec<(String, Option<Box<RawValue>>)> {
+        let t = &self.tables[app.0 as usize];
+        let local = t.channels.get(name);
+        let mut out: Vec<(String, Option<Box<RawValue>>)> = local
+            .map(|c| {
+                c.members
+                    .iter()
+                    .map(|(id, m)| (id.clone(), m.info.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(r) = t.remote.get(name) {
+            for (id, m) in &r.members {
+                if !local.is_some_and(|c| c.members.contains_key(id)) {
+                    out.push((id.clone(), m.info.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Distinct members of a channel, cluster-wide.
+    pub(super) fn member_count(&self, app: AppIdx, name: &str) -> usize {
+        let t = &self.tables[app.0 as usize];
+        let local = t.channels.get(name);
+        let remote_only = t.remote.get(name).map_or(0, |r| {
+            r.members
+                .keys()
+                .filter(|id| !local.is_some_and(|c| c.members.contains_key(*id)))
+                .count()
+        });
+        local.map_or(0, |c| c.members.len()) + remote_only
+    }
+
+    fn presence_frame(&self, app: AppIdx, name: &ChannelName) -> bytes::Bytes {
+        let members = self.members_union(app, name.as_str());
+        server::presence_subscription_succeeded(
+            name.as_str(),
+            members.iter().map(|(id, info)| MemberRef {
+                id: id.as_str(),
+                info: info.as_deref(),
+            }),
+        )
+    }
+}

@@ -1,0 +1,194 @@
+//! What peers hold, applied to a shard: their interest, subscriber counts
+//! and presence members per channel (from the replication), and the channel
+//! messages and cached events they send.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use pushmesh_protocol::webhook::WebhookEvent;
+use pushmesh_protocol::ChannelName;
+use serde_json::value::RawValue;
+
+use super::{Channel, Event, RemoteMember, Shard};
+use crate::peer_frame::{Delta, NodeId};
+use crate::sink::{Handle, Sink};
+
+fn raw(info: Option<&str>) -> Option<Box<RawValue>> {
+    info.and_then(|s| RawValue::from_string(s.to_owned()).ok())
+}
+
+impl<H: Handle> Shard<H> {
+    /// Applies one change of `peer`'s state for a channel of this shard
+    /// (idempotent). User deltas belong to the user registry and are ignored.
+    pub fn apply_remote(&mut self, peer: &NodeId, delta: Delta, sink: &mut impl Sink<H>) {
+        let Some(app) = self.apps.by_id(delta.app()) else {
+            return;
+        };
+        match delta {
+            Delta::Interest { channel, add, .. } => {
+                let Ok(name) = ChannelName::parse_with_limit(&channel, usize::MAX) else {
+                    return;
+                };
+                let before = self.remote_interest(app, &name);
+                let t = self.table(app);
+                let local = t.channels.get(&name).is_some_and(|c| c.count() > 0);
+                let r = t.remote.entry(name.clone()).or_default();
+                let changed = if add {
+                    r.interested.insert(peer.clone())
+                } else {
+                    r.interested.remove(peer)
+                };
+                let after = !r.interested.is_empty();
+                if r.is_empty() {
+                    t.remote.remove(&name);
+                }
+                if changed && !local && before != after {
+                    let event = if after {
+                        WebhookEvent::ChannelOccupied {
+                            channel: channel.clone(),
+                        }
+                    } else {
+                        WebhookEvent::ChannelVacated {
+                            channel: channel.clone(),
+                        }
+                    };
+                    self.hook(app, &channel, event, sink);
+                }
+            }
+            Delta::Count { channel, count, .. } => {
+                let Ok(name) = ChannelName::parse_with_limit(&channel, usize::MAX) else {
+                    return;
+                };
+                let cfg = self.apps.get(app).clone();
+                let t = self.table(app);
+                let r = t.remote.entry(name.clone()).or_default();
+                let changed = if count == 0 {
+                    r.counts.remove(peer).is_some()
+                } else {
+                    r.counts.insert(peer.clone(), count) != Some(count)
+                };
+                if r.is_empty() {
+                    t.remote.remove(&name);
+                }
+                if changed && (cfg.subscription_count_events || cfg.webhooks) {
+                    t.dirty_events.insert(name);
+                }
+            }
+            Delta::Member {
+                channel,
+                user,
+                info,
+                add,
+                ..
+            } => {
+                let Ok(name) = ChannelName::parse_with_limit(&channel, usize::MAX) else {
+                    return;
+                };
+                let t = self.table(app);
+                let local = t
+                    .channels
+                    .get(&name)
+                    .is_some_and(|c| c.members.contains_key(&user));
+                let r = t.remote.entry(name.clone()).or_default();
+                let was = r.members.contains_key(&user);
+                if add {
+                    let m = r
+                        .members
+                        .entry(user.clone())
+                        .or_insert_with(|| RemoteMember {
+                            info: raw(info.as_deref()),
+                            nodes: BTreeSet::new(),
+                        });
+                    if !m.nodes.insert(peer.clone()) || was || local {
+                        return;
+                    }
+                    let info = m.info.clone();
+                    self.member_event(app, &name, &user, info.as_deref(), true, None, sink);
+                } else {
+                    let Some(m) = r.members.get_mut(&user) else {
+                        return;
+                    };
+                    if !m.nodes.remove(peer) {
+                        return;
+                    }
+                    let gone = m.nodes.is_empty();
+                    if gone {
+                        r.members.swap_remove(&user);
+                    }
+                    if r.is_empty() {
+                        t.remote.remove(&name);
+                    }
+                    if gone && !local {
+                        self.member_event(app, &name, &user, None, false, None, sink);
+                    }
+                }
+            }
+            Delta::User { .. } => {}
+        }
+    }
+
+    /// A channel message from a peer: delivered locally, never forwarded.
+    #[allow(clippy::too_many_arguments)]
+    pub fn deliver_remote(
+        &mut self,
+        now: Instant,
+        app_id: &str,
+        channel: &str,
+        event: &str,
+        data: &str,
+        exclude: Option<&str>,
+        user_id: Option<&str>,
+        sink: &mut impl Sink<H>,
+    ) {
+        let Some(app) = self.apps.by_id(app_id) else {
+            return;
+        };
+        let Ok(name) = ChannelName::parse_with_limit(channel, usize::MAX) else {
+            return;
+        };
+        let ev = Event {
+            app,
+            channel: &name,
+            name: event,
+            data,
+            content: None,
+            exclude_socket: exclude,
+            user_id,
+        };
+        self.publish(now, &ev, false, sink);
+    }
+
+    /// The last event of a cache channel, published on a peer.
+    pub fn cache_set(
+        &mut self,
+        now: Instant,
+        app_id: &str,
+        channel: &str,
+        event: &str,
+        data: &str,
+    ) {
+        let Some(app) = self.apps.by_id(app_id) else {
+            return;
+        };
+        let Ok(name) = ChannelName::parse_with_limit(channel, usize::MAX) else {
+            return;
+        };
+        let ev = Event {
+            app,
+            channel: &name,
+            name: event,
+            data,
+            content: None,
+            exclude_socket: None,
+            user_id: None,
+        };
+        self.cache_event(now, &ev);
+    }
+
+    pub(super) fn local_count(&self, app: crate::app::AppIdx, name: &str) -> usize {
+        self.tables[app.0 as usize]
+            .channels
+            .get(name)
+            .map_or(0, Channel::count)
+    }
+}

@@ -1,0 +1,617 @@
+//! One connection's protocol state machine, owned by its connection task:
+//! parsing, authorization, rate limits, sign-in. Pings, refusals and errors
+//! are answered here without touching any shared state; what concerns
+//! channels or users becomes a [`Request`] for the router or the user
+//! registry.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pushmesh_protocol::client::ClientMessage;
+use pushmesh_protocol::server;
+use pushmesh_protocol::sign::{self, AuthError};
+use pushmesh_protocol::{ChannelKind, ChannelName, CloseCode};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::app::{AppConfig, AppIdx, ConnId};
+
+/// Which protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// Pusher Channels.
+    Pusher,
+    /// wsify, raw content or `{"channel","content"}` envelopes.
+    Wsify {
+        /// Envelope mode.
+        envelope: bool,
+    },
+}
+
+/// A presence member joining with a subscription.
+#[derive(Debug, Clone)]
+pub struct PresenceJoin {
+    /// `user_id`.
+    pub user_id: String,
+    /// `user_info` JSON.
+    pub info: Option<Box<RawValue>>,
+}
+
+/// Work for the router (by channel) or the user registry.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// Subscribe (authorized already).
+    Subscribe {
+        /// App.
+        app: AppIdx,
+        /// Channel.
+        channel: ChannelName,
+        /// Protocol of the connection.
+        proto: Proto,
+        /// The member, on presence channels.
+        presence: Option<PresenceJoin>,
+    },
+    /// Unsubscribe (no effect if not subscribed).
+    Unsubscribe {
+        /// App.
+        app: AppIdx,
+        /// Channel.
+        channel: ChannelName,
+    },
+    /// A `client-` event (checked against the limits already).
+    ClientEvent {
+        /// App.
+        app: AppIdx,
+        /// Channel.
+        channel: ChannelName,
+        /// Event name.
+        event: String,
+        /// Data.
+        data: String,
+        /// The sender's socket id.
+        socket_id: Arc<str>,
+    },
+    /// The connection signed in (signature checked).
+    SignIn {
+        /// App.
+        app: AppIdx,
+        /// User id.
+        user: String,
+        /// Watched users.
+        watchlist: Vec<String>,
+        /// `user_data` as sent, echoed in `signin_success`.
+        user_data: String,
+    },
+    /// A signed-in connection went away.
+    SignOut {
+        /// App.
+        app: AppIdx,
+        /// User id.
+        user: String,
+        /// Watched users.
+        watchlist: Vec<String>,
+    },
+}
+
+impl Request {
+    /// The (app, channel) that picks the shard, or `None` for the user registry.
+    pub fn channel(&self) -> Option<(AppIdx, &ChannelName)> {
+        match self {
+            Self::Subscribe { app, channel, .. }
+            | Self::Unsubscribe { app, channel }
+            | Self::ClientEvent { app, channel, .. } => Some((*app, channel)),
+            Self::SignIn { .. } | Self::SignOut { .. } => None,
+        }
+    }
+}
+
+/// What a session wants done.
+#[derive(Debug, Clone)]
+pub enum SessionOutput {
+    /// Write a frame to this connection.
+    Send(Bytes),
+    /// Close this connection (its `pusher:error` was queued just before).
+    Close {
+        /// Code.
+        code: CloseCode,
+        /// Reason.
+        reason: String,
+    },
+    /// Hand to the router or the user registry.
+    Route(Request),
+}
+
+struct SignedIn {
+    id: String,
+    watchlist: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct ChannelData {
+    user_id: serde_json::Value,
+    #[serde(default)]
+    user_info: Option<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct UserData {
+    id: String,
+    #[serde(default)]
+    watchlist: Option<Vec<String>>,
+}
+
+/// One connection's state.
+pub struct Session {
+    conn: ConnId,
+    app: AppIdx,
+    cfg: Arc<AppConfig>,
+    proto: Proto,
+    socket_id: Arc<str>,
+    /// Channels asked for, with the presence user id where there is one.
+    subs: HashMap<ChannelName, Option<String>>,
+    user: Option<SignedIn>,
+    events_window: Instant,
+    events_in_window: u32,
+    closing: bool,
+    out: VecDeque<SessionOutput>,
+}
+
+impl Session {
+    /// A new Pusher connection: queues `pusher:connection_established`.
+    pub fn pusher(
+        now: Instant,
+        conn: ConnId,
+        app: AppIdx,
+        cfg: Arc<AppConfig>,
+        socket_id: &str,
+        activity_timeout_secs: u64,
+    ) -> Self {
+        let mut s = Self::new(now, conn, app, cfg, Proto::Pusher, socket_id);
+        s.send(server::connection_established(
+            socket_id,
+            activity_timeout_secs,
+        ));
+        s
+    }
+
+    /// A new wsify connection (wsify has no handshake frame).
+    pub fn wsify(
+        now: Instant,
+        conn: ConnId,
+        app: AppIdx,
+        cfg: Arc<AppConfig>,
+        socket_id: &str,
+        envelope: bool,
+    ) -> Self {
+        Self::new(now, conn, app, cfg, Proto::Wsify { envelope }, socket_id)
+    }
+
+    fn new(
+        now: Instant,
+        conn: ConnId,
+        app: AppIdx,
+        cfg: Arc<AppConfig>,
+        proto: Proto,
+        socket_id: &str,
+    ) -> Self {
+        Self {
+            conn,
+            app,
+            cfg,
+            proto,
+            socket_id: Arc::from(socket_id),
+            subs: HashMap::new(),
+            user: None,
+            events_window: now,
+            events_in_window: 0,
+            closing: false,
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The connection.
+    pub fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    /// The app.
+    pub fn app(&self) -> AppIdx {
+        self.app
+    }
+
+    /// The protocol.
+    pub fn proto(&self) -> Proto {
+        self.proto
+    }
+
+    /// The socket id.
+    pub fn socket_id(&self) -> &str {
+        &self.socket_id
+    }
+
+    /// Whether the connection has signed in.
+    pub fn is_signed_in(&self) -> bool {
+        self.user.is_some()
+    }
+
+    /// Whether a close was requested.
+    pub fn is_closing(&self) -> bool {
+        self.closing
+    }
+
+    /// The channels asked for.
+    pub fn channels(&self) -> impl Iterator<Item = &ChannelName> {
+        self.subs.keys()
+    }
+
+    /// The next thing to do.
+    pub fn poll(&mut self) -> Option<SessionOutput> {
+        self.out.pop_front()
+    }
+
+    fn send(&mut self, frame: Bytes) {
+        self.out.push_back(SessionOutput::Send(frame));
+    }
+
+    fn route(&mut self, r: Request) {
+        self.out.push_back(SessionOutput::Route(r));
+    }
+
+    fn error(&mut self, message: &str) {
+        self.send(server::error(message, None));
+    }
+
+    /// Closes with `code`: a Pusher connection gets the `pusher:error` with
+    /// the same code first. A second close does nothing.
+    pub fn close(&mut self, code: CloseCode, reason: &str) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        if self.proto == Proto::Pusher {
+            self.send(server::error(reason, Some(code.code())));
+        }
+        self.out.push_back(SessionOutput::Close {
+            code,
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// The sign-in deadline passed: closes unless signed in.
+    pub fn signin_deadline(&mut self) {
+        if self.user.is_none() {
+            self.close(
+                CloseCode::Unauthorized,
+                "sign-in required: not signed in in time",
+            );
+        }
+    }
+
+    /// A binary frame, which the protocol does not use.
+    pub fn handle_binary(&mut self) {
+        self.error("binary frames are not supported; send JSON text frames");
+    }
+
+    /// A text frame from the client.
+    pub fn handle_frame(&mut self, now: Instant, text: &str) {
+        if self.closing {
+            return;
+        }
+        let msg = match ClientMessage::parse(text) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(conn = self.conn.0, error = %e, "refused client frame");
+                self.error(&e.to_string());
+                return;
+            }
+        };
+        match msg {
+            ClientMessage::Ping => self.send(server::pong()),
+            ClientMessage::Pong => {}
+            ClientMessage::Subscribe {
+                channel,
+                auth,
+                channel_data,
+            } => self.subscribe(&channel, auth.as_deref(), channel_data.as_deref()),
+            ClientMessage::Unsubscribe { channel } => {
+                if let Ok(name) = ChannelName::parse_with_limit(&channel, usize::MAX) {
+                    self.unsubscribe(name);
+                }
+            }
+            ClientMessage::Signin { auth, user_data } => self.signin(&auth, &user_data),
+            ClientMessage::ClientEvent {
+                event,
+                channel,
+                data,
+            } => self.client_event(now, event, &channel, data),
+        }
+    }
+
+    fn unsubscribe(&mut self, name: ChannelName) {
+        if self.subs.remove(&name).is_some() {
+            self.route(Request::Unsubscribe {
+                app: self.app,
+                channel: name,
+            });
+        }
+    }
+
+    fn subscribe(&mut self, channel: &str, auth: Option<&str>, channel_data: Option<&str>) {
+        let cfg = self.cfg.clone();
+        let name = match ChannelName::parse_with_limit(channel, cfg.limits.max_channel_name_length)
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(conn = self.conn.0, error = %e, "refused subscribe");
+                self.error(&format!("invalid channel name {channel:?}: {e}"));
+                return;
+            }
+        };
+        let auth_result: Result<(), String> = match name.kind() {
+            ChannelKind::Public => Ok(()),
+            ChannelKind::ServerToUser => match (&self.user, name.server_to_user_id()) {
+                (Some(u), Some(id)) if u.id == id => Ok(()),
+                _ => Err("only the signed-in user may subscribe to this channel".into()),
+            },
+            ChannelKind::Private | ChannelKind::PrivateEncrypted => match auth {
+                None => Err("missing auth".into()),
+                Some(a) => sign::verify_client_auth(
+                    &cfg.key,
+                    &cfg.secret,
+                    a,
+                    &sign::channel_string(&self.socket_id, name.as_str()),
+                )
+                .map_err(|e: AuthError| e.to_string()),
+            },
+            ChannelKind::Presence => match (auth, channel_data) {
+                (None, _) => Err("missing auth".into()),
+                (_, None) => Err("missing channel_data".into()),
+                (Some(a), Some(d)) => sign::verify_client_auth(
+                    &cfg.key,
+                    &cfg.secret,
+                    a,
+                    &sign::presence_string(&self.socket_id, name.as_str(), d),
+                )
+                .map_err(|e: AuthError| e.to_string()),
+            },
+        };
+        if let Err(e) = auth_result {
+            tracing::debug!(conn = self.conn.0, channel = %name, error = %e, "subscription refused");
+            self.send(server::subscription_error(
+                name.as_str(),
+                "AuthError",
+                &e,
+                401,
+            ));
+            return;
+        }
+        let presence = if name.kind() == ChannelKind::Presence {
+            match self.presence_join(&name, channel_data.unwrap_or_default()) {
+                Some(p) => Some(p),
+                None => return,
+            }
+        } else {
+            None
+        };
+        self.subs
+            .insert(name.clone(), presence.as_ref().map(|p| p.user_id.clone()));
+        self.route(Request::Subscribe {
+            app: self.app,
+            channel: name,
+            proto: self.proto,
+            presence,
+        });
+    }
+
+    fn presence_join(&mut self, name: &ChannelName, data: &str) -> Option<PresenceJoin> {
+        let limits = &self.cfg.limits;
+        let Ok(parsed) = serde_json::from_str::<ChannelData>(data) else {
+            self.send(server::subscription_error(
+                name.as_str(),
+                "AuthError",
+                "channel_data must be a JSON object with user_id",
+                400,
+            ));
+            return None;
+        };
+        let user_id = match parsed.user_id {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Number(n) => n.to_string(),
+            _ => String::new(),
+        };
+        let info_len = parsed.user_info.as_ref().map_or(0, |i| i.get().len());
+        let problem = if user_id.is_empty() {
+            Some("user_id must be a non-empty string or number")
+        } else if user_id.len() > limits.max_user_id_length {
+            Some("user_id is too long")
+        } else if info_len > limits.max_presence_user_info_bytes {
+            Some("user_info is too large")
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            self.send(server::subscription_error(
+                name.as_str(),
+                "AuthError",
+                p,
+                400,
+            ));
+            return None;
+        }
+        Some(PresenceJoin {
+            user_id,
+            info: parsed.user_info,
+        })
+    }
+
+    fn signin(&mut self, auth: &str, user_data: &str) {
+        let cfg = self.cfg.clone();
+        let limits = &cfg.limits;
+        if let Err(e) = sign::verify_client_auth(
+            &cfg.key,
+            &cfg.secret,
+            auth,
+            &sign::signin_string(&self.socket_id, user_data),
+        ) {
+            tracing::debug!(conn = self.conn.0, error = %e, "sign-in refused");
+            self.close(CloseCode::Unauthorized, &format!("sign-in failed: {e}"));
+            return;
+        }
+        let Ok(data) = serde_json::from_str::<UserData>(user_data) else {
+            self.close(
+                CloseCode::Unauthorized,
+                "sign-in failed: user_data must be a JSON object with a string id",
+            );
+            return;
+        };
+        if data.id.is_empty() || data.id.len() > limits.max_user_id_length {
+            let m = format!(
+                "sign-in failed: id must be 1 to {} characters",
+                limits.max_user_id_length
+            );
+            self.close(CloseCode::Unauthorized, &m);
+            return;
+        }
+        let watchlist = data.watchlist.unwrap_or_default();
+        if watchlist.len() > limits.max_watchlist_size {
+            let m = format!(
+                "watchlist is longer than {} users",
+                limits.max_watchlist_size
+            );
+            self.close(CloseCode::WatchlistLimit, &m);
+            return;
+        }
+        match &self.user {
+            Some(u) if u.id == data.id => {
+                self.send(server::signin_success(user_data));
+                return;
+            }
+            Some(_) => {
+                self.error("already signed in as another user");
+                return;
+            }
+            None => {}
+        }
+        self.user = Some(SignedIn {
+            id: data.id.clone(),
+            watchlist: watchlist.clone(),
+        });
+        self.route(Request::SignIn {
+            app: self.app,
+            user: data.id,
+            watchlist,
+            user_data: user_data.to_owned(),
+        });
+    }
+
+    fn client_event(&mut self, now: Instant, event: String, channel: &str, data: String) {
+        let cfg = self.cfg.clone();
+        let limits = &cfg.limits;
+        if now.saturating_duration_since(self.events_window) >= Duration::from_secs(1) {
+            self.events_window = now;
+            self.events_in_window = 0;
+        }
+        self.events_in_window += 1;
+        if self.events_in_window > limits.client_events_per_second {
+            let m = format!(
+                "client event rate limit exceeded: at most {} per second",
+                limits.client_events_per_second
+            );
+            self.close(CloseCode::ClientEventRateLimit, &m);
+            return;
+        }
+        let refusal = if !cfg.client_events {
+            Some("client events are not enabled for this app".to_owned())
+        } else if event.len() > limits.max_event_name_length {
+            Some(format!(
+                "event name is longer than {} characters",
+                limits.max_event_name_length
+            ))
+        } else if data.len() > limits.max_event_payload_bytes {
+            Some(format!(
+                "event data is larger than {} bytes",
+                limits.max_event_payload_bytes
+            ))
+        } else {
+            None
+        };
+        if let Some(m) = refusal {
+            self.error(&m);
+            return;
+        }
+        let Some(name) = self.subs.get_key_value(channel).map(|(n, _)| n.clone()) else {
+            self.error(&not_subscribed(channel));
+            return;
+        };
+        if !name.allows_client_events() {
+            self.error("client events are only allowed on private and presence channels");
+            return;
+        }
+        self.route(Request::ClientEvent {
+            app: self.app,
+            channel: name,
+            event,
+            data,
+            socket_id: self.socket_id.clone(),
+        });
+    }
+
+    /// Checks a channel a wsify client may use: public channels only
+    /// (private, presence and encrypted channels need Pusher signatures).
+    pub fn wsify_channel(&self, channel: &str) -> Result<ChannelName, String> {
+        let max = self.cfg.limits.max_channel_name_length;
+        let name = ChannelName::parse_with_limit(channel, max).map_err(|e| e.to_string())?;
+        if name.kind() != ChannelKind::Public {
+            return Err(format!(
+                "channel {channel:?} needs Pusher authorization; wsify clients may join public channels only"
+            ));
+        }
+        Ok(name)
+    }
+
+    /// wsify `join`: idempotent (joining twice delivers once).
+    pub fn wsify_join(&mut self, channel: &str) -> Result<(), String> {
+        let name = self.wsify_channel(channel)?;
+        self.subs.insert(name.clone(), None);
+        self.route(Request::Subscribe {
+            app: self.app,
+            channel: name,
+            proto: self.proto,
+            presence: None,
+        });
+        Ok(())
+    }
+
+    /// wsify `leave`: leaving a channel never joined does nothing.
+    pub fn wsify_leave(&mut self, channel: &str) {
+        if let Ok(name) = ChannelName::parse_with_limit(channel, usize::MAX) {
+            self.unsubscribe(name);
+        }
+    }
+
+    /// The connection is gone: leave every channel and sign out.
+    pub fn disconnect(&mut self) {
+        self.closing = true;
+        let subs = std::mem::take(&mut self.subs);
+        for name in subs.into_keys() {
+            self.route(Request::Unsubscribe {
+                app: self.app,
+                channel: name,
+            });
+        }
+        if let Some(u) = self.user.take() {
+            self.route(Request::SignOut {
+                app: self.app,
+                user: u.id,
+                watchlist: u.watchlist,
+            });
+        }
+    }
+}
+
+/// The error for a client event on a channel the connection is not in.
+pub fn not_subscribed(channel: &str) -> String {
+    format!("client event on {channel:?}, which this connection has not subscribed to")
+}

@@ -1,0 +1,42 @@
+//! How the state machines hand their effects to a driver without I/O.
+//!
+//! The router shards and the user registry call a [`Sink`] for every effect,
+//! in order, as they work. A driver's sink does the effect at once (queues a
+//! frame on a connection, a frame on a peer link); a test's sink records it.
+//! Nothing is collected in between, so a fan-out to 10,000 subscribers costs
+//! 10,000 calls and no intermediate list.
+
+use bytes::Bytes;
+use pushmesh_protocol::webhook::WebhookEvent;
+use pushmesh_protocol::CloseCode;
+
+use crate::app::{AppIdx, ConnId};
+use crate::peer_frame::{Delta, FrameKind, NodeId};
+
+/// What a shard stores for a subscriber: enough for the driver to reach the
+/// connection (in tests the [`ConnId`] itself).
+pub trait Handle: Clone {
+    /// The connection it reaches.
+    fn conn(&self) -> ConnId;
+}
+
+impl Handle for ConnId {
+    fn conn(&self) -> ConnId {
+        *self
+    }
+}
+
+/// Receives the effects of the state machines, in order.
+pub trait Sink<H> {
+    /// Write a text frame to a connection.
+    fn send(&mut self, to: &H, frame: &Bytes);
+    /// Close a connection with a Pusher code (its session sends the
+    /// `pusher:error` first).
+    fn close(&mut self, to: &H, code: CloseCode, reason: &str);
+    /// A frame for a peer node.
+    fn peer(&mut self, to: &NodeId, kind: FrameKind, frame: &Bytes);
+    /// A webhook event of an app (only for apps with webhooks).
+    fn hook(&mut self, app: AppIdx, event: WebhookEvent);
+    /// A change of this node's own state, to replicate to every peer.
+    fn replicate(&mut self, delta: Delta);
+}
