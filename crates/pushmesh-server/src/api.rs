@@ -110,23 +110,20 @@ async fn authenticate(
                 st.config.max_request_bytes
             ))
         })?;
-    let (app, key, secret, enabled) = {
-        let hub = st.lock();
-        let app = hub
-            .core
-            .app_by_id(app_id)
-            .ok_or_else(|| ApiError::NotFound(format!("no app with id {app_id:?}")))?;
-        let c = hub.core.app(app);
-        (app, c.key.clone(), c.secret.clone(), c.enabled)
-    };
+    let apps = &st.node.apps;
+    let app = apps
+        .by_id(app_id)
+        .ok_or_else(|| ApiError::NotFound(format!("no app with id {app_id:?}")))?;
+    let c = apps.get(app);
+    let (key, secret, enabled) = (&c.key, &c.secret, c.enabled);
     let query: Vec<(String, String)> = form_urlencoded(uri.query().unwrap_or(""));
     sign::verify_api_request(
         method.as_str(),
         uri.path(),
         &query,
         &body,
-        &key,
-        &secret,
+        key,
+        secret,
         now_unix(),
     )?;
     if !enabled {
@@ -208,10 +205,9 @@ pub async fn events(
         .into_string()
         .map_err(|e| ApiError::BadRequest(format!("invalid data: {e}")))?;
     let flags = InfoFlags::parse(req.info.as_deref());
-    let published = {
-        let mut hub = st.lock();
-        let r = hub.core.publish(
-            Instant::now(),
+    let published = st
+        .node
+        .publish(
             a.app,
             &PublishRequest {
                 name: &req.name,
@@ -219,10 +215,9 @@ pub async fn events(
                 channels: &channels,
                 exclude_socket: req.socket_id.as_deref(),
             },
-        );
-        hub.dispatch(&st.stats);
-        r?
-    };
+            flags.any(),
+        )
+        .await?;
     st.stats
         .published
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -260,44 +255,35 @@ pub async fn batch_events(
         ));
     }
     let any_info = events.iter().any(|e| e.4.any());
-    let results = {
-        let mut hub = st.lock();
-        let max = hub.core.app(a.app).limits.max_batch_events;
-        if events.len() > max {
-            return Err(PublishError::BatchTooLarge(max).into());
+    let max = st.node.apps.get(a.app).limits.max_batch_events;
+    if events.len() > max {
+        return Err(PublishError::BatchTooLarge(max).into());
+    }
+    // Validate all first: a batch is accepted whole or refused whole.
+    let mut valid = Vec::with_capacity(events.len());
+    for (name, data, channels, socket_id, _) in &events {
+        valid.push(st.node.apps.validate_publish(
+            a.app,
+            &PublishRequest {
+                name,
+                data,
+                channels,
+                exclude_socket: socket_id.as_deref(),
+            },
+        )?);
+    }
+    let mut results = Vec::with_capacity(events.len());
+    for ((name, data, channels, socket_id, flags), names) in events.iter().zip(valid) {
+        let req = PublishRequest {
+            name,
+            data,
+            channels,
+            exclude_socket: socket_id.as_deref(),
+        };
+        if let Ok(p) = st.node.publish_valid(a.app, names, &req, flags.any()).await {
+            results.push((p, *flags));
         }
-        // Validate all first: a batch is accepted whole or refused whole.
-        for (name, data, channels, socket_id, _) in &events {
-            hub.core.validate_publish(
-                a.app,
-                &PublishRequest {
-                    name,
-                    data,
-                    channels,
-                    exclude_socket: socket_id.as_deref(),
-                },
-            )?;
-        }
-        let now = Instant::now();
-        let mut results = Vec::with_capacity(events.len());
-        for (name, data, channels, socket_id, flags) in &events {
-            let r = hub.core.publish(
-                now,
-                a.app,
-                &PublishRequest {
-                    name,
-                    data,
-                    channels,
-                    exclude_socket: socket_id.as_deref(),
-                },
-            );
-            if let Ok(p) = r {
-                results.push((p, *flags));
-            }
-        }
-        hub.dispatch(&st.stats);
-        results
-    };
+    }
     st.stats
         .published
         .fetch_add(results.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -323,10 +309,7 @@ pub async fn channels(
     let a = authenticate(&st, &app_id, &method, &uri, body).await?;
     let flags = InfoFlags::parse(a.param("info"));
     let prefix = a.param("filter_by_prefix");
-    let list = st
-        .lock()
-        .core
-        .channels(Instant::now(), a.app, prefix, flags.user_count)?;
+    let list = st.node.channels(a.app, prefix, flags.user_count).await?;
     let mut m = Map::new();
     for (name, info) in list {
         m.insert(name.to_string(), info_json(&info, flags));
@@ -344,10 +327,7 @@ pub async fn channel(
 ) -> Result<Json<Value>, ApiError> {
     let a = authenticate(&st, &app_id, &method, &uri, body).await?;
     let flags = InfoFlags::parse(a.param("info"));
-    let info = st
-        .lock()
-        .core
-        .channel(Instant::now(), a.app, &channel, flags.user_count)?;
+    let info = st.node.channel(a.app, &channel, flags.user_count).await?;
     let mut v = info_json(&info, flags);
     if let Value::Object(m) = &mut v {
         m.insert("occupied".into(), info.occupied.into());
@@ -372,7 +352,7 @@ pub async fn channel_users(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let a = authenticate(&st, &app_id, &method, &uri, body).await?;
-    let users = st.lock().core.channel_users(a.app, &channel)?;
+    let users = st.node.channel_users(a.app, &channel).await?;
     let users: Vec<Value> = users.into_iter().map(|id| json!({ "id": id })).collect();
     Ok(Json(json!({ "users": users })))
 }
@@ -386,11 +366,7 @@ pub async fn terminate_connections(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let a = authenticate(&st, &app_id, &method, &uri, body).await?;
-    {
-        let mut hub = st.lock();
-        hub.core.terminate_user(a.app, &user_id);
-        hub.dispatch(&st.stats);
-    }
+    st.node.terminate_user(a.app, &user_id);
     Ok(Json(json!({})))
 }
 

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -64,21 +64,19 @@ pub fn spawn_tasks(st: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
         let st = st.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
-                let mut hub = st.lock();
-                let now = Instant::now();
+                let node = &st.node;
                 match ev {
-                    ClusterEvent::PeerUp { node, epoch } => hub.core.peer_up(now, node, epoch),
-                    ClusterEvent::PeerDown { node } => hub.core.peer_down(now, &node),
+                    ClusterEvent::PeerUp { node: peer, epoch } => node.peer_up(peer, epoch).await,
+                    ClusterEvent::PeerDown { node: peer } => node.peer_down(&peer).await,
                     ClusterEvent::Frame { from, frame } => {
-                        if let Err(e) = hub.core.handle_peer_frame(now, &from, &frame) {
+                        if let Err(e) = node.peer_frame(&from, &frame).await {
                             tracing::warn!(peer = %from, error = %e, "bad frame from peer");
                         }
                     }
-                    ClusterEvent::Digest { node, digest } => {
-                        hub.core.check_peer_digest(&node, &digest);
+                    ClusterEvent::Digest { node: peer, digest } => {
+                        node.check_peer_digest(&peer, &digest);
                     }
                 }
-                hub.dispatch(&st.stats);
             }
         }));
     }
@@ -88,7 +86,7 @@ pub fn spawn_tasks(st: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tick.tick().await;
-            let digest = st.lock().core.interest_digest();
+            let digest = st.node.digest();
             if digest != last {
                 cluster.set_key(KEY_INTEREST, digest.clone()).await;
                 last = digest;
@@ -104,13 +102,7 @@ pub async fn cluster_status(State(st): State<Arc<Shared>>) -> Json<serde_json::V
         return Json(json!({ "enabled": false, "node": st.config.node_id, "peers": [] }));
     };
     let peers = c.status().await;
-    let core_peers: Vec<String> = st
-        .lock()
-        .core
-        .peers()
-        .iter()
-        .map(|p| p.to_string())
-        .collect();
+    let core_peers: Vec<String> = st.node.peers().iter().map(|p| p.to_string()).collect();
     Json(json!({
         "enabled": true,
         "node": c.node_id().to_string(),

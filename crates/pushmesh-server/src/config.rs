@@ -220,6 +220,8 @@ pub struct FileConfig {
     signin_timeout: Option<u64>,
     max_connections: Option<usize>,
     outbound_queue: Option<usize>,
+    router_shards: Option<usize>,
+    shard_queue: Option<usize>,
     max_message_bytes: Option<usize>,
     max_request_bytes: Option<usize>,
     shutdown_timeout: Option<u64>,
@@ -452,6 +454,10 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// Frames queued per connection before it counts as too slow (4100).
     pub outbound_queue: usize,
+    /// Router shards, each on its own task (default: the number of CPUs).
+    pub router_shards: usize,
+    /// Commands queued per router shard before senders wait.
+    pub shard_queue: usize,
     /// Largest WebSocket message from a client, in bytes.
     pub max_message_bytes: usize,
     /// Largest HTTP API body, in bytes.
@@ -490,6 +496,8 @@ impl Default for Config {
             signin_timeout: Duration::from_secs(30),
             max_connections: None,
             outbound_queue: 1024,
+            router_shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            shard_queue: 4096,
             max_message_bytes: 64 * 1024,
             max_request_bytes: 1024 * 1024,
             shutdown_timeout: Duration::from_secs(10),
@@ -719,6 +727,8 @@ impl Config {
             signin_timeout: file.signin_timeout.map_or(d.signin_timeout, secs),
             max_connections: cli.max_connections.or(file.max_connections),
             outbound_queue: file.outbound_queue.unwrap_or(d.outbound_queue),
+            router_shards: file.router_shards.unwrap_or(d.router_shards),
+            shard_queue: file.shard_queue.unwrap_or(d.shard_queue),
             max_message_bytes: file.max_message_bytes.unwrap_or(d.max_message_bytes),
             max_request_bytes: file.max_request_bytes.unwrap_or(d.max_request_bytes),
             shutdown_timeout: file.shutdown_timeout.map_or(d.shutdown_timeout, secs),
@@ -728,6 +738,11 @@ impl Config {
         if cfg.activity_timeout.is_zero() || cfg.pong_timeout.is_zero() {
             return Err(ConfigError::Invalid(
                 "activity_timeout and pong_timeout must be at least 1 second".into(),
+            ));
+        }
+        if cfg.router_shards == 0 || cfg.shard_queue == 0 {
+            return Err(ConfigError::Invalid(
+                "router_shards and shard_queue must be at least 1".into(),
             ));
         }
         if cfg.outbound_queue == 0 {

@@ -64,16 +64,13 @@ pub async fn stats(State(st): State<Arc<Shared>>, Query(q): Query<TokenQuery>) -
     if let Err(r) = authorized(&st, &q) {
         return r.into_response();
     }
-    let (connections, kinds, apps) = {
-        let hub = st.lock();
-        let apps: Vec<_> = st
-            .config
-            .apps
-            .iter()
-            .map(|a| json!({"id": a.id, "key": a.key}))
-            .collect();
-        (hub.core.connection_count(), hub.core.channel_stats(), apps)
-    };
+    let apps: Vec<_> = st
+        .config
+        .apps
+        .iter()
+        .map(|a| json!({"id": a.id, "key": a.key}))
+        .collect();
+    let (connections, kinds) = (st.node.registry.count(), st.node.channel_stats());
     let mut nodes = vec![
         json!({"node": st.config.node_id, "state": if st.draining.load(Ordering::Relaxed) { "draining" } else { "ready" }, "link": true}),
     ];
@@ -90,7 +87,7 @@ pub async fn stats(State(st): State<Arc<Shared>>, Query(q): Query<TokenQuery>) -
         "connections": connections,
         "channels": kinds.iter().map(|(k, c, s)| json!({"kind": k, "channels": c, "subscriptions": s})).collect::<Vec<_>>(),
         "published": st.stats.published.load(Ordering::Relaxed),
-        "delivered": st.stats.frames_queued.load(Ordering::Relaxed),
+        "delivered": st.node.links.stats.frames_queued.load(Ordering::Relaxed),
         "nodes": nodes,
         "apps": apps,
     }))

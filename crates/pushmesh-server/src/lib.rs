@@ -8,10 +8,11 @@ pub mod api;
 pub mod authorizer;
 pub mod cluster;
 pub mod config;
+pub mod conn;
 pub mod dashboard;
-pub mod hub;
 pub mod limits;
 pub mod metrics;
+pub mod node;
 pub mod tls;
 pub mod webhooks;
 pub mod ws;
@@ -20,23 +21,20 @@ pub mod wsify;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use authorizer::{Authorizer, AuthorizerStats};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use pushmesh_core::{AppIdx, Core, CoreConfig, WebhookScheduler};
+use pushmesh_core::{AppIdx, Apps, WebhookScheduler};
 use pushmesh_protocol::CloseCode;
 use serde_json::json;
 use tokio::net::TcpListener;
 use webhooks::Webhooks;
 
 pub use config::Config;
-use hub::{Hub, HubStats};
-
-/// How often the core's periodic work runs (subscription counts, cache expiry).
-const TICK: Duration = Duration::from_millis(250);
+use node::{Node, NodeSettings};
 
 /// Why the server cannot start or run.
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +66,6 @@ pub enum ServerError {
 pub struct Stats {
     /// Events accepted (HTTP API, `POST /broadcast`, wsify broadcasts).
     pub published: AtomicU64,
-    /// Hub counters.
-    pub hub: HubStats,
     /// Authorizer counters (all apps).
     pub authorizer: Arc<AuthorizerStats>,
     /// Edge counters (connections, bytes, HTTP requests, limits).
@@ -80,7 +76,8 @@ pub struct Stats {
 pub struct Shared {
     /// The configuration it runs with.
     pub config: Config,
-    hub: Mutex<Hub>,
+    /// The router, users, replication and connections.
+    pub node: Node,
     next_conn: AtomicU64,
     /// Counters.
     pub stats: Stats,
@@ -99,26 +96,13 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Locks the hub. Never hold the guard across an `.await`.
-    pub fn lock(&self) -> MutexGuard<'_, Hub> {
-        // A panic while holding the lock is a bug; the state is still the best we have.
-        self.hub.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn app_by_key(&self, key: &str) -> Option<AppIdx> {
-        self.lock().core.app_by_key(key)
+        self.node.apps.by_key(key)
     }
 
     /// The wsify authorizer of an app, if it has one.
     pub fn authorizer(&self, app: AppIdx) -> Option<Arc<Authorizer>> {
         self.authorizers.get(app.0 as usize).cloned().flatten()
-    }
-}
-
-impl std::ops::Deref for Stats {
-    type Target = HubStats;
-    fn deref(&self) -> &HubStats {
-        &self.hub
     }
 }
 
@@ -155,14 +139,6 @@ impl Server {
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let core = Core::new(CoreConfig {
-            apps: config.apps.clone(),
-            activity_timeout_secs: config.activity_timeout.as_secs(),
-            max_connections: config.max_connections,
-            socket_prefix: rand::random_range(1..1_000_000_000),
-            node_id: config.node_id.clone(),
-            epoch,
-        });
         let (cluster, cluster_events) = match &config.cluster {
             None => (None, None),
             Some(c) => {
@@ -189,11 +165,22 @@ impl Server {
         let scheduler = WebhookScheduler::new(config.webhook_delay);
         let ip_rate = config.connections_per_ip_per_sec;
         let api_rate = config.api_requests_per_sec;
-        let mut hub = Hub::new(core, scheduler);
-        hub.cluster = cluster.clone();
+        let node = Node::start(
+            NodeSettings {
+                apps: Apps::new(config.apps.clone()),
+                node_id: config.node_id.clone(),
+                epoch,
+                shards: config.router_shards,
+                shard_queue: config.shard_queue,
+                max_connections: config.max_connections,
+                socket_prefix: rand::random_range(1..1_000_000_000),
+            },
+            cluster.clone(),
+            scheduler,
+        );
         let shared = Arc::new(Shared {
             config,
-            hub: Mutex::new(hub),
+            node,
             cluster,
             cluster_events: Mutex::new(cluster_events),
             draining: std::sync::atomic::AtomicBool::new(false),
@@ -229,7 +216,6 @@ impl Server {
     ) -> Result<(), ServerError> {
         let st = self.shared;
         let app = router(st.clone());
-        let ticker = tokio::spawn(tick_loop(st.clone()));
         let senders = st.webhooks.start();
         let cluster_tasks = cluster::spawn_tasks(&st);
         let pump = tokio::spawn(webhook_pump(st.clone()));
@@ -246,20 +232,16 @@ impl Server {
                 tokio::time::sleep(settings.drain_wait).await;
             }
             tracing::info!("shutting down: closing clients with 4200");
-            {
-                let mut hub = st2.lock();
-                hub.core.close_all(
-                    CloseCode::ReconnectImmediately,
-                    "server shutting down, reconnect",
-                );
-                hub.dispatch(&st2.stats);
-            }
+            st2.node.registry.close_all(
+                CloseCode::ReconnectImmediately,
+                "server shutting down, reconnect",
+            );
             let deadline = Instant::now() + st2.config.shutdown_timeout;
-            while st2.lock().attached() > 0 && Instant::now() < deadline {
+            while st2.node.registry.count() > 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             // Pending webhooks (delayed ones included) go out before the end.
-            let pending = st2.lock().webhooks.flush();
+            let pending = st2.node.links.hooks().flush();
             st2.webhooks.route(pending);
             while !st2.webhooks.idle() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -298,7 +280,6 @@ impl Server {
             }
         };
         let (r, ()) = tokio::join!(serve, drain);
-        ticker.abort();
         pump.abort();
         for t in cluster_tasks {
             t.abort();
@@ -311,27 +292,16 @@ impl Server {
     }
 }
 
-async fn tick_loop(st: Arc<Shared>) {
-    let mut iv = tokio::time::interval(TICK);
-    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        iv.tick().await;
-        let mut hub = st.lock();
-        hub.core.tick(Instant::now());
-        hub.dispatch(&st.stats);
-    }
-}
-
 /// Moves webhook events from the scheduler to the senders, as soon as they
 /// are scheduled or their delay is over.
 async fn webhook_pump(st: Arc<Shared>) {
-    let notify = st.lock().hook_ready.clone();
+    let notify = &st.node.links.hook_ready;
     loop {
         let next_due = {
-            let mut hub = st.lock();
-            let ready = hub.webhooks.poll(Instant::now());
-            let due = hub.webhooks.next_due();
-            drop(hub);
+            let mut hooks = st.node.links.hooks();
+            let ready = hooks.poll(Instant::now());
+            let due = hooks.next_due();
+            drop(hooks);
             st.webhooks.route(ready);
             due
         };
@@ -387,15 +357,15 @@ async fn healthz() -> Json<serde_json::Value> {
 async fn stats(
     axum::extract::State(st): axum::extract::State<Arc<Shared>>,
 ) -> Json<serde_json::Value> {
-    let connections = st.lock().core.connection_count();
+    let connections = st.node.registry.count();
     let w = &st.webhooks.stats;
     let a = &st.stats.authorizer;
     let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
     Json(json!({
         "connections": connections,
         "published": n(&st.stats.published),
-        "frames_queued": n(&st.stats.frames_queued),
-        "slow_consumers": n(&st.stats.slow_consumers),
+        "frames_queued": n(&st.node.links.stats.frames_queued),
+        "slow_consumers": n(&st.node.links.stats.slow_consumers),
         "webhooks": {
             "sent": n(&w.sent), "retried": n(&w.retried), "dropped": n(&w.dropped), "requests": n(&w.requests),
         },

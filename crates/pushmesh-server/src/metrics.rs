@@ -110,10 +110,7 @@ fn proc_self() -> (Option<u64>, Option<f64>, Option<u64>) {
 pub fn render(st: &Shared) -> String {
     let mut out = String::with_capacity(4096);
     let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let (connections, kinds) = {
-        let hub = st.lock();
-        (hub.core.connection_count(), hub.core.channel_stats())
-    };
+    let (connections, kinds) = (st.node.registry.count(), st.node.channel_stats());
     let e = &st.stats.edge;
     family(
         &mut out,
@@ -189,7 +186,7 @@ pub fn render(st: &Shared) -> String {
     let _ = writeln!(
         out,
         "pushmesh_messages_delivered_total {}",
-        l(&st.stats.frames_queued)
+        l(&st.node.links.stats.frames_queued)
     );
     family(
         &mut out,
@@ -200,7 +197,7 @@ pub fn render(st: &Shared) -> String {
     let _ = writeln!(
         out,
         "pushmesh_slow_consumer_disconnects_total {}",
-        l(&st.stats.slow_consumers)
+        l(&st.node.links.stats.slow_consumers)
     );
     family(
         &mut out,

@@ -11,12 +11,13 @@ use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use futures_util::SinkExt;
-use pushmesh_core::{AppIdx, ConnId, Keepalive, KeepaliveAction};
+use pushmesh_core::{AppIdx, ConnId, Keepalive, KeepaliveAction, Session, SessionOutput};
 use pushmesh_protocol::{server, CloseCode};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout};
 
-use crate::hub::{CloseRequest, ConnHandle};
+use crate::conn::{CloseRequest, ConnRef};
+use crate::node::Node;
 use crate::Shared;
 
 /// How long one batch of writes may take before the client counts as dead.
@@ -25,6 +26,9 @@ pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most frames written before one flush.
 const WRITE_BATCH: usize = 256;
+/// Frames are buffered up to this many bytes before a write: what is queued
+/// for a connection goes out in one `write(2)` per wake-up (one flush).
+pub(crate) const WRITE_BUFFER: usize = 64 * 1024;
 
 /// What the upgrade decided before the socket exists.
 enum Admission {
@@ -96,7 +100,7 @@ pub async fn pusher_ws(
         },
     };
     ws.read_buffer_size(1024)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER)
         // The transport's hard cap; messages over max_message_bytes but under
         // this get a pusher:error and a clean 1009 close (see run_connection).
         .max_message_size(st.config.max_message_bytes.saturating_mul(4))
@@ -159,24 +163,26 @@ enum End {
 
 async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
     let conn = ConnId(st.next_conn.fetch_add(1, Ordering::Relaxed));
-    let (handle, mut rx, mut close_rx) = ConnHandle::new(st.config.outbound_queue);
+    let (h, mut rx) = ConnRef::new(conn, st.config.outbound_queue);
     let opened = Instant::now();
-    let (requires_signin, open_result) = {
-        let mut hub = st.lock();
-        hub.attach(conn, handle);
-        let requires = hub.core.app(app).user_authentication_required;
-        let r = hub.core.open(opened, app, conn);
-        if r.is_err() {
-            hub.detach(conn);
-        }
-        hub.dispatch(&st.stats);
-        (requires, r)
-    };
-    if let Err(e) = open_result {
+    let node = &st.node;
+    let cfg = node.apps.get(app).clone();
+    if let Err(e) = node.registry.admit(app, &cfg, &h) {
         tracing::debug!(conn = conn.0, error = %e, "connection refused");
         refuse(socket, e.close_code(), &e.to_string()).await;
         return;
     }
+    let socket_id = node.socket_id(conn);
+    let requires_signin = cfg.user_authentication_required;
+    let mut session = Session::pusher(
+        opened,
+        conn,
+        app,
+        cfg,
+        &socket_id,
+        st.config.activity_timeout.as_secs(),
+    );
+    let mut pending_close = pump(node, &h, &mut session).await;
     tracing::debug!(conn = conn.0, "connection opened");
     st.stats
         .edge
@@ -194,25 +200,32 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
     let signin_sleep = sleep_until(signin_deadline.unwrap_or(opened).into());
     tokio::pin!(signin_sleep);
     let end = loop {
+        if let Some(req) = pending_close.take() {
+            break End::Close(req);
+        }
         if keepalive.deadline() != ka_deadline {
             ka_deadline = keepalive.deadline();
             ka_sleep.as_mut().reset(ka_deadline.into());
         }
         tokio::select! {
             biased;
-            req = &mut close_rx => match req {
-                Ok(req) => break End::Close(req),
-                Err(_) => break End::Gone,
-            },
+            () = h.closed.notified() => {
+                if let Some(req) = h.take_close() {
+                    session.close(req.code, &req.reason);
+                    pending_close = pump(node, &h, &mut session).await;
+                }
+            }
             Some(first) = rx.recv() => {
                 // A close request (e.g. 4100 for this very connection) wins
                 // over a write stuck on a client that does not read.
                 tokio::select! {
                     biased;
-                    req = &mut close_rx => match req {
-                        Ok(req) => break End::Close(req),
-                        Err(_) => break End::Gone,
-                    },
+                    () = h.closed.notified() => {
+                        if let Some(req) = h.take_close() {
+                            session.close(req.code, &req.reason);
+                            pending_close = pump(node, &h, &mut session).await;
+                        }
+                    }
                     ok = write_batch(&mut socket, &mut rx, first, WRITE_TIMEOUT, &st.stats.edge.bytes_out) => if !ok {
                         break End::Gone;
                     },
@@ -234,14 +247,12 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
                         break End::TooBig(reason);
                     }
                     Some(Ok(Message::Text(t))) => {
-                        let mut hub = st.lock();
-                        hub.core.handle_frame(now, conn, t.as_str());
-                        hub.dispatch(&st.stats);
+                        session.handle_frame(now, t.as_str());
+                        pending_close = pump(node, &h, &mut session).await;
                     }
                     Some(Ok(Message::Binary(_))) => {
-                        let mut hub = st.lock();
-                        hub.core.handle_binary(conn);
-                        hub.dispatch(&st.stats);
+                        session.handle_binary();
+                        pending_close = pump(node, &h, &mut session).await;
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Ok(Message::Close(_))) | None => break End::Gone,
@@ -269,20 +280,16 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
             }
             () = &mut signin_sleep, if signin_deadline.is_some() && !signin_checked => {
                 signin_checked = true;
-                let mut hub = st.lock();
-                hub.core.signin_deadline(conn);
-                hub.dispatch(&st.stats);
+                session.signin_deadline();
+                pending_close = pump(node, &h, &mut session).await;
             }
         }
     };
 
-    // Leave the hub first so nothing more is queued for this connection.
-    {
-        let mut hub = st.lock();
-        hub.detach(conn);
-        hub.core.disconnect(Instant::now(), conn);
-        hub.dispatch(&st.stats);
-    }
+    // Leave the router first so nothing more is queued for this connection.
+    session.disconnect();
+    let _ = pump(node, &h, &mut session).await;
+    node.registry.remove(app, conn);
     let code_label = match &end {
         End::Gone => "client".to_string(),
         End::Close(req) => req.code.code().to_string(),
@@ -311,7 +318,6 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
             format!("1009 {reason}")
         }
     };
-    close_rx.close();
     st.stats.edge.closed(&code_label);
     tracing::debug!(
         conn = conn.0,
@@ -319,6 +325,20 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
         duration_ms = opened.elapsed().as_millis() as u64,
         "connection closed"
     );
+}
+
+/// Does what a session asks: frames into the connection's own queue,
+/// requests to the router; returns the close it asked for, if any.
+pub(crate) async fn pump(node: &Node, h: &ConnRef, session: &mut Session) -> Option<CloseRequest> {
+    let mut close = None;
+    while let Some(out) = session.poll() {
+        match out {
+            SessionOutput::Send(frame) => node.send_to(h, frame),
+            SessionOutput::Close { code, reason } => close = Some(CloseRequest { code, reason }),
+            SessionOutput::Route(req) => node.route(h, req).await,
+        }
+    }
+    close
 }
 
 /// Writes `first` and whatever else is queued, then flushes once.

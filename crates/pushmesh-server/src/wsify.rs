@@ -16,7 +16,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use pushmesh_core::{AppIdx, ConnId, Keepalive, KeepaliveAction};
+use pushmesh_core::{AppIdx, ConnId, Keepalive, KeepaliveAction, Session};
 use pushmesh_protocol::wsify::{self, WsifyCommand};
 use pushmesh_protocol::CloseCode;
 use serde::Deserialize;
@@ -25,8 +25,10 @@ use serde_json::{json, Value};
 use tokio::time::{sleep_until, timeout};
 
 use crate::authorizer::Verdict;
-use crate::hub::{CloseRequest, ConnHandle};
-use crate::ws::{await_close, flush_queued, write_batch, CLOSE_TIMEOUT, WRITE_TIMEOUT};
+use crate::conn::{CloseRequest, ConnRef};
+use crate::ws::{
+    await_close, flush_queued, pump, write_batch, CLOSE_TIMEOUT, WRITE_BUFFER, WRITE_TIMEOUT,
+};
 use crate::Shared;
 
 /// WebSocket close code for "the server is restarting, reconnect".
@@ -109,7 +111,7 @@ pub async fn wsify_ws(
         }
     }
     ws.read_buffer_size(1024)
-        .write_buffer_size(0)
+        .write_buffer_size(WRITE_BUFFER)
         .max_message_size(st.config.max_message_bytes)
         .max_frame_size(st.config.max_message_bytes)
         .on_upgrade(move |socket| run_wsify(st, socket, app, envelope, query))
@@ -138,30 +140,21 @@ async fn run_wsify(
     query: Value,
 ) {
     let conn = ConnId(st.next_conn.fetch_add(1, Ordering::Relaxed));
-    let (handle, mut rx, mut close_rx) = ConnHandle::new(st.config.outbound_queue);
+    let (h, mut rx) = ConnRef::new(conn, st.config.outbound_queue);
     let opened = Instant::now();
-    let open = {
-        let mut hub = st.lock();
-        hub.attach(conn, handle);
-        let r = hub.core.open_wsify(opened, app, conn, envelope);
-        if r.is_err() {
-            hub.detach(conn);
-        }
-        hub.dispatch(&st.stats);
-        r
-    };
-    let socket_id = match open {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = timeout(
-                CLOSE_TIMEOUT,
-                socket.send(close(ws_code(e.close_code()), &e.to_string())),
-            )
-            .await;
-            await_close(&mut socket).await;
-            return;
-        }
-    };
+    let node = &st.node;
+    let cfg = node.apps.get(app).clone();
+    if let Err(e) = node.registry.admit(app, &cfg, &h) {
+        let _ = timeout(
+            CLOSE_TIMEOUT,
+            socket.send(close(ws_code(e.close_code()), &e.to_string())),
+        )
+        .await;
+        await_close(&mut socket).await;
+        return;
+    }
+    let socket_id = node.socket_id(conn);
+    let mut session = Session::wsify(opened, conn, app, cfg, &socket_id, envelope);
     st.stats
         .edge
         .connections_opened
@@ -179,17 +172,19 @@ async fn run_wsify(
         }
         tokio::select! {
             biased;
-            req = &mut close_rx => match req {
-                Ok(CloseRequest { code, reason }) => break End::Close(ws_code(code), reason),
-                Err(_) => break End::Gone,
-            },
+            () = h.closed.notified() => {
+                if let Some(CloseRequest { code, reason }) = h.take_close() {
+                    break End::Close(ws_code(code), reason);
+                }
+            }
             Some(first) = rx.recv() => {
                 tokio::select! {
                     biased;
-                    req = &mut close_rx => match req {
-                        Ok(CloseRequest { code, reason }) => break End::Close(ws_code(code), reason),
-                        Err(_) => break End::Gone,
-                    },
+                    () = h.closed.notified() => {
+                        if let Some(CloseRequest { code, reason }) = h.take_close() {
+                            break End::Close(ws_code(code), reason);
+                        }
+                    }
                     ok = write_batch(&mut socket, &mut rx, first, WRITE_TIMEOUT, &st.stats.edge.bytes_out) => if !ok { break End::Gone },
                 }
             }
@@ -213,7 +208,7 @@ async fn run_wsify(
                         break End::Gone;
                     }
                 };
-                match handle_command(&st, conn, app, &text, authz.as_deref(), &identity).await {
+                match handle_command(&st, &h, &mut session, app, &text, authz.as_deref(), &identity).await {
                     Handled::Ok => {}
                     Handled::Error(command, message) => {
                         tracing::debug!(conn = conn.0, %command, %message, "wsify command refused");
@@ -237,14 +232,10 @@ async fn run_wsify(
             }
         }
     };
-    let channels = {
-        let mut hub = st.lock();
-        let channels = hub.core.channels_of(conn);
-        hub.detach(conn);
-        hub.core.disconnect(Instant::now(), conn);
-        hub.dispatch(&st.stats);
-        channels
-    };
+    let channels: Vec<String> = session.channels().map(ToString::to_string).collect();
+    session.disconnect();
+    let _ = pump(node, &h, &mut session).await;
+    node.registry.remove(app, conn);
     if let Some(a) = &authz {
         if a.wants("leave") {
             for c in channels {
@@ -290,7 +281,8 @@ enum Handled {
 
 async fn handle_command(
     st: &Shared,
-    conn: ConnId,
+    h: &ConnRef,
+    session: &mut Session,
     app: AppIdx,
     text: &str,
     authz: Option<&crate::authorizer::Authorizer>,
@@ -319,20 +311,19 @@ async fn handle_command(
             }
         }
     }
-    let mut hub = st.lock();
     let r = match &cmd {
-        WsifyCommand::Join { channel } => hub.core.wsify_join(conn, channel),
+        WsifyCommand::Join { channel } => session.wsify_join(channel),
         WsifyCommand::Leave { channel } => {
-            hub.core.wsify_leave(conn, channel);
+            session.wsify_leave(channel);
             Ok(())
         }
-        WsifyCommand::Broadcast { channel, content } => hub
-            .core
-            .wsify_broadcast(Instant::now(), app, channel, content)
+        WsifyCommand::Broadcast { channel, content } => st
+            .node
+            .wsify_broadcast(app, channel, content)
+            .await
             .map_err(|e| e.to_string()),
     };
-    hub.dispatch(&st.stats);
-    drop(hub);
+    let _ = pump(&st.node, h, session).await;
     if let WsifyCommand::Broadcast { .. } = cmd {
         if r.is_ok() {
             st.stats.published.fetch_add(1, Ordering::Relaxed);
@@ -399,14 +390,7 @@ pub async fn broadcast(
         );
     };
     let app = AppIdx(st.config.wsify_app as u32);
-    let r = {
-        let mut hub = st.lock();
-        let r = hub
-            .core
-            .wsify_broadcast(Instant::now(), app, &b.channel, &content);
-        hub.dispatch(&st.stats);
-        r
-    };
+    let r = st.node.wsify_broadcast(app, &b.channel, &content).await;
     match r {
         Ok(()) => {
             st.stats.published.fetch_add(1, Ordering::Relaxed);

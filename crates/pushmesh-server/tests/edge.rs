@@ -2,7 +2,7 @@
 //! disconnected (4100) without slowing the others.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use pushmesh_core::PublishRequest;
@@ -90,10 +90,9 @@ async fn slow_consumer_is_closed_and_others_get_everything() {
                 .await
                 .unwrap_or_else(|e| panic!("fast reader stalled: {e}"));
         }
-        {
-            let mut hub = shared.lock();
-            let r = hub.core.publish(
-                Instant::now(),
+        let r = shared
+            .node
+            .publish(
                 pushmesh_core::AppIdx(0),
                 &PublishRequest {
                     name: "big",
@@ -101,10 +100,10 @@ async fn slow_consumer_is_closed_and_others_get_everything() {
                     channels: &channels,
                     exclude_socket: None,
                 },
-            );
-            assert!(r.is_ok());
-            hub.dispatch(&shared.stats);
-        }
+                false,
+            )
+            .await;
+        assert!(r.is_ok());
     }
     let got = tokio::time::timeout(Duration::from_secs(60), reader)
         .await
@@ -112,7 +111,7 @@ async fn slow_consumer_is_closed_and_others_get_everything() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(got, N, "the fast client got every message");
     assert_eq!(
-        shared.stats.slow_consumers.load(Ordering::Relaxed),
+        shared.node.links.stats.slow_consumers.load(Ordering::Relaxed),
         1,
         "the slow client was cut off"
     );

@@ -45,6 +45,8 @@ pub struct Shard<H> {
     tables: Vec<Table<H>>,
     /// Peers with a link up.
     peers: BTreeSet<NodeId>,
+    /// Occupied channels and subscriptions per kind, kept as they change.
+    kinds: [KindStats; 5],
 }
 
 struct Table<H> {
@@ -168,6 +170,17 @@ impl<H: Handle> Shard<H> {
             socket_prefix,
             tables,
             peers: BTreeSet::new(),
+            kinds: [KindStats::default(); 5],
+        }
+    }
+
+    /// Keeps the per-kind counters: one subscription more (`delta` 1) or
+    /// less (-1); `edge` when the channel became occupied or vacated.
+    fn counted(&mut self, name: &ChannelName, edge: bool, delta: isize) {
+        let k = &mut self.kinds[query::kind_index(name.kind())];
+        k.subscriptions = k.subscriptions.saturating_add_signed(delta);
+        if edge {
+            k.channels = k.channels.saturating_add_signed(delta);
         }
     }
 
@@ -242,6 +255,7 @@ impl<H: Handle> Shard<H> {
             let occupied = ch.count() == 0;
             if ch.set(proto).insert(conn, h.clone()).is_none() {
                 t.dirty_counts.insert(name.clone());
+                self.counted(name, occupied, 1);
                 if occupied {
                     self.local_interest(app, name, true, sink);
                 }
@@ -320,6 +334,7 @@ impl<H: Handle> Shard<H> {
         if empty {
             t.channels.remove(name);
         }
+        self.counted(name, empty, -1);
         if let Some(uid) = member_gone {
             self.member_left(app, name, uid, sink);
         }

@@ -68,6 +68,7 @@ impl<H: Handle> Shard<H> {
         ch.pusher.insert(conn, h.clone());
         ch.presence_of.insert(conn, user_id.clone());
         t.dirty_counts.insert(name.clone());
+        self.counted(name, occupied, 1);
         if occupied {
             self.local_interest(app, name, true, sink);
         }

@@ -51,7 +51,7 @@ pub const KINDS: [&str; 5] = [
     "server_to_user",
 ];
 
-fn kind_index(k: ChannelKind) -> usize {
+pub(super) fn kind_index(k: ChannelKind) -> usize {
     match k {
         ChannelKind::Public => 0,
         ChannelKind::Private => 1,
@@ -137,15 +137,7 @@ impl<H: Handle> Shard<H> {
 
     /// Per kind (in [`KINDS`] order): occupied channels and subscriptions here.
     pub fn stats(&self) -> [KindStats; 5] {
-        let mut out = [KindStats::default(); 5];
-        for t in &self.tables {
-            for (name, ch) in &t.channels {
-                let s = &mut out[kind_index(name.kind())];
-                s.channels += 1;
-                s.subscriptions += ch.count();
-            }
-        }
-        out
+        self.kinds
     }
 }
 

@@ -1,0 +1,167 @@
+//! A connection as the router sees it: its bounded outbound queue and a
+//! close signal; and the registry of open connections (touched on open and
+//! close only, never per message).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::ws::Utf8Bytes;
+use pushmesh_core::{AppConfig, AppIdx, ConnId, Handle, OpenError};
+use pushmesh_protocol::CloseCode;
+use tokio::sync::{mpsc, Notify};
+
+/// Why a connection task is asked to close.
+#[derive(Debug, Clone)]
+pub struct CloseRequest {
+    /// Pusher close code.
+    pub code: CloseCode,
+    /// Reason, sent in the close frame.
+    pub reason: String,
+}
+
+/// The shared side of one connection.
+pub struct Conn {
+    id: ConnId,
+    tx: mpsc::Sender<Utf8Bytes>,
+    close: Mutex<Option<CloseRequest>>,
+    closing: std::sync::atomic::AtomicBool,
+    /// Woken when a close is requested.
+    pub closed: Notify,
+}
+
+impl Conn {
+    /// The connection's id.
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    /// Queues a frame; `false` if the queue is full (the client is too slow).
+    pub fn try_send(&self, frame: Utf8Bytes) -> bool {
+        !matches!(
+            self.tx.try_send(frame),
+            Err(mpsc::error::TrySendError::Full(_))
+        )
+    }
+
+    /// Asks the connection task to close; the first request wins. Returns
+    /// whether this request was the first.
+    pub fn request_close(&self, code: CloseCode, reason: &str) -> bool {
+        if self.closing.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        *self.close.lock().unwrap_or_else(|p| p.into_inner()) = Some(CloseRequest {
+            code,
+            reason: reason.to_owned(),
+        });
+        self.closed.notify_one();
+        true
+    }
+
+    /// The pending close request, if any.
+    pub fn take_close(&self) -> Option<CloseRequest> {
+        self.close.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// A connection handle stored by the router's shards and the user registry.
+#[derive(Clone)]
+pub struct ConnRef(pub Arc<Conn>);
+
+impl ConnRef {
+    /// A new connection and the receiving end of its outbound queue.
+    pub fn new(id: ConnId, queue: usize) -> (Self, mpsc::Receiver<Utf8Bytes>) {
+        let (tx, rx) = mpsc::channel(queue);
+        let c = Conn {
+            id,
+            tx,
+            close: Mutex::new(None),
+            closing: std::sync::atomic::AtomicBool::new(false),
+            closed: Notify::new(),
+        };
+        (Self(Arc::new(c)), rx)
+    }
+}
+
+impl std::ops::Deref for ConnRef {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.0
+    }
+}
+
+impl Handle for ConnRef {
+    fn conn(&self) -> ConnId {
+        self.0.id
+    }
+}
+
+/// Open connections of the node, for quotas, drain and counts.
+pub struct Registry {
+    conns: Mutex<HashMap<ConnId, ConnRef>>,
+    per_app: Vec<AtomicUsize>,
+    total: AtomicUsize,
+    max_connections: Option<usize>,
+}
+
+impl Registry {
+    /// An empty registry for `apps` apps.
+    pub fn new(apps: usize, max_connections: Option<usize>) -> Self {
+        Self {
+            conns: Mutex::new(HashMap::new()),
+            per_app: (0..apps).map(|_| AtomicUsize::new(0)).collect(),
+            total: AtomicUsize::new(0),
+            max_connections,
+        }
+    }
+
+    /// Admits a connection of `app` (quotas), or says why not.
+    pub fn admit(&self, app: AppIdx, cfg: &AppConfig, h: &ConnRef) -> Result<(), OpenError> {
+        if !cfg.enabled {
+            return Err(OpenError::AppDisabled);
+        }
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if self.max_connections.is_some_and(|m| conns.len() >= m) {
+            return Err(OpenError::NodeOverCapacity);
+        }
+        let n = &self.per_app[app.0 as usize];
+        if cfg
+            .max_connections
+            .is_some_and(|m| n.load(Ordering::Relaxed) >= m)
+        {
+            return Err(OpenError::AppOverQuota);
+        }
+        n.fetch_add(1, Ordering::Relaxed);
+        conns.insert(h.conn(), h.clone());
+        self.total.store(conns.len(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Forgets a connection.
+    pub fn remove(&self, app: AppIdx, conn: ConnId) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if conns.remove(&conn).is_some() {
+            self.per_app[app.0 as usize].fetch_sub(1, Ordering::Relaxed);
+        }
+        self.total.store(conns.len(), Ordering::Relaxed);
+    }
+
+    /// Open connections.
+    pub fn count(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Asks every connection to close (drain: 4200).
+    pub fn close_all(&self, code: CloseCode, reason: &str) {
+        let all: Vec<ConnRef> = self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for c in all {
+            c.request_close(code, reason);
+        }
+    }
+}

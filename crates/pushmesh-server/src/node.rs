@@ -1,0 +1,676 @@
+//! The node's driver: runs the sans-IO state machines of `pushmesh-core`
+//! on tasks, with no node-wide lock on the per-message path.
+//!
+//! - Each router [`Shard`] runs on its own task and owns its channels; it
+//!   is reached only through its bounded command queue. A publish goes to
+//!   one shard; the HTTP API answers once the command is queued.
+//! - [`Users`] (sign-in, watchlists, terminate) and the [`Replicator`]
+//!   (state changes for peers) sit behind their own small locks, held for
+//!   synchronous work only and never on the per-message path.
+//! - Effects are done at once by [`DriverSink`]: frames go into the
+//!   connections' bounded queues (a full queue closes that client with
+//!   4100), peer frames into the cluster links.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use pushmesh_core::{
+    AppIdx, Apps, ChannelInfo, ConnId, Delta, Effects, Event, FrameKind, NodeId, PeerFrame,
+    PublishError, PublishRequest, PublishedChannel, QueryError, Replicator, Request, Shard, Sink,
+    Users, WebhookScheduler,
+};
+use pushmesh_protocol::webhook::WebhookEvent;
+use pushmesh_protocol::{ChannelName, CloseCode};
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::conn::{ConnRef, Registry};
+
+/// How often each shard's periodic work runs (subscription counts, cache expiry).
+const TICK: Duration = Duration::from_millis(250);
+/// Commands a shard handles before it hands its batch's effects on.
+const BATCH: usize = 64;
+
+/// Counters of the router.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Frames queued to connections.
+    pub frames_queued: AtomicU64,
+    /// Connections closed because their queue was full.
+    pub slow_consumers: AtomicU64,
+}
+
+/// What the shard tasks share with the rest of the node.
+pub struct Links {
+    /// The cluster layer, when clustering is on.
+    pub cluster: Option<pushmesh_cluster::Cluster>,
+    replicator: Mutex<Replicator>,
+    hooks: Mutex<WebhookScheduler>,
+    /// Wakes the webhook pump when events were scheduled.
+    pub hook_ready: Notify,
+    /// Router counters.
+    pub stats: HubStats,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Links {
+    /// The webhook scheduler (delayed and pending webhook events).
+    pub fn hooks(&self) -> MutexGuard<'_, WebhookScheduler> {
+        lock(&self.hooks)
+    }
+}
+
+/// The effects of one batch of work, done as they come.
+pub struct DriverSink<'a> {
+    links: &'a Links,
+    last: Option<(Bytes, Utf8Bytes)>,
+    queued: u64,
+    hooks: Vec<(AppIdx, WebhookEvent)>,
+    deltas: Vec<Delta>,
+}
+
+impl<'a> DriverSink<'a> {
+    fn new(links: &'a Links) -> Self {
+        Self {
+            links,
+            last: None,
+            queued: 0,
+            hooks: Vec::new(),
+            deltas: Vec::new(),
+        }
+    }
+
+    /// The shared text frame for `frame`: consecutive sends of one publish
+    /// carry the same bytes, so UTF-8 is checked once per publish.
+    fn text(&mut self, frame: &Bytes) -> Option<Utf8Bytes> {
+        if let Some((b, t)) = &self.last {
+            if b.as_ptr() == frame.as_ptr() && b.len() == frame.len() {
+                return Some(t.clone());
+            }
+        }
+        let t = Utf8Bytes::try_from(frame.clone()).ok()?;
+        self.last = Some((frame.clone(), t.clone()));
+        Some(t)
+    }
+
+    /// Hands on what was collected: state changes to the replicator (and
+    /// from it to the peers), webhook events to the scheduler.
+    fn finish(self) {
+        let links = self.links;
+        links
+            .stats
+            .frames_queued
+            .fetch_add(self.queued, Ordering::Relaxed);
+        if !self.deltas.is_empty() {
+            let mut fx = Effects::default();
+            {
+                let mut r = lock(&links.replicator);
+                for d in self.deltas {
+                    r.local(d, &mut fx);
+                }
+            }
+            send_control(links, fx.send);
+        }
+        if !self.hooks.is_empty() {
+            let now = Instant::now();
+            let mut h = lock(&links.hooks);
+            for (app, event) in self.hooks {
+                h.push(now, app, event);
+            }
+            drop(h);
+            links.hook_ready.notify_one();
+        }
+    }
+}
+
+fn send_control(links: &Links, frames: Vec<(NodeId, Bytes)>) {
+    if let Some(c) = &links.cluster {
+        for (to, frame) in frames {
+            c.send(&to, FrameKind::Control, frame);
+        }
+    }
+}
+
+impl Sink<ConnRef> for DriverSink<'_> {
+    fn send(&mut self, to: &ConnRef, frame: &Bytes) {
+        let Some(text) = self.text(frame) else {
+            return;
+        };
+        if to.try_send(text) {
+            self.queued += 1;
+        } else if to.request_close(
+            CloseCode::OverCapacity,
+            "client too slow: outbound queue full",
+        ) {
+            self.links
+                .stats
+                .slow_consumers
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(conn = to.0.id().0, "slow consumer, closing with 4100");
+        }
+    }
+
+    fn close(&mut self, to: &ConnRef, code: CloseCode, reason: &str) {
+        to.request_close(code, reason);
+    }
+
+    fn peer(&mut self, to: &NodeId, kind: FrameKind, frame: &Bytes) {
+        if let Some(c) = &self.links.cluster {
+            c.send(to, kind, frame.clone());
+        }
+    }
+
+    fn hook(&mut self, app: AppIdx, event: WebhookEvent) {
+        self.hooks.push((app, event));
+    }
+
+    fn replicate(&mut self, delta: Delta) {
+        self.deltas.push(delta);
+    }
+}
+
+/// An event for one channel, from the HTTP API or a wsify broadcast.
+pub struct Publish {
+    app: AppIdx,
+    channel: ChannelName,
+    event: Arc<str>,
+    data: Arc<str>,
+    content: Option<Arc<RawValue>>,
+    exclude: Option<Arc<str>>,
+    reply: Option<oneshot::Sender<ChannelInfo>>,
+}
+
+type Query = Box<dyn FnOnce(&Shard<ConnRef>, Instant) + Send>;
+
+/// Work for a shard task.
+enum Cmd {
+    Req(ConnRef, Request),
+    Publish(Box<Publish>),
+    Remote(PeerFrame),
+    Apply(NodeId, Delta),
+    Peers(BTreeSet<NodeId>),
+    Query(Query),
+}
+
+/// A shard's counters, readable without asking the shard.
+#[derive(Default)]
+struct KindSlots([[AtomicUsize; 2]; 5]);
+
+fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut DriverSink<'_>) {
+    match cmd {
+        Cmd::Req(h, req) => match req {
+            Request::Subscribe {
+                app,
+                channel,
+                proto,
+                presence,
+            } => shard.subscribe(now, h, app, &channel, proto, presence, sink),
+            Request::Unsubscribe { app, channel } => {
+                shard.unsubscribe(h.0.id(), app, &channel, sink)
+            }
+            Request::ClientEvent {
+                app,
+                channel,
+                event,
+                data,
+                socket_id,
+            } => shard.client_event(now, &h, app, &channel, &event, &data, &socket_id, sink),
+            Request::SignIn { .. } | Request::SignOut { .. } => {}
+        },
+        Cmd::Publish(p) => {
+            let ev = Event {
+                app: p.app,
+                channel: &p.channel,
+                name: &p.event,
+                data: &p.data,
+                content: p.content.as_deref(),
+                exclude_socket: p.exclude.as_deref(),
+                user_id: None,
+            };
+            shard.publish(now, &ev, true, sink);
+            if let Some(reply) = p.reply {
+                let _ = reply.send(shard.info(now, p.app, &p.channel));
+            }
+        }
+        Cmd::Remote(frame) => match frame {
+            PeerFrame::Publish {
+                app,
+                channel,
+                event,
+                data,
+                exclude,
+                user_id,
+            } => shard.deliver_remote(
+                now,
+                &app,
+                &channel,
+                &event,
+                &data,
+                exclude.as_deref(),
+                user_id.as_deref(),
+                sink,
+            ),
+            PeerFrame::CacheSet {
+                app,
+                channel,
+                event,
+                data,
+            } => shard.cache_set(now, &app, &channel, &event, &data),
+            _ => {}
+        },
+        Cmd::Apply(peer, delta) => shard.apply_remote(&peer, delta, sink),
+        Cmd::Peers(p) => shard.set_peers(p),
+        Cmd::Query(q) => q(shard, now),
+    }
+}
+
+async fn run_shard(
+    mut shard: Shard<ConnRef>,
+    mut rx: mpsc::Receiver<Cmd>,
+    links: Arc<Links>,
+    slots: Arc<KindSlots>,
+) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut sink = DriverSink::new(&links);
+        tokio::select! {
+            cmd = rx.recv() => {
+                let Some(cmd) = cmd else { break };
+                let now = Instant::now();
+                run_cmd(&mut shard, now, cmd, &mut sink);
+                for _ in 1..BATCH {
+                    match rx.try_recv() {
+                        Ok(cmd) => run_cmd(&mut shard, now, cmd, &mut sink),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = tick.tick() => shard.tick(Instant::now(), &mut sink),
+        }
+        sink.finish();
+        for (slot, k) in slots.0.iter().zip(shard.stats()) {
+            slot[0].store(k.channels, Ordering::Relaxed);
+            slot[1].store(k.subscriptions, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The node: apps, router shards, users, replication, connections.
+pub struct Node {
+    /// The apps served.
+    pub apps: Arc<Apps>,
+    shards: Vec<mpsc::Sender<Cmd>>,
+    slots: Vec<Arc<KindSlots>>,
+    users: Mutex<Users<ConnRef>>,
+    /// Shared with the shard tasks.
+    pub links: Arc<Links>,
+    /// Open connections.
+    pub registry: Registry,
+    /// First part of every socket id of this node.
+    pub socket_prefix: u32,
+}
+
+/// Settings of [`Node::start`].
+pub struct NodeSettings {
+    /// The apps.
+    pub apps: Apps,
+    /// This node's id.
+    pub node_id: String,
+    /// This incarnation.
+    pub epoch: u64,
+    /// Router shards (tasks).
+    pub shards: usize,
+    /// Commands queued per shard.
+    pub shard_queue: usize,
+    /// Most connections on this node.
+    pub max_connections: Option<usize>,
+    /// First part of socket ids.
+    pub socket_prefix: u32,
+}
+
+impl Node {
+    /// Builds the node and spawns its shard tasks.
+    pub fn start(
+        s: NodeSettings,
+        cluster: Option<pushmesh_cluster::Cluster>,
+        hooks: WebhookScheduler,
+    ) -> Self {
+        let apps = Arc::new(s.apps);
+        let node = NodeId::new(&s.node_id);
+        let links = Arc::new(Links {
+            cluster,
+            replicator: Mutex::new(Replicator::new(node.clone(), s.epoch)),
+            hooks: Mutex::new(hooks),
+            hook_ready: Notify::new(),
+            stats: HubStats::default(),
+        });
+        let mut shards = Vec::new();
+        let mut slots = Vec::new();
+        for _ in 0..s.shards.max(1) {
+            let (tx, rx) = mpsc::channel(s.shard_queue.max(16));
+            let slot = Arc::new(KindSlots::default());
+            let shard = Shard::new(apps.clone(), node.clone(), s.socket_prefix);
+            tokio::spawn(run_shard(shard, rx, links.clone(), slot.clone()));
+            shards.push(tx);
+            slots.push(slot);
+        }
+        Self {
+            users: Mutex::new(Users::new(apps.clone())),
+            registry: Registry::new(apps.len(), s.max_connections),
+            apps,
+            shards,
+            slots,
+            links,
+            socket_prefix: s.socket_prefix,
+        }
+    }
+
+    fn shard(&self, app: AppIdx, channel: &str) -> &mpsc::Sender<Cmd> {
+        &self.shards[pushmesh_core::shard_of(app, channel, self.shards.len())]
+    }
+
+    async fn to_shard(&self, app: AppIdx, channel: &str, cmd: Cmd) {
+        // A closed queue means the node is stopping; nothing to do then.
+        let _ = self.shard(app, channel).send(cmd).await;
+    }
+
+    /// The socket id of a connection of this node.
+    pub fn socket_id(&self, conn: ConnId) -> String {
+        format!("{}.{}", self.socket_prefix, conn.0)
+    }
+
+    /// Queues a frame for one connection (its own session's output).
+    pub fn send_to(&self, h: &ConnRef, frame: Bytes) {
+        let mut sink = DriverSink::new(&self.links);
+        sink.send(h, &frame);
+        sink.finish();
+    }
+
+    /// Hands a session's request to its shard or to the user registry.
+    pub async fn route(&self, h: &ConnRef, req: Request) {
+        match req {
+            Request::SignIn {
+                app,
+                user,
+                watchlist,
+                user_data,
+            } => self.with_users(|u, sink| u.signin(h, app, &user, &watchlist, &user_data, sink)),
+            Request::SignOut {
+                app,
+                user,
+                watchlist,
+            } => self.with_users(|u, sink| u.signout(h.0.id(), app, &user, &watchlist, sink)),
+            req => {
+                let Some((app, channel)) = req.channel().map(|(a, c)| (a, c.clone())) else {
+                    return;
+                };
+                self.to_shard(app, channel.as_str(), Cmd::Req(h.clone(), req))
+                    .await;
+            }
+        }
+    }
+
+    fn with_users<R>(&self, f: impl FnOnce(&mut Users<ConnRef>, &mut DriverSink<'_>) -> R) -> R {
+        let mut sink = DriverSink::new(&self.links);
+        let r = f(&mut lock(&self.users), &mut sink);
+        sink.finish();
+        r
+    }
+
+    /// Publishes one event (validated here) to its channels. Answers once
+    /// the work is queued on the shards; with `info`, once it is done.
+    pub async fn publish(
+        &self,
+        app: AppIdx,
+        req: &PublishRequest<'_>,
+        info: bool,
+    ) -> Result<Vec<PublishedChannel>, PublishError> {
+        let names = self.apps.validate_publish(app, req)?;
+        self.publish_valid(app, names, req, info).await
+    }
+
+    /// Publishes an event already validated with [`Apps::validate_publish`].
+    pub async fn publish_valid(
+        &self,
+        app: AppIdx,
+        names: Vec<ChannelName>,
+        req: &PublishRequest<'_>,
+        info: bool,
+    ) -> Result<Vec<PublishedChannel>, PublishError> {
+        let event: Arc<str> = Arc::from(req.name);
+        let data: Arc<str> = Arc::from(req.data);
+        let exclude: Option<Arc<str>> = req.exclude_socket.map(Arc::from);
+        let mut replies = Vec::new();
+        for name in names {
+            let (reply, rx) = if info {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            let p = Publish {
+                app,
+                channel: name.clone(),
+                event: event.clone(),
+                data: data.clone(),
+                content: None,
+                exclude: exclude.clone(),
+                reply,
+            };
+            self.to_shard(app, name.as_str(), Cmd::Publish(Box::new(p)))
+                .await;
+            replies.push((name, rx));
+        }
+        let mut out = Vec::with_capacity(replies.len());
+        for (name, rx) in replies {
+            let info = match rx {
+                Some(rx) => rx.await.unwrap_or_default(),
+                None => ChannelInfo::default(),
+            };
+            out.push(PublishedChannel { name, info });
+        }
+        Ok(out)
+    }
+
+    /// A wsify broadcast (from a client or `POST /broadcast`).
+    pub async fn wsify_broadcast(
+        &self,
+        app: AppIdx,
+        channel: &str,
+        content: &RawValue,
+    ) -> Result<(), PublishError> {
+        let name = self.apps.validate_wsify_broadcast(app, channel, content)?;
+        let cfg = self.apps.get(app);
+        let content: Arc<RawValue> = Arc::from(content.to_owned());
+        let p = Publish {
+            app,
+            channel: name.clone(),
+            event: Arc::from(cfg.wsify_event.as_str()),
+            data: Arc::from(content.get()),
+            content: Some(content),
+            exclude: None,
+            reply: None,
+        };
+        self.to_shard(app, name.as_str(), Cmd::Publish(Box::new(p)))
+            .await;
+        Ok(())
+    }
+
+    async fn ask<R: Send + 'static>(
+        &self,
+        shard: &mpsc::Sender<Cmd>,
+        f: impl FnOnce(&Shard<ConnRef>, Instant) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = oneshot::channel();
+        let q: Query = Box::new(move |s, now| {
+            let _ = tx.send(f(s, now));
+        });
+        shard.send(Cmd::Query(q)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// `GET /channels`: occupied channels, sorted, optionally by prefix.
+    pub async fn channels(
+        &self,
+        app: AppIdx,
+        prefix: Option<&str>,
+        user_count: bool,
+    ) -> Result<Vec<(ChannelName, ChannelInfo)>, QueryError> {
+        pushmesh_core::router::check_channels_query(prefix, user_count)?;
+        let mut out = Vec::new();
+        for s in &self.shards {
+            let prefix = prefix.map(str::to_owned);
+            let part = self
+                .ask(s, move |sh, now| {
+                    let mut v = Vec::new();
+                    sh.occupied(now, app, prefix.as_deref(), &mut v);
+                    v
+                })
+                .await;
+            out.extend(part.unwrap_or_default());
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// `GET /channels/{name}`.
+    pub async fn channel(
+        &self,
+        app: AppIdx,
+        name: &str,
+        user_count: bool,
+    ) -> Result<ChannelInfo, QueryError> {
+        let name = pushmesh_core::router::check_channel_query(name, user_count)?;
+        let shard = self.shard(app, name.as_str()).clone();
+        Ok(self
+            .ask(&shard, move |sh, now| sh.info(now, app, &name))
+            .await
+            .unwrap_or_default())
+    }
+
+    /// `GET /channels/{name}/users`.
+    pub async fn channel_users(&self, app: AppIdx, name: &str) -> Result<Vec<String>, QueryError> {
+        let name = pushmesh_core::router::check_users_query(name)?;
+        let shard = self.shard(app, name.as_str()).clone();
+        Ok(self
+            .ask(&shard, move |sh, _| sh.users(app, &name))
+            .await
+            .unwrap_or_default())
+    }
+
+    /// `POST /users/{id}/terminate_connections`.
+    pub fn terminate_user(&self, app: AppIdx, user: &str) -> usize {
+        self.with_users(|u, sink| u.terminate(app, user, sink))
+    }
+
+    /// Per channel kind: (kind, occupied channels, subscriptions) on this
+    /// node, as the shards last reported (never waits for them).
+    pub fn channel_stats(&self) -> Vec<(&'static str, usize, usize)> {
+        let mut out: Vec<_> = pushmesh_core::router::KINDS
+            .iter()
+            .map(|k| (*k, 0, 0))
+            .collect();
+        for s in &self.slots {
+            for (o, slot) in out.iter_mut().zip(&s.0) {
+                o.1 += slot[0].load(Ordering::Relaxed);
+                o.2 += slot[1].load(Ordering::Relaxed);
+            }
+        }
+        out
+    }
+
+    /// Peers with a link up, as the replicator knows them.
+    pub fn peers(&self) -> Vec<NodeId> {
+        lock(&self.links.replicator).peers().into_iter().collect()
+    }
+
+    /// This node's interest digest for gossip.
+    pub fn digest(&self) -> String {
+        lock(&self.links.replicator).digest()
+    }
+
+    async fn effects(&self, fx: Effects, peers_changed: bool) {
+        send_control(&self.links, fx.send);
+        if peers_changed {
+            let peers = lock(&self.links.replicator).peers();
+            for s in &self.shards {
+                let _ = s.send(Cmd::Peers(peers.clone())).await;
+            }
+            lock(&self.users).set_peers(peers);
+        }
+        for (peer, d) in fx.apply {
+            if matches!(d, Delta::User { .. }) {
+                self.with_users(|u, sink| u.apply_remote(&peer, &d, sink));
+            } else if let (Some(app), Some(ch)) = (self.apps.by_id(d.app()), d.channel()) {
+                let ch = ch.to_owned();
+                self.to_shard(app, &ch, Cmd::Apply(peer, d)).await;
+            }
+        }
+    }
+
+    /// A link to `peer` (incarnation `epoch`) is up.
+    pub async fn peer_up(&self, peer: NodeId, epoch: u64) {
+        let mut fx = Effects::default();
+        lock(&self.links.replicator).peer_up(peer, epoch, &mut fx);
+        self.effects(fx, true).await;
+    }
+
+    /// The link to `peer` is gone.
+    pub async fn peer_down(&self, peer: &NodeId) {
+        let mut fx = Effects::default();
+        lock(&self.links.replicator).peer_down(peer, &mut fx);
+        self.effects(fx, true).await;
+    }
+
+    /// A frame from a peer. Undecodable frames are refused, never fatal.
+    pub async fn peer_frame(
+        &self,
+        from: &NodeId,
+        bytes: &[u8],
+    ) -> Result<(), pushmesh_core::PeerFrameError> {
+        let frame = PeerFrame::decode(bytes)?;
+        match frame {
+            PeerFrame::Publish {
+                ref app,
+                ref channel,
+                ..
+            }
+            | PeerFrame::CacheSet {
+                ref app,
+                ref channel,
+                ..
+            } => {
+                if let Some(a) = self.apps.by_id(app) {
+                    let ch = channel.clone();
+                    self.to_shard(a, &ch, Cmd::Remote(frame)).await;
+                }
+            }
+            PeerFrame::Terminate { app, user } => {
+                if let Some(a) = self.apps.by_id(&app) {
+                    self.with_users(|u, sink| u.terminate_local(a, &user, sink));
+                }
+            }
+            control => {
+                let mut fx = Effects::default();
+                lock(&self.links.replicator).handle(from, control, &mut fx);
+                self.effects(fx, false).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Compares a peer's gossiped digest with what this node holds of it.
+    pub fn check_peer_digest(&self, peer: &NodeId, digest: &str) {
+        let mut fx = Effects::default();
+        lock(&self.links.replicator).check_peer_digest(peer, digest, &mut fx);
+        send_control(&self.links, fx.send);
+    }
+}
