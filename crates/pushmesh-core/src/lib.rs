@@ -44,6 +44,8 @@ pub use webhooks::WebhookScheduler;
 pub use peer_frame as cluster;
 
 #[cfg(test)]
+mod shard_tests;
+#[cfg(test)]
 mod sim;
 #[cfg(test)]
 mod tests;

@@ -149,13 +149,18 @@ macro_rules! sink {
 }
 
 impl Core {
-    /// A node serving `config.apps`.
+    /// A node serving `config.apps`, with 4 router shards.
     pub fn new(config: CoreConfig) -> Self {
+        Self::with_shards(config, SHARDS)
+    }
+
+    /// A node serving `config.apps`, with `shards` router shards.
+    pub fn with_shards(config: CoreConfig, shards: usize) -> Self {
         let apps = Arc::new(Apps::new(config.apps));
         let node = NodeId::new(&config.node_id);
         Self {
             conn_counts: vec![0; apps.len()],
-            shards: (0..SHARDS)
+            shards: (0..shards.max(1))
                 .map(|_| Shard::new(apps.clone(), node.clone(), config.socket_prefix))
                 .collect(),
             users: Users::new(apps.clone()),

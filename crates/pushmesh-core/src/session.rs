@@ -4,11 +4,12 @@
 //! channels or users becomes a [`Request`] for the router or the user
 //! registry.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use indexmap::IndexMap;
 use pushmesh_protocol::client::ClientMessage;
 use pushmesh_protocol::server;
 use pushmesh_protocol::sign::{self, AuthError};
@@ -150,7 +151,7 @@ pub struct Session {
     proto: Proto,
     socket_id: Arc<str>,
     /// Channels asked for, with the presence user id where there is one.
-    subs: HashMap<ChannelName, Option<String>>,
+    subs: IndexMap<ChannelName, Option<String>>,
     user: Option<SignedIn>,
     events_window: Instant,
     events_in_window: u32,
@@ -202,7 +203,7 @@ impl Session {
             cfg,
             proto,
             socket_id: Arc::from(socket_id),
-            subs: HashMap::new(),
+            subs: IndexMap::new(),
             user: None,
             events_window: now,
             events_in_window: 0,
@@ -330,7 +331,7 @@ impl Session {
     }
 
     fn unsubscribe(&mut self, name: ChannelName) {
-        if self.subs.remove(&name).is_some() {
+        if self.subs.shift_remove(&name).is_some() {
             self.route(Request::Unsubscribe {
                 app: self.app,
                 channel: name,

@@ -111,7 +111,12 @@ async fn slow_consumer_is_closed_and_others_get_everything() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(got, N, "the fast client got every message");
     assert_eq!(
-        shared.node.links.stats.slow_consumers.load(Ordering::Relaxed),
+        shared
+            .node
+            .links
+            .stats
+            .slow_consumers
+            .load(Ordering::Relaxed),
         1,
         "the slow client was cut off"
     );
