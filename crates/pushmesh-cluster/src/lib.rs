@@ -265,6 +265,42 @@ async fn read_frame(r: &mut quinn::RecvStream) -> Option<Bytes> {
     Some(Bytes::from(buf))
 }
 
+/// Reads length-prefixed frames from a stream into one reused buffer: each
+/// frame is a slice of it, so receiving costs no allocation per frame.
+struct FrameReader {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+}
+
+impl FrameReader {
+    fn new(recv: quinn::RecvStream) -> Self {
+        Self {
+            recv,
+            buf: BytesMut::with_capacity(64 * 1024),
+        }
+    }
+
+    async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_be_bytes(self.buf[..4].try_into().ok()?) as usize;
+                if len == 0 || len > MAX_FRAME {
+                    return None;
+                }
+                if self.buf.len() >= 4 + len {
+                    let _ = self.buf.split_to(4);
+                    return Some(self.buf.split_to(len).freeze());
+                }
+                self.buf.reserve(4 + len - self.buf.len());
+            } else {
+                self.buf.reserve(64 * 1024);
+            }
+            let chunk = self.recv.read_chunk(usize::MAX, true).await.ok()??;
+            self.buf.extend_from_slice(&chunk.bytes);
+        }
+    }
+}
+
 impl Cluster {
     /// Binds QUIC, starts gossip and the membership loop.
     pub async fn start(
@@ -573,8 +609,9 @@ impl Cluster {
         }
     }
 
-    async fn read_loop(&self, mut recv: quinn::RecvStream, peer: &NodeId, counters: &PeerCounters) {
-        while let Some(mut f) = read_frame(&mut recv).await {
+    async fn read_loop(&self, recv: quinn::RecvStream, peer: &NodeId, counters: &PeerCounters) {
+        let mut reader = FrameReader::new(recv);
+        while let Some(f) = reader.next().await {
             let kind = match f.first() {
                 Some(0) => FrameKind::Data,
                 Some(1) => FrameKind::Control,
@@ -584,7 +621,7 @@ impl Cluster {
                 }
             };
             counters.received(kind).fetch_add(1, Ordering::Relaxed);
-            let frame = f.split_off(1);
+            let frame = f.slice(1..);
             if self
                 .inner
                 .events
@@ -695,22 +732,28 @@ async fn write_loop(
     mut rx: mpsc::Receiver<(FrameKind, Bytes)>,
     counters: Arc<PeerCounters>,
 ) {
-    while let Some((kind, frame)) = rx.recv().await {
-        let mut batch = vec![(kind, frame)];
-        while batch.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(f) => batch.push(f),
-                Err(_) => break,
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH * 2);
+    let mut heads = BytesMut::with_capacity(WRITE_BATCH * 5);
+    while let Some(first) = rx.recv().await {
+        // Headers go into one reused buffer; the frames themselves are
+        // handed to QUIC as they are (shared `Bytes`, never copied here).
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some((k, f)) = next.take() {
+            heads.reserve(5);
+            heads.extend_from_slice(&((f.len() + 1) as u32).to_be_bytes());
+            heads.extend_from_slice(&[kind_byte(k)]);
+            chunks.push(heads.split().freeze());
+            chunks.push(f);
+            counters.sent(k).fetch_add(1, Ordering::Relaxed);
+            n += 1;
+            if n < WRITE_BATCH {
+                next = rx.try_recv().ok();
             }
         }
-        let mut buf = BytesMut::with_capacity(batch.iter().map(|(_, f)| f.len() + 5).sum());
-        for (k, f) in &batch {
-            buf.extend_from_slice(&((f.len() + 1) as u32).to_be_bytes());
-            buf.extend_from_slice(&[kind_byte(*k)]);
-            buf.extend_from_slice(f);
-            counters.sent(*k).fetch_add(1, Ordering::Relaxed);
-        }
-        if send.write_all(&buf).await.is_err() {
+        let r = send.write_all_chunks(&mut chunks).await;
+        chunks.clear();
+        if r.is_err() {
             return;
         }
     }
