@@ -62,14 +62,14 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Runs `ops`; returns what each connection received and the stats.
-fn run(
-    shards: usize,
-    ops: &[Op],
-) -> (
+/// What each connection received, and the per-kind stats.
+type Seen = (
     BTreeMap<u64, Vec<String>>,
     Vec<(&'static str, usize, usize)>,
-) {
+);
+
+/// Runs `ops`; returns what each connection received and the stats.
+fn run(shards: usize, ops: &[Op]) -> Seen {
     let mut c = core(shards);
     let now = Instant::now();
     let mut open: Vec<ConnId> = Vec::new();
