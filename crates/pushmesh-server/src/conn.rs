@@ -1,15 +1,20 @@
 //! A connection as the router sees it: its bounded outbound queue and a
 //! close signal; and the registry of open connections (touched on open and
 //! close only, never per message).
+//!
+//! The outbound queue is a `VecDeque` behind the connection's own small
+//! lock, with a `Notify` to wake its task: it costs nothing until frames are
+//! queued (a tokio `mpsc` allocates a 32-slot block per channel up front),
+//! and the task takes everything queued in one swap.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 use pushmesh_core::{AppConfig, AppIdx, ConnId, Handle, OpenError};
 use pushmesh_protocol::CloseCode;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 /// Why a connection task is asked to close.
 #[derive(Debug, Clone)]
@@ -23,9 +28,14 @@ pub struct CloseRequest {
 /// The shared side of one connection.
 pub struct Conn {
     id: ConnId,
-    tx: mpsc::Sender<Utf8Bytes>,
+    queue: Mutex<VecDeque<Utf8Bytes>>,
+    cap: usize,
+    /// Woken when frames are queued.
+    ready: Notify,
+    /// Set when the connection task is gone: frames are dropped.
+    gone: AtomicBool,
     close: Mutex<Option<CloseRequest>>,
-    closing: std::sync::atomic::AtomicBool,
+    closing: AtomicBool,
     /// Woken when a close is requested.
     pub closed: Notify,
 }
@@ -37,11 +47,22 @@ impl Conn {
     }
 
     /// Queues a frame; `false` if the queue is full (the client is too slow).
+    /// Frames for a connection whose task is gone are dropped.
     pub fn try_send(&self, frame: Utf8Bytes) -> bool {
-        !matches!(
-            self.tx.try_send(frame),
-            Err(mpsc::error::TrySendError::Full(_))
-        )
+        if self.gone.load(Ordering::Relaxed) {
+            return true;
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= self.cap {
+            return false;
+        }
+        let was_empty = q.is_empty();
+        q.push_back(frame);
+        drop(q);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        true
     }
 
     /// Asks the connection task to close; the first request wins. Returns
@@ -70,16 +91,66 @@ pub struct ConnRef(pub Arc<Conn>);
 
 impl ConnRef {
     /// A new connection and the receiving end of its outbound queue.
-    pub fn new(id: ConnId, queue: usize) -> (Self, mpsc::Receiver<Utf8Bytes>) {
-        let (tx, rx) = mpsc::channel(queue);
-        let c = Conn {
+    pub fn new(id: ConnId, queue: usize) -> (Self, Outbox) {
+        let c = Arc::new(Conn {
             id,
-            tx,
+            queue: Mutex::new(VecDeque::new()),
+            cap: queue.max(1),
+            ready: Notify::new(),
+            gone: AtomicBool::new(false),
             close: Mutex::new(None),
-            closing: std::sync::atomic::AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             closed: Notify::new(),
-        };
-        (Self(Arc::new(c)), rx)
+        });
+        (
+            Self(c.clone()),
+            Outbox {
+                conn: c,
+                taken: VecDeque::new(),
+            },
+        )
+    }
+}
+
+/// The connection task's end of its outbound queue.
+pub struct Outbox {
+    conn: Arc<Conn>,
+    /// Frames taken from the queue in one swap, not yet written.
+    taken: VecDeque<Utf8Bytes>,
+}
+
+impl Outbox {
+    /// The next frame, waiting for one. Cancel-safe: nothing is lost if the
+    /// future is dropped.
+    pub async fn recv(&mut self) -> Option<Utf8Bytes> {
+        loop {
+            if let Some(f) = self.try_recv() {
+                return Some(f);
+            }
+            self.conn.ready.notified().await;
+        }
+    }
+
+    /// The next frame if one is queued.
+    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
+        if let Some(f) = self.taken.pop_front() {
+            return Some(f);
+        }
+        let mut q = self.conn.queue.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::swap(&mut *q, &mut self.taken);
+        drop(q);
+        self.taken.pop_front()
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.conn.gone.store(true, Ordering::Relaxed);
+        self.conn
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 

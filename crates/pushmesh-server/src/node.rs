@@ -108,7 +108,8 @@ impl<'a> DriverSink<'a> {
             .stats
             .frames_queued
             .fetch_add(self.queued, Ordering::Relaxed);
-        if !self.deltas.is_empty() {
+        // A node without a cluster has nobody to replicate to.
+        if !self.deltas.is_empty() && links.cluster.is_some() {
             let mut fx = Effects::default();
             {
                 let mut r = lock(&links.replicator);

@@ -13,10 +13,9 @@ use axum::response::Response;
 use futures_util::SinkExt;
 use pushmesh_core::{AppIdx, ConnId, Keepalive, KeepaliveAction, Session, SessionOutput};
 use pushmesh_protocol::{server, CloseCode};
-use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout};
 
-use crate::conn::{CloseRequest, ConnRef};
+use crate::conn::{CloseRequest, ConnRef, Outbox};
 use crate::node::Node;
 use crate::Shared;
 
@@ -344,7 +343,7 @@ pub(crate) async fn pump(node: &Node, h: &ConnRef, session: &mut Session) -> Opt
 /// Writes `first` and whatever else is queued, then flushes once.
 pub(crate) async fn write_batch(
     socket: &mut WebSocket,
-    rx: &mut mpsc::Receiver<Utf8Bytes>,
+    rx: &mut Outbox,
     first: Utf8Bytes,
     limit: Duration,
     bytes_out: &AtomicU64,
@@ -355,11 +354,11 @@ pub(crate) async fn write_batch(
         let mut n = 1;
         while n < WRITE_BATCH {
             match rx.try_recv() {
-                Ok(t) => {
+                Some(t) => {
                     bytes += t.len();
                     socket.feed(Message::Text(t)).await?
                 }
-                Err(_) => break,
+                None => break,
             }
             n += 1;
         }
@@ -371,12 +370,12 @@ pub(crate) async fn write_batch(
 
 pub(crate) async fn flush_queued(
     socket: &mut WebSocket,
-    rx: &mut mpsc::Receiver<Utf8Bytes>,
+    rx: &mut Outbox,
     bytes_out: &AtomicU64,
 ) -> bool {
     match rx.try_recv() {
         // On the way out: bounded tighter, the client may be the slow one.
-        Ok(first) => write_batch(socket, rx, first, CLOSE_TIMEOUT, bytes_out).await,
-        Err(_) => true,
+        Some(first) => write_batch(socket, rx, first, CLOSE_TIMEOUT, bytes_out).await,
+        None => true,
     }
 }

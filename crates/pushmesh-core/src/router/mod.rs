@@ -60,45 +60,86 @@ struct Table<H> {
     dirty_events: IndexSet<ChannelName>,
 }
 
+/// A hasher for connection ids (assigned by the node, never by a client):
+/// zero-sized, so an empty map costs no hasher state.
+type ConnHasher = std::hash::BuildHasherDefault<std::hash::DefaultHasher>;
+
+struct Sub<H> {
+    h: H,
+    proto: Proto,
+}
+
 struct Channel<H> {
-    pusher: IndexMap<ConnId, H>,
-    wsify_raw: IndexMap<ConnId, H>,
-    wsify_env: IndexMap<ConnId, H>,
-    /// Presence channels: the member each connection is.
-    presence_of: HashMap<ConnId, String>,
+    /// Every subscriber, Pusher and wsify, in subscription order.
+    subs: IndexMap<ConnId, Sub<H>, ConnHasher>,
+    /// How many of `subs` are wsify connections (their frames differ).
+    wsify: u32,
+    /// Presence channels only.
+    presence: Option<Box<Presence>>,
+}
+
+#[derive(Default)]
+struct Presence {
+    /// The member each connection is.
+    of: HashMap<ConnId, String>,
     members: IndexMap<String, Member>,
 }
 
 impl<H> Default for Channel<H> {
     fn default() -> Self {
         Self {
-            pusher: IndexMap::new(),
-            wsify_raw: IndexMap::new(),
-            wsify_env: IndexMap::new(),
-            presence_of: HashMap::new(),
-            members: IndexMap::new(),
+            subs: IndexMap::default(),
+            wsify: 0,
+            presence: None,
         }
     }
 }
 
 impl<H> Channel<H> {
     fn count(&self) -> usize {
-        self.pusher.len() + self.wsify_raw.len() + self.wsify_env.len()
-    }
-
-    fn set(&mut self, proto: Proto) -> &mut IndexMap<ConnId, H> {
-        match proto {
-            Proto::Pusher => &mut self.pusher,
-            Proto::Wsify { envelope: false } => &mut self.wsify_raw,
-            Proto::Wsify { envelope: true } => &mut self.wsify_env,
-        }
+        self.subs.len()
     }
 
     fn handle(&self, conn: ConnId) -> Option<&H> {
-        self.pusher
-            .get(&conn)
-            .or_else(|| self.wsify_raw.get(&conn))
-            .or_else(|| self.wsify_env.get(&conn))
+        self.subs.get(&conn).map(|s| &s.h)
+    }
+
+    fn has_member(&self, user: &str) -> bool {
+        self.presence
+            .as_ref()
+            .is_some_and(|p| p.members.contains_key(user))
+    }
+
+    fn members(&self) -> impl Iterator<Item = (&String, &Member)> {
+        self.presence.iter().flat_map(|p| p.members.iter())
+    }
+
+    fn member_count(&self) -> usize {
+        self.presence.as_ref().map_or(0, |p| p.members.len())
+    }
+
+    fn presence_of(&self, conn: ConnId) -> Option<&String> {
+        self.presence.as_ref().and_then(|p| p.of.get(&conn))
+    }
+
+    /// Pusher subscribers (the ones that get protocol events).
+    fn pusher(&self) -> impl Iterator<Item = (&ConnId, &H)> {
+        self.subs
+            .iter()
+            .filter(|(_, s)| s.proto == Proto::Pusher)
+            .map(|(c, s)| (c, &s.h))
+    }
+
+    /// Adds a subscriber; false if it was there already.
+    fn insert(&mut self, conn: ConnId, h: H, proto: Proto) -> bool {
+        if self.subs.contains_key(&conn) {
+            return false;
+        }
+        if proto != Proto::Pusher {
+            self.wsify += 1;
+        }
+        self.subs.insert(conn, Sub { h, proto });
+        true
     }
 }
 
@@ -253,7 +294,7 @@ impl<H: Handle> Shard<H> {
             let t = self.table(app);
             let ch = t.channels.entry(name.clone()).or_default();
             let occupied = ch.count() == 0;
-            if ch.set(proto).insert(conn, h.clone()).is_none() {
+            if ch.insert(conn, h.clone(), proto) {
                 t.dirty_counts.insert(name.clone());
                 self.counted(name, occupied, 1);
                 if occupied {
@@ -309,24 +350,26 @@ impl<H: Handle> Shard<H> {
         let Some(ch) = t.channels.get_mut(name) else {
             return;
         };
-        let removed = ch.pusher.swap_remove(&conn).is_some()
-            || ch.wsify_raw.swap_remove(&conn).is_some()
-            || ch.wsify_env.swap_remove(&conn).is_some();
-        if !removed {
+        let Some(sub) = ch.subs.swap_remove(&conn) else {
             return;
+        };
+        if sub.proto != Proto::Pusher {
+            ch.wsify -= 1;
         }
         let mut member_gone = None;
-        if let Some(uid) = ch.presence_of.remove(&conn) {
-            let gone = match ch.members.get_mut(&uid) {
-                Some(m) => {
-                    m.conns -= 1;
-                    m.conns == 0
+        if let Some(p) = ch.presence.as_mut() {
+            if let Some(uid) = p.of.remove(&conn) {
+                let gone = match p.members.get_mut(&uid) {
+                    Some(m) => {
+                        m.conns -= 1;
+                        m.conns == 0
+                    }
+                    None => false,
+                };
+                if gone {
+                    p.members.swap_remove(&uid);
+                    member_gone = Some(uid);
                 }
-                None => false,
-            };
-            if gone {
-                ch.members.swap_remove(&uid);
-                member_gone = Some(uid);
             }
         }
         let empty = ch.count() == 0;
@@ -367,7 +410,7 @@ impl<H: Handle> Shard<H> {
             sink.send(h, &server::error(&not_subscribed(name.as_str()), None));
             return;
         };
-        let user_id = ch.presence_of.get(&conn).cloned();
+        let user_id = ch.presence_of(conn).cloned();
         if self.apps.get(app).webhooks {
             // Fired where the event happens: once per cluster.
             let hook = WebhookEvent::ClientEvent {
@@ -404,12 +447,13 @@ impl<H: Handle> Shard<H> {
         let frame = self.cache_event(now, ev);
         let exclude = ev.exclude_socket.and_then(|s| self.local_conn_of(s));
         if let Some(ch) = self.tables[ev.app.0 as usize].channels.get(ev.channel) {
-            for (c, h) in &ch.pusher {
-                if Some(*c) != exclude {
-                    sink.send(h, &frame);
+            if ch.wsify == 0 {
+                for (c, s) in &ch.subs {
+                    if Some(*c) != exclude {
+                        sink.send(&s.h, &frame);
+                    }
                 }
-            }
-            if !ch.wsify_raw.is_empty() || !ch.wsify_env.is_empty() {
+            } else {
                 let owned;
                 let content = match ev.content {
                     Some(c) => c,
@@ -418,17 +462,16 @@ impl<H: Handle> Shard<H> {
                         &owned
                     }
                 };
-                for (set, frame) in [
-                    (&ch.wsify_raw, wsify::raw_frame(content.get())),
-                    (
-                        &ch.wsify_env,
-                        wsify::envelope_frame(ev.channel.as_str(), content),
-                    ),
-                ] {
-                    for (c, h) in set {
-                        if Some(*c) != exclude {
-                            sink.send(h, &frame);
-                        }
+                let raw = wsify::raw_frame(content.get());
+                let env = wsify::envelope_frame(ev.channel.as_str(), content);
+                for (c, s) in &ch.subs {
+                    if Some(*c) != exclude {
+                        let f = match s.proto {
+                            Proto::Pusher => &frame,
+                            Proto::Wsify { envelope: false } => &raw,
+                            Proto::Wsify { envelope: true } => &env,
+                        };
+                        sink.send(&s.h, f);
                     }
                 }
             }
@@ -544,7 +587,7 @@ impl<H: Handle> Shard<H> {
                     continue;
                 };
                 let f = server::subscription_count(name.as_str(), total);
-                for h in ch.pusher.values() {
+                for (_, h) in ch.pusher() {
                     sink.send(h, &f);
                 }
             }

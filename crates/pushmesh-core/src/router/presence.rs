@@ -6,10 +6,10 @@ use pushmesh_protocol::webhook::WebhookEvent;
 use pushmesh_protocol::ChannelName;
 use serde_json::value::RawValue;
 
-use super::{Member, Shard};
+use super::{Channel, Member, Shard};
 use crate::app::AppIdx;
 use crate::peer_frame::Delta;
-use crate::session::PresenceJoin;
+use crate::session::{PresenceJoin, Proto};
 use crate::sink::{Handle, Sink};
 
 impl<H: Handle> Shard<H> {
@@ -29,7 +29,7 @@ impl<H: Handle> Shard<H> {
         let t = &self.tables[app.0 as usize];
         if t.channels
             .get(name)
-            .is_some_and(|c| c.pusher.contains_key(&conn))
+            .is_some_and(|c| c.subs.contains_key(&conn))
         {
             // Already subscribed: answer again, change nothing.
             sink.send(&h, &self.presence_frame(app, name));
@@ -38,7 +38,7 @@ impl<H: Handle> Shard<H> {
         let is_new_local = !t
             .channels
             .get(name)
-            .is_some_and(|c| c.members.contains_key(&user_id));
+            .is_some_and(|c| c.has_member(&user_id));
         let is_new_member = is_new_local && !remote_has;
         if is_new_member && self.member_count(app, name.as_str()) >= max_members {
             let f = server::subscription_error(
@@ -54,19 +54,20 @@ impl<H: Handle> Shard<H> {
         let t = self.table(app);
         let ch = t.channels.entry(name.clone()).or_default();
         let occupied = ch.count() == 0;
+        let p = ch.presence.get_or_insert_with(Box::default);
         if is_new_local {
-            ch.members.insert(
+            p.members.insert(
                 user_id.clone(),
                 Member {
                     info: join.info,
                     conns: 1,
                 },
             );
-        } else if let Some(m) = ch.members.get_mut(&user_id) {
+        } else if let Some(m) = p.members.get_mut(&user_id) {
             m.conns += 1;
         }
-        ch.pusher.insert(conn, h.clone());
-        ch.presence_of.insert(conn, user_id.clone());
+        p.of.insert(conn, user_id.clone());
+        ch.insert(conn, h.clone(), Proto::Pusher);
         t.dirty_counts.insert(name.clone());
         self.counted(name, occupied, 1);
         if occupied {
@@ -138,7 +139,7 @@ impl<H: Handle> Shard<H> {
         };
         if let Some(ch) = self.tables[app.0 as usize].channels.get(name) {
             let skip = skip.map(Handle::conn);
-            for (c, h) in &ch.pusher {
+            for (c, h) in ch.pusher() {
                 if Some(*c) != skip {
                     sink.send(h, &frame);
                 }
@@ -164,15 +165,14 @@ impl<H: Handle> Shard<H> {
         let local = t.channels.get(name);
         let mut out: Vec<(String, Option<Box<RawValue>>)> = local
             .map(|c| {
-                c.members
-                    .iter()
+                c.members()
                     .map(|(id, m)| (id.clone(), m.info.clone()))
                     .collect()
             })
             .unwrap_or_default();
         if let Some(r) = t.remote.get(name) {
             for (id, m) in &r.members {
-                if !local.is_some_and(|c| c.members.contains_key(id)) {
+                if !local.is_some_and(|c| c.has_member(id)) {
                     out.push((id.clone(), m.info.clone()));
                 }
             }
@@ -187,10 +187,10 @@ impl<H: Handle> Shard<H> {
         let remote_only = t.remote.get(name).map_or(0, |r| {
             r.members
                 .keys()
-                .filter(|id| !local.is_some_and(|c| c.members.contains_key(*id)))
+                .filter(|id| !local.is_some_and(|c| c.has_member(id)))
                 .count()
         });
-        local.map_or(0, |c| c.members.len()) + remote_only
+        local.map_or(0, Channel::member_count) + remote_only
     }
 
     fn presence_frame(&self, app: AppIdx, name: &ChannelName) -> bytes::Bytes {

@@ -131,7 +131,7 @@ impl<H: Handle> Shard<H> {
         self.tables[app.0 as usize]
             .channels
             .get(channel)
-            .map(|c| c.members.keys().cloned().collect())
+            .map(|c| c.members().map(|(id, _)| id.clone()).collect())
             .unwrap_or_default()
     }
 

@@ -88,7 +88,7 @@ impl<H: Handle> Shard<H> {
                 let local = t
                     .channels
                     .get(&name)
-                    .is_some_and(|c| c.members.contains_key(&user));
+                    .is_some_and(|c| c.has_member(&user));
                 let r = t.remote.entry(name.clone()).or_default();
                 let was = r.members.contains_key(&user);
                 if add {
