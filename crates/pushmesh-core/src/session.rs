@@ -247,9 +247,14 @@ impl Session {
         self.subs.keys()
     }
 
-    /// The next thing to do.
+    /// The next thing to do. Once drained, the queue's memory is released:
+    /// a session lives as long as its connection, and most are idle.
     pub fn poll(&mut self) -> Option<SessionOutput> {
-        self.out.pop_front()
+        let next = self.out.pop_front();
+        if next.is_none() && self.out.capacity() > 0 {
+            self.out = VecDeque::new();
+        }
+        next
     }
 
     fn send(&mut self, frame: Bytes) {

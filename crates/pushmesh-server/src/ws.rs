@@ -28,6 +28,9 @@ const WRITE_BATCH: usize = 256;
 /// Frames are buffered up to this many bytes before a write: what is queued
 /// for a connection goes out in one `write(2)` per wake-up (one flush).
 pub(crate) const WRITE_BUFFER: usize = 64 * 1024;
+/// Initial read buffer: client messages are small (subscribe, ping);
+/// tungstenite grows it for larger ones. Memory per idle connection.
+pub(crate) const READ_BUFFER: usize = 512;
 
 /// What the upgrade decided before the socket exists.
 enum Admission {
@@ -98,7 +101,7 @@ pub async fn pusher_ws(
             None => Admission::Refuse(CloseCode::AppNotFound, format!("no app with key {key:?}")),
         },
     };
-    ws.read_buffer_size(1024)
+    ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         // The transport's hard cap; messages over max_message_bytes but under
         // this get a pusher:error and a clean 1009 close (see run_connection).
@@ -168,7 +171,7 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
     let cfg = node.apps.get(app).clone();
     if let Err(e) = node.registry.admit(app, &cfg, &h) {
         tracing::debug!(conn = conn.0, error = %e, "connection refused");
-        refuse(socket, e.close_code(), &e.to_string()).await;
+        Box::pin(refuse(socket, e.close_code(), &e.to_string())).await;
         return;
     }
     let socket_id = node.socket_id(conn);
@@ -196,8 +199,8 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
     let mut ka_deadline = keepalive.deadline();
     let ka_sleep = sleep_until(ka_deadline.into());
     tokio::pin!(ka_sleep);
-    let signin_sleep = sleep_until(signin_deadline.unwrap_or(opened).into());
-    tokio::pin!(signin_sleep);
+    // Only apps that require sign-in pay for this timer.
+    let mut signin_sleep = signin_deadline.map(|d| Box::pin(sleep_until(d.into())));
     let end = loop {
         if let Some(req) = pending_close.take() {
             break End::Close(req);
@@ -241,7 +244,7 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
                         let reason = format!("message larger than {} bytes", st.config.max_message_bytes);
                         tracing::debug!(conn = conn.0, len = t.len(), "oversize message");
                         if let Ok(e) = Utf8Bytes::try_from(server::error(&reason, None)) {
-                            let _ = timeout(WRITE_TIMEOUT, socket.send(Message::Text(e))).await;
+                            let _ = Box::pin(timeout(WRITE_TIMEOUT, socket.send(Message::Text(e)))).await;
                         }
                         break End::TooBig(reason);
                     }
@@ -266,7 +269,7 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
                     KeepaliveAction::Wait => ka_sleep.as_mut().reset(keepalive.deadline().into()),
                     KeepaliveAction::SendPing => {
                         if let Ok(t) = Utf8Bytes::try_from(server::ping()) {
-                            if timeout(WRITE_TIMEOUT, socket.send(Message::Text(t))).await.map_or(true, |r| r.is_err()) {
+                            if Box::pin(timeout(WRITE_TIMEOUT, socket.send(Message::Text(t)))).await.map_or(true, |r| r.is_err()) {
                                 break End::Gone;
                             }
                         }
@@ -277,7 +280,7 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
                     }),
                 }
             }
-            () = &mut signin_sleep, if signin_deadline.is_some() && !signin_checked => {
+            () = async { if let Some(s) = signin_sleep.as_mut() { s.await } }, if signin_sleep.is_some() && !signin_checked => {
                 signin_checked = true;
                 session.signin_deadline();
                 pending_close = pump(node, &h, &mut session).await;
@@ -289,34 +292,7 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
     session.disconnect();
     let _ = pump(node, &h, &mut session).await;
     node.registry.remove(app, conn);
-    let code_label = match &end {
-        End::Gone => "client".to_string(),
-        End::Close(req) => req.code.code().to_string(),
-        End::TooBig(_) => "1009".to_string(),
-    };
-    let reason = match end {
-        End::Gone => "client went away".to_string(),
-        End::Close(req) => {
-            // Frames queued before the close (e.g. the pusher:error) go first.
-            let _ = flush_queued(&mut socket, &mut rx, &st.stats.edge.bytes_out).await;
-            let _ = timeout(
-                CLOSE_TIMEOUT,
-                socket.send(close_message(req.code, &req.reason)),
-            )
-            .await;
-            await_close(&mut socket).await;
-            format!("{} {}", req.code.code(), req.reason)
-        }
-        End::TooBig(reason) => {
-            let frame = Message::Close(Some(CloseFrame {
-                code: 1009,
-                reason: Utf8Bytes::from(reason.as_str()),
-            }));
-            let _ = timeout(WRITE_TIMEOUT, socket.send(frame)).await;
-            await_close(&mut socket).await;
-            format!("1009 {reason}")
-        }
-    };
+    let (code_label, reason) = Box::pin(finish(&st, &mut socket, &mut rx, end)).await;
     st.stats.edge.closed(&code_label);
     tracing::debug!(
         conn = conn.0,
@@ -326,16 +302,66 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
     );
 }
 
+/// Ends a connection: writes what is queued, the close frame, and waits
+/// (bounded) for the client's. Boxed by the caller: only closing pays for it.
+async fn finish(
+    st: &Shared,
+    socket: &mut WebSocket,
+    rx: &mut Outbox,
+    end: End,
+) -> (String, String) {
+    let code_label = match &end {
+        End::Gone => "client".to_string(),
+        End::Close(req) => req.code.code().to_string(),
+        End::TooBig(_) => "1009".to_string(),
+    };
+    let reason = match end {
+        End::Gone => "client went away".to_string(),
+        End::Close(req) => {
+            // Frames queued before the close (e.g. the pusher:error) go first.
+            let _ = flush_queued(socket, rx, &st.stats.edge.bytes_out).await;
+            let _ = timeout(
+                CLOSE_TIMEOUT,
+                socket.send(close_message(req.code, &req.reason)),
+            )
+            .await;
+            await_close(socket).await;
+            format!("{} {}", req.code.code(), req.reason)
+        }
+        End::TooBig(reason) => {
+            let frame = Message::Close(Some(CloseFrame {
+                code: 1009,
+                reason: Utf8Bytes::from(reason.as_str()),
+            }));
+            let _ = timeout(WRITE_TIMEOUT, socket.send(frame)).await;
+            await_close(socket).await;
+            format!("1009 {reason}")
+        }
+    };
+    (code_label, reason)
+}
+
 /// Does what a session asks: frames into the connection's own queue,
 /// requests to the router; returns the close it asked for, if any.
+/// Routing (rare: subscribe, client events) runs in a boxed future, so the
+/// connection task's own future stays small (memory per connection).
 pub(crate) async fn pump(node: &Node, h: &ConnRef, session: &mut Session) -> Option<CloseRequest> {
     let mut close = None;
+    let mut routes = Vec::new();
     while let Some(out) = session.poll() {
         match out {
             SessionOutput::Send(frame) => node.send_to(h, frame),
             SessionOutput::Close { code, reason } => close = Some(CloseRequest { code, reason }),
-            SessionOutput::Route(req) => node.route(h, req).await,
+            SessionOutput::Route(req) => routes.push(req),
         }
+    }
+    if !routes.is_empty() {
+        Box::pin(async move {
+            for req in routes {
+                node.route(h, req).await;
+            }
+        })
+        .await;
     }
     close
 }

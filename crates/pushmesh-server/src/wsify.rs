@@ -27,7 +27,8 @@ use tokio::time::{sleep_until, timeout};
 use crate::authorizer::Verdict;
 use crate::conn::{CloseRequest, ConnRef};
 use crate::ws::{
-    await_close, flush_queued, pump, write_batch, CLOSE_TIMEOUT, WRITE_BUFFER, WRITE_TIMEOUT,
+    await_close, flush_queued, pump, write_batch, CLOSE_TIMEOUT, READ_BUFFER, WRITE_BUFFER,
+    WRITE_TIMEOUT,
 };
 use crate::Shared;
 
@@ -110,7 +111,7 @@ pub async fn wsify_ws(
             }
         }
     }
-    ws.read_buffer_size(1024)
+    ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_message_size(st.config.max_message_bytes)
         .max_frame_size(st.config.max_message_bytes)

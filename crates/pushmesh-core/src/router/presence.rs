@@ -35,10 +35,7 @@ impl<H: Handle> Shard<H> {
             sink.send(&h, &self.presence_frame(app, name));
             return true;
         }
-        let is_new_local = !t
-            .channels
-            .get(name)
-            .is_some_and(|c| c.has_member(&user_id));
+        let is_new_local = !t.channels.get(name).is_some_and(|c| c.has_member(&user_id));
         let is_new_member = is_new_local && !remote_has;
         if is_new_member && self.member_count(app, name.as_str()) >= max_members {
             let f = server::subscription_error(

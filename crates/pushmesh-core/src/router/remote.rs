@@ -85,10 +85,7 @@ impl<H: Handle> Shard<H> {
                     return;
                 };
                 let t = self.table(app);
-                let local = t
-                    .channels
-                    .get(&name)
-                    .is_some_and(|c| c.has_member(&user));
+                let local = t.channels.get(&name).is_some_and(|c| c.has_member(&user));
                 let r = t.remote.entry(name.clone()).or_default();
                 let was = r.members.contains_key(&user);
                 if add {
