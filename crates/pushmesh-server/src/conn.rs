@@ -10,11 +10,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
 use axum::extract::ws::Utf8Bytes;
 use pushmesh_core::{AppConfig, AppIdx, ConnId, Handle, OpenError};
 use pushmesh_protocol::CloseCode;
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 /// Why a connection task is asked to close.
 #[derive(Debug, Clone)]
@@ -30,14 +31,18 @@ pub struct Conn {
     id: ConnId,
     queue: Mutex<VecDeque<Utf8Bytes>>,
     cap: usize,
-    /// Woken when frames are queued.
-    ready: Notify,
+    /// Set (under the queue's lock) when frames are queued: the task looks
+    /// at the queue without locking it when there is nothing.
+    has_frames: AtomicBool,
+    /// The connection task, woken when frames are queued or a close is
+    /// requested (lock-free, unlike a `Notify`).
+    waker: AtomicWaker,
     /// Set when the connection task is gone: frames are dropped.
     gone: AtomicBool,
     close: Mutex<Option<CloseRequest>>,
     closing: AtomicBool,
-    /// Woken when a close is requested.
-    pub closed: Notify,
+    /// A close request waits in `close`.
+    close_pending: AtomicBool,
 }
 
 impl Conn {
@@ -58,9 +63,10 @@ impl Conn {
         }
         let was_empty = q.is_empty();
         q.push_back(frame);
+        self.has_frames.store(true, Ordering::Release);
         drop(q);
         if was_empty {
-            self.ready.notify_one();
+            self.waker.wake();
         }
         true
     }
@@ -75,12 +81,29 @@ impl Conn {
             code,
             reason: reason.to_owned(),
         });
-        self.closed.notify_one();
+        self.close_pending.store(true, Ordering::Release);
+        self.waker.wake();
         true
+    }
+
+    /// Resolves when a close is requested (to interrupt a stuck write).
+    pub async fn close_requested(&self) {
+        std::future::poll_fn(|cx| {
+            if self.close_pending.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.close_pending.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            Poll::Pending
+        })
+        .await;
     }
 
     /// The pending close request, if any.
     pub fn take_close(&self) -> Option<CloseRequest> {
+        self.close_pending.store(false, Ordering::Release);
         self.close.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
@@ -96,11 +119,12 @@ impl ConnRef {
             id,
             queue: Mutex::new(VecDeque::new()),
             cap: queue.max(1),
-            ready: Notify::new(),
+            has_frames: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             gone: AtomicBool::new(false),
             close: Mutex::new(None),
             closing: AtomicBool::new(false),
-            closed: Notify::new(),
+            close_pending: AtomicBool::new(false),
         });
         (
             Self(c.clone()),
@@ -119,16 +143,37 @@ pub struct Outbox {
     taken: VecDeque<Utf8Bytes>,
 }
 
+/// What wakes a connection task.
+pub enum Next {
+    /// A frame to write.
+    Frame(Utf8Bytes),
+    /// A close was requested (take it with [`Conn::take_close`]).
+    Close,
+}
+
 impl Outbox {
-    /// The next frame, waiting for one. Cancel-safe: nothing is lost if the
-    /// future is dropped.
-    pub async fn recv(&mut self) -> Option<Utf8Bytes> {
-        loop {
-            if let Some(f) = self.try_recv() {
-                return Some(f);
+    /// The next frame or close request, waiting for one. A close request
+    /// comes first. Cancel-safe: nothing is lost if the future is dropped.
+    pub async fn recv(&mut self) -> Next {
+        std::future::poll_fn(|cx| {
+            if let Some(n) = self.poll_next() {
+                return Poll::Ready(n);
             }
-            self.conn.ready.notified().await;
+            self.conn.waker.register(cx.waker());
+            // Again: a frame queued before the registration woke nobody.
+            match self.poll_next() {
+                Some(n) => Poll::Ready(n),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    fn poll_next(&mut self) -> Option<Next> {
+        if self.conn.close_pending.load(Ordering::Acquire) {
+            return Some(Next::Close);
         }
+        self.try_recv().map(Next::Frame)
     }
 
     /// The next frame if one is queued.
@@ -136,8 +181,12 @@ impl Outbox {
         if let Some(f) = self.taken.pop_front() {
             return Some(f);
         }
+        if !self.conn.has_frames.load(Ordering::Acquire) {
+            return None;
+        }
         let mut q = self.conn.queue.lock().unwrap_or_else(|p| p.into_inner());
         std::mem::swap(&mut *q, &mut self.taken);
+        self.conn.has_frames.store(false, Ordering::Release);
         drop(q);
         self.taken.pop_front()
     }

@@ -15,7 +15,7 @@ use pushmesh_core::{AppIdx, ConnId, Keepalive, KeepaliveAction, Session, Session
 use pushmesh_protocol::{server, CloseCode};
 use tokio::time::{sleep_until, timeout};
 
-use crate::conn::{CloseRequest, ConnRef, Outbox};
+use crate::conn::{CloseRequest, ConnRef, Next, Outbox};
 use crate::node::Node;
 use crate::Shared;
 
@@ -211,28 +211,39 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
         }
         tokio::select! {
             biased;
-            () = h.closed.notified() => {
-                if let Some(req) = h.take_close() {
-                    session.close(req.code, &req.reason);
-                    pending_close = pump(node, &h, &mut session).await;
+            next = rx.recv() => match next {
+                Next::Close => {
+                    if let Some(req) = h.take_close() {
+                        session.close(req.code, &req.reason);
+                        pending_close = pump(node, &h, &mut session).await;
+                    }
                 }
-            }
-            Some(first) = rx.recv() => {
-                // A close request (e.g. 4100 for this very connection) wins
-                // over a write stuck on a client that does not read.
-                tokio::select! {
-                    biased;
-                    () = h.closed.notified() => {
+                Next::Frame(first) => {
+                    // A close request (e.g. 4100 for this very connection)
+                    // wins over a write stuck on a client that does not read.
+                    let (ok, closing) = {
+                        let write = write_batch(&mut socket, &mut rx, first, WRITE_TIMEOUT, &st.stats.edge.bytes_out);
+                        tokio::pin!(write);
+                        let close = h.close_requested();
+                        tokio::pin!(close);
+                        // The write first: when it completes at once (the usual
+                        // case) the close waiter is never even registered.
+                        tokio::select! {
+                            biased;
+                            ok = &mut write => (ok, false),
+                            () = &mut close => (true, true),
+                        }
+                    };
+                    if closing {
                         if let Some(req) = h.take_close() {
                             session.close(req.code, &req.reason);
                             pending_close = pump(node, &h, &mut session).await;
                         }
-                    }
-                    ok = write_batch(&mut socket, &mut rx, first, WRITE_TIMEOUT, &st.stats.edge.bytes_out) => if !ok {
+                    } else if !ok {
                         break End::Gone;
-                    },
+                    }
                 }
-            }
+            },
             msg = socket.recv() => {
                 let now = Instant::now();
                 keepalive.on_activity(now);

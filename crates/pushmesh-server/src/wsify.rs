@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use tokio::time::{sleep_until, timeout};
 
 use crate::authorizer::Verdict;
-use crate::conn::{CloseRequest, ConnRef};
+use crate::conn::{CloseRequest, ConnRef, Next};
 use crate::ws::{
     await_close, flush_queued, pump, write_batch, CLOSE_TIMEOUT, READ_BUFFER, WRITE_BUFFER,
     WRITE_TIMEOUT,
@@ -173,22 +173,35 @@ async fn run_wsify(
         }
         tokio::select! {
             biased;
-            () = h.closed.notified() => {
-                if let Some(CloseRequest { code, reason }) = h.take_close() {
-                    break End::Close(ws_code(code), reason);
+            next = rx.recv() => match next {
+                Next::Close => {
+                    if let Some(CloseRequest { code, reason }) = h.take_close() {
+                        break End::Close(ws_code(code), reason);
+                    }
                 }
-            }
-            Some(first) = rx.recv() => {
-                tokio::select! {
-                    biased;
-                    () = h.closed.notified() => {
+                Next::Frame(first) => {
+                    let (ok, closing) = {
+                        let write = write_batch(&mut socket, &mut rx, first, WRITE_TIMEOUT, &st.stats.edge.bytes_out);
+                        tokio::pin!(write);
+                        let close = h.close_requested();
+                        tokio::pin!(close);
+                        // The write first: when it completes at once (the usual
+                        // case) the close waiter is never even registered.
+                        tokio::select! {
+                            biased;
+                            ok = &mut write => (ok, false),
+                            () = &mut close => (true, true),
+                        }
+                    };
+                    if closing {
                         if let Some(CloseRequest { code, reason }) = h.take_close() {
                             break End::Close(ws_code(code), reason);
                         }
+                    } else if !ok {
+                        break End::Gone;
                     }
-                    ok = write_batch(&mut socket, &mut rx, first, WRITE_TIMEOUT, &st.stats.edge.bytes_out) => if !ok { break End::Gone },
                 }
-            }
+            },
             msg = socket.recv() => {
                 keepalive.on_activity(Instant::now());
                 if let Some(Ok(Message::Text(t))) = &msg {
