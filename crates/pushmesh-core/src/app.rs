@@ -120,7 +120,8 @@ pub enum PublishError {
 /// Whether `s` has the shape of a Pusher socket id, `^\d+\.\d+$`.
 pub fn is_socket_id(s: &str) -> bool {
     let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
-    s.split_once('.').is_some_and(|(a, b)| digits(a) && digits(b))
+    s.split_once('.')
+        .is_some_and(|(a, b)| digits(a) && digits(b))
 }
 
 /// One publish (one event to one or more channels).

@@ -42,7 +42,9 @@ impl Cidr {
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.bits)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.bits))
+                    .unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -360,7 +362,9 @@ mod tests {
         assert!(t.contains(ip("127.0.0.1")) && !t.contains(ip("127.0.0.2")));
         assert!(t.contains(ip("::ffff:10.1.1.1")), "mapped v4 counts as v4");
         assert!(t.contains(ip("fd12::1")) && !t.contains(ip("fe80::1")));
-        assert!("0.0.0.0/0".parse::<Cidr>().is_ok_and(|c| c.contains(ip("8.8.8.8"))));
+        assert!("0.0.0.0/0"
+            .parse::<Cidr>()
+            .is_ok_and(|c| c.contains(ip("8.8.8.8"))));
         for bad in ["10.0.0.0/33", "nope", "10.0.0/8", "::/129", ""] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
@@ -370,16 +374,47 @@ mod tests {
     fn forwarded_for_takes_the_rightmost_untrusted() {
         let t = cidrs(&["10.0.0.0/8"]);
         let mut h = HeaderMap::new();
-        h.append("x-forwarded-for", "6.6.6.6, 1.2.3.4".parse().unwrap_or_else(|e| panic!("{e}")));
-        h.append("x-forwarded-for", "10.0.0.9".parse().unwrap_or_else(|e| panic!("{e}")));
-        assert_eq!(t.client_ip(ip("10.0.0.1"), &h), ip("1.2.3.4"), "spoofed left part ignored");
-        assert_eq!(t.client_ip(ip("9.9.9.9"), &h), ip("9.9.9.9"), "untrusted peer: header ignored");
+        h.append(
+            "x-forwarded-for",
+            "6.6.6.6, 1.2.3.4".parse().unwrap_or_else(|e| panic!("{e}")),
+        );
+        h.append(
+            "x-forwarded-for",
+            "10.0.0.9".parse().unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert_eq!(
+            t.client_ip(ip("10.0.0.1"), &h),
+            ip("1.2.3.4"),
+            "spoofed left part ignored"
+        );
+        assert_eq!(
+            t.client_ip(ip("9.9.9.9"), &h),
+            ip("9.9.9.9"),
+            "untrusted peer: header ignored"
+        );
         let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", "[2001:db8::1]:443, garbage, 10.1.1.1".parse().unwrap_or_else(|e| panic!("{e}")));
-        assert_eq!(t.client_ip(ip("10.0.0.1"), &h), ip("10.1.1.1"), "stops at garbage");
-        h.insert("x-forwarded-for", "[2001:db8::1]:443".parse().unwrap_or_else(|e| panic!("{e}")));
+        h.insert(
+            "x-forwarded-for",
+            "[2001:db8::1]:443, garbage, 10.1.1.1"
+                .parse()
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert_eq!(
+            t.client_ip(ip("10.0.0.1"), &h),
+            ip("10.1.1.1"),
+            "stops at garbage"
+        );
+        h.insert(
+            "x-forwarded-for",
+            "[2001:db8::1]:443"
+                .parse()
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
         assert_eq!(t.client_ip(ip("10.0.0.1"), &h), ip("2001:db8::1"));
-        assert_eq!(t.client_ip(ip("10.0.0.1"), &HeaderMap::new()), ip("10.0.0.1"));
+        assert_eq!(
+            t.client_ip(ip("10.0.0.1"), &HeaderMap::new()),
+            ip("10.0.0.1")
+        );
     }
 
     fn v2(cmd: u8, fam: u8, body: &[u8]) -> Vec<u8> {
@@ -398,15 +433,23 @@ mod tests {
         let Ok(Parse::Done(p, used)) = parse(&b) else {
             panic!("not parsed")
         };
-        assert_eq!(p, Preamble::Proxied("1.2.3.4:12345".parse().unwrap_or_else(|e| panic!("{e}"))));
+        assert_eq!(
+            p,
+            Preamble::Proxied("1.2.3.4:12345".parse().unwrap_or_else(|e| panic!("{e}")))
+        );
         assert_eq!(used, n);
         assert!(matches!(parse(&b[..15]), Ok(Parse::Incomplete)));
         assert!(matches!(parse(&b[..n - 1]), Ok(Parse::Incomplete)));
         let mut six = vec![0u8; 36];
         six[15] = 1;
         six[32..34].copy_from_slice(&443u16.to_be_bytes());
-        assert!(matches!(parse(&v2(1, 0x21, &six)), Ok(Parse::Done(Preamble::Proxied(a), 52)) if a.to_string() == "[::1]:443"));
-        assert!(matches!(parse(&v2(0, 0, &[])), Ok(Parse::Done(Preamble::Local, 16))));
+        assert!(
+            matches!(parse(&v2(1, 0x21, &six)), Ok(Parse::Done(Preamble::Proxied(a), 52)) if a.to_string() == "[::1]:443")
+        );
+        assert!(matches!(
+            parse(&v2(0, 0, &[])),
+            Ok(Parse::Done(Preamble::Local, 16))
+        ));
         assert!(parse(&v2(1, 0x11, &[1, 2, 3])).is_err());
         let mut bad = v2(1, 0x11, &[0; 12]);
         bad[12] = 0x11;
@@ -419,15 +462,28 @@ mod tests {
         let Ok(Parse::Done(p, used)) = parse(b) else {
             panic!("not parsed")
         };
-        assert_eq!(p, Preamble::Proxied("192.0.2.7:5000".parse().unwrap_or_else(|e| panic!("{e}"))));
+        assert_eq!(
+            p,
+            Preamble::Proxied("192.0.2.7:5000".parse().unwrap_or_else(|e| panic!("{e}")))
+        );
         assert_eq!(&b[used..], b"GET / HTTP/1.1\r\n");
-        assert!(matches!(parse(b"PROXY UNKNOWN\r\n"), Ok(Parse::Done(Preamble::Local, 15))));
+        assert!(matches!(
+            parse(b"PROXY UNKNOWN\r\n"),
+            Ok(Parse::Done(Preamble::Local, 15))
+        ));
         assert!(matches!(parse(b"PROXY TCP4 1.2"), Ok(Parse::Incomplete)));
         assert!(parse(b"PROXY TCP6 1.2.3.4 1.2.3.4 1 2\r\n").is_err());
         assert!(parse(&[b'P'; 200]).is_ok_and(|p| p == Parse::Done(Preamble::None, 0)));
         assert!(parse(&[b"PROXY ".as_slice(), &[b'x'; 200]].concat()).is_err());
-        assert_eq!(parse(b"GET / HTTP/1.1").ok(), Some(Parse::Done(Preamble::None, 0)));
-        assert_eq!(parse(b"\x16\x03\x01").ok(), Some(Parse::Done(Preamble::None, 0)), "TLS");
+        assert_eq!(
+            parse(b"GET / HTTP/1.1").ok(),
+            Some(Parse::Done(Preamble::None, 0))
+        );
+        assert_eq!(
+            parse(b"\x16\x03\x01").ok(),
+            Some(Parse::Done(Preamble::None, 0)),
+            "TLS"
+        );
     }
 
     #[tokio::test]
@@ -435,7 +491,9 @@ mod tests {
         let mut input = v2(1, 0x11, &[1, 2, 3, 4, 10, 0, 0, 1, 0, 1, 0, 2]);
         input.extend_from_slice(b"hello");
         let mut r = &input[..];
-        let (p, rest) = read_preamble(&mut r).await.unwrap_or_else(|e| panic!("{e}"));
+        let (p, rest) = read_preamble(&mut r)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(p, Preamble::Proxied(a) if a.ip() == ip("1.2.3.4")));
         let mut out = String::new();
         Prefixed::new(rest, r)
@@ -444,6 +502,9 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(out, "hello");
         let mut short = &b"PROXY TCP4"[..];
-        assert!(read_preamble(&mut short).await.is_err(), "eof inside a header");
+        assert!(
+            read_preamble(&mut short).await.is_err(),
+            "eof inside a header"
+        );
     }
 }

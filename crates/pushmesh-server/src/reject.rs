@@ -52,18 +52,18 @@ pub async fn json_errors(req: Request, next: Next) -> Response {
     Response::from_parts(parts, Body::from(body))
 }
 
-/// Checks `Sec-WebSocket-Key`: the base64 of 16 bytes (RFC 6455 §4.1).
-/// axum only checks that it is there.
-pub fn check_websocket_key(headers: &HeaderMap) -> Result<(), Response> {
+/// Checks `Sec-WebSocket-Key`: the base64 of 16 bytes (RFC 6455 §4.1);
+/// the 400 to answer when it is not. axum only checks that it is there.
+pub fn websocket_key_refusal(headers: &HeaderMap) -> Option<Response> {
     let key = headers
         .get(header::SEC_WEBSOCKET_KEY)
         .map(HeaderValue::as_bytes)
         .unwrap_or_default();
     if is_base64_of_16_bytes(key) {
-        Ok(())
+        None
     } else {
         let e = json!({ "error": "Sec-WebSocket-Key must be the base64 encoding of 16 bytes" });
-        Err((StatusCode::BAD_REQUEST, Json(e)).into_response())
+        Some((StatusCode::BAD_REQUEST, Json(e)).into_response())
     }
 }
 
@@ -89,14 +89,17 @@ mod tests {
                 header::SEC_WEBSOCKET_KEY,
                 HeaderValue::from_str(k).unwrap_or_else(|e| panic!("{e}")),
             );
-            check_websocket_key(&h).is_ok()
+            websocket_key_refusal(&h).is_none()
         };
         assert!(with("dGhlIHNhbXBsZSBub25jZQ=="), "RFC 6455's example");
         assert!(!with(""));
         assert!(!with("not base64!!"));
         assert!(!with("AAAA"), "3 bytes");
         assert!(!with("dGhlIHNhbXBsZSBub25jZQ"), "padding missing");
-        assert!(!with("dGhlIHNhbXBsZSBub25jZR=="), "non-canonical last digit");
+        assert!(
+            !with("dGhlIHNhbXBsZSBub25jZR=="),
+            "non-canonical last digit"
+        );
         assert!(!with("dGhlIHNhbXBsZSBub25j*Q=="));
         assert!(with("AAAAAAAAAAAAAAAAAAAAAA=="));
     }

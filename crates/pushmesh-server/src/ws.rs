@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::Extension;
 use axum::http::HeaderMap;
 use axum::response::Response;
+use axum::Extension;
 use futures_util::SinkExt;
 use pushmesh_core::{AppIdx, ConnId, Keepalive, KeepaliveAction, Session, SessionOutput};
 use pushmesh_protocol::{server, CloseCode};
@@ -19,8 +19,8 @@ use tokio::time::{sleep_until, timeout};
 
 use crate::conn::{CloseRequest, ConnRef};
 use crate::edge::Ticket;
-use crate::reject::check_websocket_key;
 use crate::node::Node;
+use crate::reject::websocket_key_refusal;
 use crate::Shared;
 
 /// How long one batch of writes may take before the client counts as dead.
@@ -71,7 +71,7 @@ pub async fn pusher_ws(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if let Err(refused) = check_websocket_key(&headers) {
+    if let Some(refused) = websocket_key_refusal(&headers) {
         return refused;
     }
     let admission = match q.get("protocol").map(|p| p.parse::<u32>()) {

@@ -76,7 +76,7 @@ pub async fn wsify_ws(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if let Err(refused) = crate::reject::check_websocket_key(&headers) {
+    if let Some(refused) = crate::reject::websocket_key_refusal(&headers) {
         return refused;
     }
     let app = AppIdx(st.config.wsify_app as u32);

@@ -91,18 +91,32 @@ async fn over_max_pending_handshakes_a_connection_is_closed_at_once() {
         started.elapsed() < Duration::from_secs(30),
         "closed long before the 60 s timeout"
     );
-    let refused = node.shared.edge.counters.refused_pending.load(Ordering::Relaxed);
+    let refused = node
+        .shared
+        .edge
+        .counters
+        .refused_pending
+        .load(Ordering::Relaxed);
     assert_eq!(refused, 1);
     assert_eq!(node.shared.edge.pending(), 10);
     // An answered request frees its slot.
-    ok(held[0]
-        .write_all(b"\r\n")
-        .await);
+    ok(held[0].write_all(b"\r\n").await);
     let mut first = [0u8; 12];
-    ok(ok(tokio::time::timeout(LIMIT, tokio::io::AsyncReadExt::read_exact(&mut held[0], &mut first)).await));
-    assert_eq!(&first, b"HTTP/1.1 400", "a request without upgrade headers is refused");
+    ok(ok(tokio::time::timeout(
+        LIMIT,
+        tokio::io::AsyncReadExt::read_exact(&mut held[0], &mut first),
+    )
+    .await));
+    assert_eq!(
+        &first, b"HTTP/1.1 400",
+        "a request without upgrade headers is refused"
+    );
     // Its slot was released before the answer was written.
-    let health = http(node.addr, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let health = http(
+        node.addr,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert_eq!(status(&health), 200, "{health}");
 }
 
@@ -114,9 +128,14 @@ async fn idle_keep_alive_connections_are_closed_after_the_timeout() {
     })
     .await;
     let mut s = connect_from(ip("127.0.0.1"), node.addr).await;
-    ok(s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await);
+    ok(s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await);
     let mut head = [0u8; 12];
-    ok(ok(tokio::time::timeout(LIMIT, tokio::io::AsyncReadExt::read_exact(&mut s, &mut head)).await));
+    ok(ok(tokio::time::timeout(
+        LIMIT,
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut head),
+    )
+    .await));
     assert_eq!(&head, b"HTTP/1.1 200");
     closed_by_peer(&mut s).await;
 }
@@ -126,7 +145,7 @@ async fn websocket_keys_are_checked() {
     let node = start(config()).await;
     let upgrade = |key: &str| {
         format!(
-            "GET /app/app-key?protocol=7 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+            "GET /app/app-key?protocol=7 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
         )
     };
@@ -139,9 +158,14 @@ async fn websocket_keys_are_checked() {
     let resp = http(node.addr, &ws.replace("Key: dGhl", "Key: xdGhl")).await;
     assert_eq!(status(&resp), 400, "/ws too: {resp}");
     let mut s = connect_from(ip("127.0.0.1"), node.addr).await;
-    ok(s.write_all(upgrade("dGhlIHNhbXBsZSBub25jZQ==").as_bytes()).await);
+    ok(s.write_all(upgrade("dGhlIHNhbXBsZSBub25jZQ==").as_bytes())
+        .await);
     let mut head = [0u8; 12];
-    ok(ok(tokio::time::timeout(LIMIT, tokio::io::AsyncReadExt::read_exact(&mut s, &mut head)).await));
+    ok(ok(tokio::time::timeout(
+        LIMIT,
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut head),
+    )
+    .await));
     assert_eq!(&head, b"HTTP/1.1 101", "a good key upgrades");
 }
 
@@ -149,7 +173,9 @@ async fn websocket_keys_are_checked() {
 async fn framework_refusals_have_json_bodies() {
     let node = start(config()).await;
     let get = |path: &str, method: &str| {
-        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
     };
     let cases = [
         (get("/apps/app-id/events", "GET"), 405),
@@ -166,7 +192,10 @@ async fn framework_refusals_have_json_bodies() {
         assert!(json_error(&resp), "{req}: {resp}");
     }
     let resp = http(node.addr, &get("/apps/app-id/events", "GET")).await;
-    assert!(resp.to_ascii_lowercase().contains("allow: post"), "Allow kept: {resp}");
+    assert!(
+        resp.to_ascii_lowercase().contains("allow: post"),
+        "Allow kept: {resp}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

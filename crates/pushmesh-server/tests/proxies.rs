@@ -53,12 +53,19 @@ async fn proxy_v2_from_a_trusted_peer_names_the_client() {
     assert!(established(&mut a).await.is_ok());
     let b = via_proxy_header("127.0.0.1", "203.0.113.8:40000", &node).await;
     let mut b = pusher_over(b, "protocol=7", &[]).await;
-    assert!(established(&mut b).await.is_ok(), "another client has its own limit");
+    assert!(
+        established(&mut b).await.is_ok(),
+        "another client has its own limit"
+    );
     // A second connection of the first client is over max_connections_per_ip.
     let mut again = via_proxy_header("127.0.0.1", "203.0.113.7:40001", &node).await;
     closed_by_peer(&mut again).await;
     // Plain HTTP from the trusted proxy (a health check) still works.
-    let health = http(node.addr, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let health = http(
+        node.addr,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert_eq!(status(&health), 200, "{health}");
     // An untrusted peer's PROXY header is not read: the request is garbage.
     let mut spoof = via_proxy_header("127.0.0.2", "198.51.100.1:1", &node).await;
@@ -66,11 +73,18 @@ async fn proxy_v2_from_a_trusted_peer_names_the_client() {
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await);
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(LIMIT, tokio::io::AsyncReadExt::read_to_end(&mut spoof, &mut out)).await;
+    let _ = tokio::time::timeout(
+        LIMIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut spoof, &mut out),
+    )
+    .await;
     let out = String::from_utf8_lossy(&out);
     assert!(!out.contains(" 200 "), "refused: {out}");
     // And the limit of the address in the header is unaffected by it.
-    ok(a.send(Message::Text(r#"{"event":"pusher:ping","data":{}}"#.into())).await);
+    ok(
+        a.send(Message::Text(r#"{"event":"pusher:ping","data":{}}"#.into()))
+            .await,
+    );
     assert!(next_text(&mut a).await.contains("pusher:pong"));
 }
 
@@ -113,13 +127,22 @@ async fn forwarded_for_is_believed_from_trusted_proxies_only() {
     };
     // The right-most untrusted address is the client; a forged left part is ignored.
     assert!(via("127.0.0.1", "192.0.2.1").await.is_ok());
-    assert!(via("127.0.0.1", "192.0.2.2, 10.1.2.3").await.is_ok(), "another client");
+    assert!(
+        via("127.0.0.1", "192.0.2.2, 10.1.2.3").await.is_ok(),
+        "another client"
+    );
     let refusal = via("127.0.0.1", "198.51.100.9, 192.0.2.1, 10.9.9.9").await;
-    assert!(refusal.is_err_and(|r| r.contains("4100")), "192.0.2.1 again");
+    assert!(
+        refusal.is_err_and(|r| r.contains("4100")),
+        "192.0.2.1 again"
+    );
     // From an untrusted peer the header is ignored: both count as 127.0.0.2.
     assert!(via("127.0.0.2", "192.0.2.50").await.is_ok());
     let refusal = via("127.0.0.2", "192.0.2.51").await;
-    assert!(refusal.is_err_and(|r| r.contains("4100")), "keyed by the peer");
+    assert!(
+        refusal.is_err_and(|r| r.contains("4100")),
+        "keyed by the peer"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,14 +162,22 @@ async fn forwarded_clients_are_held_to_max_connections_per_ip() {
     let mut first = connect_from(ip("127.0.0.1"), node.addr).await;
     ok(first.write_all(upgrade("192.0.2.1").as_bytes()).await);
     let mut head = [0u8; 12];
-    ok(ok(tokio::time::timeout(LIMIT, tokio::io::AsyncReadExt::read_exact(&mut first, &mut head)).await));
+    ok(ok(tokio::time::timeout(
+        LIMIT,
+        tokio::io::AsyncReadExt::read_exact(&mut first, &mut head),
+    )
+    .await));
     assert_eq!(&head, b"HTTP/1.1 101");
     let resp = http(node.addr, &upgrade("192.0.2.1")).await;
     assert_eq!(status(&resp), 429, "{resp}");
     assert!(json_error(&resp), "{resp}");
     let mut other = connect_from(ip("127.0.0.1"), node.addr).await;
     ok(other.write_all(upgrade("192.0.2.2").as_bytes()).await);
-    ok(ok(tokio::time::timeout(LIMIT, tokio::io::AsyncReadExt::read_exact(&mut other, &mut head)).await));
+    ok(ok(tokio::time::timeout(
+        LIMIT,
+        tokio::io::AsyncReadExt::read_exact(&mut other, &mut head),
+    )
+    .await));
     assert_eq!(&head, b"HTTP/1.1 101", "the proxy itself is not limited");
 }
 
@@ -154,8 +185,13 @@ async fn forwarded_clients_are_held_to_max_connections_per_ip() {
 async fn publishes_with_a_malformed_socket_id_are_refused() {
     let node = start(config()).await;
     for bad in ["abc", "1.", ".1", "1.2.3", "", "1,2", " 1.2"] {
-        let body = serde_json::json!({"name": "e", "channel": "c", "data": "{}", "socket_id": bad}).to_string();
-        let resp = http(node.addr, &signed("POST", "/apps/app-id/events", &body, &[])).await;
+        let body = serde_json::json!({"name": "e", "channel": "c", "data": "{}", "socket_id": bad})
+            .to_string();
+        let resp = http(
+            node.addr,
+            &signed("POST", "/apps/app-id/events", &body, &[]),
+        )
+        .await;
         assert_eq!(status(&resp), 400, "{bad:?}: {resp}");
         assert!(json_error(&resp) && resp.contains("socket_id"), "{resp}");
         let batch = serde_json::json!({"batch": [
@@ -163,7 +199,11 @@ async fn publishes_with_a_malformed_socket_id_are_refused() {
             {"name": "e", "channel": "c", "data": "{}", "socket_id": bad},
         ]})
         .to_string();
-        let resp = http(node.addr, &signed("POST", "/apps/app-id/batch_events", &batch, &[])).await;
+        let resp = http(
+            node.addr,
+            &signed("POST", "/apps/app-id/batch_events", &batch, &[]),
+        )
+        .await;
         assert_eq!(status(&resp), 400, "batch {bad:?}: {resp}");
     }
     let body = r#"{"name":"e","channel":"c","data":"{}","socket_id":"123.456"}"#;
@@ -188,9 +228,17 @@ async fn terminate_connections_without_the_app_prefix() {
     assert!(ok_frame.contains("signin_success"), "{ok_frame}");
 
     let path = "/users/u1/terminate_connections";
-    let wrong = http(node.addr, &signed_as("app-key", "wrong", "POST", path, "{}", &[])).await;
+    let wrong = http(
+        node.addr,
+        &signed_as("app-key", "wrong", "POST", path, "{}", &[]),
+    )
+    .await;
     assert_eq!(status(&wrong), 401, "{wrong}");
-    let unknown = http(node.addr, &signed_as("nope", "app-secret", "POST", path, "{}", &[])).await;
+    let unknown = http(
+        node.addr,
+        &signed_as("nope", "app-secret", "POST", path, "{}", &[]),
+    )
+    .await;
     assert_eq!(status(&unknown), 401, "{unknown}");
     assert!(json_error(&unknown), "{unknown}");
     let resp = http(node.addr, &signed("POST", path, "{}", &[])).await;

@@ -164,12 +164,17 @@ pub fn signed_as(
 
 /// The status code of a raw HTTP response.
 pub fn status(resp: &str) -> u16 {
-    resp.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    resp.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Whether a raw HTTP response has a JSON `{"error": ...}` body.
 pub fn json_error(resp: &str) -> bool {
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((resp, ""));
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
-    head.to_ascii_lowercase().contains("content-type: application/json") && v["error"].is_string()
+    head.to_ascii_lowercase()
+        .contains("content-type: application/json")
+        && v["error"].is_string()
 }
