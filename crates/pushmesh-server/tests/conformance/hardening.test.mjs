@@ -41,13 +41,14 @@ test('protocol=3 is refused with 4007', async () => {
 });
 
 test('the Node SDK gets 400 for a malformed socket_id, single and batch', async () => {
+  // trigger() checks socket ids itself; post() sends what it is given, signed.
   await assert.rejects(
-    sdk.trigger('c', 'e', { a: 1 }, { socket_id: 'not-a-socket' }),
+    sdk.post({ path: '/events', body: { name: 'e', channel: 'c', data: '{}', socket_id: 'not-a-socket' } }),
     (e) => e.status === 400 && /socket_id/.test(e.body),
   );
   await assert.rejects(
-    sdk.triggerBatch([{ channel: 'c', name: 'e', data: {}, socket_id: '1.2.3' }]),
-    (e) => e.status === 400,
+    sdk.post({ path: '/batch_events', body: { batch: [{ channel: 'c', name: 'e', data: '{}', socket_id: '1.2.3' }] } }),
+    (e) => e.status === 400 && JSON.parse(e.body).error.includes('socket_id'),
   );
   const ok = await sdk.trigger('c', 'e', { a: 1 }, { socket_id: '123.456' });
   assert.equal(ok.status, 200);
