@@ -264,6 +264,21 @@ pub async fn serve(
             },
         };
         let edge = &st.edge;
+        // An untrusted peer is the client: its per-IP slot is taken before a
+        // pending slot, so one address over its cap never holds any.
+        let public = matches!(kind, Listener::Public(_));
+        let slot = if public && !edge.trusted.contains(peer.ip()) {
+            match edge.per_ip.take(peer.ip()) {
+                Ok(s) => s,
+                Err(()) => {
+                    edge.counters.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(client = %peer.ip(), "too many connections from this address, closed");
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
         let permit = match kind {
             Listener::Internal => None,
             Listener::Public(_) => match edge.pending.clone().try_acquire_owned() {
@@ -285,6 +300,7 @@ pub async fn serve(
             tcp,
             peer,
             permit,
+            slot,
         ));
     }
 }
@@ -298,6 +314,7 @@ async fn connection(
     mut tcp: TcpStream,
     peer: SocketAddr,
     permit: Option<OwnedSemaphorePermit>,
+    slot: Option<IpSlot>,
 ) {
     let edge = &st.edge;
     let deadline = Instant::now() + edge.handshake_timeout;
@@ -330,10 +347,10 @@ async fn connection(
         (peer, Vec::new())
     };
     // A trusted proxy's own address is not limited: its clients are, once
-    // X-Forwarded-For names them (see `http`).
+    // a PROXY header (here) or X-Forwarded-For (see `http`) names them.
     let client_trusted = edge.trusted.contains(client.ip());
-    let slot = if client_trusted {
-        None
+    let slot = if client_trusted || !peer_trusted {
+        slot
     } else {
         match edge.per_ip.take(client.ip()) {
             Ok(s) => s,
