@@ -44,6 +44,8 @@ async fn proxy_v2_from_a_trusted_peer_names_the_client() {
         trusted_proxies: trusting(&["127.0.0.1/32"]),
         proxy_protocol: true,
         max_connections_per_ip: 1,
+        // The untrusted peer's garbage below is closed by this deadline.
+        handshake_timeout: std::time::Duration::from_secs(2),
         ..config()
     })
     .await;
@@ -69,7 +71,8 @@ async fn proxy_v2_from_a_trusted_peer_names_the_client() {
     assert_eq!(status(&health), 200, "{health}");
     // An untrusted peer's PROXY header is not read: the request is garbage.
     let mut spoof = via_proxy_header("127.0.0.2", "198.51.100.1:1", &node).await;
-    ok(spoof
+    // The node may already have answered and closed: a failed write is fine.
+    let _ = (spoof
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await);
     let mut out = Vec::new();
@@ -155,7 +158,7 @@ async fn forwarded_clients_are_held_to_max_connections_per_ip() {
     .await;
     let upgrade = |xff: &str| {
         format!(
-            "GET /app/app-key?protocol=7 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+            "GET /app/app-key?protocol=7 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Forwarded-For: {xff}\r\n\r\n"
         )
     };
