@@ -467,6 +467,17 @@ async fn http<I>(
         }
     };
     if let Err(e) = result {
+        // hyper's header_read_timeout runs alongside the deadline and may
+        // fire first: the same timeout.
+        let timed_out = e
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout);
+        if timed_out && ticket.is_pending() {
+            st.edge
+                .counters
+                .handshake_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+        }
         tracing::debug!(%client, error = %e, "connection ended with an error");
     }
 }

@@ -72,9 +72,9 @@ async fn proxy_v2_from_a_trusted_peer_names_the_client() {
     // An untrusted peer's PROXY header is not read: the request is garbage.
     let mut spoof = via_proxy_header("127.0.0.2", "198.51.100.1:1", &node).await;
     // The node may already have answered and closed: a failed write is fine.
-    let _ = (spoof
+    let _ = spoof
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await);
+        .await;
     let mut out = Vec::new();
     let _ = tokio::time::timeout(
         LIMIT,
