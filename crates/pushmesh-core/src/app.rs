@@ -112,6 +112,16 @@ pub enum PublishError {
     /// Too many events in a batch.
     #[error("too many events in batch: at most {0}")]
     BatchTooLarge(usize),
+    /// A `socket_id` that is not `<digits>.<digits>`.
+    #[error("invalid socket_id {0:?}")]
+    InvalidSocketId(String),
+}
+
+/// Whether `s` has the shape of a Pusher socket id, `^\d+\.\d+$`.
+pub fn is_socket_id(s: &str) -> bool {
+    let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    s.split_once('.')
+        .is_some_and(|(a, b)| digits(a) && digits(b))
 }
 
 /// One publish (one event to one or more channels).
@@ -199,6 +209,9 @@ impl Apps {
         }
         if req.data.len() > limits.max_event_payload_bytes {
             return Err(PublishError::DataTooLarge(limits.max_event_payload_bytes));
+        }
+        if let Some(s) = req.exclude_socket.filter(|s| !is_socket_id(s)) {
+            return Err(PublishError::InvalidSocketId(s.to_owned()));
         }
         let names = req
             .channels

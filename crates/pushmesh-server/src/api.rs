@@ -370,6 +370,29 @@ pub async fn terminate_connections(
     Ok(Json(json!({})))
 }
 
+/// `POST /users/{user_id}/terminate_connections`, as the Python SDK sends
+/// it (without `/apps/{app_id}`): the app is the one whose key signed the
+/// request (`auth_key`).
+pub async fn terminate_connections_by_key(
+    State(st): State<Arc<Shared>>,
+    Path(user_id): Path<String>,
+    method: Method,
+    uri: Uri,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let query = form_urlencoded(uri.query().unwrap_or(""));
+    let key = query
+        .iter()
+        .find(|(k, _)| k == "auth_key")
+        .map(|(_, v)| v.as_str())
+        .ok_or(ApiAuthError::Missing("auth_key"))?;
+    let app = st.node.apps.by_key(key).ok_or(ApiAuthError::WrongKey)?;
+    let app_id = st.node.apps.get(app).id.clone();
+    let a = authenticate(&st, &app_id, &method, &uri, body).await?;
+    st.node.terminate_user(a.app, &user_id);
+    Ok(Json(json!({})))
+}
+
 /// Any other path.
 pub async fn not_found(uri: Uri) -> ApiError {
     ApiError::NotFound(format!("no route for {}", uri.path()))

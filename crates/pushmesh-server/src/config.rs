@@ -54,6 +54,8 @@ pub const KNOWN_ENV: &[&str] = &[
     "PUSHMESH_AUTHORIZER_URL",
     "PUSHMESH_BROADCASTING_KEY",
     "PUSHMESH_NODE_ID",
+    "PUSHMESH_TRUSTED_PROXIES",
+    "PUSHMESH_PROXY_PROTOCOL",
     "PUSHMESH_CLUSTER_ID",
     "PUSHMESH_GOSSIP_LISTEN",
     "PUSHMESH_GOSSIP_ADVERTISE",
@@ -170,6 +172,18 @@ pub struct Cli {
     /// Serve /metrics on this separate address (plain HTTP) as well.
     #[arg(long, env = "PUSHMESH_METRICS_LISTEN", value_name = "ADDR:PORT")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Proxies whose PROXY headers and X-Forwarded-For are believed (CIDRs);
+    /// repeatable; in the environment: comma-separated.
+    #[arg(
+        long = "trusted-proxy",
+        env = "PUSHMESH_TRUSTED_PROXIES",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<crate::proxy::Cidr>,
+    /// Read PROXY protocol v1/v2 headers from trusted proxies [default: false].
+    #[arg(long, env = "PUSHMESH_PROXY_PROTOCOL", value_name = "BOOL")]
+    pub proxy_protocol: Option<bool>,
     /// Subcommands.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -241,6 +255,11 @@ pub struct FileConfig {
     tls_key: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
     dashboard_token: Option<String>,
+    handshake_timeout_ms: Option<u64>,
+    max_pending_handshakes: Option<usize>,
+    max_connections_per_ip: Option<usize>,
+    trusted_proxies: Option<Vec<crate::proxy::Cidr>>,
+    proxy_protocol: Option<bool>,
     #[serde(default)]
     apps: Vec<FileApp>,
     #[serde(default)]
@@ -438,6 +457,16 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Token that opens the status page at /dashboard; none: the page is off.
     pub dashboard_token: Option<String>,
+    /// Time a connection has, from accept, to be upgraded or send a whole request.
+    pub handshake_timeout: Duration,
+    /// Connections accepted and not yet established, at most; 0: unlimited.
+    pub max_pending_handshakes: usize,
+    /// Open connections per client IP, at most; 0: unlimited.
+    pub max_connections_per_ip: usize,
+    /// Proxies whose PROXY headers and `X-Forwarded-For` are believed.
+    pub trusted_proxies: crate::proxy::TrustedProxies,
+    /// Whether trusted proxies may send a PROXY protocol header.
+    pub proxy_protocol: bool,
     /// Clustering, when on.
     pub cluster: Option<ClusterSettings>,
     /// This node's id (also without clustering).
@@ -488,6 +517,11 @@ impl Default for Config {
             tls: None,
             metrics_listen: None,
             dashboard_token: None,
+            handshake_timeout: Duration::from_secs(10),
+            max_pending_handshakes: 1024,
+            max_connections_per_ip: 0,
+            trusted_proxies: crate::proxy::TrustedProxies::default(),
+            proxy_protocol: false,
             cluster: None,
             node_id: generated_node_id(),
             development: true,
@@ -716,6 +750,24 @@ impl Config {
             },
             metrics_listen: cli.metrics_listen.or(file.metrics_listen),
             dashboard_token: file.dashboard_token.filter(|t| !t.is_empty()),
+            handshake_timeout: file
+                .handshake_timeout_ms
+                .map_or(d.handshake_timeout, Duration::from_millis),
+            max_pending_handshakes: file
+                .max_pending_handshakes
+                .unwrap_or(d.max_pending_handshakes),
+            max_connections_per_ip: file
+                .max_connections_per_ip
+                .unwrap_or(d.max_connections_per_ip),
+            trusted_proxies: crate::proxy::TrustedProxies(if cli.trusted_proxies.is_empty() {
+                file.trusted_proxies.unwrap_or_default()
+            } else {
+                cli.trusted_proxies
+            }),
+            proxy_protocol: cli
+                .proxy_protocol
+                .or(file.proxy_protocol)
+                .unwrap_or(d.proxy_protocol),
             cluster,
             node_id,
             development,
@@ -743,6 +795,16 @@ impl Config {
         if cfg.router_shards == 0 || cfg.shard_queue == 0 {
             return Err(ConfigError::Invalid(
                 "router_shards and shard_queue must be at least 1".into(),
+            ));
+        }
+        if cfg.handshake_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "handshake_timeout_ms must be at least 1".into(),
+            ));
+        }
+        if cfg.proxy_protocol && cfg.trusted_proxies.is_empty() {
+            return Err(ConfigError::Invalid(
+                "proxy_protocol needs trusted_proxies: PROXY headers are read from trusted proxies only".into(),
             ));
         }
         if cfg.outbound_queue == 0 {

@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use axum::extract::ws::Utf8Bytes;
+use futures_util::task::AtomicWaker;
 use pushmesh_core::{AppConfig, AppIdx, ConnId, Handle, OpenError};
 use pushmesh_protocol::CloseCode;
-use futures_util::task::AtomicWaker;
 
 /// Why a connection task is asked to close.
 #[derive(Debug, Clone)]

@@ -10,9 +10,12 @@ pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod dashboard;
+pub mod edge;
 pub mod limits;
 pub mod metrics;
 pub mod node;
+pub mod proxy;
+pub mod reject;
 pub mod tls;
 pub mod webhooks;
 pub mod ws;
@@ -93,6 +96,8 @@ pub struct Shared {
     pub ip_limiter: limits::RateLimiter<std::net::IpAddr>,
     /// HTTP API requests per app.
     pub api_limiter: limits::RateLimiter<AppIdx>,
+    /// Accept loops: pending handshakes, connections per IP, proxies.
+    pub edge: edge::Edge,
 }
 
 impl Shared {
@@ -178,7 +183,9 @@ impl Server {
             cluster.clone(),
             scheduler,
         );
+        let edge = edge::Edge::new(&config);
         let shared = Arc::new(Shared {
+            edge,
             config,
             node,
             cluster,
@@ -255,29 +262,28 @@ impl Server {
         let mut stop = stop_rx;
         if let Some(ml) = self.metrics_listener {
             let metrics_app = Router::new()
-                .route("/metrics", get(metrics::metrics))
+                .route("/metrics", get(all_metrics))
+                .layer(axum::middleware::from_fn(reject::json_errors))
                 .with_state(st.clone());
-            tokio::spawn(async move {
-                let _ = axum::serve(ml, metrics_app).await;
-            });
+            let st4 = st.clone();
+            tokio::spawn(edge::serve(
+                ml,
+                metrics_app,
+                edge::Listener::Internal,
+                st4,
+                std::future::pending(),
+            ));
         }
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
         let serve = async move {
-            match self.tls {
-                Some(t) => {
-                    tls::spawn_reload_on_sighup(t.clone());
-                    tls::serve(self.listener, app, t, st3, stopped).await;
-                    Ok(())
-                }
-                None => {
-                    let app = app.into_make_service_with_connect_info::<SocketAddr>();
-                    axum::serve(self.listener, app)
-                        .with_graceful_shutdown(stopped)
-                        .await
-                }
+            if let Some(t) = &self.tls {
+                tls::spawn_reload_on_sighup(t.clone());
             }
+            let public = edge::Listener::Public(self.tls);
+            edge::serve(self.listener, app, public, st3, stopped).await;
+            Ok::<(), ServerError>(())
         };
         let (r, ()) = tokio::join!(serve, drain);
         pump.abort();
@@ -334,20 +340,43 @@ fn router(st: Arc<Shared>) -> Router {
             "/apps/{app_id}/users/{user_id}/terminate_connections",
             post(api::terminate_connections),
         )
+        // The Python SDK's terminate_user_connections leaves out /apps/{id}.
+        .route(
+            "/users/{user_id}/terminate_connections",
+            post(api::terminate_connections_by_key),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(cluster::readyz))
         .route("/cluster", get(cluster::cluster_status))
-        .route("/metrics", get(metrics::metrics))
+        .route("/metrics", get(all_metrics))
         .route("/stats", get(stats))
         .route("/dashboard", get(dashboard::page))
         .route("/dashboard/api/stats", get(dashboard::stats))
         .route("/dashboard/api/auth", get(dashboard::auth))
         .fallback(api::not_found)
+        .layer(axum::middleware::from_fn(reject::json_errors))
         .layer(axum::middleware::from_fn_with_state(
             st.clone(),
             metrics::track_http,
         ))
         .with_state(st)
+}
+
+/// `GET /metrics`: the node's metrics and the accept loops'.
+async fn all_metrics(
+    axum::extract::State(st): axum::extract::State<Arc<Shared>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut out = metrics::render(&st);
+    st.edge.render_metrics(&mut out);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -1,24 +1,14 @@
-//! `wss://` and `https://` served directly with rustls, and the accept loop
-//! used for them. The certificate is reloaded on SIGHUP: new connections get
-//! the new one, open connections keep theirs.
+//! `wss://` and `https://` served directly with rustls (the accept loop is
+//! [`crate::edge::serve`]). The certificate is reloaded on SIGHUP: new
+//! connections get the new one, open connections keep theirs.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
-use axum::extract::ConnectInfo;
-use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::{self, ServerConfig};
 use tokio_rustls::TlsAcceptor;
-use tower::ServiceExt;
-
-use crate::Shared;
 
 /// Why a certificate cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +71,8 @@ impl Reloadable {
         Ok(())
     }
 
-    fn acceptor(&self) -> TlsAcceptor {
+    /// An acceptor with the current certificate.
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(
             self.current
                 .read()
@@ -108,68 +99,4 @@ pub fn spawn_reload_on_sighup(tls: Arc<Reloadable>) {
             }
         }
     });
-}
-
-/// Errors that concern one connection only; anything else (e.g. EMFILE)
-/// makes the loop back off so the node keeps serving what it has.
-fn is_connection_error(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::ConnectionRefused
-            | std::io::ErrorKind::ConnectionAborted
-            | std::io::ErrorKind::ConnectionReset
-    )
-}
-
-/// Accepts TLS connections until `stop` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    tls: Arc<Reloadable>,
-    st: Arc<Shared>,
-    stop: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(stop);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = &mut stop => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    st.stats.edge.accept_errors.fetch_add(1, Ordering::Relaxed);
-                    if !is_connection_error(&e) {
-                        tracing::warn!(error = %e, "accept failed, backing off");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = tls.acceptor();
-        let router = router.clone();
-        tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "tls handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-            let svc = router.map_request(move |req: hyper::Request<hyper::body::Incoming>| {
-                let mut req = req.map(axum::body::Body::new);
-                req.extensions_mut().insert(ConnectInfo(peer));
-                req
-            });
-            let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = conn
-                .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc))
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "tls connection ended with an error");
-            }
-        });
-    }
 }

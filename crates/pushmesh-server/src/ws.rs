@@ -10,13 +10,16 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use axum::Extension;
 use futures_util::SinkExt;
 use pushmesh_core::{AppIdx, ConnId, Keepalive, KeepaliveAction, Session, SessionOutput};
 use pushmesh_protocol::{server, CloseCode};
 use tokio::time::{sleep_until, timeout};
 
 use crate::conn::{CloseRequest, ConnRef, Next, Outbox};
+use crate::edge::Ticket;
 use crate::node::Node;
+use crate::reject::websocket_key_refusal;
 use crate::Shared;
 
 /// How long one batch of writes may take before the client counts as dead.
@@ -56,23 +59,31 @@ pub(crate) fn check_origin(st: &Shared, app: AppIdx, headers: &HeaderMap) -> Res
     }
 }
 
+/// Protocol versions a client may ask for; the server speaks 7 to all of
+/// them (4 to 6 differ from 7 in nothing a client sends; pysher asks for 6).
+pub const PROTOCOL_VERSIONS: std::ops::RangeInclusive<u32> = 4..=7;
+
 /// `GET /app/{key}`: upgrades to a Pusher protocol connection.
 pub async fn pusher_ws(
     State(st): State<Arc<Shared>>,
     Path(key): Path<String>,
     Query(q): Query<HashMap<String, String>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ticket: Option<Extension<Ticket>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if let Some(refused) = websocket_key_refusal(&headers) {
+        return refused;
+    }
     let admission = match q.get("protocol").map(|p| p.parse::<u32>()) {
         Some(Err(_)) => Admission::Refuse(
             CloseCode::InvalidVersionFormat,
             "protocol version must be a number".into(),
         ),
-        Some(Ok(v)) if v != 7 => Admission::Refuse(
+        Some(Ok(v)) if !PROTOCOL_VERSIONS.contains(&v) => Admission::Refuse(
             CloseCode::UnsupportedProtocol,
-            format!("unsupported protocol version {v}; this server speaks 7"),
+            format!("unsupported protocol version {v}; this server speaks 4 to 7"),
         ),
         _ if !st.ip_limiter.allow(&peer.ip(), Instant::now()) => {
             st.stats
@@ -108,8 +119,11 @@ pub async fn pusher_ws(
         .max_message_size(st.config.max_message_bytes.saturating_mul(4))
         .max_frame_size(st.config.max_message_bytes.saturating_mul(4))
         .on_upgrade(move |socket| async move {
+            // Established: the pending slot goes; the per-IP slot stays
+            // with the connection.
+            let _ticket = ticket.inspect(|t| t.established());
             match admission {
-                Admission::App(app) => run_connection(st, socket, app).await,
+                Admission::App(app) => run_connection(st, socket, app, peer).await,
                 Admission::Refuse(code, reason) => {
                     tracing::debug!(code = code.code(), %reason, "connection refused");
                     refuse(socket, code, &reason).await;
@@ -157,13 +171,16 @@ fn close_message(code: CloseCode, reason: &str) -> Message {
 enum End {
     /// The client went away or the socket failed.
     Gone,
+    /// The client sent a close frame: tungstenite has queued the echo
+    /// (RFC 6455 §5.5.1), which must be flushed before the socket goes.
+    ClientClosed,
     /// The server closes with a code.
     Close(CloseRequest),
     /// The client sent a message over the size limit (WebSocket 1009).
     TooBig(String),
 }
 
-async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
+async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx, peer: SocketAddr) {
     let conn = ConnId(st.next_conn.fetch_add(1, Ordering::Relaxed));
     let (h, mut rx) = ConnRef::new(conn, st.config.outbound_queue);
     let opened = Instant::now();
@@ -185,7 +202,7 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
         st.config.activity_timeout.as_secs(),
     );
     let mut pending_close = pump(node, &h, &mut session).await;
-    tracing::debug!(conn = conn.0, "connection opened");
+    tracing::debug!(conn = conn.0, client = %peer.ip(), "connection opened");
     st.stats
         .edge
         .connections_opened
@@ -268,7 +285,8 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx) {
                         pending_close = pump(node, &h, &mut session).await;
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    Some(Ok(Message::Close(_))) | None => break End::Gone,
+                    Some(Ok(Message::Close(_))) => break End::ClientClosed,
+                    None => break End::Gone,
                     Some(Err(e)) => {
                         tracing::debug!(conn = conn.0, error = %e, "websocket read error");
                         break End::Gone;
@@ -322,12 +340,16 @@ async fn finish(
     end: End,
 ) -> (String, String) {
     let code_label = match &end {
-        End::Gone => "client".to_string(),
+        End::Gone | End::ClientClosed => "client".to_string(),
         End::Close(req) => req.code.code().to_string(),
         End::TooBig(_) => "1009".to_string(),
     };
     let reason = match end {
         End::Gone => "client went away".to_string(),
+        End::ClientClosed => {
+            let _ = timeout(CLOSE_TIMEOUT, socket.flush()).await;
+            "client closed".to_string()
+        }
         End::Close(req) => {
             // Frames queued before the close (e.g. the pusher:error) go first.
             let _ = flush_queued(socket, rx, &st.stats.edge.bytes_out).await;

@@ -16,6 +16,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures_util::SinkExt;
 use pushmesh_core::{AppIdx, ConnId, Keepalive, KeepaliveAction, Session};
 use pushmesh_protocol::wsify::{self, WsifyCommand};
 use pushmesh_protocol::CloseCode;
@@ -72,9 +73,13 @@ pub async fn wsify_ws(
     State(st): State<Arc<Shared>>,
     RawQuery(raw): RawQuery,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    ticket: Option<axum::Extension<crate::edge::Ticket>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if let Some(refused) = crate::reject::websocket_key_refusal(&headers) {
+        return refused;
+    }
     let app = AppIdx(st.config.wsify_app as u32);
     if !st.ip_limiter.allow(&peer.ip(), Instant::now()) {
         st.stats
@@ -115,11 +120,18 @@ pub async fn wsify_ws(
         .write_buffer_size(WRITE_BUFFER)
         .max_message_size(st.config.max_message_bytes)
         .max_frame_size(st.config.max_message_bytes)
-        .on_upgrade(move |socket| run_wsify(st, socket, app, envelope, query))
+        .on_upgrade(move |socket| async move {
+            // Established: the pending slot goes; the per-IP slot stays
+            // with the connection.
+            let _ticket = ticket.inspect(|t| t.established());
+            run_wsify(st, socket, app, envelope, query).await;
+        })
 }
 
 enum End {
     Gone,
+    /// The client's close frame; its echo is queued (RFC 6455 §5.5.1).
+    ClientClosed,
     Close(u16, String),
 }
 
@@ -216,7 +228,8 @@ async fn run_wsify(
                         continue;
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(Message::Close(_))) | None => break End::Gone,
+                    Some(Ok(Message::Close(_))) => break End::ClientClosed,
+                    None => break End::Gone,
                     Some(Err(e)) => {
                         tracing::debug!(conn = conn.0, error = %e, "wsify read error");
                         break End::Gone;
@@ -261,9 +274,12 @@ async fn run_wsify(
         a.notify(json!({"command": "disconnect", "args": {}, "connection": identity}));
     }
     st.stats.edge.closed(&match &end {
-        End::Gone => "client".to_string(),
+        End::Gone | End::ClientClosed => "client".to_string(),
         End::Close(code, _) => code.to_string(),
     });
+    if let End::ClientClosed = end {
+        let _ = timeout(CLOSE_TIMEOUT, socket.flush()).await;
+    }
     if let End::Close(code, reason) = &end {
         let _ = flush_queued(&mut socket, &mut rx, &st.stats.edge.bytes_out).await;
         let _ = timeout(CLOSE_TIMEOUT, socket.send(close(*code, reason))).await;

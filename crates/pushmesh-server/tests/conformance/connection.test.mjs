@@ -29,7 +29,7 @@ test('handshake: socket_id and activity_timeout; pusher:ping answered', async ()
 
 test('refusals: unknown key 4001, bad protocol 4006/4007, unknown path 404', async () => {
   const srv = await start();
-  for (const [path, code] of [[`/app/nope?protocol=7`, 4001], [`/app/${APP.key}?protocol=6`, 4007], [`/app/${APP.key}?protocol=x`, 4006]]) {
+  for (const [path, code] of [[`/app/nope?protocol=7`, 4001], [`/app/${APP.key}?protocol=3`, 4007], [`/app/${APP.key}?protocol=x`, 4006]]) {
     const r = await rawSocket(srv.port, path);
     const err = await r.waitFor((m) => m.event === 'pusher:error', `error for ${path}`);
     assert.equal(err.data.code, code);
