@@ -62,7 +62,13 @@ pub fn setup_tracing_for_tests() {
 /// we send the self digest "in full".
 /// An Ethernet frame size of 1400B would limit us to 20 nodes
 /// or so.
-pub(crate) const MAX_UDP_DATAGRAM_PAYLOAD_SIZE: usize = 65_507;
+/// pushmesh patch: `TRANSPORT_OVERHEAD` bytes are kept free for a transport
+/// that wraps each serialized envelope (pushmesh seals it), so the wrapped
+/// datagram still fits in 65,507 bytes.
+pub const MAX_UDP_DATAGRAM_PAYLOAD_SIZE: usize = 65_507 - TRANSPORT_OVERHEAD;
+
+/// pushmesh patch: bytes a transport may add around a serialized envelope.
+pub const TRANSPORT_OVERHEAD: usize = 64;
 
 /// Number of bytes left for a delta payload in a single reply datagram, once
 /// the message header and `reserved_len` bytes (e.g. a digest carried in the
