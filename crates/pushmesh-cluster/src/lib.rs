@@ -274,11 +274,9 @@ impl Cluster {
                 addr: cfg.gossip_listen,
                 message: format!("{e:#}"),
             })?;
-        tracing::info!(
-            gossip = ?transport.local_addr(),
-            quic = ?endpoint.local_addr().ok(),
-            "cluster sockets bound"
-        );
+        if let (Some(gossip), Ok(quic)) = (transport.local_addr(), endpoint.local_addr()) {
+            tracing::info!(%gossip, %quic, "cluster sockets bound");
+        }
         let (tx, rx) = mpsc::channel(65_536);
         let inner = Arc::new(Inner {
             node: NodeId::new(&cfg.node_id),
