@@ -288,4 +288,19 @@ mod tests {
         assert_eq!(parse_hello(b"nope"), None);
         assert_eq!(parse_hello(b"PMH1"), None);
     }
+
+    /// Found by `scripts/fuzz` (target `peer_frame`, fuzz/corpus/peer_frame/
+    /// regression-huge-string-length): a 44-byte frame declaring a string of
+    /// about 2^48 bytes made bincode allocate it, aborting the node. Decoding
+    /// is now limited to 16 MiB (`PeerFrame::decode`, pushmesh-core).
+    #[test]
+    fn peer_frame_declaring_a_huge_string_is_refused() {
+        const FRAME: &[u8] = &[
+            0x01, 0x01, 0x05, 0x0a, 0x01, 0x03, 0x20, 0x01, 0x05, 0xfd, 0x61, 0x70, 0x01, 0x01,
+            0x00, 0x00, 0x01, 0x00, 0x0c, 0x40, 0x00, 0x00, 0x00, 0x00, 0xfa, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0x9c, 0xfc, 0x01, 0x0d, 0x70, 0x72, 0x65, 0x73, 0x75, 0x01, 0xf5, 0x2a,
+            0x00, 0xfe,
+        ];
+        assert!(pushmesh_core::PeerFrame::decode(FRAME).is_err());
+    }
 }

@@ -218,11 +218,12 @@ impl PeerFrame {
     /// Decodes a frame made by [`PeerFrame::encode`].
     pub fn decode(b: &[u8]) -> Result<Self, PeerFrameError> {
         match b.split_first() {
-            Some((&FRAME_VERSION, rest)) => {
-                bincode::serde::decode_from_slice(rest, bincode::config::standard())
-                    .map(|(f, _)| f)
-                    .map_err(|e| PeerFrameError::Decode(e.to_string()))
-            }
+            Some((&FRAME_VERSION, rest)) => bincode::serde::decode_from_slice(
+                rest,
+                bincode::config::standard().with_limit::<16_777_216>(),
+            )
+            .map(|(f, _)| f)
+            .map_err(|e| PeerFrameError::Decode(e.to_string())),
             Some((v, _)) => Err(PeerFrameError::Version(*v)),
             None => Err(PeerFrameError::Decode("empty frame".into())),
         }
