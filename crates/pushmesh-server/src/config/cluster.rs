@@ -135,12 +135,19 @@ pub(super) fn resolve_cluster(
         (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
         _ => return Err(invalid("give all of --cluster-ca, --cluster-cert and --cluster-key, or none (development mode)")),
     };
+    let node_id = cli
+        .node_id
+        .clone()
+        .or(f.node_id)
+        .unwrap_or_else(generated_node_id);
+    // Every node certificate carries this name; as a node id it would match any.
+    if node_id == pushmesh_cluster::tls::NODE_SERVER_NAME || node_id.is_empty() {
+        return Err(invalid(&format!(
+            "node id {node_id:?} is reserved or empty; choose another --node-id"
+        )));
+    }
     Ok(Some(ClusterSettings {
-        node_id: cli
-            .node_id
-            .clone()
-            .or(f.node_id)
-            .unwrap_or_else(generated_node_id),
+        node_id,
         cluster_id: cli
             .cluster_id
             .clone()

@@ -123,6 +123,18 @@ fn cluster_settings_are_checked() {
         ]),
     )
     .unwrap_or_else(|e| panic!("{e}"));
+    let reserved = Config::resolve(
+        FileConfig::default(),
+        cli(&[
+            "--gossip-listen",
+            "127.0.0.1:7000",
+            "--cluster-secret",
+            "0123456789abcdef",
+            "--node-id",
+            "pushmesh-node",
+        ]),
+    );
+    assert!(matches!(reserved, Err(ConfigError::Invalid(m)) if m.contains("reserved")));
     let cl = ok.cluster.unwrap_or_else(|| panic!("clustering off"));
     assert_eq!(cl.cluster_listen.port(), 7001);
     assert_eq!(cl.seeds, vec!["a:1".to_string(), "b:2".to_string()]);
