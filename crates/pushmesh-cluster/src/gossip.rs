@@ -1,107 +1,141 @@
-//! Authenticated gossip: chitchat's datagrams sealed with ChaCha20-Poly1305
-//! under a key derived from the cluster secret. A datagram that does not
-//! open (wrong key, tampered, replayed garbage) is dropped and counted, so a
-//! host without the secret can neither join nor inject state.
-//!
-//! chitchat 0.13 serializes its messages only inside its own UDP socket, so
-//! [`SealedTransport`] keeps one such socket on loopback as a codec: a
-//! message to send is written by it to a private loopback socket, sealed and
-//! sent from the public one; an opened datagram is handed to it through
-//! loopback to be parsed.
+//! Authenticated gossip: chitchat envelopes serialized by chitchat's own
+//! codec (made public by the vendored patch, see docs/cluster.md), sealed
+//! with ChaCha20-Poly1305 under a key derived from the cluster secret and
+//! sent from the one gossip socket. There is no other socket: a datagram
+//! that does not open (wrong key, tampered, replayed, too old, unsealed) is
+//! dropped and counted, so a host or a local process without the secret can
+//! neither join nor inject state.
 
-use std::collections::VecDeque;
-use std::net::{Ipv4Addr, SocketAddr};
+pub mod seal;
+
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use chacha20poly1305::aead::{Aead, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
-use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpSocket};
+use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport};
 use chitchat::ChitchatEnvelope;
 use hkdf::Hkdf;
 use sha2::Sha256;
 
-/// Largest datagram.
-const MAX_DATAGRAM: usize = 65_507;
-/// Nonce length.
-const NONCE: usize = 12;
+use seal::{OpenError, Opener, Sealer};
+
+/// A send that takes longer than this is abandoned (counted, reported to chitchat).
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Gossip counters.
 #[derive(Debug, Default)]
 pub struct GossipStats {
-    /// Datagrams dropped because they did not authenticate.
+    /// Datagrams dropped: not authentic, replayed, too old or new, malformed.
     pub rejected: AtomicU64,
+    /// Of `rejected`: authentic but replayed.
+    pub replayed: AtomicU64,
+    /// Of `rejected`: authentic but with a timestamp too far from our clock.
+    pub skewed: AtomicU64,
     /// Datagrams accepted.
     pub accepted: AtomicU64,
+    /// Envelopes not sent: too large once sealed, send error or timeout.
+    pub send_failed: AtomicU64,
 }
 
 /// The gossip key for a cluster secret.
 pub fn gossip_key(secret: &str) -> [u8; 32] {
     let hk = Hkdf::<Sha256>::new(Some(b"pushmesh cluster v1"), secret.as_bytes());
     let mut k = [0u8; 32];
-    let _ = hk.expand(b"gossip aead", &mut k);
+    // 32 bytes is always a valid HKDF-SHA256 output length.
+    let _ = hk.expand(b"gossip aead v2", &mut k);
     k
+}
+
+/// Milliseconds since the Unix epoch by the system clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A chitchat transport that seals every datagram.
 pub struct SealedTransport {
     key: [u8; 32],
     stats: Arc<GossipStats>,
+    bound: OnceLock<SocketAddr>,
 }
 
 impl SealedTransport {
     /// A transport sealing with `key` and counting into `stats`.
     pub fn new(key: [u8; 32], stats: Arc<GossipStats>) -> Self {
-        Self { key, stats }
+        Self {
+            key,
+            stats,
+            bound: OnceLock::new(),
+        }
+    }
+
+    /// The address the gossip socket was bound to, once opened.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.bound.get().copied()
     }
 }
 
 #[async_trait::async_trait]
 impl Transport for SealedTransport {
     async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
-        let outer = tokio::net::UdpSocket::bind(listen_addr)
+        let socket = tokio::net::UdpSocket::bind(listen_addr)
             .await
             .with_context(|| format!("failed to bind gossip socket {listen_addr}"))?;
-        let lo = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-        let codec = UdpSocket::open(lo).await?;
-        let codec_addr = codec.local_addr()?;
-        let relay = tokio::net::UdpSocket::bind(lo)
-            .await
-            .context("failed to bind gossip loopback relay")?;
-        let relay_addr = relay.local_addr()?;
+        let _ = self.bound.set(socket.local_addr()?);
         Ok(Box::new(SealedSocket {
-            cipher: ChaCha20Poly1305::new(Key::from_slice(&self.key)),
-            outer,
-            codec: Box::new(codec),
-            codec_addr,
-            relay,
-            relay_addr,
-            pending_from: VecDeque::new(),
-            buf: vec![0u8; MAX_DATAGRAM],
+            socket,
+            sealer: Sealer::new(&self.key, rand::random()),
+            opener: Opener::new(&self.key),
+            buf: vec![0u8; 65_536].into_boxed_slice(),
+            plain: Vec::with_capacity(seal::MAX_PLAINTEXT),
             stats: self.stats.clone(),
         }))
     }
 }
 
 struct SealedSocket {
-    cipher: ChaCha20Poly1305,
-    outer: tokio::net::UdpSocket,
-    codec: Box<dyn Socket>,
-    codec_addr: SocketAddr,
-    relay: tokio::net::UdpSocket,
-    relay_addr: SocketAddr,
-    /// Senders of plaintexts handed to the codec, in order.
-    pending_from: VecDeque<SocketAddr>,
-    buf: Vec<u8>,
+    socket: tokio::net::UdpSocket,
+    sealer: Sealer,
+    opener: Opener,
+    buf: Box<[u8]>,
+    plain: Vec<u8>,
     stats: Arc<GossipStats>,
+}
+
+impl SealedSocket {
+    fn failed(&self) {
+        self.stats.send_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts and logs a refused datagram.
+    fn refused(&self, from: SocketAddr, e: OpenError) {
+        self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        match e {
+            OpenError::Replay => {
+                self.stats.replayed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%from, "replayed gossip datagram dropped");
+            }
+            OpenError::TooOld { .. } | OpenError::TooNew { .. } => {
+                self.stats.skewed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%from, error = %e, "authentic gossip datagram dropped: check the clocks of the nodes");
+            }
+            OpenError::TooManySenders => {
+                tracing::warn!(%from, error = %e, "gossip datagram dropped");
+            }
+            OpenError::Short | OpenError::Version(_) | OpenError::Auth => {
+                tracing::debug!(%from, error = %e, "gossip datagram failed authentication, dropped");
+            }
+        }
+    }
 }
 
 #[async_trait::async_trait]
 impl Socket for SealedSocket {
     fn local_addr(&self) -> anyhow::Result<SocketAddr> {
-        Ok(self.outer.local_addr()?)
+        Ok(self.socket.local_addr()?)
     }
 
     async fn send(
@@ -109,63 +143,71 @@ impl Socket for SealedSocket {
         to: SocketAddr,
         envelope: ChitchatEnvelope,
     ) -> anyhow::Result<SendOutcome> {
-        self.codec.send(self.relay_addr, envelope).await?;
-        let n = loop {
-            let (n, from) = self.relay.recv_from(&mut self.buf).await?;
-            if from == self.codec_addr {
-                break n;
+        self.plain.clear();
+        envelope.serialize(&mut self.plain);
+        let sealed = match self.sealer.seal(now_ms(), &self.plain) {
+            Ok(d) => d,
+            Err(e) => {
+                self.failed();
+                tracing::warn!(%to, error = %e, "gossip message not sent");
+                return Err(e.into());
             }
         };
-        let nonce: [u8; NONCE] = rand::random();
-        let sealed = self
-            .cipher
-            .encrypt(Nonce::from_slice(&nonce), &self.buf[..n])
-            .map_err(|_| anyhow::anyhow!("gossip seal failed"))?;
-        let mut out = Vec::with_capacity(NONCE + sealed.len());
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&sealed);
-        let num_bytes_sent = self.outer.send_to(&out, to).await?;
-        Ok(SendOutcome { num_bytes_sent })
+        match tokio::time::timeout(SEND_TIMEOUT, self.socket.send_to(&sealed, to)).await {
+            Ok(Ok(num_bytes_sent)) => Ok(SendOutcome { num_bytes_sent }),
+            Ok(Err(e)) => {
+                self.failed();
+                Err(anyhow::Error::new(e).context(format!("gossip send to {to} failed")))
+            }
+            Err(_) => {
+                self.failed();
+                anyhow::bail!("gossip send to {to} timed out after {SEND_TIMEOUT:?}")
+            }
+        }
     }
 
+    /// Cancel-safe: nothing is awaited once a datagram has been received.
     async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
         loop {
-            if self.pending_from.is_empty() {
-                let (n, from) = match self.outer.recv_from(&mut self.buf).await {
-                    Ok(r) => r,
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
-                    Err(e) => return Err(e.into()),
-                };
-                let plain = if n > NONCE {
-                    self.cipher
-                        .decrypt(Nonce::from_slice(&self.buf[..NONCE]), &self.buf[NONCE..n])
-                        .ok()
-                } else {
-                    None
-                };
-                let Some(plain) = plain else {
-                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%from, "gossip datagram failed authentication, dropped");
-                    continue;
-                };
-                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                self.relay.send_to(&plain, self.codec_addr).await?;
-                self.pending_from.push_back(from);
-            }
-            // The codec parses what was handed to it; bounded in case it
-            // silently dropped an unparsable datagram.
-            match tokio::time::timeout(Duration::from_millis(200), self.codec.recv()).await {
-                Ok(Ok(mut outcome)) => {
-                    if let Some(from) = self.pending_from.pop_front() {
-                        outcome.from_addr = from;
-                        return Ok(outcome);
-                    }
+            let (n, from) = match self.socket.recv_from(&mut self.buf).await {
+                Ok(r) => r,
+                // ICMP errors of earlier sends surface here; not fatal.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::OutOfMemory
+                    ) =>
+                {
+                    continue
                 }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    self.pending_from.pop_front();
+                Err(e) => return Err(anyhow::Error::new(e).context("gossip receive failed")),
+            };
+            let plain = match self.opener.open(now_ms(), &self.buf[..n]) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.refused(from, e);
+                    continue;
+                }
+            };
+            match ChitchatEnvelope::deserialize(&mut plain.as_slice()) {
+                Ok(envelope) => {
+                    self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    return Ok(RecvOutcome {
+                        from_addr: from,
+                        envelope,
+                        num_bytes_received: n,
+                    });
+                }
+                Err(e) => {
+                    self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%from, error = %e, "authentic gossip datagram is not a chitchat message, dropped");
                 }
             }
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,6 +9,7 @@
 //! peer never blocks anything else (overflow is counted and logged).
 
 pub mod gossip;
+mod link;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -17,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
 use pushmesh_core::{FrameKind, NodeId};
 use serde::Serialize;
@@ -36,11 +37,6 @@ pub const KEY_VERSION: &str = "version";
 pub const KEY_INTEREST: &str = "interest";
 /// Gossip key: the node's epoch.
 pub const KEY_EPOCH: &str = "epoch";
-
-/// Largest frame accepted from a peer.
-const MAX_FRAME: usize = 16 * 1024 * 1024;
-/// Frames written before one flush of the stream.
-const WRITE_BATCH: usize = 512;
 
 /// Settings of the cluster layer.
 pub struct ClusterConfig {
@@ -90,6 +86,9 @@ pub enum ClusterError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The node id is unusable.
+    #[error("invalid node id {0:?}")]
+    NodeId(String),
     /// Gossip could not start.
     #[error("cannot start gossip on {addr}: {message}")]
     Gossip {
@@ -200,6 +199,8 @@ struct Inner {
     stopping: AtomicBool,
     /// Gossip counters.
     gossip: Arc<GossipStats>,
+    /// Links refused: wrong cluster, node or certificate.
+    links_refused: AtomicU64,
 }
 
 /// A running cluster layer.
@@ -212,98 +213,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn kind_byte(k: FrameKind) -> u8 {
-    match k {
-        FrameKind::Data => 0,
-        FrameKind::Control => 1,
-    }
-}
-
-fn hello(node: &NodeId, epoch: u64, cluster_id: &str) -> Bytes {
-    let mut b = BytesMut::new();
-    b.extend_from_slice(b"PMH1");
-    b.extend_from_slice(&epoch.to_be_bytes());
-    b.extend_from_slice(&(cluster_id.len() as u16).to_be_bytes());
-    b.extend_from_slice(cluster_id.as_bytes());
-    b.extend_from_slice(node.as_str().as_bytes());
-    b.freeze()
-}
-
-fn parse_hello(b: &[u8]) -> Option<(NodeId, u64, String)> {
-    let rest = b.strip_prefix(b"PMH1")?;
-    let epoch = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
-    let n = u16::from_be_bytes(rest.get(8..10)?.try_into().ok()?) as usize;
-    let cluster = std::str::from_utf8(rest.get(10..10 + n)?).ok()?.to_owned();
-    let node = std::str::from_utf8(rest.get(10 + n..)?).ok()?;
-    (!node.is_empty()).then(|| (NodeId::new(node), epoch, cluster))
-}
-
-async fn write_frame(
-    s: &mut quinn::SendStream,
-    kind: Option<FrameKind>,
-    b: &[u8],
-) -> Result<(), quinn::WriteError> {
-    let len = b.len() + usize::from(kind.is_some());
-    let mut head = Vec::with_capacity(5);
-    head.extend_from_slice(&(len as u32).to_be_bytes());
-    if let Some(k) = kind {
-        head.push(kind_byte(k));
-    }
-    s.write_all(&head).await?;
-    s.write_all(b).await
-}
-
-async fn read_frame(r: &mut quinn::RecvStream) -> Option<Bytes> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len).await.ok()?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len == 0 || len > MAX_FRAME {
-        return None;
-    }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).await.ok()?;
-    Some(Bytes::from(buf))
-}
-
-/// Reads length-prefixed frames from a stream into one reused buffer: each
-/// frame is a slice of it, so receiving costs no allocation per frame.
-struct FrameReader {
-    recv: quinn::RecvStream,
-    buf: BytesMut,
-}
-
-impl FrameReader {
-    fn new(recv: quinn::RecvStream) -> Self {
-        Self {
-            recv,
-            buf: BytesMut::with_capacity(64 * 1024),
-        }
-    }
-
-    async fn next(&mut self) -> Option<Bytes> {
-        loop {
-            if self.buf.len() >= 4 {
-                let len = u32::from_be_bytes(self.buf[..4].try_into().ok()?) as usize;
-                if len == 0 || len > MAX_FRAME {
-                    return None;
-                }
-                if self.buf.len() >= 4 + len {
-                    let _ = self.buf.split_to(4);
-                    return Some(self.buf.split_to(len).freeze());
-                }
-                self.buf.reserve(4 + len - self.buf.len());
-            } else {
-                self.buf.reserve(64 * 1024);
-            }
-            let chunk = self.recv.read_chunk(usize::MAX, true).await.ok()??;
-            self.buf.extend_from_slice(&chunk.bytes);
-        }
-    }
-}
-
 impl Cluster {
     /// Binds QUIC, starts gossip and the membership loop.
     pub async fn start(
+        mut cfg: ClusterConfig,
+    ) -> Result<(Self, mpsc::Receiver<ClusterEvent>), ClusterError> {
+        if cfg.node_id.is_empty() {
+            return Err(ClusterError::NodeId(cfg.node_id));
+        }
+        // The certificate must name this node: peers check it against our hello.
+        cfg.tls = cfg.tls.for_node(&cfg.node_id)?;
+        Self::start_unchecked(cfg).await
+    }
+
+    /// [`Cluster::start`] without checking that the certificate names the
+    /// node (tests use it to impersonate a node).
+    async fn start_unchecked(
         cfg: ClusterConfig,
     ) -> Result<(Self, mpsc::Receiver<ClusterEvent>), ClusterError> {
         let server = tls::server_config(&cfg.tls)?;
@@ -349,6 +274,9 @@ impl Cluster {
                 addr: cfg.gossip_listen,
                 message: format!("{e:#}"),
             })?;
+        if let (Some(gossip), Ok(quic)) = (transport.local_addr(), endpoint.local_addr()) {
+            tracing::info!(%gossip, %quic, "cluster sockets bound");
+        }
         let (tx, rx) = mpsc::channel(65_536);
         let inner = Arc::new(Inner {
             node: NodeId::new(&cfg.node_id),
@@ -364,6 +292,7 @@ impl Cluster {
             peer_queue: cfg.peer_queue.max(16),
             stopping: AtomicBool::new(false),
             gossip,
+            links_refused: AtomicU64::new(0),
         });
         let c = Self { inner };
         tokio::spawn(c.clone().accept_loop());
@@ -379,6 +308,11 @@ impl Cluster {
     /// Gossip counters.
     pub fn gossip_stats(&self) -> &GossipStats {
         &self.inner.gossip
+    }
+
+    /// Peer links refused so far (wrong cluster, node id or certificate).
+    pub fn links_refused(&self) -> u64 {
+        self.inner.links_refused.load(Ordering::Relaxed)
     }
 
     fn counters(&self, node: &NodeId) -> Arc<PeerCounters> {
@@ -514,156 +448,6 @@ impl Cluster {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
     }
 
-    async fn accept_loop(self) {
-        while let Some(incoming) = self.inner.endpoint.accept().await {
-            let me = self.clone();
-            tokio::spawn(async move {
-                let conn = match incoming.await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "incoming QUIC connection failed");
-                        return;
-                    }
-                };
-                me.establish(conn, None).await;
-            });
-        }
-    }
-
-    /// Hello exchange, then the link runs until either side goes.
-    async fn establish(&self, conn: quinn::Connection, expect: Option<NodeId>) {
-        let inner = &self.inner;
-        let exchange = async {
-            let mut send = conn.open_uni().await.ok()?;
-            write_frame(
-                &mut send,
-                None,
-                &hello(&inner.node, inner.epoch, &inner.cluster_id),
-            )
-            .await
-            .ok()?;
-            let mut recv = conn.accept_uni().await.ok()?;
-            let h = read_frame(&mut recv).await?;
-            Some((send, recv, parse_hello(&h)?))
-        };
-        let Ok(Some((send, recv, (peer, epoch, cluster)))) =
-            tokio::time::timeout(Duration::from_secs(5), exchange).await
-        else {
-            conn.close(1u32.into(), b"hello failed");
-            return;
-        };
-        if cluster != inner.cluster_id
-            || expect.as_ref().is_some_and(|e| *e != peer)
-            || peer == inner.node
-        {
-            tracing::warn!(peer = %peer, cluster = %cluster, "peer link refused: wrong cluster or node");
-            conn.close(2u32.into(), b"wrong peer");
-            return;
-        }
-        let id = inner.next_link.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(inner.peer_queue);
-        let old = lock(&inner.links).insert(
-            peer.clone(),
-            Link {
-                id,
-                tx,
-                conn: conn.clone(),
-            },
-        );
-        if let Some(old) = old {
-            old.conn.close(3u32.into(), b"replaced");
-            let _ = inner
-                .events
-                .send(ClusterEvent::PeerDown { node: peer.clone() })
-                .await;
-        }
-        tracing::info!(peer = %peer, epoch, remote = %conn.remote_address(), "peer link up");
-        let _ = inner
-            .events
-            .send(ClusterEvent::PeerUp {
-                node: peer.clone(),
-                epoch,
-            })
-            .await;
-        let counters = self.counters(&peer);
-        let writer = tokio::spawn(write_loop(send, rx, counters.clone()));
-        self.read_loop(recv, &peer, &counters).await;
-        writer.abort();
-        conn.close(0u32.into(), b"link closed");
-        let mine = {
-            let mut links = lock(&inner.links);
-            match links.get(&peer) {
-                Some(l) if l.id == id => {
-                    links.remove(&peer);
-                    true
-                }
-                _ => false,
-            }
-        };
-        if mine {
-            tracing::info!(peer = %peer, "peer link down");
-            let _ = inner
-                .events
-                .send(ClusterEvent::PeerDown { node: peer })
-                .await;
-        }
-    }
-
-    async fn read_loop(&self, recv: quinn::RecvStream, peer: &NodeId, counters: &PeerCounters) {
-        let mut reader = FrameReader::new(recv);
-        while let Some(f) = reader.next().await {
-            let kind = match f.first() {
-                Some(0) => FrameKind::Data,
-                Some(1) => FrameKind::Control,
-                _ => {
-                    tracing::warn!(peer = %peer, "bad frame kind from peer, closing link");
-                    return;
-                }
-            };
-            counters.received(kind).fetch_add(1, Ordering::Relaxed);
-            let frame = f.slice(1..);
-            if self
-                .inner
-                .events
-                .send(ClusterEvent::Frame {
-                    from: peer.clone(),
-                    frame,
-                })
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    }
-
-    async fn dial(self, node: NodeId, addr: SocketAddr) {
-        let conn = match self.inner.endpoint.connect(addr, tls::NODE_SERVER_NAME) {
-            Ok(c) => tokio::time::timeout(Duration::from_secs(5), c).await,
-            Err(e) => {
-                tracing::debug!(peer = %node, error = %e, "cannot dial peer");
-                lock(&self.inner.dialing).remove(&node);
-                return;
-            }
-        };
-        match conn {
-            Ok(Ok(conn)) => {
-                lock(&self.inner.dialing).remove(&node);
-                self.establish(conn, Some(node)).await;
-            }
-            other => {
-                let why = match other {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "timed out".into(),
-                };
-                tracing::debug!(peer = %node, error = %why, "dialing peer failed");
-                // Back off a little before the membership loop tries again.
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                lock(&self.inner.dialing).remove(&node);
-            }
-        }
-    }
-
     /// Every 200 ms: dial live peers without a link (the lower node id
     /// dials, so a pair has one connection), close links to peers gossip
     /// declared dead, report changed interest digests.
@@ -727,53 +511,5 @@ impl Cluster {
     }
 }
 
-async fn write_loop(
-    mut send: quinn::SendStream,
-    mut rx: mpsc::Receiver<(FrameKind, Bytes)>,
-    counters: Arc<PeerCounters>,
-) {
-    let mut chunks: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH * 2);
-    let mut heads = BytesMut::with_capacity(WRITE_BATCH * 5);
-    while let Some(first) = rx.recv().await {
-        // Headers go into one reused buffer; the frames themselves are
-        // handed to QUIC as they are (shared `Bytes`, never copied here).
-        let mut next = Some(first);
-        let mut n = 0;
-        while let Some((k, f)) = next.take() {
-            heads.reserve(5);
-            heads.extend_from_slice(&((f.len() + 1) as u32).to_be_bytes());
-            heads.extend_from_slice(&[kind_byte(k)]);
-            chunks.push(heads.split().freeze());
-            chunks.push(f);
-            counters.sent(k).fetch_add(1, Ordering::Relaxed);
-            n += 1;
-            if n < WRITE_BATCH {
-                next = rx.try_recv().ok();
-            }
-        }
-        let r = send.write_all_chunks(&mut chunks).await;
-        chunks.clear();
-        if r.is_err() {
-            return;
-        }
-    }
-    // Sender dropped (shutdown): finish the stream so the peer reads everything.
-    let _ = send.finish();
-    let _ = send.stopped().await;
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hello_round_trip() {
-        let h = hello(&NodeId::new("node-a"), 42, "c1");
-        assert_eq!(
-            parse_hello(&h),
-            Some((NodeId::new("node-a"), 42, "c1".to_string()))
-        );
-        assert_eq!(parse_hello(b"nope"), None);
-        assert_eq!(parse_hello(b"PMH1"), None);
-    }
-}
+mod tests;

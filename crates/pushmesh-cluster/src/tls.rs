@@ -42,6 +42,17 @@ pub enum TlsError {
     /// A verifier could not be built.
     #[error("tls verifier: {0}")]
     Verifier(String),
+    /// This node's certificate does not name its node id.
+    #[error("the node certificate names {names:?}, not the node id {node:?}: issue it with `pushmesh cluster init --node {node}`")]
+    NodeMismatch {
+        /// The node id.
+        node: String,
+        /// Names in the certificate.
+        names: Vec<String>,
+    },
+    /// The node id is reserved.
+    #[error("node id {0:?} is reserved (every node certificate carries it)")]
+    ReservedNodeId(String),
 }
 
 /// What a node needs for mutual TLS.
@@ -52,6 +63,80 @@ pub struct TlsMaterial {
     pub chain: Vec<CertificateDer<'static>>,
     /// This node's private key (PKCS#8).
     pub key: PrivatePkcs8KeyDer<'static>,
+    /// Development mode: the seed of the CA key derived from the secret, so
+    /// a certificate naming this node can be issued at start.
+    dev_ca_seed: Option<[u8; 32]>,
+}
+
+impl TlsMaterial {
+    /// Material for node `node`. In development mode a certificate naming
+    /// the node is issued by the CA derived from the secret; otherwise the
+    /// loaded certificate must name the node (as a DNS name or common name).
+    pub fn for_node(self, node: &str) -> Result<Self, TlsError> {
+        if node == NODE_SERVER_NAME {
+            return Err(TlsError::ReservedNodeId(node.to_string()));
+        }
+        if let Some(seed) = self.dev_ca_seed {
+            let issuer = Issuer::new(ca_params()?, key_from_seed(&seed)?);
+            let key = KeyPair::generate_for(&PKCS_ED25519)?;
+            let cert = node_params(node, rand::random::<u64>())?.signed_by(&key, &issuer)?;
+            return Ok(Self {
+                chain: vec![cert.der().clone()],
+                key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+                ..self
+            });
+        }
+        let names = self
+            .chain
+            .first()
+            .map(certificate_node_names)
+            .unwrap_or_default();
+        if names_node(&names, node) {
+            Ok(self)
+        } else {
+            Err(TlsError::NodeMismatch {
+                node: node.to_string(),
+                names,
+            })
+        }
+    }
+}
+
+/// The names a certificate carries: its DNS subject alternative names and
+/// common names (empty when it does not parse).
+pub fn certificate_node_names(cert: &CertificateDer<'_>) -> Vec<String> {
+    let Ok((_, c)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = c
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|g| match g {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for cn in c.subject().iter_common_name() {
+        if let Ok(cn) = cn.as_str() {
+            if !names.iter().any(|n| n == cn) {
+                names.push(cn.to_string());
+            }
+        }
+    }
+    names
+}
+
+/// Whether certificate names `names` name node `node`: exactly, and never
+/// through [`NODE_SERVER_NAME`], which every node certificate carries.
+pub fn names_node(names: &[String], node: &str) -> bool {
+    node != NODE_SERVER_NAME && names.iter().any(|n| n == node)
 }
 
 /// An Ed25519 PKCS#8 (v1) document for a 32-byte seed.
@@ -103,11 +188,15 @@ fn key_from_seed(seed: &[u8; 32]) -> Result<KeyPair, TlsError> {
     Ok(KeyPair::from_pkcs8_der_and_sign_algo(&der, &PKCS_ED25519)?)
 }
 
-/// Development mode: a CA and one node certificate derived from the cluster
-/// secret alone, identical on every node that knows the secret. A host
-/// without the secret cannot present a certificate chained to this CA.
+/// Development mode: a CA derived from the cluster secret alone, identical
+/// on every node that knows the secret, and a placeholder node certificate;
+/// [`TlsMaterial::for_node`] replaces it with one naming the node. A host
+/// without the secret cannot present a certificate chained to this CA; a
+/// host with it can issue one for any node id (use real certificates in
+/// production).
 pub fn derive_from_secret(secret: &str) -> Result<TlsMaterial, TlsError> {
-    let ca_key = key_from_seed(&derive_seed(secret, "ca key"))?;
+    let ca_seed = derive_seed(secret, "ca key");
+    let ca_key = key_from_seed(&ca_seed)?;
     let ca_params = ca_params()?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, ca_key);
@@ -117,6 +206,7 @@ pub fn derive_from_secret(secret: &str) -> Result<TlsMaterial, TlsError> {
         ca: ca_cert.der().clone(),
         chain: vec![node_cert.der().clone()],
         key: PrivatePkcs8KeyDer::from(node_key.serialize_der()),
+        dev_ca_seed: Some(ca_seed),
     })
 }
 
@@ -176,6 +266,7 @@ pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<TlsMaterial, TlsError>
         ca: ca_der,
         chain,
         key: key_der,
+        dev_ca_seed: None,
     })
 }
 
@@ -260,5 +351,75 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(server_config(&m).is_ok());
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn production_certificates_name_their_node() {
+        let dir = std::env::temp_dir().join(format!("pushmesh-tls-{}", rand::random::<u64>()));
+        init(&dir, &["n1".to_string(), "n2".to_string()]).unwrap_or_else(|e| panic!("{e}"));
+        let n1 = || {
+            load(
+                &dir.join("ca.pem"),
+                &dir.join("n1.pem"),
+                &dir.join("n1-key.pem"),
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let names = certificate_node_names(&n1().chain[0]);
+        assert!(names_node(&names, "n1"), "{names:?}");
+        assert!(!names_node(&names, "n2"));
+        assert!(!names_node(&names, "n"));
+        assert!(
+            !names_node(&names, NODE_SERVER_NAME),
+            "the shared name names nobody"
+        );
+        assert!(n1().for_node("n1").is_ok());
+        assert!(matches!(
+            n1().for_node("n2"),
+            Err(TlsError::NodeMismatch { node, names }) if node == "n2" && names.contains(&"n1".to_string())
+        ));
+        assert!(matches!(
+            n1().for_node(NODE_SERVER_NAME),
+            Err(TlsError::ReservedNodeId(_))
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn development_certificates_are_issued_per_node() {
+        let a = derive_from_secret("s1")
+            .and_then(|m| m.for_node("alpha"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let b = derive_from_secret("s1")
+            .and_then(|m| m.for_node("beta"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.ca, b.ca, "one CA per secret");
+        let names = certificate_node_names(&a.chain[0]);
+        assert!(
+            names_node(&names, "alpha") && !names_node(&names, "beta"),
+            "{names:?}"
+        );
+        assert!(names_node(&certificate_node_names(&b.chain[0]), "beta"));
+        // Chained to the secret's CA: accepted by a verifier rooted there.
+        let roots = roots(&a).unwrap_or_else(|e| panic!("{e}"));
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+                .build()
+                .unwrap_or_else(|e| panic!("{e}"));
+        let now = rustls::pki_types::UnixTime::now();
+        assert!(verifier.verify_client_cert(&b.chain[0], &[], now).is_ok());
+        let other = derive_from_secret("s2")
+            .and_then(|m| m.for_node("beta"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(verifier
+            .verify_client_cert(&other.chain[0], &[], now)
+            .is_err());
+    }
+
+    #[test]
+    fn garbage_certificate_names_nothing() {
+        assert!(
+            certificate_node_names(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])).is_empty()
+        );
     }
 }

@@ -195,9 +195,14 @@ impl PeerFrame {
     pub fn decode(b: &[u8]) -> Result<Self, PeerFrameError> {
         match b.split_first() {
             Some((&FRAME_VERSION, rest)) => {
-                bincode::serde::decode_from_slice(rest, bincode::config::standard())
-                    .map(|(f, _)| f)
-                    .map_err(|e| PeerFrameError::Decode(e.to_string()))
+                // Bounded like the link's frames: a frame that declares a
+                // huge string must not make bincode allocate it (found by fuzzing).
+                bincode::serde::decode_from_slice(
+                    rest,
+                    bincode::config::standard().with_limit::<16_777_216>(),
+                )
+                .map(|(f, _)| f)
+                .map_err(|e| PeerFrameError::Decode(e.to_string()))
             }
             Some((v, _)) => Err(PeerFrameError::Version(*v)),
             None => Err(PeerFrameError::Decode("empty frame".into())),

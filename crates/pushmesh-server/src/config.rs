@@ -1,16 +1,25 @@
 //! Configuration: defaults → TOML file → `PUSHMESH_*` environment → flags.
 //!
-//! Strict: unknown keys in the file and unknown `PUSHMESH_*` variables are
-//! errors, and a file that fails to load stops the node.
+//! Strict: unknown keys in the file are errors, and a file that fails to
+//! load stops the node. Unknown `PUSHMESH_*` variables never stop it (see
+//! [`env`]): platforms set their own.
+
+mod cli;
+mod cluster;
+pub mod env;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Parser;
 use pushmesh_core::AppConfig;
 use pushmesh_protocol::Limits;
 use serde::Deserialize;
+
+pub use cli::{Cli, ClusterCommand, Command};
+pub use cluster::ClusterSettings;
+use cluster::{resolve_cluster, FileCluster};
+pub use env::{check_env, EnvReport, KNOWN_ENV};
 
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -31,187 +40,12 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
-    /// An unknown `PUSHMESH_*` environment variable.
-    #[error("unknown environment variable {0} (known: {known})", known = KNOWN_ENV.join(", "))]
-    UnknownEnv(String),
     /// A bad `--app` value.
     #[error("invalid app {0:?}: expected ID:KEY:SECRET with none of them empty")]
     AppSpec(String),
     /// Something else is inconsistent.
     #[error("invalid configuration: {0}")]
     Invalid(String),
-}
-
-/// Environment variables the node reads; any other `PUSHMESH_*` is an error.
-pub const KNOWN_ENV: &[&str] = &[
-    "PUSHMESH_CONFIG",
-    "PUSHMESH_LISTEN",
-    "PUSHMESH_APPS",
-    "PUSHMESH_ACTIVITY_TIMEOUT",
-    "PUSHMESH_MAX_CONNECTIONS",
-    "PUSHMESH_LOG",
-    "PUSHMESH_LOG_FORMAT",
-    "PUSHMESH_AUTHORIZER_URL",
-    "PUSHMESH_BROADCASTING_KEY",
-    "PUSHMESH_NODE_ID",
-    "PUSHMESH_TRUSTED_PROXIES",
-    "PUSHMESH_PROXY_PROTOCOL",
-    "PUSHMESH_CLUSTER_ID",
-    "PUSHMESH_GOSSIP_LISTEN",
-    "PUSHMESH_GOSSIP_ADVERTISE",
-    "PUSHMESH_CLUSTER_LISTEN",
-    "PUSHMESH_CLUSTER_ADVERTISE",
-    "PUSHMESH_SEEDS",
-    "PUSHMESH_CLUSTER_SECRET",
-    "PUSHMESH_CLUSTER_SECRET_FILE",
-    "PUSHMESH_CLUSTER_CA",
-    "PUSHMESH_CLUSTER_CERT",
-    "PUSHMESH_CLUSTER_KEY",
-    "PUSHMESH_TLS_CERT",
-    "PUSHMESH_TLS_KEY",
-    "PUSHMESH_METRICS_LISTEN",
-];
-
-/// Command-line flags; each also reads its `PUSHMESH_*` variable.
-#[derive(Debug, Parser)]
-#[command(
-    name = "pushmesh",
-    version,
-    about = "A self-hosted, clustered Pusher Channels (protocol 7) server.",
-    long_about = "A self-hosted, clustered Pusher Channels (protocol 7) server.\n\n\
-        With no arguments it runs one node on 0.0.0.0:6001 with a development app \
-        and prints its credentials.\n\nPrecedence: defaults < --config file < PUSHMESH_* \
-        environment < flags. See docs/configuration.md."
-)]
-pub struct Cli {
-    /// TOML configuration file.
-    #[arg(long, env = "PUSHMESH_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Address for WebSocket clients and the HTTP API [default: 0.0.0.0:6001].
-    #[arg(long, env = "PUSHMESH_LISTEN", value_name = "ADDR:PORT")]
-    pub listen: Option<SocketAddr>,
-    /// An app as ID:KEY:SECRET; repeatable; replaces the development app.
-    /// In the environment: comma-separated.
-    #[arg(
-        long = "app",
-        env = "PUSHMESH_APPS",
-        value_name = "ID:KEY:SECRET",
-        value_delimiter = ','
-    )]
-    pub apps: Vec<String>,
-    /// Seconds of client silence before the server pings it [default: 120].
-    #[arg(long, env = "PUSHMESH_ACTIVITY_TIMEOUT", value_name = "SECS")]
-    pub activity_timeout: Option<u64>,
-    /// Most WebSocket connections on this node [default: unlimited].
-    #[arg(long, env = "PUSHMESH_MAX_CONNECTIONS", value_name = "N")]
-    pub max_connections: Option<usize>,
-    /// Log filter, `RUST_LOG` syntax [default: info].
-    #[arg(long, env = "PUSHMESH_LOG", value_name = "FILTER")]
-    pub log: Option<String>,
-    /// Log format [default: text].
-    #[arg(long, env = "PUSHMESH_LOG_FORMAT", value_name = "FORMAT")]
-    pub log_format: Option<LogFormat>,
-    /// wsify authorizer webhook for the app carrying wsify traffic.
-    #[arg(long, env = "PUSHMESH_AUTHORIZER_URL", value_name = "URL")]
-    pub authorizer_url: Option<String>,
-    /// Key required by `POST /broadcast?key=KEY`.
-    #[arg(long, env = "PUSHMESH_BROADCASTING_KEY", value_name = "KEY")]
-    pub broadcasting_key: Option<String>,
-    /// This node's id in the cluster [default: generated per start].
-    #[arg(long, env = "PUSHMESH_NODE_ID", value_name = "ID")]
-    pub node_id: Option<String>,
-    /// Cluster id; gossip of other clusters is ignored [default: pushmesh].
-    #[arg(long, env = "PUSHMESH_CLUSTER_ID", value_name = "ID")]
-    pub cluster_id: Option<String>,
-    /// UDP address for gossip; setting it (or --seed) turns clustering on.
-    #[arg(long, env = "PUSHMESH_GOSSIP_LISTEN", value_name = "ADDR:PORT")]
-    pub gossip_listen: Option<SocketAddr>,
-    /// Gossip address peers use [default: --gossip-listen].
-    #[arg(long, env = "PUSHMESH_GOSSIP_ADVERTISE", value_name = "ADDR:PORT")]
-    pub gossip_advertise: Option<SocketAddr>,
-    /// UDP address for QUIC peer links [default: gossip port + 1].
-    #[arg(long, env = "PUSHMESH_CLUSTER_LISTEN", value_name = "ADDR:PORT")]
-    pub cluster_listen: Option<SocketAddr>,
-    /// QUIC address peers use [default: --cluster-listen].
-    #[arg(long, env = "PUSHMESH_CLUSTER_ADVERTISE", value_name = "ADDR:PORT")]
-    pub cluster_advertise: Option<SocketAddr>,
-    /// A gossip seed, HOST:PORT; repeatable; host names are re-resolved.
-    #[arg(
-        long = "seed",
-        env = "PUSHMESH_SEEDS",
-        value_name = "HOST:PORT",
-        value_delimiter = ','
-    )]
-    pub seeds: Vec<String>,
-    /// Cluster secret: seals gossip; derives development certificates.
-    #[arg(
-        long,
-        env = "PUSHMESH_CLUSTER_SECRET",
-        value_name = "SECRET",
-        hide_env_values = true
-    )]
-    pub cluster_secret: Option<String>,
-    /// File holding the cluster secret.
-    #[arg(long, env = "PUSHMESH_CLUSTER_SECRET_FILE", value_name = "FILE")]
-    pub cluster_secret_file: Option<PathBuf>,
-    /// Cluster CA certificate (PEM) [default: derived from the secret].
-    #[arg(long, env = "PUSHMESH_CLUSTER_CA", value_name = "FILE")]
-    pub cluster_ca: Option<PathBuf>,
-    /// This node's certificate (PEM).
-    #[arg(long, env = "PUSHMESH_CLUSTER_CERT", value_name = "FILE")]
-    pub cluster_cert: Option<PathBuf>,
-    /// This node's private key (PKCS#8 PEM).
-    #[arg(long, env = "PUSHMESH_CLUSTER_KEY", value_name = "FILE")]
-    pub cluster_key: Option<PathBuf>,
-    /// TLS certificate chain (PEM): serve wss:// and https:// directly.
-    #[arg(long, env = "PUSHMESH_TLS_CERT", value_name = "FILE")]
-    pub tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM). Reloaded with the certificate on SIGHUP.
-    #[arg(long, env = "PUSHMESH_TLS_KEY", value_name = "FILE")]
-    pub tls_key: Option<PathBuf>,
-    /// Serve /metrics on this separate address (plain HTTP) as well.
-    #[arg(long, env = "PUSHMESH_METRICS_LISTEN", value_name = "ADDR:PORT")]
-    pub metrics_listen: Option<SocketAddr>,
-    /// Proxies whose PROXY headers and X-Forwarded-For are believed (CIDRs);
-    /// repeatable; in the environment: comma-separated.
-    #[arg(
-        long = "trusted-proxy",
-        env = "PUSHMESH_TRUSTED_PROXIES",
-        value_name = "CIDR",
-        value_delimiter = ','
-    )]
-    pub trusted_proxies: Vec<crate::proxy::Cidr>,
-    /// Read PROXY protocol v1/v2 headers from trusted proxies [default: false].
-    #[arg(long, env = "PUSHMESH_PROXY_PROTOCOL", value_name = "BOOL")]
-    pub proxy_protocol: Option<bool>,
-    /// Subcommands.
-    #[command(subcommand)]
-    pub command: Option<Command>,
-}
-
-/// Subcommands of `pushmesh`.
-#[derive(Debug, clap::Subcommand)]
-pub enum Command {
-    /// Cluster tools.
-    Cluster {
-        /// What to do.
-        #[command(subcommand)]
-        action: ClusterCommand,
-    },
-}
-
-/// `pushmesh cluster ...`.
-#[derive(Debug, clap::Subcommand)]
-pub enum ClusterCommand {
-    /// Generates a cluster CA and one certificate per node (PEM files).
-    Init {
-        /// Directory to write into.
-        #[arg(long, value_name = "DIR")]
-        out: PathBuf,
-        /// A node id; repeatable.
-        #[arg(long = "node", value_name = "ID", required = true)]
-        nodes: Vec<String>,
-    },
 }
 
 /// How logs are written.
@@ -264,62 +98,6 @@ pub struct FileConfig {
     apps: Vec<FileApp>,
     #[serde(default)]
     cluster: Option<FileCluster>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileCluster {
-    node_id: Option<String>,
-    cluster_id: Option<String>,
-    gossip_listen: Option<SocketAddr>,
-    gossip_advertise: Option<SocketAddr>,
-    cluster_listen: Option<SocketAddr>,
-    cluster_advertise: Option<SocketAddr>,
-    #[serde(default)]
-    seeds: Vec<String>,
-    secret: Option<String>,
-    secret_file: Option<PathBuf>,
-    ca: Option<PathBuf>,
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    gossip_interval_ms: Option<u64>,
-    phi_threshold: Option<f64>,
-    dead_node_grace_secs: Option<u64>,
-    peer_queue: Option<usize>,
-    drain_wait_ms: Option<u64>,
-}
-
-/// Clustering settings (present when clustering is on).
-#[derive(Debug, Clone)]
-pub struct ClusterSettings {
-    /// This node's id.
-    pub node_id: String,
-    /// Cluster id.
-    pub cluster_id: String,
-    /// Gossip UDP address.
-    pub gossip_listen: SocketAddr,
-    /// Advertised gossip address.
-    pub gossip_advertise: SocketAddr,
-    /// QUIC UDP address.
-    pub cluster_listen: SocketAddr,
-    /// Advertised QUIC address.
-    pub cluster_advertise: SocketAddr,
-    /// Seeds.
-    pub seeds: Vec<String>,
-    /// The secret.
-    pub secret: String,
-    /// CA, certificate and key files; `None`: derived from the secret.
-    pub certs: Option<(PathBuf, PathBuf, PathBuf)>,
-    /// Gossip interval.
-    pub gossip_interval: Duration,
-    /// Failure detector phi threshold.
-    pub phi_threshold: f64,
-    /// How long dead nodes are remembered.
-    pub dead_node_grace: Duration,
-    /// Frames queued per peer.
-    pub peer_queue: usize,
-    /// How long a draining node stays up, marked draining, before closing clients.
-    pub drain_wait: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -600,8 +378,8 @@ impl FileConfig {
 
 impl Config {
     /// Resolves flags (with their environment variables) over an optional file.
+    /// Unknown `PUSHMESH_*` variables are not checked here: see [`check_env`].
     pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
-        check_env(std::env::vars().map(|(k, _)| k))?;
         let file = match &cli.config {
             Some(p) => FileConfig::load(p)?,
             None => FileConfig::default(),
@@ -816,246 +594,5 @@ impl Config {
     }
 }
 
-fn resolve_cluster(cli: &Cli, f: FileCluster) -> Result<Option<ClusterSettings>, ConfigError> {
-    let invalid = |m: &str| ConfigError::Invalid(m.to_string());
-    let gossip_listen = cli.gossip_listen.or(f.gossip_listen);
-    let seeds: Vec<String> = if cli.seeds.is_empty() {
-        f.seeds
-    } else {
-        cli.seeds.clone()
-    };
-    let cluster_listen = cli.cluster_listen.or(f.cluster_listen);
-    if gossip_listen.is_none() && seeds.is_empty() && cluster_listen.is_none() {
-        return Ok(None);
-    }
-    let gossip_listen = gossip_listen.ok_or_else(|| {
-        invalid("clustering needs --gossip-listen ADDR:PORT (seeds or --cluster-listen were given)")
-    })?;
-    let cluster_listen = cluster_listen.unwrap_or_else(|| {
-        let mut a = gossip_listen;
-        a.set_port(gossip_listen.port().wrapping_add(1));
-        a
-    });
-    let advertise = |given: Option<SocketAddr>, listen: SocketAddr, flag: &str| {
-        let a = given.unwrap_or(listen);
-        if a.ip().is_unspecified() || a.port() == 0 {
-            Err(ConfigError::Invalid(format!(
-                "{flag}: listening on {listen}, peers need a concrete address: set {flag}"
-            )))
-        } else {
-            Ok(a)
-        }
-    };
-    let gossip_advertise = advertise(
-        cli.gossip_advertise.or(f.gossip_advertise),
-        gossip_listen,
-        "--gossip-advertise",
-    )?;
-    let cluster_advertise = advertise(
-        cli.cluster_advertise.or(f.cluster_advertise),
-        cluster_listen,
-        "--cluster-advertise",
-    )?;
-    let secret = match (
-        cli.cluster_secret.clone().or(f.secret),
-        cli.cluster_secret_file.clone().or(f.secret_file),
-    ) {
-        (Some(s), _) => s,
-        (None, Some(path)) => std::fs::read_to_string(&path)
-            .map_err(|source| ConfigError::Read { path: path.clone(), source })?
-            .trim()
-            .to_string(),
-        (None, None) => {
-            return Err(invalid(
-                "clustering needs a cluster secret: --cluster-secret, --cluster-secret-file or PUSHMESH_CLUSTER_SECRET",
-            ))
-        }
-    };
-    if secret.len() < 16 {
-        return Err(invalid("the cluster secret must be at least 16 characters"));
-    }
-    let certs = match (
-        cli.cluster_ca.clone().or(f.ca),
-        cli.cluster_cert.clone().or(f.cert),
-        cli.cluster_key.clone().or(f.key),
-    ) {
-        (None, None, None) => None,
-        (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
-        _ => return Err(invalid("give all of --cluster-ca, --cluster-cert and --cluster-key, or none (development mode)")),
-    };
-    Ok(Some(ClusterSettings {
-        node_id: cli
-            .node_id
-            .clone()
-            .or(f.node_id)
-            .unwrap_or_else(generated_node_id),
-        cluster_id: cli
-            .cluster_id
-            .clone()
-            .or(f.cluster_id)
-            .unwrap_or_else(|| "pushmesh".into()),
-        gossip_listen,
-        gossip_advertise,
-        cluster_listen,
-        cluster_advertise,
-        seeds,
-        secret,
-        certs,
-        gossip_interval: Duration::from_millis(f.gossip_interval_ms.unwrap_or(500)),
-        phi_threshold: f.phi_threshold.unwrap_or(8.0),
-        dead_node_grace: Duration::from_secs(f.dead_node_grace_secs.unwrap_or(60)),
-        peer_queue: f.peer_queue.unwrap_or(65_536),
-        drain_wait: Duration::from_millis(f.drain_wait_ms.unwrap_or(1500)),
-    }))
-}
-
-/// Refuses unknown `PUSHMESH_*` environment variables (a typo would otherwise be ignored).
-pub fn check_env(names: impl Iterator<Item = String>) -> Result<(), ConfigError> {
-    for n in names {
-        if n.starts_with("PUSHMESH_") && !KNOWN_ENV.contains(&n.as_str()) {
-            return Err(ConfigError::UnknownEnv(n));
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cli(args: &[&str]) -> Cli {
-        let mut v = vec!["pushmesh"];
-        v.extend_from_slice(args);
-        Cli::try_parse_from(v).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    #[test]
-    fn defaults_to_development_app() {
-        let c = Config::resolve(FileConfig::default(), cli(&[])).unwrap_or_else(|e| panic!("{e}"));
-        assert!(c.development);
-        assert_eq!(c.apps[0].key, "app-key");
-        assert_eq!(c.listen.port(), 6001);
-    }
-
-    #[test]
-    fn flags_override_file() {
-        let file = FileConfig::parse(
-            r#"
-listen = "127.0.0.1:7000"
-activity_timeout = 60
-[[apps]]
-id = "1"
-key = "k"
-secret = "s"
-client_events = true
-[apps.limits]
-max_presence_members = 5
-"#,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let c = Config::resolve(file, cli(&["--listen", "127.0.0.1:7001"]))
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.listen.port(), 7001);
-        assert_eq!(c.activity_timeout, Duration::from_secs(60));
-        assert!(!c.development);
-        assert_eq!(c.apps[0].limits.max_presence_members, 5);
-        assert_eq!(c.apps[0].limits.max_event_channels, 100);
-    }
-
-    #[test]
-    fn app_flags_replace_apps() {
-        let c = Config::resolve(
-            FileConfig::default(),
-            cli(&["--app", "1:a:b", "--app", "2:c:d:e"]),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.apps.len(), 2);
-        assert_eq!(c.apps[1].secret, "d:e");
-        assert!(Config::resolve(FileConfig::default(), cli(&["--app", "1::b"])).is_err());
-        assert!(Config::resolve(
-            FileConfig::default(),
-            cli(&["--app", "1:a:b", "--app", "1:c:d"])
-        )
-        .is_err());
-    }
-
-    #[test]
-    fn example_cluster_configs_resolve() {
-        for i in 1..=3 {
-            let path = format!(
-                "{}/../../deploy/cluster/node{i}.toml",
-                env!("CARGO_MANIFEST_DIR")
-            );
-            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            let file = FileConfig::parse(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
-            let c = Config::resolve(file, cli(&["--cluster-secret", "0123456789abcdef0123"]))
-                .unwrap_or_else(|e| panic!("{path}: {e}"));
-            let cl = c
-                .cluster
-                .unwrap_or_else(|| panic!("{path}: clustering off"));
-            assert_eq!(cl.node_id, format!("node{i}"));
-            assert_eq!(cl.seeds.len(), 3);
-            assert!(cl.certs.is_some());
-        }
-    }
-
-    #[test]
-    fn cluster_settings_are_checked() {
-        let none =
-            Config::resolve(FileConfig::default(), cli(&[])).unwrap_or_else(|e| panic!("{e}"));
-        assert!(none.cluster.is_none());
-        let no_secret = Config::resolve(
-            FileConfig::default(),
-            cli(&["--gossip-listen", "127.0.0.1:7000"]),
-        );
-        assert!(matches!(no_secret, Err(ConfigError::Invalid(m)) if m.contains("secret")));
-        let unspecified = Config::resolve(
-            FileConfig::default(),
-            cli(&[
-                "--gossip-listen",
-                "0.0.0.0:7000",
-                "--cluster-secret",
-                "0123456789abcdef",
-            ]),
-        );
-        assert!(matches!(unspecified, Err(ConfigError::Invalid(m)) if m.contains("advertise")));
-        let half_certs = Config::resolve(
-            FileConfig::default(),
-            cli(&[
-                "--gossip-listen",
-                "127.0.0.1:7000",
-                "--cluster-secret",
-                "0123456789abcdef",
-                "--cluster-ca",
-                "x",
-            ]),
-        );
-        assert!(half_certs.is_err());
-        let ok = Config::resolve(
-            FileConfig::default(),
-            cli(&[
-                "--gossip-listen",
-                "127.0.0.1:7000",
-                "--cluster-secret",
-                "0123456789abcdef",
-                "--seed",
-                "a:1,b:2",
-            ]),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let cl = ok.cluster.unwrap_or_else(|| panic!("clustering off"));
-        assert_eq!(cl.cluster_listen.port(), 7001);
-        assert_eq!(cl.seeds, vec!["a:1".to_string(), "b:2".to_string()]);
-    }
-
-    #[test]
-    fn strict() {
-        assert!(FileConfig::parse("lisen = \"x\"").is_err());
-        assert!(FileConfig::parse("[[apps]]\nid=\"1\"\nkey=\"k\"\nsecret=\"s\"\nbogus=1").is_err());
-        assert!(check_env(["PUSHMESH_LISTEN".to_string()].into_iter()).is_ok());
-        assert!(matches!(
-            check_env(["PUSHMESH_LISTN".to_string()].into_iter()),
-            Err(ConfigError::UnknownEnv(_))
-        ));
-    }
-}
+mod tests;

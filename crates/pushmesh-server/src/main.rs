@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use pushmesh_server::config::{Cli, ClusterCommand, Command, Config, LogFormat};
+use pushmesh_server::config::{self, Cli, ClusterCommand, Command, Config, LogFormat};
 use pushmesh_server::Server;
 use tracing_subscriber::EnvFilter;
 
@@ -66,7 +66,11 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
         let site = meta as *const _ as usize;
         limiter.allow(&site, std::time::Instant::now())
     });
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal, not in journald or files.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let fmt = match config.log_format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
@@ -75,6 +79,20 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
         .with(fmt.with_filter(rate_limit).with_filter(filter))
         .init();
     Ok(())
+}
+
+/// Warns about unknown `PUSHMESH_*` variables (never fatal: platforms such
+/// as Kubernetes set their own, and those service links are not reported).
+fn report_env() {
+    let names = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok());
+    let report = config::check_env(names);
+    for (name, known) in &report.typos {
+        tracing::warn!(variable = %name, did_you_mean = %known, "unknown environment variable ignored");
+    }
+    if !report.unknown.is_empty() {
+        let list = report.unknown.join(", ");
+        tracing::warn!(variables = %list, "unknown environment variables ignored");
+    }
 }
 
 fn banner(config: &Config, addr: std::net::SocketAddr) {
@@ -91,11 +109,17 @@ fn banner(config: &Config, addr: std::net::SocketAddr) {
             c.cluster_advertise
         );
     }
+    // Secrets are never printed or logged: only the development app's, which
+    // is public (and serves only when no app is configured).
     for a in &config.apps {
-        println!("  app id: {}  key: {}  secret: {}", a.id, a.key, a.secret);
+        println!("  app id: {}  key: {}", a.id, a.key);
     }
-    if config.development {
-        let a = &config.apps[0];
+    let dev = config::development_app();
+    if let Some(a) = config
+        .apps
+        .first()
+        .filter(|a| config.development && a.secret == dev.secret)
+    {
         println!(
             "\nDevelopment app (no app configured; do not use in production). Connect with pusher-js:\n\n  \
              new Pusher('{key}', {{ wsHost: '127.0.0.1', wsPort: {port}, forceTLS: false,\n    \
@@ -124,29 +148,32 @@ const EVENT_INTERVAL: u32 = 11;
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     init_logging(&config)?;
+    report_env();
+    // Signal handlers first: a SIGTERM right after start is a graceful stop too.
+    let shutdown = shutdown_signal()?;
     let server = Server::bind(config.clone()).await?;
     let addr = server.local_addr()?;
     banner(&config, addr);
     tracing::info!(%addr, apps = config.apps.len(), "pushmesh started");
-    server.run(shutdown_signal()).await?;
+    server.run(shutdown).await?;
     tracing::info!("pushmesh stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGINT or SIGTERM; the handlers are installed when this returns.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (mut int, mut term) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { () = ctrl_c => {}, () = term => {} }
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

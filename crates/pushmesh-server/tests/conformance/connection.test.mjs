@@ -163,8 +163,18 @@ test('binary: --help, --version, bad config exits non-zero with a message', () =
   const badApp = spawnSync(BIN, ['--app', 'only-id'], { encoding: 'utf8', env: cleanEnv() });
   assert.notEqual(badApp.status, 0);
   assert.match(badApp.stderr, /ID:KEY:SECRET/);
-  const env = { ...cleanEnv(), PUSHMESH_LISTN: '1' };
-  const typo = spawnSync(BIN, [], { encoding: 'utf8', env });
-  assert.notEqual(typo.status, 0);
-  assert.match(typo.stderr, /PUSHMESH_LISTN/);
+});
+
+test('binary: unknown PUSHMESH_* variables are warned about, never fatal; service links are silent', async () => {
+  const srv = await startServer({
+    env: { PUSHMESH_LISTN: '1', PUSHMESH_SERVICE_HOST: '10.96.0.1', PUSHMESH_PORT_80_TCP: 'tcp://10.96.0.1:80' },
+  });
+  try {
+    const res = await fetch(`http://127.0.0.1:${srv.port}/healthz`);
+    assert.equal(res.status, 200);
+    await until(() => /did_you_mean\S*PUSHMESH_LISTEN/.test(srv.stderr()), 'the typo warning');
+    assert.doesNotMatch(srv.stderr(), /PUSHMESH_SERVICE_HOST|PUSHMESH_PORT_80_TCP/);
+  } finally {
+    await srv.stop();
+  }
 });

@@ -67,7 +67,7 @@ export async function startServer({ args = [], configToml = null, env = {} } = {
   };
 }
 
-/** The environment without PUSHMESH_* variables (pushmesh refuses unknown ones). */
+/** The environment without PUSHMESH_* variables (pushmesh warns about unknown ones). */
 export function cleanEnv() {
   const env = { ...process.env };
   for (const k of Object.keys(env)) if (k.startsWith('PUSHMESH_')) delete env[k];

@@ -1,0 +1,153 @@
+//! Layering and strictness of the configuration.
+
+use clap::Parser;
+
+use super::*;
+
+fn cli(args: &[&str]) -> Cli {
+    let mut v = vec!["pushmesh"];
+    v.extend_from_slice(args);
+    Cli::try_parse_from(v).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn defaults_to_development_app() {
+    let c = Config::resolve(FileConfig::default(), cli(&[])).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.development);
+    assert_eq!(c.apps[0].key, "app-key");
+    assert_eq!(c.listen.port(), 6001);
+}
+
+#[test]
+fn flags_override_file() {
+    let file = FileConfig::parse(
+        r#"
+listen = "127.0.0.1:7000"
+activity_timeout = 60
+[[apps]]
+id = "1"
+key = "k"
+secret = "s"
+client_events = true
+[apps.limits]
+max_presence_members = 5
+"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let c = Config::resolve(file, cli(&["--listen", "127.0.0.1:7001"]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.listen.port(), 7001);
+    assert_eq!(c.activity_timeout, Duration::from_secs(60));
+    assert!(!c.development);
+    assert_eq!(c.apps[0].limits.max_presence_members, 5);
+    assert_eq!(c.apps[0].limits.max_event_channels, 100);
+}
+
+#[test]
+fn app_flags_replace_apps() {
+    let c = Config::resolve(
+        FileConfig::default(),
+        cli(&["--app", "1:a:b", "--app", "2:c:d:e"]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.apps.len(), 2);
+    assert_eq!(c.apps[1].secret, "d:e");
+    assert!(Config::resolve(FileConfig::default(), cli(&["--app", "1::b"])).is_err());
+    assert!(Config::resolve(
+        FileConfig::default(),
+        cli(&["--app", "1:a:b", "--app", "1:c:d"])
+    )
+    .is_err());
+}
+
+#[test]
+fn example_cluster_configs_resolve() {
+    for i in 1..=3 {
+        let path = format!(
+            "{}/../../deploy/cluster/node{i}.toml",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let file = FileConfig::parse(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let c = Config::resolve(file, cli(&["--cluster-secret", "0123456789abcdef0123"]))
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let cl = c
+            .cluster
+            .unwrap_or_else(|| panic!("{path}: clustering off"));
+        assert_eq!(cl.node_id, format!("node{i}"));
+        assert_eq!(cl.seeds.len(), 3);
+        assert!(cl.certs.is_some());
+    }
+}
+
+#[test]
+fn cluster_settings_are_checked() {
+    let none = Config::resolve(FileConfig::default(), cli(&[])).unwrap_or_else(|e| panic!("{e}"));
+    assert!(none.cluster.is_none());
+    let no_secret = Config::resolve(
+        FileConfig::default(),
+        cli(&["--gossip-listen", "127.0.0.1:7000"]),
+    );
+    assert!(matches!(no_secret, Err(ConfigError::Invalid(m)) if m.contains("secret")));
+    let unspecified = Config::resolve(
+        FileConfig::default(),
+        cli(&[
+            "--gossip-listen",
+            "0.0.0.0:7000",
+            "--cluster-secret",
+            "0123456789abcdef",
+        ]),
+    );
+    assert!(matches!(unspecified, Err(ConfigError::Invalid(m)) if m.contains("advertise")));
+    let half_certs = Config::resolve(
+        FileConfig::default(),
+        cli(&[
+            "--gossip-listen",
+            "127.0.0.1:7000",
+            "--cluster-secret",
+            "0123456789abcdef",
+            "--cluster-ca",
+            "x",
+        ]),
+    );
+    assert!(half_certs.is_err());
+    let ok = Config::resolve(
+        FileConfig::default(),
+        cli(&[
+            "--gossip-listen",
+            "127.0.0.1:7000",
+            "--cluster-secret",
+            "0123456789abcdef",
+            "--seed",
+            "a:1,b:2",
+        ]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let reserved = Config::resolve(
+        FileConfig::default(),
+        cli(&[
+            "--gossip-listen",
+            "127.0.0.1:7000",
+            "--cluster-secret",
+            "0123456789abcdef",
+            "--node-id",
+            "pushmesh-node",
+        ]),
+    );
+    assert!(matches!(reserved, Err(ConfigError::Invalid(m)) if m.contains("reserved")));
+    let cl = ok.cluster.unwrap_or_else(|| panic!("clustering off"));
+    assert_eq!(cl.cluster_listen.port(), 7001);
+    assert_eq!(cl.seeds, vec!["a:1".to_string(), "b:2".to_string()]);
+}
+
+#[test]
+fn strict() {
+    assert!(FileConfig::parse("lisen = \"x\"").is_err());
+    assert!(FileConfig::parse("[[apps]]\nid=\"1\"\nkey=\"k\"\nsecret=\"s\"\nbogus=1").is_err());
+    // Unknown environment variables are reported, never refused.
+    assert!(check_env(["PUSHMESH_LISTEN".to_string()]).is_empty());
+    assert_eq!(
+        check_env(["PUSHMESH_LISTN".to_string()]).typos,
+        vec![("PUSHMESH_LISTN".to_string(), "PUSHMESH_LISTEN")]
+    );
+}
