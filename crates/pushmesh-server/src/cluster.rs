@@ -112,7 +112,11 @@ pub async fn cluster_status(State(st): State<Arc<Shared>>) -> Json<serde_json::V
         "gossip": {
             "accepted": c.gossip_stats().accepted.load(Ordering::Relaxed),
             "rejected": c.gossip_stats().rejected.load(Ordering::Relaxed),
+            "replayed": c.gossip_stats().replayed.load(Ordering::Relaxed),
+            "skewed": c.gossip_stats().skewed.load(Ordering::Relaxed),
+            "send_failed": c.gossip_stats().send_failed.load(Ordering::Relaxed),
         },
+        "links_refused": c.links_refused(),
     }))
 }
 
@@ -199,4 +203,8 @@ pub fn render_metrics(st: &Shared, out: &mut String) {
     }
     let g = c.gossip_stats();
     let _ = writeln!(out, "# HELP pushmesh_gossip_packets_rejected_total Gossip datagrams that failed authentication.\n# TYPE pushmesh_gossip_packets_rejected_total counter\npushmesh_gossip_packets_rejected_total {}", l(&g.rejected));
+    let _ = writeln!(out, "# HELP pushmesh_gossip_packets_replayed_total Authentic gossip datagrams dropped as replays (also in rejected).\n# TYPE pushmesh_gossip_packets_replayed_total counter\npushmesh_gossip_packets_replayed_total {}", l(&g.replayed));
+    let _ = writeln!(out, "# HELP pushmesh_gossip_packets_skewed_total Authentic gossip datagrams dropped for a timestamp too far from this node's clock (also in rejected).\n# TYPE pushmesh_gossip_packets_skewed_total counter\npushmesh_gossip_packets_skewed_total {}", l(&g.skewed));
+    let _ = writeln!(out, "# HELP pushmesh_gossip_send_failures_total Gossip envelopes not sent (too large once sealed, send error or timeout).\n# TYPE pushmesh_gossip_send_failures_total counter\npushmesh_gossip_send_failures_total {}", l(&g.send_failed));
+    let _ = writeln!(out, "# HELP pushmesh_cluster_links_refused_total Peer links refused (node id not in the peer's certificate, wrong cluster).\n# TYPE pushmesh_cluster_links_refused_total counter\npushmesh_cluster_links_refused_total {}", c.links_refused());
 }
