@@ -280,22 +280,8 @@ impl Core {
         }
     }
 
-    fn flush_deltas(&mut self) {
-        let mut fx = Effects::default();
-        for d in std::mem::take(&mut self.deltas) {
-            self.replicator.local(d, &mut fx);
-        }
-        self.effects(fx);
-    }
-
     fn effects(&mut self, fx: Effects) {
-        for (to, frame) in fx.send {
-            self.out.push_back(Output::Peer {
-                to,
-                kind: FrameKind::Control,
-                frame,
-            });
-        }
+        self.push_control(fx.send);
         for (peer, d) in fx.apply {
             let mut sink = sink!(self);
             if matches!(d, Delta::User { .. }) {
@@ -305,10 +291,22 @@ impl Core {
                 self.shards[i].apply_remote(&peer, d, &mut sink);
             }
         }
-        self.flush_deltas_only();
+        self.flush_deltas();
     }
 
-    fn flush_deltas_only(&mut self) {
+    fn push_control(&mut self, frames: Vec<(NodeId, Bytes)>) {
+        for (to, frame) in frames {
+            self.out.push_back(Output::Peer {
+                to,
+                kind: FrameKind::Control,
+                frame,
+            });
+        }
+    }
+
+    /// Numbers this node's own state changes and queues them for the peers
+    /// (the replicator's `local` never yields changes to apply here).
+    fn flush_deltas(&mut self) {
         if self.deltas.is_empty() {
             return;
         }
@@ -316,13 +314,7 @@ impl Core {
         for d in std::mem::take(&mut self.deltas) {
             self.replicator.local(d, &mut fx);
         }
-        for (to, frame) in fx.send {
-            self.out.push_back(Output::Peer {
-                to,
-                kind: FrameKind::Control,
-                frame,
-            });
-        }
+        self.push_control(fx.send);
     }
 
     /// A new WebSocket connection for `app`. Queues `connection_established`.

@@ -238,19 +238,7 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx, pee
                 Next::Frame(first) => {
                     // A close request (e.g. 4100 for this very connection)
                     // wins over a write stuck on a client that does not read.
-                    let (ok, closing) = {
-                        let write = write_batch(&mut socket, &mut rx, first, WRITE_TIMEOUT, &st.stats.edge.bytes_out);
-                        tokio::pin!(write);
-                        let close = h.close_requested();
-                        tokio::pin!(close);
-                        // The write first: when it completes at once (the usual
-                        // case) the close waiter is never even registered.
-                        tokio::select! {
-                            biased;
-                            ok = &mut write => (ok, false),
-                            () = &mut close => (true, true),
-                        }
-                    };
+                    let (ok, closing) = write_or_close(&mut socket, &mut rx, &h, first, &st.stats.edge.bytes_out).await;
                     if closing {
                         if let Some(req) = h.take_close() {
                             session.close(req.code, &req.reason);
@@ -397,6 +385,29 @@ pub(crate) async fn pump(node: &Node, h: &ConnRef, session: &mut Session) -> Opt
         .await;
     }
     close
+}
+
+/// Writes a batch unless a close is requested meanwhile (e.g. 4100 for this
+/// very connection, which must win over a write stuck on a client that does
+/// not read). Returns (write succeeded, close requested).
+pub(crate) async fn write_or_close(
+    socket: &mut WebSocket,
+    rx: &mut Outbox,
+    h: &ConnRef,
+    first: Utf8Bytes,
+    bytes_out: &AtomicU64,
+) -> (bool, bool) {
+    let write = write_batch(socket, rx, first, WRITE_TIMEOUT, bytes_out);
+    tokio::pin!(write);
+    let close = h.close_requested();
+    tokio::pin!(close);
+    // The write first: when it completes at once (the usual case) the close
+    // waiter is never even registered.
+    tokio::select! {
+        biased;
+        ok = &mut write => (ok, false),
+        () = &mut close => (true, true),
+    }
 }
 
 /// Writes `first` and whatever else is queued, then flushes once.

@@ -28,7 +28,7 @@ use tokio::time::{sleep_until, timeout};
 use crate::authorizer::Verdict;
 use crate::conn::{CloseRequest, ConnRef, Next};
 use crate::ws::{
-    await_close, flush_queued, pump, write_batch, CLOSE_TIMEOUT, READ_BUFFER, WRITE_BUFFER,
+    await_close, flush_queued, pump, write_or_close, CLOSE_TIMEOUT, READ_BUFFER, WRITE_BUFFER,
     WRITE_TIMEOUT,
 };
 use crate::Shared;
@@ -192,19 +192,7 @@ async fn run_wsify(
                     }
                 }
                 Next::Frame(first) => {
-                    let (ok, closing) = {
-                        let write = write_batch(&mut socket, &mut rx, first, WRITE_TIMEOUT, &st.stats.edge.bytes_out);
-                        tokio::pin!(write);
-                        let close = h.close_requested();
-                        tokio::pin!(close);
-                        // The write first: when it completes at once (the usual
-                        // case) the close waiter is never even registered.
-                        tokio::select! {
-                            biased;
-                            ok = &mut write => (ok, false),
-                            () = &mut close => (true, true),
-                        }
-                    };
+                    let (ok, closing) = write_or_close(&mut socket, &mut rx, &h, first, &st.stats.edge.bytes_out).await;
                     if closing {
                         if let Some(CloseRequest { code, reason }) = h.take_close() {
                             break End::Close(ws_code(code), reason);
