@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Runs the cluster scenarios: builds a private network of namespaces (one per
-# node, one for the test clients, one holding the bridge), runs the node test
-# suite inside the client namespace, and removes everything afterwards.
+# node, one for the test clients, one for a load balancer, one holding the
+# bridge), runs the node test suite inside the client namespace, and removes
+# everything afterwards.
+# Usage: ./run.sh [FILE.test.mjs ...]   (default: every *.test.mjs)
+#        PMC_TEST_PATTERN=REGEX ./run.sh ...   (only tests whose name matches)
 # Needs root (network namespaces); without it, it says so and fails.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -28,8 +31,10 @@ cleanup() {
     ip netns pids "$P-n$i" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
     ip netns del "$P-n$i" 2>/dev/null || true
   done
-  ip netns pids "$P-cli" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-  ip netns del "$P-cli" 2>/dev/null || true
+  for ns in cli lb; do
+    ip netns pids "$P-$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del "$P-$ns" 2>/dev/null || true
+  done
   ip netns del "$BR_NS" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -54,6 +59,14 @@ attach() { # name ip-suffix
 }
 for i in $(seq 1 $NODES); do attach "n$i" "$i"; done
 attach cli 100
+attach lb 200        # the load balancer (HAProxy) of continuity.test.mjs
 
 export PMC_PREFIX=$P PMC_SUBNET=$SUBNET PMC_NODES=$NODES
-ip netns exec "$P-cli" node --test --test-force-exit --test-concurrency=1 --test-timeout=180000 "$here"/*.test.mjs
+# Test files: the arguments (paths relative to cluster-tests/), else all of them.
+files=()
+if [ $# -gt 0 ]; then for f in "$@"; do files+=("$here/$f"); done; else files=("$here"/*.test.mjs); fi
+# Raw WebSocket clients use the WHATWG WebSocket, behind a flag in Node 20.
+flags=()
+node --experimental-websocket -e 0 2>/dev/null && flags+=(--experimental-websocket)
+ip netns exec "$P-cli" node "${flags[@]}" --test --test-force-exit --test-concurrency=1 --test-timeout=180000 \
+  ${PMC_TEST_PATTERN:+--test-name-pattern="$PMC_TEST_PATTERN"} "${files[@]}"
