@@ -21,7 +21,7 @@ function collect(ch, event) {
   return got;
 }
 
-test('routing: subscribers on n1, publish through n3; n2 gets no data frames', async () => {
+test('routing: subscribers on n1, publish through n3; n2 gets no data frames', { timeout: 180000 }, async () => {
   for (const i of [1, 2, 3]) await startNode(i);
   await meshed([1, 2, 3]);
   const c = client(1);
@@ -57,7 +57,7 @@ test('routing: subscribers on n1, publish through n3; n2 gets no data frames', a
   assert.equal(excludedGot.length, 0, 'the excluded socket did not get the event');
 });
 
-test('presence across three nodes; kill -9 removes its members everywhere, one webhook per user', async () => {
+test('presence across three nodes; kill -9 removes its members everywhere, one webhook per user', { timeout: 180000 }, async () => {
   const rx = await webhookReceiver();
   for (const i of [1, 2, 3]) await startNode(i, { webhookUrl: rx.url });
   await meshed([1, 2, 3]);
@@ -92,7 +92,7 @@ test('presence across three nodes; kill -9 removes its members everywhere, one w
   rx.close();
 });
 
-test('partition between n1 and n2, then healing: re-synced, no duplicates, nothing lost on the healthy side', async () => {
+test('partition between n1 and n2, then healing: re-synced, no duplicates, nothing lost on the healthy side', { timeout: 180000 }, async () => {
   for (const i of [1, 2, 3]) await startNode(i);
   await meshed([1, 2, 3]);
   const subs = {};
@@ -129,7 +129,7 @@ test('partition between n1 and n2, then healing: re-synced, no duplicates, nothi
   assert.equal((await fetch(`http://${ip(1)}:6001/readyz`)).status, 200, 'ready again after healing');
 });
 
-test('rolling restart under steady publish load: sessions are gap-free and duplicate-free', async () => {
+test('rolling restart under steady publish load: sessions are gap-free and duplicate-free', { timeout: 180000 }, async () => {
   for (const i of [1, 2, 3]) await startNode(i);
   await meshed([1, 2, 3]);
   // One client per node, each on its own channel; sessions split at reconnects.
@@ -187,7 +187,7 @@ test('rolling restart under steady publish load: sessions are gap-free and dupli
   }
 });
 
-test('a node without the cluster secret, or without certificates of the cluster CA, cannot join or receive', async () => {
+test('a node without the cluster secret, or without certificates of the cluster CA, cannot join or receive', { timeout: 180000 }, async () => {
   for (const i of [1, 2]) await startNode(i);
   await meshed([1, 2]);
   const c1 = client(1);

@@ -68,5 +68,7 @@ if [ $# -gt 0 ]; then for f in "$@"; do files+=("$here/$f"); done; else files=("
 # Raw WebSocket clients use the WHATWG WebSocket, behind a flag in Node 20.
 flags=()
 node --experimental-websocket -e 0 2>/dev/null && flags+=(--experimental-websocket)
-ip netns exec "$P-cli" node "${flags[@]}" --test --test-force-exit --test-concurrency=1 --test-timeout=180000 \
+# --test-timeout bounds a whole test FILE (Node runs each file in a child
+# without it); each test sets its own bound with test(name, { timeout }, fn).
+ip netns exec "$P-cli" node "${flags[@]}" --test --test-force-exit --test-concurrency=1 --test-timeout=600000 \
   ${PMC_TEST_PATTERN:+--test-name-pattern="$PMC_TEST_PATTERN"} "${files[@]}"
