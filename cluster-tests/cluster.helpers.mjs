@@ -124,13 +124,18 @@ export async function getJson(i, p) {
   return r.json();
 }
 
+/** Whether node i's /cluster shows its link to node j up (link up and synced). */
+export function linkedIn(c, j) {
+  const peer = (c.peers || []).find((p) => p.node === `n${j}`);
+  return c.synced_peers.includes(`n${j}`) && (!peer || peer.link !== false);
+}
+
 /** Waits until every listed node has a link to every other listed node. */
 export async function meshed(nodes, ms = 20000) {
   await until(async () => {
     for (const i of nodes) {
       const c = await getJson(i, '/cluster');
-      const linked = new Set(c.synced_peers);
-      for (const j of nodes) if (j !== i && !linked.has(`n${j}`)) return false;
+      for (const j of nodes) if (j !== i && !linkedIn(c, j)) return false;
     }
     return true;
   }, `mesh of ${nodes.join(',')}`, ms);

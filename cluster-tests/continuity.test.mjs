@@ -13,7 +13,7 @@ import { performance } from 'node:perf_hooks';
 import {
   startNode, spawnNode, stopNode, stopAll, meshed, metrics, sdk, client, closeClients,
   subscribed, until, withTimeout, getJson, ip, httpPort, readyz, ready, publish, rawSocket,
-  nsExec, startHaproxy, sdkAt, clientAt, nodeOf, LB_IP, CLIENT_IP,
+  nsExec, startHaproxy, sdkAt, clientAt, nodeOf, linkedIn, LB_IP, CLIENT_IP,
 } from './cluster.helpers.mjs';
 
 const haproxies = [];
@@ -209,7 +209,8 @@ test('rolling restart behind HAProxy (shipped config): no 2xx publish lost or du
           const seen = new Set(got);
           const missing = expected.filter((e) => (final || e.s <= max) && !seen.has(e.s)).map((e) => e.s);
           if (missing.length) problems.push(`client ${rec.c} session ${k}${final ? ' (final)' : ''} ${ch} publisher ${pub.p}: ${missing.length} 2xx publishes missing while connected: ${missing.slice(0, 10).join(',')}`);
-          if (!final) lostAtReconnect += expected.filter((e) => e.s > max).length;
+          // Sent while this session was connected, after its last message: lost at the 4200 reconnect (counted only).
+          if (!final) lostAtReconnect += expected.filter((e) => e.s > max && e.start < sess.end).length;
           deliveredAlthoughRefused += pub.log.filter((e) => e.ch === ch && e.status !== 200 && seen.has(e.s)).length;
         }
       }
@@ -328,7 +329,7 @@ test('2 starting node: not ready before its links are up; its 200s reach other n
     lost_200: { 1: missing[1].length, 2: missing[2].length },
     survivors_not_ready: badSurvivor.length, survivor_reasons: tally(badSurvivor.map((x) => `n${x.i} ${x.status} ${x.reason}`)),
   }));
-  assert.ok(['n1', 'n2'].every((p) => firstReady.cluster.synced_peers.includes(p)), `n3 was ready (${firstReady.t} ms) only with links to n1 and n2 (had ${firstReady.cluster.synced_peers})`);
+  assert.ok([1, 2].every((j) => linkedIn(firstReady.cluster, j)), `n3 was ready (${firstReady.t} ms) only with links to n1 and n2 (synced: ${firstReady.cluster.synced_peers}; peers: ${JSON.stringify((firstReady.cluster.peers || []).map((p) => [p.node, p.link]))})`);
   assert.deepEqual(missing[1], [], 'every publish answered 200 by n3 reached the subscriber on n1');
   assert.deepEqual(missing[2], [], 'every publish answered 200 by n3 reached the subscriber on n2');
   for (const e of pub.log.filter((x) => x.status !== 200 && x.status !== 'error')) {
@@ -398,6 +399,10 @@ test('4 many channels: a restarted node links once to a peer holding 50k channel
   const subscribedMs = Math.round(now() - t0);
   // n2 has n1's interest in the last channel.
   await until(async () => (await (await sdk(2).get({ path: `/channels/m-${N - 1}` })).json()).occupied, 'n2 knows the last channel', 30000);
+  // The plumbing works before the restart: a trigger via n2 to 100 channels reaches all 100.
+  const probe = Array.from({ length: 100 }, (_, j) => `m-${j * Math.floor(N / 100)}`);
+  assert.equal((await publish(2, probe, 'w', { r: 'probe' })).status, 200);
+  await until(() => probe.every((ch) => delivered.has(`probe|${ch}`)), 'the probe trigger via n2 delivered to 100 channels', 20000);
 
   // Restart n2. Publish through it from the moment its port accepts:
   // batches of 100 channels (20 batches = 2,000 channels), round r.
@@ -477,7 +482,7 @@ test('5 QUIC path of n3 cut: n1 and n2 stay ready for the whole cut, n3 is 503 m
     }
   }, 100);
   const pub = publishLoop(1, 'cut', 'e', { everyMs: 100, maxMs: 60000 });
-  await until(async () => !(await getJson(1, '/cluster')).synced_peers.includes('n3') && !(await getJson(2, '/cluster')).synced_peers.includes('n3'), 'n1 and n2 see the link to n3 down', 20000);
+  await until(async () => !linkedIn(await getJson(1, '/cluster'), 3) && !linkedIn(await getJson(2, '/cluster'), 3), 'n1 and n2 see the link to n3 down', 20000);
   const tDown = now() - tCut;
   await until(() => polls.some((p) => p.i === 3 && p.status === 503 && p.reason === 'minority'), 'n3 503 minority', 15000).catch(() => {});
   // The cut goes on for a while after detection (5 more polls of each node).
@@ -680,7 +685,10 @@ test('9 presence limit 5: 6 users joining at the same moment on two nodes give a
   for (const u of users) {
     u.sock = await rawSocket(u.node, (msg) => {
       if (msg.event === 'pusher_internal:subscription_succeeded') outcome.set(`${u.id}|${msg.channel}`, 'ok');
-      if (msg.event === 'pusher:subscription_error') outcome.set(`${u.id}|${msg.channel}`, String(JSON.parse(msg.data).status));
+      if (msg.event === 'pusher:subscription_error') {
+        const d = typeof msg.data === 'string' ? JSON.parse(msg.data) : msg.data;
+        outcome.set(`${u.id}|${msg.channel}`, String(d.status));
+      }
     });
   }
   const rounds = [];
