@@ -126,8 +126,9 @@ export async function getJson(i, p) {
 
 /** Whether node i's /cluster shows its link to node j up (link up and synced). */
 export function linkedIn(c, j) {
-  const peer = (c.peers || []).find((p) => p.node === `n${j}`);
-  return c.synced_peers.includes(`n${j}`) && (!peer || peer.link !== false);
+  // peers may list a dead incarnation of n<j> next to the live one.
+  const entries = (c.peers || []).filter((p) => p.node === `n${j}`);
+  return c.synced_peers.includes(`n${j}`) && (entries.length === 0 || entries.some((p) => p.link === true));
 }
 
 /** Waits until every listed node has a link to every other listed node. */
@@ -346,4 +347,11 @@ export function clientAt(host, opts = {}) {
   });
   clients.push(c);
   return c;
+}
+
+/** Removes every iptables rule in the node namespaces (a failed test may leave a cut behind). */
+export function healAll() {
+  for (let i = 1; i <= Number(process.env.PMC_NODES || 4); i++) {
+    try { execFileSync('ip', ['netns', 'exec', `${PREFIX}-n${i}`, 'iptables', '-F']); } catch { /* no such namespace */ }
+  }
 }

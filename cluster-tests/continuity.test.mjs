@@ -13,7 +13,7 @@ import { performance } from 'node:perf_hooks';
 import {
   startNode, spawnNode, stopNode, stopAll, meshed, metrics, sdk, client, closeClients,
   subscribed, until, withTimeout, getJson, ip, httpPort, readyz, ready, publish, rawSocket,
-  nsExec, startHaproxy, sdkAt, clientAt, nodeOf, linkedIn, LB_IP, CLIENT_IP,
+  nsExec, startHaproxy, sdkAt, clientAt, nodeOf, linkedIn, healAll, LB_IP, CLIENT_IP,
 } from './cluster.helpers.mjs';
 
 const haproxies = [];
@@ -22,6 +22,7 @@ async function cleanup() {
   closeClients();
   for (const f of cleanups.splice(0)) { try { await f(); } catch { /* best effort */ } }
   await stopAll();
+  healAll();
   for (const lb of haproxies.splice(0)) await lb.stop();
 }
 afterEach(cleanup);
