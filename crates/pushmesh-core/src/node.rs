@@ -338,6 +338,7 @@ impl Core {
             }
         }
         self.push_control(fx.send);
+        self.push_control(fx.ack);
         self.flush_deltas();
     }
 

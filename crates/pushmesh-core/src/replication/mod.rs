@@ -37,8 +37,11 @@ pub const SYNC_CHUNK: usize = 4096;
 /// What the driver must do after a call: frames to send, peer changes to apply.
 #[derive(Debug, Default)]
 pub struct Effects {
-    /// Control frames for peers.
+    /// Control frames for peers (in order, before anything else is sent).
     pub send: Vec<(NodeId, Bytes)>,
+    /// Acknowledgements: sent once `apply` is done (a peer that reads one
+    /// may rely on this node routing by the acknowledged state).
+    pub ack: Vec<(NodeId, Bytes)>,
     /// Changes of a peer's state, for the shard of their channel or the user registry.
     pub apply: Vec<(NodeId, Delta)>,
 }
@@ -268,7 +271,7 @@ impl Replicator {
                     out.apply.push((from.clone(), d));
                 }
                 peer.held = new;
-                out.send
+                out.ack
                     .push((from.clone(), PeerFrame::StateAck { epoch, seq }.encode()));
             }
             PeerFrame::Delta { epoch, seq, delta } => {
@@ -287,7 +290,7 @@ impl Replicator {
                 peer.last_seq = seq;
                 peer.held.apply(&delta);
                 out.apply.push((from.clone(), delta));
-                out.send
+                out.ack
                     .push((from.clone(), PeerFrame::StateAck { epoch, seq }.encode()));
             }
             PeerFrame::StateAck { epoch, seq } => {
