@@ -209,6 +209,9 @@ struct Inner {
     peers: peers::Peers,
     /// The incarnation of each peer last linked (until it is gone).
     epochs: Mutex<HashMap<NodeId, u64>>,
+    /// Incarnations gossip declared dead: if one links again, this node
+    /// confirmed subscriptions without it meanwhile.
+    forgotten: Mutex<HashMap<NodeId, u64>>,
     dialing: Mutex<HashSet<NodeId>>,
     counters: Mutex<HashMap<NodeId, Arc<PeerCounters>>>,
     events: mpsc::Sender<ClusterEvent>,
@@ -305,6 +308,7 @@ impl Cluster {
             links: Mutex::new(HashMap::new()),
             peers: peers::Peers::new(cfg.epoch, cfg.peer_queue.max(16)),
             epochs: Mutex::new(HashMap::new()),
+            forgotten: Mutex::new(HashMap::new()),
             dialing: Mutex::new(HashSet::new()),
             counters: Mutex::new(HashMap::new()),
             events: tx,
@@ -604,10 +608,16 @@ impl Cluster {
                 .map(|(n, _)| n.clone())
                 .collect();
             for node in gone {
-                lock(&self.inner.epochs).remove(&node);
+                if let Some(e) = lock(&self.inner.epochs).remove(&node) {
+                    lock(&self.inner.forgotten).insert(node.clone(), e);
+                }
                 tracing::warn!(peer = %node, "peer declared dead by gossip");
                 self.forget(&node);
-                let _ = self.inner.events.send(ClusterEvent::PeerGone { node }).await;
+                let _ = self
+                    .inner
+                    .events
+                    .send(ClusterEvent::PeerGone { node })
+                    .await;
             }
             digests.retain(|n, _| live_ids.contains(n));
         }

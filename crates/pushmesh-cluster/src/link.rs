@@ -241,7 +241,11 @@ impl Cluster {
             conn.close(1u32.into(), b"no stream announcement");
             return;
         };
-        let continuity = lock(&slot.inbound).link_up(peer_stream);
+        let mut continuity = lock(&slot.inbound).link_up(peer_stream);
+        if lock(&inner.forgotten).remove(&peer) == Some(epoch) {
+            // This node declared that incarnation dead while it was alive.
+            continuity = Continuity::Broken;
+        }
         let id = inner.next_link.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(inner.peer_queue);
         let old = lock(&inner.links).insert(
@@ -262,7 +266,7 @@ impl Cluster {
         }
         tracing::info!(peer = %peer, epoch, %remote, "peer link up");
         if continuity == Continuity::Broken {
-            tracing::warn!(peer = %peer, "the peer forgot this node for a while: messages for local subscribers may be lost");
+            tracing::warn!(peer = %peer, "this node and the peer were declared dead to each other while alive: messages for local subscribers may be lost");
             let ev = ClusterEvent::ContinuityBroken { node: peer.clone() };
             let _ = inner.events.send(ev).await;
         }

@@ -173,6 +173,7 @@ pub struct Core {
     /// Held connections: (change number to wait for, ticks waited, conn).
     waiters: Vec<(u64, u32, ConnId)>,
     barrier_timeouts: u64,
+    timed_out: std::collections::HashSet<ConnId>,
     activity_timeout_secs: u64,
     max_connections: Option<usize>,
     socket_prefix: u32,
@@ -215,6 +216,7 @@ impl Core {
             held: Vec::new(),
             waiters: Vec::new(),
             barrier_timeouts: 0,
+            timed_out: std::collections::HashSet::new(),
             activity_timeout_secs: config.activity_timeout_secs,
             max_connections: config.max_connections,
             socket_prefix: config.socket_prefix,
@@ -382,6 +384,7 @@ impl Core {
             if seq <= acked || ticks >= BARRIER_TICKS {
                 if seq > acked {
                     self.barrier_timeouts += 1;
+                    self.timed_out.insert(conn);
                 }
                 self.waiters.swap_remove(i);
                 self.release(conn);
@@ -406,6 +409,16 @@ impl Core {
     /// Subscriptions whose barrier timed out (peers did not acknowledge in time).
     pub fn barrier_timeouts(&self) -> u64 {
         self.barrier_timeouts
+    }
+
+    /// Whether a barrier of this connection ever timed out.
+    pub fn barrier_timed_out(&self, conn: ConnId) -> bool {
+        self.timed_out.contains(&conn)
+    }
+
+    /// Every known peer with its link state.
+    pub fn peer_links(&self) -> Vec<crate::replication::PeerLink> {
+        self.replicator.links()
     }
 
     /// A new WebSocket connection for `app`. Queues `connection_established`.

@@ -295,7 +295,10 @@ pub async fn batch_events(
         };
         // A refusal (503) stops the batch: the events before it were
         // delivered, this one and those after it were not.
-        let p = st.node.publish_valid(a.app, names, &req, flags.any()).await?;
+        let p = st
+            .node
+            .publish_valid(a.app, names, &req, flags.any())
+            .await?;
         results.push((p, *flags));
     }
     st.stats

@@ -22,7 +22,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use pushmesh_cluster::{tls, Cluster, ClusterConfig, ClusterEvent, PeerStatus, KEY_INTEREST, KEY_STATE};
+use pushmesh_cluster::{
+    tls, Cluster, ClusterConfig, ClusterEvent, PeerStatus, KEY_INTEREST, KEY_STATE,
+};
 use pushmesh_core::PeerLink;
 use pushmesh_protocol::CloseCode;
 use serde_json::json;
@@ -170,8 +172,11 @@ fn joined(st: &Shared, peers: &[PeerStatus], links: &[PeerLink]) -> bool {
     if live.is_empty() {
         return !other_seeds;
     }
-    live.iter()
-        .all(|p| links.iter().any(|l| l.node.as_str() == p.node && l.link && l.synced))
+    live.iter().all(|p| {
+        links
+            .iter()
+            .any(|l| l.node.as_str() == p.node && l.link && l.synced)
+    })
 }
 
 /// Joins: opens publishes and advertises `ready` once joined, or after
@@ -192,7 +197,10 @@ async fn join(st: Arc<Shared>, cluster: Cluster) {
         }
         if start.elapsed() >= c.startup_timeout {
             if peers.iter().any(|p| p.live) {
-                tracing::warn!(timeout_ms = c.startup_timeout.as_millis() as u64, "not every live peer linked and synced in time; ready anyway");
+                tracing::warn!(
+                    timeout_ms = c.startup_timeout.as_millis() as u64,
+                    "not every live peer linked and synced in time; ready anyway"
+                );
             } else {
                 tracing::warn!(seeds = ?c.seeds, timeout_ms = c.startup_timeout.as_millis() as u64, "no seed answered: running as a cluster of one (check the seeds, the cluster secret and the network)");
             }
@@ -215,7 +223,11 @@ async fn unready(st: &Shared) -> Option<serde_json::Value> {
     }
     let c = st.cluster.as_ref()?;
     let links = st.node.peer_links();
-    let reached = |n: &str| links.iter().any(|l| l.node.as_str() == n && l.link && l.synced);
+    let reached = |n: &str| {
+        links
+            .iter()
+            .any(|l| l.node.as_str() == n && l.link && l.synced)
+    };
     let live: Vec<String> = c
         .status()
         .await
@@ -230,11 +242,10 @@ async fn unready(st: &Shared) -> Option<serde_json::Value> {
     let me = c.node_id().as_str().to_owned();
     let (reach, total) = (1 + ok.len(), 1 + ok.len() + missing.len());
     let lowest_here = ok.iter().chain(std::iter::once(&me)).min();
-    let minority = reach * 2 < total
-        || (reach * 2 == total && lowest_here > missing.iter().min());
-    minority.then(|| {
-        json!({ "ready": false, "reason": "minority", "unreachable": missing, "reachable": ok })
-    })
+    let minority = reach * 2 < total || (reach * 2 == total && lowest_here > missing.iter().min());
+    minority.then(
+        || json!({ "ready": false, "reason": "minority", "unreachable": missing, "reachable": ok }),
+    )
 }
 
 /// `GET /readyz`: 200 when this node should get traffic; 503 while it

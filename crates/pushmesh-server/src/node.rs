@@ -83,9 +83,12 @@ impl PublishGate {
 
     /// Publishes are taken (the node joined, or has no cluster).
     pub fn open(&self) {
-        let _ = self
-            .0
-            .compare_exchange(Self::JOINING, Self::OPEN, Ordering::AcqRel, Ordering::Relaxed);
+        let _ = self.0.compare_exchange(
+            Self::JOINING,
+            Self::OPEN,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
     }
 
     /// Publishes are refused from now on (drain, past the wait).
@@ -356,12 +359,10 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 exclude_socket: p.exclude.as_deref(),
                 user_id: None,
             };
-            let r = shard
-                .publish(now, &ev, true, sink)
-                .map(|()| match p.info {
-                    true => shard.info(now, p.app, &p.channel),
-                    false => ChannelInfo::default(),
-                });
+            let r = shard.publish(now, &ev, true, sink).map(|()| match p.info {
+                true => shard.info(now, p.app, &p.channel),
+                false => ChannelInfo::default(),
+            });
             let _ = p.reply.send(r);
         }
         Cmd::Remote(frame) => match frame {
