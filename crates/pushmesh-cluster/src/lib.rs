@@ -3,13 +3,18 @@
 //! with mutual TLS, and the length-delimited frame codec on it.
 //!
 //! It knows nothing of channels: it reports [`ClusterEvent`]s (a peer link
-//! is up or down, a frame arrived, a peer's interest digest) and sends
-//! frames the core produced. One QUIC uni stream per direction per link
-//! keeps frames in order; each peer has a bounded send queue, so a slow
-//! peer never blocks anything else (overflow is counted and logged).
+//! is up or down, a peer is gone, a frame arrived, a peer's interest
+//! digest) and sends frames the core produced. Each link has two QUIC uni
+//! streams per direction, control and data, so a large state sync never
+//! holds channel messages back. Data frames are numbered and held per peer
+//! until acknowledged ([`pushmesh_core::peer_buffer`]): a link that comes
+//! back to the same incarnation of the peer gets them again, exactly once.
+//! Buffers are bounded: [`Cluster::has_room`] is asked before a publish is
+//! delivered, so a full buffer refuses the publish (503) rather than lose it.
 
 pub mod gossip;
 mod link;
+mod peers;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -29,7 +34,7 @@ pub use tls::TlsMaterial;
 
 /// Gossip key: the node's QUIC address (a node is live only once it has it).
 pub const KEY_QUIC: &str = "quic";
-/// Gossip key: `ready` or `draining`.
+/// Gossip key: `joining`, `ready` or `draining`.
 pub const KEY_STATE: &str = "state";
 /// Gossip key: the pushmesh version.
 pub const KEY_VERSION: &str = "version";
@@ -109,8 +114,19 @@ pub enum ClusterEvent {
         /// Its epoch.
         epoch: u64,
     },
-    /// The link is gone.
+    /// The link is gone; the peer may come back (its state is kept).
     PeerDown {
+        /// Peer.
+        node: NodeId,
+    },
+    /// The peer is gone for good: gossip declared it dead, or it left.
+    PeerGone {
+        /// Peer.
+        node: NodeId,
+    },
+    /// The peer forgot this node for a while (declared it dead while it
+    /// was alive): messages for this node's subscribers may have been lost.
+    ContinuityBroken {
         /// Peer.
         node: NodeId,
     },
@@ -143,6 +159,8 @@ pub struct PeerCounters {
     pub control_received: AtomicU64,
     /// Frames dropped: queue full or link down.
     pub dropped: AtomicU64,
+    /// Links that came up to this peer.
+    pub links_up: AtomicU64,
 }
 
 impl PeerCounters {
@@ -180,7 +198,6 @@ pub struct PeerStatus {
 
 struct Link {
     id: u64,
-    tx: mpsc::Sender<(FrameKind, Bytes)>,
     conn: quinn::Connection,
 }
 
@@ -189,6 +206,12 @@ struct Inner {
     epoch: u64,
     cluster_id: String,
     links: Mutex<HashMap<NodeId, Link>>,
+    peers: peers::Peers,
+    /// The incarnation of each peer last linked (until it is gone).
+    epochs: Mutex<HashMap<NodeId, u64>>,
+    /// Incarnations gossip declared dead: if one links again, this node
+    /// confirmed subscriptions without it meanwhile.
+    forgotten: Mutex<HashMap<NodeId, u64>>,
     dialing: Mutex<HashSet<NodeId>>,
     counters: Mutex<HashMap<NodeId, Arc<PeerCounters>>>,
     events: mpsc::Sender<ClusterEvent>,
@@ -264,7 +287,7 @@ impl Cluster {
         };
         let initial = vec![
             (KEY_QUIC.to_string(), cfg.quic_advertise.to_string()),
-            (KEY_STATE.to_string(), "ready".to_string()),
+            (KEY_STATE.to_string(), "joining".to_string()),
             (KEY_VERSION.to_string(), cfg.version.clone()),
             (KEY_EPOCH.to_string(), cfg.epoch.to_string()),
         ];
@@ -283,6 +306,9 @@ impl Cluster {
             epoch: cfg.epoch,
             cluster_id: cfg.cluster_id,
             links: Mutex::new(HashMap::new()),
+            peers: peers::Peers::new(cfg.epoch, cfg.peer_queue.max(16)),
+            epochs: Mutex::new(HashMap::new()),
+            forgotten: Mutex::new(HashMap::new()),
             dialing: Mutex::new(HashSet::new()),
             counters: Mutex::new(HashMap::new()),
             events: tx,
@@ -322,21 +348,88 @@ impl Cluster {
             .clone()
     }
 
-    /// Queues a frame for a peer; never waits. Dropped and counted when the
-    /// peer's queue is full or no link is up.
-    pub fn send(&self, to: &NodeId, kind: FrameKind, frame: Bytes) {
-        let r = lock(&self.inner.links)
-            .get(to)
-            .map(|l| l.tx.try_send((kind, frame)));
-        match r {
-            Some(Ok(())) => {}
-            Some(Err(_)) | None => {
-                let c = self.counters(to);
-                let n = c.dropped.fetch_add(1, Ordering::Relaxed);
-                if n.is_power_of_two() {
-                    tracing::warn!(peer = %to, dropped = n + 1, "peer queue full or link down, frames dropped");
+    /// Sends a frame to a peer; never waits. Data frames are held until the
+    /// peer acknowledges them (replayed over the next link to the same
+    /// incarnation); control frames go on the current link only. Returns
+    /// false (and counts it) when the frame could not be taken: no link
+    /// for control, a full buffer (or a peer never linked) for data.
+    pub fn send(&self, to: &NodeId, kind: FrameKind, frame: Bytes) -> bool {
+        let slot = self.inner.peers.get(to);
+        let ok = match (kind, slot) {
+            (FrameKind::Data, Some(slot)) => {
+                let pushed = lock(&slot.out).push(frame).is_ok();
+                if pushed {
+                    slot.data_ready.notify_one();
                 }
+                pushed
             }
+            (FrameKind::Control, Some(slot)) => lock(&slot.control)
+                .as_ref()
+                .is_some_and(|tx| tx.try_send(link::control_frame(&frame)).is_ok()),
+            (_, None) => false,
+        };
+        if !ok {
+            let c = self.counters(to);
+            let n = c.dropped.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() {
+                tracing::warn!(peer = %to, dropped = n + 1, kind = kind.as_str(), "peer buffer full or link down, frames dropped");
+            }
+        }
+        ok
+    }
+
+    /// Whether a data frame for `to` can be held now (asked before a
+    /// publish is delivered anywhere).
+    pub fn has_room(&self, to: &NodeId) -> bool {
+        self.inner
+            .peers
+            .get(to)
+            .is_some_and(|s| lock(&s.out).has_room())
+    }
+
+    /// Forgets a peer that is gone: its held frames are dropped (its
+    /// connections are gone too) and the link, if any, is closed.
+    pub fn forget(&self, node: &NodeId) {
+        if let Some(slot) = self.inner.peers.forget(node) {
+            let n = lock(&slot.out).len();
+            if n > 0 {
+                tracing::info!(peer = %node, frames = n, "peer gone, its held frames dropped");
+            }
+        }
+        let conn = lock(&self.inner.links).get(node).map(|l| l.conn.clone());
+        if let Some(c) = conn {
+            c.close(4u32.into(), b"declared dead");
+        }
+    }
+
+    /// Per peer: frames held, frames replayed so far.
+    pub fn buffers(&self) -> Vec<(NodeId, usize, u64)> {
+        self.inner
+            .peers
+            .all()
+            .into_iter()
+            .map(|(n, s)| {
+                let o = lock(&s.out);
+                (n, o.len(), o.stats().replayed)
+            })
+            .collect()
+    }
+
+    /// Waits (up to `deadline`) until every peer with a link up has
+    /// acknowledged every data frame held for it.
+    pub async fn flush(&self, deadline: tokio::time::Instant) {
+        loop {
+            let linked: HashSet<NodeId> = lock(&self.inner.links).keys().cloned().collect();
+            let pending = self
+                .inner
+                .peers
+                .all()
+                .into_iter()
+                .any(|(n, s)| linked.contains(&n) && !lock(&s.out).is_empty());
+            if !pending || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -427,22 +520,24 @@ impl Cluster {
         lock(&self.inner.links).keys().cloned().collect()
     }
 
-    /// Stops: closes every link after its queue is written, then leaves gossip.
+    /// Stops: closes every link (peers read it as leaving, not as a
+    /// failure), then leaves gossip.
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.stopping.store(true, Ordering::Relaxed);
-        let links: Vec<(mpsc::Sender<(FrameKind, Bytes)>, quinn::Connection)> =
-            lock(&self.inner.links)
-                .drain()
-                .map(|(_, l)| (l.tx, l.conn))
-                .collect();
-        // Dropping the senders lets each writer finish its queue and finish its stream.
-        let conns: Vec<quinn::Connection> = links.into_iter().map(|(_, c)| c).collect();
-        let deadline = tokio::time::Instant::now() + grace;
+        for (_, s) in self.inner.peers.all() {
+            // Dropping the control sender lets its writer finish the stream.
+            lock(&s.control).take();
+        }
+        let conns: Vec<quinn::Connection> = lock(&self.inner.links)
+            .drain()
+            .map(|(_, l)| l.conn)
+            .collect();
+        let deadline = tokio::time::Instant::now() + grace.min(Duration::from_millis(500));
         for c in &conns {
             let _ = tokio::time::timeout_at(deadline, c.closed()).await;
         }
         for c in &conns {
-            c.close(0u32.into(), b"shutdown");
+            c.close(link::CLOSE_LEAVING.into(), b"shutdown");
         }
         let _ = self.inner.chitchat.initiate_shutdown();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
@@ -460,11 +555,13 @@ impl Cluster {
                 return;
             }
             let me = self.inner.node.clone();
-            let live: Vec<(NodeId, Option<SocketAddr>, Option<String>)> = self
+            type Live = Vec<(NodeId, Option<SocketAddr>, Option<String>)>;
+            let (live, dead): (Live, HashSet<(NodeId, u64)>) = self
                 .inner
                 .chitchat
                 .with_chitchat(move |c| {
-                    c.live_nodes()
+                    let live = c
+                        .live_nodes()
                         .filter(|id| *id.node_id != *me.as_str())
                         .filter_map(|id| {
                             let st = c.node_state(id)?;
@@ -474,7 +571,12 @@ impl Cluster {
                                 st.get(KEY_INTEREST).map(str::to_owned),
                             ))
                         })
-                        .collect()
+                        .collect();
+                    let dead = c
+                        .dead_nodes()
+                        .map(|id| (NodeId::new(&id.node_id), id.generation_id))
+                        .collect();
+                    (live, dead)
                 })
                 .await;
             let live_ids: HashSet<NodeId> = live.iter().map(|(n, ..)| n.clone()).collect();
@@ -497,14 +599,25 @@ impl Cluster {
                     }
                 }
             }
-            // Links to nodes gossip no longer considers live are closed.
-            let dead: Vec<quinn::Connection> = lock(&self.inner.links)
+            // A peer is gone once gossip declares the incarnation this node
+            // linked to dead (and no other incarnation of it is live). A
+            // node merely not seen yet (its gossip still on the way) is not.
+            let gone: Vec<NodeId> = lock(&self.inner.epochs)
                 .iter()
-                .filter(|(n, _)| !live_ids.contains(*n))
-                .map(|(_, l)| l.conn.clone())
+                .filter(|(n, e)| !live_ids.contains(*n) && dead.contains(&((*n).clone(), **e)))
+                .map(|(n, _)| n.clone())
                 .collect();
-            for c in dead {
-                c.close(4u32.into(), b"declared dead");
+            for node in gone {
+                if let Some(e) = lock(&self.inner.epochs).remove(&node) {
+                    lock(&self.inner.forgotten).insert(node.clone(), e);
+                }
+                tracing::warn!(peer = %node, "peer declared dead by gossip");
+                self.forget(&node);
+                let _ = self
+                    .inner
+                    .events
+                    .send(ClusterEvent::PeerGone { node })
+                    .await;
             }
             digests.retain(|n, _| live_ids.contains(n));
         }

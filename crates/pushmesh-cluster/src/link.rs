@@ -1,6 +1,12 @@
 //! Peer links: the hello exchange on a new QUIC connection (with the check
 //! that the peer's certificate names the node id it claims), the
 //! length-delimited frame codec, and the read and write loops of a link.
+//!
+//! Each side opens two uni streams: **control** (the hello, then the
+//! announcement of its data stream id, control frames and data acks) and
+//! **data** (numbered channel messages from the peer's buffer). Frames:
+//! `[len u32][kind u8][payload]` on control, `[len u32][seq u64][payload]`
+//! on data.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -8,10 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use pushmesh_core::peer_buffer::Continuity;
 use pushmesh_core::{FrameKind, NodeId};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
+use crate::peers::PeerSlot;
 use crate::{lock, tls, Cluster, ClusterEvent, Link, PeerCounters};
 
 /// Largest frame accepted from a peer.
@@ -21,11 +29,29 @@ const WRITE_BATCH: usize = 512;
 /// How long the hello exchange may take.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn kind_byte(k: FrameKind) -> u8 {
-    match k {
-        FrameKind::Data => 0,
-        FrameKind::Control => 1,
-    }
+/// Control stream: a control peer frame.
+const K_CONTROL: u8 = 1;
+/// Control stream: the cumulative ack of data frames (u64).
+const K_ACK: u8 = 2;
+/// Control stream: the id of the sender's data stream (u64), first frame.
+const K_STREAM: u8 = 3;
+/// Application close code of a node that leaves (drain): its peers forget
+/// it at once instead of holding its state.
+pub(crate) const CLOSE_LEAVING: u32 = 7;
+/// How often unacknowledged data frames are checked for retransmission.
+const RETRANSMIT_CHECK: Duration = Duration::from_millis(500);
+
+/// A control frame with its header, ready for the control stream.
+pub(crate) fn control_frame(f: &[u8]) -> Bytes {
+    tagged(K_CONTROL, f)
+}
+
+fn tagged(kind: u8, f: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + f.len());
+    b.extend_from_slice(&((f.len() + 1) as u32).to_be_bytes());
+    b.extend_from_slice(&[kind]);
+    b.extend_from_slice(f);
+    b.freeze()
 }
 
 pub(crate) fn hello(node: &NodeId, epoch: u64, cluster_id: &str) -> Bytes {
@@ -77,6 +103,14 @@ impl FrameReader {
             recv,
             buf: BytesMut::with_capacity(64 * 1024),
         }
+    }
+
+    /// Whether a whole frame is already buffered (more without waiting).
+    fn has_frame(&self) -> bool {
+        self.buf.len() >= 4
+            && self.buf.len()
+                >= 4 + u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize
     }
 
     async fn next(&mut self) -> Option<Bytes> {
@@ -135,18 +169,18 @@ impl Cluster {
     async fn establish(&self, conn: quinn::Connection, expect: Option<NodeId>) {
         let inner = &self.inner;
         let exchange = async {
-            let mut send = conn.open_uni().await.ok()?;
+            let mut control = conn.open_uni().await.ok()?;
             write_frame(
-                &mut send,
+                &mut control,
                 &hello(&inner.node, inner.epoch, &inner.cluster_id),
             )
             .await
             .ok()?;
             let mut recv = conn.accept_uni().await.ok()?;
             let h = read_frame(&mut recv).await?;
-            Some((send, recv, parse_hello(&h)?))
+            Some((control, recv, parse_hello(&h)?))
         };
-        let Ok(Some((send, recv, (peer, epoch, cluster)))) =
+        let Ok(Some((mut control, recv, (peer, epoch, cluster)))) =
             tokio::time::timeout(HELLO_TIMEOUT, exchange).await
         else {
             conn.close(1u32.into(), b"hello failed");
@@ -177,16 +211,52 @@ impl Cluster {
             self.refuse(&conn, 5, "node id not in certificate");
             return;
         }
+        let slot = inner.peers.get_or_create(&peer);
+        let stream = {
+            let mut out = lock(&slot.out);
+            out.link_up(epoch);
+            out.stream()
+        };
+        // Announce this side's data stream first, then open it.
+        let Ok(()) = write_frame(&mut control, &tagged(K_STREAM, &stream.to_be_bytes())[4..]).await
+        else {
+            conn.close(1u32.into(), b"announce failed");
+            return;
+        };
+        let Ok(data) = conn.open_uni().await else {
+            conn.close(1u32.into(), b"data stream failed");
+            return;
+        };
+        // The peer's announcement, before any of its data frames is read.
+        let mut recv = recv;
+        let announced = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|f| match f.split_first() {
+                Some((&K_STREAM, b)) => <[u8; 8]>::try_from(b).ok().map(u64::from_be_bytes),
+                _ => None,
+            });
+        let Some(peer_stream) = announced else {
+            conn.close(1u32.into(), b"no stream announcement");
+            return;
+        };
+        let mut continuity = lock(&slot.inbound).link_up(peer_stream);
+        if lock(&inner.forgotten).remove(&peer) == Some(epoch) {
+            // This node declared that incarnation dead while it was alive.
+            continuity = Continuity::Broken;
+        }
         let id = inner.next_link.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(inner.peer_queue);
         let old = lock(&inner.links).insert(
             peer.clone(),
             Link {
                 id,
-                tx,
                 conn: conn.clone(),
             },
         );
+        lock(&inner.epochs).insert(peer.clone(), epoch);
+        *lock(&slot.control) = Some(tx);
         if let Some(old) = old {
             old.conn.close(3u32.into(), b"replaced");
             let _ = inner
@@ -195,6 +265,13 @@ impl Cluster {
                 .await;
         }
         tracing::info!(peer = %peer, epoch, %remote, "peer link up");
+        if continuity == Continuity::Broken {
+            tracing::warn!(peer = %peer, "this node and the peer were declared dead to each other while alive: messages for local subscribers may be lost");
+            let ev = ClusterEvent::ContinuityBroken { node: peer.clone() };
+            let _ = inner.events.send(ev).await;
+        }
+        let counters = self.counters(&peer);
+        counters.links_up.fetch_add(1, Ordering::Relaxed);
         let _ = inner
             .events
             .send(ClusterEvent::PeerUp {
@@ -202,10 +279,24 @@ impl Cluster {
                 epoch,
             })
             .await;
-        let counters = self.counters(&peer);
-        let writer = tokio::spawn(write_loop(send, rx, counters.clone()));
-        self.read_loop(recv, &peer, &counters).await;
-        writer.abort();
+        let control_writer = tokio::spawn(write_control(control, rx, counters.clone()));
+        let data_writer = tokio::spawn(write_data(data, slot.clone(), counters.clone()));
+        let data_in = async {
+            let Ok(s) = conn.accept_uni().await else {
+                return;
+            };
+            self.read_data(s, &peer, &slot, &counters).await;
+        };
+        tokio::select! {
+            () = self.read_control(recv, &peer, &slot, &counters) => {}
+            () = data_in => {}
+        }
+        control_writer.abort();
+        data_writer.abort();
+        let leaving = matches!(
+            conn.close_reason(),
+            Some(quinn::ConnectionError::ApplicationClosed(ref c)) if c.error_code == quinn::VarInt::from_u32(CLOSE_LEAVING)
+        );
         conn.close(0u32.into(), b"link closed");
         let mine = {
             let mut links = lock(&inner.links);
@@ -218,38 +309,103 @@ impl Cluster {
             }
         };
         if mine {
-            tracing::info!(peer = %peer, "peer link down");
-            let _ = inner
-                .events
-                .send(ClusterEvent::PeerDown { node: peer })
-                .await;
+            lock(&slot.control).take();
+            lock(&slot.out).link_down();
+            if leaving {
+                tracing::info!(peer = %peer, "peer left");
+                lock(&inner.epochs).remove(&peer);
+                self.forget(&peer);
+                let _ = inner
+                    .events
+                    .send(ClusterEvent::PeerGone { node: peer })
+                    .await;
+            } else {
+                tracing::info!(peer = %peer, "peer link down");
+                let _ = inner
+                    .events
+                    .send(ClusterEvent::PeerDown { node: peer })
+                    .await;
+            }
         }
     }
 
-    async fn read_loop(&self, recv: quinn::RecvStream, peer: &NodeId, counters: &PeerCounters) {
+    /// The control stream: the peer's data stream id, control frames, acks.
+    async fn read_control(
+        &self,
+        recv: quinn::RecvStream,
+        peer: &NodeId,
+        slot: &PeerSlot,
+        counters: &PeerCounters,
+    ) {
         let mut reader = FrameReader::new(recv);
         while let Some(f) = reader.next().await {
-            let kind = match f.first() {
-                Some(0) => FrameKind::Data,
-                Some(1) => FrameKind::Control,
+            let (kind, body) = match f.split_first() {
+                Some((k, b)) => (*k, f.slice(f.len() - b.len()..)),
+                None => return,
+            };
+            match kind {
+                K_CONTROL => {
+                    counters
+                        .received(FrameKind::Control)
+                        .fetch_add(1, Ordering::Relaxed);
+                    let ev = ClusterEvent::Frame {
+                        from: peer.clone(),
+                        frame: body,
+                    };
+                    if self.inner.events.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+                K_ACK => {
+                    let Ok(n) = <[u8; 8]>::try_from(&body[..]).map(u64::from_be_bytes) else {
+                        tracing::warn!(peer = %peer, "bad ack from peer, closing link");
+                        return;
+                    };
+                    lock(&slot.out).ack(n);
+                }
                 _ => {
                     tracing::warn!(peer = %peer, "bad frame kind from peer, closing link");
                     return;
                 }
-            };
-            counters.received(kind).fetch_add(1, Ordering::Relaxed);
-            let frame = f.slice(1..);
-            if self
-                .inner
-                .events
-                .send(ClusterEvent::Frame {
-                    from: peer.clone(),
-                    frame,
-                })
-                .await
-                .is_err()
-            {
+            }
+        }
+    }
+
+    /// The data stream: numbered frames, each delivered once; an ack goes
+    /// back whenever the read buffer is drained.
+    async fn read_data(
+        &self,
+        recv: quinn::RecvStream,
+        peer: &NodeId,
+        slot: &PeerSlot,
+        counters: &PeerCounters,
+    ) {
+        let mut reader = FrameReader::new(recv);
+        while let Some(f) = reader.next().await {
+            let Some(seq) = f.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+                tracing::warn!(peer = %peer, "bad data frame from peer, closing link");
                 return;
+            };
+            let seq = u64::from_be_bytes(seq);
+            let fresh = lock(&slot.inbound).accept(seq);
+            if fresh {
+                counters
+                    .received(FrameKind::Data)
+                    .fetch_add(1, Ordering::Relaxed);
+                let ev = ClusterEvent::Frame {
+                    from: peer.clone(),
+                    frame: f.slice(8..),
+                };
+                if self.inner.events.send(ev).await.is_err() {
+                    return;
+                }
+            }
+            if !reader.has_frame() {
+                let acked = lock(&slot.inbound).acked();
+                let tx = lock(&slot.control).clone();
+                if let Some(tx) = tx {
+                    let _ = tx.try_send(tagged(K_ACK, &acked.to_be_bytes()));
+                }
             }
         }
     }
@@ -282,27 +438,23 @@ impl Cluster {
     }
 }
 
-async fn write_loop(
+/// Writes control frames (already framed) in batches.
+async fn write_control(
     mut send: quinn::SendStream,
-    mut rx: mpsc::Receiver<(FrameKind, Bytes)>,
+    mut rx: mpsc::Receiver<Bytes>,
     counters: Arc<PeerCounters>,
 ) {
-    let mut chunks: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH * 2);
-    let mut heads = BytesMut::with_capacity(WRITE_BATCH * 5);
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH);
     while let Some(first) = rx.recv().await {
-        // Headers go into one reused buffer; the frames themselves are
-        // handed to QUIC as they are (shared `Bytes`, never copied here).
         let mut next = Some(first);
-        let mut n = 0;
-        while let Some((k, f)) = next.take() {
-            heads.reserve(5);
-            heads.extend_from_slice(&((f.len() + 1) as u32).to_be_bytes());
-            heads.extend_from_slice(&[kind_byte(k)]);
-            chunks.push(heads.split().freeze());
+        while let Some(f) = next.take() {
+            if f.get(4) == Some(&K_CONTROL) {
+                counters
+                    .sent(FrameKind::Control)
+                    .fetch_add(1, Ordering::Relaxed);
+            }
             chunks.push(f);
-            counters.sent(k).fetch_add(1, Ordering::Relaxed);
-            n += 1;
-            if n < WRITE_BATCH {
+            if chunks.len() < WRITE_BATCH {
                 next = rx.try_recv().ok();
             }
         }
@@ -315,6 +467,47 @@ async fn write_loop(
     // Sender dropped (shutdown): finish the stream so the peer reads everything.
     let _ = send.finish();
     let _ = send.stopped().await;
+}
+
+/// Writes the peer's held data frames as they come, and again what waited
+/// too long for its ack.
+async fn write_data(mut send: quinn::SendStream, slot: Arc<PeerSlot>, counters: Arc<PeerCounters>) {
+    let mut batch: Vec<(u64, Bytes)> = Vec::with_capacity(WRITE_BATCH);
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH * 2);
+    let mut heads = BytesMut::with_capacity(WRITE_BATCH * 12);
+    let mut check = tokio::time::interval(RETRANSMIT_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        {
+            let now = std::time::Instant::now();
+            let mut out = lock(&slot.out);
+            out.take(now, WRITE_BATCH, &mut batch);
+        }
+        if batch.is_empty() {
+            tokio::select! {
+                () = slot.data_ready.notified() => {}
+                _ = check.tick() => {
+                    lock(&slot.out).retransmit_due(std::time::Instant::now());
+                }
+            }
+            continue;
+        }
+        for (seq, f) in batch.drain(..) {
+            heads.reserve(12);
+            heads.extend_from_slice(&((f.len() + 8) as u32).to_be_bytes());
+            heads.extend_from_slice(&seq.to_be_bytes());
+            chunks.push(heads.split().freeze());
+            chunks.push(f);
+        }
+        counters
+            .sent(FrameKind::Data)
+            .fetch_add((chunks.len() / 2) as u64, Ordering::Relaxed);
+        let r = send.write_all_chunks(&mut chunks).await;
+        chunks.clear();
+        if r.is_err() {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -115,6 +115,10 @@ pub enum PublishError {
     /// A `socket_id` that is not `<digits>.<digits>`.
     #[error("invalid socket_id {0:?}")]
     InvalidSocketId(String),
+    /// The node cannot deliver it now (HTTP 503): an interested peer's
+    /// buffer is full, the node is joining or draining.
+    #[error("cannot deliver now: {0}")]
+    Unavailable(String),
 }
 
 /// Whether `s` has the shape of a Pusher socket id, `^\d+\.\d+$`.

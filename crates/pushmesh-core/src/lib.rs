@@ -17,6 +17,7 @@
 pub mod app;
 mod keepalive;
 mod node;
+pub mod peer_buffer;
 pub mod peer_frame;
 pub mod replication;
 pub mod router;
@@ -32,8 +33,8 @@ pub use app::{
 pub use keepalive::{Keepalive, KeepaliveAction};
 pub use node::{Core, Output, PublishedChannel};
 pub use peer_frame::{Delta, FrameKind, NodeId, PeerFrame, PeerFrameError, Snapshot};
-pub use replication::{Effects, Replicator};
-pub use router::{ChannelInfo, Event, QueryError, Shard, CACHE_TTL};
+pub use replication::{Effects, PeerLink, Replicator};
+pub use router::{ChannelInfo, Event, PublishRefused, QueryError, Shard, CACHE_TTL};
 pub use routing::shard_of;
 pub use session::{PresenceJoin, Proto, Request, Session, SessionOutput};
 pub use sink::{Handle, Sink};

@@ -73,33 +73,68 @@ pub struct PublishedChannel {
     pub info: ChannelInfo,
 }
 
+/// Ticks a held connection waits for the peers before it is released anyway
+/// (the server's `subscribe_barrier_ms`, 1 s, is four 250 ms ticks).
+const BARRIER_TICKS: u32 = 4;
+
+/// A connection held by the subscription barrier: its holds and its frames.
+#[derive(Default)]
+struct Gate {
+    holds: u32,
+    frames: VecDeque<Output>,
+}
+
 struct CollectSink<'a> {
     out: &'a mut VecDeque<Output>,
     sessions: &'a mut HashMap<ConnId, Session>,
     deltas: &'a mut Vec<Delta>,
+    gates: &'a mut HashMap<ConnId, Gate>,
+    held: &'a mut Vec<ConnId>,
+}
+
+impl CollectSink<'_> {
+    fn emit(&mut self, conn: ConnId, o: Output) {
+        match self.gates.get_mut(&conn) {
+            Some(g) => g.frames.push_back(o),
+            None => self.out.push_back(o),
+        }
+    }
 }
 
 impl Sink<ConnId> for CollectSink<'_> {
     fn send(&mut self, to: &ConnId, frame: &Bytes) {
-        self.out.push_back(Output::Send {
-            conn: *to,
-            frame: frame.clone(),
-        });
+        self.emit(
+            *to,
+            Output::Send {
+                conn: *to,
+                frame: frame.clone(),
+            },
+        );
+    }
+
+    fn hold(&mut self, to: &ConnId) {
+        self.gates.entry(*to).or_default().holds += 1;
+        self.held.push(*to);
     }
 
     fn close(&mut self, to: &ConnId, code: CloseCode, reason: &str) {
         if let Some(s) = self.sessions.get_mut(to) {
             s.close(code, reason);
+            let mut todo = Vec::new();
             while let Some(o) = s.poll() {
+                todo.push(o);
+            }
+            for o in todo {
                 match o {
-                    SessionOutput::Send(frame) => {
-                        self.out.push_back(Output::Send { conn: *to, frame })
-                    }
-                    SessionOutput::Close { code, reason } => self.out.push_back(Output::Close {
-                        conn: *to,
-                        code,
-                        reason,
-                    }),
+                    SessionOutput::Send(frame) => self.emit(*to, Output::Send { conn: *to, frame }),
+                    SessionOutput::Close { code, reason } => self.emit(
+                        *to,
+                        Output::Close {
+                            conn: *to,
+                            code,
+                            reason,
+                        },
+                    ),
                     SessionOutput::Route(_) => {}
                 }
             }
@@ -133,6 +168,12 @@ pub struct Core {
     replicator: Replicator,
     out: VecDeque<Output>,
     deltas: Vec<Delta>,
+    gates: HashMap<ConnId, Gate>,
+    held: Vec<ConnId>,
+    /// Held connections: (change number to wait for, ticks waited, conn).
+    waiters: Vec<(u64, u32, ConnId)>,
+    barrier_timeouts: u64,
+    timed_out: std::collections::HashSet<ConnId>,
     activity_timeout_secs: u64,
     max_connections: Option<usize>,
     socket_prefix: u32,
@@ -144,6 +185,8 @@ macro_rules! sink {
             out: &mut $s.out,
             sessions: &mut $s.sessions,
             deltas: &mut $s.deltas,
+            gates: &mut $s.gates,
+            held: &mut $s.held,
         }
     };
 }
@@ -169,6 +212,11 @@ impl Core {
             sessions: HashMap::new(),
             out: VecDeque::new(),
             deltas: Vec::new(),
+            gates: HashMap::new(),
+            held: Vec::new(),
+            waiters: Vec::new(),
+            barrier_timeouts: 0,
+            timed_out: std::collections::HashSet::new(),
             activity_timeout_secs: config.activity_timeout_secs,
             max_connections: config.max_connections,
             socket_prefix: config.socket_prefix,
@@ -281,7 +329,7 @@ impl Core {
     }
 
     fn effects(&mut self, fx: Effects) {
-        self.push_control(fx.send);
+        // Applied before anything is acknowledged to the sender.
         for (peer, d) in fx.apply {
             let mut sink = sink!(self);
             if matches!(d, Delta::User { .. }) {
@@ -291,6 +339,8 @@ impl Core {
                 self.shards[i].apply_remote(&peer, d, &mut sink);
             }
         }
+        self.push_control(fx.send);
+        self.push_control(fx.ack);
         self.flush_deltas();
     }
 
@@ -307,14 +357,68 @@ impl Core {
     /// Numbers this node's own state changes and queues them for the peers
     /// (the replicator's `local` never yields changes to apply here).
     fn flush_deltas(&mut self) {
-        if self.deltas.is_empty() {
+        if !self.deltas.is_empty() {
+            let mut fx = Effects::default();
+            for d in std::mem::take(&mut self.deltas) {
+                self.replicator.local(d, &mut fx);
+            }
+            self.push_control(fx.send);
+        }
+        let seq = self.replicator.seq();
+        for conn in std::mem::take(&mut self.held) {
+            self.waiters.push((seq, 0, conn));
+        }
+        self.release_barrier();
+    }
+
+    /// Lets held connections go once every peer acknowledged the changes
+    /// they wait for (or they waited `BARRIER_TICKS`).
+    fn release_barrier(&mut self) {
+        if self.waiters.is_empty() {
             return;
         }
-        let mut fx = Effects::default();
-        for d in std::mem::take(&mut self.deltas) {
-            self.replicator.local(d, &mut fx);
+        let acked = self.replicator.acked_by_all();
+        let mut i = 0;
+        while i < self.waiters.len() {
+            let (seq, ticks, conn) = self.waiters[i];
+            if seq <= acked || ticks >= BARRIER_TICKS {
+                if seq > acked {
+                    self.barrier_timeouts += 1;
+                    self.timed_out.insert(conn);
+                }
+                self.waiters.swap_remove(i);
+                self.release(conn);
+            } else {
+                i += 1;
+            }
         }
-        self.push_control(fx.send);
+    }
+
+    fn release(&mut self, conn: ConnId) {
+        let Some(g) = self.gates.get_mut(&conn) else {
+            return;
+        };
+        g.holds = g.holds.saturating_sub(1);
+        if g.holds == 0 {
+            if let Some(g) = self.gates.remove(&conn) {
+                self.out.extend(g.frames);
+            }
+        }
+    }
+
+    /// Subscriptions whose barrier timed out (peers did not acknowledge in time).
+    pub fn barrier_timeouts(&self) -> u64 {
+        self.barrier_timeouts
+    }
+
+    /// Whether a barrier of this connection ever timed out.
+    pub fn barrier_timed_out(&self, conn: ConnId) -> bool {
+        self.timed_out.contains(&conn)
+    }
+
+    /// Every known peer with its link state.
+    pub fn peer_links(&self) -> Vec<crate::replication::PeerLink> {
+        self.replicator.links()
     }
 
     /// A new WebSocket connection for `app`. Queues `connection_established`.
@@ -440,7 +544,9 @@ impl Core {
                 user_id: None,
             };
             let mut sink = sink!(self);
-            self.shards[i].publish(now, &ev, true, &mut sink);
+            self.shards[i]
+                .publish(now, &ev, true, &mut sink)
+                .map_err(|e| PublishError::Unavailable(e.to_string()))?;
             let info = self.shards[i].info(now, app, &name);
             published.push(PublishedChannel { name, info });
         }
@@ -494,8 +600,9 @@ impl Core {
             user_id: None,
         };
         let mut sink = sink!(self);
-        self.shards[i].publish(now, &ev, true, &mut sink);
-        Ok(())
+        self.shards[i]
+            .publish(now, &ev, true, &mut sink)
+            .map_err(|e| PublishError::Unavailable(e.to_string()))
     }
 
     /// Per channel kind: (kind, occupied channels, subscriptions) on this node.
@@ -567,6 +674,9 @@ impl Core {
             let mut sink = sink!(self);
             self.shards[i].tick(now, &mut sink);
         }
+        for w in &mut self.waiters {
+            w.1 += 1;
+        }
         self.flush_deltas();
     }
 
@@ -589,17 +699,26 @@ impl Core {
     }
 
     /// A link to `peer` (incarnation `epoch`) is up.
-    pub fn peer_up(&mut self, _now: Instant, peer: NodeId, epoch: u64) {
+    pub fn peer_up(&mut self, now: Instant, peer: NodeId, epoch: u64) {
         let mut fx = Effects::default();
-        self.replicator.peer_up(peer, epoch, &mut fx);
+        self.replicator.peer_up(peer.clone(), epoch, &mut fx);
         self.peers_changed();
         self.effects(fx);
+        for i in 0..self.shards.len() {
+            let mut sink = sink!(self);
+            self.shards[i].send_cache(now, &peer, &mut sink);
+        }
     }
 
-    /// The link to `peer` is gone.
+    /// The link to `peer` is down: its state stays (it may come back).
+    pub fn link_down(&mut self, _now: Instant, peer: &NodeId) {
+        self.replicator.link_down(peer);
+    }
+
+    /// The peer is gone (declared dead or left): its state goes.
     pub fn peer_down(&mut self, _now: Instant, peer: &NodeId) {
         let mut fx = Effects::default();
-        self.replicator.peer_down(peer, &mut fx);
+        self.replicator.peer_gone(peer, &mut fx);
         self.peers_changed();
         self.effects(fx);
     }
@@ -645,10 +764,11 @@ impl Core {
                 channel,
                 event,
                 data,
+                age_ms,
             } => {
                 if let Some(a) = self.apps.by_id(&app) {
                     let i = self.shard(a, &channel);
-                    self.shards[i].cache_set(now, &app, &channel, &event, &data);
+                    self.shards[i].cache_set(now, &app, &channel, &event, &data, age_ms);
                 }
             }
             PeerFrame::Terminate { app, user } => {
@@ -661,6 +781,7 @@ impl Core {
                 let mut fx = Effects::default();
                 self.replicator.handle(from, control, &mut fx);
                 self.effects(fx);
+                self.release_barrier();
             }
         }
         Ok(())

@@ -1,5 +1,6 @@
-//! Frames between nodes: the replicated state (`Delta`, `Snapshot`) and the
-//! channel messages (`Publish`, `CacheSet`), versioned and bincode-encoded.
+//! Frames between nodes: the replicated state (`Delta`, `Snapshot`, sent
+//! in bounded `SyncChunk`s) and the channel messages (`Publish`,
+//! `CacheSet`, `Terminate`), versioned and bincode-encoded.
 use std::fmt;
 use std::sync::Arc;
 
@@ -7,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Version byte in front of every encoded peer frame.
-pub const FRAME_VERSION: u8 = 1;
+pub const FRAME_VERSION: u8 = 2;
 
 /// A node of the cluster.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -117,14 +118,26 @@ pub struct Snapshot {
 /// A frame between two nodes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerFrame {
-    /// The sender's whole state.
-    Sync {
+    /// One part of the sender's whole state; the parts of one sync share
+    /// `epoch` and `seq` and are numbered from 0; the last says so.
+    SyncChunk {
         /// Sender's epoch (incarnation).
         epoch: u64,
         /// Sequence number of the last delta included.
         seq: u64,
-        /// State.
+        /// Part number, from 0.
+        index: u32,
+        /// Whether this is the last part.
+        last: bool,
+        /// This part of the state.
         state: Snapshot,
+    },
+    /// "I have applied your state up to `seq` of your incarnation `epoch`."
+    StateAck {
+        /// The acknowledged node's epoch.
+        epoch: u64,
+        /// Its sequence number.
+        seq: u64,
     },
     /// One change of the sender's state.
     Delta {
@@ -162,6 +175,9 @@ pub enum PeerFrame {
         event: String,
         /// Event data.
         data: String,
+        /// How long ago it was published, in milliseconds (0: just now;
+        /// more when a node sends its cache to a peer that joins).
+        age_ms: u64,
     },
     /// Close every connection of a user.
     Terminate {
@@ -176,7 +192,11 @@ impl PeerFrame {
     /// Data or control.
     pub fn kind(&self) -> FrameKind {
         match self {
-            Self::Publish { .. } => FrameKind::Data,
+            // Channel messages and actions: sequenced, held and replayed
+            // across link loss (peer_buffer), exactly once.
+            Self::Publish { .. } | Self::CacheSet { .. } | Self::Terminate { .. } => {
+                FrameKind::Data
+            }
             _ => FrameKind::Control,
         }
     }

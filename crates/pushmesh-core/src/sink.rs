@@ -35,6 +35,16 @@ pub trait Sink<H> {
     fn close(&mut self, to: &H, code: CloseCode, reason: &str);
     /// A frame for a peer node.
     fn peer(&mut self, to: &NodeId, kind: FrameKind, frame: &Bytes);
+    /// Whether a data frame for `to` can be held now (its buffer is not
+    /// full). Asked for every interested peer before a publish is delivered
+    /// anywhere, so a publish is refused whole or delivered everywhere.
+    fn peer_has_room(&mut self, _to: &NodeId) -> bool {
+        true
+    }
+    /// The subscription barrier: frames for `to` from now on wait until
+    /// every peer has acknowledged this node's state changes so far
+    /// (bounded). Called just before `subscription_succeeded`.
+    fn hold(&mut self, _to: &H) {}
     /// A webhook event of an app (only for apps with webhooks).
     fn hook(&mut self, app: AppIdx, event: WebhookEvent);
     /// A change of this node's own state, to replicate to every peer.

@@ -41,12 +41,16 @@ pub enum ApiError {
     /// 429.
     #[error("{0}")]
     TooManyRequests(String),
+    /// 503 with `Retry-After`: the node cannot promise delivery now.
+    #[error("cannot deliver now ({0}); retry")]
+    Unavailable(String),
 }
 
 impl From<PublishError> for ApiError {
     fn from(e: PublishError) -> Self {
         match e {
             PublishError::DataTooLarge(_) => Self::TooLarge(e.to_string()),
+            PublishError::Unavailable(reason) => Self::Unavailable(reason),
             _ => Self::BadRequest(e.to_string()),
         }
     }
@@ -67,6 +71,15 @@ impl IntoResponse for ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(reason) => {
+                let body = json!({ "error": self.to_string(), "reason": reason });
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::RETRY_AFTER, "1")],
+                    Json(body),
+                )
+                    .into_response();
+            }
         };
         tracing::debug!(status = status.as_u16(), error = %self, "api request refused");
         (status, Json(json!({ "error": self.to_string() }))).into_response()
@@ -280,9 +293,13 @@ pub async fn batch_events(
             channels,
             exclude_socket: socket_id.as_deref(),
         };
-        if let Ok(p) = st.node.publish_valid(a.app, names, &req, flags.any()).await {
-            results.push((p, *flags));
-        }
+        // A refusal (503) stops the batch: the events before it were
+        // delivered, this one and those after it were not.
+        let p = st
+            .node
+            .publish_valid(a.app, names, &req, flags.any())
+            .await?;
+        results.push((p, *flags));
     }
     st.stats
         .published

@@ -1,6 +1,17 @@
 //! Wiring of the cluster layer to the core: peer events in, peer frames
-//! out (through the hub), the interest digest into gossip, and the
-//! `/cluster`, `/metrics` and `/readyz` endpoints.
+//! out (through the hub), the interest digest into gossip, joining, and
+//! the `/cluster`, `/metrics` and `/readyz` endpoints.
+//!
+//! **Joining**: a clustered node takes no publish (503 `joining`) and is
+//! not ready until a seed answered and every live peer is linked with its
+//! state synced, or `startup_timeout_ms` passed (then it runs alone if no
+//! seed answered, and says so).
+//!
+//! **Readiness** depends on this node's own links only: it is ready unless
+//! it reaches (link up, state synced) at most half of the live, ready
+//! peers; at exactly half, the side holding the lowest node id stays ready.
+//! A broken path between two other nodes never makes it unready; cutting
+//! one node off makes that node, and only it, unready.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -11,7 +22,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use pushmesh_cluster::{tls, Cluster, ClusterConfig, ClusterEvent, KEY_INTEREST};
+use pushmesh_cluster::{
+    tls, Cluster, ClusterConfig, ClusterEvent, PeerStatus, KEY_INTEREST, KEY_STATE,
+};
+use pushmesh_core::PeerLink;
+use pushmesh_protocol::CloseCode;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -67,7 +82,17 @@ pub fn spawn_tasks(st: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
                 let node = &st.node;
                 match ev {
                     ClusterEvent::PeerUp { node: peer, epoch } => node.peer_up(peer, epoch).await,
-                    ClusterEvent::PeerDown { node: peer } => node.peer_down(&peer).await,
+                    ClusterEvent::PeerDown { node: peer } => node.link_down(&peer),
+                    ClusterEvent::PeerGone { node: peer } => node.peer_gone(&peer).await,
+                    ClusterEvent::ContinuityBroken { node: peer } => {
+                        // Messages for local subscribers may be lost: they
+                        // reconnect and resubscribe rather than miss them silently.
+                        tracing::warn!(peer = %peer, "closing every client with 4200: a peer forgot this node, messages for its subscribers may be lost");
+                        node.registry.close_all(
+                            CloseCode::ReconnectImmediately,
+                            "cluster continuity lost, reconnect",
+                        );
+                    }
                     ClusterEvent::Frame { from, frame } => {
                         if let Err(e) = node.peer_frame(&from, &frame).await {
                             tracing::warn!(peer = %from, error = %e, "bad frame from peer");
@@ -80,6 +105,16 @@ pub fn spawn_tasks(st: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
             }
         }));
     }
+    tasks.push(tokio::spawn(join(st.clone(), cluster.clone())));
+    let st2 = st.clone();
+    tasks.push(tokio::spawn(async move {
+        // The subscription barrier's deadlines.
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            tick.tick().await;
+            st2.node.links.release_barrier(std::time::Instant::now());
+        }
+    }));
     let st = st.clone();
     tasks.push(tokio::spawn(async move {
         let mut last = String::new();
@@ -107,6 +142,8 @@ pub async fn cluster_status(State(st): State<Arc<Shared>>) -> Json<serde_json::V
         "enabled": true,
         "node": c.node_id().to_string(),
         "draining": st.draining.load(Ordering::Relaxed),
+        "joined": st.node.gate.joined(),
+        "state": if st.draining.load(Ordering::Relaxed) { "draining" } else if st.node.gate.joined() { "ready" } else { "joining" },
         "peers": peers,
         "synced_peers": core_peers,
         "gossip": {
@@ -120,33 +157,104 @@ pub async fn cluster_status(State(st): State<Arc<Shared>>) -> Json<serde_json::V
     }))
 }
 
-/// `GET /readyz`: 200 when this node should get traffic; 503 while
-/// draining, or while a live peer has no link (messages to it would be lost).
-pub async fn readyz(State(st): State<Arc<Shared>>) -> Response {
-    if st.draining.load(Ordering::Relaxed) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "ready": false, "reason": "draining" })),
-        )
-            .into_response();
+/// Whether a joining node has joined: a seed answered (or it has no seed
+/// but itself) and every live peer is linked with its state synced.
+fn joined(st: &Shared, peers: &[PeerStatus], links: &[PeerLink]) -> bool {
+    let Some(c) = &st.config.cluster else {
+        return true;
+    };
+    let me = c.gossip_advertise.to_string();
+    let other_seeds = c.seeds.iter().any(|s| *s != me);
+    let live: Vec<&PeerStatus> = peers
+        .iter()
+        .filter(|p| p.live && p.state.as_deref() != Some("draining"))
+        .collect();
+    if live.is_empty() {
+        return !other_seeds;
     }
-    if let Some(c) = &st.cluster {
-        let missing: Vec<String> = c
-            .status()
-            .await
-            .into_iter()
-            .filter(|p| p.live && !p.link && p.state.as_deref() != Some("draining"))
-            .map(|p| p.node)
-            .collect();
-        if !missing.is_empty() {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({ "ready": false, "reason": "peer links down", "peers": missing })),
-            )
-                .into_response();
+    live.iter().all(|p| {
+        links
+            .iter()
+            .any(|l| l.node.as_str() == p.node && l.link && l.synced)
+    })
+}
+
+/// Joins: opens publishes and advertises `ready` once joined, or after
+/// `startup_timeout_ms` anyway (saying why).
+async fn join(st: Arc<Shared>, cluster: Cluster) {
+    let Some(c) = st.config.cluster.as_ref() else {
+        return;
+    };
+    let start = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let peers = cluster.status().await;
+        let links = st.node.peer_links();
+        if joined(&st, &peers, &links) {
+            tracing::info!(peers = links.len(), "joined the cluster");
+            break;
+        }
+        if start.elapsed() >= c.startup_timeout {
+            if peers.iter().any(|p| p.live) {
+                tracing::warn!(
+                    timeout_ms = c.startup_timeout.as_millis() as u64,
+                    "not every live peer linked and synced in time; ready anyway"
+                );
+            } else {
+                tracing::warn!(seeds = ?c.seeds, timeout_ms = c.startup_timeout.as_millis() as u64, "no seed answered: running as a cluster of one (check the seeds, the cluster secret and the network)");
+            }
+            break;
         }
     }
-    (StatusCode::OK, Json(json!({ "ready": true }))).into_response()
+    if !st.draining.load(Ordering::Relaxed) {
+        st.node.gate.open();
+        cluster.set_key(KEY_STATE, "ready".into()).await;
+    }
+}
+
+/// Why this node should not get traffic, if it should not.
+async fn unready(st: &Shared) -> Option<serde_json::Value> {
+    if st.draining.load(Ordering::Relaxed) {
+        return Some(json!({ "ready": false, "reason": "draining" }));
+    }
+    if !st.node.gate.joined() {
+        return Some(json!({ "ready": false, "reason": "joining" }));
+    }
+    let c = st.cluster.as_ref()?;
+    let links = st.node.peer_links();
+    let reached = |n: &str| {
+        links
+            .iter()
+            .any(|l| l.node.as_str() == n && l.link && l.synced)
+    };
+    let live: Vec<String> = c
+        .status()
+        .await
+        .into_iter()
+        .filter(|p| p.live && p.state.as_deref() == Some("ready"))
+        .map(|p| p.node)
+        .collect();
+    let (ok, missing): (Vec<String>, Vec<String>) = live.into_iter().partition(|n| reached(n));
+    if missing.is_empty() {
+        return None;
+    }
+    let me = c.node_id().as_str().to_owned();
+    let (reach, total) = (1 + ok.len(), 1 + ok.len() + missing.len());
+    let lowest_here = ok.iter().chain(std::iter::once(&me)).min();
+    let minority = reach * 2 < total || (reach * 2 == total && lowest_here > missing.iter().min());
+    minority.then(
+        || json!({ "ready": false, "reason": "minority", "unreachable": missing, "reachable": ok }),
+    )
+}
+
+/// `GET /readyz`: 200 when this node should get traffic; 503 while it
+/// drains, joins, or reaches only a minority of its live peers.
+pub async fn readyz(State(st): State<Arc<Shared>>) -> Response {
+    match unready(&st).await {
+        Some(body) => (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response(),
+        None => (StatusCode::OK, Json(json!({ "ready": true }))).into_response(),
+    }
 }
 
 /// The cluster section of `/metrics`.
@@ -199,6 +307,23 @@ pub fn render_metrics(st: &Shared, out: &mut String) {
             "pushmesh_cluster_peer_link_up{{peer=\"{}\"}} {}",
             esc(peer.as_str()),
             u8::from(linked.contains(peer))
+        );
+    }
+    let _ = writeln!(out, "# HELP pushmesh_cluster_frames_replayed_total Data frames sent again to a peer (link back to the same incarnation, or retransmission).\n# TYPE pushmesh_cluster_frames_replayed_total counter");
+    let buffers = c.buffers();
+    for (peer, _, replayed) in &buffers {
+        let _ = writeln!(
+            out,
+            "pushmesh_cluster_frames_replayed_total{{peer=\"{}\"}} {replayed}",
+            esc(peer.as_str())
+        );
+    }
+    let _ = writeln!(out, "# HELP pushmesh_cluster_peer_buffer_frames Data frames held for a peer (not yet acknowledged).\n# TYPE pushmesh_cluster_peer_buffer_frames gauge");
+    for (peer, held, _) in &buffers {
+        let _ = writeln!(
+            out,
+            "pushmesh_cluster_peer_buffer_frames{{peer=\"{}\"}} {held}",
+            esc(peer.as_str())
         );
     }
     let g = c.gossip_stats();

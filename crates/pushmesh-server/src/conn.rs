@@ -6,6 +6,11 @@
 //! lock, with a `Notify` to wake its task: it costs nothing until frames are
 //! queued (a tokio `mpsc` allocates a 32-slot block per channel up front),
 //! and the task takes everything queued in one swap.
+//!
+//! A connection can be **held** (the subscription barrier): frames queued
+//! after [`Conn::hold`] wait until every hold is released, so a
+//! `subscription_succeeded` that waits for the peers' acknowledgement keeps
+//! its place before the events that follow it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -26,10 +31,20 @@ pub struct CloseRequest {
     pub reason: String,
 }
 
+/// Queued frames and the barrier holds on them.
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Utf8Bytes>,
+    /// Holds not yet released.
+    holds: u32,
+    /// While held: frames queued before the first hold (deliverable).
+    before_gate: usize,
+}
+
 /// The shared side of one connection.
 pub struct Conn {
     id: ConnId,
-    queue: Mutex<VecDeque<Utf8Bytes>>,
+    queue: Mutex<Queue>,
     cap: usize,
     /// Set (under the queue's lock) when frames are queued: the task looks
     /// at the queue without locking it when there is nothing.
@@ -58,17 +73,40 @@ impl Conn {
             return true;
         }
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if q.len() >= self.cap {
+        if q.frames.len() >= self.cap {
             return false;
         }
-        let was_empty = q.is_empty();
-        q.push_back(frame);
+        let was_empty = q.frames.is_empty();
+        q.frames.push_back(frame);
+        if q.holds > 0 {
+            return true;
+        }
         self.has_frames.store(true, Ordering::Release);
         drop(q);
         if was_empty {
             self.waker.wake();
         }
         true
+    }
+
+    /// Holds the frames queued from now on until [`Conn::release`].
+    pub fn hold(&self) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.holds == 0 {
+            q.before_gate = q.frames.len();
+        }
+        q.holds += 1;
+    }
+
+    /// Releases one hold; the last one lets the held frames go.
+    pub fn release(&self) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.holds = q.holds.saturating_sub(1);
+        if q.holds == 0 && !q.frames.is_empty() {
+            self.has_frames.store(true, Ordering::Release);
+            drop(q);
+            self.waker.wake();
+        }
     }
 
     /// Asks the connection task to close; the first request wins. Returns
@@ -117,7 +155,7 @@ impl ConnRef {
     pub fn new(id: ConnId, queue: usize) -> (Self, Outbox) {
         let c = Arc::new(Conn {
             id,
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queue::default()),
             cap: queue.max(1),
             has_frames: AtomicBool::new(false),
             waker: AtomicWaker::new(),
@@ -185,7 +223,12 @@ impl Outbox {
             return None;
         }
         let mut q = self.conn.queue.lock().unwrap_or_else(|p| p.into_inner());
-        std::mem::swap(&mut *q, &mut self.taken);
+        if q.holds == 0 {
+            std::mem::swap(&mut q.frames, &mut self.taken);
+        } else {
+            let n = std::mem::take(&mut q.before_gate);
+            self.taken.extend(q.frames.drain(..n));
+        }
         self.conn.has_frames.store(false, Ordering::Release);
         drop(q);
         self.taken.pop_front()
@@ -199,6 +242,7 @@ impl Drop for Outbox {
             .queue
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .frames
             .clear();
     }
 }

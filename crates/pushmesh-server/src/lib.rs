@@ -1,8 +1,11 @@
 //! The pushmesh node: WebSocket and HTTP API edge around the sans-IO core.
 //!
 //! [`Server::bind`] opens the listener; [`Server::run`] serves until the
-//! shutdown future resolves, then closes every client with 4200 and waits
-//! (bounded) for them to go.
+//! shutdown future resolves, then drains in order: not ready (and
+//! `draining` in gossip) while still serving and routing publishes for
+//! `drain_wait_ms` → publishes refused (503) → clients closed with 4200 →
+//! pending webhooks sent → peer links flushed (held frames acknowledged) →
+//! links closed as leaving → gossip left.
 
 pub mod api;
 pub mod authorizer;
@@ -179,6 +182,11 @@ impl Server {
                 shard_queue: config.shard_queue,
                 max_connections: config.max_connections,
                 socket_prefix: rand::random_range(1..1_000_000_000),
+                barrier_wait: config
+                    .cluster
+                    .as_ref()
+                    .map_or(Duration::from_secs(1), |c| c.subscribe_barrier),
+                joining: config.cluster.is_some(),
             },
             cluster.clone(),
             scheduler,
@@ -238,6 +246,9 @@ impl Server {
                     .await;
                 tokio::time::sleep(settings.drain_wait).await;
             }
+            // Past the wait: no publish is taken any more (503), so none
+            // is acknowledged and then lost with the clients and links.
+            st2.node.gate.close();
             tracing::info!("shutting down: closing clients with 4200");
             st2.node.registry.close_all(
                 CloseCode::ReconnectImmediately,
@@ -255,6 +266,9 @@ impl Server {
             }
             st2.webhooks.abandon();
             if let Some(c) = &st2.cluster {
+                // Everything acknowledged to publishers reaches the peers.
+                c.flush(tokio::time::Instant::now() + Duration::from_secs(2))
+                    .await;
                 c.shutdown(Duration::from_secs(2)).await;
             }
             let _ = stop_tx.send(true);

@@ -286,6 +286,7 @@ pub fn render(st: &Shared) -> String {
             "pushmesh_authorizer_calls_total{{outcome=\"{o}\"}} {v}"
         );
     }
+    render_continuity(st, &mut out);
     crate::cluster::render_metrics(st, &mut out);
     let (rss, cpu, fds) = proc_self();
     if let Some(r) = rss {
@@ -325,4 +326,19 @@ pub async fn metrics(State(st): State<Arc<Shared>>) -> Response {
         render(&st),
     )
         .into_response()
+}
+
+/// Publishes refused with 503 and subscription barrier timeouts.
+fn render_continuity(st: &Shared, out: &mut String) {
+    let stats = &st.node.links.stats;
+    let _ = writeln!(out, "# HELP pushmesh_publish_refused_total Publishes answered 503: the node could not promise delivery.\n# TYPE pushmesh_publish_refused_total counter");
+    for r in crate::node::Refusal::ALL {
+        let _ = writeln!(
+            out,
+            "pushmesh_publish_refused_total{{reason=\"{}\"}} {}",
+            r.as_str(),
+            stats.refused[r as usize].load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(out, "# HELP pushmesh_subscription_barrier_timeouts_total Subscriptions confirmed before every peer acknowledged the interest (barrier wait exceeded).\n# TYPE pushmesh_subscription_barrier_timeouts_total counter\npushmesh_subscription_barrier_timeouts_total {}", stats.barrier_timeouts.load(Ordering::Relaxed));
 }

@@ -12,7 +12,7 @@
 //!   4100), peer frames into the cluster links.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -20,8 +20,8 @@ use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use pushmesh_core::{
     AppIdx, Apps, ChannelInfo, ConnId, Delta, Effects, Event, FrameKind, NodeId, PeerFrame,
-    PublishError, PublishRequest, PublishedChannel, QueryError, Replicator, Request, Shard, Sink,
-    Users, WebhookScheduler,
+    PeerLink, PublishError, PublishRefused, PublishRequest, PublishedChannel, QueryError,
+    Replicator, Request, Shard, Sink, Users, WebhookScheduler,
 };
 use pushmesh_protocol::webhook::WebhookEvent;
 use pushmesh_protocol::{ChannelName, CloseCode};
@@ -42,7 +42,77 @@ pub struct HubStats {
     pub frames_queued: AtomicU64,
     /// Connections closed because their queue was full.
     pub slow_consumers: AtomicU64,
+    /// Subscriptions whose barrier timed out (peers did not acknowledge).
+    pub barrier_timeouts: AtomicU64,
+    /// Publishes answered 503, by reason (see [`Refusal`]).
+    pub refused: [AtomicU64; 3],
 }
+
+/// Why a publish is answered 503.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The node has not joined its cluster yet.
+    Joining = 0,
+    /// The node is draining, past its wait.
+    Draining = 1,
+    /// An interested peer's buffer is full.
+    PeerBufferFull = 2,
+}
+
+impl Refusal {
+    /// Every reason, in counter order.
+    pub const ALL: [Refusal; 3] = [Self::Joining, Self::Draining, Self::PeerBufferFull];
+
+    /// The `reason` of the JSON error and the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Joining => "joining",
+            Self::Draining => "draining",
+            Self::PeerBufferFull => "peer_buffer_full",
+        }
+    }
+}
+
+/// Whether the node takes publishes: joining → open → closed (drain).
+pub struct PublishGate(AtomicU8);
+
+impl PublishGate {
+    const JOINING: u8 = 0;
+    const OPEN: u8 = 1;
+    const CLOSED: u8 = 2;
+
+    /// Publishes are taken (the node joined, or has no cluster).
+    pub fn open(&self) {
+        let _ = self.0.compare_exchange(
+            Self::JOINING,
+            Self::OPEN,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Publishes are refused from now on (drain, past the wait).
+    pub fn close(&self) {
+        self.0.store(Self::CLOSED, Ordering::Release);
+    }
+
+    /// Whether the node has joined (opened at least once).
+    pub fn joined(&self) -> bool {
+        self.0.load(Ordering::Acquire) != Self::JOINING
+    }
+
+    fn check(&self) -> Result<(), Refusal> {
+        match self.0.load(Ordering::Acquire) {
+            Self::OPEN => Ok(()),
+            Self::JOINING => Err(Refusal::Joining),
+            _ => Err(Refusal::Draining),
+        }
+    }
+}
+
+/// Connections held by the subscription barrier: (change number they wait
+/// for, deadline, connection).
+type Waiters = Vec<(u64, Instant, ConnRef)>;
 
 /// What the shard tasks share with the rest of the node.
 pub struct Links {
@@ -50,6 +120,8 @@ pub struct Links {
     pub cluster: Option<pushmesh_cluster::Cluster>,
     replicator: Mutex<Replicator>,
     hooks: Mutex<WebhookScheduler>,
+    waiters: Mutex<Waiters>,
+    barrier_wait: Duration,
     /// Wakes the webhook pump when events were scheduled.
     pub hook_ready: Notify,
     /// Router counters.
@@ -65,6 +137,33 @@ impl Links {
     pub fn hooks(&self) -> MutexGuard<'_, WebhookScheduler> {
         lock(&self.hooks)
     }
+
+    /// Lets held connections go: those whose changes every peer
+    /// acknowledged, and those past their deadline (counted).
+    pub fn release_barrier(&self, now: Instant) {
+        let acked = lock(&self.replicator).acked_by_all();
+        let mut w = lock(&self.waiters);
+        if w.is_empty() {
+            return;
+        }
+        let mut released = Vec::new();
+        w.retain(|(seq, deadline, h)| {
+            if *seq <= acked {
+                released.push(h.clone());
+                false
+            } else if *deadline <= now {
+                self.stats.barrier_timeouts.fetch_add(1, Ordering::Relaxed);
+                released.push(h.clone());
+                false
+            } else {
+                true
+            }
+        });
+        drop(w);
+        for h in released {
+            h.release();
+        }
+    }
 }
 
 /// The effects of one batch of work, done as they come.
@@ -74,6 +173,7 @@ pub struct DriverSink<'a> {
     queued: u64,
     hooks: Vec<(AppIdx, WebhookEvent)>,
     deltas: Vec<Delta>,
+    held: Vec<ConnRef>,
 }
 
 impl<'a> DriverSink<'a> {
@@ -84,6 +184,7 @@ impl<'a> DriverSink<'a> {
             queued: 0,
             hooks: Vec::new(),
             deltas: Vec::new(),
+            held: Vec::new(),
         }
     }
 
@@ -109,15 +210,26 @@ impl<'a> DriverSink<'a> {
             .frames_queued
             .fetch_add(self.queued, Ordering::Relaxed);
         // A node without a cluster has nobody to replicate to.
-        if !self.deltas.is_empty() && links.cluster.is_some() {
+        if (!self.deltas.is_empty() || !self.held.is_empty()) && links.cluster.is_some() {
             let mut fx = Effects::default();
-            {
-                let mut r = lock(&links.replicator);
-                for d in self.deltas {
-                    r.local(d, &mut fx);
-                }
+            let mut r = lock(&links.replicator);
+            for d in self.deltas {
+                r.local(d, &mut fx);
             }
+            // Sent under the lock: the order of numbered changes on every
+            // link is their numbering order.
             send_control(links, fx.send);
+            let seq = r.seq();
+            drop(r);
+            if !self.held.is_empty() {
+                let deadline = Instant::now() + links.barrier_wait;
+                lock(&links.waiters).extend(self.held.into_iter().map(|h| (seq, deadline, h)));
+                links.release_barrier(Instant::now());
+            }
+        } else {
+            for h in self.held {
+                h.release();
+            }
         }
         if !self.hooks.is_empty() {
             let now = Instant::now();
@@ -168,6 +280,15 @@ impl Sink<ConnRef> for DriverSink<'_> {
         }
     }
 
+    fn peer_has_room(&mut self, to: &NodeId) -> bool {
+        self.links.cluster.as_ref().is_none_or(|c| c.has_room(to))
+    }
+
+    fn hold(&mut self, to: &ConnRef) {
+        to.hold();
+        self.held.push(to.clone());
+    }
+
     fn hook(&mut self, app: AppIdx, event: WebhookEvent) {
         self.hooks.push((app, event));
     }
@@ -185,7 +306,9 @@ pub struct Publish {
     data: Arc<str>,
     content: Option<Arc<RawValue>>,
     exclude: Option<Arc<str>>,
-    reply: Option<oneshot::Sender<ChannelInfo>>,
+    /// Whether the reply carries the channel's info (it costs a lookup).
+    info: bool,
+    reply: oneshot::Sender<Result<ChannelInfo, PublishRefused>>,
 }
 
 type Query = Box<dyn FnOnce(&Shard<ConnRef>, Instant) + Send>;
@@ -197,6 +320,7 @@ enum Cmd {
     Remote(PeerFrame),
     Apply(NodeId, Delta),
     Peers(BTreeSet<NodeId>),
+    SendCache(NodeId),
     Query(Query),
 }
 
@@ -235,10 +359,11 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 exclude_socket: p.exclude.as_deref(),
                 user_id: None,
             };
-            shard.publish(now, &ev, true, sink);
-            if let Some(reply) = p.reply {
-                let _ = reply.send(shard.info(now, p.app, &p.channel));
-            }
+            let r = shard.publish(now, &ev, true, sink).map(|()| match p.info {
+                true => shard.info(now, p.app, &p.channel),
+                false => ChannelInfo::default(),
+            });
+            let _ = p.reply.send(r);
         }
         Cmd::Remote(frame) => match frame {
             PeerFrame::Publish {
@@ -263,11 +388,13 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 channel,
                 event,
                 data,
-            } => shard.cache_set(now, &app, &channel, &event, &data),
+                age_ms,
+            } => shard.cache_set(now, &app, &channel, &event, &data, age_ms),
             _ => {}
         },
         Cmd::Apply(peer, delta) => shard.apply_remote(&peer, delta, sink),
         Cmd::Peers(p) => shard.set_peers(p),
+        Cmd::SendCache(peer) => shard.send_cache(now, &peer, sink),
         Cmd::Query(q) => q(shard, now),
     }
 }
@@ -317,6 +444,8 @@ pub struct Node {
     pub registry: Registry,
     /// First part of every socket id of this node.
     pub socket_prefix: u32,
+    /// Whether publishes are taken (joining, open, closed).
+    pub gate: PublishGate,
 }
 
 /// Settings of [`Node::start`].
@@ -335,6 +464,10 @@ pub struct NodeSettings {
     pub max_connections: Option<usize>,
     /// First part of socket ids.
     pub socket_prefix: u32,
+    /// Longest wait of the subscription barrier.
+    pub barrier_wait: Duration,
+    /// Whether the node must join a cluster before it takes publishes.
+    pub joining: bool,
 }
 
 impl Node {
@@ -350,6 +483,8 @@ impl Node {
             cluster,
             replicator: Mutex::new(Replicator::new(node.clone(), s.epoch)),
             hooks: Mutex::new(hooks),
+            waiters: Mutex::new(Vec::new()),
+            barrier_wait: s.barrier_wait,
             hook_ready: Notify::new(),
             stats: HubStats::default(),
         });
@@ -371,6 +506,11 @@ impl Node {
             slots,
             links,
             socket_prefix: s.socket_prefix,
+            gate: PublishGate(AtomicU8::new(if s.joining {
+                PublishGate::JOINING
+            } else {
+                PublishGate::OPEN
+            })),
         }
     }
 
@@ -446,17 +586,13 @@ impl Node {
         req: &PublishRequest<'_>,
         info: bool,
     ) -> Result<Vec<PublishedChannel>, PublishError> {
+        self.gate.check().map_err(|r| self.refused(r))?;
         let event: Arc<str> = Arc::from(req.name);
         let data: Arc<str> = Arc::from(req.data);
         let exclude: Option<Arc<str>> = req.exclude_socket.map(Arc::from);
-        let mut replies = Vec::new();
+        let mut replies = Vec::with_capacity(names.len());
         for name in names {
-            let (reply, rx) = if info {
-                let (tx, rx) = oneshot::channel();
-                (Some(tx), Some(rx))
-            } else {
-                (None, None)
-            };
+            let (reply, rx) = oneshot::channel();
             let p = Publish {
                 app,
                 channel: name.clone(),
@@ -464,6 +600,7 @@ impl Node {
                 data: data.clone(),
                 content: None,
                 exclude: exclude.clone(),
+                info,
                 reply,
             };
             self.to_shard(app, name.as_str(), Cmd::Publish(Box::new(p)))
@@ -471,14 +608,26 @@ impl Node {
             replies.push((name, rx));
         }
         let mut out = Vec::with_capacity(replies.len());
+        let mut refused = None;
         for (name, rx) in replies {
-            let info = match rx {
-                Some(rx) => rx.await.unwrap_or_default(),
-                None => ChannelInfo::default(),
-            };
-            out.push(PublishedChannel { name, info });
+            match rx.await {
+                Ok(Ok(info)) => out.push(PublishedChannel { name, info }),
+                Ok(Err(e)) => refused = Some(e),
+                // The shard is gone: the node is stopping.
+                Err(_) => return Err(self.refused(Refusal::Draining)),
+            }
+        }
+        if let Some(e) = refused {
+            tracing::debug!(error = %e, "publish refused");
+            return Err(self.refused(Refusal::PeerBufferFull));
         }
         Ok(out)
+    }
+
+    /// Counts a refusal and makes the error the API answers 503 with.
+    fn refused(&self, r: Refusal) -> PublishError {
+        self.links.stats.refused[r as usize].fetch_add(1, Ordering::Relaxed);
+        PublishError::Unavailable(r.as_str().to_owned())
     }
 
     /// A wsify broadcast (from a client or `POST /broadcast`).
@@ -489,8 +638,10 @@ impl Node {
         content: &RawValue,
     ) -> Result<(), PublishError> {
         let name = self.apps.validate_wsify_broadcast(app, channel, content)?;
+        self.gate.check().map_err(|r| self.refused(r))?;
         let cfg = self.apps.get(app);
         let content: Arc<RawValue> = Arc::from(content.to_owned());
+        let (reply, rx) = oneshot::channel();
         let p = Publish {
             app,
             channel: name.clone(),
@@ -498,11 +649,16 @@ impl Node {
             data: Arc::from(content.get()),
             content: Some(content),
             exclude: None,
-            reply: None,
+            info: false,
+            reply,
         };
         self.to_shard(app, name.as_str(), Cmd::Publish(Box::new(p)))
             .await;
-        Ok(())
+        match rx.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(self.refused(Refusal::PeerBufferFull)),
+            Err(_) => Err(self.refused(Refusal::Draining)),
+        }
     }
 
     async fn ask<R: Send + 'static>(
@@ -598,8 +754,20 @@ impl Node {
         lock(&self.links.replicator).digest()
     }
 
+    /// Runs `f` on the replicator and sends its frames under its lock, so
+    /// numbered changes and syncs reach every link in their order.
+    fn with_replicator(&self, f: impl FnOnce(&mut Replicator, &mut Effects)) -> Effects {
+        let mut fx = Effects::default();
+        let mut r = lock(&self.links.replicator);
+        f(&mut r, &mut fx);
+        send_control(&self.links, std::mem::take(&mut fx.send));
+        fx
+    }
+
+    /// Applies a peer's changes on the shards and the user registry, then
+    /// acknowledges them (the ack promises they are applied: a publish the
+    /// peer then routes here queues behind them on the same shard).
     async fn effects(&self, fx: Effects, peers_changed: bool) {
-        send_control(&self.links, fx.send);
         if peers_changed {
             let peers = lock(&self.links.replicator).peers();
             for s in &self.shards {
@@ -615,20 +783,34 @@ impl Node {
                 self.to_shard(app, &ch, Cmd::Apply(peer, d)).await;
             }
         }
+        send_control(&self.links, fx.ack);
+        self.links.release_barrier(Instant::now());
     }
 
-    /// A link to `peer` (incarnation `epoch`) is up.
+    /// A link to `peer` (incarnation `epoch`) is up: this node's state and
+    /// its cached events go to it.
     pub async fn peer_up(&self, peer: NodeId, epoch: u64) {
-        let mut fx = Effects::default();
-        lock(&self.links.replicator).peer_up(peer, epoch, &mut fx);
+        let fx = self.with_replicator(|r, fx| r.peer_up(peer.clone(), epoch, fx));
+        self.effects(fx, true).await;
+        for s in &self.shards {
+            let _ = s.send(Cmd::SendCache(peer.clone())).await;
+        }
+    }
+
+    /// The link to `peer` is down; its state stays, frames for it are held.
+    pub fn link_down(&self, peer: &NodeId) {
+        lock(&self.links.replicator).link_down(peer);
+    }
+
+    /// The peer is gone (declared dead, left, or restarted): its state goes.
+    pub async fn peer_gone(&self, peer: &NodeId) {
+        let fx = self.with_replicator(|r, fx| r.peer_gone(peer, fx));
         self.effects(fx, true).await;
     }
 
-    /// The link to `peer` is gone.
-    pub async fn peer_down(&self, peer: &NodeId) {
-        let mut fx = Effects::default();
-        lock(&self.links.replicator).peer_down(peer, &mut fx);
-        self.effects(fx, true).await;
+    /// Peers as readiness sees them.
+    pub fn peer_links(&self) -> Vec<PeerLink> {
+        lock(&self.links.replicator).links()
     }
 
     /// A frame from a peer. Undecodable frames are refused, never fatal.
@@ -660,8 +842,7 @@ impl Node {
                 }
             }
             control => {
-                let mut fx = Effects::default();
-                lock(&self.links.replicator).handle(from, control, &mut fx);
+                let fx = self.with_replicator(|r, fx| r.handle(from, control, fx));
                 self.effects(fx, false).await;
             }
         }
@@ -670,8 +851,8 @@ impl Node {
 
     /// Compares a peer's gossiped digest with what this node holds of it.
     pub fn check_peer_digest(&self, peer: &NodeId, digest: &str) {
-        let mut fx = Effects::default();
-        lock(&self.links.replicator).check_peer_digest(peer, digest, &mut fx);
-        send_control(&self.links, fx.send);
+        self.with_replicator(|r, fx| {
+            r.check_peer_digest(peer, digest, fx);
+        });
     }
 }

@@ -100,6 +100,12 @@ pub async fn pusher_ws(
             CloseCode::ReconnectImmediately,
             "node is draining, reconnect".into(),
         ),
+        // So does a node that has not joined its cluster: it could not yet
+        // promise its subscribers the messages published elsewhere.
+        _ if !st.node.gate.joined() => Admission::Refuse(
+            CloseCode::ReconnectImmediately,
+            "node is joining its cluster, reconnect".into(),
+        ),
         // A missing protocol is taken as 7.
         _ => match st.app_by_key(&key) {
             Some(app) => match check_origin(&st, app, &headers) {

@@ -81,6 +81,18 @@ pub async fn wsify_ws(
         return refused;
     }
     let app = AppIdx(st.config.wsify_app as u32);
+    // Joining or draining: not now, elsewhere (the balancer retries).
+    let draining = st.draining.load(Ordering::Relaxed);
+    if draining || !st.node.gate.joined() {
+        let reason = if draining { "draining" } else { "joining" };
+        let e = json!({ "error": format!("node is {reason}, connect again"), "reason": reason });
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::RETRY_AFTER, "1")],
+            Json(e),
+        )
+            .into_response();
+    }
     if !st.ip_limiter.allow(&peer.ip(), Instant::now()) {
         st.stats
             .edge

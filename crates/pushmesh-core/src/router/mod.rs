@@ -37,6 +37,14 @@ use crate::sink::{Handle, Sink};
 /// How long a cache channel keeps its last event.
 pub const CACHE_TTL: Duration = Duration::from_secs(30 * 60);
 
+/// Why a publish was not delivered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishRefused {
+    /// An interested peer cannot hold more frames (its link is down or slow).
+    #[error("the buffer for peer {0} is full")]
+    PeerBufferFull(NodeId),
+}
+
 /// One shard of the router.
 pub struct Shard<H> {
     apps: Arc<Apps>,
@@ -301,6 +309,11 @@ impl<H: Handle> Shard<H> {
                     self.local_interest(app, name, true, sink);
                 }
             }
+            // The barrier: what follows waits until every peer knows of
+            // this node's interest (see `Sink::hold`).
+            if !self.peers.is_empty() {
+                sink.hold(&h);
+            }
             if proto != Proto::Pusher {
                 return;
             }
@@ -431,19 +444,28 @@ impl<H: Handle> Shard<H> {
             exclude_socket: Some(socket_id),
             user_id: user_id.as_deref(),
         };
-        self.publish(now, &ev, true, sink);
+        // Client events are never acknowledged to their sender: one that a
+        // peer's buffer cannot hold is dropped everywhere, like a publish
+        // answered 503.
+        let _ = self.publish(now, &ev, true, sink);
     }
 
     /// Delivers one event to every local subscriber of the channel (Pusher
     /// and wsify, each protocol's frame encoded once), remembers it on a
     /// cache channel, and, if `forward`, sends it to every interested peer.
+    ///
+    /// With `forward`, a publish that an interested peer's buffer cannot
+    /// hold is refused whole: delivered nowhere (the API answers 503).
     pub fn publish(
         &mut self,
         now: Instant,
         ev: &Event<'_>,
         forward: bool,
         sink: &mut impl Sink<H>,
-    ) {
+    ) -> Result<(), PublishRefused> {
+        if forward {
+            self.check_peer_room(ev, sink)?;
+        }
         let frame = self.cache_event(now, ev);
         let exclude = ev.exclude_socket.and_then(|s| self.local_conn_of(s));
         if let Some(ch) = self.tables[ev.app.0 as usize].channels.get(ev.channel) {
@@ -479,6 +501,32 @@ impl<H: Handle> Shard<H> {
         if forward {
             self.forward(ev, sink);
         }
+        Ok(())
+    }
+
+    /// Whether every peer the publish goes to can hold it.
+    fn check_peer_room(
+        &self,
+        ev: &Event<'_>,
+        sink: &mut impl Sink<H>,
+    ) -> Result<(), PublishRefused> {
+        if self.peers.is_empty() {
+            return Ok(());
+        }
+        let to = if ev.channel.is_cache() {
+            &self.peers
+        } else {
+            match self.tables[ev.app.0 as usize].remote.get(ev.channel) {
+                Some(r) => &r.interested,
+                None => return Ok(()),
+            }
+        };
+        for p in to {
+            if !sink.peer_has_room(p) {
+                return Err(PublishRefused::PeerBufferFull(p.clone()));
+            }
+        }
+        Ok(())
     }
 
     /// Remembers the last event of a cache channel; returns its frame.
@@ -530,11 +578,12 @@ impl<H: Handle> Shard<H> {
                 channel: ev.channel.to_string(),
                 event: ev.name.to_owned(),
                 data: ev.data.to_owned(),
+                age_ms: 0,
             }
             .encode();
             for to in &self.peers {
                 if !interested.is_some_and(|i| i.contains(to)) {
-                    sink.peer(to, FrameKind::Control, &frame);
+                    sink.peer(to, FrameKind::Data, &frame);
                 }
             }
         }

@@ -84,6 +84,9 @@ impl<H: Handle> Shard<H> {
             let info = info_json.and_then(|s| RawValue::from_string(s).ok());
             self.member_event(app, name, &user_id, info.as_deref(), true, Some(&h), sink);
         }
+        if !self.peers.is_empty() {
+            sink.hold(&h);
+        }
         sink.send(&h, &self.presence_frame(app, name));
         true
     }

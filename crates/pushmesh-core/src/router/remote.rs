@@ -3,14 +3,15 @@
 //! messages and cached events they send.
 
 use std::collections::BTreeSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pushmesh_protocol::webhook::WebhookEvent;
 use pushmesh_protocol::ChannelName;
 use serde_json::value::RawValue;
 
-use super::{Channel, Event, RemoteMember, Shard};
-use crate::peer_frame::{Delta, NodeId};
+use super::{Channel, Event, RemoteMember, Shard, CACHE_TTL};
+use crate::app::AppIdx;
+use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame};
 use crate::sink::{Handle, Sink};
 
 fn raw(info: Option<&str>) -> Option<Box<RawValue>> {
@@ -152,7 +153,8 @@ impl<H: Handle> Shard<H> {
             exclude_socket: exclude,
             user_id,
         };
-        self.publish(now, &ev, false, sink);
+        // Not forwarded, so never refused.
+        let _ = self.publish(now, &ev, false, sink);
     }
 
     /// The last event of a cache channel, published on a peer.
@@ -163,6 +165,7 @@ impl<H: Handle> Shard<H> {
         channel: &str,
         event: &str,
         data: &str,
+        age_ms: u64,
     ) {
         let Some(app) = self.apps.by_id(app_id) else {
             return;
@@ -170,6 +173,19 @@ impl<H: Handle> Shard<H> {
         let Ok(name) = ChannelName::parse_with_limit(channel, usize::MAX) else {
             return;
         };
+        let age = Duration::from_millis(age_ms);
+        if age >= CACHE_TTL {
+            return;
+        }
+        let at = now.checked_sub(age).unwrap_or(now);
+        // A node that joins gets every peer's copy: the newest wins.
+        if self.tables[app.0 as usize]
+            .cache
+            .get(&name)
+            .is_some_and(|c| c.at > at)
+        {
+            return;
+        }
         let ev = Event {
             app,
             channel: &name,
@@ -179,7 +195,29 @@ impl<H: Handle> Shard<H> {
             exclude_socket: None,
             user_id: None,
         };
-        self.cache_event(now, &ev);
+        self.cache_event(at, &ev);
+    }
+
+    /// Sends every live cache entry to a peer whose link just came up, so a
+    /// node that joins later answers with the cached event, not a miss.
+    pub fn send_cache(&self, now: Instant, to: &NodeId, sink: &mut impl Sink<H>) {
+        for (app, t) in self.tables.iter().enumerate() {
+            let app_id = self.app_id(AppIdx(app as u32));
+            for (name, c) in &t.cache {
+                let age = now.saturating_duration_since(c.at);
+                if age >= CACHE_TTL {
+                    continue;
+                }
+                let frame = PeerFrame::CacheSet {
+                    app: app_id.to_owned(),
+                    channel: name.to_string(),
+                    event: c.event.clone(),
+                    data: c.data.clone(),
+                    age_ms: age.as_millis() as u64,
+                };
+                sink.peer(to, FrameKind::Data, &frame.encode());
+            }
+        }
     }
 
     pub(super) fn local_count(&self, app: crate::app::AppIdx, name: &str) -> usize {

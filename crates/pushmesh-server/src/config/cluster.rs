@@ -30,6 +30,8 @@ pub(super) struct FileCluster {
     dead_node_grace_secs: Option<u64>,
     peer_queue: Option<usize>,
     drain_wait_ms: Option<u64>,
+    startup_timeout_ms: Option<u64>,
+    subscribe_barrier_ms: Option<u64>,
 }
 
 /// Clustering settings (present when clustering is on).
@@ -61,8 +63,13 @@ pub struct ClusterSettings {
     pub dead_node_grace: Duration,
     /// Frames queued per peer.
     pub peer_queue: usize,
-    /// How long a draining node stays up, marked draining, before closing clients.
+    /// How long a draining node, not ready, keeps serving and routing
+    /// publishes before it refuses them and closes its clients.
     pub drain_wait: Duration,
+    /// How long a starting node waits to join before it is ready alone.
+    pub startup_timeout: Duration,
+    /// Longest wait of the subscription barrier.
+    pub subscribe_barrier: Duration,
 }
 
 pub(super) fn resolve_cluster(
@@ -164,6 +171,8 @@ pub(super) fn resolve_cluster(
         phi_threshold: f.phi_threshold.unwrap_or(8.0),
         dead_node_grace: Duration::from_secs(f.dead_node_grace_secs.unwrap_or(60)),
         peer_queue: f.peer_queue.unwrap_or(65_536),
-        drain_wait: Duration::from_millis(f.drain_wait_ms.unwrap_or(1500)),
+        drain_wait: Duration::from_millis(f.drain_wait_ms.unwrap_or(5000)),
+        startup_timeout: Duration::from_millis(f.startup_timeout_ms.unwrap_or(10_000)),
+        subscribe_barrier: Duration::from_millis(f.subscribe_barrier_ms.unwrap_or(1000)),
     }))
 }

@@ -1,0 +1,126 @@
+//! Per-peer state that outlives a link: the buffer of data frames not yet
+//! acknowledged (replayed when a link to the same incarnation comes back),
+//! what was received from the peer (duplicates dropped), and the control
+//! queue of the current link.
+//!
+//! The table of peers is read on every send without a lock (`ArcSwap`); it
+//! changes only when a peer is first linked or forgotten. Each peer's
+//! buffer has its own small lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use pushmesh_core::peer_buffer::{stream_id, Inbound, Outbound};
+use pushmesh_core::NodeId;
+use tokio::sync::{mpsc, Notify};
+
+use crate::lock;
+
+/// Bytes held per peer at most (beside the frame bound, `peer_queue`).
+pub const PEER_BUFFER_BYTES: usize = 256 * 1024 * 1024;
+
+/// One peer, across its links.
+pub(crate) struct PeerSlot {
+    /// Data frames held for the peer.
+    pub out: Mutex<Outbound>,
+    /// Wakes the data writer of the current link.
+    pub data_ready: Notify,
+    /// What was received from the peer.
+    pub inbound: Mutex<Inbound>,
+    /// The control queue of the current link, if one is up.
+    pub control: Mutex<Option<mpsc::Sender<Bytes>>>,
+}
+
+/// The table of peers.
+pub(crate) struct Peers {
+    table: ArcSwap<HashMap<NodeId, Arc<PeerSlot>>>,
+    /// Changes of the table (rare) are serialised by this lock.
+    write: Mutex<()>,
+    epoch: u64,
+    streams: AtomicU64,
+    max_frames: usize,
+}
+
+impl Peers {
+    pub fn new(epoch: u64, max_frames: usize) -> Self {
+        Self {
+            table: ArcSwap::from_pointee(HashMap::new()),
+            write: Mutex::new(()),
+            epoch,
+            streams: AtomicU64::new(0),
+            max_frames,
+        }
+    }
+
+    /// The slot of a peer, if it was ever linked and not forgotten.
+    pub fn get(&self, node: &NodeId) -> Option<Arc<PeerSlot>> {
+        self.table.load().get(node).cloned()
+    }
+
+    /// The slot of a peer, made on its first link.
+    pub fn get_or_create(&self, node: &NodeId) -> Arc<PeerSlot> {
+        if let Some(s) = self.get(node) {
+            return s;
+        }
+        let _w = lock(&self.write);
+        if let Some(s) = self.get(node) {
+            return s;
+        }
+        let n = self.streams.fetch_add(1, Ordering::Relaxed) * 1024;
+        let slot = Arc::new(PeerSlot {
+            out: Mutex::new(Outbound::new(
+                stream_id(self.epoch, n),
+                self.max_frames,
+                PEER_BUFFER_BYTES,
+            )),
+            data_ready: Notify::new(),
+            inbound: Mutex::new(Inbound::default()),
+            control: Mutex::new(None),
+        });
+        let mut t = HashMap::clone(&self.table.load());
+        t.insert(node.clone(), slot.clone());
+        self.table.store(Arc::new(t));
+        slot
+    }
+
+    /// Forgets a peer (declared dead, or left): its held frames go, and a
+    /// later link starts a new stream (so the peer can tell). What was
+    /// received from it is kept, to recognise its stream if it comes back.
+    pub fn forget(&self, node: &NodeId) -> Option<Arc<PeerSlot>> {
+        let _w = lock(&self.write);
+        let mut t = HashMap::clone(&self.table.load());
+        let old = t.remove(node);
+        if let Some(o) = &old {
+            // Keep the receiving side: a new slot inherits it.
+            let n = self.streams.fetch_add(1, Ordering::Relaxed) * 1024;
+            let inbound = std::mem::take(&mut *lock(&o.inbound));
+            t.insert(
+                node.clone(),
+                Arc::new(PeerSlot {
+                    out: Mutex::new(Outbound::new(
+                        stream_id(self.epoch, n),
+                        self.max_frames,
+                        PEER_BUFFER_BYTES,
+                    )),
+                    data_ready: Notify::new(),
+                    inbound: Mutex::new(inbound),
+                    control: Mutex::new(None),
+                }),
+            );
+        }
+        self.table.store(Arc::new(t));
+        old
+    }
+
+    /// Every slot.
+    pub fn all(&self) -> Vec<(NodeId, Arc<PeerSlot>)> {
+        self.table
+            .load()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
