@@ -424,8 +424,9 @@ test('4 many channels: a restarted node links once to a peer holding 50k channel
   while (Date.now() < end && afterReady < 40) {
     const batch = r % 20;
     const chans = Array.from({ length: 100 }, (_, j) => `m-${(batch * 100 + j) * Math.floor(N / 2000)}`);
-    const e = { r, chans, status: null };
+    const e = { r, chans, status: null, t: now() - t1 };
     try { e.status = (await publish(2, chans, 'w', { r })).status; } catch { e.status = 'error'; await pause(20); }
+    e.afterReady = readyAt !== null;
     pubs.push(e);
     r++;
     if (readyAt === null && e.status !== 'error') {
@@ -438,6 +439,9 @@ test('4 many channels: a restarted node links once to a peer holding 50k channel
   await stopSampler();
   const lost = expected.filter((x) => !delivered.has(x));
   const lostTriggers = new Set(lost.map((x) => x.split('|')[0])).size;
+  const perTrigger = pubs.filter((e) => e.status === 200).map((e) => ({
+    r: e.r, t_ms: Math.round(e.t), after_ready: e.afterReady, delivered: e.chans.filter((ch) => delivered.has(`${e.r}|${ch}`)).length,
+  }));
   const stderr = n2.stderr();
   const ups = (stderr.match(/peer link up[^\n]*peer=n1\b/g) || []).length;
   const downs = (stderr.match(/peer link down[^\n]*peer=n1\b/g) || []).length;
@@ -447,6 +451,7 @@ test('4 many channels: a restarted node links once to a peer holding 50k channel
     channels: N, subscribe_ms: subscribedMs, ready_ms: readyAt && Math.round(readyAt), triggers: pubs.length,
     statuses: tally(pubs.map((e) => e.status)), deliveries_expected: expected.length, lost: lost.length, lost_triggers: lostTriggers,
     link_up_lines: ups, link_down_lines: downs, link_up_samples_1_to_0: flaps,
+    sockets_closed: socks.map((x) => x.sock.closed), triggers_200: perTrigger.map((x) => `${x.r}@${x.t_ms}ms${x.after_ready ? '' : '(joining)'}:${x.delivered}`).join(' '),
   }));
   assert.ok(readyAt !== null, 'n2 became ready');
   assert.equal(ups, 1, 'n2 logged "peer link up" for n1 exactly once (0: log line not found)');
