@@ -147,6 +147,7 @@ test('rolling restart behind HAProxy (shipped config): no 2xx publish lost or du
       e.end = now();
     }
   };
+  const loadStart = now();
   const running = pubs.map(runPublisher);
   const count = () => pubs[0].log.length + pubs[1].log.length;
 
@@ -176,6 +177,7 @@ test('rolling restart behind HAProxy (shipped config): no 2xx publish lost or du
   }), 'every client connected and receiving after the restarts', 60000);
   stop = true;
   await Promise.all(running);
+  const rate = Math.round(count() / ((now() - loadStart) / 1000));
   // One marker per publisher and channel: a connected client that has it has
   // seen everything that publisher sent on that channel before.
   for (const pub of pubs) {
@@ -218,7 +220,7 @@ test('rolling restart behind HAProxy (shipped config): no 2xx publish lost or du
     });
   }
   const report = {
-    publishes: count(), statuses, refused: refused.slice(0, 20),
+    publishes: count(), per_second: rate, statuses, refused: refused.slice(0, 20),
     restarts: restarts.map((r) => ({ node: r.node, lb_down_ms: Math.round(r.lbDown), exited_ms: Math.round(r.exited), ready_ms: Math.round(r.ready), lb_up_ms: Math.round(r.lbUp) })),
     clients: recs.map((r) => ({ c: r.c, sessions: r.sessions.length, close_codes: r.codes, received: r.sessions.map((s) => s.got.length) })),
     lost_at_reconnect_not_asserted: lostAtReconnect, delivered_although_not_2xx: deliveredAlthoughRefused,
@@ -358,8 +360,11 @@ test('3 subscription barrier: subscribe on n2, publish via n3 at subscription_su
     answers.push((await sdk(3).trigger(name, 'e', { k })).status);
   }
   await until(() => got.length === 40, '40 deliveries', 10000).catch(() => {});
-  console.log('subscription race:', JSON.stringify({ delivered: got.length, answers: tally(answers) }));
-  assert.equal(got.length, 40, `40 of 40 delivered (got ${got.length}; missing ${[...Array(40).keys()].filter((k) => !got.includes(k)).join(',')})`);
+  // A barrier that timed out (subscribe_barrier_ms, on a stalled machine)
+  // sends subscription_succeeded anyway and counts it: only then may one miss.
+  const timeouts = (await metrics(2)).pushmesh_subscription_barrier_timeouts_total;
+  console.log('subscription race:', JSON.stringify({ delivered: got.length, answers: tally(answers), barrier_timeouts_n2: timeouts }));
+  assert.ok(40 - got.length <= (timeouts || 0), `40 of 40 delivered (got ${got.length}; missing ${[...Array(40).keys()].filter((k) => !got.includes(k)).join(',')}; barrier timeouts on n2: ${timeouts})`);
   assert.equal(new Set(got).size, 40, 'no duplicates');
 });
 
