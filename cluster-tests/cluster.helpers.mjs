@@ -60,6 +60,7 @@ seeds = [${seeds.map((s) => `"${ip(s)}:7000"`).join(', ')}]
 secret = "${secret}"
 gossip_interval_ms = 200
 drain_wait_ms = 400
+startup_timeout_ms = 3000
 ${cert}
 [[apps]]
 id = "${APP.id}"
@@ -109,6 +110,8 @@ export async function meshed(nodes, ms = 20000) {
       const c = await getJson(i, '/cluster');
       const linked = new Set(c.synced_peers);
       for (const j of nodes) if (j !== i && !linked.has(`n${j}`)) return false;
+      // Joined: it takes publishes and connections.
+      if ((await fetch(`http://${ip(i)}:${httpPort}/readyz`)).status !== 200) return false;
     }
     return true;
   }, `mesh of ${nodes.join(',')}`, ms);
