@@ -48,16 +48,18 @@ const running = new Map();
  * Options: secret, seeds (node numbers), extra (top-level TOML lines),
  * cluster (lines of the [cluster] table), limits (lines of [apps.limits]),
  * nodeId (default n<i>), drainWaitMs (default 400; null: the binary's
- * default), certs, webhookUrl, log (RUST_LOG; default PMC_LOG or "warn").
+ * default), startupTimeoutMs (default 3000; null: the binary's default),
+ * certs, webhookUrl, log (RUST_LOG; default PMC_LOG or "warn").
  */
 export function spawnNode(i, {
   secret = SECRET, seeds = [1, 2], extra = '', cluster = '', limits = '', nodeId = `n${i}`,
-  drainWaitMs = 400, certs = null, webhookUrl = null, log = null,
+  drainWaitMs = 400, startupTimeoutMs = 3000, certs = null, webhookUrl = null, log = null,
 } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), `pmc-n${i}-`));
   const cert = certs ? `ca = "${certs.ca}"\ncert = "${certs.cert}"\nkey = "${certs.key}"\n` : '';
   const hooks = webhookUrl ? `[[apps.webhooks]]\nurl = "${webhookUrl}"\nevent_types = ["member_added", "member_removed", "channel_occupied", "channel_vacated"]\n` : '';
   const drain = drainWaitMs === null ? '' : `drain_wait_ms = ${drainWaitMs}\n`;
+  const startup = startupTimeoutMs === null ? '' : `startup_timeout_ms = ${startupTimeoutMs}\n`;
   const lim = limits ? `[apps.limits]\n${limits}\n` : '';
   const toml = `listen = "${ip(i)}:${httpPort}"
 webhook_delay_ms = 500
@@ -71,7 +73,7 @@ cluster_listen = "${ip(i)}:7001"
 seeds = [${seeds.map((s) => `"${ip(s)}:7000"`).join(', ')}]
 secret = "${secret}"
 gossip_interval_ms = 200
-${drain}${cluster}
+${drain}${startup}${cluster}
 ${cert}
 [[apps]]
 id = "${APP.id}"
@@ -131,12 +133,14 @@ export function linkedIn(c, j) {
   return c.synced_peers.includes(`n${j}`) && (entries.length === 0 || entries.some((p) => p.link === true));
 }
 
-/** Waits until every listed node has a link to every other listed node. */
+/** Waits until every listed node has a link to every other listed node and is ready. */
 export async function meshed(nodes, ms = 20000) {
   await until(async () => {
     for (const i of nodes) {
       const c = await getJson(i, '/cluster');
       for (const j of nodes) if (j !== i && !linkedIn(c, j)) return false;
+      // Joined: it takes publishes and connections.
+      if ((await fetch(`http://${ip(i)}:${httpPort}/readyz`)).status !== 200) return false;
     }
     return true;
   }, `mesh of ${nodes.join(',')}`, ms);

@@ -95,7 +95,8 @@ test('rolling restart behind HAProxy (shipped config): no 2xx publish lost or du
   const lb = await startHaproxy();
   haproxies.push(lb);
   // send-proxy-v2 in the shipped config: the nodes must trust the balancer.
-  const opts = { extra: `trusted_proxies = ["${LB_IP}/32"]\nproxy_protocol = true`, drainWaitMs: null };
+  // Shipped defaults for drain_wait_ms and startup_timeout_ms.
+  const opts = { extra: `trusted_proxies = ["${LB_IP}/32"]\nproxy_protocol = true`, drainWaitMs: null, startupTimeoutMs: null };
   for (const i of [1, 2, 3]) await startNode(i, opts);
   await meshed([1, 2, 3]);
   for (const i of [1, 2, 3]) await ready(i);
@@ -302,7 +303,7 @@ test('2 starting node: not ready before its links are up; its 200s reach other n
       survivors.push({ i, t, status: r.status, reason: r.body && r.body.reason });
     }
   }, 50);
-  const n3 = spawnNode(3);
+  const n3 = spawnNode(3, { startupTimeoutMs: null }); // the default 10 s: joining may be slow on a busy machine
   const t0 = now();
   // Publish through n3 from the moment its port accepts.
   const pub = publishLoop(3, 'start', 'e', { maxMs: 60000 });
@@ -414,7 +415,7 @@ test('4 many channels: a restarted node links once to a peer holding 50k channel
   // batches of 100 channels (20 batches = 2,000 channels), round r.
   const { code } = await stopNode(2, 'SIGTERM');
   assert.equal(code, 0);
-  const n2 = spawnNode(2, { log });
+  const n2 = spawnNode(2, { log, startupTimeoutMs: null });
   const t1 = now();
   const linkSamples = [];
   const stopSampler = poller(async () => {
@@ -596,7 +597,7 @@ test('7 cache channel: a node started after the publish serves the cached event,
   await meshed([1, 2]);
   for (const i of [1, 2]) await ready(i);
   assert.equal((await sdk(1).trigger('cache-news', 'e', { k: 42 })).status, 200);
-  await startNode(3);
+  await startNode(3, { startupTimeoutMs: null });
   await meshed([1, 2, 3]);
   await ready(3);
   const ch = client(3).subscribe('cache-news');

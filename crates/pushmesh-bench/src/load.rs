@@ -564,3 +564,37 @@ mod tests {
         assert_eq!(parse_event("nothing"), None);
     }
 }
+
+/// Subscribes `channels` channels (`hold-<n>`) spread over `conns`
+/// connections, frames pipelined, and waits for every confirmation.
+/// Returns the connections (hold them to keep the interest).
+pub async fn hold_channels(t: &Target, channels: usize, conns: usize) -> anyhow::Result<Vec<Ws>> {
+    let conns = conns.max(1);
+    let mut out = Vec::with_capacity(conns);
+    for c in 0..conns {
+        let mut ws = ws_connect(t, src_ip(c, 1)).await?;
+        let first = next_text(&mut ws).await?;
+        if !first.contains("connection_established") {
+            bail!("unexpected first frame: {first}");
+        }
+        let mine: Vec<usize> = (c..channels).step_by(conns).collect();
+        for chunk in mine.chunks(1000) {
+            for k in chunk {
+                let sub = format!(r#"{{"event":"pusher:subscribe","data":{{"channel":"hold-{k}"}}}}"#);
+                ws.feed(Message::Text(sub.into())).await?;
+            }
+            ws.flush().await?;
+        }
+        let mut ok = 0;
+        while ok < mine.len() {
+            let t = next_text(&mut ws).await?;
+            if t.contains("subscription_succeeded") {
+                ok += 1;
+            } else if t.contains("subscription_error") || t.contains("pusher:error") {
+                bail!("subscription refused: {t}");
+            }
+        }
+        out.push(ws);
+    }
+    Ok(out)
+}

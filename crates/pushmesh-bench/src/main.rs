@@ -122,6 +122,18 @@ enum Cmd {
         #[arg(long)]
         via_port: u16,
     },
+    /// Subscribe many channels over a few connections and hold them (until
+    /// killed): the state a new peer link must sync (`scripts/bench-link-sync`).
+    HoldChannels {
+        #[command(flatten)]
+        server: Server,
+        /// Channels.
+        #[arg(long, default_value_t = 1_000_000)]
+        channels: usize,
+        /// Connections to spread them over.
+        #[arg(long, default_value_t = 20)]
+        connections: usize,
+    },
     /// The ideal reference server for `fanout`.
     IdealServer {
         /// Address to listen on.
@@ -236,6 +248,22 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             let r =
                 load::run_cluster(&t, &via, &options(&common, subscribers, subscribers)).await?;
             finish(&r, &common)
+        }
+        Cmd::HoldChannels {
+            server,
+            channels,
+            connections,
+        } => {
+            let t = target(&server);
+            let start = std::time::Instant::now();
+            let held = pushmesh_bench::load::hold_channels(&t, channels, connections).await?;
+            println!(
+                "holding {channels} channels on {} connections (subscribed in {:.1} s)",
+                held.len(),
+                start.elapsed().as_secs_f64()
+            );
+            tokio::signal::ctrl_c().await?;
+            Ok(std::process::ExitCode::SUCCESS)
         }
         Cmd::IdealServer { listen } => {
             let addr = pushmesh_bench::ideal::spawn(listen, Default::default())

@@ -161,6 +161,10 @@ pub struct PeerCounters {
     pub dropped: AtomicU64,
     /// Links that came up to this peer.
     pub links_up: AtomicU64,
+    /// Bytes written to the peer's streams (control and data).
+    pub bytes_sent: AtomicU64,
+    /// Bytes read from the peer's streams.
+    pub bytes_received: AtomicU64,
 }
 
 impl PeerCounters {
@@ -498,6 +502,9 @@ impl Cluster {
             e.frames.insert("data_received", l(&c.data_received));
             e.frames.insert("control_received", l(&c.control_received));
             e.frames.insert("dropped", l(&c.dropped));
+            e.frames.insert("links_up", l(&c.links_up));
+            e.frames.insert("bytes_sent", l(&c.bytes_sent));
+            e.frames.insert("bytes_received", l(&c.bytes_received));
         }
         for (node, _) in links.iter() {
             if let Some(e) = out.get_mut(node.as_str()) {

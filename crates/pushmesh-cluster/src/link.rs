@@ -293,9 +293,11 @@ impl Cluster {
         }
         control_writer.abort();
         data_writer.abort();
+        // A leaving peer finishes its streams, then closes with its code.
+        let reason = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
         let leaving = matches!(
-            conn.close_reason(),
-            Some(quinn::ConnectionError::ApplicationClosed(ref c)) if c.error_code == quinn::VarInt::from_u32(CLOSE_LEAVING)
+            reason,
+            Ok(quinn::ConnectionError::ApplicationClosed(ref c)) if c.error_code == quinn::VarInt::from_u32(CLOSE_LEAVING)
         );
         conn.close(0u32.into(), b"link closed");
         let mine = {
@@ -339,6 +341,9 @@ impl Cluster {
     ) {
         let mut reader = FrameReader::new(recv);
         while let Some(f) = reader.next().await {
+            counters
+                .bytes_received
+                .fetch_add(4 + f.len() as u64, Ordering::Relaxed);
             let (kind, body) = match f.split_first() {
                 Some((k, b)) => (*k, f.slice(f.len() - b.len()..)),
                 None => return,
@@ -382,6 +387,9 @@ impl Cluster {
     ) {
         let mut reader = FrameReader::new(recv);
         while let Some(f) = reader.next().await {
+            counters
+                .bytes_received
+                .fetch_add(4 + f.len() as u64, Ordering::Relaxed);
             let Some(seq) = f.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
                 tracing::warn!(peer = %peer, "bad data frame from peer, closing link");
                 return;
@@ -453,6 +461,9 @@ async fn write_control(
                     .sent(FrameKind::Control)
                     .fetch_add(1, Ordering::Relaxed);
             }
+            counters
+                .bytes_sent
+                .fetch_add(f.len() as u64, Ordering::Relaxed);
             chunks.push(f);
             if chunks.len() < WRITE_BATCH {
                 next = rx.try_recv().ok();
@@ -502,6 +513,10 @@ async fn write_data(mut send: quinn::SendStream, slot: Arc<PeerSlot>, counters: 
         counters
             .sent(FrameKind::Data)
             .fetch_add((chunks.len() / 2) as u64, Ordering::Relaxed);
+        let bytes: usize = chunks.iter().map(Bytes::len).sum();
+        counters
+            .bytes_sent
+            .fetch_add(bytes as u64, Ordering::Relaxed);
         let r = send.write_all_chunks(&mut chunks).await;
         chunks.clear();
         if r.is_err() {
