@@ -448,6 +448,11 @@ test('4 many channels: a restarted node links once to a peer holding 50k channel
   const perTrigger = pubs.filter((e) => e.status === 200).map((e) => ({
     r: e.r, t_ms: Math.round(e.t), after_ready: e.afterReady, delivered: e.chans.filter((ch) => delivered.has(`${e.r}|${ch}`)).length,
   }));
+  const [m1, m2] = [await metrics(1), await metrics(2)];
+  const frames = {
+    n2_sent_data_to_n1: m2['pushmesh_cluster_frames_sent_total{peer="n1",kind="data"}'],
+    n1_received_data_from_n2: m1['pushmesh_cluster_frames_received_total{peer="n2",kind="data"}'],
+  };
   const stderr = n2.stderr();
   const ups = (stderr.match(/peer link up[^\n]*peer=n1\b/g) || []).length;
   const downs = (stderr.match(/peer link down[^\n]*peer=n1\b/g) || []).length;
@@ -457,7 +462,7 @@ test('4 many channels: a restarted node links once to a peer holding 50k channel
     channels: N, subscribe_ms: subscribedMs, ready_ms: readyAt && Math.round(readyAt), triggers: pubs.length,
     statuses: tally(pubs.map((e) => e.status)), deliveries_expected: expected.length, lost: lost.length, lost_triggers: lostTriggers,
     link_up_lines: ups, link_down_lines: downs, link_up_samples_1_to_0: flaps,
-    sockets_closed: socks.map((x) => x.sock.closed), triggers_200: perTrigger.map((x) => `${x.r}@${x.t_ms}ms${x.after_ready ? '' : '(joining)'}:${x.delivered}`).join(' '),
+    sockets_closed: socks.map((x) => x.sock.closed), frames, triggers_200: perTrigger.map((x) => `${x.r}@${x.t_ms}ms${x.after_ready ? '' : '(joining)'}:${x.delivered}`).join(' '),
   }));
   assert.ok(readyAt !== null, 'n2 became ready');
   assert.equal(ups, 1, 'n2 logged "peer link up" for n1 exactly once (0: log line not found)');
