@@ -690,7 +690,7 @@ test('8 webhooks: channel_vacated pending on the owner survive its kill -9 (de-d
 // ---------------------------------------------------------------------------
 // Problem 9: presence member limit cluster-wide.
 
-test('9 presence limit 5: 6 users joining at the same moment on two nodes give at most 5 members (5 rounds)', { timeout: T }, async () => {
+test('9 presence limit 5: 6 users joining at the same moment on two nodes give at most 5 members (8 rounds)', { timeout: T }, async () => {
   const limits = 'max_presence_members = 5';
   for (const i of [1, 2]) await startNode(i, { limits });
   await meshed([1, 2]);
@@ -709,7 +709,7 @@ test('9 presence limit 5: 6 users joining at the same moment on two nodes give a
     });
   }
   const rounds = [];
-  for (let round = 0; round < 5; round++) {
+  for (let round = 0; round < 8; round++) {
     const name = `presence-lim-${round}`;
     const frames = users.map((u) => ({ u, data: { channel: name, ...sdk(1).authorizeChannel(u.sock.socketId, name, { user_id: u.id, user_info: {} }) } }));
     for (const f of frames) f.u.sock.send('pusher:subscribe', f.data);
