@@ -88,6 +88,21 @@ function publishLoop(to, channels, name, { everyMs = 0, maxCount = 5000, maxMs =
   return { log, stop: async () => { stopped = true; await done; }, done };
 }
 
+/** HAProxy's httplog lines of the API: status counts and retried/redispatched requests. */
+function haproxyLog(text) {
+  const out = { api_requests: 0, statuses: {}, retried: 0, redispatched: 0 };
+  for (const l of text.split('\n')) {
+    if (!/"POST \/apps\//.test(l)) continue;
+    const m = l.match(/\s(\d{3})\s.*?\s\d+\/\d+\/\d+\/\d+\/(\+?)(\d+)\s/);
+    out.api_requests++;
+    if (!m) continue;
+    out.statuses[m[1]] = (out.statuses[m[1]] || 0) + 1;
+    if (Number(m[3]) > 0) out.retried++;
+    if (m[2] === '+') out.redispatched++;
+  }
+  return out;
+}
+
 // ---------------------------------------------------------------------------
 // The scenario of the issue: rolling restart behind the real HAProxy.
 
@@ -225,6 +240,7 @@ test('rolling restart behind HAProxy (shipped config): no 2xx publish lost or du
     restarts: restarts.map((r) => ({ node: r.node, lb_down_ms: Math.round(r.lbDown), exited_ms: Math.round(r.exited), ready_ms: Math.round(r.ready), lb_up_ms: Math.round(r.lbUp) })),
     clients: recs.map((r) => ({ c: r.c, sessions: r.sessions.length, close_codes: r.codes, received: r.sessions.map((s) => s.got.length) })),
     lost_at_reconnect_not_asserted: lostAtReconnect, delivered_although_not_2xx: deliveredAlthoughRefused,
+    haproxy_log: haproxyLog(lb.log()),
   };
   console.log('rolling restart behind HAProxy:', JSON.stringify(report, null, 1));
   assert.deepEqual(problems, [], 'no 2xx publish lost for a connected client, no duplicate, per-publisher order');
