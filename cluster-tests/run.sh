@@ -70,5 +70,5 @@ flags=()
 node --experimental-websocket -e 0 2>/dev/null && flags+=(--experimental-websocket)
 # --test-timeout bounds a whole test FILE (Node runs each file in a child
 # without it); each test sets its own bound with test(name, { timeout }, fn).
-ip netns exec "$P-cli" node "${flags[@]}" --test --test-force-exit --test-concurrency=1 --test-timeout=600000 \
+ip netns exec "$P-cli" node "${flags[@]}" --test --test-force-exit --test-concurrency=1 --test-timeout=900000 \
   ${PMC_TEST_PATTERN:+--test-name-pattern="$PMC_TEST_PATTERN"} "${files[@]}"
