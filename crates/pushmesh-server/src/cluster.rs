@@ -61,7 +61,22 @@ pub async fn start(
         peer_queue: c.peer_queue,
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    Cluster::start(cfg).await.map_err(|e| err(e.to_string()))
+    // Gossip and the peer links run on a runtime of their own: a node busy
+    // routing (or applying a million-channel sync) must not starve its
+    // failure detector's heartbeats, or its peers would declare it dead.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("pushmesh-cluster")
+        .enable_all()
+        .build()
+        .map_err(|e| err(format!("cannot start the cluster runtime: {e}")))?;
+    let started = rt.spawn(Cluster::start(cfg));
+    // It lives as long as the process.
+    std::mem::forget(rt);
+    started
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| err(e.to_string()))
 }
 
 /// The tasks that feed peer events to the core and publish the digest.
@@ -191,7 +206,8 @@ async fn join(st: Arc<Shared>, cluster: Cluster) {
         tick.tick().await;
         let peers = cluster.status().await;
         let links = st.node.peer_links();
-        if joined(&st, &peers, &links) {
+        // (After reading the links: a sync they show is fully applied.)
+        if joined(&st, &peers, &links) && !st.node.applying() {
             tracing::info!(peers = links.len(), "joined the cluster");
             break;
         }

@@ -318,7 +318,7 @@ enum Cmd {
     Req(ConnRef, Request),
     Publish(Box<Publish>),
     Remote(PeerFrame),
-    Apply(NodeId, Delta),
+    Apply(Vec<(NodeId, Delta)>),
     Peers(BTreeSet<NodeId>),
     SendCache(NodeId),
     Query(Query),
@@ -392,7 +392,11 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
             } => shard.cache_set(now, &app, &channel, &event, &data, age_ms),
             _ => {}
         },
-        Cmd::Apply(peer, delta) => shard.apply_remote(&peer, delta, sink),
+        Cmd::Apply(changes) => {
+            for (peer, delta) in changes {
+                shard.apply_remote(&peer, delta, sink);
+            }
+        }
         Cmd::Peers(p) => shard.set_peers(p),
         Cmd::SendCache(peer) => shard.send_cache(now, &peer, sink),
         Cmd::Query(q) => q(shard, now),
@@ -413,12 +417,26 @@ async fn run_shard(
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else { break };
                 let now = Instant::now();
+                let mut heavy = matches!(cmd, Cmd::Apply(_));
                 run_cmd(&mut shard, now, cmd, &mut sink);
                 for _ in 1..BATCH {
+                    // A batch of peer changes is a lot of work: others get
+                    // the CPU in between.
+                    if heavy {
+                        break;
+                    }
                     match rx.try_recv() {
-                        Ok(cmd) => run_cmd(&mut shard, now, cmd, &mut sink),
+                        Ok(cmd) => {
+                            heavy = matches!(cmd, Cmd::Apply(_));
+                            run_cmd(&mut shard, now, cmd, &mut sink);
+                        }
                         Err(_) => break,
                     }
+                }
+                if heavy {
+                    sink.finish();
+                    tokio::task::yield_now().await;
+                    continue;
                 }
             }
             _ = tick.tick() => shard.tick(Instant::now(), &mut sink),
@@ -446,6 +464,7 @@ pub struct Node {
     pub socket_prefix: u32,
     /// Whether publishes are taken (joining, open, closed).
     pub gate: PublishGate,
+    applying: AtomicUsize,
 }
 
 /// Settings of [`Node::start`].
@@ -506,6 +525,7 @@ impl Node {
             slots,
             links,
             socket_prefix: s.socket_prefix,
+            applying: AtomicUsize::new(0),
             gate: PublishGate(AtomicU8::new(if s.joining {
                 PublishGate::JOINING
             } else {
@@ -761,7 +781,15 @@ impl Node {
         let mut r = lock(&self.links.replicator);
         f(&mut r, &mut fx);
         send_control(&self.links, std::mem::take(&mut fx.send));
+        // Counted under the lock: whoever sees the new state in the
+        // replicator also sees that its changes are still being applied.
+        self.applying.fetch_add(1, Ordering::AcqRel);
         fx
+    }
+
+    /// Whether peers' changes are being handed to the shards right now.
+    pub fn applying(&self) -> bool {
+        self.applying.load(Ordering::Acquire) > 0
     }
 
     /// Applies a peer's changes on the shards and the user registry, then
@@ -775,15 +803,29 @@ impl Node {
             }
             lock(&self.users).set_peers(peers);
         }
+        // In batches per shard: a sync of a million channels is a million
+        // changes, not a million commands.
+        const APPLY_BATCH: usize = 1024;
+        let mut batches: Vec<Vec<(NodeId, Delta)>> = vec![Vec::new(); self.shards.len()];
         for (peer, d) in fx.apply {
             if matches!(d, Delta::User { .. }) {
                 self.with_users(|u, sink| u.apply_remote(&peer, &d, sink));
             } else if let (Some(app), Some(ch)) = (self.apps.by_id(d.app()), d.channel()) {
-                let ch = ch.to_owned();
-                self.to_shard(app, &ch, Cmd::Apply(peer, d)).await;
+                let i = pushmesh_core::shard_of(app, ch, self.shards.len());
+                batches[i].push((peer, d));
+                if batches[i].len() >= APPLY_BATCH {
+                    let b = std::mem::take(&mut batches[i]);
+                    let _ = self.shards[i].send(Cmd::Apply(b)).await;
+                }
+            }
+        }
+        for (i, b) in batches.into_iter().enumerate() {
+            if !b.is_empty() {
+                let _ = self.shards[i].send(Cmd::Apply(b)).await;
             }
         }
         send_control(&self.links, fx.ack);
+        self.applying.fetch_sub(1, Ordering::AcqRel);
         self.links.release_barrier(Instant::now());
     }
 
@@ -854,5 +896,6 @@ impl Node {
         self.with_replicator(|r, fx| {
             r.check_peer_digest(peer, digest, fx);
         });
+        self.applying.fetch_sub(1, Ordering::AcqRel);
     }
 }
