@@ -9,6 +9,7 @@
 //! peer never blocks anything else (overflow is counted and logged).
 
 pub mod gossip;
+pub mod identity;
 mod link;
 pub mod tls;
 
@@ -25,6 +26,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 pub use gossip::GossipStats;
+pub use identity::IdentityConflict;
 pub use tls::TlsMaterial;
 
 /// Gossip key: the node's QUIC address (a node is live only once it has it).
@@ -201,6 +203,8 @@ struct Inner {
     gossip: Arc<GossipStats>,
     /// Links refused: wrong cluster, node or certificate.
     links_refused: AtomicU64,
+    /// Other live holders of this node's id.
+    identity: identity::IdentityState,
 }
 
 /// A running cluster layer.
@@ -293,6 +297,7 @@ impl Cluster {
             stopping: AtomicBool::new(false),
             gossip,
             links_refused: AtomicU64::new(0),
+            identity: identity::IdentityState::new(&cfg.node_id, cfg.gossip_interval),
         });
         let c = Self { inner };
         tokio::spawn(c.clone().accept_loop());
@@ -459,6 +464,7 @@ impl Cluster {
             if self.inner.stopping.load(Ordering::Relaxed) {
                 return;
             }
+            self.check_identity().await;
             let me = self.inner.node.clone();
             let live: Vec<(NodeId, Option<SocketAddr>, Option<String>)> = self
                 .inner

@@ -11,6 +11,7 @@ pub mod config;
 pub mod conn;
 pub mod dashboard;
 pub mod edge;
+pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod node;
