@@ -15,6 +15,7 @@
 //! every recipient gets the same `Bytes`.
 
 pub mod app;
+pub mod hook_backup;
 mod keepalive;
 mod node;
 pub mod peer_frame;
@@ -38,7 +39,8 @@ pub use routing::shard_of;
 pub use session::{PresenceJoin, Proto, Request, Session, SessionOutput};
 pub use sink::{Handle, Sink};
 pub use users::Users;
-pub use webhooks::WebhookScheduler;
+pub use hook_backup::HookBackup;
+pub use webhooks::{ScheduledHook, WebhookScheduler};
 
 /// The old name of the peer-frame module.
 pub use peer_frame as cluster;

@@ -17,12 +17,15 @@ use crate::app::{
     AppConfig, AppIdx, Apps, ConnId, CoreConfig, OpenError, PublishError, PublishRequest,
 };
 use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame, PeerFrameError};
+use crate::hook_backup::HookBackup;
 use crate::replication::{Effects, Replicator};
 use crate::router::{ChannelInfo, Event, QueryError, Shard, KINDS};
 use crate::routing::shard_of;
 use crate::session::{Request, Session, SessionOutput};
 use crate::sink::Sink;
 use crate::users::Users;
+
+mod hooks;
 
 /// Shards of the test driver: more than one, so tests cross shards.
 const SHARDS: usize = 4;
@@ -57,6 +60,16 @@ pub enum Output {
     },
     /// A webhook event of an app.
     Hook {
+        /// The app.
+        app: AppIdx,
+        /// The event.
+        event: WebhookEvent,
+    },
+    /// A webhook event this node held for a peer that is gone: deliver it
+    /// (see `hook_backup.rs`).
+    HookReleased {
+        /// Its stable id.
+        id: String,
         /// The app.
         app: AppIdx,
         /// The event.
@@ -136,6 +149,7 @@ pub struct Core {
     activity_timeout_secs: u64,
     max_connections: Option<usize>,
     socket_prefix: u32,
+    hook_backup: HookBackup,
 }
 
 macro_rules! sink {
@@ -164,6 +178,7 @@ impl Core {
                 .map(|_| Shard::new(apps.clone(), node.clone(), config.socket_prefix))
                 .collect(),
             users: Users::new(apps.clone()),
+            hook_backup: HookBackup::new(node.clone(), config.epoch),
             replicator: Replicator::new(node, config.epoch),
             apps,
             sessions: HashMap::new(),
@@ -590,6 +605,7 @@ impl Core {
 
     /// A link to `peer` (incarnation `epoch`) is up.
     pub fn peer_up(&mut self, _now: Instant, peer: NodeId, epoch: u64) {
+        self.backup_peer_up(&peer, epoch);
         let mut fx = Effects::default();
         self.replicator.peer_up(peer, epoch, &mut fx);
         self.peers_changed();
@@ -602,6 +618,7 @@ impl Core {
         self.replicator.peer_down(peer, &mut fx);
         self.peers_changed();
         self.effects(fx);
+        self.peer_gone(peer);
     }
 
     /// A frame from `from`. Undecodable frames are refused, never fatal.
@@ -657,6 +674,10 @@ impl Core {
                     self.users.terminate_local(a, &user, &mut sink);
                 }
             }
+            hook @ (PeerFrame::HookHold { .. } | PeerFrame::HookDone { .. }) => {
+                let released = self.hook_backup.handle(now, from, hook);
+                self.push_released(released);
+            }
             control => {
                 let mut fx = Effects::default();
                 self.replicator.handle(from, control, &mut fx);
@@ -696,3 +717,4 @@ impl Core {
             .unwrap_or_default()
     }
 }
+

@@ -170,6 +170,25 @@ pub enum PeerFrame {
         /// User.
         user: String,
     },
+    /// "Hold this webhook event of mine; deliver it if I am gone" (to the
+    /// channel's backup, see `hook_backup.rs`).
+    HookHold {
+        /// Sender's epoch.
+        epoch: u64,
+        /// The event's stable id.
+        id: String,
+        /// App id.
+        app: String,
+        /// Channel.
+        channel: String,
+        /// The event, as JSON.
+        event: String,
+    },
+    /// "These webhook events of mine were delivered (or cancelled): forget them."
+    HookDone {
+        /// Their ids.
+        ids: Vec<String>,
+    },
 }
 
 impl PeerFrame {

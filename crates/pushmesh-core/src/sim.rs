@@ -126,7 +126,7 @@ impl Net {
                         q.push_back(frame);
                     }
                 }
-                Output::Close { .. } | Output::Hook { .. } => {}
+                Output::Close { .. } | Output::Hook { .. } | Output::HookReleased { .. } => {}
             }
         }
     }
