@@ -265,7 +265,11 @@ impl HookBackup {
         for (_, id) in from.order {
             if let Some(e) = events.remove(&id) {
                 match serde_json::from_str::<WebhookEvent>(&e.event) {
-                    Ok(event) => out.push(Released { id, app: e.app, event }),
+                    Ok(event) => out.push(Released {
+                        id,
+                        app: e.app,
+                        event,
+                    }),
                     Err(_) => self.stats.refused += 1,
                 }
             }
@@ -287,7 +291,8 @@ impl HookBackup {
                 from.order.pop_front();
             }
         }
-        self.held.retain(|_, f| !f.order.is_empty() || !f.events.is_empty());
+        self.held
+            .retain(|_, f| !f.order.is_empty() || !f.events.is_empty());
     }
 
     /// Backup side: a `HookHold` or `HookDone` from `from` (other frames are

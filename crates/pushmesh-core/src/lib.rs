@@ -30,6 +30,7 @@ pub mod webhooks;
 pub use app::{
     AppConfig, AppIdx, Apps, ConnId, CoreConfig, OpenError, PublishError, PublishRequest,
 };
+pub use hook_backup::HookBackup;
 pub use keepalive::{Keepalive, KeepaliveAction};
 pub use node::{Core, Output, PublishedChannel};
 pub use peer_frame::{Delta, FrameKind, NodeId, PeerFrame, PeerFrameError, Snapshot};
@@ -39,7 +40,6 @@ pub use routing::shard_of;
 pub use session::{PresenceJoin, Proto, Request, Session, SessionOutput};
 pub use sink::{Handle, Sink};
 pub use users::Users;
-pub use hook_backup::HookBackup;
 pub use webhooks::{ScheduledHook, WebhookScheduler};
 
 /// The old name of the peer-frame module.

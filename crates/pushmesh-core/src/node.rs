@@ -16,8 +16,8 @@ use serde_json::value::RawValue;
 use crate::app::{
     AppConfig, AppIdx, Apps, ConnId, CoreConfig, OpenError, PublishError, PublishRequest,
 };
-use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame, PeerFrameError};
 use crate::hook_backup::HookBackup;
+use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame, PeerFrameError};
 use crate::replication::{Effects, Replicator};
 use crate::router::{ChannelInfo, Event, QueryError, Shard, KINDS};
 use crate::routing::shard_of;
@@ -717,4 +717,3 @@ impl Core {
             .unwrap_or_default()
     }
 }
-

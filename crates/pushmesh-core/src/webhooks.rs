@@ -240,7 +240,10 @@ mod tests {
         s.push(t0, app, removed.clone());
         s.push(t0, app, other.clone());
         s.push(t0, app, added);
-        assert_eq!(events(s.poll(t0 + Duration::from_secs(5))), vec![(app, other)]);
+        assert_eq!(
+            events(s.poll(t0 + Duration::from_secs(5))),
+            vec![(app, other)]
+        );
         s.push(t0, app, removed.clone());
         assert_eq!(
             events(s.flush()),

@@ -184,6 +184,7 @@ impl Server {
             cluster.clone(),
             scheduler,
         );
+        webhooks.confirm_to(node.links.clone());
         let edge = edge::Edge::new(&config);
         let shared = Arc::new(Shared {
             edge,

@@ -30,6 +30,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::conn::{ConnRef, Registry};
 
+pub(crate) mod hook_relay;
+pub use hook_relay::HookRelay;
+
 /// How often each shard's periodic work runs (subscription counts, cache expiry).
 const TICK: Duration = Duration::from_millis(250);
 /// Commands a shard handles before it hands its batch's effects on.
@@ -54,6 +57,8 @@ pub struct Links {
     pub hook_ready: Notify,
     /// Router counters.
     pub stats: HubStats,
+    /// Webhook events handed to backups and held for peers.
+    pub hook_relay: HookRelay,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -122,11 +127,16 @@ impl<'a> DriverSink<'a> {
         if !self.hooks.is_empty() {
             let now = Instant::now();
             let mut h = lock(&links.hooks);
+            let mut scheduled = Vec::with_capacity(self.hooks.len());
             for (app, event) in self.hooks {
-                h.push(now, app, event);
+                if let Some(id) = h.push(now, app, event.clone()) {
+                    scheduled.push((id, app, event));
+                }
             }
+            let cancelled = h.take_cancelled();
             drop(h);
             links.hook_ready.notify_one();
+            hook_relay::scheduled(links, scheduled, cancelled);
         }
     }
 }
@@ -342,16 +352,18 @@ impl Node {
     pub fn start(
         s: NodeSettings,
         cluster: Option<pushmesh_cluster::Cluster>,
-        hooks: WebhookScheduler,
+        mut hooks: WebhookScheduler,
     ) -> Self {
         let apps = Arc::new(s.apps);
         let node = NodeId::new(&s.node_id);
+        hooks.set_origin(&s.node_id, s.epoch);
         let links = Arc::new(Links {
             cluster,
             replicator: Mutex::new(Replicator::new(node.clone(), s.epoch)),
             hooks: Mutex::new(hooks),
             hook_ready: Notify::new(),
             stats: HubStats::default(),
+            hook_relay: HookRelay::new(node.clone(), s.epoch, apps.clone()),
         });
         let mut shards = Vec::new();
         let mut slots = Vec::new();
@@ -619,6 +631,7 @@ impl Node {
 
     /// A link to `peer` (incarnation `epoch`) is up.
     pub async fn peer_up(&self, peer: NodeId, epoch: u64) {
+        hook_relay::peer_up(&self.links, &peer, epoch);
         let mut fx = Effects::default();
         lock(&self.links.replicator).peer_up(peer, epoch, &mut fx);
         self.effects(fx, true).await;
@@ -629,6 +642,8 @@ impl Node {
         let mut fx = Effects::default();
         lock(&self.links.replicator).peer_down(peer, &mut fx);
         self.effects(fx, true).await;
+        // For now a link down counts as gone; see `peer_gone`.
+        self.peer_gone(peer);
     }
 
     /// A frame from a peer. Undecodable frames are refused, never fatal.
@@ -658,6 +673,9 @@ impl Node {
                 if let Some(a) = self.apps.by_id(&app) {
                     self.with_users(|u, sink| u.terminate_local(a, &user, sink));
                 }
+            }
+            hook @ (PeerFrame::HookHold { .. } | PeerFrame::HookDone { .. }) => {
+                hook_relay::frame(&self.links, from, hook);
             }
             control => {
                 let mut fx = Effects::default();

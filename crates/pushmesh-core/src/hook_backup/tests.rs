@@ -85,10 +85,18 @@ fn a_crashed_owner_events_are_released_by_the_backup_with_their_ids() {
     let backup = backup_for(&n("a"), &set(&["b", "c"]), "app", &ch).unwrap_or_else(|| panic!());
     let mut out = Vec::new();
     for i in 0..30 {
-        a.hand(&format!("a:1:{i}"), "app", &vacated(&ch), &set(&["b", "c"]), &mut out);
+        a.hand(
+            &format!("a:1:{i}"),
+            "app",
+            &vacated(&ch),
+            &set(&["b", "c"]),
+            &mut out,
+        );
     }
     assert_eq!(out.len(), 30);
-    assert!(out.iter().all(|(to, f)| *to == backup && f.kind() == crate::FrameKind::Control));
+    assert!(out
+        .iter()
+        .all(|(to, f)| *to == backup && f.kind() == crate::FrameKind::Control));
     let r = deliver(t0, "a", &mut out, &mut [("b", &mut b), ("c", &mut c)]);
     assert!(r.is_empty());
     // The owner delivers the first ten and says so.
@@ -99,17 +107,24 @@ fn a_crashed_owner_events_are_released_by_the_backup_with_their_ids() {
     let holder = if backup == n("b") { &mut b } else { &mut c };
     assert_eq!(holder.held_count(), 20);
     // kill -9 of a: the backup releases the other twenty, in order, ids kept.
-    let rest = set(&["b", "c"]).into_iter().filter(|p| *p != backup).collect();
+    let rest = set(&["b", "c"])
+        .into_iter()
+        .filter(|p| *p != backup)
+        .collect();
     let released = holder.peer_gone(&n("a"), &rest, &mut out);
     assert_eq!(
         released.iter().map(|r| r.id.clone()).collect::<Vec<_>>(),
         (10..30).map(|i| format!("a:1:{i}")).collect::<Vec<_>>()
     );
-    assert!(released.iter().all(|r| r.app == "app" && r.event == vacated(&ch)));
+    assert!(released
+        .iter()
+        .all(|r| r.app == "app" && r.event == vacated(&ch)));
     assert_eq!(holder.held_count(), 0);
     assert_eq!(holder.stats().released, 20);
     // Nothing twice.
-    assert!(holder.peer_gone(&n("a"), &BTreeSet::new(), &mut out).is_empty());
+    assert!(holder
+        .peer_gone(&n("a"), &BTreeSet::new(), &mut out)
+        .is_empty());
 }
 
 #[test]
@@ -133,7 +148,11 @@ fn a_restarted_owner_releases_what_its_previous_incarnation_left() {
     let mut first = out.split_off(1);
     deliver(t0, "a", &mut first, &mut [("b", &mut b)]);
     let r = deliver(t0, "a", &mut out, &mut [("b", &mut b)]);
-    assert_eq!(r.len(), 1, "the epoch-1 hold is released by the epoch-3 one");
+    assert_eq!(
+        r.len(),
+        1,
+        "the epoch-1 hold is released by the epoch-3 one"
+    );
     assert_eq!(r[0].1.id, "a:1:1");
     assert_eq!(b.held_count(), 1);
 }
@@ -148,7 +167,10 @@ fn when_the_backup_goes_the_owner_hands_its_events_to_the_next() {
     a.hand("a:1:0", "app", &vacated(&ch), &set(&["b", "c"]), &mut out);
     let first = out[0].0.clone();
     out.clear();
-    let rest: BTreeSet<NodeId> = set(&["b", "c"]).into_iter().filter(|p| *p != first).collect();
+    let rest: BTreeSet<NodeId> = set(&["b", "c"])
+        .into_iter()
+        .filter(|p| *p != first)
+        .collect();
     assert!(a.peer_gone(&first, &rest, &mut out).is_empty());
     assert_eq!(out.len(), 1);
     assert_ne!(out[0].0, first);
@@ -195,7 +217,13 @@ fn holding_is_bounded_and_expires() {
     let mut a = HookBackup::new(n("a"), 1);
     let mut out = Vec::new();
     for i in 0..MAX_HANDED + 3 {
-        a.hand(&format!("a:1:{i}"), "app", &vacated("x"), &set(&["b"]), &mut out);
+        a.hand(
+            &format!("a:1:{i}"),
+            "app",
+            &vacated("x"),
+            &set(&["b"]),
+            &mut out,
+        );
     }
     assert_eq!(a.handed_count(), MAX_HANDED);
     assert_eq!(a.stats().not_handed, 3);
@@ -216,6 +244,8 @@ fn an_unreadable_held_event_is_counted_not_fatal() {
             event: "not json".into(),
         },
     );
-    assert!(b.peer_gone(&n("a"), &BTreeSet::new(), &mut Vec::new()).is_empty());
+    assert!(b
+        .peer_gone(&n("a"), &BTreeSet::new(), &mut Vec::new())
+        .is_empty());
     assert_eq!(b.stats().refused, 1);
 }

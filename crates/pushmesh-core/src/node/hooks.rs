@@ -16,8 +16,7 @@ impl Core {
         let mut out = Vec::new();
         let app_id = self.apps.get(app).id.clone();
         let peers = self.replicator.peers();
-        self.hook_backup
-            .hand(id, &app_id, event, &peers, &mut out);
+        self.hook_backup.hand(id, &app_id, event, &peers, &mut out);
         self.push_backup_frames(out);
     }
 
@@ -126,7 +125,9 @@ mod tests {
                 for (name, core, sched) in &mut self.nodes {
                     while let Some(o) = core.poll_output() {
                         match o {
-                            Output::Peer { to, frame, .. } => frames.push((name.clone(), to, frame)),
+                            Output::Peer { to, frame, .. } => {
+                                frames.push((name.clone(), to, frame))
+                            }
                             Output::Hook { app, event } => {
                                 if let Some(id) = sched.push(now, app, event.clone()) {
                                     core.hand_hook(&id, app, &event);
@@ -150,7 +151,8 @@ mod tests {
                     return;
                 }
                 for (from, to, frame) in frames {
-                    if let Some((_, c, _)) = self.nodes.iter_mut().find(|(n, ..)| *n == to.as_str()) {
+                    if let Some((_, c, _)) = self.nodes.iter_mut().find(|(n, ..)| *n == to.as_str())
+                    {
                         let _ = c.handle_peer_frame(now, &NodeId::new(&from), &frame);
                     }
                 }
@@ -181,11 +183,9 @@ mod tests {
             delivered: BTreeMap::new(),
             unconfirmed: BTreeMap::new(),
         };
-        for i in 0..3 {
-            for j in 0..3 {
-                if i != j {
-                    net.nodes[i].1.peer_up(t0, NodeId::new(names[j]), 1);
-                }
+        for (name, core, _) in &mut net.nodes {
+            for other in names.iter().filter(|o| **o != name.as_str()) {
+                core.peer_up(t0, NodeId::new(other), 1);
             }
         }
         net.pump(t0);
@@ -225,8 +225,15 @@ mod tests {
             a.disconnect(t0, ConnId(k + 1));
         }
         net.pump(t0);
-        let held: usize = net.nodes.iter().map(|(_, c, _)| c.hook_backup().held_count()).sum();
-        assert_eq!(held, 30, "the thirty delayed channel_vacated are held by backups");
+        let held: usize = net
+            .nodes
+            .iter()
+            .map(|(_, c, _)| c.hook_backup().held_count())
+            .sum();
+        assert_eq!(
+            held, 30,
+            "the thirty delayed channel_vacated are held by backups"
+        );
         // kill -9 of a before the delay is over: b and c see it go.
         net.nodes.retain(|(n, ..)| n != "a");
         for n in ["b", "c"] {
@@ -241,7 +248,10 @@ mod tests {
             .filter(|(_, name)| name == "channel_vacated")
             .collect();
         assert_eq!(vacated.len(), 30, "{:?}", net.delivered);
-        assert!(vacated.iter().all(|(id, _)| id.starts_with("a:1:")), "ids kept");
+        assert!(
+            vacated.iter().all(|(id, _)| id.starts_with("a:1:")),
+            "ids kept"
+        );
         let mut ids: Vec<&String> = vacated.iter().map(|(id, _)| id).collect();
         ids.dedup();
         assert_eq!(ids.len(), 30);
