@@ -26,6 +26,7 @@ use crate::sink::Sink;
 use crate::users::Users;
 
 mod hooks;
+mod presence_limit;
 
 /// Shards of the test driver: more than one, so tests cross shards.
 const SHARDS: usize = 4;
@@ -672,6 +673,23 @@ impl Core {
                 if let Some(a) = self.apps.by_id(&app) {
                     let mut sink = sink!(self);
                     self.users.terminate_local(a, &user, &mut sink);
+                }
+            }
+            PeerFrame::PresenceClaim {
+                ref app,
+                ref channel,
+                ..
+            }
+            | PeerFrame::PresenceGrant {
+                ref app,
+                ref channel,
+                ..
+            } => {
+                if let Some(a) = self.apps.by_id(app) {
+                    let i = self.shard(a, channel);
+                    let mut sink = sink!(self);
+                    self.shards[i].handle_presence_frame(now, frame, &mut sink);
+                    self.flush_deltas();
                 }
             }
             hook @ (PeerFrame::HookHold { .. } | PeerFrame::HookDone { .. }) => {

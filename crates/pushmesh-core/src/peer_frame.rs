@@ -189,6 +189,31 @@ pub enum PeerFrame {
         /// Their ids.
         ids: Vec<String>,
     },
+    /// "May this new member join?": to the channel's owner, which decides
+    /// against the presence member limit (see `router/presence_limit.rs`).
+    PresenceClaim {
+        /// The asking node (the answer goes there).
+        node: String,
+        /// Request id, echoed in the answer.
+        req: u64,
+        /// App id.
+        app: String,
+        /// Channel.
+        channel: String,
+        /// The joining user.
+        user: String,
+    },
+    /// The owner's answer to a [`PeerFrame::PresenceClaim`].
+    PresenceGrant {
+        /// The claim's request id.
+        req: u64,
+        /// App id.
+        app: String,
+        /// Channel.
+        channel: String,
+        /// Admitted (true) or refused: the channel is full.
+        granted: bool,
+    },
 }
 
 impl PeerFrame {

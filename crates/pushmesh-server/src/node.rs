@@ -274,6 +274,9 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 event,
                 data,
             } => shard.cache_set(now, &app, &channel, &event, &data),
+            f @ (PeerFrame::PresenceClaim { .. } | PeerFrame::PresenceGrant { .. }) => {
+                shard.handle_presence_frame(now, f, sink)
+            }
             _ => {}
         },
         Cmd::Apply(peer, delta) => shard.apply_remote(&peer, delta, sink),
@@ -660,6 +663,16 @@ impl Node {
                 ..
             }
             | PeerFrame::CacheSet {
+                ref app,
+                ref channel,
+                ..
+            }
+            | PeerFrame::PresenceClaim {
+                ref app,
+                ref channel,
+                ..
+            }
+            | PeerFrame::PresenceGrant {
                 ref app,
                 ref channel,
                 ..
