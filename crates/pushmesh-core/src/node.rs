@@ -614,12 +614,13 @@ impl Core {
     }
 
     /// The link to `peer` is gone.
-    pub fn peer_down(&mut self, _now: Instant, peer: &NodeId) {
+    pub fn peer_down(&mut self, now: Instant, peer: &NodeId) {
         let mut fx = Effects::default();
         self.replicator.peer_down(peer, &mut fx);
         self.peers_changed();
         self.effects(fx);
         self.peer_gone(peer);
+        self.presence_peers_changed(now);
     }
 
     /// A frame from `from`. Undecodable frames are refused, never fatal.

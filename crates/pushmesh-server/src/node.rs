@@ -280,7 +280,10 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
             _ => {}
         },
         Cmd::Apply(peer, delta) => shard.apply_remote(&peer, delta, sink),
-        Cmd::Peers(p) => shard.set_peers(p),
+        Cmd::Peers(p) => {
+            shard.set_peers(p);
+            shard.presence_peers_changed(now, sink);
+        }
         Cmd::Query(q) => q(shard, now),
     }
 }

@@ -1,6 +1,8 @@
 //! [`Core`]'s view of the cluster-wide presence limit (`router/presence_limit.rs`).
 
-use super::Core;
+use std::time::Instant;
+
+use super::{CollectSink, Core};
 use crate::router::PresenceLimitStats;
 
 impl Core {
@@ -15,5 +17,19 @@ impl Core {
             t.local_decisions += x.local_decisions;
         }
         t
+    }
+
+    /// After a peer change: presence joins parked for an owner that is gone
+    /// are decided locally.
+    pub(super) fn presence_peers_changed(&mut self, now: Instant) {
+        for i in 0..self.shards.len() {
+            let mut sink = CollectSink {
+                out: &mut self.out,
+                sessions: &mut self.sessions,
+                deltas: &mut self.deltas,
+            };
+            self.shards[i].presence_peers_changed(now, &mut sink);
+        }
+        self.flush_deltas();
     }
 }

@@ -63,6 +63,7 @@ pub struct PresenceLimitStats {
 }
 
 struct Parked<H> {
+    owner: NodeId,
     h: H,
     app: AppIdx,
     name: ChannelName,
@@ -149,6 +150,7 @@ impl<H: Handle> Shard<H> {
         self.limit.parked.insert(
             req,
             Parked {
+                owner,
                 h,
                 app,
                 name: name.clone(),
@@ -291,11 +293,32 @@ impl<H: Handle> Shard<H> {
     /// Periodic work: joins whose owner did not answer in time are decided
     /// locally.
     pub(super) fn presence_limit_tick(&mut self, now: Instant, sink: &mut impl Sink<H>) {
+        self.decide_locally(
+            now,
+            |p| now.saturating_duration_since(p.since) >= CLAIM_WAIT,
+            sink,
+        );
+    }
+
+    /// Call after [`Shard::set_peers`]: joins parked for an owner that is no
+    /// longer a peer (its link is down: the claim or the answer may be lost)
+    /// are decided locally at once.
+    pub fn presence_peers_changed(&mut self, now: Instant, sink: &mut impl Sink<H>) {
+        let peers = self.peers.clone();
+        self.decide_locally(now, |p| !peers.contains(&p.owner), sink);
+    }
+
+    fn decide_locally(
+        &mut self,
+        now: Instant,
+        which: impl Fn(&Parked<H>) -> bool,
+        sink: &mut impl Sink<H>,
+    ) {
         let mut late: Vec<u64> = self
             .limit
             .parked
             .iter()
-            .filter(|(_, p)| now.saturating_duration_since(p.since) >= CLAIM_WAIT)
+            .filter(|(_, p)| which(p))
             .map(|(r, _)| *r)
             .collect();
         late.sort_unstable();

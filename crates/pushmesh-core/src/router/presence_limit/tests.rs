@@ -336,3 +336,24 @@ fn the_owner_counts_what_it_granted_before_it_shows_up() {
     assert_eq!(net.members(0, &ch), LIMIT);
     assert_eq!(net.members(1, &ch), LIMIT);
 }
+
+#[test]
+fn a_join_waiting_for_an_owner_whose_link_drops_is_decided_at_once() {
+    let names = ["a", "b", "c"];
+    let mut net = Net::new(&names);
+    let ch = channel_owned_by(&names, 1);
+    net.deaf.insert(1);
+    let c = net.open(0);
+    net.join(0, c, &ch, "ann");
+    net.run();
+    assert_eq!(net.answer(0, c), None);
+    let now = net.now;
+    net.cores[0].peer_down(now, &NodeId::new("b"));
+    net.collect();
+    assert_eq!(
+        net.answer(0, c),
+        Some(true),
+        "no wait for a peer that is gone"
+    );
+    assert_eq!(net.cores[0].presence_limit_stats().local_decisions, 1);
+}
