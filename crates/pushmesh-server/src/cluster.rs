@@ -105,6 +105,7 @@ pub async fn cluster_status(State(st): State<Arc<Shared>>) -> Json<serde_json::V
     };
     let peers = c.status().await;
     let core_peers: Vec<String> = st.node.peers().iter().map(|p| p.to_string()).collect();
+    let presence = st.node.presence_limit_stats().await;
     Json(json!({
         "enabled": true,
         "node": c.node_id().to_string(),
@@ -120,6 +121,12 @@ pub async fn cluster_status(State(st): State<Arc<Shared>>) -> Json<serde_json::V
         },
         "links_refused": c.links_refused(),
         "identity_conflicts": c.identity_conflicts(),
+        "presence_limit": {
+            "claims": presence.claims,
+            "granted": presence.granted,
+            "refused": presence.refused,
+            "local_decisions": presence.local_decisions,
+        },
     }))
 }
 
