@@ -135,9 +135,10 @@ impl<'a> DriverSink<'a> {
                 }
             }
             let cancelled = h.take_cancelled();
+            // Handed before the pump can deliver (and confirm) them.
+            hook_relay::scheduled(links, scheduled, cancelled);
             drop(h);
             links.hook_ready.notify_one();
-            hook_relay::scheduled(links, scheduled, cancelled);
         }
     }
 }

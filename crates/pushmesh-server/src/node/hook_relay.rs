@@ -77,7 +77,10 @@ fn release(links: &Links, released: Vec<Released>) {
 }
 
 /// Events this node just scheduled (handed to their backups) and ids the
-/// scheduler cancelled (confirmed, so backups forget them).
+/// scheduler cancelled (confirmed, so backups forget them). Called with
+/// the scheduler's lock held, so an event is handed before the pump can
+/// deliver and confirm it (lock order: scheduler, then replicator or
+/// backup; nothing takes them the other way round).
 pub(super) fn scheduled(
     links: &Links,
     scheduled: Vec<(String, AppIdx, WebhookEvent)>,
