@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::conn::{ConnRef, Registry};
 
 pub(crate) mod hook_relay;
-mod presence_limit;
+pub(crate) mod presence_limit;
 pub use hook_relay::HookRelay;
 
 /// How often each shard's periodic work runs (subscription counts, cache expiry).
