@@ -43,7 +43,7 @@ export async function until(cond, what, ms = 15000) {
 const running = new Map();
 
 /** Starts node i (1-based) in its namespace. */
-export async function startNode(i, { secret = SECRET, seeds = [1, 2], extra = '', certs = null, webhookUrl = null } = {}) {
+export async function startNode(i, { secret = SECRET, seeds = [1, 2], extra = '', certs = null, webhookUrl = null, appExtra = '' } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), `pmc-n${i}-`));
   const cert = certs ? `ca = "${certs.ca}"\ncert = "${certs.cert}"\nkey = "${certs.key}"\n` : '';
   const hooks = webhookUrl ? `[[apps.webhooks]]\nurl = "${webhookUrl}"\nevent_types = ["member_added", "member_removed", "channel_occupied", "channel_vacated"]\n` : '';
@@ -67,7 +67,7 @@ id = "${APP.id}"
 key = "${APP.key}"
 secret = "${APP.secret}"
 client_events = true
-${hooks}`;
+${hooks}${appExtra}`;
   fs.writeFileSync(path.join(dir, 'pushmesh.toml'), toml);
   const child = spawn('ip', ['netns', 'exec', `${PREFIX}-n${i}`, BIN, '--config', path.join(dir, 'pushmesh.toml')], {
     env: { PATH: process.env.PATH, RUST_LOG: process.env.PMC_LOG || 'warn' },

@@ -56,4 +56,7 @@ for i in $(seq 1 $NODES); do attach "n$i" "$i"; done
 attach cli 100
 
 export PMC_PREFIX=$P PMC_SUBNET=$SUBNET PMC_NODES=$NODES
-ip netns exec "$P-cli" node --test --test-force-exit --test-concurrency=1 --test-timeout=180000 "$here"/*.test.mjs
+# Arguments: test files to run (default: every *.test.mjs).
+files=("$@")
+[ ${#files[@]} -gt 0 ] || files=("$here"/*.test.mjs)
+ip netns exec "$P-cli" node --test --test-force-exit --test-concurrency=1 --test-timeout=180000 "${files[@]}"

@@ -30,6 +30,10 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::conn::{ConnRef, Registry};
 
+pub(crate) mod hook_relay;
+pub(crate) mod presence_limit;
+pub use hook_relay::HookRelay;
+
 /// How often each shard's periodic work runs (subscription counts, cache expiry).
 const TICK: Duration = Duration::from_millis(250);
 /// Commands a shard handles before it hands its batch's effects on.
@@ -126,6 +130,8 @@ pub struct Links {
     pub hook_ready: Notify,
     /// Router counters.
     pub stats: HubStats,
+    /// Webhook events handed to backups and held for peers.
+    pub hook_relay: HookRelay,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -234,9 +240,15 @@ impl<'a> DriverSink<'a> {
         if !self.hooks.is_empty() {
             let now = Instant::now();
             let mut h = lock(&links.hooks);
+            let mut scheduled = Vec::with_capacity(self.hooks.len());
             for (app, event) in self.hooks {
-                h.push(now, app, event);
+                if let Some(id) = h.push(now, app, event.clone()) {
+                    scheduled.push((id, app, event));
+                }
             }
+            let cancelled = h.take_cancelled();
+            // Handed before the pump can deliver (and confirm) them.
+            hook_relay::scheduled(links, scheduled, cancelled);
             drop(h);
             links.hook_ready.notify_one();
         }
@@ -390,6 +402,9 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 data,
                 age_ms,
             } => shard.cache_set(now, &app, &channel, &event, &data, age_ms),
+            f @ (PeerFrame::PresenceClaim { .. } | PeerFrame::PresenceGrant { .. }) => {
+                shard.handle_presence_frame(now, f, sink)
+            }
             _ => {}
         },
         Cmd::Apply(changes) => {
@@ -397,7 +412,10 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 shard.apply_remote(&peer, delta, sink);
             }
         }
-        Cmd::Peers(p) => shard.set_peers(p),
+        Cmd::Peers(p) => {
+            shard.set_peers(p);
+            shard.presence_peers_changed(now, sink);
+        }
         Cmd::SendCache(peer) => shard.send_cache(now, &peer, sink),
         Cmd::Query(q) => q(shard, now),
     }
@@ -494,10 +512,11 @@ impl Node {
     pub fn start(
         s: NodeSettings,
         cluster: Option<pushmesh_cluster::Cluster>,
-        hooks: WebhookScheduler,
+        mut hooks: WebhookScheduler,
     ) -> Self {
         let apps = Arc::new(s.apps);
         let node = NodeId::new(&s.node_id);
+        hooks.set_origin(&s.node_id, s.epoch);
         let links = Arc::new(Links {
             cluster,
             replicator: Mutex::new(Replicator::new(node.clone(), s.epoch)),
@@ -506,6 +525,7 @@ impl Node {
             barrier_wait: s.barrier_wait,
             hook_ready: Notify::new(),
             stats: HubStats::default(),
+            hook_relay: HookRelay::new(node.clone(), s.epoch, apps.clone()),
         });
         let mut shards = Vec::new();
         let mut slots = Vec::new();
@@ -832,6 +852,7 @@ impl Node {
     /// A link to `peer` (incarnation `epoch`) is up: this node's state and
     /// its cached events go to it.
     pub async fn peer_up(&self, peer: NodeId, epoch: u64) {
+        hook_relay::peer_up(&self.links, &peer, epoch);
         let fx = self.with_replicator(|r, fx| r.peer_up(peer.clone(), epoch, fx));
         self.effects(fx, true).await;
         for s in &self.shards {
@@ -844,10 +865,12 @@ impl Node {
         lock(&self.links.replicator).link_down(peer);
     }
 
-    /// The peer is gone (declared dead, left, or restarted): its state goes.
+    /// The peer is gone (declared dead, left, or restarted): its state
+    /// goes, and webhook events it owned and this node holds are released.
     pub async fn peer_gone(&self, peer: &NodeId) {
         let fx = self.with_replicator(|r, fx| r.peer_gone(peer, fx));
         self.effects(fx, true).await;
+        self.hooks_peer_gone(peer);
     }
 
     /// Peers as readiness sees them.
@@ -872,6 +895,16 @@ impl Node {
                 ref app,
                 ref channel,
                 ..
+            }
+            | PeerFrame::PresenceClaim {
+                ref app,
+                ref channel,
+                ..
+            }
+            | PeerFrame::PresenceGrant {
+                ref app,
+                ref channel,
+                ..
             } => {
                 if let Some(a) = self.apps.by_id(app) {
                     let ch = channel.clone();
@@ -882,6 +915,9 @@ impl Node {
                 if let Some(a) = self.apps.by_id(&app) {
                     self.with_users(|u, sink| u.terminate_local(a, &user, sink));
                 }
+            }
+            hook @ (PeerFrame::HookHold { .. } | PeerFrame::HookDone { .. }) => {
+                hook_relay::frame(&self.links, from, hook);
             }
             control => {
                 let fx = self.with_replicator(|r, fx| r.handle(from, control, fx));
