@@ -49,11 +49,12 @@ const running = new Map();
  * cluster (lines of the [cluster] table), limits (lines of [apps.limits]),
  * nodeId (default n<i>), drainWaitMs (default 400; null: the binary's
  * default), startupTimeoutMs (default 3000; null: the binary's default),
- * certs, webhookUrl, log (RUST_LOG; default PMC_LOG or "warn").
+ * certs, webhookUrl, appExtra (lines after the app's keys), log (RUST_LOG;
+ * default PMC_LOG or "warn").
  */
 export function spawnNode(i, {
   secret = SECRET, seeds = [1, 2], extra = '', cluster = '', limits = '', nodeId = `n${i}`,
-  drainWaitMs = 400, startupTimeoutMs = 3000, certs = null, webhookUrl = null, log = null,
+  drainWaitMs = 400, startupTimeoutMs = 3000, certs = null, webhookUrl = null, appExtra = '', log = null,
 } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), `pmc-n${i}-`));
   const cert = certs ? `ca = "${certs.ca}"\ncert = "${certs.cert}"\nkey = "${certs.key}"\n` : '';
@@ -80,7 +81,7 @@ id = "${APP.id}"
 key = "${APP.key}"
 secret = "${APP.secret}"
 client_events = true
-${hooks}${lim}`;
+${hooks}${appExtra}${lim}`;
   fs.writeFileSync(path.join(dir, 'pushmesh.toml'), toml);
   const child = spawn('ip', ['netns', 'exec', `${PREFIX}-n${i}`, BIN, '--config', path.join(dir, 'pushmesh.toml')], {
     env: { PATH: process.env.PATH, RUST_LOG: log || process.env.PMC_LOG || 'warn' },

@@ -62,9 +62,10 @@ attach cli 100
 attach lb 200        # the load balancer (HAProxy) of continuity.test.mjs
 
 export PMC_PREFIX=$P PMC_SUBNET=$SUBNET PMC_NODES=$NODES
-# Test files: the arguments (paths relative to cluster-tests/), else all of them.
+# Test files: the arguments (absolute, or relative to cluster-tests/), else all of them.
 files=()
-if [ $# -gt 0 ]; then for f in "$@"; do files+=("$here/$f"); done; else files=("$here"/*.test.mjs); fi
+for f in "$@"; do case $f in /*) files+=("$f") ;; *) files+=("$here/$f") ;; esac; done
+[ ${#files[@]} -gt 0 ] || files=("$here"/*.test.mjs)
 # Raw WebSocket clients use the WHATWG WebSocket, behind a flag in Node 20.
 flags=()
 node --experimental-websocket -e 0 2>/dev/null && flags+=(--experimental-websocket)

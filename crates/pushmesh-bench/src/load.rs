@@ -578,20 +578,23 @@ pub async fn hold_channels(t: &Target, channels: usize, conns: usize) -> anyhow:
             bail!("unexpected first frame: {first}");
         }
         let mine: Vec<usize> = (c..channels).step_by(conns).collect();
-        for chunk in mine.chunks(1000) {
+        // A window of subscriptions in flight: the server's queue of
+        // confirmations for this connection stays bounded.
+        for chunk in mine.chunks(500) {
             for k in chunk {
-                let sub = format!(r#"{{"event":"pusher:subscribe","data":{{"channel":"hold-{k}"}}}}"#);
+                let sub =
+                    format!(r#"{{"event":"pusher:subscribe","data":{{"channel":"hold-{k}"}}}}"#);
                 ws.feed(Message::Text(sub.into())).await?;
             }
             ws.flush().await?;
-        }
-        let mut ok = 0;
-        while ok < mine.len() {
-            let t = next_text(&mut ws).await?;
-            if t.contains("subscription_succeeded") {
-                ok += 1;
-            } else if t.contains("subscription_error") || t.contains("pusher:error") {
-                bail!("subscription refused: {t}");
+            let mut ok = 0;
+            while ok < chunk.len() {
+                let t = next_text(&mut ws).await?;
+                if t.contains("subscription_succeeded") {
+                    ok += 1;
+                } else if t.contains("subscription_error") || t.contains("pusher:error") {
+                    bail!("subscription refused: {t}");
+                }
             }
         }
         out.push(ws);

@@ -19,6 +19,7 @@ use chitchat::ChitchatEnvelope;
 use hkdf::Hkdf;
 use sha2::Sha256;
 
+use crate::identity::PerSenderLimiter;
 use seal::{OpenError, Opener, Sealer};
 
 /// A send that takes longer than this is abandoned (counted, reported to chitchat).
@@ -37,6 +38,8 @@ pub struct GossipStats {
     pub accepted: AtomicU64,
     /// Envelopes not sent: too large once sealed, send error or timeout.
     pub send_failed: AtomicU64,
+    /// Of `rejected`: failed authentication (wrong cluster secret, tampered).
+    pub auth_failed: AtomicU64,
 }
 
 /// The gossip key for a cluster secret.
@@ -92,6 +95,7 @@ impl Transport for SealedTransport {
             buf: vec![0u8; 65_536].into_boxed_slice(),
             plain: Vec::with_capacity(seal::MAX_PLAINTEXT),
             stats: self.stats.clone(),
+            auth_log: PerSenderLimiter::default(),
         }))
     }
 }
@@ -103,6 +107,7 @@ struct SealedSocket {
     buf: Box<[u8]>,
     plain: Vec<u8>,
     stats: Arc<GossipStats>,
+    auth_log: PerSenderLimiter,
 }
 
 impl SealedSocket {
@@ -111,7 +116,7 @@ impl SealedSocket {
     }
 
     /// Counts and logs a refused datagram.
-    fn refused(&self, from: SocketAddr, e: OpenError) {
+    fn refused(&mut self, from: SocketAddr, e: OpenError) {
         self.stats.rejected.fetch_add(1, Ordering::Relaxed);
         match e {
             OpenError::Replay => {
@@ -125,7 +130,14 @@ impl SealedSocket {
             OpenError::TooManySenders => {
                 tracing::warn!(%from, error = %e, "gossip datagram dropped");
             }
-            OpenError::Short | OpenError::Version(_) | OpenError::Auth => {
+            OpenError::Auth => {
+                self.stats.auth_failed.fetch_add(1, Ordering::Relaxed);
+                // At most one line per sender address per 10 s.
+                if let Some(suppressed) = self.auth_log.allow(std::time::Instant::now(), from) {
+                    tracing::warn!(%from, suppressed, "gossip datagram from {from} failed authentication: wrong cluster secret (or tampered), dropped");
+                }
+            }
+            OpenError::Short | OpenError::Version(_) => {
                 tracing::debug!(%from, error = %e, "gossip datagram failed authentication, dropped");
             }
         }

@@ -13,6 +13,7 @@
 //! delivered, so a full buffer refuses the publish (503) rather than lose it.
 
 pub mod gossip;
+pub mod identity;
 mod link;
 mod peers;
 pub mod tls;
@@ -30,6 +31,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 pub use gossip::GossipStats;
+pub use identity::IdentityConflict;
 pub use tls::TlsMaterial;
 
 /// Gossip key: the node's QUIC address (a node is live only once it has it).
@@ -228,6 +230,8 @@ struct Inner {
     gossip: Arc<GossipStats>,
     /// Links refused: wrong cluster, node or certificate.
     links_refused: AtomicU64,
+    /// Other live holders of this node's id.
+    identity: identity::IdentityState,
 }
 
 /// A running cluster layer.
@@ -323,6 +327,7 @@ impl Cluster {
             stopping: AtomicBool::new(false),
             gossip,
             links_refused: AtomicU64::new(0),
+            identity: identity::IdentityState::new(&cfg.node_id, cfg.gossip_interval),
         });
         let c = Self { inner };
         tokio::spawn(c.clone().accept_loop());
@@ -561,6 +566,7 @@ impl Cluster {
             if self.inner.stopping.load(Ordering::Relaxed) {
                 return;
             }
+            self.check_identity().await;
             let me = self.inner.node.clone();
             type Live = Vec<(NodeId, Option<SocketAddr>, Option<String>)>;
             let (live, dead): (Live, HashSet<(NodeId, u64)>) = self

@@ -256,6 +256,7 @@ impl Cluster {
             },
         );
         lock(&inner.epochs).insert(peer.clone(), epoch);
+        lock(&inner.dialing).remove(&peer);
         *lock(&slot.control) = Some(tx);
         if let Some(old) = old {
             old.conn.close(3u32.into(), b"replaced");
@@ -429,8 +430,11 @@ impl Cluster {
         };
         match conn {
             Ok(Ok(conn)) => {
+                // Still "dialing" until the link is in place (`establish`
+                // clears it then): a slow hello must not start a second
+                // connection that would replace this one.
+                self.establish(conn, Some(node.clone())).await;
                 lock(&self.inner.dialing).remove(&node);
-                self.establish(conn, Some(node)).await;
             }
             other => {
                 let why = match other {

@@ -15,6 +15,7 @@
 //! every recipient gets the same `Bytes`.
 
 pub mod app;
+pub mod hook_backup;
 mod keepalive;
 mod node;
 pub mod peer_buffer;
@@ -30,6 +31,7 @@ pub mod webhooks;
 pub use app::{
     AppConfig, AppIdx, Apps, ConnId, CoreConfig, OpenError, PublishError, PublishRequest,
 };
+pub use hook_backup::HookBackup;
 pub use keepalive::{Keepalive, KeepaliveAction};
 pub use node::{Core, Output, PublishedChannel};
 pub use peer_frame::{Delta, FrameKind, NodeId, PeerFrame, PeerFrameError, Snapshot};
@@ -39,7 +41,7 @@ pub use routing::shard_of;
 pub use session::{PresenceJoin, Proto, Request, Session, SessionOutput};
 pub use sink::{Handle, Sink};
 pub use users::Users;
-pub use webhooks::WebhookScheduler;
+pub use webhooks::{ScheduledHook, WebhookScheduler};
 
 /// The old name of the peer-frame module.
 pub use peer_frame as cluster;

@@ -16,6 +16,7 @@ use serde_json::value::RawValue;
 use crate::app::{
     AppConfig, AppIdx, Apps, ConnId, CoreConfig, OpenError, PublishError, PublishRequest,
 };
+use crate::hook_backup::HookBackup;
 use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame, PeerFrameError};
 use crate::replication::{Effects, Replicator};
 use crate::router::{ChannelInfo, Event, QueryError, Shard, KINDS};
@@ -23,6 +24,9 @@ use crate::routing::shard_of;
 use crate::session::{Request, Session, SessionOutput};
 use crate::sink::Sink;
 use crate::users::Users;
+
+mod hooks;
+mod presence_limit;
 
 /// Shards of the test driver: more than one, so tests cross shards.
 const SHARDS: usize = 4;
@@ -57,6 +61,16 @@ pub enum Output {
     },
     /// A webhook event of an app.
     Hook {
+        /// The app.
+        app: AppIdx,
+        /// The event.
+        event: WebhookEvent,
+    },
+    /// A webhook event this node held for a peer that is gone: deliver it
+    /// (see `hook_backup.rs`).
+    HookReleased {
+        /// Its stable id.
+        id: String,
         /// The app.
         app: AppIdx,
         /// The event.
@@ -177,6 +191,7 @@ pub struct Core {
     activity_timeout_secs: u64,
     max_connections: Option<usize>,
     socket_prefix: u32,
+    hook_backup: HookBackup,
 }
 
 macro_rules! sink {
@@ -207,6 +222,7 @@ impl Core {
                 .map(|_| Shard::new(apps.clone(), node.clone(), config.socket_prefix))
                 .collect(),
             users: Users::new(apps.clone()),
+            hook_backup: HookBackup::new(node.clone(), config.epoch),
             replicator: Replicator::new(node, config.epoch),
             apps,
             sessions: HashMap::new(),
@@ -700,6 +716,7 @@ impl Core {
 
     /// A link to `peer` (incarnation `epoch`) is up.
     pub fn peer_up(&mut self, now: Instant, peer: NodeId, epoch: u64) {
+        self.backup_peer_up(&peer, epoch);
         let mut fx = Effects::default();
         self.replicator.peer_up(peer.clone(), epoch, &mut fx);
         self.peers_changed();
@@ -716,11 +733,13 @@ impl Core {
     }
 
     /// The peer is gone (declared dead or left): its state goes.
-    pub fn peer_down(&mut self, _now: Instant, peer: &NodeId) {
+    pub fn peer_down(&mut self, now: Instant, peer: &NodeId) {
         let mut fx = Effects::default();
         self.replicator.peer_gone(peer, &mut fx);
         self.peers_changed();
         self.effects(fx);
+        self.peer_gone(peer);
+        self.presence_peers_changed(now);
     }
 
     /// A frame from `from`. Undecodable frames are refused, never fatal.
@@ -776,6 +795,27 @@ impl Core {
                     let mut sink = sink!(self);
                     self.users.terminate_local(a, &user, &mut sink);
                 }
+            }
+            PeerFrame::PresenceClaim {
+                ref app,
+                ref channel,
+                ..
+            }
+            | PeerFrame::PresenceGrant {
+                ref app,
+                ref channel,
+                ..
+            } => {
+                if let Some(a) = self.apps.by_id(app) {
+                    let i = self.shard(a, channel);
+                    let mut sink = sink!(self);
+                    self.shards[i].handle_presence_frame(now, frame, &mut sink);
+                    self.flush_deltas();
+                }
+            }
+            hook @ (PeerFrame::HookHold { .. } | PeerFrame::HookDone { .. }) => {
+                let released = self.hook_backup.handle(now, from, hook);
+                self.push_released(released);
             }
             control => {
                 let mut fx = Effects::default();

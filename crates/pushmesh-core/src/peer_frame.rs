@@ -186,6 +186,50 @@ pub enum PeerFrame {
         /// User.
         user: String,
     },
+    /// "Hold this webhook event of mine; deliver it if I am gone" (to the
+    /// channel's backup, see `hook_backup.rs`).
+    HookHold {
+        /// Sender's epoch.
+        epoch: u64,
+        /// The event's stable id.
+        id: String,
+        /// App id.
+        app: String,
+        /// Channel.
+        channel: String,
+        /// The event, as JSON.
+        event: String,
+    },
+    /// "These webhook events of mine were delivered (or cancelled): forget them."
+    HookDone {
+        /// Their ids.
+        ids: Vec<String>,
+    },
+    /// "May this new member join?": to the channel's owner, which decides
+    /// against the presence member limit (see `router/presence_limit.rs`).
+    PresenceClaim {
+        /// The asking node (the answer goes there).
+        node: String,
+        /// Request id, echoed in the answer.
+        req: u64,
+        /// App id.
+        app: String,
+        /// Channel.
+        channel: String,
+        /// The joining user.
+        user: String,
+    },
+    /// The owner's answer to a [`PeerFrame::PresenceClaim`].
+    PresenceGrant {
+        /// The claim's request id.
+        req: u64,
+        /// App id.
+        app: String,
+        /// Channel.
+        channel: String,
+        /// Admitted (true) or refused: the channel is full.
+        granted: bool,
+    },
 }
 
 impl PeerFrame {

@@ -81,6 +81,7 @@ impl Harness {
                     self.closed.insert(conn.0, code);
                 }
                 Output::Hook { event, .. } => self.hooks.push(event),
+                Output::HookReleased { .. } => {}
                 Output::Peer { .. } => {}
             }
         }

@@ -4,6 +4,12 @@
 //! channel is occupied again, or the member added again, in that time, both
 //! the pending event and its undo are dropped, so the app never hears of a
 //! blip. Everything else is ready at once, in the order it was pushed.
+//!
+//! Every scheduled event gets a stable id, `<node>:<epoch>:<n>` once
+//! [`WebhookScheduler::set_origin`] named the node (`<n>` alone before),
+//! which travels with it to a backup node (`hook_backup.rs`) and into the
+//! webhook body. Ids of events dropped by a cancellation are kept for
+//! [`WebhookScheduler::take_cancelled`], so a backup can forget them too.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -18,6 +24,17 @@ enum Key {
     Member(AppIdx, String, String),
 }
 
+/// A webhook event ready for delivery, with its stable id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledHook {
+    /// Stable id (the same on a backup node).
+    pub id: String,
+    /// The app.
+    pub app: AppIdx,
+    /// The event.
+    pub event: WebhookEvent,
+}
+
 /// Delays and cancels webhook events; see the module docs.
 #[derive(Debug)]
 pub struct WebhookScheduler {
@@ -26,9 +43,11 @@ pub struct WebhookScheduler {
     delayed: VecDeque<(Instant, u64, AppIdx, WebhookEvent)>,
     /// Live delayed events by what would cancel them, with their id.
     pending: HashMap<Key, u64>,
-    ready: VecDeque<(AppIdx, WebhookEvent)>,
+    ready: VecDeque<ScheduledHook>,
     next_id: u64,
     cancelled: u64,
+    origin: String,
+    cancelled_ids: Vec<String>,
 }
 
 impl WebhookScheduler {
@@ -41,11 +60,32 @@ impl WebhookScheduler {
             ready: VecDeque::new(),
             next_id: 0,
             cancelled: 0,
+            origin: String::new(),
+            cancelled_ids: Vec::new(),
         }
     }
 
-    /// An event from the core.
-    pub fn push(&mut self, now: Instant, app: AppIdx, event: WebhookEvent) {
+    /// Names the node and incarnation in the ids of later events.
+    pub fn set_origin(&mut self, node: &str, epoch: u64) {
+        self.origin = format!("{node}:{epoch}:");
+    }
+
+    fn id(&self, n: u64) -> String {
+        format!("{}{n}", self.origin)
+    }
+
+    /// An event released by a backup: ready at once, with its original id.
+    pub fn push_held(&mut self, id: String, app: AppIdx, event: WebhookEvent) {
+        self.ready.push_back(ScheduledHook { id, app, event });
+    }
+
+    /// Ids of events dropped by cancellations since the last call.
+    pub fn take_cancelled(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.cancelled_ids)
+    }
+
+    /// An event from the core; its id, unless it cancelled out at once.
+    pub fn push(&mut self, now: Instant, app: AppIdx, event: WebhookEvent) -> Option<String> {
         let (delay_key, undo_key) = match &event {
             WebhookEvent::ChannelVacated { channel } => {
                 (Some(Key::Channel(app, channel.clone())), None)
@@ -64,21 +104,32 @@ impl WebhookScheduler {
             _ => (None, None),
         };
         if let Some(k) = undo_key {
-            if self.pending.remove(&k).is_some() {
+            if let Some(id) = self.pending.remove(&k) {
                 // The pending removal and this addition cancel out.
                 self.cancelled += 2;
-                return;
+                let id = self.id(id);
+                self.cancelled_ids.push(id);
+                return None;
             }
         }
+        let n = self.next_id;
+        self.next_id += 1;
         match delay_key {
             Some(k) => {
-                let id = self.next_id;
-                self.next_id += 1;
-                self.pending.insert(k, id);
-                self.delayed.push_back((now + self.delay, id, app, event));
+                if let Some(old) = self.pending.insert(k, n) {
+                    // Superseded: the older one will never be delivered.
+                    let old = self.id(old);
+                    self.cancelled_ids.push(old);
+                }
+                self.delayed.push_back((now + self.delay, n, app, event));
             }
-            None => self.ready.push_back((app, event)),
+            None => self.ready.push_back(ScheduledHook {
+                id: self.id(n),
+                app,
+                event,
+            }),
         }
+        Some(self.id(n))
     }
 
     fn promote(&mut self, id: u64, app: AppIdx, event: WebhookEvent) {
@@ -88,19 +139,21 @@ impl WebhookScheduler {
                 Key::Member(app, channel.clone(), user_id.clone())
             }
             _ => {
-                self.ready.push_back((app, event));
+                let id = self.id(id);
+                self.ready.push_back(ScheduledHook { id, app, event });
                 return;
             }
         };
         // Only if still live (not cancelled, not superseded).
         if self.pending.get(&key) == Some(&id) {
             self.pending.remove(&key);
-            self.ready.push_back((app, event));
+            let id = self.id(id);
+            self.ready.push_back(ScheduledHook { id, app, event });
         }
     }
 
     /// Advances to `now` and takes every event ready for delivery.
-    pub fn poll(&mut self, now: Instant) -> Vec<(AppIdx, WebhookEvent)> {
+    pub fn poll(&mut self, now: Instant) -> Vec<ScheduledHook> {
         while self.delayed.front().is_some_and(|(due, ..)| *due <= now) {
             if let Some((_, id, app, event)) = self.delayed.pop_front() {
                 self.promote(id, app, event);
@@ -110,7 +163,7 @@ impl WebhookScheduler {
     }
 
     /// On shutdown: everything still delayed becomes ready now.
-    pub fn flush(&mut self) -> Vec<(AppIdx, WebhookEvent)> {
+    pub fn flush(&mut self) -> Vec<ScheduledHook> {
         while let Some((_, id, app, event)) = self.delayed.pop_front() {
             self.promote(id, app, event);
         }
@@ -132,6 +185,10 @@ impl WebhookScheduler {
 mod tests {
     use super::*;
 
+    fn events(v: Vec<ScheduledHook>) -> Vec<(AppIdx, WebhookEvent)> {
+        v.into_iter().map(|h| (h.app, h.event)).collect()
+    }
+
     fn vacated(c: &str) -> WebhookEvent {
         WebhookEvent::ChannelVacated { channel: c.into() }
     }
@@ -146,19 +203,19 @@ mod tests {
         let mut s = WebhookScheduler::new(d);
         let app = AppIdx(0);
         s.push(t0, app, occupied("a"));
-        assert_eq!(s.poll(t0), vec![(app, occupied("a"))]);
+        assert_eq!(events(s.poll(t0)), vec![(app, occupied("a"))]);
         s.push(t0, app, vacated("a"));
-        assert!(s.poll(t0 + Duration::from_secs(1)).is_empty());
+        assert!(events(s.poll(t0 + Duration::from_secs(1))).is_empty());
         s.push(t0 + Duration::from_secs(2), app, occupied("a"));
         assert!(
-            s.poll(t0 + Duration::from_secs(10)).is_empty(),
+            events(s.poll(t0 + Duration::from_secs(10))).is_empty(),
             "neither vacated nor occupied"
         );
         assert_eq!(s.cancelled(), 2);
         s.push(t0 + Duration::from_secs(11), app, vacated("a"));
-        assert!(s.poll(t0 + Duration::from_secs(13)).is_empty());
+        assert!(events(s.poll(t0 + Duration::from_secs(13))).is_empty());
         assert_eq!(
-            s.poll(t0 + Duration::from_secs(14)),
+            events(s.poll(t0 + Duration::from_secs(14))),
             vec![(app, vacated("a"))]
         );
     }
@@ -183,12 +240,44 @@ mod tests {
         s.push(t0, app, removed.clone());
         s.push(t0, app, other.clone());
         s.push(t0, app, added);
-        assert_eq!(s.poll(t0 + Duration::from_secs(5)), vec![(app, other)]);
+        assert_eq!(
+            events(s.poll(t0 + Duration::from_secs(5))),
+            vec![(app, other)]
+        );
         s.push(t0, app, removed.clone());
         assert_eq!(
-            s.flush(),
+            events(s.flush()),
             vec![(app, removed)],
             "flush releases delayed events"
+        );
+    }
+
+    #[test]
+    fn ids_are_stable_and_cancelled_ones_are_reported() {
+        let t0 = Instant::now();
+        let mut s = WebhookScheduler::new(Duration::from_secs(3));
+        s.set_origin("n1", 7);
+        let app = AppIdx(0);
+        assert_eq!(s.push(t0, app, occupied("a")).as_deref(), Some("n1:7:0"));
+        assert_eq!(s.push(t0, app, vacated("a")).as_deref(), Some("n1:7:1"));
+        // Re-occupied within the delay: both dropped, the vacate's id reported.
+        assert_eq!(s.push(t0, app, occupied("a")), None);
+        assert_eq!(s.take_cancelled(), vec!["n1:7:1".to_string()]);
+        assert!(s.take_cancelled().is_empty());
+        let ready = s.poll(t0 + Duration::from_secs(5));
+        assert_eq!(
+            ready.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(),
+            ["n1:7:0"]
+        );
+        // A held event released by a backup keeps its id.
+        s.push_held("n2:3:9".into(), app, vacated("b"));
+        assert_eq!(
+            s.poll(t0 + Duration::from_secs(5)),
+            vec![ScheduledHook {
+                id: "n2:3:9".into(),
+                app,
+                event: vacated("b")
+            }]
         );
     }
 }

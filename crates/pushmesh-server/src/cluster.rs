@@ -34,6 +34,8 @@ use crate::config::ClusterSettings;
 use crate::metrics::esc;
 use crate::{ServerError, Shared};
 
+pub use crate::identity::refuse_duplicate_identity;
+
 /// Starts the cluster layer for these settings.
 pub async fn start(
     c: &ClusterSettings,
@@ -61,7 +63,22 @@ pub async fn start(
         peer_queue: c.peer_queue,
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    Cluster::start(cfg).await.map_err(|e| err(e.to_string()))
+    // Gossip and the peer links run on a runtime of their own: a node busy
+    // routing (or applying a million-channel sync) must not starve its
+    // failure detector's heartbeats, or its peers would declare it dead.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("pushmesh-cluster")
+        .enable_all()
+        .build()
+        .map_err(|e| err(format!("cannot start the cluster runtime: {e}")))?;
+    let started = rt.spawn(Cluster::start(cfg));
+    // It lives as long as the process.
+    std::mem::forget(rt);
+    started
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| err(e.to_string()))
 }
 
 /// The tasks that feed peer events to the core and publish the digest.
@@ -138,6 +155,7 @@ pub async fn cluster_status(State(st): State<Arc<Shared>>) -> Json<serde_json::V
     };
     let peers = c.status().await;
     let core_peers: Vec<String> = st.node.peers().iter().map(|p| p.to_string()).collect();
+    let presence = st.node.presence_limit_stats().await;
     Json(json!({
         "enabled": true,
         "node": c.node_id().to_string(),
@@ -154,6 +172,13 @@ pub async fn cluster_status(State(st): State<Arc<Shared>>) -> Json<serde_json::V
             "send_failed": c.gossip_stats().send_failed.load(Ordering::Relaxed),
         },
         "links_refused": c.links_refused(),
+        "identity_conflicts": c.identity_conflicts(),
+        "presence_limit": {
+            "claims": presence.claims,
+            "granted": presence.granted,
+            "refused": presence.refused,
+            "local_decisions": presence.local_decisions,
+        },
     }))
 }
 
@@ -191,7 +216,8 @@ async fn join(st: Arc<Shared>, cluster: Cluster) {
         tick.tick().await;
         let peers = cluster.status().await;
         let links = st.node.peer_links();
-        if joined(&st, &peers, &links) {
+        // (After reading the links: a sync they show is fully applied.)
+        if joined(&st, &peers, &links) && !st.node.applying() {
             tracing::info!(peers = links.len(), "joined the cluster");
             break;
         }
@@ -331,5 +357,6 @@ pub fn render_metrics(st: &Shared, out: &mut String) {
     let _ = writeln!(out, "# HELP pushmesh_gossip_packets_replayed_total Authentic gossip datagrams dropped as replays (also in rejected).\n# TYPE pushmesh_gossip_packets_replayed_total counter\npushmesh_gossip_packets_replayed_total {}", l(&g.replayed));
     let _ = writeln!(out, "# HELP pushmesh_gossip_packets_skewed_total Authentic gossip datagrams dropped for a timestamp too far from this node's clock (also in rejected).\n# TYPE pushmesh_gossip_packets_skewed_total counter\npushmesh_gossip_packets_skewed_total {}", l(&g.skewed));
     let _ = writeln!(out, "# HELP pushmesh_gossip_send_failures_total Gossip envelopes not sent (too large once sealed, send error or timeout).\n# TYPE pushmesh_gossip_send_failures_total counter\npushmesh_gossip_send_failures_total {}", l(&g.send_failed));
+    crate::identity::render_metrics(c, out);
     let _ = writeln!(out, "# HELP pushmesh_cluster_links_refused_total Peer links refused (node id not in the peer's certificate, wrong cluster).\n# TYPE pushmesh_cluster_links_refused_total counter\npushmesh_cluster_links_refused_total {}", c.links_refused());
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod conn;
 pub mod dashboard;
 pub mod edge;
+pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod node;
@@ -191,6 +192,7 @@ impl Server {
             cluster.clone(),
             scheduler,
         );
+        webhooks.confirm_to(node.links.clone());
         let edge = edge::Edge::new(&config);
         let shared = Arc::new(Shared {
             edge,
@@ -382,6 +384,7 @@ async fn all_metrics(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let mut out = metrics::render(&st);
+    node::presence_limit::render_metrics(&st.node, &mut out).await;
     st.edge.render_metrics(&mut out);
     (
         [(

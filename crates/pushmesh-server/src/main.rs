@@ -155,7 +155,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = server.local_addr()?;
     banner(&config, addr);
     tracing::info!(%addr, apps = config.apps.len(), "pushmesh started");
-    server.run(shutdown).await?;
+    // A node that finds its node_id in use by a live node refuses to start.
+    let refuse = pushmesh_server::identity::refuse_duplicate_identity(server.shared());
+    tokio::select! {
+        r = server.run(shutdown) => r?,
+        Err(e) = refuse => {
+            tracing::error!(error = %e, "refusing to start");
+            return Err(e.into());
+        }
+    }
     tracing::info!("pushmesh stopped");
     Ok(())
 }

@@ -268,6 +268,37 @@ pub fn render(st: &Shared) -> String {
     ] {
         let _ = writeln!(out, "pushmesh_webhooks_total{{outcome=\"{o}\"}} {v}");
     }
+    let (b, handed, held) = st.node.links.hook_relay.snapshot();
+    family(
+        &mut out,
+        "pushmesh_webhook_backup_events",
+        "gauge",
+        "Webhook events handed to a backup peer and not yet confirmed (role=owner), held for peers (role=backup).",
+    );
+    let _ = writeln!(
+        out,
+        "pushmesh_webhook_backup_events{{role=\"owner\"}} {handed}"
+    );
+    let _ = writeln!(
+        out,
+        "pushmesh_webhook_backup_events{{role=\"backup\"}} {held}"
+    );
+    family(
+        &mut out,
+        "pushmesh_webhook_backup_total",
+        "counter",
+        "Webhook backup: events handed, not handed (too many outstanding), held, released (owner gone), refused (backup full), expired.",
+    );
+    for (o, v) in [
+        ("handed", b.handed),
+        ("not_handed", b.not_handed),
+        ("held", b.held),
+        ("released", b.released),
+        ("refused", b.refused),
+        ("expired", b.expired),
+    ] {
+        let _ = writeln!(out, "pushmesh_webhook_backup_total{{outcome=\"{o}\"}} {v}");
+    }
     let a = &st.stats.authorizer;
     family(
         &mut out,

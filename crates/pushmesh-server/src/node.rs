@@ -30,6 +30,10 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::conn::{ConnRef, Registry};
 
+pub(crate) mod hook_relay;
+pub(crate) mod presence_limit;
+pub use hook_relay::HookRelay;
+
 /// How often each shard's periodic work runs (subscription counts, cache expiry).
 const TICK: Duration = Duration::from_millis(250);
 /// Commands a shard handles before it hands its batch's effects on.
@@ -126,6 +130,8 @@ pub struct Links {
     pub hook_ready: Notify,
     /// Router counters.
     pub stats: HubStats,
+    /// Webhook events handed to backups and held for peers.
+    pub hook_relay: HookRelay,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -234,9 +240,15 @@ impl<'a> DriverSink<'a> {
         if !self.hooks.is_empty() {
             let now = Instant::now();
             let mut h = lock(&links.hooks);
+            let mut scheduled = Vec::with_capacity(self.hooks.len());
             for (app, event) in self.hooks {
-                h.push(now, app, event);
+                if let Some(id) = h.push(now, app, event.clone()) {
+                    scheduled.push((id, app, event));
+                }
             }
+            let cancelled = h.take_cancelled();
+            // Handed before the pump can deliver (and confirm) them.
+            hook_relay::scheduled(links, scheduled, cancelled);
             drop(h);
             links.hook_ready.notify_one();
         }
@@ -318,7 +330,7 @@ enum Cmd {
     Req(ConnRef, Request),
     Publish(Box<Publish>),
     Remote(PeerFrame),
-    Apply(NodeId, Delta),
+    Apply(Vec<(NodeId, Delta)>),
     Peers(BTreeSet<NodeId>),
     SendCache(NodeId),
     Query(Query),
@@ -390,10 +402,20 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 data,
                 age_ms,
             } => shard.cache_set(now, &app, &channel, &event, &data, age_ms),
+            f @ (PeerFrame::PresenceClaim { .. } | PeerFrame::PresenceGrant { .. }) => {
+                shard.handle_presence_frame(now, f, sink)
+            }
             _ => {}
         },
-        Cmd::Apply(peer, delta) => shard.apply_remote(&peer, delta, sink),
-        Cmd::Peers(p) => shard.set_peers(p),
+        Cmd::Apply(changes) => {
+            for (peer, delta) in changes {
+                shard.apply_remote(&peer, delta, sink);
+            }
+        }
+        Cmd::Peers(p) => {
+            shard.set_peers(p);
+            shard.presence_peers_changed(now, sink);
+        }
         Cmd::SendCache(peer) => shard.send_cache(now, &peer, sink),
         Cmd::Query(q) => q(shard, now),
     }
@@ -413,12 +435,26 @@ async fn run_shard(
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else { break };
                 let now = Instant::now();
+                let mut heavy = matches!(cmd, Cmd::Apply(_));
                 run_cmd(&mut shard, now, cmd, &mut sink);
                 for _ in 1..BATCH {
+                    // A batch of peer changes is a lot of work: others get
+                    // the CPU in between.
+                    if heavy {
+                        break;
+                    }
                     match rx.try_recv() {
-                        Ok(cmd) => run_cmd(&mut shard, now, cmd, &mut sink),
+                        Ok(cmd) => {
+                            heavy = matches!(cmd, Cmd::Apply(_));
+                            run_cmd(&mut shard, now, cmd, &mut sink);
+                        }
                         Err(_) => break,
                     }
+                }
+                if heavy {
+                    sink.finish();
+                    tokio::task::yield_now().await;
+                    continue;
                 }
             }
             _ = tick.tick() => shard.tick(Instant::now(), &mut sink),
@@ -446,6 +482,7 @@ pub struct Node {
     pub socket_prefix: u32,
     /// Whether publishes are taken (joining, open, closed).
     pub gate: PublishGate,
+    applying: AtomicUsize,
 }
 
 /// Settings of [`Node::start`].
@@ -475,10 +512,11 @@ impl Node {
     pub fn start(
         s: NodeSettings,
         cluster: Option<pushmesh_cluster::Cluster>,
-        hooks: WebhookScheduler,
+        mut hooks: WebhookScheduler,
     ) -> Self {
         let apps = Arc::new(s.apps);
         let node = NodeId::new(&s.node_id);
+        hooks.set_origin(&s.node_id, s.epoch);
         let links = Arc::new(Links {
             cluster,
             replicator: Mutex::new(Replicator::new(node.clone(), s.epoch)),
@@ -487,6 +525,7 @@ impl Node {
             barrier_wait: s.barrier_wait,
             hook_ready: Notify::new(),
             stats: HubStats::default(),
+            hook_relay: HookRelay::new(node.clone(), s.epoch, apps.clone()),
         });
         let mut shards = Vec::new();
         let mut slots = Vec::new();
@@ -506,6 +545,7 @@ impl Node {
             slots,
             links,
             socket_prefix: s.socket_prefix,
+            applying: AtomicUsize::new(0),
             gate: PublishGate(AtomicU8::new(if s.joining {
                 PublishGate::JOINING
             } else {
@@ -761,7 +801,15 @@ impl Node {
         let mut r = lock(&self.links.replicator);
         f(&mut r, &mut fx);
         send_control(&self.links, std::mem::take(&mut fx.send));
+        // Counted under the lock: whoever sees the new state in the
+        // replicator also sees that its changes are still being applied.
+        self.applying.fetch_add(1, Ordering::AcqRel);
         fx
+    }
+
+    /// Whether peers' changes are being handed to the shards right now.
+    pub fn applying(&self) -> bool {
+        self.applying.load(Ordering::Acquire) > 0
     }
 
     /// Applies a peer's changes on the shards and the user registry, then
@@ -775,21 +823,36 @@ impl Node {
             }
             lock(&self.users).set_peers(peers);
         }
+        // In batches per shard: a sync of a million channels is a million
+        // changes, not a million commands.
+        const APPLY_BATCH: usize = 1024;
+        let mut batches: Vec<Vec<(NodeId, Delta)>> = vec![Vec::new(); self.shards.len()];
         for (peer, d) in fx.apply {
             if matches!(d, Delta::User { .. }) {
                 self.with_users(|u, sink| u.apply_remote(&peer, &d, sink));
             } else if let (Some(app), Some(ch)) = (self.apps.by_id(d.app()), d.channel()) {
-                let ch = ch.to_owned();
-                self.to_shard(app, &ch, Cmd::Apply(peer, d)).await;
+                let i = pushmesh_core::shard_of(app, ch, self.shards.len());
+                batches[i].push((peer, d));
+                if batches[i].len() >= APPLY_BATCH {
+                    let b = std::mem::take(&mut batches[i]);
+                    let _ = self.shards[i].send(Cmd::Apply(b)).await;
+                }
+            }
+        }
+        for (i, b) in batches.into_iter().enumerate() {
+            if !b.is_empty() {
+                let _ = self.shards[i].send(Cmd::Apply(b)).await;
             }
         }
         send_control(&self.links, fx.ack);
+        self.applying.fetch_sub(1, Ordering::AcqRel);
         self.links.release_barrier(Instant::now());
     }
 
     /// A link to `peer` (incarnation `epoch`) is up: this node's state and
     /// its cached events go to it.
     pub async fn peer_up(&self, peer: NodeId, epoch: u64) {
+        hook_relay::peer_up(&self.links, &peer, epoch);
         let fx = self.with_replicator(|r, fx| r.peer_up(peer.clone(), epoch, fx));
         self.effects(fx, true).await;
         for s in &self.shards {
@@ -802,10 +865,12 @@ impl Node {
         lock(&self.links.replicator).link_down(peer);
     }
 
-    /// The peer is gone (declared dead, left, or restarted): its state goes.
+    /// The peer is gone (declared dead, left, or restarted): its state
+    /// goes, and webhook events it owned and this node holds are released.
     pub async fn peer_gone(&self, peer: &NodeId) {
         let fx = self.with_replicator(|r, fx| r.peer_gone(peer, fx));
         self.effects(fx, true).await;
+        self.hooks_peer_gone(peer);
     }
 
     /// Peers as readiness sees them.
@@ -830,6 +895,16 @@ impl Node {
                 ref app,
                 ref channel,
                 ..
+            }
+            | PeerFrame::PresenceClaim {
+                ref app,
+                ref channel,
+                ..
+            }
+            | PeerFrame::PresenceGrant {
+                ref app,
+                ref channel,
+                ..
             } => {
                 if let Some(a) = self.apps.by_id(app) {
                     let ch = channel.clone();
@@ -840,6 +915,9 @@ impl Node {
                 if let Some(a) = self.apps.by_id(&app) {
                     self.with_users(|u, sink| u.terminate_local(a, &user, sink));
                 }
+            }
+            hook @ (PeerFrame::HookHold { .. } | PeerFrame::HookDone { .. }) => {
+                hook_relay::frame(&self.links, from, hook);
             }
             control => {
                 let fx = self.with_replicator(|r, fx| r.handle(from, control, fx));
@@ -854,5 +932,6 @@ impl Node {
         self.with_replicator(|r, fx| {
             r.check_peer_digest(peer, digest, fx);
         });
+        self.applying.fetch_sub(1, Ordering::AcqRel);
     }
 }

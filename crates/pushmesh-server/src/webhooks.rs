@@ -9,19 +9,55 @@
 //! events are dropped, counted and logged. A full queue drops its oldest
 //! event, counted. Because a URL's requests go one at a time, in queue order,
 //! events of a channel arrive in order even across retries.
+//!
+//! Each event carries its stable id (`"id"` in its JSON object). Once every
+//! target that wanted an event has delivered it (or given up on it), the
+//! id is confirmed to the node's webhook backup, which tells the peer
+//! holding a copy to forget it; events still queued when a shutdown's
+//! deadline passes are not confirmed, so that peer delivers them.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pushmesh_core::AppIdx;
+use pushmesh_core::ScheduledHook;
 use pushmesh_protocol::sign;
-use pushmesh_protocol::webhook::{self, WebhookEvent};
+use pushmesh_protocol::webhook::{self, IdentifiedEvent, WebhookEvent};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use tokio::sync::Notify;
 
 use crate::config::Config;
+use crate::node::Links;
+
+/// Events routed and not yet finished by every target, by id; where to confirm.
+#[derive(Default)]
+struct Confirm {
+    outstanding: Mutex<HashMap<String, usize>>,
+    links: OnceLock<Arc<Links>>,
+}
+
+impl Confirm {
+    /// One target finished these events (delivered, or gave up on them).
+    fn finished<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut done = Vec::new();
+        {
+            let mut o = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
+            for id in ids {
+                if let Some(n) = o.get_mut(id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        o.remove(id);
+                        done.push(id.to_owned());
+                    }
+                }
+            }
+        }
+        if let Some(links) = self.links.get() {
+            crate::node::hook_relay::delivered(links, &done);
+        }
+    }
+}
 
 /// Most events in one request.
 const MAX_EVENTS_PER_REQUEST: usize = 100;
@@ -43,6 +79,7 @@ pub struct WebhookStats {
 
 struct Queued {
     seq: u64,
+    id: String,
     event: WebhookEvent,
     at: Instant,
 }
@@ -75,7 +112,8 @@ impl Target {
         self.filter.as_ref().is_none_or(|f| f.contains(e.name()))
     }
 
-    fn enqueue(&self, event: WebhookEvent, stats: &WebhookStats) {
+    fn enqueue(&self, id: String, event: WebhookEvent, stats: &WebhookStats, confirm: &Confirm) {
+        let mut dropped = None;
         {
             let mut q = self.lock();
             if q.items.len() >= self.cap {
@@ -83,15 +121,20 @@ impl Target {
                     stats.dropped.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(url = %self.url, event = old.event.name(), channel = old.event.channel(),
                         "webhook queue full, dropped the oldest event");
+                    dropped = Some(old.id);
                 }
             }
             let seq = q.next_seq;
             q.next_seq += 1;
             q.items.push_back(Queued {
                 seq,
+                id,
                 event,
                 at: Instant::now(),
             });
+        }
+        if let Some(id) = dropped {
+            confirm.finished([id.as_str()]);
         }
         self.notify.notify_one();
     }
@@ -110,6 +153,7 @@ pub struct Webhooks {
     timeout: Duration,
     retry_for: Duration,
     backoff: Duration,
+    confirm: Arc<Confirm>,
 }
 
 impl Webhooks {
@@ -157,7 +201,13 @@ impl Webhooks {
             timeout: config.webhook_timeout,
             retry_for: config.webhook_retry_for,
             backoff: config.webhook_backoff,
+            confirm: Arc::default(),
         }
+    }
+
+    /// Where deliveries are confirmed (the node's webhook backup); set once.
+    pub fn confirm_to(&self, links: Arc<Links>) {
+        let _ = self.confirm.links.set(links);
     }
 
     /// Starts one sender task per target.
@@ -173,6 +223,7 @@ impl Webhooks {
                     timeout: self.timeout,
                     retry_for: self.retry_for,
                     backoff: self.backoff,
+                    confirm: self.confirm.clone(),
                 };
                 tokio::spawn(sender.run())
             })
@@ -180,14 +231,31 @@ impl Webhooks {
     }
 
     /// Queues events for every target of their app that wants them.
-    pub fn route(&self, events: Vec<(AppIdx, WebhookEvent)>) {
-        for (app, event) in events {
-            let Some(targets) = self.targets.get(app.0 as usize) else {
+    pub fn route(&self, events: Vec<ScheduledHook>) {
+        let mut unwanted = Vec::new();
+        for ScheduledHook { id, app, event } in events {
+            let targets: Vec<&Arc<Target>> = self
+                .targets
+                .get(app.0 as usize)
+                .map(|t| t.iter().filter(|t| t.wants(&event)).collect())
+                .unwrap_or_default();
+            if targets.is_empty() {
+                unwanted.push(id);
                 continue;
-            };
-            for t in targets.iter().filter(|t| t.wants(&event)) {
-                t.enqueue(event.clone(), &self.stats);
             }
+            *self
+                .confirm
+                .outstanding
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(id.clone())
+                .or_default() += targets.len();
+            for t in targets {
+                t.enqueue(id.clone(), event.clone(), &self.stats, &self.confirm);
+            }
+        }
+        if let Some(links) = self.confirm.links.get() {
+            crate::node::hook_relay::delivered(links, &unwanted);
         }
     }
 
@@ -215,6 +283,7 @@ struct Sender {
     timeout: Duration,
     retry_for: Duration,
     backoff: Duration,
+    confirm: Arc<Confirm>,
 }
 
 fn now_ms() -> u64 {
@@ -238,19 +307,28 @@ impl Sender {
                 let items: Vec<&Queued> = q.items.iter().take(MAX_EVENTS_PER_REQUEST).collect();
                 let Some(last) = items.last() else { continue };
                 (
-                    items.iter().map(|i| i.event.clone()).collect::<Vec<_>>(),
+                    items
+                        .iter()
+                        .map(|i| IdentifiedEvent {
+                            event: i.event.clone(),
+                            id: i.id.clone(),
+                        })
+                        .collect::<Vec<_>>(),
                     last.seq,
                     items[0].at,
                 )
             };
             let delivered = self.deliver(&events, oldest).await;
             let mut q = self.target.lock();
-            let mut n = 0u64;
+            let mut finished = Vec::new();
             while q.items.front().is_some_and(|i| i.seq <= last_seq) {
-                q.items.pop_front();
-                n += 1;
+                if let Some(i) = q.items.pop_front() {
+                    finished.push(i.id);
+                }
             }
             drop(q);
+            let n = finished.len() as u64;
+            self.confirm.finished(finished.iter().map(String::as_str));
             if delivered {
                 self.stats.sent.fetch_add(n, Ordering::Relaxed);
             } else {
@@ -262,7 +340,7 @@ impl Sender {
     }
 
     /// Sends one request until acknowledged or out of time.
-    async fn deliver(&self, events: &[WebhookEvent], oldest: Instant) -> bool {
+    async fn deliver(&self, events: &[IdentifiedEvent], oldest: Instant) -> bool {
         let body = webhook::body(now_ms(), events);
         let signature = sign::sign(&self.target.secret, &String::from_utf8_lossy(&body));
         let mut delay = self.backoff;

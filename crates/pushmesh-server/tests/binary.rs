@@ -220,3 +220,132 @@ fn the_development_app_is_announced_only_by_default() {
     assert!(out.contains("Development app"), "{out}");
     assert!(out.contains("secret: 'app-secret'"), "{out}");
 }
+
+impl Node {
+    /// Waits (bounded) for the process to exit by itself; its status and output.
+    fn exited(mut self) -> (std::process::ExitStatus, String) {
+        let (tx, rx) = mpsc::channel();
+        let mut child = self.child;
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        let status = rx
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("pushmesh did not exit by itself"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let out = self
+            .output
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        (status, out)
+    }
+
+    fn output(&self) -> String {
+        self.output
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Waits (bounded) until `cond` holds on `node`'s output or HTTP answers.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn cluster_args(node_id: &str, gossip: &str, seed: Option<&str>) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--log",
+        "info",
+        "--node-id",
+        node_id,
+        "--gossip-listen",
+        gossip,
+        "--cluster-listen",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push(format!("127.0.0.1:{}", free_udp_port()));
+    if let Some(s) = seed {
+        a.push("--seed".into());
+        a.push(s.into());
+    }
+    a
+}
+
+#[test]
+fn a_second_node_with_a_node_id_in_use_refuses_to_start_and_the_first_shows_it() {
+    let secret = [("PUSHMESH_CLUSTER_SECRET", "identity test cluster secret")];
+    let a_gossip = format!("127.0.0.1:{}", free_udp_port());
+    let args = cluster_args("twin", &a_gossip, None);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = start(&args, &secret);
+    let b_gossip = format!("127.0.0.1:{}", free_udp_port());
+    let args = cluster_args("twin", &b_gossip, Some(&a_gossip));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let b = start(&args, &secret);
+    let (status, b_out) = b.exited();
+    assert_eq!(status.code(), Some(1), "{b_out}");
+    assert!(
+        b_out.contains(&format!(
+            "node_id \"twin\" is already in use by a live node at {a_gossip}"
+        )),
+        "{b_out}"
+    );
+    // The running node logged it at error and lists it on /cluster (for as
+    // long as the refused node's gossip state looks live).
+    eventually("the running node to log the conflict", || {
+        a.output().contains("ERROR") && a.output().contains("is already in use by a live node")
+    });
+    let out = a.output();
+    assert!(out.contains(&b_gossip), "{out}");
+    let a_out = a.stop();
+    assert!(!a_out.contains("refusing to start"), "{a_out}");
+}
+
+#[test]
+fn gossip_with_a_wrong_cluster_secret_is_logged_with_the_sender() {
+    let a_gossip = format!("127.0.0.1:{}", free_udp_port());
+    let args = cluster_args("right", &a_gossip, None);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = start(
+        &args,
+        &[("PUSHMESH_CLUSTER_SECRET", "the right cluster secret")],
+    );
+    let b_gossip = format!("127.0.0.1:{}", free_udp_port());
+    let args = cluster_args("wrong", &b_gossip, Some(&a_gossip));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let b = start(
+        &args,
+        &[("PUSHMESH_CLUSTER_SECRET", "a wrong cluster secret!")],
+    );
+    let warning =
+        format!("gossip datagram from {b_gossip} failed authentication: wrong cluster secret");
+    eventually("a warning about the wrong secret", || {
+        a.output().contains(&warning)
+    });
+    // Gossip goes every 500 ms: over 3 s, still one line (≤ 1 per sender per 10 s).
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = b.stop();
+    let out = a.stop();
+    assert_eq!(out.matches(&warning).count(), 1, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains(&warning))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("WARN"), "{line}");
+}

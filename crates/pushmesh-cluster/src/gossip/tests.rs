@@ -172,3 +172,79 @@ async fn two_sealed_nodes_gossip_without_any_other_socket() {
     let _ = a.shutdown().await;
     let _ = b.shutdown().await;
 }
+
+/// A `MakeWriter` that keeps what is logged.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn gossip_with_a_wrong_secret_is_logged_once_per_sender_and_counted() {
+    let logs = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    // Current-thread runtime: the socket is polled on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let stats = Arc::new(GossipStats::default());
+    let transport = SealedTransport::new(gossip_key(SECRET), stats.clone());
+    let mut socket = transport
+        .open(LOOPBACK.parse().unwrap_or_else(|e| panic!("{e}")))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let to = socket.local_addr().unwrap_or_else(|e| panic!("{e:#}"));
+    let mut wrong = Sealer::new(&gossip_key("a wrong secret"), 1);
+    let senders = [
+        tokio::net::UdpSocket::bind(LOOPBACK).await,
+        tokio::net::UdpSocket::bind(LOOPBACK).await,
+    ]
+    .map(|s| s.unwrap_or_else(|e| panic!("{e}")));
+    for (i, s) in senders.iter().enumerate() {
+        for _ in 0..(5 * (i + 1)) {
+            let d = wrong
+                .seal(now_ms(), b"not for you")
+                .unwrap_or_else(|e| panic!("{e}"));
+            s.send_to(&d, to).await.unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    // recv() drops every one of them and keeps waiting (bounded: 10 s).
+    for _ in 0..100 {
+        let _ = tokio::time::timeout(Duration::from_millis(100), socket.recv()).await;
+        if stats.auth_failed.load(Ordering::Relaxed) >= 15 {
+            break;
+        }
+    }
+    assert_eq!(stats.auth_failed.load(Ordering::Relaxed), 15);
+    assert_eq!(stats.rejected.load(Ordering::Relaxed), 15);
+    let text = String::from_utf8(logs.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "one line per sender: {text}");
+    for (line, s) in lines.iter().zip(&senders) {
+        let from = s.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        assert!(line.contains("WARN"), "{line}");
+        assert!(line.contains("wrong cluster secret"), "{line}");
+        assert!(line.contains(&from.to_string()), "{line}");
+    }
+}

@@ -8,6 +8,7 @@
 //! Every method takes `now` and a [`Sink`] that receives the effects in order.
 
 mod presence;
+mod presence_limit;
 mod query;
 mod remote;
 
@@ -23,6 +24,7 @@ use pushmesh_protocol::wsify;
 use pushmesh_protocol::{ChannelKind, ChannelName};
 use serde_json::value::RawValue;
 
+pub use presence_limit::PresenceLimitStats;
 pub use query::{
     check_channel_query, check_channels_query, check_users_query, ChannelInfo, KindStats,
     QueryError, KINDS,
@@ -55,6 +57,8 @@ pub struct Shard<H> {
     peers: BTreeSet<NodeId>,
     /// Occupied channels and subscriptions per kind, kept as they change.
     kinds: [KindStats; 5],
+    /// Presence joins waiting for the owner; reservations (`presence_limit.rs`).
+    limit: presence_limit::PresenceLimit<H>,
 }
 
 struct Table<H> {
@@ -220,6 +224,7 @@ impl<H: Handle> Shard<H> {
             tables,
             peers: BTreeSet::new(),
             kinds: [KindStats::default(); 5],
+            limit: presence_limit::PresenceLimit::default(),
         }
     }
 
@@ -294,7 +299,8 @@ impl<H: Handle> Shard<H> {
         sink: &mut impl Sink<H>,
     ) {
         if let Some(p) = presence {
-            if !self.subscribe_presence(h.clone(), app, name, p, sink) {
+            let ask = presence_limit::Admission::Ask;
+            if !self.subscribe_presence(now, h.clone(), app, name, p, ask, sink) {
                 return;
             }
         } else {
@@ -359,6 +365,7 @@ impl<H: Handle> Shard<H> {
         name: &ChannelName,
         sink: &mut impl Sink<H>,
     ) {
+        self.unpark(conn, app, name);
         let t = self.table(app);
         let Some(ch) = t.channels.get_mut(name) else {
             return;
@@ -641,5 +648,6 @@ impl<H: Handle> Shard<H> {
                 }
             }
         }
+        self.presence_limit_tick(now, sink);
     }
 }

@@ -1,11 +1,14 @@
 //! Presence channels in a shard: members (local and on peers), member
 //! limits, `member_added` / `member_removed`.
 
+use std::time::Instant;
+
 use pushmesh_protocol::server::{self, MemberRef};
 use pushmesh_protocol::webhook::WebhookEvent;
 use pushmesh_protocol::ChannelName;
 use serde_json::value::RawValue;
 
+use super::presence_limit::{full, Admission};
 use super::{Channel, Member, Shard};
 use crate::app::AppIdx;
 use crate::peer_frame::Delta;
@@ -13,13 +16,17 @@ use crate::session::{PresenceJoin, Proto};
 use crate::sink::{Handle, Sink};
 
 impl<H: Handle> Shard<H> {
-    /// Adds a presence subscriber; false if refused (channel full).
+    /// Adds a presence subscriber; false if refused (channel full) or
+    /// parked until the channel's owner admits it (see `presence_limit.rs`).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn subscribe_presence(
         &mut self,
+        now: Instant,
         h: H,
         app: AppIdx,
         name: &ChannelName,
         join: PresenceJoin,
+        admission: Admission,
         sink: &mut impl Sink<H>,
     ) -> bool {
         let conn = h.conn();
@@ -35,16 +42,26 @@ impl<H: Handle> Shard<H> {
             sink.send(&h, &self.presence_frame(app, name));
             return true;
         }
+        if self.is_parked(conn, app, name) {
+            // Subscribed again while the owner decides: one answer is coming.
+            return false;
+        }
         let is_new_local = !t.channels.get(name).is_some_and(|c| c.has_member(&user_id));
         let is_new_member = is_new_local && !remote_has;
-        if is_new_member && self.member_count(app, name.as_str()) >= max_members {
-            let f = server::subscription_error(
-                name.as_str(),
-                "LimitReached",
-                "presence channel is full",
-                403,
-            );
-            sink.send(&h, &f);
+        if is_new_member && admission == Admission::Ask && self.must_ask(app, name) {
+            let join = PresenceJoin {
+                user_id,
+                info: join.info,
+            };
+            self.ask_owner(now, h, app, name, join, sink);
+            return false;
+        }
+        if is_new_member
+            && admission != Admission::Granted
+            && self.member_count(app, name.as_str()) + self.reservations(now, app, name)
+                >= max_members
+        {
+            sink.send(&h, &full(name));
             return false;
         }
         let info_json = join.info.as_ref().map(|i| i.get().to_owned());

@@ -218,7 +218,7 @@ impl Net {
                         }
                     }
                 }
-                Output::Close { .. } | Output::Hook { .. } => {}
+                Output::Close { .. } | Output::Hook { .. } | Output::HookReleased { .. } => {}
             }
         }
         for j in data_to {
@@ -581,8 +581,9 @@ proptest! {
                 }
                 Op::Publish(from, ch) => {
                     net.settle();
-                    // Held subscriptions (barrier) go, acked or timed out.
-                    for _ in 0..5 {
+                    // Parked presence joins (owner claims, at most 1 s) and
+                    // held subscriptions (barrier, at most 1 s) are decided.
+                    for _ in 0..10 {
                         net.tick();
                         net.settle();
                     }
@@ -670,36 +671,6 @@ fn uninterested_node_gets_no_data_frames_and_presence_spans_nodes() {
     net.settle();
     assert_eq!(net.data_frames - before, 1);
     assert_eq!(net.received(0, a, "e"), 1);
-    // Node 1 is cut off: while only its links are down, bob stays (node 1
-    // may come back; messages for it are held).
-    net.cut(1, 0);
-    net.cut(1, 2);
-    net.settle();
-    assert_eq!(net.received(0, ua, "pusher_internal:member_removed"), 0);
-    // Declared dead: bob is removed on node 0, once.
-    net.declare_dead(0, 1);
-    net.declare_dead(2, 1);
-    net.settle();
-    assert_eq!(net.received(0, ua, "pusher_internal:member_removed"), 1);
-    let users = net.nodes[0]
-        .core
-        .channel_users(AppIdx(0), "presence-a")
-        .unwrap_or_default();
-    assert_eq!(users, vec!["alice".to_string()]);
-    // It was alive all along: when its links heal it learns it was
-    // forgotten and closes its clients (they reconnect) rather than let
-    // them miss messages silently. Bob does not come back by himself.
-    net.connect(1, 0);
-    net.connect(1, 2);
-    net.settle();
-    assert!(net.broken.contains(&1));
-    assert_eq!(net.received(0, ua, "pusher_internal:member_added"), 1);
-    assert!(net.nodes[0]
-        .core
-        .channel_users(AppIdx(0), "presence-a")
-        .unwrap_or_default()
-        .iter()
-        .all(|u| u != "bob"));
     // socket_id exclusion across nodes: a publish on node 2 excluding node 0's socket.
     let socket = Net::socket(0, a);
     let now = net.now;
@@ -725,6 +696,37 @@ fn uninterested_node_gets_no_data_frames_and_presence_spans_nodes() {
         .channel(now, AppIdx(0), "news", false)
         .unwrap_or_default();
     assert!(info.occupied);
+    // Node 1 is cut off: while only its links are down, bob stays (node 1
+    // may come back; messages for it are held).
+    net.cut(1, 0);
+    net.cut(1, 2);
+    net.settle();
+    assert_eq!(net.received(0, ua, "pusher_internal:member_removed"), 0);
+    // Declared dead: bob is removed on node 0, once.
+    net.declare_dead(0, 1);
+    net.declare_dead(2, 1);
+    net.settle();
+    assert_eq!(net.received(0, ua, "pusher_internal:member_removed"), 1);
+    let users = net.nodes[0]
+        .core
+        .channel_users(AppIdx(0), "presence-a")
+        .unwrap_or_default();
+    assert_eq!(users, vec!["alice".to_string()]);
+    // It was alive all along: when the links heal, node 1 learns it was
+    // forgotten, and nodes 0 and 2 that they forgot a live node: all close
+    // their clients (they reconnect) rather than let them miss messages
+    // silently. Bob does not come back by himself.
+    net.connect(1, 0);
+    net.connect(1, 2);
+    net.settle();
+    assert_eq!(net.broken, [0, 1, 2].into_iter().collect());
+    assert_eq!(net.received(0, ua, "pusher_internal:member_added"), 1);
+    assert!(net.nodes[0]
+        .core
+        .channel_users(AppIdx(0), "presence-a")
+        .unwrap_or_default()
+        .iter()
+        .all(|u| u != "bob"));
 }
 
 #[test]

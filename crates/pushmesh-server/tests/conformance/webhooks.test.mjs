@@ -75,6 +75,10 @@ event_types = ["member_added"]
   assert.deepEqual(JSON.parse(ce.data), { hi: 1 }); assert.equal(ce.user_id, 'ann');
   assert.equal(ce.socket_id, a.connection.socket_id);
   assert.ok(rx.requests.every((r) => r.valid), 'every request passes isValid()');
+  // Every event carries a stable id, unique per event (duplicates sent by a
+  // backup node after an owner's crash repeat it).
+  assert.ok(rx.got.every((e) => typeof e.id === 'string' && e.id.length > 0), 'every event has an id');
+  assert.equal(new Set(rx.got.map((e) => e.id)).size, rx.got.length, 'ids are unique');
   assert.ok(rx.requests.every((r) => r.headers['x-extra'] === 'yes' && r.headers['x-pusher-key'] === APP.key));
   // A forged body would not be valid: isValid() really checks.
   assert.equal(sdk.webhook({ headers: rx.requests[0].headers, rawBody: '{"time_ms":1,"events":[]}' }).isValid(), false);
