@@ -564,8 +564,10 @@ test('6a duplicate node_id: the newcomer exits 1 with "node_id ... is already in
     const c = await getJson(2, '/cluster');
     if (Array.isArray(c.identity_conflicts) && c.identity_conflicts.length) conflicts.push(...c.identity_conflicts);
   }, 100);
+  const tSpawn = now();
   const imp = spawnNode(4, { nodeId: 'n2', seeds: [1, 2] });
   const exit = await withTimeout(imp.exited, 30000, 'the node with a duplicate node_id to exit').catch((e) => ({ timeout: e.message }));
+  exit.after_ms = Math.round(now() - tSpawn);
   // Load on after the newcomer is gone, then stop.
   const at = pub.log.length;
   await until(() => pub.log.length > at + 25, 'publishes after the newcomer is gone', 20000);
@@ -577,6 +579,7 @@ test('6a duplicate node_id: the newcomer exits 1 with "node_id ... is already in
   console.log('duplicate node_id:', JSON.stringify({
     exit, stderr: imp.stderr().split('\n').filter((l) => /in use|error/i.test(l)).slice(0, 3),
     publishes: tally(pub.log.map((e) => e.status)), lost_200: { 2: missing[2].length, 3: missing[3].length },
+    lost_at_ms_after_spawn: missing[2].map((k) => Math.round(pub.log[k].start - tSpawn)),
     identity_conflicts: conflicts.slice(0, 2), n2_error_line: errLine,
   }));
   assert.equal(exit.code, 1, `the newcomer exits with status 1 (got ${JSON.stringify(exit)})`);
