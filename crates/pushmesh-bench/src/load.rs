@@ -548,23 +548,6 @@ pub fn table(r: &Report) -> String {
     s
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_double_encoded_and_plain() {
-        assert_eq!(
-            parse_event(
-                r#"{"event":"bench","channel":"c","data":"{\"seq\":42,\"ts\":1700,\"pad\":\"\"}"}"#
-            ),
-            Some((42, 1700))
-        );
-        assert_eq!(parse_event(r#"{"seq":7,"ts":-5}"#), Some((7, -5)));
-        assert_eq!(parse_event("nothing"), None);
-    }
-}
-
 /// Subscribes `channels` channels (`hold-<n>`) spread over `conns`
 /// connections, frames pipelined, and waits for every confirmation.
 /// Returns the connections (hold them to keep the interest).
@@ -600,4 +583,21 @@ pub async fn hold_channels(t: &Target, channels: usize, conns: usize) -> anyhow:
         out.push(ws);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_double_encoded_and_plain() {
+        assert_eq!(
+            parse_event(
+                r#"{"event":"bench","channel":"c","data":"{\"seq\":42,\"ts\":1700,\"pad\":\"\"}"}"#
+            ),
+            Some((42, 1700))
+        );
+        assert_eq!(parse_event(r#"{"seq":7,"ts":-5}"#), Some((7, -5)));
+        assert_eq!(parse_event("nothing"), None);
+    }
 }

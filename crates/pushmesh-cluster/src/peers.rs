@@ -7,17 +7,18 @@
 //! changes only when a peer is first linked or forgotten. Each peer's
 //! buffer has its own small lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use pushmesh_core::peer_buffer::{stream_id, Inbound, Outbound};
-use pushmesh_core::NodeId;
+use pushmesh_core::{FrameKind, NodeId};
 use tokio::sync::{mpsc, Notify};
 
-use crate::lock;
+use crate::{link, lock, Cluster};
 
 /// Bytes held per peer at most (beside the frame bound, `peer_queue`).
 pub const PEER_BUFFER_BYTES: usize = 256 * 1024 * 1024;
@@ -122,5 +123,92 @@ impl Peers {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+}
+
+impl Cluster {
+    /// Sends a frame to a peer; never waits. Data frames are held until the
+    /// peer acknowledges them (replayed over the next link to the same
+    /// incarnation); control frames go on the current link only. Returns
+    /// false (and counts it) when the frame could not be taken: no link
+    /// for control, a full buffer (or a peer never linked) for data.
+    pub fn send(&self, to: &NodeId, kind: FrameKind, frame: Bytes) -> bool {
+        let slot = self.inner.peers.get(to);
+        let ok = match (kind, slot) {
+            (FrameKind::Data, Some(slot)) => {
+                let pushed = lock(&slot.out).push(frame).is_ok();
+                if pushed {
+                    slot.data_ready.notify_one();
+                }
+                pushed
+            }
+            (FrameKind::Control, Some(slot)) => lock(&slot.control)
+                .as_ref()
+                .is_some_and(|tx| tx.try_send(link::control_frame(&frame)).is_ok()),
+            (_, None) => false,
+        };
+        if !ok {
+            let c = self.counters(to);
+            let n = c.dropped.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() {
+                tracing::warn!(peer = %to, dropped = n + 1, kind = kind.as_str(), "peer buffer full or link down, frames dropped");
+            }
+        }
+        ok
+    }
+
+    /// Whether a data frame for `to` can be held now (asked before a
+    /// publish is delivered anywhere).
+    pub fn has_room(&self, to: &NodeId) -> bool {
+        self.inner
+            .peers
+            .get(to)
+            .is_some_and(|s| lock(&s.out).has_room())
+    }
+
+    /// Forgets a peer that is gone: its held frames are dropped (its
+    /// connections are gone too) and the link, if any, is closed.
+    pub fn forget(&self, node: &NodeId) {
+        if let Some(slot) = self.inner.peers.forget(node) {
+            let n = lock(&slot.out).len();
+            if n > 0 {
+                tracing::info!(peer = %node, frames = n, "peer gone, its held frames dropped");
+            }
+        }
+        let conn = lock(&self.inner.links).get(node).map(|l| l.conn.clone());
+        if let Some(c) = conn {
+            c.close(4u32.into(), b"declared dead");
+        }
+    }
+
+    /// Per peer: frames held, frames replayed so far.
+    pub fn buffers(&self) -> Vec<(NodeId, usize, u64)> {
+        self.inner
+            .peers
+            .all()
+            .into_iter()
+            .map(|(n, s)| {
+                let o = lock(&s.out);
+                (n, o.len(), o.stats().replayed)
+            })
+            .collect()
+    }
+
+    /// Waits (up to `deadline`) until every peer with a link up has
+    /// acknowledged every data frame held for it.
+    pub async fn flush(&self, deadline: tokio::time::Instant) {
+        loop {
+            let linked: HashSet<NodeId> = lock(&self.inner.links).keys().cloned().collect();
+            let pending = self
+                .inner
+                .peers
+                .all()
+                .into_iter()
+                .any(|(n, s)| linked.contains(&n) && !lock(&s.out).is_empty());
+            if !pending || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

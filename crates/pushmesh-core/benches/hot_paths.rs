@@ -105,14 +105,17 @@ fn interest_lookup(c: &mut Criterion) {
         core.peer_up(now, NodeId::new(&format!("peer-{p}")), 1);
     }
     drain(&mut core);
-    // Feed interest the way peers do: one Sync per peer with 100k channels.
+    // Feed interest the way peers do: one sync per peer with 100k channels
+    // (one part here; the chunk bound is the sender's choice).
     for p in 0..3 {
         let interest: Vec<(String, String)> = (0..100_000)
             .map(|k| ("1".to_string(), format!("ch-{p}-{k}")))
             .collect();
-        let frame = pushmesh_core::PeerFrame::Sync {
+        let frame = pushmesh_core::PeerFrame::SyncChunk {
             epoch: 1,
             seq: 1,
+            index: 0,
+            last: true,
             state: pushmesh_core::cluster::Snapshot {
                 interest,
                 ..Default::default()

@@ -276,11 +276,20 @@ async fn unready(st: &Shared) -> Option<serde_json::Value> {
 
 /// `GET /readyz`: 200 when this node should get traffic; 503 while it
 /// drains, joins, or reaches only a minority of its live peers.
+/// A node id conflict (another live process with this node's id) is shown
+/// beside the answer, whatever it is: the operator must see it.
 pub async fn readyz(State(st): State<Arc<Shared>>) -> Response {
-    match unready(&st).await {
-        Some(body) => (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response(),
-        None => (StatusCode::OK, Json(json!({ "ready": true }))).into_response(),
+    let (status, mut body) = match unready(&st).await {
+        Some(body) => (StatusCode::SERVICE_UNAVAILABLE, body),
+        None => (StatusCode::OK, json!({ "ready": true })),
+    };
+    if let Some(c) = &st.cluster {
+        let conflicts = c.identity_conflicts();
+        if !conflicts.is_empty() {
+            body["identity_conflicts"] = json!(conflicts);
+        }
     }
+    (status, Json(body)).into_response()
 }
 
 /// The cluster section of `/metrics`.

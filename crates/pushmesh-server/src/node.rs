@@ -16,23 +16,28 @@ use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use pushmesh_core::{
-    AppIdx, Apps, ChannelInfo, ConnId, Delta, Effects, Event, FrameKind, NodeId, PeerFrame,
-    PeerLink, PublishError, PublishRefused, PublishRequest, PublishedChannel, QueryError,
-    Replicator, Request, Shard, Sink, Users, WebhookScheduler,
+    AppIdx, Apps, ChannelInfo, ConnId, Delta, Event, NodeId, PeerFrame, PublishError,
+    PublishRefused, PublishRequest, PublishedChannel, QueryError, Replicator, Request, Shard, Sink,
+    Users, WebhookScheduler,
 };
-use pushmesh_protocol::webhook::WebhookEvent;
-use pushmesh_protocol::{ChannelName, CloseCode};
+use pushmesh_protocol::ChannelName;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::conn::{ConnRef, Registry};
 
+mod gate;
 pub(crate) mod hook_relay;
+mod peers;
 pub(crate) mod presence_limit;
+mod sink;
+
+pub use gate::{PublishGate, Refusal};
 pub use hook_relay::HookRelay;
+use sink::send_control;
+pub use sink::DriverSink;
 
 /// How often each shard's periodic work runs (subscription counts, cache expiry).
 const TICK: Duration = Duration::from_millis(250);
@@ -50,68 +55,6 @@ pub struct HubStats {
     pub barrier_timeouts: AtomicU64,
     /// Publishes answered 503, by reason (see [`Refusal`]).
     pub refused: [AtomicU64; 3],
-}
-
-/// Why a publish is answered 503.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The node has not joined its cluster yet.
-    Joining = 0,
-    /// The node is draining, past its wait.
-    Draining = 1,
-    /// An interested peer's buffer is full.
-    PeerBufferFull = 2,
-}
-
-impl Refusal {
-    /// Every reason, in counter order.
-    pub const ALL: [Refusal; 3] = [Self::Joining, Self::Draining, Self::PeerBufferFull];
-
-    /// The `reason` of the JSON error and the metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Joining => "joining",
-            Self::Draining => "draining",
-            Self::PeerBufferFull => "peer_buffer_full",
-        }
-    }
-}
-
-/// Whether the node takes publishes: joining → open → closed (drain).
-pub struct PublishGate(AtomicU8);
-
-impl PublishGate {
-    const JOINING: u8 = 0;
-    const OPEN: u8 = 1;
-    const CLOSED: u8 = 2;
-
-    /// Publishes are taken (the node joined, or has no cluster).
-    pub fn open(&self) {
-        let _ = self.0.compare_exchange(
-            Self::JOINING,
-            Self::OPEN,
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        );
-    }
-
-    /// Publishes are refused from now on (drain, past the wait).
-    pub fn close(&self) {
-        self.0.store(Self::CLOSED, Ordering::Release);
-    }
-
-    /// Whether the node has joined (opened at least once).
-    pub fn joined(&self) -> bool {
-        self.0.load(Ordering::Acquire) != Self::JOINING
-    }
-
-    fn check(&self) -> Result<(), Refusal> {
-        match self.0.load(Ordering::Acquire) {
-            Self::OPEN => Ok(()),
-            Self::JOINING => Err(Refusal::Joining),
-            _ => Err(Refusal::Draining),
-        }
-    }
 }
 
 /// Connections held by the subscription barrier: (change number they wait
@@ -169,144 +112,6 @@ impl Links {
         for h in released {
             h.release();
         }
-    }
-}
-
-/// The effects of one batch of work, done as they come.
-pub struct DriverSink<'a> {
-    links: &'a Links,
-    last: Option<(Bytes, Utf8Bytes)>,
-    queued: u64,
-    hooks: Vec<(AppIdx, WebhookEvent)>,
-    deltas: Vec<Delta>,
-    held: Vec<ConnRef>,
-}
-
-impl<'a> DriverSink<'a> {
-    fn new(links: &'a Links) -> Self {
-        Self {
-            links,
-            last: None,
-            queued: 0,
-            hooks: Vec::new(),
-            deltas: Vec::new(),
-            held: Vec::new(),
-        }
-    }
-
-    /// The shared text frame for `frame`: consecutive sends of one publish
-    /// carry the same bytes, so UTF-8 is checked once per publish.
-    fn text(&mut self, frame: &Bytes) -> Option<Utf8Bytes> {
-        if let Some((b, t)) = &self.last {
-            if b.as_ptr() == frame.as_ptr() && b.len() == frame.len() {
-                return Some(t.clone());
-            }
-        }
-        let t = Utf8Bytes::try_from(frame.clone()).ok()?;
-        self.last = Some((frame.clone(), t.clone()));
-        Some(t)
-    }
-
-    /// Hands on what was collected: state changes to the replicator (and
-    /// from it to the peers), webhook events to the scheduler.
-    fn finish(self) {
-        let links = self.links;
-        links
-            .stats
-            .frames_queued
-            .fetch_add(self.queued, Ordering::Relaxed);
-        // A node without a cluster has nobody to replicate to.
-        if (!self.deltas.is_empty() || !self.held.is_empty()) && links.cluster.is_some() {
-            let mut fx = Effects::default();
-            let mut r = lock(&links.replicator);
-            for d in self.deltas {
-                r.local(d, &mut fx);
-            }
-            // Sent under the lock: the order of numbered changes on every
-            // link is their numbering order.
-            send_control(links, fx.send);
-            let seq = r.seq();
-            drop(r);
-            if !self.held.is_empty() {
-                let deadline = Instant::now() + links.barrier_wait;
-                lock(&links.waiters).extend(self.held.into_iter().map(|h| (seq, deadline, h)));
-                links.release_barrier(Instant::now());
-            }
-        } else {
-            for h in self.held {
-                h.release();
-            }
-        }
-        if !self.hooks.is_empty() {
-            let now = Instant::now();
-            let mut h = lock(&links.hooks);
-            let mut scheduled = Vec::with_capacity(self.hooks.len());
-            for (app, event) in self.hooks {
-                if let Some(id) = h.push(now, app, event.clone()) {
-                    scheduled.push((id, app, event));
-                }
-            }
-            let cancelled = h.take_cancelled();
-            // Handed before the pump can deliver (and confirm) them.
-            hook_relay::scheduled(links, scheduled, cancelled);
-            drop(h);
-            links.hook_ready.notify_one();
-        }
-    }
-}
-
-fn send_control(links: &Links, frames: Vec<(NodeId, Bytes)>) {
-    if let Some(c) = &links.cluster {
-        for (to, frame) in frames {
-            c.send(&to, FrameKind::Control, frame);
-        }
-    }
-}
-
-impl Sink<ConnRef> for DriverSink<'_> {
-    fn send(&mut self, to: &ConnRef, frame: &Bytes) {
-        let Some(text) = self.text(frame) else {
-            return;
-        };
-        if to.try_send(text) {
-            self.queued += 1;
-        } else if to.request_close(
-            CloseCode::OverCapacity,
-            "client too slow: outbound queue full",
-        ) {
-            self.links
-                .stats
-                .slow_consumers
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(conn = to.0.id().0, "slow consumer, closing with 4100");
-        }
-    }
-
-    fn close(&mut self, to: &ConnRef, code: CloseCode, reason: &str) {
-        to.request_close(code, reason);
-    }
-
-    fn peer(&mut self, to: &NodeId, kind: FrameKind, frame: &Bytes) {
-        if let Some(c) = &self.links.cluster {
-            c.send(to, kind, frame.clone());
-        }
-    }
-
-    fn peer_has_room(&mut self, to: &NodeId) -> bool {
-        self.links.cluster.as_ref().is_none_or(|c| c.has_room(to))
-    }
-
-    fn hold(&mut self, to: &ConnRef) {
-        to.hold();
-        self.held.push(to.clone());
-    }
-
-    fn hook(&mut self, app: AppIdx, event: WebhookEvent) {
-        self.hooks.push((app, event));
-    }
-
-    fn replicate(&mut self, delta: Delta) {
-        self.deltas.push(delta);
     }
 }
 
@@ -782,156 +587,5 @@ impl Node {
             }
         }
         out
-    }
-
-    /// Peers with a link up, as the replicator knows them.
-    pub fn peers(&self) -> Vec<NodeId> {
-        lock(&self.links.replicator).peers().into_iter().collect()
-    }
-
-    /// This node's interest digest for gossip.
-    pub fn digest(&self) -> String {
-        lock(&self.links.replicator).digest()
-    }
-
-    /// Runs `f` on the replicator and sends its frames under its lock, so
-    /// numbered changes and syncs reach every link in their order.
-    fn with_replicator(&self, f: impl FnOnce(&mut Replicator, &mut Effects)) -> Effects {
-        let mut fx = Effects::default();
-        let mut r = lock(&self.links.replicator);
-        f(&mut r, &mut fx);
-        send_control(&self.links, std::mem::take(&mut fx.send));
-        // Counted under the lock: whoever sees the new state in the
-        // replicator also sees that its changes are still being applied.
-        self.applying.fetch_add(1, Ordering::AcqRel);
-        fx
-    }
-
-    /// Whether peers' changes are being handed to the shards right now.
-    pub fn applying(&self) -> bool {
-        self.applying.load(Ordering::Acquire) > 0
-    }
-
-    /// Applies a peer's changes on the shards and the user registry, then
-    /// acknowledges them (the ack promises they are applied: a publish the
-    /// peer then routes here queues behind them on the same shard).
-    async fn effects(&self, fx: Effects, peers_changed: bool) {
-        if peers_changed {
-            let peers = lock(&self.links.replicator).peers();
-            for s in &self.shards {
-                let _ = s.send(Cmd::Peers(peers.clone())).await;
-            }
-            lock(&self.users).set_peers(peers);
-        }
-        // In batches per shard: a sync of a million channels is a million
-        // changes, not a million commands.
-        const APPLY_BATCH: usize = 1024;
-        let mut batches: Vec<Vec<(NodeId, Delta)>> = vec![Vec::new(); self.shards.len()];
-        for (peer, d) in fx.apply {
-            if matches!(d, Delta::User { .. }) {
-                self.with_users(|u, sink| u.apply_remote(&peer, &d, sink));
-            } else if let (Some(app), Some(ch)) = (self.apps.by_id(d.app()), d.channel()) {
-                let i = pushmesh_core::shard_of(app, ch, self.shards.len());
-                batches[i].push((peer, d));
-                if batches[i].len() >= APPLY_BATCH {
-                    let b = std::mem::take(&mut batches[i]);
-                    let _ = self.shards[i].send(Cmd::Apply(b)).await;
-                }
-            }
-        }
-        for (i, b) in batches.into_iter().enumerate() {
-            if !b.is_empty() {
-                let _ = self.shards[i].send(Cmd::Apply(b)).await;
-            }
-        }
-        send_control(&self.links, fx.ack);
-        self.applying.fetch_sub(1, Ordering::AcqRel);
-        self.links.release_barrier(Instant::now());
-    }
-
-    /// A link to `peer` (incarnation `epoch`) is up: this node's state and
-    /// its cached events go to it.
-    pub async fn peer_up(&self, peer: NodeId, epoch: u64) {
-        hook_relay::peer_up(&self.links, &peer, epoch);
-        let fx = self.with_replicator(|r, fx| r.peer_up(peer.clone(), epoch, fx));
-        self.effects(fx, true).await;
-        for s in &self.shards {
-            let _ = s.send(Cmd::SendCache(peer.clone())).await;
-        }
-    }
-
-    /// The link to `peer` is down; its state stays, frames for it are held.
-    pub fn link_down(&self, peer: &NodeId) {
-        lock(&self.links.replicator).link_down(peer);
-    }
-
-    /// The peer is gone (declared dead, left, or restarted): its state
-    /// goes, and webhook events it owned and this node holds are released.
-    pub async fn peer_gone(&self, peer: &NodeId) {
-        let fx = self.with_replicator(|r, fx| r.peer_gone(peer, fx));
-        self.effects(fx, true).await;
-        self.hooks_peer_gone(peer);
-    }
-
-    /// Peers as readiness sees them.
-    pub fn peer_links(&self) -> Vec<PeerLink> {
-        lock(&self.links.replicator).links()
-    }
-
-    /// A frame from a peer. Undecodable frames are refused, never fatal.
-    pub async fn peer_frame(
-        &self,
-        from: &NodeId,
-        bytes: &[u8],
-    ) -> Result<(), pushmesh_core::PeerFrameError> {
-        let frame = PeerFrame::decode(bytes)?;
-        match frame {
-            PeerFrame::Publish {
-                ref app,
-                ref channel,
-                ..
-            }
-            | PeerFrame::CacheSet {
-                ref app,
-                ref channel,
-                ..
-            }
-            | PeerFrame::PresenceClaim {
-                ref app,
-                ref channel,
-                ..
-            }
-            | PeerFrame::PresenceGrant {
-                ref app,
-                ref channel,
-                ..
-            } => {
-                if let Some(a) = self.apps.by_id(app) {
-                    let ch = channel.clone();
-                    self.to_shard(a, &ch, Cmd::Remote(frame)).await;
-                }
-            }
-            PeerFrame::Terminate { app, user } => {
-                if let Some(a) = self.apps.by_id(&app) {
-                    self.with_users(|u, sink| u.terminate_local(a, &user, sink));
-                }
-            }
-            hook @ (PeerFrame::HookHold { .. } | PeerFrame::HookDone { .. }) => {
-                hook_relay::frame(&self.links, from, hook);
-            }
-            control => {
-                let fx = self.with_replicator(|r, fx| r.handle(from, control, fx));
-                self.effects(fx, false).await;
-            }
-        }
-        Ok(())
-    }
-
-    /// Compares a peer's gossiped digest with what this node holds of it.
-    pub fn check_peer_digest(&self, peer: &NodeId, digest: &str) {
-        self.with_replicator(|r, fx| {
-            r.check_peer_digest(peer, digest, fx);
-        });
-        self.applying.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -37,8 +37,8 @@ fn a_restarted_peer_gets_a_fresh_numbering_and_no_replay() {
     let now = Instant::now();
     let mut o = Outbound::new(stream_id(1, 0), 100, 1 << 20);
     o.link_up(1);
-    o.push(frame(1)).unwrap();
-    o.push(frame(2)).unwrap();
+    o.push(frame(1)).expect("room");
+    o.push(frame(2)).expect("room");
     o.link_down();
     o.link_up(2);
     let mut w = Vec::new();
@@ -57,11 +57,11 @@ fn a_restarted_peer_gets_a_fresh_numbering_and_no_replay() {
 fn room_is_the_soft_limit_and_push_refuses_past_the_slack() {
     let mut o = Outbound::new(stream_id(1, 0), 2, 1 << 20);
     assert!(o.has_room());
-    o.push(frame(1)).unwrap();
-    o.push(frame(2)).unwrap();
+    o.push(frame(1)).expect("room");
+    o.push(frame(2)).expect("room");
     assert!(!o.has_room());
     for i in 0..SLACK {
-        o.push(frame(i as u64)).unwrap();
+        o.push(frame(i as u64)).expect("room");
     }
     assert_eq!(o.push(frame(0)), Err(BufferFull));
     o.ack(u64::MAX);
@@ -73,7 +73,7 @@ fn unacknowledged_frames_are_sent_again_after_the_timeout() {
     let t0 = Instant::now();
     let mut o = Outbound::new(stream_id(1, 0), 10, 1 << 20);
     o.link_up(1);
-    o.push(frame(1)).unwrap();
+    o.push(frame(1)).expect("room");
     let mut w = Vec::new();
     o.take(t0, 10, &mut w);
     assert!(!o.retransmit_due(t0 + Duration::from_millis(100)));
@@ -146,7 +146,7 @@ proptest! {
                 Step::Push => {
                     if o.has_room() {
                         n += 1;
-                        o.push(frame(n)).unwrap();
+                        o.push(frame(n)).expect("room");
                         pushed.push(frame(n));
                     }
                 }

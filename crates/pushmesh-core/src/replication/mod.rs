@@ -293,16 +293,10 @@ impl Replicator {
                 out.ack
                     .push((from.clone(), PeerFrame::StateAck { epoch, seq }.encode()));
             }
-            PeerFrame::StateAck { epoch, seq } => {
-                if epoch == my_epoch && seq > peer.acked {
-                    peer.acked = seq.min(my_seq);
-                }
+            PeerFrame::StateAck { epoch, seq } if epoch == my_epoch && seq > peer.acked => {
+                peer.acked = seq.min(my_seq);
             }
-            PeerFrame::ResyncRequest => {
-                if peer.link {
-                    self.push_sync(from, out);
-                }
-            }
+            PeerFrame::ResyncRequest if peer.link => self.push_sync(from, out),
             _ => {}
         }
     }

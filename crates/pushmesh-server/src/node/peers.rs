@@ -1,0 +1,163 @@
+//! The node's side of the cluster: peer links coming and going, peer
+//! frames, and the replicator's effects applied on the shards (in batches)
+//! before they are acknowledged.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use pushmesh_core::{Delta, Effects, NodeId, PeerFrame, PeerLink, Replicator};
+
+use super::{hook_relay, lock, send_control, Cmd, Node};
+
+impl Node {
+    /// Peers with a link up, as the replicator knows them.
+    pub fn peers(&self) -> Vec<NodeId> {
+        lock(&self.links.replicator).peers().into_iter().collect()
+    }
+
+    /// This node's interest digest for gossip.
+    pub fn digest(&self) -> String {
+        lock(&self.links.replicator).digest()
+    }
+
+    /// Runs `f` on the replicator and sends its frames under its lock, so
+    /// numbered changes and syncs reach every link in their order.
+    fn with_replicator(&self, f: impl FnOnce(&mut Replicator, &mut Effects)) -> Effects {
+        let mut fx = Effects::default();
+        let mut r = lock(&self.links.replicator);
+        f(&mut r, &mut fx);
+        send_control(&self.links, std::mem::take(&mut fx.send));
+        // Counted under the lock: whoever sees the new state in the
+        // replicator also sees that its changes are still being applied.
+        self.applying.fetch_add(1, Ordering::AcqRel);
+        fx
+    }
+
+    /// Whether peers' changes are being handed to the shards right now.
+    pub fn applying(&self) -> bool {
+        self.applying.load(Ordering::Acquire) > 0
+    }
+
+    /// Applies a peer's changes on the shards and the user registry, then
+    /// acknowledges them (the ack promises they are applied: a publish the
+    /// peer then routes here queues behind them on the same shard).
+    async fn effects(&self, fx: Effects, peers_changed: bool) {
+        if peers_changed {
+            let peers = lock(&self.links.replicator).peers();
+            for s in &self.shards {
+                let _ = s.send(Cmd::Peers(peers.clone())).await;
+            }
+            lock(&self.users).set_peers(peers);
+        }
+        // In batches per shard: a sync of a million channels is a million
+        // changes, not a million commands.
+        const APPLY_BATCH: usize = 1024;
+        let mut batches: Vec<Vec<(NodeId, Delta)>> = vec![Vec::new(); self.shards.len()];
+        for (peer, d) in fx.apply {
+            if matches!(d, Delta::User { .. }) {
+                self.with_users(|u, sink| u.apply_remote(&peer, &d, sink));
+            } else if let (Some(app), Some(ch)) = (self.apps.by_id(d.app()), d.channel()) {
+                let i = pushmesh_core::shard_of(app, ch, self.shards.len());
+                batches[i].push((peer, d));
+                if batches[i].len() >= APPLY_BATCH {
+                    let b = std::mem::take(&mut batches[i]);
+                    let _ = self.shards[i].send(Cmd::Apply(b)).await;
+                }
+            }
+        }
+        for (i, b) in batches.into_iter().enumerate() {
+            if !b.is_empty() {
+                let _ = self.shards[i].send(Cmd::Apply(b)).await;
+            }
+        }
+        send_control(&self.links, fx.ack);
+        self.applying.fetch_sub(1, Ordering::AcqRel);
+        self.links.release_barrier(Instant::now());
+    }
+
+    /// A link to `peer` (incarnation `epoch`) is up: this node's state and
+    /// its cached events go to it.
+    pub async fn peer_up(&self, peer: NodeId, epoch: u64) {
+        hook_relay::peer_up(&self.links, &peer, epoch);
+        let fx = self.with_replicator(|r, fx| r.peer_up(peer.clone(), epoch, fx));
+        self.effects(fx, true).await;
+        for s in &self.shards {
+            let _ = s.send(Cmd::SendCache(peer.clone())).await;
+        }
+    }
+
+    /// The link to `peer` is down; its state stays, frames for it are held.
+    pub fn link_down(&self, peer: &NodeId) {
+        lock(&self.links.replicator).link_down(peer);
+    }
+
+    /// The peer is gone (declared dead, left, or restarted): its state
+    /// goes, and webhook events it owned and this node holds are released.
+    pub async fn peer_gone(&self, peer: &NodeId) {
+        let fx = self.with_replicator(|r, fx| r.peer_gone(peer, fx));
+        self.effects(fx, true).await;
+        self.hooks_peer_gone(peer);
+    }
+
+    /// Peers as readiness sees them.
+    pub fn peer_links(&self) -> Vec<PeerLink> {
+        lock(&self.links.replicator).links()
+    }
+
+    /// A frame from a peer. Undecodable frames are refused, never fatal.
+    pub async fn peer_frame(
+        &self,
+        from: &NodeId,
+        bytes: &[u8],
+    ) -> Result<(), pushmesh_core::PeerFrameError> {
+        let frame = PeerFrame::decode(bytes)?;
+        match frame {
+            PeerFrame::Publish {
+                ref app,
+                ref channel,
+                ..
+            }
+            | PeerFrame::CacheSet {
+                ref app,
+                ref channel,
+                ..
+            }
+            | PeerFrame::PresenceClaim {
+                ref app,
+                ref channel,
+                ..
+            }
+            | PeerFrame::PresenceGrant {
+                ref app,
+                ref channel,
+                ..
+            } => {
+                if let Some(a) = self.apps.by_id(app) {
+                    let ch = channel.clone();
+                    self.to_shard(a, &ch, Cmd::Remote(frame)).await;
+                }
+            }
+            PeerFrame::Terminate { app, user } => {
+                if let Some(a) = self.apps.by_id(&app) {
+                    self.with_users(|u, sink| u.terminate_local(a, &user, sink));
+                }
+            }
+            hook @ (PeerFrame::HookHold { .. } | PeerFrame::HookDone { .. }) => {
+                hook_relay::frame(&self.links, from, hook);
+            }
+            control => {
+                let fx = self.with_replicator(|r, fx| r.handle(from, control, fx));
+                self.effects(fx, false).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Compares a peer's gossiped digest with what this node holds of it.
+    pub fn check_peer_digest(&self, peer: &NodeId, digest: &str) {
+        self.with_replicator(|r, fx| {
+            r.check_peer_digest(peer, digest, fx);
+        });
+        self.applying.fetch_sub(1, Ordering::AcqRel);
+    }
+}

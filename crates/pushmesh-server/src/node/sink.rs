@@ -1,0 +1,154 @@
+//! The driver's [`Sink`]: the effects of one batch of shard or user work,
+//! done as they come (frames into connection queues, peer frames into the
+//! cluster links), with state changes numbered and webhook events and
+//! barrier holds registered when the batch ends.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use pushmesh_core::{AppIdx, Delta, Effects, FrameKind, NodeId, Sink};
+use pushmesh_protocol::webhook::WebhookEvent;
+use pushmesh_protocol::CloseCode;
+
+use super::{hook_relay, lock, Links};
+use crate::conn::ConnRef;
+
+/// The effects of one batch of work, done as they come.
+pub struct DriverSink<'a> {
+    links: &'a Links,
+    last: Option<(Bytes, Utf8Bytes)>,
+    queued: u64,
+    hooks: Vec<(AppIdx, WebhookEvent)>,
+    deltas: Vec<Delta>,
+    held: Vec<ConnRef>,
+}
+
+impl<'a> DriverSink<'a> {
+    pub(super) fn new(links: &'a Links) -> Self {
+        Self {
+            links,
+            last: None,
+            queued: 0,
+            hooks: Vec::new(),
+            deltas: Vec::new(),
+            held: Vec::new(),
+        }
+    }
+
+    /// The shared text frame for `frame`: consecutive sends of one publish
+    /// carry the same bytes, so UTF-8 is checked once per publish.
+    fn text(&mut self, frame: &Bytes) -> Option<Utf8Bytes> {
+        if let Some((b, t)) = &self.last {
+            if b.as_ptr() == frame.as_ptr() && b.len() == frame.len() {
+                return Some(t.clone());
+            }
+        }
+        let t = Utf8Bytes::try_from(frame.clone()).ok()?;
+        self.last = Some((frame.clone(), t.clone()));
+        Some(t)
+    }
+
+    /// Hands on what was collected: state changes to the replicator (and
+    /// from it to the peers), webhook events to the scheduler.
+    pub(super) fn finish(self) {
+        let links = self.links;
+        links
+            .stats
+            .frames_queued
+            .fetch_add(self.queued, Ordering::Relaxed);
+        // A node without a cluster has nobody to replicate to.
+        if (!self.deltas.is_empty() || !self.held.is_empty()) && links.cluster.is_some() {
+            let mut fx = Effects::default();
+            let mut r = lock(&links.replicator);
+            for d in self.deltas {
+                r.local(d, &mut fx);
+            }
+            // Sent under the lock: the order of numbered changes on every
+            // link is their numbering order.
+            send_control(links, fx.send);
+            let seq = r.seq();
+            drop(r);
+            if !self.held.is_empty() {
+                let deadline = Instant::now() + links.barrier_wait;
+                lock(&links.waiters).extend(self.held.into_iter().map(|h| (seq, deadline, h)));
+                links.release_barrier(Instant::now());
+            }
+        } else {
+            for h in self.held {
+                h.release();
+            }
+        }
+        if !self.hooks.is_empty() {
+            let now = Instant::now();
+            let mut h = lock(&links.hooks);
+            let mut scheduled = Vec::with_capacity(self.hooks.len());
+            for (app, event) in self.hooks {
+                if let Some(id) = h.push(now, app, event.clone()) {
+                    scheduled.push((id, app, event));
+                }
+            }
+            let cancelled = h.take_cancelled();
+            // Handed before the pump can deliver (and confirm) them.
+            hook_relay::scheduled(links, scheduled, cancelled);
+            drop(h);
+            links.hook_ready.notify_one();
+        }
+    }
+}
+
+pub(super) fn send_control(links: &Links, frames: Vec<(NodeId, Bytes)>) {
+    if let Some(c) = &links.cluster {
+        for (to, frame) in frames {
+            c.send(&to, FrameKind::Control, frame);
+        }
+    }
+}
+
+impl Sink<ConnRef> for DriverSink<'_> {
+    fn send(&mut self, to: &ConnRef, frame: &Bytes) {
+        let Some(text) = self.text(frame) else {
+            return;
+        };
+        if to.try_send(text) {
+            self.queued += 1;
+        } else if to.request_close(
+            CloseCode::OverCapacity,
+            "client too slow: outbound queue full",
+        ) {
+            self.links
+                .stats
+                .slow_consumers
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(conn = to.0.id().0, "slow consumer, closing with 4100");
+        }
+    }
+
+    fn close(&mut self, to: &ConnRef, code: CloseCode, reason: &str) {
+        to.request_close(code, reason);
+    }
+
+    fn peer(&mut self, to: &NodeId, kind: FrameKind, frame: &Bytes) {
+        if let Some(c) = &self.links.cluster {
+            c.send(to, kind, frame.clone());
+        }
+    }
+
+    fn peer_has_room(&mut self, to: &NodeId) -> bool {
+        self.links.cluster.as_ref().is_none_or(|c| c.has_room(to))
+    }
+
+    fn hold(&mut self, to: &ConnRef) {
+        to.hold();
+        self.held.push(to.clone());
+    }
+
+    fn hook(&mut self, app: AppIdx, event: WebhookEvent) {
+        self.hooks.push((app, event));
+    }
+
+    fn replicate(&mut self, delta: Delta) {
+        self.deltas.push(delta);
+    }
+}
