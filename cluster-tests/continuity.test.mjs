@@ -552,10 +552,14 @@ test('6a duplicate node_id: the newcomer exits 1 with "node_id ... is already in
   await meshed([1, 2, 3]);
   for (const i of [1, 2, 3]) await ready(i);
   const subs = {};
+  const drops = { 2: [], 3: [] }; // close codes of the subscribers' connections
   for (const i of [2, 3]) {
-    const ch = client(i).subscribe('dup');
+    const c = client(i);
+    const ch = c.subscribe('dup');
     await subscribed(ch);
     subs[i] = collect(ch, 'e');
+    c.connection.bind('error', (e) => { if (e && e.data && e.data.code) drops[i].push(e.data.code); });
+    c.connection.bind('state_change', (x) => { if (x.previous === 'connected') drops[i].push(x.current); });
   }
   await until(async () => (await (await sdk(1).get({ path: '/channels/dup', params: { info: 'subscription_count' } })).json()).subscription_count === 2, 'n1 sees both subscribers');
   const pub = publishLoop(1, 'dup', 'e', { everyMs: 20, maxMs: 60000 });
@@ -579,11 +583,12 @@ test('6a duplicate node_id: the newcomer exits 1 with "node_id ... is already in
   console.log('duplicate node_id:', JSON.stringify({
     exit, stderr: imp.stderr().split('\n').filter((l) => /in use|error/i.test(l)).slice(0, 3),
     publishes: tally(pub.log.map((e) => e.status)), lost_200: { 2: missing[2].length, 3: missing[3].length },
-    lost_at_ms_after_spawn: missing[2].map((k) => Math.round(pub.log[k].start - tSpawn)),
+    lost_at_ms_after_spawn: missing[2].map((k) => Math.round(pub.log[k].start - tSpawn)), subscriber_disconnects: drops,
     identity_conflicts: conflicts.slice(0, 2), n2_error_line: errLine,
   }));
   assert.equal(exit.code, 1, `the newcomer exits with status 1 (got ${JSON.stringify(exit)})`);
   assert.match(imp.stderr(), /node_id "n2" is already in use/);
+  assert.equal(drops[2].filter((x) => x === 4200).length, 0, `the real n2 kept its client connected (closed: ${JSON.stringify(drops[2])})`);
   assert.deepEqual(missing[2], [], 'the real n2 got every publish answered 200');
   assert.deepEqual(missing[3], [], 'n3 got every publish answered 200');
   assert.ok(errLine, 'the running n2 logged an error');
