@@ -204,6 +204,8 @@ pub struct PeerStatus {
 
 struct Link {
     id: u64,
+    /// The peer's incarnation on this link.
+    epoch: u64,
     conn: quinn::Connection,
 }
 

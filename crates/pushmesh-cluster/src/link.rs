@@ -211,6 +211,19 @@ impl Cluster {
             self.refuse(&conn, 5, "node id not in certificate");
             return;
         }
+        // Another incarnation with this node id while a link to the current
+        // one is alive: a second process started with the same `node_id`
+        // (or a restart whose old link has not timed out yet, ≤ 3 s). The
+        // live link wins; letting them alternate would make this node see
+        // its peer restart again and again.
+        let live_other = lock(&inner.links)
+            .get(&peer)
+            .is_some_and(|l| l.epoch != epoch && l.conn.close_reason().is_none());
+        if live_other {
+            tracing::warn!(peer = %peer, epoch, %remote, "peer link refused: another incarnation of this node id has a live link (duplicate node_id, or a restart racing its old link)");
+            self.refuse(&conn, 6, "node id has a live link");
+            return;
+        }
         let slot = inner.peers.get_or_create(&peer);
         let stream = {
             let mut out = lock(&slot.out);
@@ -252,6 +265,7 @@ impl Cluster {
             peer.clone(),
             Link {
                 id,
+                epoch,
                 conn: conn.clone(),
             },
         );

@@ -176,11 +176,21 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 exclude_socket: p.exclude.as_deref(),
                 user_id: None,
             };
-            let r = shard.publish(now, &ev, true, sink).map(|()| match p.info {
-                true => shard.info(now, p.app, &p.channel),
-                false => ChannelInfo::default(),
-            });
-            let _ = p.reply.send(r);
+            // Answered once it is handed to the peers (it cannot fail
+            // after that), before the local fan-out; with `info`, after.
+            match shard.hand_to_peers(&ev, sink) {
+                Err(e) => {
+                    let _ = p.reply.send(Err(e));
+                }
+                Ok(()) if !p.info => {
+                    let _ = p.reply.send(Ok(ChannelInfo::default()));
+                    shard.deliver_local(now, &ev, sink);
+                }
+                Ok(()) => {
+                    shard.deliver_local(now, &ev, sink);
+                    let _ = p.reply.send(Ok(shard.info(now, p.app, &p.channel)));
+                }
+            }
         }
         Cmd::Remote(frame) => match frame {
             PeerFrame::Publish {

@@ -31,7 +31,7 @@ pub use query::{
 };
 
 use crate::app::{AppIdx, Apps, ConnId};
-use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame};
+use crate::peer_frame::{Delta, NodeId};
 use crate::routing::is_owner;
 use crate::session::{not_subscribed, PresenceJoin, Proto};
 use crate::sink::{Handle, Sink};
@@ -471,8 +471,15 @@ impl<H: Handle> Shard<H> {
         sink: &mut impl Sink<H>,
     ) -> Result<(), PublishRefused> {
         if forward {
-            self.check_peer_room(ev, sink)?;
+            self.hand_to_peers(ev, sink)?;
         }
+        self.deliver_local(now, ev, sink);
+        Ok(())
+    }
+
+    /// The second half of a publish: every local subscriber (Pusher and
+    /// wsify, each protocol's frame encoded once), and the cache.
+    pub fn deliver_local(&mut self, now: Instant, ev: &Event<'_>, sink: &mut impl Sink<H>) {
         let frame = self.cache_event(now, ev);
         let exclude = ev.exclude_socket.and_then(|s| self.local_conn_of(s));
         if let Some(ch) = self.tables[ev.app.0 as usize].channels.get(ev.channel) {
@@ -505,35 +512,6 @@ impl<H: Handle> Shard<H> {
                 }
             }
         }
-        if forward {
-            self.forward(ev, sink);
-        }
-        Ok(())
-    }
-
-    /// Whether every peer the publish goes to can hold it.
-    fn check_peer_room(
-        &self,
-        ev: &Event<'_>,
-        sink: &mut impl Sink<H>,
-    ) -> Result<(), PublishRefused> {
-        if self.peers.is_empty() {
-            return Ok(());
-        }
-        let to = if ev.channel.is_cache() {
-            &self.peers
-        } else {
-            match self.tables[ev.app.0 as usize].remote.get(ev.channel) {
-                Some(r) => &r.interested,
-                None => return Ok(()),
-            }
-        };
-        for p in to {
-            if !sink.peer_has_room(p) {
-                return Err(PublishRefused::PeerBufferFull(p.clone()));
-            }
-        }
-        Ok(())
     }
 
     /// Remembers the last event of a cache channel; returns its frame.
@@ -551,49 +529,6 @@ impl<H: Handle> Shard<H> {
             );
         }
         frame
-    }
-
-    /// Sends an event to every peer interested in the channel (once each),
-    /// and the new cached event of a cache channel to the others.
-    fn forward(&self, ev: &Event<'_>, sink: &mut impl Sink<H>) {
-        if self.peers.is_empty() {
-            return;
-        }
-        let app_id = self.app_id(ev.app);
-        let interested = self.tables[ev.app.0 as usize]
-            .remote
-            .get(ev.channel)
-            .map(|r| &r.interested);
-        if let Some(interested) = interested.filter(|i| !i.is_empty()) {
-            let frame = PeerFrame::Publish {
-                app: app_id.to_owned(),
-                channel: ev.channel.to_string(),
-                event: ev.name.to_owned(),
-                data: ev.data.to_owned(),
-                exclude: ev.exclude_socket.map(str::to_owned),
-                user_id: ev.user_id.map(str::to_owned),
-            }
-            .encode();
-            for to in interested {
-                sink.peer(to, FrameKind::Data, &frame);
-            }
-        }
-        let n = interested.map_or(0, BTreeSet::len);
-        if ev.channel.is_cache() && n < self.peers.len() {
-            let frame = PeerFrame::CacheSet {
-                app: app_id.to_owned(),
-                channel: ev.channel.to_string(),
-                event: ev.name.to_owned(),
-                data: ev.data.to_owned(),
-                age_ms: 0,
-            }
-            .encode();
-            for to in &self.peers {
-                if !interested.is_some_and(|i| i.contains(to)) {
-                    sink.peer(to, FrameKind::Data, &frame);
-                }
-            }
-        }
     }
 
     /// The connection of this node a socket id names, if any.

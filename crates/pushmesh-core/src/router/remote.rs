@@ -1,6 +1,7 @@
-//! What peers hold, applied to a shard: their interest, subscriber counts
-//! and presence members per channel (from the replication), and the channel
-//! messages and cached events they send.
+//! A shard and its peers: what they hold (their interest, subscriber counts
+//! and presence members per channel, from the replication), the channel
+//! messages and cached events they send, and the first half of a publish
+//! (room in every interested peer's buffer, then the frame to each).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use pushmesh_protocol::webhook::WebhookEvent;
 use pushmesh_protocol::ChannelName;
 use serde_json::value::RawValue;
 
-use super::{Channel, Event, RemoteMember, Shard, CACHE_TTL};
+use super::{Channel, Event, PublishRefused, RemoteMember, Shard, CACHE_TTL};
 use crate::app::AppIdx;
 use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame};
 use crate::sink::{Handle, Sink};
@@ -225,5 +226,89 @@ impl<H: Handle> Shard<H> {
             .channels
             .get(name)
             .map_or(0, Channel::count)
+    }
+}
+
+impl<H: Handle> Shard<H> {
+    /// The first half of a publish: refused if an interested peer's buffer
+    /// is full, else handed to every interested peer. After it succeeds the
+    /// publish cannot fail any more (the driver answers 2xx then, before the
+    /// local fan-out, which is [`Shard::deliver_local`]).
+    pub fn hand_to_peers(
+        &mut self,
+        ev: &Event<'_>,
+        sink: &mut impl Sink<H>,
+    ) -> Result<(), PublishRefused> {
+        self.check_peer_room(ev, sink)?;
+        self.forward(ev, sink);
+        Ok(())
+    }
+
+    /// Whether every peer the publish goes to can hold it.
+    fn check_peer_room(
+        &self,
+        ev: &Event<'_>,
+        sink: &mut impl Sink<H>,
+    ) -> Result<(), PublishRefused> {
+        if self.peers.is_empty() {
+            return Ok(());
+        }
+        let to = if ev.channel.is_cache() {
+            &self.peers
+        } else {
+            match self.tables[ev.app.0 as usize].remote.get(ev.channel) {
+                Some(r) => &r.interested,
+                None => return Ok(()),
+            }
+        };
+        for p in to {
+            if !sink.peer_has_room(p) {
+                return Err(PublishRefused::PeerBufferFull(p.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends an event to every peer interested in the channel (once each),
+    /// and the new cached event of a cache channel to the others.
+    fn forward(&self, ev: &Event<'_>, sink: &mut impl Sink<H>) {
+        if self.peers.is_empty() {
+            return;
+        }
+        let app_id = self.app_id(ev.app);
+        let interested = self.tables[ev.app.0 as usize]
+            .remote
+            .get(ev.channel)
+            .map(|r| &r.interested);
+        if let Some(interested) = interested.filter(|i| !i.is_empty()) {
+            let frame = PeerFrame::Publish {
+                app: app_id.to_owned(),
+                channel: ev.channel.to_string(),
+                event: ev.name.to_owned(),
+                data: ev.data.to_owned(),
+                exclude: ev.exclude_socket.map(str::to_owned),
+                user_id: ev.user_id.map(str::to_owned),
+            }
+            .encode();
+            for to in interested {
+                sink.peer(to, FrameKind::Data, &frame);
+            }
+        }
+        let n = interested.map_or(0, BTreeSet::len);
+        if ev.channel.is_cache() && n < self.peers.len() {
+            let frame = PeerFrame::CacheSet {
+                app: app_id.to_owned(),
+                channel: ev.channel.to_string(),
+                event: ev.name.to_owned(),
+                data: ev.data.to_owned(),
+                age_ms: 0,
+            }
+            .encode();
+            for to in &self.peers {
+                if !interested.is_some_and(|i| i.contains(to)) {
+                    sink.peer(to, FrameKind::Data, &frame);
+                }
+            }
+        }
     }
 }

@@ -2,7 +2,8 @@
 //! acknowledged (not refused) reaches every connection that had
 //! `subscription_succeeded` before the publish and stayed connected,
 //! exactly once, in order per publisher — through cuts, heals, restarts
-//! (crash: new epoch), false death declarations, virtual time, and data
+//! (crash: new epoch), drains (graceful: flush, leave, start again), false
+//! death declarations, virtual time, and data
 //! streams that drop, duplicate and reorder frames.
 //!
 //! Excluded, as the promise says: connections that were closed (restart,
@@ -33,6 +34,7 @@ enum Op {
     Cut(usize, usize),
     Heal(usize, usize),
     Restart(usize),
+    Drain(usize),
     DeclareDead(usize, usize),
     Disconnect(usize, usize),
 }
@@ -58,7 +60,8 @@ impl Gen {
             72..=79 => Op::Tick,
             80..=85 => Op::Cut(n(self), n(self)),
             86..=91 => Op::Heal(n(self), n(self)),
-            92..=94 => Op::Restart(n(self)),
+            92..=93 => Op::Restart(n(self)),
+            94 => Op::Drain(n(self)),
             95..=96 => Op::DeclareDead(n(self), n(self)),
             _ => Op::Disconnect(n(self), self.next(6)),
         }
@@ -182,6 +185,13 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(), String> {
                 }
                 crashed.insert((i, net.nodes[i].epoch));
                 net.restart(i);
+            }
+            Op::Drain(i) => {
+                // Its clients are closed; what it acknowledged is delivered.
+                for c in &net.nodes[i].conns {
+                    closed.insert((i, c.0));
+                }
+                net.drain(i);
             }
             Op::DeclareDead(j, i) => {
                 if i != j && !net.links.contains_key(&(i, j)) {

@@ -292,6 +292,44 @@ impl Net {
         self.pump(j);
     }
 
+    /// A graceful drain of node `i`, as the server does it: its clients are
+    /// closed, everything it holds for its peers is delivered (its links
+    /// heal first), it leaves (its peers forget it at once), and it starts
+    /// again with a new epoch.
+    fn drain(&mut self, i: usize) {
+        let now = self.now;
+        for c in std::mem::take(&mut self.nodes[i].conns) {
+            self.nodes[i].core.disconnect(now, c);
+        }
+        self.pump(i);
+        let n = self.nodes.len();
+        for j in 0..n {
+            self.connect(i, j);
+        }
+        for _ in 0..200 {
+            self.settle();
+            if self
+                .outs
+                .iter()
+                .filter(|((a, _), _)| *a == i)
+                .all(|(_, o)| o.is_empty())
+            {
+                break;
+            }
+            for _ in 0..8 {
+                self.tick();
+            }
+        }
+        for j in (0..n).filter(|j| *j != i) {
+            self.cut(i, j);
+            let now = self.now;
+            self.nodes[j].core.peer_down(now, &node_name(i));
+            self.outs.remove(&(j, i));
+            self.pump(j);
+        }
+        self.restart(i);
+    }
+
     /// A crash and a start with a new epoch (what it held is lost).
     fn restart(&mut self, i: usize) {
         let n = self.nodes.len();
