@@ -59,7 +59,7 @@ attach() { # name ip-suffix
 }
 for i in $(seq 1 $NODES); do attach "n$i" "$i"; done
 attach cli 100
-attach lb 200        # the load balancer (HAProxy) of continuity.test.mjs
+attach lb 200        # the load balancer (HAProxy) of continuity-restart.test.mjs
 
 export PMC_PREFIX=$P PMC_SUBNET=$SUBNET PMC_NODES=$NODES
 # Test files: the arguments (absolute, or relative to cluster-tests/), else all of them.
