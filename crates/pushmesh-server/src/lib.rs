@@ -251,6 +251,9 @@ impl Server {
             // Past the wait: no publish is taken any more (503), so none
             // is acknowledged and then lost with the clients and links.
             st2.node.gate.close();
+            // Those already taken are handed to the peers before the links
+            // are flushed below.
+            st2.node.gate.wait_idle(Duration::from_secs(2)).await;
             tracing::info!("shutting down: closing clients with 4200");
             st2.node.registry.close_all(
                 CloseCode::ReconnectImmediately,

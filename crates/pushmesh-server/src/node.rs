@@ -361,11 +361,14 @@ impl Node {
             links,
             socket_prefix: s.socket_prefix,
             applying: AtomicUsize::new(0),
-            gate: PublishGate(AtomicU8::new(if s.joining {
-                PublishGate::JOINING
-            } else {
-                PublishGate::OPEN
-            })),
+            gate: PublishGate(
+                AtomicU8::new(if s.joining {
+                    PublishGate::JOINING
+                } else {
+                    PublishGate::OPEN
+                }),
+                AtomicUsize::new(0),
+            ),
         }
     }
 
@@ -441,7 +444,7 @@ impl Node {
         req: &PublishRequest<'_>,
         info: bool,
     ) -> Result<Vec<PublishedChannel>, PublishError> {
-        self.gate.check().map_err(|r| self.refused(r))?;
+        let _entered = self.gate.enter().map_err(|r| self.refused(r))?;
         let event: Arc<str> = Arc::from(req.name);
         let data: Arc<str> = Arc::from(req.data);
         let exclude: Option<Arc<str>> = req.exclude_socket.map(Arc::from);
@@ -493,7 +496,7 @@ impl Node {
         content: &RawValue,
     ) -> Result<(), PublishError> {
         let name = self.apps.validate_wsify_broadcast(app, channel, content)?;
-        self.gate.check().map_err(|r| self.refused(r))?;
+        let _entered = self.gate.enter().map_err(|r| self.refused(r))?;
         let cfg = self.apps.get(app);
         let content: Arc<RawValue> = Arc::from(content.to_owned());
         let (reply, rx) = oneshot::channel();
