@@ -12,6 +12,7 @@
 //! Buffers are bounded: [`Cluster::has_room`] is asked before a publish is
 //! delivered, so a full buffer refuses the publish (503) rather than lose it.
 
+mod codec;
 pub mod gossip;
 pub mod identity;
 mod link;

@@ -19,6 +19,7 @@ use pushmesh_core::{FrameKind, NodeId};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
+use crate::codec::{tagged, K_ACK, K_CONTROL, K_STREAM};
 use crate::peers::PeerSlot;
 use crate::{lock, tls, Cluster, ClusterEvent, Link, PeerCounters};
 
@@ -29,30 +30,11 @@ const WRITE_BATCH: usize = 512;
 /// How long the hello exchange may take.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Control stream: a control peer frame.
-const K_CONTROL: u8 = 1;
-/// Control stream: the cumulative ack of data frames (u64).
-const K_ACK: u8 = 2;
-/// Control stream: the id of the sender's data stream (u64), first frame.
-const K_STREAM: u8 = 3;
 /// Application close code of a node that leaves (drain): its peers forget
 /// it at once instead of holding its state.
 pub(crate) const CLOSE_LEAVING: u32 = 7;
 /// How often unacknowledged data frames are checked for retransmission.
 const RETRANSMIT_CHECK: Duration = Duration::from_millis(500);
-
-/// A control frame with its header, ready for the control stream.
-pub(crate) fn control_frame(f: &[u8]) -> Bytes {
-    tagged(K_CONTROL, f)
-}
-
-fn tagged(kind: u8, f: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(5 + f.len());
-    b.extend_from_slice(&((f.len() + 1) as u32).to_be_bytes());
-    b.extend_from_slice(&[kind]);
-    b.extend_from_slice(f);
-    b.freeze()
-}
 
 pub(crate) fn hello(node: &NodeId, epoch: u64, cluster_id: &str) -> Bytes {
     let mut b = BytesMut::new();

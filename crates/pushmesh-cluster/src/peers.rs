@@ -18,7 +18,7 @@ use pushmesh_core::peer_buffer::{stream_id, Inbound, Outbound};
 use pushmesh_core::{FrameKind, NodeId};
 use tokio::sync::{mpsc, Notify};
 
-use crate::{link, lock, Cluster};
+use crate::{codec, lock, Cluster};
 
 /// Bytes held per peer at most (beside the frame bound, `peer_queue`).
 pub const PEER_BUFFER_BYTES: usize = 256 * 1024 * 1024;
@@ -144,7 +144,7 @@ impl Cluster {
             }
             (FrameKind::Control, Some(slot)) => lock(&slot.control)
                 .as_ref()
-                .is_some_and(|tx| tx.try_send(link::control_frame(&frame)).is_ok()),
+                .is_some_and(|tx| tx.try_send(codec::control_frame(&frame)).is_ok()),
             (_, None) => false,
         };
         if !ok {

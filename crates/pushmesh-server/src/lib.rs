@@ -387,6 +387,7 @@ async fn all_metrics(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let mut out = metrics::render(&st);
+    cluster::render_metrics(&st, &mut out);
     node::presence_limit::render_metrics(&st.node, &mut out).await;
     st.edge.render_metrics(&mut out);
     (

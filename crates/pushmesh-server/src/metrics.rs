@@ -318,7 +318,6 @@ pub fn render(st: &Shared) -> String {
         );
     }
     render_continuity(st, &mut out);
-    crate::cluster::render_metrics(st, &mut out);
     let (rss, cpu, fds) = proc_self();
     if let Some(r) = rss {
         family(
