@@ -56,7 +56,8 @@ impl Peers {
         }
     }
 
-    /// The slot of a peer, if it was ever linked and not forgotten.
+    /// The slot of a peer, if it was ever linked (a forgotten peer has a
+    /// fresh one: empty buffer, new stream).
     pub fn get(&self, node: &NodeId) -> Option<Arc<PeerSlot>> {
         self.table.load().get(node).cloned()
     }
@@ -70,17 +71,7 @@ impl Peers {
         if let Some(s) = self.get(node) {
             return s;
         }
-        let n = self.streams.fetch_add(1, Ordering::Relaxed) * 1024;
-        let slot = Arc::new(PeerSlot {
-            out: Mutex::new(Outbound::new(
-                stream_id(self.epoch, n),
-                self.max_frames,
-                PEER_BUFFER_BYTES,
-            )),
-            data_ready: Notify::new(),
-            inbound: Mutex::new(Inbound::default()),
-            control: Mutex::new(None),
-        });
+        let slot = self.new_slot(Inbound::default());
         let mut t = HashMap::clone(&self.table.load());
         t.insert(node.clone(), slot.clone());
         self.table.store(Arc::new(t));
@@ -96,24 +87,26 @@ impl Peers {
         let old = t.remove(node);
         if let Some(o) = &old {
             // Keep the receiving side: a new slot inherits it.
-            let n = self.streams.fetch_add(1, Ordering::Relaxed) * 1024;
             let inbound = std::mem::take(&mut *lock(&o.inbound));
-            t.insert(
-                node.clone(),
-                Arc::new(PeerSlot {
-                    out: Mutex::new(Outbound::new(
-                        stream_id(self.epoch, n),
-                        self.max_frames,
-                        PEER_BUFFER_BYTES,
-                    )),
-                    data_ready: Notify::new(),
-                    inbound: Mutex::new(inbound),
-                    control: Mutex::new(None),
-                }),
-            );
+            t.insert(node.clone(), self.new_slot(inbound));
         }
         self.table.store(Arc::new(t));
         old
+    }
+
+    /// A slot with an empty buffer numbered in a new stream.
+    fn new_slot(&self, inbound: Inbound) -> Arc<PeerSlot> {
+        let n = self.streams.fetch_add(1, Ordering::Relaxed) * 1024;
+        Arc::new(PeerSlot {
+            out: Mutex::new(Outbound::new(
+                stream_id(self.epoch, n),
+                self.max_frames,
+                PEER_BUFFER_BYTES,
+            )),
+            data_ready: Notify::new(),
+            inbound: Mutex::new(inbound),
+            control: Mutex::new(None),
+        })
     }
 
     /// Every slot.

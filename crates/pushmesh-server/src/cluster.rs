@@ -200,7 +200,7 @@ fn joined(st: &Shared, peers: &[PeerStatus], links: &[PeerLink]) -> bool {
     live.iter().all(|p| {
         links
             .iter()
-            .any(|l| l.node.as_str() == p.node && l.link && l.synced)
+            .any(|l| l.node.as_str() == p.node && l.reached())
     })
 }
 
@@ -249,11 +249,7 @@ async fn unready(st: &Shared) -> Option<serde_json::Value> {
     }
     let c = st.cluster.as_ref()?;
     let links = st.node.peer_links();
-    let reached = |n: &str| {
-        links
-            .iter()
-            .any(|l| l.node.as_str() == n && l.link && l.synced)
-    };
+    let reached = |n: &str| links.iter().any(|l| l.node.as_str() == n && l.reached());
     let live: Vec<String> = c
         .status()
         .await

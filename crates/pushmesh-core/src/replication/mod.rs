@@ -76,6 +76,13 @@ pub struct PeerLink {
     pub synced: bool,
 }
 
+impl PeerLink {
+    /// Whether this node reaches the peer: link up and its state synced.
+    pub fn reached(&self) -> bool {
+        self.link && self.synced
+    }
+}
+
 /// The node's replication state machine.
 pub struct Replicator {
     node: NodeId,

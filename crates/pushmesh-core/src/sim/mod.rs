@@ -306,20 +306,7 @@ impl Net {
         for j in 0..n {
             self.connect(i, j);
         }
-        for _ in 0..200 {
-            self.settle();
-            if self
-                .outs
-                .iter()
-                .filter(|((a, _), _)| *a == i)
-                .all(|(_, o)| o.is_empty())
-            {
-                break;
-            }
-            for _ in 0..8 {
-                self.tick();
-            }
-        }
+        self.flush(Some(i));
         for j in (0..n).filter(|j| *j != i) {
             self.cut(i, j);
             let now = self.now;
@@ -358,7 +345,7 @@ impl Net {
                 .core
                 .peer_links()
                 .iter()
-                .filter(|l| l.link && l.synced)
+                .filter(|l| l.reached())
                 .count();
             self.nodes[i].joined = synced == others;
         }
@@ -479,9 +466,20 @@ impl Net {
                 self.connect(i, j);
             }
         }
+        self.flush(None);
+    }
+
+    /// Delivers and lets time pass until the buffers of node `from` (or of
+    /// every node) are empty: everything they held was acknowledged.
+    fn flush(&mut self, from: Option<usize>) {
         for _ in 0..200 {
             self.settle();
-            if self.outs.values().all(Outbound::is_empty) {
+            if self
+                .outs
+                .iter()
+                .filter(|((a, _), _)| from.is_none_or(|f| f == *a))
+                .all(|(_, o)| o.is_empty())
+            {
                 return;
             }
             for _ in 0..8 {
