@@ -478,6 +478,10 @@ impl Cluster {
     /// declared dead, report changed interest digests.
     async fn membership_loop(self) {
         let mut digests: HashMap<NodeId, String> = HashMap::new();
+        // Incarnations gossip has shown live at least once: chitchat lists a
+        // node it has only just heard of among the dead until its heartbeats
+        // arrive, which is no death (a link may come up before that).
+        let mut seen_live: HashSet<(NodeId, u64)> = HashSet::new();
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tick.tick().await;
@@ -486,7 +490,7 @@ impl Cluster {
             }
             self.check_identity().await;
             let me = self.inner.node.clone();
-            type Live = Vec<(NodeId, Option<SocketAddr>, Option<String>)>;
+            type Live = Vec<(NodeId, u64, Option<SocketAddr>, Option<String>)>;
             let (live, dead): (Live, HashSet<(NodeId, u64)>) = self
                 .inner
                 .chitchat
@@ -498,6 +502,7 @@ impl Cluster {
                             let st = c.node_state(id)?;
                             Some((
                                 NodeId::new(&id.node_id),
+                                id.generation_id,
                                 st.get(KEY_QUIC).and_then(|a| a.parse().ok()),
                                 st.get(KEY_INTEREST).map(str::to_owned),
                             ))
@@ -511,7 +516,8 @@ impl Cluster {
                 })
                 .await;
             let live_ids: HashSet<NodeId> = live.iter().map(|(n, ..)| n.clone()).collect();
-            for (node, quic, digest) in &live {
+            seen_live.extend(live.iter().map(|(n, e, ..)| (n.clone(), *e)));
+            for (node, _, quic, digest) in &live {
                 let linked = lock(&self.inner.links).contains_key(node);
                 if !linked && self.inner.node < *node {
                     if let Some(addr) = quic {
@@ -531,11 +537,15 @@ impl Cluster {
                 }
             }
             // A peer is gone once gossip declares the incarnation this node
-            // linked to dead (and no other incarnation of it is live). A
-            // node merely not seen yet (its gossip still on the way) is not.
+            // linked to dead after having shown it live (and no other
+            // incarnation of it is live). A node merely not seen live yet
+            // (its gossip still on the way) is not.
             let gone: Vec<NodeId> = lock(&self.inner.epochs)
                 .iter()
-                .filter(|(n, e)| !live_ids.contains(*n) && dead.contains(&((*n).clone(), **e)))
+                .filter(|(n, e)| {
+                    let key = ((*n).clone(), **e);
+                    !live_ids.contains(*n) && dead.contains(&key) && seen_live.contains(&key)
+                })
                 .map(|(n, _)| n.clone())
                 .collect();
             for node in gone {
@@ -551,6 +561,8 @@ impl Cluster {
                     .await;
             }
             digests.retain(|n, _| live_ids.contains(n));
+            // Forget what gossip itself forgot (after the dead-node grace).
+            seen_live.retain(|k| live_ids.contains(&k.0) || dead.contains(k));
         }
     }
 }

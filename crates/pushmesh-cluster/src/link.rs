@@ -150,6 +150,13 @@ impl Cluster {
     /// Hello exchange, then the link runs until either side goes.
     async fn establish(&self, conn: quinn::Connection, expect: Option<NodeId>) {
         let inner = &self.inner;
+        // A node that is leaving takes no new link: its peers have already
+        // forgotten it (it closed its links as leaving), and a link back to
+        // this incarnation would look to both sides like a false death.
+        if inner.stopping.load(Ordering::Relaxed) {
+            conn.close(CLOSE_LEAVING.into(), b"shutdown");
+            return;
+        }
         let exchange = async {
             let mut control = conn.open_uni().await.ok()?;
             write_frame(
