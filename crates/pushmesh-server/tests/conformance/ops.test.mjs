@@ -135,7 +135,9 @@ id = "${APP.id}"
 key = "${APP.key}"
 secret = "${APP.secret}"
 ` });
-  assert.equal((await fetch(`http://127.0.0.1:${srv.port}/readyz`)).status, 200);
+  // A clustered node is `joining` until its join task has run (no seed here,
+  // so at its first tick): await readiness rather than race it.
+  await until(async () => (await fetch(`http://127.0.0.1:${srv.port}/readyz`)).status === 200, 'ready after joining', 30000);
   const raw = await rawSocket(srv.port);
   srv.child.kill('SIGTERM');
   await until(async () => (await fetch(`http://127.0.0.1:${srv.port}/readyz`)).status === 503, 'not ready while draining');
