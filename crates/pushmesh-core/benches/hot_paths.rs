@@ -21,6 +21,7 @@ fn app() -> AppConfig {
         limits: Limits::default(),
         webhooks: false,
         wsify_event: "broadcast".into(),
+        history: None,
     }
 }
 
@@ -32,6 +33,7 @@ fn core() -> Core {
         socket_prefix: 1,
         node_id: "bench".into(),
         epoch: 1,
+        history_max_bytes: pushmesh_core::history::MAX_BYTES,
     })
 }
 

@@ -39,6 +39,8 @@ pub struct AppConfig {
     pub webhooks: bool,
     /// Name of the Pusher event a wsify `broadcast` becomes.
     pub wsify_event: String,
+    /// Which channels keep history (`[apps.history]`), if any.
+    pub history: Option<crate::history::AppHistory>,
 }
 
 /// Node-wide settings of the core.
@@ -56,6 +58,8 @@ pub struct CoreConfig {
     pub node_id: String,
     /// This node's incarnation (e.g. its start time in ms), higher on each restart.
     pub epoch: u64,
+    /// Most bytes of history the node keeps (`history_max_bytes`).
+    pub history_max_bytes: usize,
 }
 
 /// Why a connection is refused at open.

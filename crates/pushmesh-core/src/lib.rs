@@ -15,6 +15,7 @@
 //! every recipient gets the same `Bytes`.
 
 pub mod app;
+pub mod history;
 pub mod hook_backup;
 mod keepalive;
 mod node;
@@ -36,7 +37,10 @@ pub use keepalive::{Keepalive, KeepaliveAction};
 pub use node::{Core, Output, PublishedChannel};
 pub use peer_frame::{Delta, FrameKind, NodeId, PeerFrame, PeerFrameError, Snapshot};
 pub use replication::{Effects, PeerLink, Replicator};
-pub use router::{ChannelInfo, Event, PublishRefused, QueryError, Shard, CACHE_TTL};
+pub use router::{
+    ChannelInfo, Event, HistoryError, HistoryItem, HistoryPage, PublishRefused, QueryError, Shard,
+    CACHE_TTL,
+};
 pub use routing::shard_of;
 pub use session::{PresenceJoin, Proto, Request, Session, SessionOutput};
 pub use sink::{Handle, Sink};

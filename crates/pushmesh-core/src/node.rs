@@ -219,10 +219,22 @@ impl Core {
     pub fn with_shards(config: CoreConfig, shards: usize) -> Self {
         let apps = Arc::new(Apps::new(config.apps));
         let node = NodeId::new(&config.node_id);
+        let shards = shards.max(1);
+        let origin = crate::history::Origin::of(&config.node_id, config.epoch);
+        let history = apps.iter().any(|(_, a)| a.history.is_some());
+        // Tests run on a virtual clock: Unix ms count from its start.
+        let clock = (Instant::now(), 0);
         Self {
             conn_counts: vec![0; apps.len()],
-            shards: (0..shards.max(1))
-                .map(|_| Shard::new(apps.clone(), node.clone(), config.socket_prefix))
+            shards: (0..shards)
+                .map(|_| {
+                    let mut s = Shard::new(apps.clone(), node.clone(), config.socket_prefix);
+                    if history {
+                        let budget = config.history_max_bytes / shards;
+                        s.set_history(crate::history::HistoryStore::new(origin, budget, clock));
+                    }
+                    s
+                })
                 .collect(),
             users: Users::new(apps.clone()),
             hook_backup: HookBackup::new(node.clone(), config.epoch),
@@ -306,9 +318,19 @@ impl Core {
                     channel,
                     proto,
                     presence,
+                    position,
                 },
                 Some(i),
-            ) => self.shards[i].subscribe(now, conn, app, &channel, proto, presence, &mut sink),
+            ) => self.shards[i].subscribe(
+                now,
+                conn,
+                app,
+                &channel,
+                proto,
+                presence,
+                position.as_deref(),
+                &mut sink,
+            ),
             (Request::Unsubscribe { app, channel }, Some(i)) => {
                 self.shards[i].unsubscribe(conn, app, &channel, &mut sink)
             }
@@ -487,10 +509,15 @@ impl Core {
         }
     }
 
-    /// wsify `join`: idempotent.
-    pub fn wsify_join(&mut self, conn: ConnId, channel: &str) -> Result<(), String> {
+    /// wsify `join`: idempotent; `position` recovers on a history channel.
+    pub fn wsify_join(
+        &mut self,
+        conn: ConnId,
+        channel: &str,
+        position: Option<&str>,
+    ) -> Result<(), String> {
         let r = match self.sessions.get_mut(&conn) {
-            Some(s) => s.wsify_join(channel),
+            Some(s) => s.wsify_join(channel, position),
             None => Ok(()),
         };
         self.pump(Instant::now(), conn);

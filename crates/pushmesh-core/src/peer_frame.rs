@@ -230,6 +230,60 @@ pub enum PeerFrame {
         /// Admitted (true) or refused: the channel is full.
         granted: bool,
     },
+    /// A channel event on a history channel, numbered by its origin; sent
+    /// to every peer (each keeps the channel's history).
+    HistoryPublish {
+        /// App id.
+        app: String,
+        /// Channel.
+        channel: String,
+        /// Event name.
+        event: String,
+        /// Event data.
+        data: String,
+        /// Socket id to leave out.
+        exclude: Option<String>,
+        /// `user_id` of a presence client event.
+        user_id: Option<String>,
+        /// The publishing node incarnation (`history::Origin`).
+        origin: u64,
+        /// Its number among the origin's events on the channel.
+        seq: u64,
+        /// When it was published, Unix ms.
+        at_ms: u64,
+    },
+    /// A node's copy of (part of) one channel's history, for a peer whose
+    /// link came up: `events` in the sender's order, which holds for each
+    /// origin every event with `base < seq` up to its last in `events`.
+    HistorySync {
+        /// App id.
+        app: String,
+        /// Channel.
+        channel: String,
+        /// `(origin, seq)`: everything up to `seq` is not in this part.
+        base: Vec<(u64, u64)>,
+        /// The events.
+        events: Vec<HistoryEvent>,
+    },
+}
+
+/// One event of a [`PeerFrame::HistorySync`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEvent {
+    /// Origin.
+    pub origin: u64,
+    /// Sequence number.
+    pub seq: u64,
+    /// Published at, Unix ms.
+    pub at_ms: u64,
+    /// How long the sender has held it, ms (for the ttl).
+    pub age_ms: u64,
+    /// Event name.
+    pub event: String,
+    /// Data.
+    pub data: String,
+    /// `user_id` of a presence client event.
+    pub user_id: Option<String>,
 }
 
 impl PeerFrame {
@@ -238,9 +292,11 @@ impl PeerFrame {
         match self {
             // Channel messages and actions: sequenced, held and replayed
             // across link loss (peer_buffer), exactly once.
-            Self::Publish { .. } | Self::CacheSet { .. } | Self::Terminate { .. } => {
-                FrameKind::Data
-            }
+            Self::Publish { .. }
+            | Self::CacheSet { .. }
+            | Self::Terminate { .. }
+            | Self::HistoryPublish { .. }
+            | Self::HistorySync { .. } => FrameKind::Data,
             _ => FrameKind::Control,
         }
     }

@@ -38,6 +38,8 @@ pub struct PresenceJoin {
     pub user_id: String,
     /// `user_info` JSON.
     pub info: Option<Box<RawValue>>,
+    /// The history position to recover from, if the client sent one.
+    pub position: Option<Box<str>>,
 }
 
 /// Work for the router (by channel) or the user registry.
@@ -53,6 +55,9 @@ pub enum Request {
         proto: Proto,
         /// The member, on presence channels.
         presence: Option<PresenceJoin>,
+        /// The history position to recover from (non-presence channels;
+        /// a presence member carries its own).
+        position: Option<Box<str>>,
     },
     /// Unsubscribe (no effect if not subscribed).
     Unsubscribe {
@@ -320,7 +325,13 @@ impl Session {
                 channel,
                 auth,
                 channel_data,
-            } => self.subscribe(&channel, auth.as_deref(), channel_data.as_deref()),
+                position,
+            } => self.subscribe(
+                &channel,
+                auth.as_deref(),
+                channel_data.as_deref(),
+                position.map(String::into_boxed_str),
+            ),
             ClientMessage::Unsubscribe { channel } => {
                 if let Ok(name) = ChannelName::parse_with_limit(&channel, usize::MAX) {
                     self.unsubscribe(name);
@@ -344,7 +355,13 @@ impl Session {
         }
     }
 
-    fn subscribe(&mut self, channel: &str, auth: Option<&str>, channel_data: Option<&str>) {
+    fn subscribe(
+        &mut self,
+        channel: &str,
+        auth: Option<&str>,
+        channel_data: Option<&str>,
+        position: Option<Box<str>>,
+    ) {
         let cfg = self.cfg.clone();
         let name = match ChannelName::parse_with_limit(channel, cfg.limits.max_channel_name_length)
         {
@@ -393,13 +410,13 @@ impl Session {
             ));
             return;
         }
-        let presence = if name.kind() == ChannelKind::Presence {
+        let (presence, position) = if name.kind() == ChannelKind::Presence {
             match self.presence_join(&name, channel_data.unwrap_or_default()) {
-                Some(p) => Some(p),
+                Some(p) => (Some(PresenceJoin { position, ..p }), None),
                 None => return,
             }
         } else {
-            None
+            (None, position)
         };
         self.subs
             .insert(name.clone(), presence.as_ref().map(|p| p.user_id.clone()));
@@ -408,6 +425,7 @@ impl Session {
             channel: name,
             proto: self.proto,
             presence,
+            position,
         });
     }
 
@@ -449,6 +467,7 @@ impl Session {
         Some(PresenceJoin {
             user_id,
             info: parsed.user_info,
+            position: None,
         })
     }
 
@@ -578,7 +597,7 @@ impl Session {
     }
 
     /// wsify `join`: idempotent (joining twice delivers once).
-    pub fn wsify_join(&mut self, channel: &str) -> Result<(), String> {
+    pub fn wsify_join(&mut self, channel: &str, position: Option<&str>) -> Result<(), String> {
         let name = self.wsify_channel(channel)?;
         self.subs.insert(name.clone(), None);
         self.route(Request::Subscribe {
@@ -586,6 +605,7 @@ impl Session {
             channel: name,
             proto: self.proto,
             presence: None,
+            position: position.map(Into::into),
         });
         Ok(())
     }

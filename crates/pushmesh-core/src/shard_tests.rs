@@ -27,6 +27,7 @@ fn core(shards: usize) -> Core {
         limits: Limits::default(),
         webhooks: true,
         wsify_event: "broadcast".into(),
+        history: None,
     };
     Core::with_shards(
         CoreConfig {
@@ -36,6 +37,7 @@ fn core(shards: usize) -> Core {
             socket_prefix: 9,
             node_id: "n".into(),
             epoch: 1,
+            history_max_bytes: crate::history::MAX_BYTES,
         },
         shards,
     )

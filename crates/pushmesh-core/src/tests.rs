@@ -29,6 +29,7 @@ fn app() -> AppConfig {
         limits: Limits::default(),
         webhooks: false,
         wsify_event: "broadcast".into(),
+        history: None,
     }
 }
 
@@ -62,6 +63,7 @@ impl Harness {
                 socket_prefix: 7,
                 node_id: "n1".into(),
                 epoch: 1,
+                history_max_bytes: crate::history::MAX_BYTES,
             }),
             now: Instant::now(),
             next: 1,
@@ -551,14 +553,14 @@ fn wsify_and_pusher_share_channels() {
         .unwrap_or_else(|e| panic!("{e}"));
     h.pump();
     assert!(h.take(raw).is_empty(), "wsify has no handshake frame");
-    assert_eq!(h.core.wsify_join(raw, "hello"), Ok(()));
+    assert_eq!(h.core.wsify_join(raw, "hello", None), Ok(()));
     assert_eq!(
-        h.core.wsify_join(raw, "hello"),
+        h.core.wsify_join(raw, "hello", None),
         Ok(()),
         "joining twice is harmless"
     );
-    assert_eq!(h.core.wsify_join(env, "hello"), Ok(()));
-    assert!(h.core.wsify_join(env, "private-x").is_err());
+    assert_eq!(h.core.wsify_join(env, "hello", None), Ok(()));
+    assert!(h.core.wsify_join(env, "private-x", None).is_err());
     h.core.wsify_leave(env, "never-joined");
     // A Pusher publish reaches wsify clients once, as raw content or envelope.
     h.publish(&["hello"], "greet", r#"{"a":1}"#, None)

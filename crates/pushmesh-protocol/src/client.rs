@@ -14,6 +14,8 @@ pub enum ClientMessage {
         auth: Option<String>,
         /// Presence member data, the exact string that was signed.
         channel_data: Option<String>,
+        /// The last history position the client saw (pushmesh extension).
+        position: Option<String>,
     },
     /// `pusher:unsubscribe`.
     Unsubscribe {
@@ -78,6 +80,8 @@ struct SubscribeData {
     auth: Option<String>,
     #[serde(default)]
     channel_data: Option<String>,
+    #[serde(default)]
+    position: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -122,6 +126,7 @@ impl ClientMessage {
                     channel: d.channel,
                     auth: d.auth,
                     channel_data: d.channel_data,
+                    position: d.position,
                 })
             }
             "pusher:unsubscribe" => {

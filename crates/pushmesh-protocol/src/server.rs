@@ -80,6 +80,26 @@ pub fn subscription_succeeded(channel: &str) -> Bytes {
     )
 }
 
+/// What `subscription_succeeded` says on a history channel: the current
+/// `position`, and, when the client asked for one, whether it `recovered`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Recovery<'a> {
+    /// Whether every event after the asked position follows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+    /// The channel's position on this node.
+    pub position: &'a str,
+}
+
+/// `pusher_internal:subscription_succeeded` on a history channel.
+pub fn subscription_succeeded_at(channel: &str, recovery: Recovery<'_>) -> Bytes {
+    frame(
+        "pusher_internal:subscription_succeeded",
+        Some(channel),
+        stringified(&recovery),
+    )
+}
+
 /// A presence member as listed in `subscription_succeeded`.
 pub struct MemberRef<'a> {
     /// User id.
@@ -92,6 +112,7 @@ pub struct MemberRef<'a> {
 pub fn presence_subscription_succeeded<'a>(
     channel: &str,
     members: impl ExactSizeIterator<Item = MemberRef<'a>> + Clone,
+    recovery: Option<Recovery<'a>>,
 ) -> Bytes {
     #[derive(Serialize)]
     struct Presence<'a> {
@@ -102,6 +123,8 @@ pub fn presence_subscription_succeeded<'a>(
     #[derive(Serialize)]
     struct D<'a> {
         presence: Presence<'a>,
+        #[serde(flatten, skip_serializing_if = "Option::is_none")]
+        recovery: Option<Recovery<'a>>,
     }
     let count = members.len();
     let ids = members.clone().map(|m| m.id).collect();
@@ -119,6 +142,7 @@ pub fn presence_subscription_succeeded<'a>(
         Some(channel),
         stringified(&D {
             presence: Presence { ids, hash, count },
+            recovery,
         }),
     )
 }
@@ -218,6 +242,32 @@ pub fn watchlist_events(events: &[WatchlistEvent<'_>]) -> Bytes {
     frame("pusher_internal:watchlist_events", None, D { events })
 }
 
+/// A channel event on a history channel: with its `position`.
+pub fn channel_event_at(
+    event: &str,
+    channel: &str,
+    data: &str,
+    user_id: Option<&str>,
+    position: &str,
+) -> Bytes {
+    #[derive(Serialize)]
+    struct F<'a> {
+        event: &'a str,
+        channel: &'a str,
+        data: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user_id: Option<&'a str>,
+        position: &'a str,
+    }
+    encode(&F {
+        event,
+        channel,
+        data,
+        user_id,
+        position,
+    })
+}
+
 /// A channel event; `data` is sent as a JSON string.
 pub fn channel_event(event: &str, channel: &str, data: &str, user_id: Option<&str>) -> Bytes {
     encode(&Frame {
@@ -280,6 +330,7 @@ mod tests {
                 id: m.id,
                 info: m.info,
             }),
+            None,
         );
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
         let d: serde_json::Value =

@@ -11,6 +11,8 @@ pub enum WsifyCommand {
     Join {
         /// Channel name as sent.
         channel: String,
+        /// The last history position the client saw (`args.position`).
+        position: Option<String>,
     },
     /// Leave a channel.
     Leave {
@@ -39,9 +41,9 @@ impl WsifyCommand {
     /// The channel it concerns.
     pub fn channel(&self) -> &str {
         match self {
-            Self::Join { channel } | Self::Leave { channel } | Self::Broadcast { channel, .. } => {
-                channel
-            }
+            Self::Join { channel, .. }
+            | Self::Leave { channel }
+            | Self::Broadcast { channel, .. } => channel,
         }
     }
 }
@@ -78,6 +80,8 @@ struct Args {
     channel: Option<String>,
     #[serde(default)]
     content: Option<Box<RawValue>>,
+    #[serde(default)]
+    position: Option<String>,
 }
 
 impl WsifyCommand {
@@ -89,6 +93,7 @@ impl WsifyCommand {
             None => Args {
                 channel: None,
                 content: None,
+                position: None,
             },
         };
         let name: &'static str = match f.command.as_str() {
@@ -105,7 +110,10 @@ impl WsifyCommand {
                 field: "channel",
             })?;
         let cmd = match name {
-            "join" => Self::Join { channel },
+            "join" => Self::Join {
+                channel,
+                position: args.position,
+            },
             "leave" => Self::Leave { channel },
             _ => Self::Broadcast {
                 channel,
@@ -132,6 +140,25 @@ pub fn envelope_frame(channel: &str, content: &RawValue) -> Bytes {
         content: &'a RawValue,
     }
     Bytes::from(serde_json::to_vec(&E { channel, content }).unwrap_or_default())
+}
+
+/// A channel message in envelope mode on a history channel: with its
+/// `position`.
+pub fn envelope_frame_at(channel: &str, content: &RawValue, position: &str) -> Bytes {
+    #[derive(Serialize)]
+    struct E<'a> {
+        channel: &'a str,
+        content: &'a RawValue,
+        position: &'a str,
+    }
+    Bytes::from(
+        serde_json::to_vec(&E {
+            channel,
+            content,
+            position,
+        })
+        .unwrap_or_default(),
+    )
 }
 
 /// An error frame in envelope mode: `{"error": {"command", "message"}}`.
@@ -173,7 +200,7 @@ mod tests {
     fn parses_commands() {
         let c = WsifyCommand::parse(r#"{"command":"join","args":{"channel":"hello"}}"#)
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(c, WsifyCommand::Join { channel } if channel == "hello"));
+        assert!(matches!(c, WsifyCommand::Join { channel, .. } if channel == "hello"));
         let c = WsifyCommand::parse(
             r#"{"command":"broadcast","args":{"channel":"h","content":{"a":[1]}}}"#,
         )

@@ -20,6 +20,9 @@ use serde_json::{json, Map, Value};
 
 use crate::Shared;
 
+mod history;
+pub use history::channel_history;
+
 /// An HTTP API failure.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -7,6 +7,7 @@
 mod cli;
 mod cluster;
 pub mod env;
+mod history;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -70,6 +71,7 @@ pub struct FileConfig {
     outbound_queue: Option<usize>,
     router_shards: Option<usize>,
     shard_queue: Option<usize>,
+    history_max_bytes: Option<usize>,
     max_message_bytes: Option<usize>,
     max_request_bytes: Option<usize>,
     shutdown_timeout: Option<u64>,
@@ -126,6 +128,8 @@ struct FileApp {
     webhooks: Vec<WebhookConfig>,
     #[serde(default)]
     allowed_origins: Vec<String>,
+    #[serde(default)]
+    history: Option<history::FileHistory>,
 }
 
 /// The wsify authorizer webhook of an app.
@@ -265,6 +269,8 @@ pub struct Config {
     pub router_shards: usize,
     /// Commands queued per router shard before senders wait.
     pub shard_queue: usize,
+    /// Most bytes of message history the node keeps (oldest evicted).
+    pub history_max_bytes: usize,
     /// Largest WebSocket message from a client, in bytes.
     pub max_message_bytes: usize,
     /// Largest HTTP API body, in bytes.
@@ -310,6 +316,7 @@ impl Default for Config {
             outbound_queue: 1024,
             router_shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             shard_queue: 4096,
+            history_max_bytes: pushmesh_core::history::MAX_BYTES,
             max_message_bytes: 64 * 1024,
             max_request_bytes: 1024 * 1024,
             shutdown_timeout: Duration::from_secs(10),
@@ -337,6 +344,7 @@ pub fn development_app() -> AppConfig {
         limits: Limits::default(),
         webhooks: false,
         wsify_event: "broadcast".into(),
+        history: None,
     }
 }
 
@@ -407,6 +415,7 @@ impl Config {
                     )));
                 }
             }
+            let history = a.history.map(|h| h.resolve(&a.id)).transpose()?;
             apps.push(AppConfig {
                 id: a.id,
                 key: a.key,
@@ -419,6 +428,7 @@ impl Config {
                 limits: a.limits,
                 webhooks: !a.webhooks.is_empty(),
                 wsify_event: a.wsify_event.unwrap_or_else(|| "broadcast".into()),
+                history,
             });
             app_io.push(AppIo {
                 authorizer: a.authorizer,
@@ -559,6 +569,7 @@ impl Config {
             outbound_queue: file.outbound_queue.unwrap_or(d.outbound_queue),
             router_shards: file.router_shards.unwrap_or(d.router_shards),
             shard_queue: file.shard_queue.unwrap_or(d.shard_queue),
+            history_max_bytes: file.history_max_bytes.unwrap_or(d.history_max_bytes),
             max_message_bytes: file.max_message_bytes.unwrap_or(d.max_message_bytes),
             max_request_bytes: file.max_request_bytes.unwrap_or(d.max_request_bytes),
             shutdown_timeout: file.shutdown_timeout.map_or(d.shutdown_timeout, secs),

@@ -181,6 +181,7 @@ impl Server {
                 epoch,
                 shards: config.router_shards,
                 shard_queue: config.shard_queue,
+                history_max_bytes: config.history_max_bytes,
                 max_connections: config.max_connections,
                 socket_prefix: rand::random_range(1..1_000_000_000),
                 barrier_wait: config
@@ -354,6 +355,10 @@ fn router(st: Arc<Shared>) -> Router {
         .route(
             "/apps/{app_id}/channels/{channel}/users",
             get(api::channel_users),
+        )
+        .route(
+            "/apps/{app_id}/channels/{channel}/history",
+            get(api::channel_history),
         )
         .route(
             "/apps/{app_id}/users/{user_id}/terminate_connections",

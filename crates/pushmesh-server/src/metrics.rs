@@ -318,6 +318,7 @@ pub fn render(st: &Shared) -> String {
         );
     }
     render_continuity(st, &mut out);
+    render_history(st, &mut out);
     let (rss, cpu, fds) = proc_self();
     if let Some(r) = rss {
         family(
@@ -356,6 +357,33 @@ pub async fn metrics(State(st): State<Arc<Shared>>) -> Response {
         render(&st),
     )
         .into_response()
+}
+
+/// Message history: what the node holds, what left it and why, and how
+/// subscribes that asked for a position were answered.
+fn render_history(st: &Shared, out: &mut String) {
+    let h = st.node.history_stats();
+    let _ = writeln!(out, "# HELP pushmesh_history_events History events held on this node.\n# TYPE pushmesh_history_events gauge\npushmesh_history_events {}", h.events);
+    let _ = writeln!(out, "# HELP pushmesh_history_bytes Bytes of history held on this node (bounded by history_max_bytes).\n# TYPE pushmesh_history_bytes gauge\npushmesh_history_bytes {}", h.bytes);
+    let _ = writeln!(out, "# HELP pushmesh_history_evicted_total History events dropped: reason=max_events (per channel), memory (history_max_bytes), ttl (ttl_secs).\n# TYPE pushmesh_history_evicted_total counter");
+    for (r, v) in [
+        ("max_events", h.evicted_max_events),
+        ("memory", h.evicted_memory),
+        ("ttl", h.expired),
+    ] {
+        let _ = writeln!(out, "pushmesh_history_evicted_total{{reason=\"{r}\"}} {v}");
+    }
+    let _ = writeln!(out, "# HELP pushmesh_history_recoveries_total Subscribes that sent a position, by whether they recovered.\n# TYPE pushmesh_history_recoveries_total counter");
+    let _ = writeln!(
+        out,
+        "pushmesh_history_recoveries_total{{recovered=\"true\"}} {}",
+        h.recovered
+    );
+    let _ = writeln!(
+        out,
+        "pushmesh_history_recoveries_total{{recovered=\"false\"}} {}",
+        h.not_recovered
+    );
 }
 
 /// Publishes refused with 503 and subscription barrier timeouts.

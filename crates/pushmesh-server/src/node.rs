@@ -17,10 +17,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use pushmesh_core::history::{HistoryStore, Origin};
 use pushmesh_core::{
     AppIdx, Apps, ChannelInfo, ConnId, Delta, Event, NodeId, PeerFrame, PublishError,
-    PublishRefused, PublishRequest, PublishedChannel, QueryError, Replicator, Request, Shard, Sink,
-    Users, WebhookScheduler,
+    PublishRefused, PublishRequest, PublishedChannel, Replicator, Request, Shard, Sink, Users,
+    WebhookScheduler,
 };
 use pushmesh_protocol::ChannelName;
 use serde_json::value::RawValue;
@@ -29,12 +30,15 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::conn::{ConnRef, Registry};
 
 mod gate;
+mod history;
 pub(crate) mod hook_relay;
 mod peers;
 pub(crate) mod presence_limit;
+mod queries;
 mod sink;
 
 pub use gate::{PublishGate, Refusal};
+pub use history::HistoryQueryError;
 pub use hook_relay::HookRelay;
 use sink::send_control;
 pub use sink::DriverSink;
@@ -138,14 +142,14 @@ enum Cmd {
     Publish(Box<Publish>),
     Remote(PeerFrame),
     Apply(Vec<(NodeId, Delta)>),
-    Peers(BTreeSet<NodeId>),
-    SendCache(NodeId),
+    Peers(BTreeSet<NodeId>, Vec<Origin>),
+    SendCache(NodeId, u64),
     Query(Query),
 }
 
 /// A shard's counters, readable without asking the shard.
 #[derive(Default)]
-struct KindSlots([[AtomicUsize; 2]; 5]);
+struct KindSlots([[AtomicUsize; 2]; 5], history::HistorySlots);
 
 fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut DriverSink<'_>) {
     match cmd {
@@ -155,7 +159,17 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 channel,
                 proto,
                 presence,
-            } => shard.subscribe(now, h, app, &channel, proto, presence, sink),
+                position,
+            } => shard.subscribe(
+                now,
+                h,
+                app,
+                &channel,
+                proto,
+                presence,
+                position.as_deref(),
+                sink,
+            ),
             Request::Unsubscribe { app, channel } => {
                 shard.unsubscribe(h.0.id(), app, &channel, sink)
             }
@@ -180,7 +194,7 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
             };
             // Answered once it is handed to the peers (it cannot fail
             // after that), before the local fan-out; with `info`, after.
-            match shard.hand_to_peers(&ev, sink) {
+            match shard.hand_to_peers(now, &ev, sink) {
                 Err(e) => {
                     let _ = p.reply.send(Err(e));
                 }
@@ -219,6 +233,33 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 data,
                 age_ms,
             } => shard.cache_set(now, &app, &channel, &event, &data, age_ms),
+            PeerFrame::HistoryPublish {
+                app,
+                channel,
+                event,
+                data,
+                exclude,
+                user_id,
+                origin,
+                seq,
+                at_ms,
+            } => shard.deliver_history(
+                now,
+                &app,
+                &channel,
+                &event,
+                &data,
+                exclude.as_deref(),
+                user_id.as_deref(),
+                (origin, seq, at_ms),
+                sink,
+            ),
+            PeerFrame::HistorySync {
+                app,
+                channel,
+                base,
+                events,
+            } => shard.merge_history(now, &app, &channel, &base, events, sink),
             f @ (PeerFrame::PresenceClaim { .. } | PeerFrame::PresenceGrant { .. }) => {
                 shard.handle_presence_frame(now, f, sink)
             }
@@ -229,11 +270,15 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 shard.apply_remote(&peer, delta, sink);
             }
         }
-        Cmd::Peers(p) => {
+        Cmd::Peers(p, origins) => {
             shard.set_peers(p);
+            shard.set_live_origins(origins);
             shard.presence_peers_changed(now, sink);
         }
-        Cmd::SendCache(peer) => shard.send_cache(now, &peer, sink),
+        Cmd::SendCache(peer, epoch) => {
+            shard.send_cache(now, &peer, sink);
+            shard.send_history(now, &peer, epoch, sink);
+        }
         Cmd::Query(q) => q(shard, now),
     }
 }
@@ -281,6 +326,7 @@ async fn run_shard(
             slot[0].store(k.channels, Ordering::Relaxed);
             slot[1].store(k.subscriptions, Ordering::Relaxed);
         }
+        slots.1.store(shard.history_stats());
     }
 }
 
@@ -314,6 +360,8 @@ pub struct NodeSettings {
     pub shards: usize,
     /// Commands queued per shard.
     pub shard_queue: usize,
+    /// Most bytes of history on the node (split evenly over the shards).
+    pub history_max_bytes: usize,
     /// Most connections on this node.
     pub max_connections: Option<usize>,
     /// First part of socket ids.
@@ -346,10 +394,20 @@ impl Node {
         });
         let mut shards = Vec::new();
         let mut slots = Vec::new();
+        let history = apps.iter().any(|(_, a)| a.history.is_some());
+        let origin = Origin::of(&s.node_id, s.epoch);
+        let wall_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let clock = (Instant::now(), wall_ms);
         for _ in 0..s.shards.max(1) {
             let (tx, rx) = mpsc::channel(s.shard_queue.max(16));
             let slot = Arc::new(KindSlots::default());
-            let shard = Shard::new(apps.clone(), node.clone(), s.socket_prefix);
+            let mut shard = Shard::new(apps.clone(), node.clone(), s.socket_prefix);
+            if history {
+                let budget = s.history_max_bytes / s.shards.max(1);
+                shard.set_history(HistoryStore::new(origin, budget, clock));
+            }
             tokio::spawn(run_shard(shard, rx, links.clone(), slot.clone()));
             shards.push(tx);
             slots.push(slot);
@@ -519,68 +577,6 @@ impl Node {
             Ok(Err(_)) => Err(self.refused(Refusal::PeerBufferFull)),
             Err(_) => Err(self.refused(Refusal::Draining)),
         }
-    }
-
-    async fn ask<R: Send + 'static>(
-        &self,
-        shard: &mpsc::Sender<Cmd>,
-        f: impl FnOnce(&Shard<ConnRef>, Instant) -> R + Send + 'static,
-    ) -> Option<R> {
-        let (tx, rx) = oneshot::channel();
-        let q: Query = Box::new(move |s, now| {
-            let _ = tx.send(f(s, now));
-        });
-        shard.send(Cmd::Query(q)).await.ok()?;
-        rx.await.ok()
-    }
-
-    /// `GET /channels`: occupied channels, sorted, optionally by prefix.
-    pub async fn channels(
-        &self,
-        app: AppIdx,
-        prefix: Option<&str>,
-        user_count: bool,
-    ) -> Result<Vec<(ChannelName, ChannelInfo)>, QueryError> {
-        pushmesh_core::router::check_channels_query(prefix, user_count)?;
-        let mut out = Vec::new();
-        for s in &self.shards {
-            let prefix = prefix.map(str::to_owned);
-            let part = self
-                .ask(s, move |sh, now| {
-                    let mut v = Vec::new();
-                    sh.occupied(now, app, prefix.as_deref(), &mut v);
-                    v
-                })
-                .await;
-            out.extend(part.unwrap_or_default());
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
-    }
-
-    /// `GET /channels/{name}`.
-    pub async fn channel(
-        &self,
-        app: AppIdx,
-        name: &str,
-        user_count: bool,
-    ) -> Result<ChannelInfo, QueryError> {
-        let name = pushmesh_core::router::check_channel_query(name, user_count)?;
-        let shard = self.shard(app, name.as_str()).clone();
-        Ok(self
-            .ask(&shard, move |sh, now| sh.info(now, app, &name))
-            .await
-            .unwrap_or_default())
-    }
-
-    /// `GET /channels/{name}/users`.
-    pub async fn channel_users(&self, app: AppIdx, name: &str) -> Result<Vec<String>, QueryError> {
-        let name = pushmesh_core::router::check_users_query(name)?;
-        let shard = self.shard(app, name.as_str()).clone();
-        Ok(self
-            .ask(&shard, move |sh, _| sh.users(app, &name))
-            .await
-            .unwrap_or_default())
     }
 
     /// `POST /users/{id}/terminate_connections`.

@@ -342,7 +342,9 @@ async fn handle_command(
         }
     }
     let r = match &cmd {
-        WsifyCommand::Join { channel } => session.wsify_join(channel),
+        WsifyCommand::Join { channel, position } => {
+            session.wsify_join(channel, position.as_deref())
+        }
         WsifyCommand::Leave { channel } => {
             session.wsify_leave(channel);
             Ok(())

@@ -101,12 +101,14 @@ mod tests {
                 limits: Limits::default(),
                 webhooks: true,
                 wsify_event: "broadcast".into(),
+                history: None,
             }],
             activity_timeout_secs: 120,
             max_connections: None,
             socket_prefix: 1,
             node_id: name.into(),
             epoch: 1,
+            history_max_bytes: crate::history::MAX_BYTES,
         })
     }
 

@@ -113,8 +113,15 @@ impl Core {
 
     pub(super) fn peers_changed(&mut self) {
         let peers = self.replicator.peers();
+        let origins: Vec<_> = self
+            .replicator
+            .links()
+            .iter()
+            .map(|l| crate::history::Origin::of(l.node.as_str(), l.epoch))
+            .collect();
         for s in &mut self.shards {
             s.set_peers(peers.clone());
+            s.set_live_origins(origins.clone());
         }
         self.users.set_peers(peers);
     }
@@ -129,6 +136,7 @@ impl Core {
         for i in 0..self.shards.len() {
             let mut sink = sink!(self);
             self.shards[i].send_cache(now, &peer, &mut sink);
+            self.shards[i].send_history(now, &peer, epoch, &mut sink);
         }
     }
 
@@ -193,6 +201,47 @@ impl Core {
                 if let Some(a) = self.apps.by_id(&app) {
                     let i = self.shard(a, &channel);
                     self.shards[i].cache_set(now, &app, &channel, &event, &data, age_ms);
+                }
+            }
+            PeerFrame::HistoryPublish {
+                app,
+                channel,
+                event,
+                data,
+                exclude,
+                user_id,
+                origin,
+                seq,
+                at_ms,
+            } => {
+                if let Some(a) = self.apps.by_id(&app) {
+                    let i = self.shard(a, &channel);
+                    let mut sink = sink!(self);
+                    self.shards[i].deliver_history(
+                        now,
+                        &app,
+                        &channel,
+                        &event,
+                        &data,
+                        exclude.as_deref(),
+                        user_id.as_deref(),
+                        (origin, seq, at_ms),
+                        &mut sink,
+                    );
+                    self.flush_deltas();
+                }
+            }
+            PeerFrame::HistorySync {
+                app,
+                channel,
+                base,
+                events,
+            } => {
+                if let Some(a) = self.apps.by_id(&app) {
+                    let i = self.shard(a, &channel);
+                    let mut sink = sink!(self);
+                    self.shards[i].merge_history(now, &app, &channel, &base, events, &mut sink);
+                    self.flush_deltas();
                 }
             }
             PeerFrame::Terminate { app, user } => {

@@ -7,6 +7,7 @@
 //!
 //! Every method takes `now` and a [`Sink`] that receives the effects in order.
 
+mod history;
 mod presence;
 mod presence_limit;
 mod query;
@@ -24,6 +25,7 @@ use pushmesh_protocol::wsify;
 use pushmesh_protocol::{ChannelKind, ChannelName};
 use serde_json::value::RawValue;
 
+pub use history::{HistoryError, HistoryItem, HistoryPage, RECOVERY_WAIT};
 pub use presence_limit::PresenceLimitStats;
 pub use query::{
     check_channel_query, check_channels_query, check_users_query, ChannelInfo, KindStats,
@@ -31,6 +33,7 @@ pub use query::{
 };
 
 use crate::app::{AppIdx, Apps, ConnId};
+use crate::history::{HistoryStore, Origin};
 use crate::peer_frame::{Delta, NodeId};
 use crate::routing::is_owner;
 use crate::session::{not_subscribed, PresenceJoin, Proto};
@@ -59,6 +62,14 @@ pub struct Shard<H> {
     kinds: [KindStats; 5],
     /// Presence joins waiting for the owner; reservations (`presence_limit.rs`).
     limit: presence_limit::PresenceLimit<H>,
+    /// History of the history channels (`history.rs`); none if no app keeps any.
+    history: Option<Box<HistoryStore>>,
+    /// Peers' incarnations that may still send history events.
+    live_origins: Vec<Origin>,
+    /// Subscribes waiting for history events their position names.
+    pending: Vec<history::Pending<H>>,
+    /// The incarnation of each peer this shard sent its history to.
+    history_sent: HashMap<NodeId, u64>,
 }
 
 struct Table<H> {
@@ -225,6 +236,10 @@ impl<H: Handle> Shard<H> {
             peers: BTreeSet::new(),
             kinds: [KindStats::default(); 5],
             limit: presence_limit::PresenceLimit::default(),
+            history: None,
+            live_origins: Vec::new(),
+            pending: Vec::new(),
+            history_sent: HashMap::new(),
         }
     }
 
@@ -286,7 +301,8 @@ impl<H: Handle> Shard<H> {
 
     /// Subscribes a connection (authorized by its session). Pusher
     /// connections get `subscription_succeeded` (and the cached event of a
-    /// cache channel); subscribing twice delivers once.
+    /// cache channel); subscribing twice delivers once. On a history
+    /// channel, `position` asks for every event after it (see `history.rs`).
     #[allow(clippy::too_many_arguments)]
     pub fn subscribe(
         &mut self,
@@ -296,36 +312,76 @@ impl<H: Handle> Shard<H> {
         name: &ChannelName,
         proto: Proto,
         presence: Option<PresenceJoin>,
+        position: Option<&str>,
         sink: &mut impl Sink<H>,
     ) {
         if let Some(p) = presence {
             let ask = presence_limit::Admission::Ask;
-            if !self.subscribe_presence(now, h.clone(), app, name, p, ask, sink) {
-                return;
+            if self.subscribe_presence(now, h.clone(), app, name, p, ask, sink) && name.is_cache() {
+                self.send_cached(now, &h, app, name, sink);
             }
-        } else {
-            let conn = h.conn();
-            let t = self.table(app);
-            let ch = t.channels.entry(name.clone()).or_default();
-            let occupied = ch.count() == 0;
-            if ch.insert(conn, h.clone(), proto) {
-                t.dirty_counts.insert(name.clone());
-                self.counted(name, occupied, 1);
-                if occupied {
-                    self.local_interest(app, name, true, sink);
+            return;
+        }
+        let answer = if self.keeps_history(app, name.as_str()).is_some() {
+            match self.history_answer(app, name, position) {
+                Some(a) => Some(a),
+                None => {
+                    // Its events are on their way from a peer: wait for them.
+                    let position = position.unwrap_or_default();
+                    self.park_recovery(now, h, app, name, proto, position);
+                    return;
                 }
             }
-            // The barrier: what follows waits until every peer knows of
-            // this node's interest (see `Sink::hold`).
-            if !self.peers.is_empty() {
-                sink.hold(&h);
+        } else {
+            None
+        };
+        self.subscribe_answered(now, h, app, name, proto, answer, sink);
+    }
+
+    /// A non-presence subscribe, answered (`answer` on history channels).
+    #[allow(clippy::too_many_arguments)]
+    fn subscribe_answered(
+        &mut self,
+        now: Instant,
+        h: H,
+        app: AppIdx,
+        name: &ChannelName,
+        proto: Proto,
+        mut answer: Option<history::Answer>,
+        sink: &mut impl Sink<H>,
+    ) {
+        let conn = h.conn();
+        let t = self.table(app);
+        let ch = t.channels.entry(name.clone()).or_default();
+        let occupied = ch.count() == 0;
+        if ch.insert(conn, h.clone(), proto) {
+            t.dirty_counts.insert(name.clone());
+            self.counted(name, occupied, 1);
+            if occupied {
+                self.local_interest(app, name, true, sink);
             }
-            if proto != Proto::Pusher {
-                return;
-            }
-            sink.send(&h, &server::subscription_succeeded(name.as_str()));
+        } else if answer.is_some() {
+            // Subscribed already: it has every event since; no replay.
+            answer = Some(history::Answer::Fresh);
         }
-        if name.is_cache() {
+        // The barrier: what follows waits until every peer knows of
+        // this node's interest (see `Sink::hold`).
+        if !self.peers.is_empty() {
+            sink.hold(&h);
+        }
+        if proto == Proto::Pusher {
+            let frame = match &answer {
+                Some(a) => self.succeeded_frame(app, name, a),
+                None => server::subscription_succeeded(name.as_str()),
+            };
+            sink.send(&h, &frame);
+        } else if let Some(a) = &answer {
+            self.recovery_fields(app, name, a);
+        }
+        if let Some(history::Answer::Recovered(from)) = &answer {
+            self.replay(&h, app, name, proto, from, sink);
+        }
+        if proto == Proto::Pusher && name.is_cache() {
             self.send_cached(now, &h, app, name, sink);
         }
     }
@@ -366,6 +422,7 @@ impl<H: Handle> Shard<H> {
         sink: &mut impl Sink<H>,
     ) {
         self.unpark(conn, app, name);
+        self.unpark_recovery(conn, app, name);
         let t = self.table(app);
         let Some(ch) = t.channels.get_mut(name) else {
             return;
@@ -471,7 +528,7 @@ impl<H: Handle> Shard<H> {
         sink: &mut impl Sink<H>,
     ) -> Result<(), PublishRefused> {
         if forward {
-            self.hand_to_peers(ev, sink)?;
+            self.hand_to_peers(now, ev, sink)?;
         }
         self.deliver_local(now, ev, sink);
         Ok(())
@@ -480,7 +537,10 @@ impl<H: Handle> Shard<H> {
     /// The second half of a publish: every local subscriber (Pusher and
     /// wsify, each protocol's frame encoded once), and the cache.
     pub fn deliver_local(&mut self, now: Instant, ev: &Event<'_>, sink: &mut impl Sink<H>) {
-        let frame = self.cache_event(now, ev);
+        let position = self
+            .keeps_history(ev.app, ev.channel.as_str())
+            .map(|_| self.history_head(ev.app, ev.channel));
+        let frame = self.cache_event(now, ev, position.as_deref());
         let exclude = ev.exclude_socket.and_then(|s| self.local_conn_of(s));
         if let Some(ch) = self.tables[ev.app.0 as usize].channels.get(ev.channel) {
             if ch.wsify == 0 {
@@ -499,7 +559,10 @@ impl<H: Handle> Shard<H> {
                     }
                 };
                 let raw = wsify::raw_frame(content.get());
-                let env = wsify::envelope_frame(ev.channel.as_str(), content);
+                let env = match &position {
+                    Some(p) => wsify::envelope_frame_at(ev.channel.as_str(), content, p),
+                    None => wsify::envelope_frame(ev.channel.as_str(), content),
+                };
                 for (c, s) in &ch.subs {
                     if Some(*c) != exclude {
                         let f = match s.proto {
@@ -514,9 +577,15 @@ impl<H: Handle> Shard<H> {
         }
     }
 
-    /// Remembers the last event of a cache channel; returns its frame.
-    fn cache_event(&mut self, now: Instant, ev: &Event<'_>) -> Bytes {
-        let frame = server::channel_event(ev.name, ev.channel.as_str(), ev.data, ev.user_id);
+    /// Remembers the last event of a cache channel; returns its frame
+    /// (with its `position` on a history channel).
+    fn cache_event(&mut self, now: Instant, ev: &Event<'_>, position: Option<&str>) -> Bytes {
+        let frame = match position {
+            Some(p) => {
+                server::channel_event_at(ev.name, ev.channel.as_str(), ev.data, ev.user_id, p)
+            }
+            None => server::channel_event(ev.name, ev.channel.as_str(), ev.data, ev.user_id),
+        };
         if ev.channel.is_cache() {
             self.table(ev.app).cache.insert(
                 ev.channel.clone(),
@@ -584,5 +653,6 @@ impl<H: Handle> Shard<H> {
             }
         }
         self.presence_limit_tick(now, sink);
+        self.history_tick(now, sink);
     }
 }

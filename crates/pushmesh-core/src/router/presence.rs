@@ -3,11 +3,12 @@
 
 use std::time::Instant;
 
-use pushmesh_protocol::server::{self, MemberRef};
+use pushmesh_protocol::server::{self, MemberRef, Recovery};
 use pushmesh_protocol::webhook::WebhookEvent;
 use pushmesh_protocol::ChannelName;
 use serde_json::value::RawValue;
 
+use super::history::Answer;
 use super::presence_limit::{full, Admission};
 use super::{Channel, Member, Shard};
 use crate::app::AppIdx;
@@ -39,7 +40,11 @@ impl<H: Handle> Shard<H> {
             .is_some_and(|c| c.subs.contains_key(&conn))
         {
             // Already subscribed: answer again, change nothing.
-            sink.send(&h, &self.presence_frame(app, name));
+            let fresh = self
+                .keeps_history(app, name.as_str())
+                .map(|_| Answer::Fresh);
+            let frame = self.presence_frame(app, name, fresh.as_ref());
+            sink.send(&h, &frame);
             return true;
         }
         if self.is_parked(conn, app, name) {
@@ -52,6 +57,7 @@ impl<H: Handle> Shard<H> {
             let join = PresenceJoin {
                 user_id,
                 info: join.info,
+                position: join.position,
             };
             self.ask_owner(now, h, app, name, join, sink);
             return false;
@@ -65,6 +71,7 @@ impl<H: Handle> Shard<H> {
             return false;
         }
         let info_json = join.info.as_ref().map(|i| i.get().to_owned());
+        let position = join.position;
         let t = self.table(app);
         let ch = t.channels.entry(name.clone()).or_default();
         let occupied = ch.count() == 0;
@@ -104,7 +111,17 @@ impl<H: Handle> Shard<H> {
         if !self.peers.is_empty() {
             sink.hold(&h);
         }
-        sink.send(&h, &self.presence_frame(app, name));
+        // On a history channel: recovered or not, at once (a position
+        // ahead of this node is not waited for on presence channels).
+        let answer = self.keeps_history(app, name.as_str()).map(|_| {
+            self.history_answer(app, name, position.as_deref())
+                .unwrap_or(Answer::Lost)
+        });
+        let frame = self.presence_frame(app, name, answer.as_ref());
+        sink.send(&h, &frame);
+        if let Some(Answer::Recovered(from)) = &answer {
+            self.replay(&h, app, name, Proto::Pusher, from, sink);
+        }
         true
     }
 
@@ -210,13 +227,23 @@ impl<H: Handle> Shard<H> {
         local.map_or(0, Channel::member_count) + remote_only
     }
 
-    fn presence_frame(&self, app: AppIdx, name: &ChannelName) -> bytes::Bytes {
+    fn presence_frame(
+        &mut self,
+        app: AppIdx,
+        name: &ChannelName,
+        a: Option<&Answer>,
+    ) -> bytes::Bytes {
+        let fields = a.map(|a| self.recovery_fields(app, name, a));
         let members = self.members_union(app, name.as_str());
         server::presence_subscription_succeeded(
             name.as_str(),
             members.iter().map(|(id, info)| MemberRef {
                 id: id.as_str(),
                 info: info.as_deref(),
+            }),
+            fields.as_ref().map(|(recovered, position)| Recovery {
+                recovered: *recovered,
+                position,
             }),
         )
     }

@@ -196,7 +196,7 @@ impl<H: Handle> Shard<H> {
             exclude_socket: None,
             user_id: None,
         };
-        self.cache_event(at, &ev);
+        self.cache_event(at, &ev, None);
     }
 
     /// Sends every live cache entry to a peer whose link just came up, so a
@@ -236,9 +236,13 @@ impl<H: Handle> Shard<H> {
     /// local fan-out, which is [`Shard::deliver_local`]).
     pub fn hand_to_peers(
         &mut self,
+        now: Instant,
         ev: &Event<'_>,
         sink: &mut impl Sink<H>,
     ) -> Result<(), PublishRefused> {
+        if self.keeps_history(ev.app, ev.channel.as_str()).is_some() {
+            return self.history_hand(now, ev, sink);
+        }
         self.check_peer_room(ev, sink)?;
         self.forward(ev, sink);
         Ok(())

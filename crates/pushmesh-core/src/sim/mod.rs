@@ -43,6 +43,7 @@ fn app() -> AppConfig {
         limits: Limits::default(),
         webhooks: true,
         wsify_event: "broadcast".into(),
+        history: None,
     }
 }
 
@@ -70,6 +71,7 @@ fn new_core(i: usize, epoch: u64) -> Core {
         socket_prefix: 100 + i as u32,
         node_id: node_name(i).to_string(),
         epoch,
+        history_max_bytes: crate::history::MAX_BYTES,
     })
 }
 

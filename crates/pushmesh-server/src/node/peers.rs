@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use pushmesh_core::history::Origin;
 use pushmesh_core::{Delta, Effects, NodeId, PeerFrame, PeerLink, Replicator};
 
 use super::{hook_relay, lock, send_control, Cmd, Node};
@@ -43,9 +44,17 @@ impl Node {
     /// peer then routes here queues behind them on the same shard).
     async fn effects(&self, fx: Effects, peers_changed: bool) {
         if peers_changed {
-            let peers = lock(&self.links.replicator).peers();
+            let (peers, origins) = {
+                let r = lock(&self.links.replicator);
+                let origins: Vec<Origin> = r
+                    .links()
+                    .iter()
+                    .map(|l| Origin::of(l.node.as_str(), l.epoch))
+                    .collect();
+                (r.peers(), origins)
+            };
             for s in &self.shards {
-                let _ = s.send(Cmd::Peers(peers.clone())).await;
+                let _ = s.send(Cmd::Peers(peers.clone(), origins.clone())).await;
             }
             lock(&self.users).set_peers(peers);
         }
@@ -82,7 +91,7 @@ impl Node {
         let fx = self.with_replicator(|r, fx| r.peer_up(peer.clone(), epoch, fx));
         self.effects(fx, true).await;
         for s in &self.shards {
-            let _ = s.send(Cmd::SendCache(peer.clone())).await;
+            let _ = s.send(Cmd::SendCache(peer.clone(), epoch)).await;
         }
     }
 
@@ -128,6 +137,16 @@ impl Node {
                 ..
             }
             | PeerFrame::PresenceGrant {
+                ref app,
+                ref channel,
+                ..
+            }
+            | PeerFrame::HistoryPublish {
+                ref app,
+                ref channel,
+                ..
+            }
+            | PeerFrame::HistorySync {
                 ref app,
                 ref channel,
                 ..

@@ -32,12 +32,14 @@ fn core(name: &str) -> Core {
             limits,
             webhooks: false,
             wsify_event: "broadcast".into(),
+            history: None,
         }],
         activity_timeout_secs: 120,
         max_connections: None,
         socket_prefix: 1,
         node_id: name.into(),
         epoch: 1,
+        history_max_bytes: crate::history::MAX_BYTES,
     })
 }
 

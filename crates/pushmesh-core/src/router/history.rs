@@ -1,0 +1,572 @@
+//! History in a shard: numbering and storing the events of history
+//! channels, positions on their frames, recovery on subscribe (replay, or
+//! a bounded wait for events still on their way), the copy a joining peer
+//! gets, and the HTTP history query. The store itself is `crate::history`.
+
+use std::time::{Duration, Instant};
+
+use pushmesh_protocol::server::{self, Recovery};
+use pushmesh_protocol::{wsify, ChannelName};
+
+use super::{Event, PublishRefused, Shard};
+use crate::app::AppIdx;
+use crate::history::{
+    AppHistory, Appended, BadPosition, Check, HistoryStats, HistoryStore, Origin, Position,
+};
+use crate::peer_frame::{FrameKind, HistoryEvent, NodeId, PeerFrame};
+use crate::session::Proto;
+use crate::sink::{Handle, Sink};
+
+/// How long a recovery waits for events a position names but this node
+/// has not got yet (they are on their way from a live peer).
+pub const RECOVERY_WAIT: Duration = Duration::from_millis(1000);
+
+/// Most events and bytes in one [`PeerFrame::HistorySync`].
+const SYNC_EVENTS: usize = 256;
+const SYNC_BYTES: usize = 4 << 20;
+
+/// A subscribe waiting for the events its position names.
+pub(super) struct Pending<H> {
+    h: H,
+    app: AppIdx,
+    name: ChannelName,
+    proto: Proto,
+    from: Position,
+    until: Instant,
+}
+
+/// How a subscribe on a history channel is answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Answer {
+    /// No position asked: the current one is given.
+    Fresh,
+    /// Every event after this position follows.
+    Recovered(Position),
+    /// The position cannot be continued: only live events follow.
+    Lost,
+}
+
+/// One page of a channel's history (`GET .../history`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// Events, oldest first.
+    pub events: Vec<HistoryItem>,
+    /// The channel's position on this node.
+    pub position: String,
+    /// False when events after `after` (or, without it, before the first
+    /// returned) are gone.
+    pub complete: bool,
+}
+
+/// One event of a [`HistoryPage`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryItem {
+    /// Event name.
+    pub name: String,
+    /// Data.
+    pub data: String,
+    /// The position after it.
+    pub position: String,
+    /// When it was published, Unix ms.
+    pub published_at_ms: u64,
+}
+
+/// Why a history query is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HistoryError {
+    /// The channel keeps no history.
+    #[error("channel {0:?} keeps no history (see [apps.history] channels)")]
+    NotEnabled(String),
+    /// `after` is not a position.
+    #[error(transparent)]
+    BadPosition(#[from] BadPosition),
+}
+
+impl<H: Handle> Shard<H> {
+    /// Gives the shard a history store (only if some app keeps history).
+    pub fn set_history(&mut self, store: HistoryStore) {
+        self.history = Some(Box::new(store));
+    }
+
+    /// The origins that may still send events here: this node's peers'
+    /// current incarnations (this node's own is always one).
+    pub fn set_live_origins(&mut self, origins: Vec<Origin>) {
+        self.live_origins = origins;
+    }
+
+    /// The store's counters.
+    pub fn history_stats(&self) -> HistoryStats {
+        self.history.as_ref().map(|h| h.stats).unwrap_or_default()
+    }
+
+    /// The app's history settings, if `name` keeps history.
+    pub(super) fn keeps_history(&self, app: AppIdx, name: &str) -> Option<&AppHistory> {
+        self.history.as_ref()?;
+        self.apps
+            .get(app)
+            .history
+            .as_ref()
+            .filter(|h| h.matches(name))
+    }
+
+    fn is_live(&self, o: Origin) -> bool {
+        self.live_origins.contains(&o)
+    }
+
+    /// The channel's position here (`0` before any event).
+    pub(super) fn history_head(&self, app: AppIdx, name: &ChannelName) -> String {
+        self.history
+            .as_ref()
+            .and_then(|s| s.log(app, name))
+            .map_or_else(|| "0".to_owned(), |l| l.head().to_string())
+    }
+
+    /// How to answer a subscribe asking for `position`; `None`: wait.
+    pub(super) fn history_answer(
+        &self,
+        app: AppIdx,
+        name: &ChannelName,
+        position: Option<&str>,
+    ) -> Option<Answer> {
+        let Some(text) = position else {
+            return Some(Answer::Fresh);
+        };
+        let Ok(p) = Position::parse(text) else {
+            return Some(Answer::Lost);
+        };
+        let own = self.history.as_ref().map(|s| s.origin());
+        let live = |o: Origin| Some(o) != own && self.is_live(o);
+        let check = match self.history.as_ref().and_then(|s| s.log(app, name)) {
+            Some(log) => log.check(&p, live),
+            None if p.entries().next().is_none() => Check::Continuous,
+            None if p.entries().any(|(o, _)| live(o)) => Check::Ahead,
+            None => Check::Lost,
+        };
+        match check {
+            Check::Continuous => Some(Answer::Recovered(p)),
+            Check::Ahead => None,
+            Check::Lost => Some(Answer::Lost),
+        }
+    }
+
+    /// Parks a subscribe until the events its position names arrive.
+    pub(super) fn park_recovery(
+        &mut self,
+        now: Instant,
+        h: H,
+        app: AppIdx,
+        name: &ChannelName,
+        proto: Proto,
+        position: &str,
+    ) {
+        let from = Position::parse(position).unwrap_or_default();
+        self.pending
+            .retain(|p| !(p.h.conn() == h.conn() && p.app == app && p.name == *name));
+        self.pending.push(Pending {
+            h,
+            app,
+            name: name.clone(),
+            proto,
+            from,
+            until: now + RECOVERY_WAIT,
+        });
+    }
+
+    /// Forgets a parked recovery (the connection unsubscribed).
+    pub(super) fn unpark_recovery(
+        &mut self,
+        conn: crate::app::ConnId,
+        app: AppIdx,
+        name: &ChannelName,
+    ) {
+        if !self.pending.is_empty() {
+            self.pending
+                .retain(|p| !(p.h.conn() == conn && p.app == app && p.name == *name));
+        }
+    }
+
+    /// Counts the answer and makes the `recovered` / `position` fields.
+    pub(super) fn recovery_fields(
+        &mut self,
+        app: AppIdx,
+        name: &ChannelName,
+        a: &Answer,
+    ) -> (Option<bool>, String) {
+        let recovered = match a {
+            Answer::Fresh => None,
+            Answer::Recovered(_) => Some(true),
+            Answer::Lost => Some(false),
+        };
+        if let Some(s) = self.history.as_mut() {
+            match recovered {
+                Some(true) => s.stats.recovered += 1,
+                Some(false) => s.stats.not_recovered += 1,
+                None => {}
+            }
+        }
+        (recovered, self.history_head(app, name))
+    }
+
+    /// `subscription_succeeded` on a history channel.
+    pub(super) fn succeeded_frame(
+        &mut self,
+        app: AppIdx,
+        name: &ChannelName,
+        a: &Answer,
+    ) -> bytes::Bytes {
+        let (recovered, position) = self.recovery_fields(app, name, a);
+        server::subscription_succeeded_at(
+            name.as_str(),
+            Recovery {
+                recovered,
+                position: &position,
+            },
+        )
+    }
+
+    /// Sends a recovering subscriber every event after `from`, in order,
+    /// each with the position it has after it.
+    pub(super) fn replay(
+        &self,
+        h: &H,
+        app: AppIdx,
+        name: &ChannelName,
+        proto: Proto,
+        from: &Position,
+        sink: &mut impl Sink<H>,
+    ) {
+        let Some(log) = self.history.as_ref().and_then(|s| s.log(app, name)) else {
+            return;
+        };
+        for (e, at) in log.after(from) {
+            let pos = at.to_string();
+            let frame = match proto {
+                Proto::Pusher => server::channel_event_at(
+                    &e.event,
+                    name.as_str(),
+                    &e.data,
+                    e.user_id.as_deref(),
+                    &pos,
+                ),
+                Proto::Wsify { envelope } => {
+                    let content = wsify::content_of_event_data(&e.data);
+                    if envelope {
+                        wsify::envelope_frame_at(name.as_str(), &content, &pos)
+                    } else {
+                        wsify::raw_frame(content.get())
+                    }
+                }
+            };
+            sink.send(h, &frame);
+        }
+    }
+
+    /// The first half of a publish on a history channel: room in every
+    /// peer's buffer (every node keeps the history), then numbered, stored
+    /// and sent to every peer.
+    pub(super) fn history_hand(
+        &mut self,
+        now: Instant,
+        ev: &Event<'_>,
+        sink: &mut impl Sink<H>,
+    ) -> Result<(), PublishRefused> {
+        for p in &self.peers {
+            if !sink.peer_has_room(p) {
+                return Err(PublishRefused::PeerBufferFull(p.clone()));
+            }
+        }
+        let max = self
+            .keeps_history(ev.app, ev.channel.as_str())
+            .map_or(1, |c| c.max_events);
+        let Some(store) = self.history.as_mut() else {
+            return Ok(());
+        };
+        let origin = store.origin();
+        let seq = store.next_own_seq(ev.app, ev.channel);
+        let at_ms = store.wall_ms(now);
+        let e = store.event(origin, seq, now, at_ms, ev.name, ev.data, ev.user_id);
+        store.append(ev.app, ev.channel, e, max);
+        if !self.peers.is_empty() {
+            let frame = PeerFrame::HistoryPublish {
+                app: self.app_id(ev.app).to_owned(),
+                channel: ev.channel.to_string(),
+                event: ev.name.to_owned(),
+                data: ev.data.to_owned(),
+                exclude: ev.exclude_socket.map(str::to_owned),
+                user_id: ev.user_id.map(str::to_owned),
+                origin: origin.0,
+                seq,
+                at_ms,
+            }
+            .encode();
+            for to in &self.peers {
+                sink.peer(to, FrameKind::Data, &frame);
+            }
+        }
+        Ok(())
+    }
+
+    /// A history event from a peer: stored and delivered here, unless it
+    /// is held already (then it was delivered already, or predates every
+    /// position given out here).
+    #[allow(clippy::too_many_arguments)]
+    pub fn deliver_history(
+        &mut self,
+        now: Instant,
+        app_id: &str,
+        channel: &str,
+        event: &str,
+        data: &str,
+        exclude: Option<&str>,
+        user_id: Option<&str>,
+        (origin, seq, at_ms): (u64, u64, u64),
+        sink: &mut impl Sink<H>,
+    ) {
+        let Some(app) = self.apps.by_id(app_id) else {
+            return;
+        };
+        let Ok(name) = ChannelName::parse_with_limit(channel, usize::MAX) else {
+            return;
+        };
+        let ev = Event {
+            app,
+            channel: &name,
+            name: event,
+            data,
+            content: None,
+            exclude_socket: exclude,
+            user_id,
+        };
+        if let Some(max) = self.keeps_history(app, channel).map(|c| c.max_events) {
+            if let Some(store) = self.history.as_mut() {
+                let e = store.event(Origin(origin), seq, now, at_ms, event, data, user_id);
+                if store.append(app, &name, e, max) == Appended::Duplicate {
+                    return;
+                }
+            }
+        }
+        self.deliver_local(now, &ev, sink);
+        self.resolve_pending(now, app, &name, sink);
+    }
+
+    /// Parked recoveries of a channel that can now be answered.
+    fn resolve_pending(
+        &mut self,
+        now: Instant,
+        app: AppIdx,
+        name: &ChannelName,
+        sink: &mut impl Sink<H>,
+    ) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut i = 0;
+        while i < self.pending.len() {
+            let p = &self.pending[i];
+            if p.app != app || p.name != *name {
+                i += 1;
+                continue;
+            }
+            let text = p.from.to_string();
+            match self.history_answer(app, name, Some(&text)) {
+                None => i += 1,
+                Some(a) => {
+                    let p = self.pending.swap_remove(i);
+                    self.subscribe_answered(now, p.h, p.app, &p.name, p.proto, Some(a), sink);
+                }
+            }
+        }
+    }
+
+    /// Periodic work: expiry, and parked recoveries that waited too long
+    /// (answered `recovered: false`).
+    pub(super) fn history_tick(&mut self, now: Instant, sink: &mut impl Sink<H>) {
+        let apps = self.apps.clone();
+        if let Some(store) = self.history.as_mut() {
+            store.expire(now, |a| apps.get(a).history.as_ref().map(|h| h.ttl));
+        }
+        if self.pending.iter().any(|p| p.until <= now) {
+            let (late, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+                .into_iter()
+                .partition(|p| p.until <= now);
+            self.pending = wait;
+            for p in late {
+                self.subscribe_answered(
+                    now,
+                    p.h,
+                    p.app,
+                    &p.name,
+                    p.proto,
+                    Some(Answer::Lost),
+                    sink,
+                );
+            }
+        }
+    }
+
+    /// Sends this shard's history to a peer whose new incarnation linked
+    /// (a node that joins recovers positions from before its start).
+    pub fn send_history(&mut self, now: Instant, to: &NodeId, epoch: u64, sink: &mut impl Sink<H>) {
+        if self.history.is_none() || self.history_sent.get(to) == Some(&epoch) {
+            return;
+        }
+        self.history_sent.insert(to.clone(), epoch);
+        let Some(store) = self.history.as_ref() else {
+            return;
+        };
+        for (app, name, log) in store.channels() {
+            let app_id = self.apps.get(*app).id.clone();
+            let mut base = log.base().clone();
+            let mut part: Vec<HistoryEvent> = Vec::new();
+            let mut part_base = base.clone();
+            let mut bytes = 0;
+            for e in log.events() {
+                part.push(HistoryEvent {
+                    origin: e.origin.0,
+                    seq: e.seq,
+                    at_ms: e.at_ms,
+                    age_ms: now.saturating_duration_since(e.at).as_millis() as u64,
+                    event: e.event.to_string(),
+                    data: e.data.to_string(),
+                    user_id: e.user_id.as_deref().map(str::to_owned),
+                });
+                bytes += e.bytes();
+                base.set(e.origin, e.seq);
+                if part.len() >= SYNC_EVENTS || bytes >= SYNC_BYTES {
+                    send_part(
+                        to,
+                        &app_id,
+                        name,
+                        &part_base,
+                        std::mem::take(&mut part),
+                        sink,
+                    );
+                    part_base = base.clone();
+                    bytes = 0;
+                }
+            }
+            if !part.is_empty() {
+                send_part(to, &app_id, name, &part_base, part, sink);
+            }
+        }
+    }
+
+    /// A peer's copy of a channel's history: merged where it continues
+    /// this node's (see `ChannelLog::merge`).
+    pub fn merge_history(
+        &mut self,
+        now: Instant,
+        app_id: &str,
+        channel: &str,
+        base: &[(u64, u64)],
+        events: Vec<HistoryEvent>,
+        sink: &mut impl Sink<H>,
+    ) {
+        let Some(app) = self.apps.by_id(app_id) else {
+            return;
+        };
+        let Ok(name) = ChannelName::parse_with_limit(channel, usize::MAX) else {
+            return;
+        };
+        let Some(max) = self.keeps_history(app, channel).map(|c| c.max_events) else {
+            return;
+        };
+        let extend = !self.tables[app.0 as usize].channels.contains_key(&name);
+        let Some(store) = self.history.as_mut() else {
+            return;
+        };
+        let mut peer_base = Position::default();
+        for (o, s) in base {
+            peer_base.set(Origin(*o), *s);
+        }
+        let stored = events
+            .into_iter()
+            .filter(|e| e.seq > 0)
+            .map(|e| {
+                let at = now
+                    .checked_sub(Duration::from_millis(e.age_ms))
+                    .unwrap_or(now);
+                store.event(
+                    Origin(e.origin),
+                    e.seq,
+                    at,
+                    e.at_ms,
+                    &e.event,
+                    &e.data,
+                    e.user_id.as_deref(),
+                )
+            })
+            .collect();
+        store.merge(app, &name, stored, &peer_base, extend, max);
+        self.resolve_pending(now, app, &name, sink);
+    }
+
+    /// A page of a channel's history as this node holds it.
+    pub fn history_page(
+        &self,
+        app: AppIdx,
+        name: &ChannelName,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<HistoryPage, HistoryError> {
+        if self.keeps_history(app, name.as_str()).is_none() {
+            return Err(HistoryError::NotEnabled(name.to_string()));
+        }
+        let after = after.map(Position::parse).transpose()?;
+        let Some(log) = self.history.as_ref().and_then(|s| s.log(app, name)) else {
+            return Ok(HistoryPage {
+                events: Vec::new(),
+                position: "0".into(),
+                complete: true,
+            });
+        };
+        let item = |e: &crate::history::Stored, at: Position| HistoryItem {
+            name: e.event.to_string(),
+            data: e.data.to_string(),
+            position: at.to_string(),
+            published_at_ms: e.at_ms,
+        };
+        let (events, complete) = match &after {
+            Some(p) => {
+                let complete = log.check(p, |_| true) != Check::Lost;
+                let events = log
+                    .after(p)
+                    .take(limit)
+                    .map(|(e, at)| item(e, at))
+                    .collect();
+                (events, complete)
+            }
+            None => {
+                let skip = log.len().saturating_sub(limit);
+                let events = log
+                    .after(log.base())
+                    .skip(skip)
+                    .map(|(e, at)| item(e, at))
+                    .collect();
+                (events, log.complete() && skip == 0)
+            }
+        };
+        Ok(HistoryPage {
+            events,
+            position: log.head().to_string(),
+            complete,
+        })
+    }
+}
+
+fn send_part<H>(
+    to: &NodeId,
+    app: &str,
+    name: &ChannelName,
+    base: &Position,
+    events: Vec<HistoryEvent>,
+    sink: &mut impl Sink<H>,
+) {
+    let frame = PeerFrame::HistorySync {
+        app: app.to_owned(),
+        channel: name.to_string(),
+        base: base.entries().map(|(o, s)| (o.0, s)).collect(),
+        events,
+    };
+    sink.peer(to, FrameKind::Data, &frame.encode());
+}
