@@ -116,9 +116,10 @@ test('a position from subscription_succeeded alone is sent on the next subscribe
   const channel = pusher.subscribe('feed');
   let notices = 0;
   channel.bind(RECOVERY_EVENT, () => notices++);
+  const succeeded = nextEvent(channel, 'pusher:subscription_succeeded');
   const first = await server.nextSubscribe('feed');
   assert.ok(!('position' in first));
-  await nextEvent(channel, 'pusher:subscription_succeeded');
+  await succeeded;
   assert.equal(rec.position('feed'), 'start-7');
   assert.equal(notices, 0);
 
@@ -166,9 +167,10 @@ test('setPosition is sent on the first subscribe; unsubscribe forgets the channe
   assert.equal(rec.position('news'), undefined);
   assert.equal(rec.recovered('news'), undefined);
   const again = pusher.subscribe('news');
+  const againSucceeded = nextEvent(again, 'pusher:subscription_succeeded');
   const fresh = await server.nextSubscribe('news');
   assert.ok(!('position' in fresh), 'a channel subscribed anew starts without a position');
-  await nextEvent(again, 'pusher:subscription_succeeded');
+  await againSucceeded;
 
   assert.throws(() => withRecovery(pusher), /already attached/);
 });
@@ -192,10 +194,11 @@ test('presence channel: auth, channel_data and position together; members still 
   const presence = { ids: ['u1'], hash: { u1: { name: 'Ann' } }, count: 1 };
   server.answer = () => ({ data: { presence }, fields: { position: 'q1' } });
   const channel = pusher.subscribe('presence-room');
+  const succeeded = nextEvent(channel, 'pusher:subscription_succeeded');
   const first = await server.nextSubscribe('presence-room');
   assert.equal(first.auth, 'app-key:signature');
   assert.ok(!('position' in first));
-  await nextEvent(channel, 'pusher:subscription_succeeded');
+  await succeeded;
   assert.equal(channel.members.count, 1);
   assert.equal(rec.position('presence-room'), 'q1');
 
