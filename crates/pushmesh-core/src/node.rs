@@ -25,6 +25,7 @@ use crate::session::{Request, Session, SessionOutput};
 use crate::sink::Sink;
 use crate::users::Users;
 
+mod history;
 mod hooks;
 mod presence_limit;
 

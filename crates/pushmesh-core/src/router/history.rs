@@ -451,8 +451,13 @@ impl<H: Handle> Shard<H> {
         }
     }
 
-    /// A peer's copy of a channel's history: merged where it continues
-    /// this node's (see `ChannelLog::merge`).
+    /// A peer's copy of a channel's history. Older events that continue
+    /// this node's held range downwards are filled in (see
+    /// `ChannelLog::merge`); newer ones than this node got from their origin
+    /// are taken as if they had just arrived: stored and delivered to the
+    /// local subscribers (whose positions do not include them). That is how
+    /// a node that joins gets the history, and how a node recovers events a
+    /// peer dropped for it after declaring it dead.
     pub fn merge_history(
         &mut self,
         now: Instant,
@@ -471,7 +476,6 @@ impl<H: Handle> Shard<H> {
         let Some(max) = self.keeps_history(app, channel).map(|c| c.max_events) else {
             return;
         };
-        let extend = !self.tables[app.0 as usize].channels.contains_key(&name);
         let Some(store) = self.history.as_mut() else {
             return;
         };
@@ -479,9 +483,16 @@ impl<H: Handle> Shard<H> {
         for (o, s) in base {
             peer_base.set(Origin(*o), *s);
         }
-        let stored = events
+        let head = store
+            .log(app, &name)
+            .map(|l| l.head().clone())
+            .unwrap_or_default();
+        let (older, newer): (Vec<HistoryEvent>, Vec<HistoryEvent>) = events
             .into_iter()
             .filter(|e| e.seq > 0)
+            .partition(|e| e.seq <= head.get(Origin(e.origin)));
+        let older = older
+            .into_iter()
             .map(|e| {
                 let at = now
                     .checked_sub(Duration::from_millis(e.age_ms))
@@ -497,7 +508,23 @@ impl<H: Handle> Shard<H> {
                 )
             })
             .collect();
-        store.merge(app, &name, stored, &peer_base, extend, max);
+        store.merge(app, &name, older, &peer_base, false, max);
+        for e in newer {
+            // The first of an origin continues its peer base: a gap from
+            // this node's head is recorded as such.
+            let user_id = e.user_id.as_deref();
+            self.deliver_history(
+                now,
+                app_id,
+                channel,
+                &e.event,
+                &e.data,
+                None,
+                user_id,
+                (e.origin, e.seq, e.at_ms),
+                sink,
+            );
+        }
         self.resolve_pending(now, app, &name, sink);
     }
 

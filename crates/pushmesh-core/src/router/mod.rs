@@ -255,6 +255,9 @@ impl<H: Handle> Shard<H> {
 
     /// The peers with a link up changed (their state arrives as deltas).
     pub fn set_peers(&mut self, peers: BTreeSet<NodeId>) {
+        // A peer that is gone gets the whole history again if it links
+        // again (it may have been declared dead and its frames dropped).
+        self.history_sent.retain(|p, _| peers.contains(p));
         self.peers = peers;
     }
 

@@ -8,6 +8,7 @@
 //! retransmissions). The continuity property is in `continuity.rs`.
 
 mod continuity;
+mod history;
 mod scenarios;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -43,7 +44,12 @@ fn app() -> AppConfig {
         limits: Limits::default(),
         webhooks: true,
         wsify_event: "broadcast".into(),
-        history: None,
+        // `history.rs` uses these; the continuity channels keep none.
+        history: Some(crate::history::AppHistory {
+            channels: vec!["h-*".into(), "presence-h*".into()],
+            max_events: 10_000,
+            ttl: std::time::Duration::from_secs(3600),
+        }),
     }
 }
 

@@ -1,0 +1,438 @@
+//! History and recovery as a property over seeded schedules.
+//!
+//! A client is a chain of connections: when its connection is closed
+//! (disconnect, restart, drain) it reconnects to any node and resubscribes
+//! with the last position it saw, as the JS add-on does (the position of the
+//! last event; of `subscription_succeeded` unless that said `recovered:
+//! true`). For every client whose resubscribes were all answered
+//! `recovered: true`, every acknowledged publish on its channel after its
+//! first `subscription_succeeded` arrives exactly once, in order per
+//! publisher — through cuts, heals, crashes, drains, false deaths, virtual
+//! time, and data streams that drop, duplicate and reorder frames. Publishes
+//! of an incarnation that crashed while holding them may be missing (the
+//! continuity rule); a client that was told `recovered: false` is excluded
+//! (the server said so). The property is not vacuous: most reconnects must
+//! recover.
+//!
+//! `PUSHMESH_SIM_SCHEDULES` / `PUSHMESH_SIM_SEED` / `PUSHMESH_SIM_OPS` as
+//! in `continuity.rs` (default here: 2,000 schedules).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{json, Value};
+
+use super::{Faults, Net};
+use crate::{AppIdx, ConnId, PublishRequest};
+
+const CH: [&str; 3] = ["h-a", "h-b", "presence-h"];
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    NewClient(usize, usize),
+    Publish(usize, usize),
+    Step(usize),
+    Tick,
+    Cut(usize, usize),
+    Heal(usize, usize),
+    Restart(usize),
+    Drain(usize),
+    DeclareDead(usize, usize),
+    Disconnect(usize),
+    Reconnect(usize, usize),
+}
+
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n.max(1) as u64) as usize
+    }
+
+    fn op(&mut self, nodes: usize) -> Op {
+        let n = |g: &mut Gen| g.next(nodes);
+        match self.next(100) {
+            0..=9 => Op::NewClient(n(self), self.next(CH.len())),
+            10..=34 => Op::Publish(n(self), self.next(CH.len())),
+            35..=52 => Op::Step(1 + self.next(20)),
+            53..=60 => Op::Tick,
+            61..=66 => Op::Cut(n(self), n(self)),
+            67..=72 => Op::Heal(n(self), n(self)),
+            73..=74 => Op::Restart(n(self)),
+            75 => Op::Drain(n(self)),
+            76..=77 => Op::DeclareDead(n(self), n(self)),
+            78..=87 => Op::Disconnect(self.next(8)),
+            _ => Op::Reconnect(self.next(8), n(self)),
+        }
+    }
+}
+
+/// One client: its connections in turn and what it saw.
+struct Client {
+    channel: usize,
+    /// (node, node epoch, conn) of its current connection.
+    conn: (usize, u64, ConnId),
+    /// Frames of the current connection already read.
+    read: usize,
+    /// Its last position on the channel.
+    position: Option<String>,
+    /// Its first `subscription_succeeded` arrived.
+    subscribed: bool,
+    /// Every resubscribe so far said `recovered: true`.
+    all_recovered: bool,
+    reconnects: usize,
+    recovered: usize,
+    /// Event names received, in order, across its connections.
+    got: Vec<String>,
+    user: String,
+}
+
+struct Published {
+    /// Index of the operation that published it.
+    at_op: usize,
+    from: usize,
+    from_epoch: u64,
+    channel: usize,
+    event: String,
+    /// Clients subscribed (confirmed) when it was acknowledged.
+    expected: Vec<usize>,
+}
+
+fn is_open(net: &Net, c: &Client) -> bool {
+    let (i, epoch, conn) = c.conn;
+    net.nodes[i].epoch == epoch && net.nodes[i].conns.contains(&conn)
+}
+
+/// Reads the frames a client's connection got since last time.
+fn read(net: &Net, c: &mut Client) {
+    let (i, epoch, conn) = c.conn;
+    if net.nodes[i].epoch != epoch {
+        return;
+    }
+    let Some(frames) = net.nodes[i].inbox.get(&conn.0) else {
+        return;
+    };
+    for f in &frames[c.read..] {
+        if f["channel"] != CH[c.channel] {
+            continue;
+        }
+        let event = f["event"].as_str().unwrap_or_default();
+        if event == "pusher_internal:subscription_succeeded" {
+            let d: Value =
+                serde_json::from_str(f["data"].as_str().unwrap_or("{}")).unwrap_or(Value::Null);
+            let recovered = d["recovered"].as_bool();
+            if c.subscribed {
+                c.reconnects += 1;
+                if recovered == Some(true) {
+                    c.recovered += 1;
+                } else {
+                    c.all_recovered = false;
+                }
+            }
+            c.subscribed = true;
+            if recovered != Some(true) {
+                c.position = d["position"].as_str().map(str::to_owned);
+            }
+        } else if event.starts_with('e') {
+            c.got.push(event.to_owned());
+            if let Some(p) = f["position"].as_str() {
+                c.position = Some(p.to_owned());
+            }
+        }
+    }
+    c.read = frames.len();
+}
+
+fn subscribe(net: &mut Net, c: &Client, i: usize, conn: ConnId) {
+    let channel = CH[c.channel];
+    let mut data = json!({ "channel": channel });
+    if let Some(p) = &c.position {
+        data["position"] = json!(p);
+    }
+    if channel.starts_with("presence-") {
+        let cd = json!({ "user_id": c.user }).to_string();
+        let sig = pushmesh_protocol::sign::sign(
+            super::SECRET,
+            &pushmesh_protocol::sign::presence_string(&Net::socket(i, conn), channel, &cd),
+        );
+        data["auth"] = json!(format!("{}:{sig}", super::KEY));
+        data["channel_data"] = json!(cd);
+    }
+    net.frame(
+        i,
+        conn,
+        json!({ "event": "pusher:subscribe", "data": data }),
+    );
+}
+
+fn connect(net: &mut Net, c: &mut Client, i: usize) {
+    let conn = net.open(i);
+    c.conn = (i, net.nodes[i].epoch, conn);
+    c.read = 0;
+    subscribe(net, c, i, conn);
+}
+
+/// Runs one schedule: (reconnects, recovered) or the first violation.
+fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), String> {
+    let faults = Faults {
+        drop: 30,
+        dup: 30,
+        swap: 30,
+    };
+    let mut net = Net::with(nodes, seed, faults);
+    let mut g = Gen(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut clients: Vec<Client> = Vec::new();
+    let mut published: Vec<Published> = Vec::new();
+    let mut crashed: BTreeSet<(usize, u64)> = BTreeSet::new();
+    let mut log = Vec::new();
+    let mut n = 0u64;
+    for _ in 0..len {
+        let op = g.op(nodes);
+        log.push(format!("{op:?}"));
+        match op {
+            Op::NewClient(i, ch) => {
+                let mut c = Client {
+                    channel: ch,
+                    conn: (i, 0, ConnId(0)),
+                    read: 0,
+                    position: None,
+                    subscribed: false,
+                    all_recovered: true,
+                    reconnects: 0,
+                    recovered: 0,
+                    got: Vec::new(),
+                    user: format!("u{}", clients.len()),
+                };
+                connect(&mut net, &mut c, i);
+                clients.push(c);
+            }
+            Op::Publish(i, ch) => {
+                if !net.check_joined(i) {
+                    continue;
+                }
+                n += 1;
+                let event = format!("e{n}");
+                let channels = vec![CH[ch].to_string()];
+                let now = net.now;
+                let req = PublishRequest {
+                    name: &event,
+                    data: "{}",
+                    channels: &channels,
+                    exclude_socket: None,
+                };
+                if net.nodes[i].core.publish(now, AppIdx(0), &req).is_err() {
+                    continue;
+                }
+                for c in &mut clients {
+                    read(&net, c);
+                }
+                let expected = (0..clients.len())
+                    .filter(|k| clients[*k].channel == ch && clients[*k].subscribed)
+                    .collect();
+                net.pump(i);
+                published.push(Published {
+                    at_op: log.len(),
+                    from: i,
+                    from_epoch: net.nodes[i].epoch,
+                    channel: ch,
+                    event,
+                    expected,
+                });
+            }
+            Op::Step(k) => {
+                for _ in 0..k {
+                    if !net.step() {
+                        break;
+                    }
+                }
+            }
+            Op::Tick => net.tick(),
+            Op::Cut(i, j) => net.cut(i, j),
+            Op::Heal(i, j) => net.connect(i, j),
+            Op::Restart(i) => {
+                crashed.insert((i, net.nodes[i].epoch));
+                net.restart(i);
+            }
+            Op::Drain(i) => net.drain(i),
+            Op::DeclareDead(j, i) => {
+                if i != j && !net.links.contains_key(&(i, j)) {
+                    net.declare_dead(j, i);
+                }
+            }
+            Op::Disconnect(k) => {
+                if let Some(c) = clients.get(k) {
+                    if is_open(&net, c) {
+                        let (i, _, conn) = c.conn;
+                        net.nodes[i].conns.retain(|x| *x != conn);
+                        let now = net.now;
+                        net.nodes[i].core.disconnect(now, conn);
+                        net.pump(i);
+                    }
+                }
+            }
+            Op::Reconnect(k, i) => {
+                if k < clients.len() {
+                    read(&net, &mut clients[k]);
+                    if !is_open(&net, &clients[k]) {
+                        let mut c = std::mem::replace(&mut clients[k], placeholder());
+                        connect(&mut net, &mut c, i);
+                        clients[k] = c;
+                    }
+                }
+            }
+        }
+        for c in &mut clients {
+            read(&net, c);
+        }
+        if std::env::var("PUSHMESH_SIM_TRACE").is_ok() {
+            eprintln!("op {op:?} (e{n})");
+            for (k, c) in clients.iter().enumerate() {
+                eprintln!(
+                    "  client {k} {} conn {:?} open {} pos {:?} got {:?}",
+                    CH[c.channel],
+                    c.conn,
+                    is_open(&net, c),
+                    c.position,
+                    c.got
+                );
+            }
+        }
+    }
+    // Everyone back: every link, every client, time for waits to end.
+    net.heal_all();
+    for k in 0..clients.len() {
+        read(&net, &mut clients[k]);
+        if !is_open(&net, &clients[k]) {
+            let mut c = std::mem::replace(&mut clients[k], placeholder());
+            connect(&mut net, &mut c, k % nodes);
+            clients[k] = c;
+        }
+    }
+    net.heal_all();
+    for _ in 0..8 {
+        net.tick();
+    }
+    net.heal_all();
+    for c in &mut clients {
+        read(&net, c);
+    }
+    let fail = |what: String| {
+        Err(format!(
+            "seed {seed} ({nodes} nodes): {what}\nops: {}",
+            log.join(", ")
+        ))
+    };
+    let mut counts: BTreeMap<(usize, &str), usize> = BTreeMap::new();
+    for (k, c) in clients.iter().enumerate() {
+        for e in &c.got {
+            *counts.entry((k, e.as_str())).or_default() += 1;
+        }
+    }
+    let (mut reconnects, mut recovered) = (0, 0);
+    for (k, c) in clients.iter().enumerate() {
+        reconnects += c.reconnects;
+        recovered += c.recovered;
+        if !c.all_recovered {
+            continue;
+        }
+        if let Some(((_, e), n)) = counts.iter().find(|((kk, _), n)| *kk == k && **n > 1) {
+            return fail(format!("client {k} on {} got {e} {n} times", CH[c.channel]));
+        }
+        for p in published.iter().filter(|p| p.expected.contains(&k)) {
+            let got = counts.get(&(k, p.event.as_str())).copied().unwrap_or(0);
+            // Every copy can be gone only after two nodes were lost since.
+            let lost = !held_anywhere(&net, p) && losses_after(&log, p.at_op) >= 2;
+            if got == 0 && !lost && !crashed.contains(&(p.from, p.from_epoch)) {
+                return fail(format!(
+                    "client {k} on {} never got {} from node {} ({} reconnects, all recovered)",
+                    CH[p.channel], p.event, p.from, c.reconnects
+                ));
+            }
+        }
+        // Order per publisher incarnation.
+        let mut last: BTreeMap<(usize, u64), u64> = BTreeMap::new();
+        for e in &c.got {
+            let Some(i) = e.strip_prefix('e').and_then(|x| x.parse::<u64>().ok()) else {
+                continue;
+            };
+            let Some(p) = published.get(i as usize - 1) else {
+                continue;
+            };
+            let key = (p.from, p.from_epoch);
+            if last.get(&key).is_some_and(|l| *l >= i) {
+                return fail(format!(
+                    "client {k} got {e} after a later event of node {}",
+                    p.from
+                ));
+            }
+            last.insert(key, i);
+        }
+    }
+    Ok((reconnects, recovered))
+}
+
+/// Whether some node still holds the event in its history.
+fn held_anywhere(net: &Net, p: &Published) -> bool {
+    let name = pushmesh_protocol::ChannelName::parse_with_limit(CH[p.channel], 200)
+        .expect("valid channel");
+    net.nodes.iter().any(|n| {
+        n.core
+            .history_page(AppIdx(0), &name, None, usize::MAX)
+            .is_ok_and(|page| page.events.iter().any(|e| e.name == p.event))
+    })
+}
+
+/// Restarts and drains (each loses a node's copy) after operation `at`.
+fn losses_after(log: &[String], at: usize) -> usize {
+    log[at.min(log.len())..]
+        .iter()
+        .filter(|op| op.starts_with("Restart") || op.starts_with("Drain"))
+        .count()
+}
+
+fn placeholder() -> Client {
+    Client {
+        channel: 0,
+        conn: (0, u64::MAX, ConnId(0)),
+        read: 0,
+        position: None,
+        subscribed: false,
+        all_recovered: true,
+        reconnects: 0,
+        recovered: 0,
+        got: Vec::new(),
+        user: String::new(),
+    }
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[test]
+fn recovering_clients_get_every_acknowledged_event_once_in_order() {
+    let schedules = env("PUSHMESH_SIM_SCHEDULES", 2_000);
+    let first = env("PUSHMESH_SIM_SEED", 1);
+    let ops = env("PUSHMESH_SIM_OPS", 80) as usize;
+    let (mut reconnects, mut recovered) = (0, 0);
+    for seed in first..first + schedules {
+        let nodes = 2 + (seed % 4) as usize; // 2 to 5 nodes
+        match run(seed, nodes, ops) {
+            Ok((r, ok)) => {
+                reconnects += r;
+                recovered += ok;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    eprintln!("history sim: {recovered} of {reconnects} resubscribes recovered");
+    assert!(
+        recovered * 2 > reconnects,
+        "most resubscribes must recover: {recovered} of {reconnects}"
+    );
+}
