@@ -245,6 +245,63 @@ test('kill -9 while node 3 lags behind node 1: the events node 2 holds reach nod
   }
 });
 
+test('presence channel with history: recovery beside the member list', { timeout: 120000 }, async () => {
+  const opts = { appExtra: history(['presence-hist-*']) };
+  for (const i of [1, 2]) await startNode(i, opts);
+  await meshed([1, 2]);
+  const A = recClient(1, { presence: { user_id: 'ann', user_info: {} } });
+  const chA = A.pc.subscribe('presence-hist-1');
+  const gotA = collect(chA, 'm');
+  await subscribed(chA);
+  assert.equal(chA.members.count, 1, 'members with a position in the reply');
+  assert.equal(typeof A.rec.position('presence-hist-1'), 'string');
+  await sdk(2).trigger('presence-hist-1', 'm', { k: 0 });
+  await until(() => gotA.length === 1, 'A got an event', 15000);
+  const saved = A.rec.position('presence-hist-1');
+  await disconnected(A.pc);
+  for (let k = 1; k <= 5; k++) await sdk(1).trigger('presence-hist-1', 'm', { k });
+  const B = recClient(2, { presence: { user_id: 'bob', user_info: {} } });
+  B.rec.setPosition('presence-hist-1', saved);
+  const chB = B.pc.subscribe('presence-hist-1');
+  const gotB = collect(chB, 'm');
+  await subscribed(chB);
+  assert.equal(B.rec.recovered('presence-hist-1'), true);
+  const ids = []; chB.members.each((m) => ids.push(m.id));
+  assert.deepEqual(ids, ['bob'], 'the member list is there too');
+  assert.equal(chB.members.me.id, 'bob');
+  await sdk(2).trigger('presence-hist-1', 'm', { k: 'live' });
+  await until(() => gotB.some((d) => d.k === 'live'), 'B got a live event', 15000);
+  assert.deepEqual(gotB.map((d) => d.k), [1, 2, 3, 4, 5, 'live']);
+});
+
+test('a position naming events this node never got: recovered false within about a second, then live events', { timeout: 120000 }, async () => {
+  const opts = { appExtra: history(['chat-*']) };
+  for (const i of [1, 2]) await startNode(i, opts);
+  await meshed([1, 2]);
+  const A = recClient(1);
+  const chA = A.pc.subscribe('chat-u');
+  const gotA = collect(chA, 'm');
+  await subscribed(chA);
+  // Node 2 cannot hear node 1: A's position names events node 2 does not have.
+  partition(1, 2);
+  for (let k = 0; k < 3; k++) assert.equal((await sdk(1).trigger('chat-u', 'm', { k })).status, 200);
+  await until(() => gotA.length === 3, 'A got 3 events', 15000);
+  const saved = A.rec.position('chat-u');
+  const B = recClient(2);
+  B.rec.setPosition('chat-u', saved);
+  const chB = B.pc.subscribe('chat-u');
+  const gotB = collect(chB, 'm');
+  const t0 = now();
+  await subscribed(chB);
+  const took = now() - t0;
+  assert.equal(B.rec.recovered('chat-u'), false, 'events this node never got: not recovered');
+  assert.ok(took >= 800, `the node waited about a second for the events before giving up (${Math.round(took)} ms)`);
+  assert.ok(took < 10000, `and not much longer (${Math.round(took)} ms)`);
+  await sdk(2).trigger('chat-u', 'm', { k: 'live' });
+  await until(() => gotB.some((d) => d.k === 'live'), 'B got a live event', 15000);
+  assert.deepEqual(gotB.map((d) => d.k), ['live']);
+});
+
 // ---------------------------------------------------------------------------
 // The scenario of the issue: a rolling restart behind the real HAProxy in
 // which every client recovers, including those whose node was restarted.
@@ -418,6 +475,8 @@ test('rolling restart behind HAProxy with history: every client gets every 2xx p
     clients: recs.map((r) => ({
       c: r.c, sessions: r.sessions.length, close_codes: r.codes, received_total: r.all.length,
       received_per_session: r.sessions.map((s) => s.got.length),
+      // Received in a later session although published (started) before it connected: replayed by a recovery.
+      replayed_per_session: r.sessions.map((s, k) => (k === 0 ? 0 : s.got.filter((g) => pubs[g.p].log[g.s].start < s.start).length)),
       recoveries: r.sessions.slice(1).map((s) => s.recoveries.map((x) => x.recovered)),
     })),
     delivered_although_not_2xx: deliveredAlthoughRefused,
