@@ -17,6 +17,7 @@ pub mod gossip;
 pub mod identity;
 mod link;
 mod peers;
+mod receipt;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -33,6 +34,7 @@ use tokio::sync::mpsc;
 
 pub use gossip::GossipStats;
 pub use identity::IdentityConflict;
+pub use receipt::{first_ack, Receipt};
 pub use tls::TlsMaterial;
 
 /// Gossip key: the node's QUIC address (a node is live only once it has it).

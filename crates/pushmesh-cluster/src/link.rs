@@ -371,6 +371,7 @@ impl Cluster {
                         return;
                     };
                     lock(&slot.out).ack(n);
+                    slot.acked.notify_waiters();
                 }
                 _ => {
                     tracing::warn!(peer = %peer, "bad frame kind from peer, closing link");

@@ -29,6 +29,8 @@ pub(crate) struct PeerSlot {
     pub out: Mutex<Outbound>,
     /// Wakes the data writer of the current link.
     pub data_ready: Notify,
+    /// Wakes whoever waits for an acknowledgement (`receipt.rs`).
+    pub acked: Notify,
     /// What was received from the peer.
     pub inbound: Mutex<Inbound>,
     /// The control queue of the current link, if one is up.
@@ -104,6 +106,7 @@ impl Peers {
                 PEER_BUFFER_BYTES,
             )),
             data_ready: Notify::new(),
+            acked: Notify::new(),
             inbound: Mutex::new(inbound),
             control: Mutex::new(None),
         })

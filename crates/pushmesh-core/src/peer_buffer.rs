@@ -152,6 +152,11 @@ impl Outbound {
         }
     }
 
+    /// The highest sequence number the peer acknowledged.
+    pub fn acked_through(&self) -> u64 {
+        self.base - 1
+    }
+
     /// The peer has everything up to `seq`.
     pub fn ack(&mut self, seq: u64) {
         while self.base <= seq {

@@ -35,6 +35,11 @@ pub trait Sink<H> {
     fn close(&mut self, to: &H, code: CloseCode, reason: &str);
     /// A frame for a peer node.
     fn peer(&mut self, to: &NodeId, kind: FrameKind, frame: &Bytes);
+    /// A data frame whose acknowledgement the publish waits for (a history
+    /// event: answered once a peer holds it).
+    fn peer_durable(&mut self, to: &NodeId, frame: &Bytes) {
+        self.peer(to, FrameKind::Data, frame);
+    }
     /// Whether a data frame for `to` can be held now (its buffer is not
     /// full). Asked for every interested peer before a publish is delivered
     /// anywhere, so a publish is refused whole or delivered everywhere.

@@ -384,6 +384,7 @@ fn render_history(st: &Shared, out: &mut String) {
         "pushmesh_history_recoveries_total{{recovered=\"false\"}} {}",
         h.not_recovered
     );
+    let _ = writeln!(out, "# HELP pushmesh_history_unreplicated_total History publishes answered before any peer acknowledged the event (none did within 2 s).\n# TYPE pushmesh_history_unreplicated_total counter\npushmesh_history_unreplicated_total {}", st.node.links.stats.history_unacked.load(Ordering::Relaxed));
 }
 
 /// Publishes refused with 503 and subscription barrier timeouts.

@@ -59,6 +59,9 @@ pub struct HubStats {
     pub barrier_timeouts: AtomicU64,
     /// Publishes answered 503, by reason (see [`Refusal`]).
     pub refused: [AtomicU64; 3],
+    /// History publishes answered before any peer acknowledged them
+    /// (after `DURABLE_WAIT`).
+    pub history_unacked: AtomicU64,
 }
 
 /// Connections held by the subscription barrier: (change number they wait
@@ -131,7 +134,29 @@ pub struct Publish {
     exclude: Option<Arc<str>>,
     /// Whether the reply carries the channel's info (it costs a lookup).
     info: bool,
-    reply: oneshot::Sender<Result<ChannelInfo, PublishRefused>>,
+    reply: oneshot::Sender<Result<Accepted, PublishRefused>>,
+}
+
+/// A publish a shard accepted: the channel's info (if asked) and the
+/// receipts of its history frames, acknowledged before the answer.
+pub struct Accepted {
+    info: ChannelInfo,
+    receipts: Vec<pushmesh_cluster::Receipt>,
+}
+
+/// Longest wait for a peer to acknowledge a history event before the
+/// publish is answered anyway (the event is held for the peers).
+const DURABLE_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits (bounded) until a peer holds each accepted history event.
+async fn durable(receipts: &[pushmesh_cluster::Receipt], stats: &HubStats) {
+    if receipts.is_empty() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + DURABLE_WAIT;
+    if !pushmesh_cluster::first_ack(receipts, deadline).await {
+        stats.history_unacked.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 type Query = Box<dyn FnOnce(&Shard<ConnRef>, Instant) + Send>;
@@ -144,6 +169,7 @@ enum Cmd {
     Apply(Vec<(NodeId, Delta)>),
     Peers(BTreeSet<NodeId>, Vec<Origin>),
     SendCache(NodeId, u64),
+    ShareOrigin(Origin),
     Query(Query),
 }
 
@@ -199,12 +225,16 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                     let _ = p.reply.send(Err(e));
                 }
                 Ok(()) if !p.info => {
-                    let _ = p.reply.send(Ok(ChannelInfo::default()));
+                    let receipts = sink.take_receipts();
+                    let info = ChannelInfo::default();
+                    let _ = p.reply.send(Ok(Accepted { info, receipts }));
                     shard.deliver_local(now, &ev, sink);
                 }
                 Ok(()) => {
+                    let receipts = sink.take_receipts();
                     shard.deliver_local(now, &ev, sink);
-                    let _ = p.reply.send(Ok(shard.info(now, p.app, &p.channel)));
+                    let info = shard.info(now, p.app, &p.channel);
+                    let _ = p.reply.send(Ok(Accepted { info, receipts }));
                 }
             }
         }
@@ -279,6 +309,7 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
             shard.send_cache(now, &peer, sink);
             shard.send_history(now, &peer, epoch, sink);
         }
+        Cmd::ShareOrigin(o) => shard.share_origin(now, o, sink),
         Cmd::Query(q) => q(shard, now),
     }
 }
@@ -529,7 +560,10 @@ impl Node {
         let mut refused = None;
         for (name, rx) in replies {
             match rx.await {
-                Ok(Ok(info)) => out.push(PublishedChannel { name, info }),
+                Ok(Ok(a)) => {
+                    durable(&a.receipts, &self.links.stats).await;
+                    out.push(PublishedChannel { name, info: a.info });
+                }
                 Ok(Err(e)) => refused = Some(e),
                 // The shard is gone: the node is stopping.
                 Err(_) => return Err(self.refused(Refusal::Draining)),
@@ -573,7 +607,10 @@ impl Node {
         self.to_shard(app, name.as_str(), Cmd::Publish(Box::new(p)))
             .await;
         match rx.await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(a)) => {
+                durable(&a.receipts, &self.links.stats).await;
+                Ok(())
+            }
             Ok(Err(_)) => Err(self.refused(Refusal::PeerBufferFull)),
             Err(_) => Err(self.refused(Refusal::Draining)),
         }

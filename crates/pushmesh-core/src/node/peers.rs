@@ -128,6 +128,13 @@ impl Core {
 
     /// A link to `peer` (incarnation `epoch`) is up.
     pub fn peer_up(&mut self, now: Instant, peer: NodeId, epoch: u64) {
+        // A new incarnation replaces the old one: the old is gone.
+        let replaced = self
+            .replicator
+            .links()
+            .into_iter()
+            .find(|l| l.node == peer && l.epoch != epoch)
+            .map(|l| crate::history::Origin::of(l.node.as_str(), l.epoch));
         self.backup_peer_up(&peer, epoch);
         let mut fx = Effects::default();
         self.replicator.peer_up(peer.clone(), epoch, &mut fx);
@@ -137,6 +144,9 @@ impl Core {
             let mut sink = sink!(self);
             self.shards[i].send_cache(now, &peer, &mut sink);
             self.shards[i].send_history(now, &peer, epoch, &mut sink);
+            if let Some(origin) = replaced {
+                self.shards[i].share_origin(now, origin, &mut sink);
+            }
         }
     }
 
@@ -147,10 +157,22 @@ impl Core {
 
     /// The peer is gone (declared dead or left): its state goes.
     pub fn peer_down(&mut self, now: Instant, peer: &NodeId) {
+        let gone = self
+            .replicator
+            .links()
+            .into_iter()
+            .find(|l| l.node == *peer)
+            .map(|l| crate::history::Origin::of(l.node.as_str(), l.epoch));
         let mut fx = Effects::default();
         self.replicator.peer_gone(peer, &mut fx);
         self.peers_changed();
         self.effects(fx);
+        if let Some(origin) = gone {
+            for i in 0..self.shards.len() {
+                let mut sink = sink!(self);
+                self.shards[i].share_origin(now, origin, &mut sink);
+            }
+        }
         self.peer_gone(peer);
         self.presence_peers_changed(now);
     }

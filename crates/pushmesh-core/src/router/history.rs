@@ -11,7 +11,8 @@ use pushmesh_protocol::{wsify, ChannelName};
 use super::{Event, PublishRefused, Shard};
 use crate::app::AppIdx;
 use crate::history::{
-    AppHistory, Appended, BadPosition, Check, HistoryStats, HistoryStore, Origin, Position,
+    AppHistory, Appended, BadPosition, ChannelLog, Check, HistoryStats, HistoryStore, Origin,
+    Position,
 };
 use crate::peer_frame::{FrameKind, HistoryEvent, NodeId, PeerFrame};
 use crate::session::Proto;
@@ -300,7 +301,7 @@ impl<H: Handle> Shard<H> {
             }
             .encode();
             for to in &self.peers {
-                sink.peer(to, FrameKind::Data, &frame);
+                sink.peer_durable(to, &frame);
             }
         }
         Ok(())
@@ -415,38 +416,25 @@ impl<H: Handle> Shard<H> {
             return;
         };
         for (app, name, log) in store.channels() {
-            let app_id = self.apps.get(*app).id.clone();
-            let mut base = log.base().clone();
-            let mut part: Vec<HistoryEvent> = Vec::new();
-            let mut part_base = base.clone();
-            let mut bytes = 0;
-            for e in log.events() {
-                part.push(HistoryEvent {
-                    origin: e.origin.0,
-                    seq: e.seq,
-                    at_ms: e.at_ms,
-                    age_ms: now.saturating_duration_since(e.at).as_millis() as u64,
-                    event: e.event.to_string(),
-                    data: e.data.to_string(),
-                    user_id: e.user_id.as_deref().map(str::to_owned),
-                });
-                bytes += e.bytes();
-                base.set(e.origin, e.seq);
-                if part.len() >= SYNC_EVENTS || bytes >= SYNC_BYTES {
-                    send_part(
-                        to,
-                        &app_id,
-                        name,
-                        &part_base,
-                        std::mem::take(&mut part),
-                        sink,
-                    );
-                    part_base = base.clone();
-                    bytes = 0;
-                }
+            let app_id = &self.apps.get(*app).id;
+            send_log(to, app_id, name, log, None, now, sink);
+        }
+    }
+
+    /// A peer incarnation is gone: every other peer gets this node's copy
+    /// of its events, so the survivors end up with the union (one of them
+    /// may have got events of it that another never did).
+    pub fn share_origin(&mut self, now: Instant, origin: Origin, sink: &mut impl Sink<H>) {
+        let Some(store) = self.history.as_ref() else {
+            return;
+        };
+        for (app, name, log) in store.channels() {
+            if !log.events().any(|e| e.origin == origin) {
+                continue;
             }
-            if !part.is_empty() {
-                send_part(to, &app_id, name, &part_base, part, sink);
+            let app_id = &self.apps.get(*app).id;
+            for to in &self.peers {
+                send_log(to, app_id, name, log, Some(origin), now, sink);
             }
         }
     }
@@ -578,6 +566,59 @@ impl<H: Handle> Shard<H> {
             position: log.head().to_string(),
             complete,
         })
+    }
+}
+
+/// Sends a channel's log (or only the events of `only`) to a peer, in
+/// parts of at most [`SYNC_EVENTS`] events and [`SYNC_BYTES`] bytes, each
+/// with the base it continues.
+fn send_log<H>(
+    to: &NodeId,
+    app_id: &str,
+    name: &ChannelName,
+    log: &ChannelLog,
+    only: Option<Origin>,
+    now: Instant,
+    sink: &mut impl Sink<H>,
+) {
+    let mut base = match only {
+        Some(o) => {
+            let mut b = Position::default();
+            b.set(o, log.base().get(o));
+            b
+        }
+        None => log.base().clone(),
+    };
+    let mut part: Vec<HistoryEvent> = Vec::new();
+    let mut part_base = base.clone();
+    let mut bytes = 0;
+    for e in log.events().filter(|e| only.is_none_or(|o| e.origin == o)) {
+        part.push(HistoryEvent {
+            origin: e.origin.0,
+            seq: e.seq,
+            at_ms: e.at_ms,
+            age_ms: now.saturating_duration_since(e.at).as_millis() as u64,
+            event: e.event.to_string(),
+            data: e.data.to_string(),
+            user_id: e.user_id.as_deref().map(str::to_owned),
+        });
+        bytes += e.bytes();
+        base.set(e.origin, e.seq);
+        if part.len() >= SYNC_EVENTS || bytes >= SYNC_BYTES {
+            send_part(
+                to,
+                app_id,
+                name,
+                &part_base,
+                std::mem::take(&mut part),
+                sink,
+            );
+            part_base = base.clone();
+            bytes = 0;
+        }
+    }
+    if !part.is_empty() {
+        send_part(to, app_id, name, &part_base, part, sink);
     }
 }
 

@@ -87,11 +87,20 @@ impl Node {
     /// A link to `peer` (incarnation `epoch`) is up: this node's state and
     /// its cached events go to it.
     pub async fn peer_up(&self, peer: NodeId, epoch: u64) {
+        // A new incarnation replaces the old one: the old is gone.
+        let replaced = self
+            .peer_links()
+            .into_iter()
+            .find(|l| l.node == peer && l.epoch != epoch)
+            .map(|l| Origin::of(l.node.as_str(), l.epoch));
         hook_relay::peer_up(&self.links, &peer, epoch);
         let fx = self.with_replicator(|r, fx| r.peer_up(peer.clone(), epoch, fx));
         self.effects(fx, true).await;
         for s in &self.shards {
             let _ = s.send(Cmd::SendCache(peer.clone(), epoch)).await;
+            if let Some(origin) = replaced {
+                let _ = s.send(Cmd::ShareOrigin(origin)).await;
+            }
         }
     }
 
@@ -103,8 +112,19 @@ impl Node {
     /// The peer is gone (declared dead, left, or restarted): its state
     /// goes, and webhook events it owned and this node holds are released.
     pub async fn peer_gone(&self, peer: &NodeId) {
+        let gone = self
+            .peer_links()
+            .into_iter()
+            .find(|l| l.node == *peer)
+            .map(|l| Origin::of(l.node.as_str(), l.epoch));
         let fx = self.with_replicator(|r, fx| r.peer_gone(peer, fx));
         self.effects(fx, true).await;
+        if let Some(origin) = gone {
+            // The survivors exchange what they hold of its history.
+            for s in &self.shards {
+                let _ = s.send(Cmd::ShareOrigin(origin)).await;
+            }
+        }
         self.hooks_peer_gone(peer);
     }
 

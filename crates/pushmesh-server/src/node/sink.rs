@@ -23,6 +23,8 @@ pub struct DriverSink<'a> {
     hooks: Vec<(AppIdx, WebhookEvent)>,
     deltas: Vec<Delta>,
     held: Vec<ConnRef>,
+    /// Receipts of the history frames of the current publish.
+    receipts: Vec<pushmesh_cluster::Receipt>,
 }
 
 impl<'a> DriverSink<'a> {
@@ -34,7 +36,13 @@ impl<'a> DriverSink<'a> {
             hooks: Vec::new(),
             deltas: Vec::new(),
             held: Vec::new(),
+            receipts: Vec::new(),
         }
+    }
+
+    /// The receipts of the durable frames sent since the last call.
+    pub(super) fn take_receipts(&mut self) -> Vec<pushmesh_cluster::Receipt> {
+        std::mem::take(&mut self.receipts)
     }
 
     /// The shared text frame for `frame`: consecutive sends of one publish
@@ -132,6 +140,17 @@ impl Sink<ConnRef> for DriverSink<'_> {
     fn peer(&mut self, to: &NodeId, kind: FrameKind, frame: &Bytes) {
         if let Some(c) = &self.links.cluster {
             c.send(to, kind, frame.clone());
+        }
+    }
+
+    fn peer_durable(&mut self, to: &NodeId, frame: &Bytes) {
+        if let Some(c) = &self.links.cluster {
+            match c.send_with_receipt(to, frame.clone()) {
+                Some(r) => self.receipts.push(r),
+                None => {
+                    c.send(to, FrameKind::Data, frame.clone());
+                }
+            }
         }
     }
 
