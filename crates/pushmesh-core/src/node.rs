@@ -208,6 +208,7 @@ macro_rules! sink {
 
 // After the macro: it uses `sink!`.
 mod peers;
+mod tagged;
 
 impl Core {
     /// A node serving `config.apps`, with 4 router shards.
@@ -306,9 +307,12 @@ impl Core {
                     channel,
                     proto,
                     presence,
+                    selector,
                 },
                 Some(i),
-            ) => self.shards[i].subscribe(now, conn, app, &channel, proto, presence, &mut sink),
+            ) => self.shards[i].subscribe_selected(
+                now, conn, app, &channel, proto, presence, selector, &mut sink,
+            ),
             (Request::Unsubscribe { app, channel }, Some(i)) => {
                 self.shards[i].unsubscribe(conn, app, &channel, &mut sink)
             }

@@ -19,6 +19,10 @@ use serde_json::value::RawValue;
 
 use crate::app::{AppConfig, AppIdx, ConnId};
 
+mod identity;
+
+pub use identity::{Identity, IdentityError};
+
 /// Which protocol a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {
@@ -53,6 +57,8 @@ pub enum Request {
         proto: Proto,
         /// The member, on presence channels.
         presence: Option<PresenceJoin>,
+        /// What the subscription receives (`None`: every event; issue #13).
+        selector: Option<Arc<crate::filter::Selector>>,
     },
     /// Unsubscribe (no effect if not subscribed).
     Unsubscribe {
@@ -157,6 +163,8 @@ pub struct Session {
     events_in_window: u32,
     closing: bool,
     out: VecDeque<SessionOutput>,
+    /// Device and zone from the identity headers (`session/identity.rs`).
+    target: Option<Box<crate::filter::Target>>,
 }
 
 impl Session {
@@ -209,6 +217,7 @@ impl Session {
             events_in_window: 0,
             closing: false,
             out: VecDeque::new(),
+            target: None,
         }
     }
 
@@ -320,7 +329,13 @@ impl Session {
                 channel,
                 auth,
                 channel_data,
-            } => self.subscribe(&channel, auth.as_deref(), channel_data.as_deref()),
+                filter,
+            } => self.subscribe(
+                &channel,
+                auth.as_deref(),
+                channel_data.as_deref(),
+                filter.as_deref(),
+            ),
             ClientMessage::Unsubscribe { channel } => {
                 if let Ok(name) = ChannelName::parse_with_limit(&channel, usize::MAX) {
                     self.unsubscribe(name);
@@ -344,7 +359,13 @@ impl Session {
         }
     }
 
-    fn subscribe(&mut self, channel: &str, auth: Option<&str>, channel_data: Option<&str>) {
+    fn subscribe(
+        &mut self,
+        channel: &str,
+        auth: Option<&str>,
+        channel_data: Option<&str>,
+        filter: Option<&str>,
+    ) {
         let cfg = self.cfg.clone();
         let name = match ChannelName::parse_with_limit(channel, cfg.limits.max_channel_name_length)
         {
@@ -393,6 +414,10 @@ impl Session {
             ));
             return;
         }
+        let selector = match self.selector(&name, filter) {
+            Ok(s) => s,
+            Err(e) => return self.refuse_filter(&name, &e),
+        };
         let presence = if name.kind() == ChannelKind::Presence {
             match self.presence_join(&name, channel_data.unwrap_or_default()) {
                 Some(p) => Some(p),
@@ -408,6 +433,7 @@ impl Session {
             channel: name,
             proto: self.proto,
             presence,
+            selector,
         });
     }
 
@@ -586,6 +612,7 @@ impl Session {
             channel: name,
             proto: self.proto,
             presence: None,
+            selector: None,
         });
         Ok(())
     }

@@ -14,6 +14,9 @@ pub enum ClientMessage {
         auth: Option<String>,
         /// Presence member data, the exact string that was signed.
         channel_data: Option<String>,
+        /// The JSON text of `filter` (pushmesh extension, issue #13),
+        /// checked by the session.
+        filter: Option<String>,
     },
     /// `pusher:unsubscribe`.
     Unsubscribe {
@@ -78,6 +81,8 @@ struct SubscribeData {
     auth: Option<String>,
     #[serde(default)]
     channel_data: Option<String>,
+    #[serde(default)]
+    filter: Option<Box<RawValue>>,
 }
 
 #[derive(Deserialize)]
@@ -122,6 +127,7 @@ impl ClientMessage {
                     channel: d.channel,
                     auth: d.auth,
                     channel_data: d.channel_data,
+                    filter: d.filter.map(|f| f.get().to_owned()),
                 })
             }
             "pusher:unsubscribe" => {
@@ -180,9 +186,26 @@ mod tests {
             channel: "x".into(),
             auth: Some("k:s".into()),
             channel_data: None,
+            filter: None,
         };
         assert_eq!(a, Ok(want.clone()));
         assert_eq!(b, Ok(want));
+    }
+
+    #[test]
+    fn parses_the_filter_of_a_subscribe_as_its_json_text() {
+        let m = ClientMessage::parse(
+            r#"{"event":"pusher:subscribe","data":{"channel":"x","filter":{"zone":["eu"]}}}"#,
+        );
+        assert_eq!(
+            m,
+            Ok(ClientMessage::Subscribe {
+                channel: "x".into(),
+                auth: None,
+                channel_data: None,
+                filter: Some(r#"{"zone":["eu"]}"#.into()),
+            })
+        );
     }
 
     #[test]

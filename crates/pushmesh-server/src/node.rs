@@ -155,7 +155,8 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 channel,
                 proto,
                 presence,
-            } => shard.subscribe(now, h, app, &channel, proto, presence, sink),
+                selector,
+            } => shard.subscribe_selected(now, h, app, &channel, proto, presence, selector, sink),
             Request::Unsubscribe { app, channel } => {
                 shard.unsubscribe(h.0.id(), app, &channel, sink)
             }

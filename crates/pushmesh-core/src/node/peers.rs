@@ -183,6 +183,30 @@ impl Core {
                     &mut sink,
                 );
             }
+            PeerFrame::TaggedPublish {
+                app,
+                channel,
+                event,
+                data,
+                exclude,
+                tags,
+            } => {
+                let Some(a) = self.apps.by_id(&app) else {
+                    return Ok(());
+                };
+                let i = self.shard(a, &channel);
+                let mut sink = sink!(self);
+                self.shards[i].deliver_remote_tagged(
+                    now,
+                    &app,
+                    &channel,
+                    &event,
+                    &data,
+                    exclude.as_deref(),
+                    tags,
+                    &mut sink,
+                );
+            }
             PeerFrame::CacheSet {
                 app,
                 channel,

@@ -7,6 +7,7 @@
 //!
 //! Every method takes `now` and a [`Sink`] that receives the effects in order.
 
+mod filter;
 mod presence;
 mod presence_limit;
 mod query;
@@ -24,6 +25,7 @@ use pushmesh_protocol::wsify;
 use pushmesh_protocol::{ChannelKind, ChannelName};
 use serde_json::value::RawValue;
 
+pub use filter::MAX_ADVERTISED;
 pub use presence_limit::PresenceLimitStats;
 pub use query::{
     check_channel_query, check_channels_query, check_users_query, ChannelInfo, KindStats,
@@ -59,6 +61,10 @@ pub struct Shard<H> {
     kinds: [KindStats; 5],
     /// Presence joins waiting for the owner; reservations (`presence_limit.rs`).
     limit: presence_limit::PresenceLimit<H>,
+    /// Selectors of presence joins waiting for the owner (`filter.rs`).
+    parked_selectors: HashMap<(ConnId, AppIdx, ChannelName), Arc<crate::filter::Selector>>,
+    /// Per publish: which groups of the channel matched (reused).
+    matched: Vec<bool>,
 }
 
 struct Table<H> {
@@ -79,6 +85,8 @@ type ConnHasher = std::hash::BuildHasherDefault<std::hash::DefaultHasher>;
 struct Sub<H> {
     h: H,
     proto: Proto,
+    /// Its group of selected subscriptions, or `filter::PLAIN`.
+    group: u32,
 }
 
 struct Channel<H> {
@@ -88,6 +96,8 @@ struct Channel<H> {
     wsify: u32,
     /// Presence channels only.
     presence: Option<Box<Presence>>,
+    /// Groups of subscriptions with a selector (`filter.rs`).
+    groups: Option<Box<filter::Groups>>,
 }
 
 #[derive(Default)]
@@ -103,6 +113,7 @@ impl<H> Default for Channel<H> {
             subs: IndexMap::default(),
             wsify: 0,
             presence: None,
+            groups: None,
         }
     }
 }
@@ -150,7 +161,8 @@ impl<H> Channel<H> {
         if proto != Proto::Pusher {
             self.wsify += 1;
         }
-        self.subs.insert(conn, Sub { h, proto });
+        let group = filter::PLAIN;
+        self.subs.insert(conn, Sub { h, proto, group });
         true
     }
 }
@@ -173,11 +185,16 @@ struct Remote {
     interested: BTreeSet<NodeId>,
     counts: BTreeMap<NodeId, usize>,
     members: IndexMap<String, RemoteMember>,
+    /// What interested peers advertised about their filters (`filter.rs`).
+    filters: BTreeMap<NodeId, filter::PeerFilters>,
 }
 
 impl Remote {
     fn is_empty(&self) -> bool {
-        self.interested.is_empty() && self.counts.is_empty() && self.members.is_empty()
+        self.interested.is_empty()
+            && self.counts.is_empty()
+            && self.members.is_empty()
+            && self.filters.is_empty()
     }
 }
 
@@ -225,6 +242,8 @@ impl<H: Handle> Shard<H> {
             peers: BTreeSet::new(),
             kinds: [KindStats::default(); 5],
             limit: presence_limit::PresenceLimit::default(),
+            parked_selectors: HashMap::new(),
+            matched: Vec::new(),
         }
     }
 
@@ -366,6 +385,7 @@ impl<H: Handle> Shard<H> {
         sink: &mut impl Sink<H>,
     ) {
         self.unpark(conn, app, name);
+        self.forget_parked(conn, app, name);
         let t = self.table(app);
         let Some(ch) = t.channels.get_mut(name) else {
             return;
@@ -376,6 +396,7 @@ impl<H: Handle> Shard<H> {
         if sub.proto != Proto::Pusher {
             ch.wsify -= 1;
         }
+        let advert = filter::left(ch, sub.group);
         let mut member_gone = None;
         if let Some(p) = ch.presence.as_mut() {
             if let Some(uid) = p.of.remove(&conn) {
@@ -398,6 +419,7 @@ impl<H: Handle> Shard<H> {
             t.channels.remove(name);
         }
         self.counted(name, empty, -1);
+        self.advertise(app, name, advert, sink);
         if let Some(uid) = member_gone {
             self.member_left(app, name, uid, sink);
         }
@@ -480,6 +502,10 @@ impl<H: Handle> Shard<H> {
     /// The second half of a publish: every local subscriber (Pusher and
     /// wsify, each protocol's frame encoded once), and the cache.
     pub fn deliver_local(&mut self, now: Instant, ev: &Event<'_>, sink: &mut impl Sink<H>) {
+        if self.has_groups(ev.app, ev.channel) {
+            // Untagged: only subscriptions without a filter take it.
+            return self.deliver_selected(now, ev, &crate::filter::Tags::default(), sink);
+        }
         let frame = self.cache_event(now, ev);
         let exclude = ev.exclude_socket.and_then(|s| self.local_conn_of(s));
         if let Some(ch) = self.tables[ev.app.0 as usize].channels.get(ev.channel) {
