@@ -11,6 +11,8 @@ pub enum WsifyCommand {
     Join {
         /// Channel name as sent.
         channel: String,
+        /// `args.filter` as JSON text (pushmesh extension, issue #13).
+        filter: Option<String>,
     },
     /// Leave a channel.
     Leave {
@@ -23,6 +25,8 @@ pub enum WsifyCommand {
         channel: String,
         /// Any JSON value.
         content: Box<RawValue>,
+        /// `args.tags` as JSON text (pushmesh extension, issue #13).
+        tags: Option<String>,
     },
 }
 
@@ -39,9 +43,9 @@ impl WsifyCommand {
     /// The channel it concerns.
     pub fn channel(&self) -> &str {
         match self {
-            Self::Join { channel } | Self::Leave { channel } | Self::Broadcast { channel, .. } => {
-                channel
-            }
+            Self::Join { channel, .. }
+            | Self::Leave { channel }
+            | Self::Broadcast { channel, .. } => channel,
         }
     }
 }
@@ -78,6 +82,10 @@ struct Args {
     channel: Option<String>,
     #[serde(default)]
     content: Option<Box<RawValue>>,
+    #[serde(default)]
+    filter: Option<Box<RawValue>>,
+    #[serde(default)]
+    tags: Option<Box<RawValue>>,
 }
 
 impl WsifyCommand {
@@ -89,6 +97,8 @@ impl WsifyCommand {
             None => Args {
                 channel: None,
                 content: None,
+                filter: None,
+                tags: None,
             },
         };
         let name: &'static str = match f.command.as_str() {
@@ -105,7 +115,10 @@ impl WsifyCommand {
                 field: "channel",
             })?;
         let cmd = match name {
-            "join" => Self::Join { channel },
+            "join" => Self::Join {
+                channel,
+                filter: args.filter.map(|f| f.get().to_owned()),
+            },
             "leave" => Self::Leave { channel },
             _ => Self::Broadcast {
                 channel,
@@ -113,6 +126,7 @@ impl WsifyCommand {
                     command: name,
                     field: "content",
                 })?,
+                tags: args.tags.map(|t| t.get().to_owned()),
             },
         };
         Ok(cmd)
@@ -173,7 +187,7 @@ mod tests {
     fn parses_commands() {
         let c = WsifyCommand::parse(r#"{"command":"join","args":{"channel":"hello"}}"#)
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(c, WsifyCommand::Join { channel } if channel == "hello"));
+        assert!(matches!(c, WsifyCommand::Join { channel, filter: None } if channel == "hello"));
         let c = WsifyCommand::parse(
             r#"{"command":"broadcast","args":{"channel":"h","content":{"a":[1]}}}"#,
         )

@@ -95,6 +95,8 @@ pub struct FileConfig {
     trusted_proxies: Option<Vec<crate::proxy::Cidr>>,
     proxy_protocol: Option<bool>,
     #[serde(default)]
+    identity_headers: crate::identity_headers::IdentityHeaders,
+    #[serde(default)]
     apps: Vec<FileApp>,
     #[serde(default)]
     cluster: Option<FileCluster>,
@@ -245,6 +247,8 @@ pub struct Config {
     pub trusted_proxies: crate::proxy::TrustedProxies,
     /// Whether trusted proxies may send a PROXY protocol header.
     pub proxy_protocol: bool,
+    /// `[identity_headers]`: identity set by the load balancer (issue #13).
+    pub identity_headers: crate::identity_headers::IdentityHeaders,
     /// Clustering, when on.
     pub cluster: Option<ClusterSettings>,
     /// This node's id (also without clustering).
@@ -300,6 +304,7 @@ impl Default for Config {
             max_connections_per_ip: 0,
             trusted_proxies: crate::proxy::TrustedProxies::default(),
             proxy_protocol: false,
+            identity_headers: crate::identity_headers::IdentityHeaders::default(),
             cluster: None,
             node_id: generated_node_id(),
             development: true,
@@ -546,6 +551,7 @@ impl Config {
                 .proxy_protocol
                 .or(file.proxy_protocol)
                 .unwrap_or(d.proxy_protocol),
+            identity_headers: file.identity_headers,
             cluster,
             node_id,
             development,
@@ -580,6 +586,9 @@ impl Config {
                 "handshake_timeout_ms must be at least 1".into(),
             ));
         }
+        cfg.identity_headers
+            .check(!cfg.trusted_proxies.is_empty())
+            .map_err(ConfigError::Invalid)?;
         if cfg.proxy_protocol && cfg.trusted_proxies.is_empty() {
             return Err(ConfigError::Invalid(
                 "proxy_protocol needs trusted_proxies: PROXY headers are read from trusted proxies only".into(),

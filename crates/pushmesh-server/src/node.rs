@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pushmesh_core::{
-    AppIdx, Apps, ChannelInfo, ConnId, Delta, Event, NodeId, PeerFrame, PublishError,
+    filter::Tags, AppIdx, Apps, ChannelInfo, ConnId, Delta, Event, NodeId, PeerFrame, PublishError,
     PublishRefused, PublishRequest, PublishedChannel, QueryError, Replicator, Request, Shard, Sink,
     Users, WebhookScheduler,
 };
@@ -128,6 +128,8 @@ pub struct Publish {
     /// Whether the reply carries the channel's info (it costs a lookup).
     info: bool,
     reply: oneshot::Sender<Result<ChannelInfo, PublishRefused>>,
+    /// Tags for subscription filters (issue #13).
+    tags: Option<Arc<Tags>>,
 }
 
 type Query = Box<dyn FnOnce(&Shard<ConnRef>, Instant) + Send>;
@@ -179,18 +181,20 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 exclude_socket: p.exclude.as_deref(),
                 user_id: None,
             };
+            let untagged = Tags::default();
+            let tags = p.tags.as_deref().unwrap_or(&untagged);
             // Answered once it is handed to the peers (it cannot fail
             // after that), before the local fan-out; with `info`, after.
-            match shard.hand_to_peers(&ev, sink) {
+            match shard.hand_to_peers_tagged(&ev, tags, sink) {
                 Err(e) => {
                     let _ = p.reply.send(Err(e));
                 }
                 Ok(()) if !p.info => {
                     let _ = p.reply.send(Ok(ChannelInfo::default()));
-                    shard.deliver_local(now, &ev, sink);
+                    shard.deliver_local_tagged(now, &ev, tags, sink);
                 }
                 Ok(()) => {
-                    shard.deliver_local(now, &ev, sink);
+                    shard.deliver_local_tagged(now, &ev, tags, sink);
                     let _ = p.reply.send(Ok(shard.info(now, p.app, &p.channel)));
                 }
             }
@@ -220,6 +224,23 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 data,
                 age_ms,
             } => shard.cache_set(now, &app, &channel, &event, &data, age_ms),
+            PeerFrame::TaggedPublish {
+                app,
+                channel,
+                event,
+                data,
+                exclude,
+                tags,
+            } => shard.deliver_remote_tagged(
+                now,
+                &app,
+                &channel,
+                &event,
+                &data,
+                exclude.as_deref(),
+                tags,
+                sink,
+            ),
             f @ (PeerFrame::PresenceClaim { .. } | PeerFrame::PresenceGrant { .. }) => {
                 shard.handle_presence_frame(now, f, sink)
             }
@@ -436,7 +457,19 @@ impl Node {
         info: bool,
     ) -> Result<Vec<PublishedChannel>, PublishError> {
         let names = self.apps.validate_publish(app, req)?;
-        self.publish_valid(app, names, req, info).await
+        self.publish_valid(app, names, req, info, None).await
+    }
+
+    /// [`Node::publish`] with tags (issue #13).
+    pub async fn publish_tagged(
+        &self,
+        app: AppIdx,
+        req: &PublishRequest<'_>,
+        info: bool,
+        tags: Option<Arc<Tags>>,
+    ) -> Result<Vec<PublishedChannel>, PublishError> {
+        let names = self.apps.validate_publish(app, req)?;
+        self.publish_valid(app, names, req, info, tags).await
     }
 
     /// Publishes an event already validated with [`Apps::validate_publish`].
@@ -446,6 +479,7 @@ impl Node {
         names: Vec<ChannelName>,
         req: &PublishRequest<'_>,
         info: bool,
+        tags: Option<Arc<Tags>>,
     ) -> Result<Vec<PublishedChannel>, PublishError> {
         let _entered = self.gate.enter().map_err(|r| self.refused(r))?;
         let event: Arc<str> = Arc::from(req.name);
@@ -463,6 +497,7 @@ impl Node {
                 exclude: exclude.clone(),
                 info,
                 reply,
+                tags: tags.clone(),
             };
             self.to_shard(app, name.as_str(), Cmd::Publish(Box::new(p)))
                 .await;
@@ -497,6 +532,7 @@ impl Node {
         app: AppIdx,
         channel: &str,
         content: &RawValue,
+        tags: Option<Arc<Tags>>,
     ) -> Result<(), PublishError> {
         let name = self.apps.validate_wsify_broadcast(app, channel, content)?;
         let _entered = self.gate.enter().map_err(|r| self.refused(r))?;
@@ -512,6 +548,7 @@ impl Node {
             exclude: None,
             info: false,
             reply,
+            tags,
         };
         self.to_shard(app, name.as_str(), Cmd::Publish(Box::new(p)))
             .await;

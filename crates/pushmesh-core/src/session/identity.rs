@@ -33,14 +33,12 @@ pub enum IdentityError {
     Attribute,
 }
 
-impl Session {
-    /// Takes the identity set by a trusted load balancer, before any frame
-    /// of the client: with a user, the connection is signed in as after
-    /// `pusher:signin` (Pusher clients get `pusher:signin_success` with
-    /// `{"id":…}`; wsify clients get no frame).
-    pub fn set_identity(&mut self, id: Identity) -> Result<(), IdentityError> {
-        let max = self.cfg.limits.max_user_id_length;
-        if id
+impl Identity {
+    /// Checks the identity against an app's `max_user_id_length` and the
+    /// tag value limit (device, zone).
+    pub fn check(&self, max_user_id_length: usize) -> Result<(), IdentityError> {
+        let max = max_user_id_length;
+        if self
             .user
             .as_ref()
             .is_some_and(|u| u.is_empty() || u.len() > max)
@@ -51,9 +49,20 @@ impl Session {
             a.as_ref()
                 .is_some_and(|a| a.is_empty() || a.len() > MAX_VALUE_BYTES)
         };
-        if bad(&id.device) || bad(&id.zone) {
+        if bad(&self.device) || bad(&self.zone) {
             return Err(IdentityError::Attribute);
         }
+        Ok(())
+    }
+}
+
+impl Session {
+    /// Takes the identity set by a trusted load balancer, before any frame
+    /// of the client: with a user, the connection is signed in as after
+    /// `pusher:signin` (Pusher clients get `pusher:signin_success` with
+    /// `{"id":…}`; wsify clients get no frame).
+    pub fn set_identity(&mut self, id: Identity) -> Result<(), IdentityError> {
+        id.check(self.cfg.limits.max_user_id_length)?;
         self.target = Some(Box::new(Target {
             device: id.device.map(String::into_boxed_str),
             zone: id.zone.map(String::into_boxed_str),
