@@ -412,6 +412,7 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 
 /// Serves HTTP on an established transport; requests see the client's
 /// address as `ConnectInfo` and the connection's [`Ticket`].
+#[allow(clippy::too_many_arguments)]
 async fn http<I>(
     st: Arc<Shared>,
     router: Router,

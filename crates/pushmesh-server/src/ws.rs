@@ -64,6 +64,7 @@ pub(crate) fn check_origin(st: &Shared, app: AppIdx, headers: &HeaderMap) -> Res
 pub const PROTOCOL_VERSIONS: std::ops::RangeInclusive<u32> = 4..=7;
 
 /// `GET /app/{key}`: upgrades to a Pusher protocol connection.
+#[allow(clippy::too_many_arguments)]
 pub async fn pusher_ws(
     State(st): State<Arc<Shared>>,
     Path(key): Path<String>,
