@@ -15,6 +15,7 @@
 //! every recipient gets the same `Bytes`.
 
 pub mod app;
+pub mod filter;
 pub mod history;
 pub mod hook_backup;
 mod keepalive;
@@ -32,6 +33,7 @@ pub mod webhooks;
 pub use app::{
     AppConfig, AppIdx, Apps, ConnId, CoreConfig, OpenError, PublishError, PublishRequest,
 };
+pub use filter::{Filter, FilterError, Selector, Tags, TagsError, Target};
 pub use hook_backup::HookBackup;
 pub use keepalive::{Keepalive, KeepaliveAction};
 pub use node::{Core, Output, PublishedChannel};

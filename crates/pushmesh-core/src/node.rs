@@ -209,6 +209,7 @@ macro_rules! sink {
 
 // After the macro: it uses `sink!`.
 mod peers;
+mod tagged;
 
 impl Core {
     /// A node serving `config.apps`, with 4 router shards.
@@ -320,15 +321,17 @@ impl Core {
                     proto,
                     presence,
                     position,
+                    selector,
                 },
                 Some(i),
-            ) => self.shards[i].subscribe(
+            ) => self.shards[i].subscribe_selected(
                 now,
                 conn,
                 app,
                 &channel,
                 proto,
                 presence,
+                selector,
                 position.as_deref(),
                 &mut sink,
             ),

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Version byte in front of every encoded peer frame.
-pub const FRAME_VERSION: u8 = 2;
+pub const FRAME_VERSION: u8 = 3;
 
 /// A node of the cluster.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -100,6 +100,21 @@ pub enum Delta {
         /// Local subscribers.
         count: usize,
     },
+    /// What the node's subscribers on a channel can receive (issue #13):
+    /// a filter (canonical JSON) some of them use, or `None`: some of them
+    /// take events that no advertised filter matches. A node that
+    /// advertises no filter for a channel it is interested in gets every
+    /// event of it.
+    Filter {
+        /// App id.
+        app: String,
+        /// Channel.
+        channel: String,
+        /// The filter, or `None` for "every event".
+        filter: Option<String>,
+        /// Gained (true) or lost.
+        add: bool,
+    },
 }
 
 /// The whole replicated state of a node.
@@ -113,6 +128,8 @@ pub struct Snapshot {
     pub users: Vec<(String, String)>,
     /// (app, channel, count) subscriber counts.
     pub counts: Vec<(String, String, usize)>,
+    /// (app, channel, filter) advertised filters (see [`Delta::Filter`]).
+    pub filters: Vec<(String, String, Option<String>)>,
 }
 
 /// A frame between two nodes.
@@ -230,6 +247,23 @@ pub enum PeerFrame {
         /// Admitted (true) or refused: the channel is full.
         granted: bool,
     },
+    /// A channel event with tags (issue #13), to deliver locally to the
+    /// subscriptions whose filter matches (never forwarded again). Untagged
+    /// events travel as [`PeerFrame::Publish`].
+    TaggedPublish {
+        /// App id.
+        app: String,
+        /// Channel.
+        channel: String,
+        /// Event name.
+        event: String,
+        /// Event data.
+        data: String,
+        /// Socket id to leave out.
+        exclude: Option<String>,
+        /// The event's tags.
+        tags: Vec<(String, String)>,
+    },
     /// A channel event on a history channel, numbered by its origin; sent
     /// to every peer (each keeps the channel's history).
     HistoryPublish {
@@ -251,6 +285,8 @@ pub enum PeerFrame {
         seq: u64,
         /// When it was published, Unix ms.
         at_ms: u64,
+        /// The event's tags (filters apply on every node, and on replay).
+        tags: Vec<(String, String)>,
     },
     /// A node's copy of (part of) one channel's history, for a peer whose
     /// link came up: `events` in the sender's order, which holds for each
@@ -284,6 +320,8 @@ pub struct HistoryEvent {
     pub data: String,
     /// `user_id` of a presence client event.
     pub user_id: Option<String>,
+    /// Its tags.
+    pub tags: Vec<(String, String)>,
 }
 
 impl PeerFrame {
@@ -295,6 +333,7 @@ impl PeerFrame {
             Self::Publish { .. }
             | Self::CacheSet { .. }
             | Self::Terminate { .. }
+            | Self::TaggedPublish { .. }
             | Self::HistoryPublish { .. }
             | Self::HistorySync { .. } => FrameKind::Data,
             _ => FrameKind::Control,
@@ -348,7 +387,8 @@ impl Delta {
             Self::Interest { app, .. }
             | Self::Member { app, .. }
             | Self::User { app, .. }
-            | Self::Count { app, .. } => app,
+            | Self::Count { app, .. }
+            | Self::Filter { app, .. } => app,
         }
     }
 
@@ -357,7 +397,8 @@ impl Delta {
         match self {
             Self::Interest { channel, .. }
             | Self::Member { channel, .. }
-            | Self::Count { channel, .. } => Some(channel),
+            | Self::Count { channel, .. }
+            | Self::Filter { channel, .. } => Some(channel),
             Self::User { .. } => None,
         }
     }

@@ -19,6 +19,10 @@ use serde_json::value::RawValue;
 
 use crate::app::{AppConfig, AppIdx, ConnId};
 
+mod identity;
+
+pub use identity::{Identity, IdentityError};
+
 /// Which protocol a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {
@@ -58,6 +62,8 @@ pub enum Request {
         /// The history position to recover from (non-presence channels;
         /// a presence member carries its own).
         position: Option<Box<str>>,
+        /// What the subscription receives (`None`: every event; issue #13).
+        selector: Option<Arc<crate::filter::Selector>>,
     },
     /// Unsubscribe (no effect if not subscribed).
     Unsubscribe {
@@ -162,6 +168,8 @@ pub struct Session {
     events_in_window: u32,
     closing: bool,
     out: VecDeque<SessionOutput>,
+    /// Device and zone from the identity headers (`session/identity.rs`).
+    target: Option<Box<crate::filter::Target>>,
 }
 
 impl Session {
@@ -214,6 +222,7 @@ impl Session {
             events_in_window: 0,
             closing: false,
             out: VecDeque::new(),
+            target: None,
         }
     }
 
@@ -326,11 +335,13 @@ impl Session {
                 auth,
                 channel_data,
                 position,
+                filter,
             } => self.subscribe(
                 &channel,
                 auth.as_deref(),
                 channel_data.as_deref(),
                 position.map(String::into_boxed_str),
+                filter.as_deref(),
             ),
             ClientMessage::Unsubscribe { channel } => {
                 if let Ok(name) = ChannelName::parse_with_limit(&channel, usize::MAX) {
@@ -361,6 +372,7 @@ impl Session {
         auth: Option<&str>,
         channel_data: Option<&str>,
         position: Option<Box<str>>,
+        filter: Option<&str>,
     ) {
         let cfg = self.cfg.clone();
         let name = match ChannelName::parse_with_limit(channel, cfg.limits.max_channel_name_length)
@@ -410,6 +422,10 @@ impl Session {
             ));
             return;
         }
+        let selector = match self.selector(&name, filter) {
+            Ok(s) => s,
+            Err(e) => return self.refuse_filter(&name, &e),
+        };
         let (presence, position) = if name.kind() == ChannelKind::Presence {
             match self.presence_join(&name, channel_data.unwrap_or_default()) {
                 Some(p) => (Some(PresenceJoin { position, ..p }), None),
@@ -426,6 +442,7 @@ impl Session {
             proto: self.proto,
             presence,
             position,
+            selector,
         });
     }
 
@@ -606,6 +623,7 @@ impl Session {
             proto: self.proto,
             presence: None,
             position: position.map(Into::into),
+            selector: None,
         });
         Ok(())
     }

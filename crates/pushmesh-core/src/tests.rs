@@ -652,3 +652,5 @@ fn hooks_for_channel_and_member_lifecycle() {
         matches!(&h.hooks[5], WebhookEvent::ClientEvent { socket_id, data, .. } if socket_id == "7.1" && data == "d")
     );
 }
+
+mod filters;

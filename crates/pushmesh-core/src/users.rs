@@ -120,7 +120,10 @@ impl<H: Handle> Users<H> {
                 self.watchlist_event(app, user_id, true, sink);
             }
         }
-        sink.send(h, &server::signin_success(user_data));
+        // Empty for a wsify connection signed in by its identity headers.
+        if !user_data.is_empty() {
+            sink.send(h, &server::signin_success(user_data));
+        }
         if let Some(f) = initial {
             sink.send(h, &f);
         }

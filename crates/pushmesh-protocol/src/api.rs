@@ -39,6 +39,10 @@ pub struct TriggerRequest {
     /// Comma-separated attributes to return per channel.
     #[serde(default)]
     pub info: Option<String>,
+    /// Tags for subscription filters (pushmesh extension, issue #13),
+    /// checked by the server.
+    #[serde(default)]
+    pub tags: Option<Box<RawValue>>,
 }
 
 /// One event of `POST /apps/{id}/batch_events`.
@@ -56,6 +60,9 @@ pub struct BatchEvent {
     /// Comma-separated attributes to return.
     #[serde(default)]
     pub info: Option<String>,
+    /// Tags for subscription filters (pushmesh extension, issue #13).
+    #[serde(default)]
+    pub tags: Option<Box<RawValue>>,
 }
 
 /// `POST /apps/{id}/batch_events`.

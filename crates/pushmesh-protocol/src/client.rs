@@ -16,6 +16,9 @@ pub enum ClientMessage {
         channel_data: Option<String>,
         /// The last history position the client saw (pushmesh extension).
         position: Option<String>,
+        /// The JSON text of `filter` (pushmesh extension, issue #13),
+        /// checked by the session.
+        filter: Option<String>,
     },
     /// `pusher:unsubscribe`.
     Unsubscribe {
@@ -82,6 +85,7 @@ struct SubscribeData {
     channel_data: Option<String>,
     #[serde(default)]
     position: Option<String>,
+    filter: Option<Box<RawValue>>,
 }
 
 #[derive(Deserialize)]
@@ -127,6 +131,7 @@ impl ClientMessage {
                     auth: d.auth,
                     channel_data: d.channel_data,
                     position: d.position,
+                    filter: d.filter.map(|f| f.get().to_owned()),
                 })
             }
             "pusher:unsubscribe" => {
@@ -185,9 +190,28 @@ mod tests {
             channel: "x".into(),
             auth: Some("k:s".into()),
             channel_data: None,
+            position: None,
+            filter: None,
         };
         assert_eq!(a, Ok(want.clone()));
         assert_eq!(b, Ok(want));
+    }
+
+    #[test]
+    fn parses_the_filter_of_a_subscribe_as_its_json_text() {
+        let m = ClientMessage::parse(
+            r#"{"event":"pusher:subscribe","data":{"channel":"x","filter":{"zone":["eu"]}}}"#,
+        );
+        assert_eq!(
+            m,
+            Ok(ClientMessage::Subscribe {
+                channel: "x".into(),
+                auth: None,
+                channel_data: None,
+                position: None,
+                filter: Some(r#"{"zone":["eu"]}"#.into()),
+            })
+        );
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub enum WsifyCommand {
         channel: String,
         /// The last history position the client saw (`args.position`).
         position: Option<String>,
+        /// `args.filter` as JSON text (pushmesh extension, issue #13).
+        filter: Option<String>,
     },
     /// Leave a channel.
     Leave {
@@ -25,6 +27,8 @@ pub enum WsifyCommand {
         channel: String,
         /// Any JSON value.
         content: Box<RawValue>,
+        /// `args.tags` as JSON text (pushmesh extension, issue #13).
+        tags: Option<String>,
     },
 }
 
@@ -82,6 +86,9 @@ struct Args {
     content: Option<Box<RawValue>>,
     #[serde(default)]
     position: Option<String>,
+    filter: Option<Box<RawValue>>,
+    #[serde(default)]
+    tags: Option<Box<RawValue>>,
 }
 
 impl WsifyCommand {
@@ -94,6 +101,8 @@ impl WsifyCommand {
                 channel: None,
                 content: None,
                 position: None,
+                filter: None,
+                tags: None,
             },
         };
         let name: &'static str = match f.command.as_str() {
@@ -113,6 +122,7 @@ impl WsifyCommand {
             "join" => Self::Join {
                 channel,
                 position: args.position,
+                filter: args.filter.map(|f| f.get().to_owned()),
             },
             "leave" => Self::Leave { channel },
             _ => Self::Broadcast {
@@ -121,6 +131,7 @@ impl WsifyCommand {
                     command: name,
                     field: "content",
                 })?,
+                tags: args.tags.map(|t| t.get().to_owned()),
             },
         };
         Ok(cmd)
@@ -200,7 +211,9 @@ mod tests {
     fn parses_commands() {
         let c = WsifyCommand::parse(r#"{"command":"join","args":{"channel":"hello"}}"#)
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(c, WsifyCommand::Join { channel, .. } if channel == "hello"));
+        assert!(
+            matches!(c, WsifyCommand::Join { channel, filter: None, .. } if channel == "hello")
+        );
         let c = WsifyCommand::parse(
             r#"{"command":"broadcast","args":{"channel":"h","content":{"a":[1]}}}"#,
         )

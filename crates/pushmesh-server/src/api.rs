@@ -221,9 +221,11 @@ pub async fn events(
         .into_string()
         .map_err(|e| ApiError::BadRequest(format!("invalid data: {e}")))?;
     let flags = InfoFlags::parse(req.info.as_deref());
+    let tags = crate::tags::parse(req.tags.as_deref().map(serde_json::value::RawValue::get))
+        .map_err(|e| ApiError::BadRequest(crate::tags::refusal(&e)))?;
     let published = st
         .node
-        .publish(
+        .publish_tagged(
             a.app,
             &PublishRequest {
                 name: &req.name,
@@ -232,6 +234,7 @@ pub async fn events(
                 exclude_socket: req.socket_id.as_deref(),
             },
             flags.any(),
+            tags,
         )
         .await?;
     st.stats
@@ -257,7 +260,12 @@ pub async fn batch_events(
     let a = authenticate(&st, &app_id, &method, &uri, body).await?;
     let req: BatchRequest = parse_json(&a.body)?;
     let mut events = Vec::with_capacity(req.batch.len());
+    let mut batch_tags = Vec::with_capacity(req.batch.len());
     for e in req.batch {
+        batch_tags.push(
+            crate::tags::parse(e.tags.as_deref().map(serde_json::value::RawValue::get))
+                .map_err(|err| ApiError::BadRequest(crate::tags::refusal(&err)))?,
+        );
         let data = e
             .data
             .into_string()
@@ -289,7 +297,9 @@ pub async fn batch_events(
         )?);
     }
     let mut results = Vec::with_capacity(events.len());
-    for ((name, data, channels, socket_id, flags), names) in events.iter().zip(valid) {
+    for (((name, data, channels, socket_id, flags), names), tags) in
+        events.iter().zip(valid).zip(batch_tags)
+    {
         let req = PublishRequest {
             name,
             data,
@@ -300,7 +310,7 @@ pub async fn batch_events(
         // delivered, this one and those after it were not.
         let p = st
             .node
-            .publish_valid(a.app, names, &req, flags.any())
+            .publish_valid(a.app, names, &req, flags.any(), tags)
             .await?;
         results.push((p, *flags));
     }

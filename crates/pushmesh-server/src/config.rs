@@ -97,6 +97,8 @@ pub struct FileConfig {
     trusted_proxies: Option<Vec<crate::proxy::Cidr>>,
     proxy_protocol: Option<bool>,
     #[serde(default)]
+    identity_headers: crate::identity_headers::IdentityHeaders,
+    #[serde(default)]
     apps: Vec<FileApp>,
     #[serde(default)]
     cluster: Option<FileCluster>,
@@ -249,6 +251,8 @@ pub struct Config {
     pub trusted_proxies: crate::proxy::TrustedProxies,
     /// Whether trusted proxies may send a PROXY protocol header.
     pub proxy_protocol: bool,
+    /// `[identity_headers]`: identity set by the load balancer (issue #13).
+    pub identity_headers: crate::identity_headers::IdentityHeaders,
     /// Clustering, when on.
     pub cluster: Option<ClusterSettings>,
     /// This node's id (also without clustering).
@@ -306,6 +310,7 @@ impl Default for Config {
             max_connections_per_ip: 0,
             trusted_proxies: crate::proxy::TrustedProxies::default(),
             proxy_protocol: false,
+            identity_headers: crate::identity_headers::IdentityHeaders::default(),
             cluster: None,
             node_id: generated_node_id(),
             development: true,
@@ -556,6 +561,7 @@ impl Config {
                 .proxy_protocol
                 .or(file.proxy_protocol)
                 .unwrap_or(d.proxy_protocol),
+            identity_headers: file.identity_headers,
             cluster,
             node_id,
             development,
@@ -591,6 +597,9 @@ impl Config {
                 "handshake_timeout_ms must be at least 1".into(),
             ));
         }
+        cfg.identity_headers
+            .check(!cfg.trusted_proxies.is_empty())
+            .map_err(ConfigError::Invalid)?;
         if cfg.proxy_protocol && cfg.trusted_proxies.is_empty() {
             return Err(ConfigError::Invalid(
                 "proxy_protocol needs trusted_proxies: PROXY headers are read from trusted proxies only".into(),

@@ -322,7 +322,7 @@ async fn connection(
         Listener::Internal => {
             let ticket = Ticket::new(None, None);
             let io = Prefixed::new(Vec::new(), tcp);
-            return http(st, router, io, peer, false, ticket, deadline).await;
+            return http(st, router, io, peer, false, false, ticket, deadline).await;
         }
         Listener::Public(tls) => tls,
     };
@@ -364,9 +364,33 @@ async fn connection(
     let ticket = Ticket::new(permit, slot);
     let io = Prefixed::new(rest, tcp);
     match tls {
-        None => http(st, router, io, client, client_trusted, ticket, deadline).await,
+        None => {
+            http(
+                st,
+                router,
+                io,
+                client,
+                client_trusted,
+                peer_trusted,
+                ticket,
+                deadline,
+            )
+            .await
+        }
         Some(tls) => match timeout_at(deadline, tls.acceptor().accept(io)).await {
-            Ok(Ok(s)) => http(st, router, s, client, client_trusted, ticket, deadline).await,
+            Ok(Ok(s)) => {
+                http(
+                    st,
+                    router,
+                    s,
+                    client,
+                    client_trusted,
+                    peer_trusted,
+                    ticket,
+                    deadline,
+                )
+                .await
+            }
             Ok(Err(e)) => tracing::debug!(%client, error = %e, "tls handshake failed"),
             Err(_) => {
                 st.edge
@@ -388,12 +412,14 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 
 /// Serves HTTP on an established transport; requests see the client's
 /// address as `ConnectInfo` and the connection's [`Ticket`].
+#[allow(clippy::too_many_arguments)]
 async fn http<I>(
     st: Arc<Shared>,
     router: Router,
     io: I,
     client: SocketAddr,
     forwarded: bool,
+    peer_trusted: bool,
     ticket: Ticket,
     deadline: Instant,
 ) where
@@ -435,6 +461,8 @@ async fn http<I>(
             req.extensions_mut()
                 .insert(ConnectInfo(SocketAddr::new(ip, client.port())));
             req.extensions_mut().insert(ticket.clone());
+            req.extensions_mut()
+                .insert(crate::identity_headers::PeerTrusted(peer_trusted));
             let resp: Response = match router.oneshot(req).await {
                 Ok(r) => r,
                 Err(never) => match never {},

@@ -36,6 +36,8 @@ pub struct EdgeMetrics {
     pub origin_refused: AtomicU64,
     /// Accept errors (e.g. out of file descriptors).
     pub accept_errors: AtomicU64,
+    /// Identity headers honoured / ignored (`identity_headers.rs`).
+    pub identity: crate::identity_headers::IdentityStats,
 }
 
 impl EdgeMetrics {
@@ -254,6 +256,7 @@ pub fn render(st: &Shared) -> String {
         "Errors accepting TCP connections (e.g. no file descriptors left).",
     );
     let _ = writeln!(out, "pushmesh_accept_errors_total {}", l(&e.accept_errors));
+    crate::identity_headers::render(&mut out, &e.identity);
     let w = &st.webhooks.stats;
     family(
         &mut out,

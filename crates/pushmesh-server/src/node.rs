@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use pushmesh_core::history::{HistoryStore, Origin};
 use pushmesh_core::{
-    AppIdx, Apps, ChannelInfo, ConnId, Delta, Event, NodeId, PeerFrame, PublishError,
+    filter::Tags, AppIdx, Apps, ChannelInfo, ConnId, Delta, Event, NodeId, PeerFrame, PublishError,
     PublishRefused, PublishRequest, PublishedChannel, Replicator, Request, Shard, Sink, Users,
     WebhookScheduler,
 };
@@ -135,6 +135,8 @@ pub struct Publish {
     /// Whether the reply carries the channel's info (it costs a lookup).
     info: bool,
     reply: oneshot::Sender<Result<Accepted, PublishRefused>>,
+    /// Tags for subscription filters (issue #13).
+    tags: Option<Arc<Tags>>,
 }
 
 /// A publish a shard accepted: the channel's info (if asked) and the
@@ -186,13 +188,15 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 proto,
                 presence,
                 position,
-            } => shard.subscribe(
+                selector,
+            } => shard.subscribe_selected(
                 now,
                 h,
                 app,
                 &channel,
                 proto,
                 presence,
+                selector,
                 position.as_deref(),
                 sink,
             ),
@@ -218,9 +222,11 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 exclude_socket: p.exclude.as_deref(),
                 user_id: None,
             };
+            let untagged = Tags::default();
+            let tags = p.tags.as_deref().unwrap_or(&untagged);
             // Answered once it is handed to the peers (it cannot fail
             // after that), before the local fan-out; with `info`, after.
-            match shard.hand_to_peers(now, &ev, sink) {
+            match shard.hand_to_peers_tagged(now, &ev, tags, sink) {
                 Err(e) => {
                     let _ = p.reply.send(Err(e));
                 }
@@ -228,11 +234,11 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                     let receipts = sink.take_receipts();
                     let info = ChannelInfo::default();
                     let _ = p.reply.send(Ok(Accepted { info, receipts }));
-                    shard.deliver_local(now, &ev, sink);
+                    shard.deliver_local_tagged(now, &ev, tags, sink);
                 }
                 Ok(()) => {
                     let receipts = sink.take_receipts();
-                    shard.deliver_local(now, &ev, sink);
+                    shard.deliver_local_tagged(now, &ev, tags, sink);
                     let info = shard.info(now, p.app, &p.channel);
                     let _ = p.reply.send(Ok(Accepted { info, receipts }));
                 }
@@ -263,6 +269,23 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 data,
                 age_ms,
             } => shard.cache_set(now, &app, &channel, &event, &data, age_ms),
+            PeerFrame::TaggedPublish {
+                app,
+                channel,
+                event,
+                data,
+                exclude,
+                tags,
+            } => shard.deliver_remote_tagged(
+                now,
+                &app,
+                &channel,
+                &event,
+                &data,
+                exclude.as_deref(),
+                tags,
+                sink,
+            ),
             PeerFrame::HistoryPublish {
                 app,
                 channel,
@@ -273,6 +296,7 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 origin,
                 seq,
                 at_ms,
+                tags,
             } => shard.deliver_history(
                 now,
                 &app,
@@ -282,6 +306,7 @@ fn run_cmd(shard: &mut Shard<ConnRef>, now: Instant, cmd: Cmd, sink: &mut Driver
                 exclude.as_deref(),
                 user_id.as_deref(),
                 (origin, seq, at_ms),
+                tags,
                 sink,
             ),
             PeerFrame::HistorySync {
@@ -524,7 +549,19 @@ impl Node {
         info: bool,
     ) -> Result<Vec<PublishedChannel>, PublishError> {
         let names = self.apps.validate_publish(app, req)?;
-        self.publish_valid(app, names, req, info).await
+        self.publish_valid(app, names, req, info, None).await
+    }
+
+    /// [`Node::publish`] with tags (issue #13).
+    pub async fn publish_tagged(
+        &self,
+        app: AppIdx,
+        req: &PublishRequest<'_>,
+        info: bool,
+        tags: Option<Arc<Tags>>,
+    ) -> Result<Vec<PublishedChannel>, PublishError> {
+        let names = self.apps.validate_publish(app, req)?;
+        self.publish_valid(app, names, req, info, tags).await
     }
 
     /// Publishes an event already validated with [`Apps::validate_publish`].
@@ -534,6 +571,7 @@ impl Node {
         names: Vec<ChannelName>,
         req: &PublishRequest<'_>,
         info: bool,
+        tags: Option<Arc<Tags>>,
     ) -> Result<Vec<PublishedChannel>, PublishError> {
         let _entered = self.gate.enter().map_err(|r| self.refused(r))?;
         let event: Arc<str> = Arc::from(req.name);
@@ -551,6 +589,7 @@ impl Node {
                 exclude: exclude.clone(),
                 info,
                 reply,
+                tags: tags.clone(),
             };
             self.to_shard(app, name.as_str(), Cmd::Publish(Box::new(p)))
                 .await;
@@ -588,6 +627,7 @@ impl Node {
         app: AppIdx,
         channel: &str,
         content: &RawValue,
+        tags: Option<Arc<Tags>>,
     ) -> Result<(), PublishError> {
         let name = self.apps.validate_wsify_broadcast(app, channel, content)?;
         let _entered = self.gate.enter().map_err(|r| self.refused(r))?;
@@ -603,6 +643,7 @@ impl Node {
             exclude: None,
             info: false,
             reply,
+            tags,
         };
         self.to_shard(app, name.as_str(), Cmd::Publish(Box::new(p)))
             .await;

@@ -64,18 +64,25 @@ pub(crate) fn check_origin(st: &Shared, app: AppIdx, headers: &HeaderMap) -> Res
 pub const PROTOCOL_VERSIONS: std::ops::RangeInclusive<u32> = 4..=7;
 
 /// `GET /app/{key}`: upgrades to a Pusher protocol connection.
+#[allow(clippy::too_many_arguments)]
 pub async fn pusher_ws(
     State(st): State<Arc<Shared>>,
     Path(key): Path<String>,
     Query(q): Query<HashMap<String, String>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ticket: Option<Extension<Ticket>>,
+    trusted: Option<Extension<crate::identity_headers::PeerTrusted>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
     if let Some(refused) = websocket_key_refusal(&headers) {
         return refused;
     }
+    let trusted = trusted.is_some_and(|Extension(t)| t.0);
+    let identity = st
+        .config
+        .identity_headers
+        .read(trusted, &headers, &st.stats.edge.identity);
     let admission = match q.get("protocol").map(|p| p.parse::<u32>()) {
         Some(Err(_)) => Admission::Refuse(
             CloseCode::InvalidVersionFormat,
@@ -109,7 +116,13 @@ pub async fn pusher_ws(
         // A missing protocol is taken as 7.
         _ => match st.app_by_key(&key) {
             Some(app) => match check_origin(&st, app, &headers) {
-                Ok(()) => Admission::App(app),
+                Ok(()) => match identity
+                    .as_ref()
+                    .map(|i| i.check(st.node.apps.get(app).limits.max_user_id_length))
+                {
+                    Some(Err(e)) => Admission::Refuse(CloseCode::Unauthorized, e.to_string()),
+                    _ => Admission::App(app),
+                },
                 Err(reason) => {
                     st.stats.edge.origin_refused.fetch_add(1, Ordering::Relaxed);
                     Admission::Refuse(CloseCode::Unauthorized, reason)
@@ -129,7 +142,7 @@ pub async fn pusher_ws(
             // with the connection.
             let _ticket = ticket.inspect(|t| t.established());
             match admission {
-                Admission::App(app) => run_connection(st, socket, app, peer).await,
+                Admission::App(app) => run_connection(st, socket, app, peer, identity).await,
                 Admission::Refuse(code, reason) => {
                     tracing::debug!(code = code.code(), %reason, "connection refused");
                     refuse(socket, code, &reason).await;
@@ -186,7 +199,13 @@ enum End {
     TooBig(String),
 }
 
-async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx, peer: SocketAddr) {
+async fn run_connection(
+    st: Arc<Shared>,
+    mut socket: WebSocket,
+    app: AppIdx,
+    peer: SocketAddr,
+    identity: Option<pushmesh_core::session::Identity>,
+) {
     let conn = ConnId(st.next_conn.fetch_add(1, Ordering::Relaxed));
     let (h, mut rx) = ConnRef::new(conn, st.config.outbound_queue);
     let opened = Instant::now();
@@ -207,6 +226,12 @@ async fn run_connection(st: Arc<Shared>, mut socket: WebSocket, app: AppIdx, pee
         &socket_id,
         st.config.activity_timeout.as_secs(),
     );
+    if let Some(id) = identity {
+        // Checked before the upgrade.
+        if let Err(e) = session.set_identity(id) {
+            session.close(CloseCode::Unauthorized, &e.to_string());
+        }
+    }
     let mut pending_close = pump(node, &h, &mut session).await;
     tracing::debug!(conn = conn.0, client = %peer.ip(), "connection opened");
     st.stats

@@ -74,6 +74,7 @@ pub async fn wsify_ws(
     RawQuery(raw): RawQuery,
     axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
     ticket: Option<axum::Extension<crate::edge::Ticket>>,
+    trusted: Option<axum::Extension<crate::identity_headers::PeerTrusted>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -81,6 +82,19 @@ pub async fn wsify_ws(
         return refused;
     }
     let app = AppIdx(st.config.wsify_app as u32);
+    let trusted = trusted.is_some_and(|axum::Extension(t)| t.0);
+    let identity = st
+        .config
+        .identity_headers
+        .read(trusted, &headers, &st.stats.edge.identity);
+    let max_user = st.node.apps.get(app).limits.max_user_id_length;
+    if let Some(Err(e)) = identity.as_ref().map(|i| i.check(max_user)) {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({ "error": e.to_string() })),
+        )
+            .into_response();
+    }
     // Joining or draining: not now, elsewhere (the balancer retries).
     let draining = st.draining.load(Ordering::Relaxed);
     if draining || !st.node.gate.joined() {
@@ -136,7 +150,7 @@ pub async fn wsify_ws(
             // Established: the pending slot goes; the per-IP slot stays
             // with the connection.
             let _ticket = ticket.inspect(|t| t.established());
-            run_wsify(st, socket, app, envelope, query).await;
+            run_wsify(st, socket, app, envelope, query, identity).await;
         })
 }
 
@@ -163,6 +177,7 @@ async fn run_wsify(
     app: AppIdx,
     envelope: bool,
     query: Value,
+    identity: Option<pushmesh_core::session::Identity>,
 ) {
     let conn = ConnId(st.next_conn.fetch_add(1, Ordering::Relaxed));
     let (h, mut rx) = ConnRef::new(conn, st.config.outbound_queue);
@@ -180,6 +195,12 @@ async fn run_wsify(
     }
     let socket_id = node.socket_id(conn);
     let mut session = Session::wsify(opened, conn, app, cfg, &socket_id, envelope);
+    if let Some(id) = identity {
+        // Checked before the upgrade; signs in (no frame for wsify).
+        if session.set_identity(id).is_ok() {
+            let _ = pump(&st.node, &h, &mut session).await;
+        }
+    }
     st.stats
         .edge
         .connections_opened
@@ -342,18 +363,27 @@ async fn handle_command(
         }
     }
     let r = match &cmd {
-        WsifyCommand::Join { channel, position } => {
-            session.wsify_join(channel, position.as_deref())
-        }
+        WsifyCommand::Join {
+            channel,
+            filter,
+            position,
+        } => session.wsify_join_filtered(channel, filter.as_deref(), position.as_deref()),
         WsifyCommand::Leave { channel } => {
             session.wsify_leave(channel);
             Ok(())
         }
-        WsifyCommand::Broadcast { channel, content } => st
-            .node
-            .wsify_broadcast(app, channel, content)
-            .await
-            .map_err(|e| e.to_string()),
+        WsifyCommand::Broadcast {
+            channel,
+            content,
+            tags,
+        } => match crate::tags::parse(tags.as_deref()) {
+            Ok(tags) => st
+                .node
+                .wsify_broadcast(app, channel, content, tags)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(crate::tags::refusal(&e)),
+        },
     };
     let _ = pump(&st.node, h, session).await;
     if let WsifyCommand::Broadcast { .. } = cmd {
@@ -379,6 +409,8 @@ struct BroadcastBody {
     content: Option<Box<RawValue>>,
     #[serde(default)]
     args: Option<BroadcastArgs>,
+    #[serde(default)]
+    tags: Option<Box<RawValue>>,
 }
 
 /// `POST /broadcast?key=KEY`: `{"channel","content"}` or `{"channel","args":{"content"}}`.
@@ -421,8 +453,15 @@ pub async fn broadcast(
             "body needs \"content\" or \"args\": {\"content\"}".into(),
         );
     };
+    let tags = match crate::tags::parse(b.tags.as_deref().map(RawValue::get)) {
+        Ok(t) => t,
+        Err(e) => return err(StatusCode::BAD_REQUEST, crate::tags::refusal(&e)),
+    };
     let app = AppIdx(st.config.wsify_app as u32);
-    let r = st.node.wsify_broadcast(app, &b.channel, &content).await;
+    let r = st
+        .node
+        .wsify_broadcast(app, &b.channel, &content, tags)
+        .await;
     match r {
         Ok(()) => {
             st.stats.published.fetch_add(1, Ordering::Relaxed);

@@ -29,6 +29,8 @@ pub struct Stored {
     pub data: Box<str>,
     /// `user_id` of a presence client event.
     pub user_id: Option<Box<str>>,
+    /// Its tags (subscription filters apply on replay too).
+    pub tags: crate::filter::Tags,
 }
 
 impl Stored {
@@ -38,6 +40,11 @@ impl Stored {
             + self.event.len()
             + self.data.len()
             + self.user_id.as_ref().map_or(0, |u| u.len())
+            + self
+                .tags
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 32)
+                .sum::<usize>()
     }
 }
 

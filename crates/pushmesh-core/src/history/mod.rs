@@ -142,6 +142,7 @@ impl HistoryStore {
         event: &str,
         data: &str,
         user_id: Option<&str>,
+        tags: crate::filter::Tags,
     ) -> Stored {
         self.next_id += 1;
         Stored {
@@ -153,6 +154,7 @@ impl HistoryStore {
             event: event.into(),
             data: data.into(),
             user_id: user_id.map(Into::into),
+            tags,
         }
     }
 

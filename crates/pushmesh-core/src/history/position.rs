@@ -130,12 +130,12 @@ mod tests {
     fn text_form_round_trips_and_is_sorted() {
         let mut p = Position::default();
         assert_eq!(p.to_string(), "0");
-        assert_eq!(Position::parse("0").unwrap(), p);
+        assert_eq!(Position::parse("0").expect("valid"), p);
         p.raise(Origin(0xbeef), 3);
         p.raise(Origin(0x12), 7);
         p.raise(Origin(0xbeef), 2);
         assert_eq!(p.to_string(), "12.7-beef.3");
-        assert_eq!(Position::parse("beef.3-12.7").unwrap(), p);
+        assert_eq!(Position::parse("beef.3-12.7").expect("valid"), p);
         assert_eq!(p.get(Origin(0x12)), 7);
         assert_eq!(p.get(Origin(1)), 0);
     }

@@ -12,7 +12,16 @@ fn name(s: &str) -> ChannelName {
 }
 
 fn ev(store: &mut HistoryStore, o: Origin, seq: u64, at: Instant) -> Stored {
-    store.event(o, seq, at, 0, "e", &format!("{o:?}-{seq}"), None)
+    store.event(
+        o,
+        seq,
+        at,
+        0,
+        "e",
+        &format!("{o:?}-{seq}"),
+        None,
+        Default::default(),
+    )
 }
 
 fn store(budget: usize) -> (HistoryStore, Instant) {

@@ -213,6 +213,30 @@ impl Core {
                     &mut sink,
                 );
             }
+            PeerFrame::TaggedPublish {
+                app,
+                channel,
+                event,
+                data,
+                exclude,
+                tags,
+            } => {
+                let Some(a) = self.apps.by_id(&app) else {
+                    return Ok(());
+                };
+                let i = self.shard(a, &channel);
+                let mut sink = sink!(self);
+                self.shards[i].deliver_remote_tagged(
+                    now,
+                    &app,
+                    &channel,
+                    &event,
+                    &data,
+                    exclude.as_deref(),
+                    tags,
+                    &mut sink,
+                );
+            }
             PeerFrame::CacheSet {
                 app,
                 channel,
@@ -235,6 +259,7 @@ impl Core {
                 origin,
                 seq,
                 at_ms,
+                tags,
             } => {
                 if let Some(a) = self.apps.by_id(&app) {
                     let i = self.shard(a, &channel);
@@ -248,6 +273,7 @@ impl Core {
                         exclude.as_deref(),
                         user_id.as_deref(),
                         (origin, seq, at_ms),
+                        tags,
                         &mut sink,
                     );
                     self.flush_deltas();

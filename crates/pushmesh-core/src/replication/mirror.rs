@@ -14,6 +14,8 @@ pub(super) struct Mirror {
     counts: BTreeMap<ChannelKey, usize>,
     members: BTreeMap<(String, String, String), Option<String>>,
     users: BTreeSet<ChannelKey>,
+    /// Advertised filters (issue #13).
+    filters: BTreeSet<(String, String, Option<String>)>,
     /// XOR of hash64(app, channel) over `interest`.
     pub(super) interest_hash: u64,
 }
@@ -66,6 +68,19 @@ impl Mirror {
                     self.users.remove(&k);
                 }
             }
+            Delta::Filter {
+                app,
+                channel,
+                filter,
+                add,
+            } => {
+                let k = (app.clone(), channel.clone(), filter.clone());
+                if *add {
+                    self.filters.insert(k);
+                } else {
+                    self.filters.remove(&k);
+                }
+            }
         }
     }
 
@@ -105,6 +120,12 @@ impl Mirror {
                 s.users.push((a.clone(), u.clone()));
             }
         }
+        for (a, c, f) in &self.filters {
+            room(&mut out);
+            if let Some(s) = out.last_mut() {
+                s.filters.push((a.clone(), c.clone(), f.clone()));
+            }
+        }
         out
     }
 
@@ -128,6 +149,7 @@ impl Mirror {
             self.members.insert((app, channel, user), info);
         }
         self.users.extend(s.users);
+        self.filters.extend(s.filters);
     }
 
     /// The changes that turn `self` into `new`: removals first, then every
@@ -155,6 +177,14 @@ impl Mirror {
                 online: false,
             });
         }
+        for (app, channel, filter) in self.filters.difference(&new.filters) {
+            out.push(Delta::Filter {
+                app: app.clone(),
+                channel: channel.clone(),
+                filter: filter.clone(),
+                add: false,
+            });
+        }
         for (app, channel) in self.interest.difference(&new.interest) {
             out.push(Delta::Interest {
                 app: app.clone(),
@@ -175,6 +205,14 @@ impl Mirror {
             out.push(Delta::Interest {
                 app: app.clone(),
                 channel: channel.clone(),
+                add: true,
+            });
+        }
+        for (app, channel, filter) in &new.filters {
+            out.push(Delta::Filter {
+                app: app.clone(),
+                channel: channel.clone(),
+                filter: filter.clone(),
                 add: true,
             });
         }

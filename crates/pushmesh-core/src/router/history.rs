@@ -3,6 +3,7 @@
 //! a bounded wait for events still on their way), the copy a joining peer
 //! gets, and the HTTP history query. The store itself is `crate::history`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pushmesh_protocol::server::{self, Recovery};
@@ -10,6 +11,7 @@ use pushmesh_protocol::{wsify, ChannelName};
 
 use super::{Event, PublishRefused, Shard};
 use crate::app::AppIdx;
+use crate::filter::{Selector, Tags};
 use crate::history::{
     AppHistory, Appended, BadPosition, ChannelLog, Check, HistoryStats, HistoryStore, Origin,
     Position,
@@ -34,6 +36,7 @@ pub(super) struct Pending<H> {
     proto: Proto,
     from: Position,
     until: Instant,
+    selector: Option<Arc<Selector>>,
 }
 
 /// How a subscribe on a history channel is answered.
@@ -151,6 +154,7 @@ impl<H: Handle> Shard<H> {
     }
 
     /// Parks a subscribe until the events its position names arrive.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn park_recovery(
         &mut self,
         now: Instant,
@@ -159,6 +163,7 @@ impl<H: Handle> Shard<H> {
         name: &ChannelName,
         proto: Proto,
         position: &str,
+        selector: Option<Arc<Selector>>,
     ) {
         let from = Position::parse(position).unwrap_or_default();
         self.pending
@@ -170,6 +175,7 @@ impl<H: Handle> Shard<H> {
             proto,
             from,
             until: now + RECOVERY_WAIT,
+            selector,
         });
     }
 
@@ -239,7 +245,11 @@ impl<H: Handle> Shard<H> {
         let Some(log) = self.history.as_ref().and_then(|s| s.log(app, name)) else {
             return;
         };
+        let selector = self.selector_of(app, name, h.conn());
         for (e, at) in log.after(from) {
+            if selector.as_ref().is_some_and(|s| !s.matches(&e.tags)) {
+                continue;
+            }
             let pos = at.to_string();
             let frame = match proto {
                 Proto::Pusher => server::channel_event_at(
@@ -269,6 +279,7 @@ impl<H: Handle> Shard<H> {
         &mut self,
         now: Instant,
         ev: &Event<'_>,
+        tags: &Tags,
         sink: &mut impl Sink<H>,
     ) -> Result<(), PublishRefused> {
         for p in &self.peers {
@@ -285,7 +296,16 @@ impl<H: Handle> Shard<H> {
         let origin = store.origin();
         let seq = store.next_own_seq(ev.app, ev.channel);
         let at_ms = store.wall_ms(now);
-        let e = store.event(origin, seq, now, at_ms, ev.name, ev.data, ev.user_id);
+        let e = store.event(
+            origin,
+            seq,
+            now,
+            at_ms,
+            ev.name,
+            ev.data,
+            ev.user_id,
+            tags.clone(),
+        );
         store.append(ev.app, ev.channel, e, max);
         if !self.peers.is_empty() {
             let frame = PeerFrame::HistoryPublish {
@@ -298,6 +318,7 @@ impl<H: Handle> Shard<H> {
                 origin: origin.0,
                 seq,
                 at_ms,
+                tags: tags.to_pairs(),
             }
             .encode();
             for to in &self.peers {
@@ -321,12 +342,17 @@ impl<H: Handle> Shard<H> {
         exclude: Option<&str>,
         user_id: Option<&str>,
         (origin, seq, at_ms): (u64, u64, u64),
+        tags: Vec<(String, String)>,
         sink: &mut impl Sink<H>,
     ) {
         let Some(app) = self.apps.by_id(app_id) else {
             return;
         };
         let Ok(name) = ChannelName::parse_with_limit(channel, usize::MAX) else {
+            return;
+        };
+        let Ok(tags) = Tags::from_pairs(tags) else {
+            tracing::debug!(%channel, "dropped a peer's history event with invalid tags");
             return;
         };
         let ev = Event {
@@ -340,13 +366,22 @@ impl<H: Handle> Shard<H> {
         };
         if let Some(max) = self.keeps_history(app, channel).map(|c| c.max_events) {
             if let Some(store) = self.history.as_mut() {
-                let e = store.event(Origin(origin), seq, now, at_ms, event, data, user_id);
+                let e = store.event(
+                    Origin(origin),
+                    seq,
+                    now,
+                    at_ms,
+                    event,
+                    data,
+                    user_id,
+                    tags.clone(),
+                );
                 if store.append(app, &name, e, max) == Appended::Duplicate {
                     return;
                 }
             }
         }
-        self.deliver_local(now, &ev, sink);
+        self.deliver_local_tagged(now, &ev, &tags, sink);
         self.resolve_pending(now, app, &name, sink);
     }
 
@@ -373,7 +408,17 @@ impl<H: Handle> Shard<H> {
                 None => i += 1,
                 Some(a) => {
                     let p = self.pending.swap_remove(i);
-                    self.subscribe_answered(now, p.h, p.app, &p.name, p.proto, Some(a), sink);
+                    let (h, name) = (p.h, p.name);
+                    self.subscribe_answered(
+                        now,
+                        h,
+                        p.app,
+                        &name,
+                        p.proto,
+                        Some(a),
+                        p.selector,
+                        sink,
+                    );
                 }
             }
         }
@@ -399,6 +444,7 @@ impl<H: Handle> Shard<H> {
                     &p.name,
                     p.proto,
                     Some(Answer::Lost),
+                    p.selector,
                     sink,
                 );
             }
@@ -493,6 +539,7 @@ impl<H: Handle> Shard<H> {
                     &e.event,
                     &e.data,
                     e.user_id.as_deref(),
+                    Tags::from_pairs(e.tags).unwrap_or_default(),
                 )
             })
             .collect();
@@ -510,6 +557,7 @@ impl<H: Handle> Shard<H> {
                 None,
                 user_id,
                 (e.origin, e.seq, e.at_ms),
+                e.tags,
                 sink,
             );
         }
@@ -601,6 +649,7 @@ fn send_log<H>(
             event: e.event.to_string(),
             data: e.data.to_string(),
             user_id: e.user_id.as_deref().map(str::to_owned),
+            tags: e.tags.to_pairs(),
         });
         bytes += e.bytes();
         base.set(e.origin, e.seq);

@@ -7,6 +7,7 @@
 //!
 //! Every method takes `now` and a [`Sink`] that receives the effects in order.
 
+mod filter;
 mod history;
 mod presence;
 mod presence_limit;
@@ -25,6 +26,7 @@ use pushmesh_protocol::wsify;
 use pushmesh_protocol::{ChannelKind, ChannelName};
 use serde_json::value::RawValue;
 
+pub use filter::MAX_ADVERTISED;
 pub use history::{HistoryError, HistoryItem, HistoryPage, RECOVERY_WAIT};
 pub use presence_limit::PresenceLimitStats;
 pub use query::{
@@ -70,6 +72,10 @@ pub struct Shard<H> {
     pending: Vec<history::Pending<H>>,
     /// The incarnation of each peer this shard sent its history to.
     history_sent: HashMap<NodeId, u64>,
+    /// Selectors of presence joins waiting for the owner (`filter.rs`).
+    parked_selectors: HashMap<(ConnId, AppIdx, ChannelName), Arc<crate::filter::Selector>>,
+    /// Per publish: which groups of the channel matched (reused).
+    matched: Vec<bool>,
 }
 
 struct Table<H> {
@@ -90,6 +96,8 @@ type ConnHasher = std::hash::BuildHasherDefault<std::hash::DefaultHasher>;
 struct Sub<H> {
     h: H,
     proto: Proto,
+    /// Its group of selected subscriptions, or `filter::PLAIN`.
+    group: u32,
 }
 
 struct Channel<H> {
@@ -99,6 +107,8 @@ struct Channel<H> {
     wsify: u32,
     /// Presence channels only.
     presence: Option<Box<Presence>>,
+    /// Groups of subscriptions with a selector (`filter.rs`).
+    groups: Option<Box<filter::Groups>>,
 }
 
 #[derive(Default)]
@@ -114,6 +124,7 @@ impl<H> Default for Channel<H> {
             subs: IndexMap::default(),
             wsify: 0,
             presence: None,
+            groups: None,
         }
     }
 }
@@ -161,7 +172,8 @@ impl<H> Channel<H> {
         if proto != Proto::Pusher {
             self.wsify += 1;
         }
-        self.subs.insert(conn, Sub { h, proto });
+        let group = filter::PLAIN;
+        self.subs.insert(conn, Sub { h, proto, group });
         true
     }
 }
@@ -184,11 +196,16 @@ struct Remote {
     interested: BTreeSet<NodeId>,
     counts: BTreeMap<NodeId, usize>,
     members: IndexMap<String, RemoteMember>,
+    /// What interested peers advertised about their filters (`filter.rs`).
+    filters: BTreeMap<NodeId, filter::PeerFilters>,
 }
 
 impl Remote {
     fn is_empty(&self) -> bool {
-        self.interested.is_empty() && self.counts.is_empty() && self.members.is_empty()
+        self.interested.is_empty()
+            && self.counts.is_empty()
+            && self.members.is_empty()
+            && self.filters.is_empty()
     }
 }
 
@@ -240,6 +257,8 @@ impl<H: Handle> Shard<H> {
             live_origins: Vec::new(),
             pending: Vec::new(),
             history_sent: HashMap::new(),
+            parked_selectors: HashMap::new(),
+            matched: Vec::new(),
         }
     }
 
@@ -318,27 +337,38 @@ impl<H: Handle> Shard<H> {
         position: Option<&str>,
         sink: &mut impl Sink<H>,
     ) {
-        if let Some(p) = presence {
-            let ask = presence_limit::Admission::Ask;
-            if self.subscribe_presence(now, h.clone(), app, name, p, ask, sink) && name.is_cache() {
-                self.send_cached(now, &h, app, name, sink);
-            }
-            return;
-        }
+        self.subscribe_selected(now, h, app, name, proto, presence, None, position, sink);
+    }
+
+    /// A non-presence subscribe without a filter decision yet: on a history
+    /// channel, answered now or parked until the events its position names
+    /// arrive.
+    #[allow(clippy::too_many_arguments)]
+    fn subscribe_plain(
+        &mut self,
+        now: Instant,
+        h: H,
+        app: AppIdx,
+        name: &ChannelName,
+        proto: Proto,
+        selector: Option<Arc<crate::filter::Selector>>,
+        position: Option<&str>,
+        sink: &mut impl Sink<H>,
+    ) {
         let answer = if self.keeps_history(app, name.as_str()).is_some() {
             match self.history_answer(app, name, position) {
                 Some(a) => Some(a),
                 None => {
                     // Its events are on their way from a peer: wait for them.
                     let position = position.unwrap_or_default();
-                    self.park_recovery(now, h, app, name, proto, position);
+                    self.park_recovery(now, h, app, name, proto, position, selector);
                     return;
                 }
             }
         } else {
             None
         };
-        self.subscribe_answered(now, h, app, name, proto, answer, sink);
+        self.subscribe_answered(now, h, app, name, proto, answer, selector, sink);
     }
 
     /// A non-presence subscribe, answered (`answer` on history channels).
@@ -351,6 +381,7 @@ impl<H: Handle> Shard<H> {
         name: &ChannelName,
         proto: Proto,
         mut answer: Option<history::Answer>,
+        selector: Option<Arc<crate::filter::Selector>>,
         sink: &mut impl Sink<H>,
     ) {
         let conn = h.conn();
@@ -367,6 +398,9 @@ impl<H: Handle> Shard<H> {
             // Subscribed already: it has every event since; no replay.
             answer = Some(history::Answer::Fresh);
         }
+        // Its filter (or none) before anything is sent to it: the replay
+        // below is filtered too.
+        self.select(app, name, conn, selector, sink);
         // The barrier: what follows waits until every peer knows of
         // this node's interest (see `Sink::hold`).
         if !self.peers.is_empty() {
@@ -426,6 +460,7 @@ impl<H: Handle> Shard<H> {
     ) {
         self.unpark(conn, app, name);
         self.unpark_recovery(conn, app, name);
+        self.forget_parked(conn, app, name);
         let t = self.table(app);
         let Some(ch) = t.channels.get_mut(name) else {
             return;
@@ -436,6 +471,7 @@ impl<H: Handle> Shard<H> {
         if sub.proto != Proto::Pusher {
             ch.wsify -= 1;
         }
+        let advert = filter::left(ch, sub.group);
         let mut member_gone = None;
         if let Some(p) = ch.presence.as_mut() {
             if let Some(uid) = p.of.remove(&conn) {
@@ -458,6 +494,7 @@ impl<H: Handle> Shard<H> {
             t.channels.remove(name);
         }
         self.counted(name, empty, -1);
+        self.advertise(app, name, advert, sink);
         if let Some(uid) = member_gone {
             self.member_left(app, name, uid, sink);
         }
@@ -540,6 +577,10 @@ impl<H: Handle> Shard<H> {
     /// The second half of a publish: every local subscriber (Pusher and
     /// wsify, each protocol's frame encoded once), and the cache.
     pub fn deliver_local(&mut self, now: Instant, ev: &Event<'_>, sink: &mut impl Sink<H>) {
+        if self.has_groups(ev.app, ev.channel) {
+            // Untagged: only subscriptions without a filter take it.
+            return self.deliver_selected(now, ev, &crate::filter::Tags::default(), sink);
+        }
         let position = self
             .keeps_history(ev.app, ev.channel.as_str())
             .map(|_| self.history_head(ev.app, ev.channel));

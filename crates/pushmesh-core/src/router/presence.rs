@@ -108,6 +108,7 @@ impl<H: Handle> Shard<H> {
             let info = info_json.and_then(|s| RawValue::from_string(s).ok());
             self.member_event(app, name, &user_id, info.as_deref(), true, Some(&h), sink);
         }
+        self.admitted(conn, app, name, sink);
         if !self.peers.is_empty() {
             sink.hold(&h);
         }

@@ -10,8 +10,10 @@ use pushmesh_protocol::webhook::WebhookEvent;
 use pushmesh_protocol::ChannelName;
 use serde_json::value::RawValue;
 
+use super::filter::peer_wants;
 use super::{Channel, Event, PublishRefused, RemoteMember, Shard, CACHE_TTL};
 use crate::app::AppIdx;
+use crate::filter::Tags;
 use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame};
 use crate::sink::{Handle, Sink};
 
@@ -123,6 +125,12 @@ impl<H: Handle> Shard<H> {
                 }
             }
             Delta::User { .. } => {}
+            Delta::Filter {
+                channel,
+                filter,
+                add,
+                ..
+            } => self.apply_remote_filter(peer, app, &channel, filter, add),
         }
     }
 
@@ -241,31 +249,37 @@ impl<H: Handle> Shard<H> {
         sink: &mut impl Sink<H>,
     ) -> Result<(), PublishRefused> {
         if self.keeps_history(ev.app, ev.channel.as_str()).is_some() {
-            return self.history_hand(now, ev, sink);
+            return self.history_hand(now, ev, &crate::filter::Tags::default(), sink);
         }
-        self.check_peer_room(ev, sink)?;
-        self.forward(ev, sink);
+        let untagged = crate::filter::Tags::default();
+        self.check_peer_room(ev, &untagged, sink)?;
+        self.forward(ev, &untagged, sink);
         Ok(())
     }
 
     /// Whether every peer the publish goes to can hold it.
-    fn check_peer_room(
+    pub(super) fn check_peer_room(
         &self,
         ev: &Event<'_>,
+        tags: &Tags,
         sink: &mut impl Sink<H>,
     ) -> Result<(), PublishRefused> {
         if self.peers.is_empty() {
             return Ok(());
         }
+        let remote = self.tables[ev.app.0 as usize].remote.get(ev.channel);
         let to = if ev.channel.is_cache() {
             &self.peers
         } else {
-            match self.tables[ev.app.0 as usize].remote.get(ev.channel) {
+            match remote {
                 Some(r) => &r.interested,
                 None => return Ok(()),
             }
         };
         for p in to {
+            if remote.is_some_and(|r| !peer_wants(r, p, tags)) && !ev.channel.is_cache() {
+                continue;
+            }
             if !sink.peer_has_room(p) {
                 return Err(PublishRefused::PeerBufferFull(p.clone()));
             }
@@ -275,27 +289,18 @@ impl<H: Handle> Shard<H> {
 
     /// Sends an event to every peer interested in the channel (once each),
     /// and the new cached event of a cache channel to the others.
-    fn forward(&self, ev: &Event<'_>, sink: &mut impl Sink<H>) {
+    pub(super) fn forward(&self, ev: &Event<'_>, tags: &Tags, sink: &mut impl Sink<H>) {
         if self.peers.is_empty() {
             return;
         }
         let app_id = self.app_id(ev.app);
-        let interested = self.tables[ev.app.0 as usize]
-            .remote
-            .get(ev.channel)
-            .map(|r| &r.interested);
-        if let Some(interested) = interested.filter(|i| !i.is_empty()) {
-            let frame = PeerFrame::Publish {
-                app: app_id.to_owned(),
-                channel: ev.channel.to_string(),
-                event: ev.name.to_owned(),
-                data: ev.data.to_owned(),
-                exclude: ev.exclude_socket.map(str::to_owned),
-                user_id: ev.user_id.map(str::to_owned),
-            }
-            .encode();
-            for to in interested {
-                sink.peer(to, FrameKind::Data, &frame);
+        let remote = self.tables[ev.app.0 as usize].remote.get(ev.channel);
+        let interested = remote.map(|r| &r.interested);
+        if let (Some(r), Some(interested)) = (remote, interested.filter(|i| !i.is_empty())) {
+            let mut frame = None;
+            for to in interested.iter().filter(|p| peer_wants(r, p, tags)) {
+                let frame = frame.get_or_insert_with(|| publish_frame(app_id, ev, tags));
+                sink.peer(to, FrameKind::Data, frame);
             }
         }
         let n = interested.map_or(0, BTreeSet::len);
@@ -315,4 +320,28 @@ impl<H: Handle> Shard<H> {
             }
         }
     }
+}
+
+/// The frame of a publish for peers: tagged events carry their tags.
+fn publish_frame(app_id: &str, ev: &Event<'_>, tags: &Tags) -> bytes::Bytes {
+    if tags.is_empty() {
+        PeerFrame::Publish {
+            app: app_id.to_owned(),
+            channel: ev.channel.to_string(),
+            event: ev.name.to_owned(),
+            data: ev.data.to_owned(),
+            exclude: ev.exclude_socket.map(str::to_owned),
+            user_id: ev.user_id.map(str::to_owned),
+        }
+    } else {
+        PeerFrame::TaggedPublish {
+            app: app_id.to_owned(),
+            channel: ev.channel.to_string(),
+            event: ev.name.to_owned(),
+            data: ev.data.to_owned(),
+            exclude: ev.exclude_socket.map(str::to_owned),
+            tags: tags.to_pairs(),
+        }
+    }
+    .encode()
 }

@@ -302,12 +302,10 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), String> {
     }
     // Everyone back: every link, every client, time for waits to end.
     net.heal_all();
-    for k in 0..clients.len() {
-        read(&net, &mut clients[k]);
-        if !is_open(&net, &clients[k]) {
-            let mut c = std::mem::replace(&mut clients[k], placeholder());
-            connect(&mut net, &mut c, k % nodes);
-            clients[k] = c;
+    for (k, c) in clients.iter_mut().enumerate() {
+        read(&net, c);
+        if !is_open(&net, c) {
+            connect(&mut net, c, k % nodes);
         }
     }
     net.heal_all();

@@ -8,6 +8,7 @@
 //! retransmissions). The continuity property is in `continuity.rs`.
 
 mod continuity;
+mod filters;
 mod history;
 mod scenarios;
 
@@ -421,7 +422,9 @@ impl Net {
         if !fresh {
             return true;
         }
-        if let Ok(PeerFrame::Publish { channel, .. }) = PeerFrame::decode(&frame) {
+        if let Ok(PeerFrame::Publish { channel, .. } | PeerFrame::TaggedPublish { channel, .. }) =
+            PeerFrame::decode(&frame)
+        {
             self.data_frames += 1;
             if self.nodes[to]
                 .core

@@ -146,6 +146,11 @@ impl Node {
                 ref channel,
                 ..
             }
+            | PeerFrame::TaggedPublish {
+                ref app,
+                ref channel,
+                ..
+            }
             | PeerFrame::CacheSet {
                 ref app,
                 ref channel,

@@ -1,0 +1,73 @@
+//! The test driver's publishes with tags and joins with a filter (issue #13).
+
+use std::time::Instant;
+
+use super::{CollectSink, Core, PublishedChannel};
+use crate::app::{AppIdx, ConnId, PublishError, PublishRequest};
+use crate::filter::Tags;
+use crate::router::Event;
+
+impl Core {
+    /// Publishes one event with tags from the HTTP API.
+    pub fn publish_tagged(
+        &mut self,
+        now: Instant,
+        app: AppIdx,
+        req: &PublishRequest<'_>,
+        tags: &Tags,
+    ) -> Result<Vec<PublishedChannel>, PublishError> {
+        let names = self.apps.validate_publish(app, req)?;
+        let mut published = Vec::with_capacity(names.len());
+        for name in names {
+            let i = self.shard(app, name.as_str());
+            let ev = Event {
+                app,
+                channel: &name,
+                name: req.name,
+                data: req.data,
+                content: None,
+                exclude_socket: req.exclude_socket,
+                user_id: None,
+            };
+            let mut sink = sink!(self);
+            self.shards[i]
+                .publish_tagged(now, &ev, tags, true, &mut sink)
+                .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+            let info = self.shards[i].info(now, app, &name);
+            published.push(PublishedChannel { name, info });
+        }
+        Ok(published)
+    }
+
+    /// wsify `join` with `args.filter`.
+    pub fn wsify_join_filtered(
+        &mut self,
+        conn: ConnId,
+        channel: &str,
+        filter: Option<&str>,
+    ) -> Result<(), String> {
+        let r = match self.sessions.get_mut(&conn) {
+            Some(s) => s.wsify_join_filtered(channel, filter, None),
+            None => Ok(()),
+        };
+        self.pump(Instant::now(), conn);
+        r
+    }
+}
+
+impl Core {
+    /// The identity a trusted load balancer set for a connection (before
+    /// its first frame).
+    pub fn set_identity(
+        &mut self,
+        conn: ConnId,
+        id: crate::session::Identity,
+    ) -> Result<(), crate::session::IdentityError> {
+        let r = match self.sessions.get_mut(&conn) {
+            Some(s) => s.set_identity(id),
+            None => Ok(()),
+        };
+        self.pump(Instant::now(), conn);
+        r
+    }
+}

@@ -1,0 +1,549 @@
+//! Subscriptions by filter (issue #13), in the router.
+//!
+//! - A channel's subscriptions with equal [`Selector`]s share a group; a
+//!   publish evaluates each group once (10,000 subscribers sharing 10
+//!   filters cost 10 evaluations), then walks the subscribers as before.
+//!   A channel without selected subscriptions keeps the plain fan-out.
+//! - Interest: a node advertises the filters of its groups
+//!   ([`Delta::Filter`], at most [`MAX_ADVERTISED`] per channel), and "every
+//!   event" (`filter: None`) while it also has subscribers that no
+//!   advertised filter covers. A peer forwards a publish to a node only if
+//!   the node advertises nothing for the channel, or "every event", or a
+//!   filter the event's tags match. Changes are ordered so that a peer's
+//!   view is never narrower than the node's subscribers: "every event" is
+//!   added before a filter, and removed after.
+//! - Selectors with a target (`#server-to-user-<id>`: device, zone) are not
+//!   advertised: such channels are forwarded as before and decided here.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pushmesh_protocol::wsify;
+use pushmesh_protocol::{ChannelKind, ChannelName};
+
+use super::{Channel, Event, PublishRefused, Remote, Shard};
+use crate::app::{AppIdx, ConnId};
+use crate::filter::{Filter, Selector, Tags};
+use crate::peer_frame::{Delta, NodeId};
+use crate::session::{PresenceJoin, Proto};
+use crate::sink::{Handle, Sink};
+
+/// The group of a subscription without a selector.
+pub(super) const PLAIN: u32 = u32::MAX;
+
+/// At most this many filters advertised per channel by one node; past it,
+/// the node takes every event of the channel ("every event").
+pub const MAX_ADVERTISED: u32 = 32;
+
+/// A channel's groups of selected subscriptions.
+#[derive(Default)]
+pub(super) struct Groups {
+    slots: Vec<Option<Group>>,
+    free: Vec<u32>,
+    index: HashMap<Arc<Selector>, u32>,
+    /// Subscriptions in a group.
+    grouped: u32,
+    /// Groups whose filter is advertised / not advertised.
+    advertised: u32,
+    unadvertised: u32,
+    /// Whether "every event" is advertised.
+    star: bool,
+}
+
+struct Group {
+    sel: Arc<Selector>,
+    count: u32,
+    /// The canonical filter, when advertised.
+    advert: Option<String>,
+}
+
+/// Interest changes to replicate, in the order that keeps peers' views wide.
+#[derive(Default)]
+pub(super) struct Advert {
+    star_add: bool,
+    add: Option<String>,
+    remove: Option<String>,
+    star_remove: bool,
+}
+
+impl Groups {
+    fn join(&mut self, sel: Arc<Selector>, advertise: bool, adv: &mut Advert) -> u32 {
+        self.grouped += 1;
+        if let Some(&g) = self.index.get(&sel) {
+            if let Some(Some(grp)) = self.slots.get_mut(g as usize) {
+                grp.count += 1;
+            }
+            return g;
+        }
+        let advert = match sel.advertised() {
+            Some(f) if advertise && self.advertised < MAX_ADVERTISED => Some(f.canonical()),
+            _ => None,
+        };
+        if advert.is_some() {
+            self.advertised += 1;
+        } else {
+            self.unadvertised += 1;
+        }
+        adv.add.clone_from(&advert);
+        let grp = Group {
+            sel: sel.clone(),
+            count: 1,
+            advert,
+        };
+        let g = match self.free.pop() {
+            Some(g) => {
+                self.slots[g as usize] = Some(grp);
+                g
+            }
+            None => {
+                self.slots.push(Some(grp));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.index.insert(sel, g);
+        g
+    }
+
+    fn leave(&mut self, g: u32, adv: &mut Advert) {
+        let Some(slot) = self.slots.get_mut(g as usize) else {
+            return;
+        };
+        let Some(grp) = slot.as_mut() else {
+            return;
+        };
+        self.grouped -= 1;
+        grp.count -= 1;
+        if grp.count > 0 {
+            return;
+        }
+        if let Some(grp) = slot.take() {
+            self.index.remove(&grp.sel);
+            self.free.push(g);
+            if grp.advert.is_some() {
+                self.advertised -= 1;
+            } else {
+                self.unadvertised -= 1;
+            }
+            adv.remove = grp.advert;
+        }
+    }
+
+    fn sync_star(&mut self, plain: usize, adv: &mut Advert) {
+        let want = self.advertised > 0 && (plain > 0 || self.unadvertised > 0);
+        if want && !self.star {
+            adv.star_add = true;
+        } else if !want && self.star {
+            adv.star_remove = true;
+        }
+        self.star = want;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.grouped == 0 && !self.star
+    }
+
+    fn selector(&self, g: u32) -> Option<&Arc<Selector>> {
+        self.slots
+            .get(g as usize)
+            .and_then(Option::as_ref)
+            .map(|grp| &grp.sel)
+    }
+}
+
+/// A subscription left `ch` (already removed from its subscribers): its
+/// group's count, and what to replicate.
+pub(super) fn left<H>(ch: &mut Channel<H>, group: u32) -> Advert {
+    let mut adv = Advert::default();
+    if let Some(g) = ch.groups.as_mut() {
+        if group != PLAIN {
+            g.leave(group, &mut adv);
+        }
+        let plain = ch.subs.len() - g.grouped as usize;
+        g.sync_star(plain, &mut adv);
+        if g.is_empty() {
+            ch.groups = None;
+        }
+    }
+    adv
+}
+
+/// What a peer advertised for one channel.
+#[derive(Default)]
+pub(super) struct PeerFilters {
+    star: bool,
+    list: Vec<(String, Filter)>,
+}
+
+impl PeerFilters {
+    fn wants(&self, tags: &Tags) -> bool {
+        self.star || self.list.is_empty() || self.list.iter().any(|(_, f)| f.matches(tags))
+    }
+}
+
+/// Whether a peer interested in the channel takes an event with `tags`.
+pub(super) fn peer_wants(r: &Remote, peer: &NodeId, tags: &Tags) -> bool {
+    r.filters.get(peer).is_none_or(|pf| pf.wants(tags))
+}
+
+impl<H: Handle> Shard<H> {
+    /// [`Shard::subscribe`] with a selector (`None`: every event). Subscribing
+    /// again with another selector replaces it. The selector is in place
+    /// before anything is sent to the subscription, so a history replay is
+    /// filtered like live events.
+    #[allow(clippy::too_many_arguments)]
+    pub fn subscribe_selected(
+        &mut self,
+        now: Instant,
+        h: H,
+        app: AppIdx,
+        name: &ChannelName,
+        proto: Proto,
+        presence: Option<PresenceJoin>,
+        selector: Option<Arc<Selector>>,
+        position: Option<&str>,
+        sink: &mut impl Sink<H>,
+    ) {
+        let conn = h.conn();
+        let Some(join) = presence else {
+            return self.subscribe_plain(now, h, app, name, proto, selector, position, sink);
+        };
+        // A presence join: the selector waits where an admission applies
+        // it (`admitted`, before the answer and any replay).
+        let key = (conn, app, name.clone());
+        let parked_before = self.is_parked(conn, app, name);
+        match &selector {
+            Some(s) => {
+                self.parked_selectors.insert(key.clone(), s.clone());
+            }
+            None if !parked_before => {
+                self.parked_selectors.remove(&key);
+            }
+            None => {}
+        }
+        let ask = super::presence_limit::Admission::Ask;
+        if self.subscribe_presence(now, h.clone(), app, name, join, ask, sink) && name.is_cache() {
+            self.send_cached(now, &h, app, name, sink);
+        }
+        let subscribed = self.tables[app.0 as usize]
+            .channels
+            .get(name)
+            .is_some_and(|c| c.subs.contains_key(&conn));
+        if subscribed {
+            // Subscribed already (no admission ran): apply it now.
+            match self.parked_selectors.remove(&key) {
+                Some(s) => self.select(app, name, conn, Some(s), sink),
+                None if selector.is_none() => self.select(app, name, conn, None, sink),
+                None => {}
+            }
+        } else if !self.is_parked(conn, app, name) {
+            // Refused (the channel is full).
+            self.parked_selectors.remove(&key);
+        }
+    }
+
+    /// The selector of a subscription, if it has one.
+    pub(super) fn selector_of(
+        &self,
+        app: AppIdx,
+        name: &ChannelName,
+        conn: ConnId,
+    ) -> Option<Arc<Selector>> {
+        let ch = self.tables[app.0 as usize].channels.get(name)?;
+        let group = ch.subs.get(&conn)?.group;
+        ch.groups.as_ref()?.selector(group).cloned()
+    }
+
+    /// A presence join waiting for admission was admitted: its selector.
+    pub(super) fn admitted(
+        &mut self,
+        conn: ConnId,
+        app: AppIdx,
+        name: &ChannelName,
+        sink: &mut impl Sink<H>,
+    ) {
+        if self.parked_selectors.is_empty() {
+            return;
+        }
+        if let Some(s) = self.parked_selectors.remove(&(conn, app, name.clone())) {
+            self.select(app, name, conn, Some(s), sink);
+        }
+    }
+
+    /// Forgets the selector of a join that waited and was dropped.
+    pub(super) fn forget_parked(&mut self, conn: ConnId, app: AppIdx, name: &ChannelName) {
+        if !self.parked_selectors.is_empty() {
+            self.parked_selectors.remove(&(conn, app, name.clone()));
+        }
+    }
+
+    /// Puts a subscription in the group of `selector` (or none).
+    pub(super) fn select(
+        &mut self,
+        app: AppIdx,
+        name: &ChannelName,
+        conn: ConnId,
+        selector: Option<Arc<Selector>>,
+        sink: &mut impl Sink<H>,
+    ) {
+        let advertise = name.kind() != ChannelKind::ServerToUser;
+        let t = &mut self.tables[app.0 as usize];
+        let Some(ch) = t.channels.get_mut(name) else {
+            return;
+        };
+        let Some(old) = ch.subs.get(&conn).map(|s| s.group) else {
+            return;
+        };
+        if selector.is_none() && ch.groups.is_none() {
+            return;
+        }
+        let groups = ch.groups.get_or_insert_with(Box::default);
+        if let Some(s) = &selector {
+            if groups.selector(old).is_some_and(|o| o == s) {
+                return;
+            }
+        }
+        let mut adv = Advert::default();
+        let new = match selector {
+            Some(s) => groups.join(s, advertise, &mut adv),
+            None => PLAIN,
+        };
+        if old != PLAIN && old != new {
+            groups.leave(old, &mut adv);
+        }
+        let plain = ch.subs.len() - groups.grouped as usize;
+        groups.sync_star(plain, &mut adv);
+        if groups.is_empty() {
+            ch.groups = None;
+        }
+        if let Some(s) = ch.subs.get_mut(&conn) {
+            s.group = new;
+        }
+        self.advertise(app, name, adv, sink);
+    }
+
+    /// Replicates interest changes: "every event" first, removals last.
+    pub(super) fn advertise(
+        &self,
+        app: AppIdx,
+        name: &ChannelName,
+        adv: Advert,
+        sink: &mut impl Sink<H>,
+    ) {
+        let mut emit = |filter: Option<String>, add: bool| {
+            sink.replicate(Delta::Filter {
+                app: self.app_id(app).to_owned(),
+                channel: name.to_string(),
+                filter,
+                add,
+            });
+        };
+        if adv.star_add {
+            emit(None, true);
+        }
+        if let Some(f) = adv.add {
+            emit(Some(f), true);
+        }
+        if let Some(f) = adv.remove {
+            emit(Some(f), false);
+        }
+        if adv.star_remove {
+            emit(None, false);
+        }
+    }
+
+    /// A peer's [`Delta::Filter`] (idempotent; a filter that does not parse
+    /// is taken as "every event", never as less).
+    pub(super) fn apply_remote_filter(
+        &mut self,
+        peer: &NodeId,
+        app: AppIdx,
+        channel: &str,
+        filter: Option<String>,
+        add: bool,
+    ) {
+        let Ok(name) = ChannelName::parse_with_limit(channel, usize::MAX) else {
+            return;
+        };
+        let t = self.table(app);
+        let r = t.remote.entry(name.clone()).or_default();
+        let pf = r.filters.entry(peer.clone()).or_default();
+        match filter {
+            None => pf.star = add,
+            Some(text) => {
+                let i = pf.list.iter().position(|(c, _)| *c == text);
+                match (add, i) {
+                    (true, None) => match Filter::parse(&text) {
+                        Ok(Some(f)) if pf.list.len() < MAX_ADVERTISED as usize => {
+                            pf.list.push((text, f))
+                        }
+                        // Unusable or too many: safe side, every event.
+                        _ => pf.star = true,
+                    },
+                    (false, Some(i)) => {
+                        pf.list.swap_remove(i);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if !pf.star && pf.list.is_empty() {
+            r.filters.remove(peer);
+        }
+        if r.is_empty() {
+            t.remote.remove(&name);
+        }
+    }
+
+    /// Publishes an event with tags: handed to the peers whose advertised
+    /// interest it can match, then delivered to the matching subscribers.
+    pub fn publish_tagged(
+        &mut self,
+        now: Instant,
+        ev: &Event<'_>,
+        tags: &Tags,
+        forward: bool,
+        sink: &mut impl Sink<H>,
+    ) -> Result<(), PublishRefused> {
+        if forward {
+            self.hand_to_peers_tagged(now, ev, tags, sink)?;
+        }
+        self.deliver_local_tagged(now, ev, tags, sink);
+        Ok(())
+    }
+
+    /// [`Shard::hand_to_peers`] for an event with tags.
+    pub fn hand_to_peers_tagged(
+        &mut self,
+        now: Instant,
+        ev: &Event<'_>,
+        tags: &Tags,
+        sink: &mut impl Sink<H>,
+    ) -> Result<(), PublishRefused> {
+        if self.keeps_history(ev.app, ev.channel.as_str()).is_some() {
+            return self.history_hand(now, ev, tags, sink);
+        }
+        self.check_peer_room(ev, tags, sink)?;
+        self.forward(ev, tags, sink);
+        Ok(())
+    }
+
+    /// [`Shard::deliver_local`] for an event with tags.
+    pub fn deliver_local_tagged(
+        &mut self,
+        now: Instant,
+        ev: &Event<'_>,
+        tags: &Tags,
+        sink: &mut impl Sink<H>,
+    ) {
+        if self.has_groups(ev.app, ev.channel) {
+            self.deliver_selected(now, ev, tags, sink);
+        } else {
+            self.deliver_local(now, ev, sink);
+        }
+    }
+
+    /// A tagged channel message from a peer: delivered locally only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn deliver_remote_tagged(
+        &mut self,
+        now: Instant,
+        app_id: &str,
+        channel: &str,
+        event: &str,
+        data: &str,
+        exclude: Option<&str>,
+        tags: Vec<(String, String)>,
+        sink: &mut impl Sink<H>,
+    ) {
+        let Some(app) = self.apps.by_id(app_id) else {
+            return;
+        };
+        let Ok(name) = ChannelName::parse_with_limit(channel, usize::MAX) else {
+            return;
+        };
+        let Ok(tags) = Tags::from_pairs(tags) else {
+            tracing::debug!(%channel, "dropped a peer's event with invalid tags");
+            return;
+        };
+        let ev = Event {
+            app,
+            channel: &name,
+            name: event,
+            data,
+            content: None,
+            exclude_socket: exclude,
+            user_id: None,
+        };
+        self.deliver_local_tagged(now, &ev, &tags, sink);
+    }
+
+    pub(super) fn has_groups(&self, app: AppIdx, name: &ChannelName) -> bool {
+        self.tables[app.0 as usize]
+            .channels
+            .get(name)
+            .is_some_and(|c| c.groups.is_some())
+    }
+
+    /// The fan-out of a channel with groups: each group evaluated once,
+    /// then every subscriber whose group matched (plain ones always do).
+    pub(super) fn deliver_selected(
+        &mut self,
+        now: Instant,
+        ev: &Event<'_>,
+        tags: &Tags,
+        sink: &mut impl Sink<H>,
+    ) {
+        let position = self
+            .keeps_history(ev.app, ev.channel.as_str())
+            .map(|_| self.history_head(ev.app, ev.channel));
+        let frame = self.cache_event(now, ev, position.as_deref());
+        let exclude = ev.exclude_socket.and_then(|s| self.local_conn_of(s));
+        let Some(ch) = self.tables[ev.app.0 as usize].channels.get(ev.channel) else {
+            return;
+        };
+        let Some(groups) = ch.groups.as_ref() else {
+            return;
+        };
+        let matched = &mut self.matched;
+        matched.clear();
+        matched.extend(
+            groups
+                .slots
+                .iter()
+                .map(|g| g.as_ref().is_some_and(|g| g.sel.matches(tags))),
+        );
+        if !matched.iter().any(|m| *m) && groups.grouped as usize == ch.subs.len() {
+            return;
+        }
+        let wsify_frames = (ch.wsify > 0).then(|| {
+            let owned;
+            let content = match ev.content {
+                Some(c) => c,
+                None => {
+                    owned = wsify::content_of_event_data(ev.data);
+                    &owned
+                }
+            };
+            let envelope = match &position {
+                Some(p) => wsify::envelope_frame_at(ev.channel.as_str(), content, p),
+                None => wsify::envelope_frame(ev.channel.as_str(), content),
+            };
+            (wsify::raw_frame(content.get()), envelope)
+        });
+        for (c, s) in &ch.subs {
+            if Some(*c) == exclude {
+                continue;
+            }
+            if s.group != PLAIN && !matched.get(s.group as usize).copied().unwrap_or(false) {
+                continue;
+            }
+            let f = match (s.proto, &wsify_frames) {
+                (Proto::Wsify { envelope: false }, Some((raw, _))) => raw,
+                (Proto::Wsify { envelope: true }, Some((_, env))) => env,
+                _ => &frame,
+            };
+            sink.send(&s.h, f);
+        }
+    }
+}
