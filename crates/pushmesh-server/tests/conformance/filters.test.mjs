@@ -8,6 +8,7 @@ import {
   startServer, serverSdk, client, connected, subscribed, next, until, withTimeout,
   WebSocket, APP, closeAll,
 } from './helpers.mjs';
+import { subscribeWithFilter, validateFilter } from '../../../../clients/js/index.js';
 
 let srv, sdk;
 
@@ -229,4 +230,28 @@ test('wsify join with args.filter and broadcast with tags', async () => {
   await until(() => got.us.length === 2, 'POST /broadcast with tags');
   assert.deepEqual(got.us.map((e) => e.content.m), ['us-1', 'us-2']);
   assert.deepEqual(got.eu.map((e) => e.content.m), ['eu-1']);
+});
+
+test('pusher-js with the add-on: subscribeWithFilter sends the filter, again after a reconnect', async () => {
+  const c = client(srv.port, { authUrl: 'http://127.0.0.1:9' });
+  const ch = subscribeWithFilter(c, 'addon-orders', { zone: ['eu', 'ch'] });
+  await subscribed(ch);
+  const got = [];
+  ch.bind_global((e, d) => { if (!e.startsWith('pusher')) got.push(e); });
+  await publish('addon-orders', 'eu', {}, { zone: 'eu' });
+  await publish('addon-orders', 'us', {}, { zone: 'us' });
+  await publish('addon-orders', 'ch', {}, { zone: 'ch' });
+  await until(() => got.includes('ch'), 'the matching events');
+  assert.deepEqual(got, ['eu', 'ch']);
+  // A reconnect resubscribes with the same filter.
+  c.disconnect();
+  await until(() => c.connection.state === 'disconnected', 'disconnected');
+  const again = next(ch, 'pusher:subscription_succeeded', 'resubscribed');
+  c.connect();
+  await withTimeout(again, 20000, 'resubscribe');
+  await publish('addon-orders', 'us-2', {}, { zone: 'us' });
+  await publish('addon-orders', 'eu-2', {}, { zone: 'eu' });
+  await until(() => got.includes('eu-2'), 'eu-2 after the reconnect');
+  assert.deepEqual(got, ['eu', 'ch', 'eu-2']);
+  assert.throws(() => validateFilter({ zone: 3 }), TypeError);
 });

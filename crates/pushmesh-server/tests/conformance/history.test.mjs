@@ -188,7 +188,10 @@ test('wsify: join with args.position replays; envelope frames carry position', a
   a.ws.send(JSON.stringify({ command: 'join', args: { channel: 'chat-ws' } }));
   // Joined once a publish reaches it (wsify has no join answer).
   await until(async () => { await sdk.trigger('chat-ws', 'm', { i: 'probe' }); return a.frames.length > 0; }, 'joined');
-  const pos = a.frames.at(-1).position;
+  // A last mark after every probe (one publisher: in order), then its position.
+  await sdk.trigger('chat-ws', 'm', { i: 'mark' });
+  await until(() => a.frames.some((f) => f.content.i === 'mark'), 'mark');
+  const pos = a.frames.find((f) => f.content.i === 'mark').position;
   assert.equal(typeof pos, 'string');
   a.ws.close();
   for (let i = 0; i < 3; i++) await sdk.trigger('chat-ws', 'm', { i });
@@ -198,6 +201,29 @@ test('wsify: join with args.position replays; envelope frames carry position', a
   assert.deepEqual(b.frames.map((f) => f.content.i), [0, 1, 2]);
   assert.ok(b.frames.every((f) => f.channel === 'chat-ws' && typeof f.position === 'string'));
   b.ws.close();
+});
+
+test('a filtered subscription recovers only the events its filter selects', async () => {
+  const s = await server();
+  const sdk = serverSdk(s.port);
+  const publish = (name, tags) => sdk.post({ path: '/events', body: { name, channel: 'chat-filtered', data: '{}', tags } });
+  const a = await rawSocket(s.port);
+  a.send({ event: 'pusher:subscribe', data: { channel: 'chat-filtered', filter: { zone: 'eu' } } });
+  await a.waitFor((m) => m.event === 'pusher_internal:subscription_succeeded', 'a subscribed');
+  await publish('eu-0', { zone: 'eu' });
+  const first = await a.waitFor((m) => m.event === 'eu-0', 'a got eu-0');
+  a.close();
+  await publish('us-1', { zone: 'us' });
+  await publish('eu-2', { zone: 'eu' });
+  await publish('none-3', {});
+  await publish('eu-4', { zone: 'eu' });
+  const b = await rawSocket(s.port);
+  b.send({ event: 'pusher:subscribe', data: { channel: 'chat-filtered', filter: { zone: 'eu' }, position: first.position } });
+  const ok = await b.waitFor((m) => m.event === 'pusher_internal:subscription_succeeded', 'b subscribed');
+  assert.equal(ok.data.recovered, true);
+  await publish('eu-5', { zone: 'eu' });
+  await b.waitFor((m) => m.event === 'eu-5', 'live eu-5');
+  assert.deepEqual(b.frames.filter((m) => m.channel === 'chat-filtered' && !m.event.startsWith('pusher')).map((m) => m.event), ['eu-2', 'eu-4', 'eu-5']);
 });
 
 test('HTTP history: signed GET with limit and after; 404 without history; 400 on bad input', async () => {
