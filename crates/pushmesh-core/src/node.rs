@@ -11,7 +11,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use pushmesh_protocol::webhook::WebhookEvent;
 use pushmesh_protocol::{ChannelName, CloseCode};
-use serde_json::value::RawValue;
 
 use crate::app::{
     AppConfig, AppIdx, Apps, ConnId, CoreConfig, OpenError, PublishError, PublishRequest,
@@ -19,7 +18,7 @@ use crate::app::{
 use crate::hook_backup::HookBackup;
 use crate::peer_frame::{Delta, FrameKind, NodeId};
 use crate::replication::Replicator;
-use crate::router::{ChannelInfo, Event, QueryError, Shard, KINDS};
+use crate::router::{ChannelInfo, QueryError, Shard, KINDS};
 use crate::routing::shard_of;
 use crate::session::{Request, Session, SessionOutput};
 use crate::sink::Sink;
@@ -209,6 +208,7 @@ macro_rules! sink {
 
 // After the macro: it uses `sink!`.
 mod peers;
+mod publish;
 mod tagged;
 
 impl Core {
@@ -473,93 +473,6 @@ impl Core {
         for id in ids {
             self.close_connection(id, code, reason);
         }
-    }
-
-    /// Publishes one event from the HTTP API.
-    pub fn publish(
-        &mut self,
-        now: Instant,
-        app: AppIdx,
-        req: &PublishRequest<'_>,
-    ) -> Result<Vec<PublishedChannel>, PublishError> {
-        let names = self.apps.validate_publish(app, req)?;
-        let mut published = Vec::with_capacity(names.len());
-        for name in names {
-            let i = self.shard(app, name.as_str());
-            let ev = Event {
-                app,
-                channel: &name,
-                name: req.name,
-                data: req.data,
-                content: None,
-                exclude_socket: req.exclude_socket,
-                user_id: None,
-            };
-            let mut sink = sink!(self);
-            self.shards[i]
-                .publish(now, &ev, true, &mut sink)
-                .map_err(|e| PublishError::Unavailable(e.to_string()))?;
-            let info = self.shards[i].info(now, app, &name);
-            published.push(PublishedChannel { name, info });
-        }
-        Ok(published)
-    }
-
-    /// Checks a channel name a wsify client may use.
-    pub fn wsify_channel(&self, conn: ConnId, channel: &str) -> Result<ChannelName, String> {
-        match self.sessions.get(&conn) {
-            Some(s) => s.wsify_channel(channel),
-            None => Err("no such connection".into()),
-        }
-    }
-
-    /// wsify `join`: idempotent; `position` recovers on a history channel.
-    pub fn wsify_join(
-        &mut self,
-        conn: ConnId,
-        channel: &str,
-        position: Option<&str>,
-    ) -> Result<(), String> {
-        let r = match self.sessions.get_mut(&conn) {
-            Some(s) => s.wsify_join(channel, position),
-            None => Ok(()),
-        };
-        self.pump(Instant::now(), conn);
-        r
-    }
-
-    /// wsify `leave`.
-    pub fn wsify_leave(&mut self, conn: ConnId, channel: &str) {
-        if let Some(s) = self.sessions.get_mut(&conn) {
-            s.wsify_leave(channel);
-        }
-        self.pump(Instant::now(), conn);
-    }
-
-    /// A wsify `broadcast` (from a client or `POST /broadcast`).
-    pub fn wsify_broadcast(
-        &mut self,
-        now: Instant,
-        app: AppIdx,
-        channel: &str,
-        content: &RawValue,
-    ) -> Result<(), PublishError> {
-        let name = self.apps.validate_wsify_broadcast(app, channel, content)?;
-        let cfg = self.apps.get(app).clone();
-        let i = self.shard(app, name.as_str());
-        let ev = Event {
-            app,
-            channel: &name,
-            name: &cfg.wsify_event,
-            data: content.get(),
-            content: Some(content),
-            exclude_socket: None,
-            user_id: None,
-        };
-        let mut sink = sink!(self);
-        self.shards[i]
-            .publish(now, &ev, true, &mut sink)
-            .map_err(|e| PublishError::Unavailable(e.to_string()))
     }
 
     /// Per channel kind: (kind, occupied channels, subscriptions) on this node.

@@ -9,10 +9,12 @@
 
 mod filter;
 mod history;
+mod history_sync;
 mod presence;
 mod presence_limit;
 mod query;
 mod remote;
+mod subscribe;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -38,7 +40,7 @@ use crate::app::{AppIdx, Apps, ConnId};
 use crate::history::{HistoryStore, Origin};
 use crate::peer_frame::{Delta, NodeId};
 use crate::routing::is_owner;
-use crate::session::{not_subscribed, PresenceJoin, Proto};
+use crate::session::{not_subscribed, Proto};
 use crate::sink::{Handle, Sink};
 
 /// How long a cache channel keeps its last event.
@@ -318,188 +320,6 @@ impl<H: Handle> Shard<H> {
                 WebhookEvent::ChannelVacated { channel }
             };
             self.hook(app, name.as_str(), event, sink);
-        }
-    }
-
-    /// Subscribes a connection (authorized by its session). Pusher
-    /// connections get `subscription_succeeded` (and the cached event of a
-    /// cache channel); subscribing twice delivers once. On a history
-    /// channel, `position` asks for every event after it (see `history.rs`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn subscribe(
-        &mut self,
-        now: Instant,
-        h: H,
-        app: AppIdx,
-        name: &ChannelName,
-        proto: Proto,
-        presence: Option<PresenceJoin>,
-        position: Option<&str>,
-        sink: &mut impl Sink<H>,
-    ) {
-        self.subscribe_selected(now, h, app, name, proto, presence, None, position, sink);
-    }
-
-    /// A non-presence subscribe without a filter decision yet: on a history
-    /// channel, answered now or parked until the events its position names
-    /// arrive.
-    #[allow(clippy::too_many_arguments)]
-    fn subscribe_plain(
-        &mut self,
-        now: Instant,
-        h: H,
-        app: AppIdx,
-        name: &ChannelName,
-        proto: Proto,
-        selector: Option<Arc<crate::filter::Selector>>,
-        position: Option<&str>,
-        sink: &mut impl Sink<H>,
-    ) {
-        let answer = if self.keeps_history(app, name.as_str()).is_some() {
-            match self.history_answer(app, name, position) {
-                Some(a) => Some(a),
-                None => {
-                    // Its events are on their way from a peer: wait for them.
-                    let position = position.unwrap_or_default();
-                    self.park_recovery(now, h, app, name, proto, position, selector);
-                    return;
-                }
-            }
-        } else {
-            None
-        };
-        self.subscribe_answered(now, h, app, name, proto, answer, selector, sink);
-    }
-
-    /// A non-presence subscribe, answered (`answer` on history channels).
-    #[allow(clippy::too_many_arguments)]
-    fn subscribe_answered(
-        &mut self,
-        now: Instant,
-        h: H,
-        app: AppIdx,
-        name: &ChannelName,
-        proto: Proto,
-        mut answer: Option<history::Answer>,
-        selector: Option<Arc<crate::filter::Selector>>,
-        sink: &mut impl Sink<H>,
-    ) {
-        let conn = h.conn();
-        let t = self.table(app);
-        let ch = t.channels.entry(name.clone()).or_default();
-        let occupied = ch.count() == 0;
-        if ch.insert(conn, h.clone(), proto) {
-            t.dirty_counts.insert(name.clone());
-            self.counted(name, occupied, 1);
-            if occupied {
-                self.local_interest(app, name, true, sink);
-            }
-        } else if answer.is_some() {
-            // Subscribed already: it has every event since; no replay.
-            answer = Some(history::Answer::Fresh);
-        }
-        // Its filter (or none) before anything is sent to it: the replay
-        // below is filtered too.
-        self.select(app, name, conn, selector, sink);
-        // The barrier: what follows waits until every peer knows of
-        // this node's interest (see `Sink::hold`).
-        if !self.peers.is_empty() {
-            sink.hold(&h);
-        }
-        if proto == Proto::Pusher {
-            let frame = match &answer {
-                Some(a) => self.succeeded_frame(app, name, a),
-                None => server::subscription_succeeded(name.as_str()),
-            };
-            sink.send(&h, &frame);
-        } else if let Some(a) = &answer {
-            self.recovery_fields(app, name, a);
-        }
-        if let Some(history::Answer::Recovered(from)) = &answer {
-            self.replay(&h, app, name, proto, from, sink);
-        }
-        if proto == Proto::Pusher && name.is_cache() {
-            self.send_cached(now, &h, app, name, sink);
-        }
-    }
-
-    fn send_cached(
-        &mut self,
-        now: Instant,
-        h: &H,
-        app: AppIdx,
-        name: &ChannelName,
-        sink: &mut impl Sink<H>,
-    ) {
-        let hook = self.apps.get(app).webhooks;
-        let t = self.table(app);
-        match t.cache.get(name) {
-            Some(c) if now.saturating_duration_since(c.at) < CACHE_TTL => {
-                sink.send(h, &c.frame);
-            }
-            _ => {
-                t.cache.remove(name);
-                sink.send(h, &server::cache_miss(name.as_str()));
-                if hook {
-                    let event = WebhookEvent::CacheMiss {
-                        channel: name.to_string(),
-                    };
-                    sink.hook(app, event);
-                }
-            }
-        }
-    }
-
-    /// Removes a connection from a channel; nothing if it is not in it.
-    pub fn unsubscribe(
-        &mut self,
-        conn: ConnId,
-        app: AppIdx,
-        name: &ChannelName,
-        sink: &mut impl Sink<H>,
-    ) {
-        self.unpark(conn, app, name);
-        self.unpark_recovery(conn, app, name);
-        self.forget_parked(conn, app, name);
-        let t = self.table(app);
-        let Some(ch) = t.channels.get_mut(name) else {
-            return;
-        };
-        let Some(sub) = ch.subs.swap_remove(&conn) else {
-            return;
-        };
-        if sub.proto != Proto::Pusher {
-            ch.wsify -= 1;
-        }
-        let advert = filter::left(ch, sub.group);
-        let mut member_gone = None;
-        if let Some(p) = ch.presence.as_mut() {
-            if let Some(uid) = p.of.remove(&conn) {
-                let gone = match p.members.get_mut(&uid) {
-                    Some(m) => {
-                        m.conns -= 1;
-                        m.conns == 0
-                    }
-                    None => false,
-                };
-                if gone {
-                    p.members.swap_remove(&uid);
-                    member_gone = Some(uid);
-                }
-            }
-        }
-        let empty = ch.count() == 0;
-        t.dirty_counts.insert(name.clone());
-        if empty {
-            t.channels.remove(name);
-        }
-        self.counted(name, empty, -1);
-        self.advertise(app, name, advert, sink);
-        if let Some(uid) = member_gone {
-            self.member_left(app, name, uid, sink);
-        }
-        if empty {
-            self.local_interest(app, name, false, sink);
         }
     }
 

@@ -1,0 +1,225 @@
+//! A router shard's task: it takes commands from its bounded queue (in
+//! batches), runs them on its `Shard`, and hands the batch's effects on.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pushmesh_core::filter::Tags;
+use pushmesh_core::{ChannelInfo, Event, PeerFrame, Request, Shard};
+use tokio::sync::mpsc;
+
+use super::{Accepted, Cmd, DriverSink, KindSlots, Links, BATCH, TICK};
+use crate::conn::ConnRef;
+
+pub(super) fn run_cmd(
+    shard: &mut Shard<ConnRef>,
+    now: Instant,
+    cmd: Cmd,
+    sink: &mut DriverSink<'_>,
+) {
+    match cmd {
+        Cmd::Req(h, req) => match req {
+            Request::Subscribe {
+                app,
+                channel,
+                proto,
+                presence,
+                position,
+                selector,
+            } => shard.subscribe_selected(
+                now,
+                h,
+                app,
+                &channel,
+                proto,
+                presence,
+                selector,
+                position.as_deref(),
+                sink,
+            ),
+            Request::Unsubscribe { app, channel } => {
+                shard.unsubscribe(h.0.id(), app, &channel, sink)
+            }
+            Request::ClientEvent {
+                app,
+                channel,
+                event,
+                data,
+                socket_id,
+            } => shard.client_event(now, &h, app, &channel, &event, &data, &socket_id, sink),
+            Request::SignIn { .. } | Request::SignOut { .. } => {}
+        },
+        Cmd::Publish(p) => {
+            let ev = Event {
+                app: p.app,
+                channel: &p.channel,
+                name: &p.event,
+                data: &p.data,
+                content: p.content.as_deref(),
+                exclude_socket: p.exclude.as_deref(),
+                user_id: None,
+            };
+            let untagged = Tags::default();
+            let tags = p.tags.as_deref().unwrap_or(&untagged);
+            // Answered once it is handed to the peers (it cannot fail
+            // after that), before the local fan-out; with `info`, after.
+            match shard.hand_to_peers_tagged(now, &ev, tags, sink) {
+                Err(e) => {
+                    let _ = p.reply.send(Err(e));
+                }
+                Ok(()) if !p.info => {
+                    let receipts = sink.take_receipts();
+                    let info = ChannelInfo::default();
+                    let _ = p.reply.send(Ok(Accepted { info, receipts }));
+                    shard.deliver_local_tagged(now, &ev, tags, sink);
+                }
+                Ok(()) => {
+                    let receipts = sink.take_receipts();
+                    shard.deliver_local_tagged(now, &ev, tags, sink);
+                    let info = shard.info(now, p.app, &p.channel);
+                    let _ = p.reply.send(Ok(Accepted { info, receipts }));
+                }
+            }
+        }
+        Cmd::Remote(frame) => match frame {
+            PeerFrame::Publish {
+                app,
+                channel,
+                event,
+                data,
+                exclude,
+                user_id,
+            } => shard.deliver_remote(
+                now,
+                &app,
+                &channel,
+                &event,
+                &data,
+                exclude.as_deref(),
+                user_id.as_deref(),
+                sink,
+            ),
+            PeerFrame::CacheSet {
+                app,
+                channel,
+                event,
+                data,
+                age_ms,
+            } => shard.cache_set(now, &app, &channel, &event, &data, age_ms),
+            PeerFrame::TaggedPublish {
+                app,
+                channel,
+                event,
+                data,
+                exclude,
+                tags,
+            } => shard.deliver_remote_tagged(
+                now,
+                &app,
+                &channel,
+                &event,
+                &data,
+                exclude.as_deref(),
+                tags,
+                sink,
+            ),
+            PeerFrame::HistoryPublish {
+                app,
+                channel,
+                event,
+                data,
+                exclude,
+                user_id,
+                origin,
+                seq,
+                at_ms,
+                tags,
+            } => shard.deliver_history(
+                now,
+                &app,
+                &channel,
+                &event,
+                &data,
+                exclude.as_deref(),
+                user_id.as_deref(),
+                (origin, seq, at_ms),
+                tags,
+                sink,
+            ),
+            PeerFrame::HistorySync {
+                app,
+                channel,
+                base,
+                events,
+            } => shard.merge_history(now, &app, &channel, &base, events, sink),
+            f @ (PeerFrame::PresenceClaim { .. } | PeerFrame::PresenceGrant { .. }) => {
+                shard.handle_presence_frame(now, f, sink)
+            }
+            _ => {}
+        },
+        Cmd::Apply(changes) => {
+            for (peer, delta) in changes {
+                shard.apply_remote(&peer, delta, sink);
+            }
+        }
+        Cmd::Peers(p, origins) => {
+            shard.set_peers(p);
+            shard.set_live_origins(origins);
+            shard.presence_peers_changed(now, sink);
+        }
+        Cmd::SendCache(peer, epoch) => {
+            shard.send_cache(now, &peer, sink);
+            shard.send_history(now, &peer, epoch, sink);
+        }
+        Cmd::ShareOrigin(o) => shard.share_origin(now, o, sink),
+        Cmd::Query(q) => q(shard, now),
+    }
+}
+
+pub(super) async fn run_shard(
+    mut shard: Shard<ConnRef>,
+    mut rx: mpsc::Receiver<Cmd>,
+    links: Arc<Links>,
+    slots: Arc<KindSlots>,
+) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut sink = DriverSink::new(&links);
+        tokio::select! {
+            cmd = rx.recv() => {
+                let Some(cmd) = cmd else { break };
+                let now = Instant::now();
+                let mut heavy = matches!(cmd, Cmd::Apply(_));
+                run_cmd(&mut shard, now, cmd, &mut sink);
+                for _ in 1..BATCH {
+                    // A batch of peer changes is a lot of work: others get
+                    // the CPU in between.
+                    if heavy {
+                        break;
+                    }
+                    match rx.try_recv() {
+                        Ok(cmd) => {
+                            heavy = matches!(cmd, Cmd::Apply(_));
+                            run_cmd(&mut shard, now, cmd, &mut sink);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if heavy {
+                    sink.finish();
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+            }
+            _ = tick.tick() => shard.tick(Instant::now(), &mut sink),
+        }
+        sink.finish();
+        for (slot, k) in slots.0.iter().zip(shard.stats()) {
+            slot[0].store(k.channels, Ordering::Relaxed);
+            slot[1].store(k.subscriptions, Ordering::Relaxed);
+        }
+        slots.1.store(shard.history_stats());
+    }
+}
