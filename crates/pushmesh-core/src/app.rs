@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pushmesh_protocol::{ChannelKind, ChannelName, CloseCode, Limits};
 
@@ -40,7 +41,33 @@ pub struct AppConfig {
     /// Name of the Pusher event a wsify `broadcast` becomes.
     pub wsify_event: String,
     /// Which channels keep history (`[apps.history]`), if any.
-    pub history: Option<crate::history::AppHistory>,
+    pub history: Option<AppHistory>,
+}
+
+/// An app's history settings (`[apps.history]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppHistory {
+    /// Channel name patterns: exact, or a prefix followed by `*`.
+    pub channels: Vec<String>,
+    /// Events kept per channel.
+    pub max_events: usize,
+    /// How long an event is kept.
+    pub ttl: Duration,
+}
+
+impl AppHistory {
+    /// Default `max_events`.
+    pub const MAX_EVENTS: usize = 100;
+    /// Default `ttl_secs`.
+    pub const TTL_SECS: u64 = 300;
+
+    /// Whether `channel` keeps history.
+    pub fn matches(&self, channel: &str) -> bool {
+        self.channels.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => channel.starts_with(prefix),
+            None => channel == p,
+        })
+    }
 }
 
 /// Node-wide settings of the core.

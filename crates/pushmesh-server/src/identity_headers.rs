@@ -4,7 +4,6 @@
 //! `X-Forwarded-For`) is in `trusted_proxies`. From anyone else they are
 //! ignored and counted. Values are never logged.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::http::{HeaderMap, HeaderName};
@@ -99,32 +98,6 @@ impl IdentityHeaders {
         stats.honoured.fetch_add(1, Ordering::Relaxed);
         Some(id)
     }
-}
-
-/// The identity-header counters in Prometheus text.
-pub fn render(out: &mut String, s: &IdentityStats) {
-    crate::metrics::family(
-        out,
-        "pushmesh_identity_headers_ignored_total",
-        "counter",
-        "Connections whose identity headers came from a peer outside trusted_proxies (ignored).",
-    );
-    let _ = writeln!(
-        out,
-        "pushmesh_identity_headers_ignored_total {}",
-        s.ignored.load(Ordering::Relaxed)
-    );
-    crate::metrics::family(
-        out,
-        "pushmesh_identity_headers_honoured_total",
-        "counter",
-        "Connections that took their identity from the identity headers.",
-    );
-    let _ = writeln!(
-        out,
-        "pushmesh_identity_headers_honoured_total {}",
-        s.honoured.load(Ordering::Relaxed)
-    );
 }
 
 #[cfg(test)]

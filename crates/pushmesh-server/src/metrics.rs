@@ -256,7 +256,7 @@ pub fn render(st: &Shared) -> String {
         "Errors accepting TCP connections (e.g. no file descriptors left).",
     );
     let _ = writeln!(out, "pushmesh_accept_errors_total {}", l(&e.accept_errors));
-    crate::identity_headers::render(&mut out, &e.identity);
+    render_identity(&mut out, &e.identity);
     let w = &st.webhooks.stats;
     family(
         &mut out,
@@ -403,4 +403,30 @@ fn render_continuity(st: &Shared, out: &mut String) {
         );
     }
     let _ = writeln!(out, "# HELP pushmesh_subscription_barrier_timeouts_total Subscriptions confirmed before every peer acknowledged the interest (barrier wait exceeded).\n# TYPE pushmesh_subscription_barrier_timeouts_total counter\npushmesh_subscription_barrier_timeouts_total {}", stats.barrier_timeouts.load(Ordering::Relaxed));
+}
+
+/// The identity-header counters in Prometheus text.
+fn render_identity(out: &mut String, s: &crate::identity_headers::IdentityStats) {
+    family(
+        out,
+        "pushmesh_identity_headers_ignored_total",
+        "counter",
+        "Connections whose identity headers came from a peer outside trusted_proxies (ignored).",
+    );
+    let _ = writeln!(
+        out,
+        "pushmesh_identity_headers_ignored_total {}",
+        s.ignored.load(Ordering::Relaxed)
+    );
+    family(
+        out,
+        "pushmesh_identity_headers_honoured_total",
+        "counter",
+        "Connections that took their identity from the identity headers.",
+    );
+    let _ = writeln!(
+        out,
+        "pushmesh_identity_headers_honoured_total {}",
+        s.honoured.load(Ordering::Relaxed)
+    );
 }

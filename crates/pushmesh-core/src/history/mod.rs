@@ -14,35 +14,10 @@ use std::time::{Duration, Instant};
 
 use pushmesh_protocol::ChannelName;
 
+pub use crate::app::AppHistory;
 use crate::app::AppIdx;
 pub use log::{Appended, ChannelLog, Check, Stored};
 pub use position::{BadPosition, Origin, Position};
-
-/// An app's history settings (`[apps.history]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppHistory {
-    /// Channel name patterns: exact, or a prefix followed by `*`.
-    pub channels: Vec<String>,
-    /// Events kept per channel.
-    pub max_events: usize,
-    /// How long an event is kept.
-    pub ttl: Duration,
-}
-
-impl AppHistory {
-    /// Default `max_events`.
-    pub const MAX_EVENTS: usize = 100;
-    /// Default `ttl_secs`.
-    pub const TTL_SECS: u64 = 300;
-
-    /// Whether `channel` keeps history.
-    pub fn matches(&self, channel: &str) -> bool {
-        self.channels.iter().any(|p| match p.strip_suffix('*') {
-            Some(prefix) => channel.starts_with(prefix),
-            None => channel == p,
-        })
-    }
-}
 
 /// Default `history_max_bytes`: 256 MiB per node.
 pub const MAX_BYTES: usize = 256 << 20;
