@@ -59,6 +59,26 @@ pub struct LoadOptions {
     pub drain: Duration,
     /// WebSocket handshakes in flight at once while setting up clients.
     pub connect_concurrency: usize,
+    /// Distinct subscription filters (pushmesh extension; 0: none).
+    /// Subscriber `i` asks for `{"k<i % filters>": "v"}` and every event
+    /// carries all `k0..k<filters-1>` tags, so every subscriber still gets
+    /// every event: the cost measured is the filters' evaluation.
+    pub filters: usize,
+}
+
+/// The filter of subscriber `i`, as JSON, if filters are on.
+fn filter_of(i: usize, filters: usize) -> Option<String> {
+    (filters > 0).then(|| format!(r#"{{"k{}":"v"}}"#, i % filters))
+}
+
+/// The tags every event carries when filters are on.
+fn tags(filters: usize) -> Option<serde_json::Value> {
+    (filters > 0).then(|| {
+        (0..filters)
+            .map(|k| (format!("k{k}"), serde_json::Value::from("v")))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    })
 }
 
 /// Percentiles in milliseconds.
@@ -187,13 +207,23 @@ async fn next_text(ws: &mut Ws) -> anyhow::Result<String> {
 }
 
 /// A subscribed client.
-pub async fn subscribe(t: &Target, channel: &str, src: IpAddr) -> anyhow::Result<Ws> {
+pub async fn subscribe(
+    t: &Target,
+    channel: &str,
+    filter: Option<&str>,
+    src: IpAddr,
+) -> anyhow::Result<Ws> {
     let mut ws = ws_connect(t, src).await?;
     let first = next_text(&mut ws).await?;
     if !first.contains("connection_established") {
         bail!("unexpected first frame: {first}");
     }
-    let sub = format!(r#"{{"event":"pusher:subscribe","data":{{"channel":"{channel}"}}}}"#);
+    let sub = match filter {
+        Some(f) => format!(
+            r#"{{"event":"pusher:subscribe","data":{{"channel":"{channel}","filter":{f}}}}}"#
+        ),
+        None => format!(r#"{{"event":"pusher:subscribe","data":{{"channel":"{channel}"}}}}"#),
+    };
     ws.send(Message::Text(sub.into())).await?;
     loop {
         let t = next_text(&mut ws).await?;
@@ -218,10 +248,12 @@ async fn subscribe_many(
     let progress = opts.progress;
     let source_addrs = opts.source_addrs;
     let concurrency = opts.connect_concurrency.max(1);
+    let filters = opts.filters;
     let done = &done;
     stream::iter(channels.into_iter().enumerate().map(Ok::<_, anyhow::Error>))
         .map_ok(|(i, ch)| async move {
-            let ws = subscribe(t, &ch, src_ip(i, source_addrs))
+            let filter = filter_of(i, filters);
+            let ws = subscribe(t, &ch, filter.as_deref(), src_ip(i, source_addrs))
                 .await
                 .with_context(|| format!("client {i}"))?;
             let k = done.fetch_add(1, Ordering::Relaxed) + 1;
@@ -344,8 +376,11 @@ async fn publish_loop(
             r#"{{"seq":{seq},"ts":{},"pad":"{pad}"}}"#,
             now_us() - opts.ts_offset_us
         );
-        let body =
-            serde_json::json!({"name": "bench", "channel": channels[ch], "data": data}).to_string();
+        let mut body = serde_json::json!({"name": "bench", "channel": channels[ch], "data": data});
+        if let Some(tags) = tags(opts.filters) {
+            body["tags"] = tags;
+        }
+        let body = body.to_string();
         let url = signed_url(t, &path, &body);
         let permit = in_flight.clone().acquire_owned().await?;
         let c = client.clone();

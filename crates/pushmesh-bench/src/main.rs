@@ -66,6 +66,10 @@ struct Common {
     /// WebSocket handshakes in flight at once while setting up clients.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
+    /// Distinct subscription filters (pushmesh only; 0: none): every
+    /// subscriber still gets every event (see `LoadOptions::filters`).
+    #[arg(long, default_value_t = 0)]
+    filters: usize,
 }
 
 #[derive(Subcommand)]
@@ -166,6 +170,7 @@ fn options(c: &Common, subscribers: usize, group: usize) -> LoadOptions {
         publish_via: None,
         drain: Duration::from_secs(10),
         connect_concurrency: c.connect_concurrency,
+        filters: c.filters,
     }
 }
 

@@ -35,6 +35,7 @@ fn opts(subscribers: usize, ts_offset_us: i64) -> LoadOptions {
         publish_via: None,
         drain: Duration::from_secs(2),
         connect_concurrency: 4,
+        filters: 0,
     }
 }
 
