@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import {
   startNode, stopNode, meshed, metrics, sdk, client, subscribed, until, withTimeout, ready,
   startHaproxy, sdkAt, clientAt, LB_IP, ip, httpPort, nodeOf, partition, linkedIn, getJson,
+  spawnNode, readyz, publish, rawSocket,
 } from './cluster.helpers.mjs';
 import {
   haproxies, cleanup, now, pause, collect, tally, haproxyLog,
@@ -495,4 +496,55 @@ test('rolling restart behind HAProxy with history: every client gets every 2xx p
   assert.deepEqual(problems, [], 'every client: every 2xx publish exactly once, per-publisher order, every resubscribe recovered');
   assert.ok(okCount > 500, `a real load was applied (${okCount} publishes 2xx)`);
   for (const rec of recs) assert.equal(new Set(rec.all.map((g) => `${g.p}|${g.s}`)).size, rec.all.length);
+});
+
+// A restarted node turns ready only once it holds its peers' history copy:
+// a client that recovers on it the moment /readyz says 200 finds the events
+// of the node's own previous incarnation, which only its peers hold.
+test('a restarted node is ready only with the history: recovery on it at its first /readyz 200 is recovered true', { timeout: 180000 }, async () => {
+  const opts = { appExtra: history(['big-*']) };
+  for (const i of [1, 2]) await startNode(i, opts);
+  await meshed([1, 2]);
+  // Enough history to take a while to copy: 40 channels x 100 events of
+  // ~2 KB (8 MB), all published through node 2 (its incarnation's origin).
+  const channels = [...Array(40).keys()].map((c) => `big-${c}`);
+  const pad = 'x'.repeat(2000);
+  const publishRound = async (k) => {
+    const r = await publish(2, channels, 'm', { k, pad });
+    assert.equal(r.status, 200, `publish ${k}: ${r.status} ${r.text}`);
+  };
+  for (let k = 0; k < 50; k++) await publishRound(k);
+  // A client on node 2 takes its position of big-0 after the 50th event.
+  const frames = [];
+  const s = await rawSocket(2, (m) => frames.push(m));
+  s.send('pusher:subscribe', { channel: 'big-0' });
+  await until(() => frames.some((m) => m.event === 'pusher_internal:subscription_succeeded'), 'subscribed on node 2');
+  const saved = JSON.parse(frames.find((m) => m.event === 'pusher_internal:subscription_succeeded').data).position;
+  assert.equal(typeof saved, 'string');
+  s.ws.close();
+  for (let k = 50; k < 100; k++) await publishRound(k);
+  await until(async () => (await historyOf(1, 'big-39')).events.length === 100, 'node 1 holds the history', 30000);
+
+  // Restart node 2 (new incarnation) and poll its readiness closely.
+  await stopNode(2, 'SIGTERM');
+  spawnNode(2, opts);
+  const deadline = Date.now() + 60000;
+  let readyAt = null;
+  while (Date.now() < deadline && readyAt === null) {
+    try { if ((await readyz(2)).status === 200) readyAt = Date.now(); } catch { /* not listening yet */ }
+    if (readyAt === null) await pause(10);
+  }
+  assert.ok(readyAt, 'node 2 ready again');
+  // At once: recover big-0 on node 2 from the saved position.
+  const got = [];
+  const r = await rawSocket(2, (m) => got.push(m));
+  r.send('pusher:subscribe', { channel: 'big-0', position: saved });
+  await until(() => got.some((m) => m.event === 'pusher_internal:subscription_succeeded'), 'resubscribed on the restarted node 2', 15000);
+  const ok = JSON.parse(got.find((m) => m.event === 'pusher_internal:subscription_succeeded').data);
+  const c2 = await getJson(2, '/cluster');
+  assert.equal(ok.recovered, true, `recovered at first ready (cluster: ${JSON.stringify(c2.peers?.map((p) => [p.node, p.link]))})`);
+  await until(() => got.filter((m) => m.event === 'm').length >= 50, 'the 50 events after the position', 15000);
+  const ks = got.filter((m) => m.event === 'm').map((m) => JSON.parse(m.data).k);
+  assert.deepEqual(ks, [...Array(50).keys()].map((j) => j + 50), 'each once, in order');
+  r.ws.close();
 });

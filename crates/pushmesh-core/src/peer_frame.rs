@@ -301,6 +301,18 @@ pub enum PeerFrame {
         /// The events.
         events: Vec<HistoryEvent>,
     },
+    /// One of the sender's shards has sent everything it sends a peer
+    /// whose link came up (cached events, its history copy): part `shard`
+    /// of `shards`. After the last part the receiver holds the sender's
+    /// whole copy; a node joins only then (readiness, docs/cluster.md).
+    CopyDone {
+        /// Sender's epoch (incarnation).
+        epoch: u64,
+        /// Which of the sender's shards.
+        shard: u32,
+        /// How many shards the sender has.
+        shards: u32,
+    },
 }
 
 /// One event of a [`PeerFrame::HistorySync`].
@@ -335,7 +347,8 @@ impl PeerFrame {
             | Self::Terminate { .. }
             | Self::TaggedPublish { .. }
             | Self::HistoryPublish { .. }
-            | Self::HistorySync { .. } => FrameKind::Data,
+            | Self::HistorySync { .. }
+            | Self::CopyDone { .. } => FrameKind::Data,
             _ => FrameKind::Control,
         }
     }

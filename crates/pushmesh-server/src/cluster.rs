@@ -183,7 +183,8 @@ pub async fn cluster_status(State(st): State<Arc<Shared>>) -> Json<serde_json::V
 }
 
 /// Whether a joining node has joined: a seed answered (or it has no seed
-/// but itself) and every live peer is linked with its state synced.
+/// but itself) and every live peer is linked with its state synced and
+/// its copy of cached events and history applied.
 fn joined(st: &Shared, peers: &[PeerStatus], links: &[PeerLink]) -> bool {
     let Some(c) = &st.config.cluster else {
         return true;
@@ -197,10 +198,12 @@ fn joined(st: &Shared, peers: &[PeerStatus], links: &[PeerLink]) -> bool {
     if live.is_empty() {
         return !other_seeds;
     }
+    // Reached, and its copy (cached events, history) applied: a client
+    // that recovers here right after the node joined finds the history.
     live.iter().all(|p| {
         links
             .iter()
-            .any(|l| l.node.as_str() == p.node && l.reached())
+            .any(|l| l.node.as_str() == p.node && l.reached() && l.copied)
     })
 }
 

@@ -62,6 +62,16 @@ impl IdentityHeaders {
         Ok(())
     }
 
+    /// Whether `name` is one of the configured identity headers (any case).
+    /// Such a header from an untrusted peer is a client's claim, not the
+    /// balancer's: it is not passed on (e.g. to a wsify authorizer).
+    pub fn names(&self, name: &str) -> bool {
+        [&self.user, &self.device, &self.zone]
+            .into_iter()
+            .flatten()
+            .any(|h| h.eq_ignore_ascii_case(name))
+    }
+
     /// The identity of a connection from its upgrade request's headers;
     /// `None` without identity headers, or from an untrusted peer (counted).
     pub fn read(
@@ -134,6 +144,15 @@ mod tests {
         // No header at all: nothing to count.
         assert_eq!(cfg().read(false, &HeaderMap::new(), &stats), None);
         assert_eq!(stats.ignored.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn configured_names_are_recognised_in_any_case() {
+        assert!(cfg().names("x-user-id"));
+        assert!(cfg().names("X-DEVICE"));
+        assert!(!cfg().names("x-zone"));
+        assert!(!cfg().names("cookie"));
+        assert!(!IdentityHeaders::default().names("x-user-id"));
     }
 
     #[test]

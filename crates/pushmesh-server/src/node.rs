@@ -171,7 +171,9 @@ enum Cmd {
     Remote(PeerFrame),
     Apply(Vec<(NodeId, Delta)>),
     Peers(BTreeSet<NodeId>, Vec<Origin>),
-    SendCache(NodeId, u64),
+    /// Cached events and history for a peer whose link came up, then
+    /// this shard's `CopyDone` frame (encoded).
+    SendCache(NodeId, u64, bytes::Bytes),
     ShareOrigin(Origin),
     Query(Query),
 }

@@ -121,12 +121,20 @@ pub async fn wsify_ws(
     }
     let (query, envelope) = query_map(raw.as_deref());
     if let Some(authz) = st.authorizer(app).filter(|a| a.wants("connect")) {
-        let hdrs = multi_map(headers.iter().map(|(k, v)| {
-            (
-                k.as_str(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        }));
+        // Identity headers from an untrusted peer are the client's own
+        // claim: the authorizer never sees them (it may believe them).
+        let ids = &st.config.identity_headers;
+        let hdrs = multi_map(
+            headers
+                .iter()
+                .filter(|(k, _)| trusted || !ids.names(k.as_str()))
+                .map(|(k, v)| {
+                    (
+                        k.as_str(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                }),
+        );
         let body = json!({"command": "connect", "args": {"headers": hdrs, "query": query}});
         match authz.ask(&body).await {
             Verdict::Allowed => {}

@@ -10,6 +10,7 @@ use super::{CollectSink, Core, Output, BARRIER_TICKS};
 use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame, PeerFrameError};
 use crate::replication::Effects;
 use crate::routing::shard_of;
+use crate::sink::Sink;
 use crate::ConnId;
 
 impl Core {
@@ -140,10 +141,18 @@ impl Core {
         self.replicator.peer_up(peer.clone(), epoch, &mut fx);
         self.peers_changed();
         self.effects(fx);
+        let shards = self.shards.len() as u32;
+        let me = self.replicator.epoch();
         for i in 0..self.shards.len() {
             let mut sink = sink!(self);
             self.shards[i].send_cache(now, &peer, &mut sink);
             self.shards[i].send_history(now, &peer, epoch, &mut sink);
+            let done = PeerFrame::CopyDone {
+                epoch: me,
+                shard: i as u32,
+                shards,
+            };
+            sink.peer(&peer, FrameKind::Data, &done.encode());
             if let Some(origin) = replaced {
                 self.shards[i].share_origin(now, origin, &mut sink);
             }
@@ -296,6 +305,16 @@ impl Core {
                 if let Some(a) = self.apps.by_id(&app) {
                     let mut sink = sink!(self);
                     self.users.terminate_local(a, &user, &mut sink);
+                }
+            }
+            PeerFrame::CopyDone {
+                epoch,
+                shard,
+                shards,
+            } => {
+                // Everything before it is applied already (one thread).
+                if self.replicator.copy_part(from, epoch, shard, shards) {
+                    self.replicator.copied(from, epoch);
                 }
             }
             PeerFrame::PresenceClaim {

@@ -74,6 +74,9 @@ pub struct PeerLink {
     pub link: bool,
     /// Its whole state arrived on the current link.
     pub synced: bool,
+    /// Its whole copy (cached events, history) of this incarnation
+    /// arrived and was applied.
+    pub copied: bool,
 }
 
 impl PeerLink {
@@ -92,6 +95,18 @@ pub struct Replicator {
     peers: BTreeMap<NodeId, PeerState>,
     /// Syncs sent (link up or resync asked).
     syncs_sent: u64,
+    /// Each peer's copy: its incarnation, the parts (shards) that arrived,
+    /// and whether it is complete and applied. Apart from the peer's
+    /// state, so a part that arrives before the link is counted here is kept.
+    copies: BTreeMap<NodeId, PeerCopy>,
+}
+
+/// What arrived of a peer incarnation's copy (see [`PeerFrame::CopyDone`]).
+#[derive(Debug, Default)]
+struct PeerCopy {
+    epoch: u64,
+    parts: BTreeSet<u32>,
+    applied: bool,
 }
 
 impl Replicator {
@@ -104,12 +119,18 @@ impl Replicator {
             local: Mirror::default(),
             peers: BTreeMap::new(),
             syncs_sent: 0,
+            copies: BTreeMap::new(),
         }
     }
 
     /// This node's id.
     pub fn node(&self) -> &NodeId {
         &self.node
+    }
+
+    /// This node's incarnation.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Peers whose state this node holds (link up, or briefly down).
@@ -126,6 +147,10 @@ impl Replicator {
                 epoch: p.epoch,
                 link: p.link,
                 synced: p.synced,
+                copied: self
+                    .copies
+                    .get(n)
+                    .is_some_and(|c| c.epoch == p.epoch && c.applied),
             })
             .collect()
     }
@@ -208,6 +233,30 @@ impl Replicator {
         p.incoming = None;
         p.resync_pending = false;
         self.push_sync(&peer, out);
+    }
+
+    /// A part of `from`'s copy arrived (`PeerFrame::CopyDone`): true once
+    /// every part of incarnation `epoch` has. The driver then makes sure
+    /// the frames before them are applied and calls [`Replicator::copied`].
+    pub fn copy_part(&mut self, from: &NodeId, epoch: u64, shard: u32, shards: u32) -> bool {
+        let c = self.copies.entry(from.clone()).or_default();
+        if c.epoch != epoch {
+            *c = PeerCopy {
+                epoch,
+                ..PeerCopy::default()
+            };
+        }
+        if shard < shards {
+            c.parts.insert(shard);
+        }
+        shards > 0 && !c.applied && c.parts.len() >= shards as usize
+    }
+
+    /// `from`'s copy of incarnation `epoch` is applied.
+    pub fn copied(&mut self, from: &NodeId, epoch: u64) {
+        if let Some(c) = self.copies.get_mut(from).filter(|c| c.epoch == epoch) {
+            c.applied = true;
+        }
     }
 
     /// The link to `peer` is down; its state stays (it may come back).
@@ -346,5 +395,60 @@ impl Replicator {
             return true;
         }
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copied(r: &Replicator, peer: &str) -> bool {
+        r.links()
+            .iter()
+            .any(|l| l.node.as_str() == peer && l.copied)
+    }
+
+    #[test]
+    fn a_peer_copy_counts_once_every_part_of_its_incarnation_arrived() {
+        let mut r = Replicator::new(NodeId::new("a"), 1);
+        let b = NodeId::new("b");
+        r.peer_up(b.clone(), 7, &mut Effects::default());
+        assert!(!copied(&r, "b"));
+        // Parts of three, one twice, one of an older incarnation.
+        assert!(!r.copy_part(&b, 7, 0, 3));
+        assert!(!r.copy_part(&b, 7, 0, 3));
+        assert!(!r.copy_part(&b, 6, 1, 3));
+        assert!(!r.copy_part(&b, 7, 2, 3));
+        assert!(r.copy_part(&b, 7, 1, 3), "the last part completes it");
+        // Not applied until the driver says so.
+        assert!(!copied(&r, "b"));
+        r.copied(&b, 7);
+        assert!(copied(&r, "b"));
+        assert!(!r.copy_part(&b, 7, 1, 3), "complete once");
+        // A link flap to the same incarnation keeps it.
+        r.link_down(&b);
+        r.peer_up(b.clone(), 7, &mut Effects::default());
+        assert!(copied(&r, "b"));
+        // A new incarnation starts again, whatever arrived before.
+        r.peer_up(b.clone(), 8, &mut Effects::default());
+        assert!(!copied(&r, "b"));
+        r.copied(&b, 7);
+        assert!(!copied(&r, "b"), "an old incarnation's copy does not count");
+        // A part that arrives before the link is counted is kept.
+        let c = NodeId::new("c");
+        assert!(r.copy_part(&c, 3, 0, 1));
+        r.copied(&c, 3);
+        r.peer_up(c, 3, &mut Effects::default());
+        assert!(copied(&r, "c"));
+    }
+
+    #[test]
+    fn a_part_out_of_range_never_completes_a_copy() {
+        let mut r = Replicator::new(NodeId::new("a"), 1);
+        let b = NodeId::new("b");
+        assert!(!r.copy_part(&b, 1, 5, 2));
+        assert!(!r.copy_part(&b, 1, 0, 0));
+        assert!(!r.copy_part(&b, 1, 0, 2));
+        assert!(r.copy_part(&b, 1, 1, 2));
     }
 }

@@ -273,7 +273,9 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), String> {
                 }
             }
             Op::Reconnect(k, i) => {
-                if k < clients.len() {
+                // A node that has not joined refuses new connections (503
+                // `joining`): the balancer sends the client elsewhere later.
+                if k < clients.len() && net.check_joined(i) {
                     read(&net, &mut clients[k]);
                     if !is_open(&net, &clients[k]) {
                         let mut c = std::mem::replace(&mut clients[k], placeholder());

@@ -346,7 +346,9 @@ impl Net {
         }
     }
 
-    /// Whether node `i` is joined: linked and synced with every other node.
+    /// Whether node `i` is joined: linked and synced with every other node,
+    /// and their copies (cached events, history) applied, as the server's
+    /// readiness has it.
     fn check_joined(&mut self, i: usize) -> bool {
         if !self.nodes[i].joined {
             let others = self.nodes.len() - 1;
@@ -354,7 +356,7 @@ impl Net {
                 .core
                 .peer_links()
                 .iter()
-                .filter(|l| l.reached())
+                .filter(|l| l.reached() && l.copied)
                 .count();
             self.nodes[i].joined = synced == others;
         }

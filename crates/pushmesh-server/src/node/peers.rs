@@ -96,8 +96,17 @@ impl Node {
         hook_relay::peer_up(&self.links, &peer, epoch);
         let fx = self.with_replicator(|r, fx| r.peer_up(peer.clone(), epoch, fx));
         self.effects(fx, true).await;
-        for s in &self.shards {
-            let _ = s.send(Cmd::SendCache(peer.clone(), epoch)).await;
+        let me = lock(&self.links.replicator).epoch();
+        let shards = self.shards.len() as u32;
+        for (i, s) in self.shards.iter().enumerate() {
+            // Each shard ends what it sends with its part of `CopyDone`.
+            let done = PeerFrame::CopyDone {
+                epoch: me,
+                shard: i as u32,
+                shards,
+            }
+            .encode();
+            let _ = s.send(Cmd::SendCache(peer.clone(), epoch, done)).await;
             if let Some(origin) = replaced {
                 let _ = s.send(Cmd::ShareOrigin(origin)).await;
             }
@@ -184,6 +193,21 @@ impl Node {
             PeerFrame::Terminate { app, user } => {
                 if let Some(a) = self.apps.by_id(&app) {
                     self.with_users(|u, sink| u.terminate_local(a, &user, sink));
+                }
+            }
+            PeerFrame::CopyDone {
+                epoch,
+                shard,
+                shards,
+            } => {
+                let complete = lock(&self.links.replicator).copy_part(from, epoch, shard, shards);
+                if complete {
+                    // The frames before it were handed to the shards: once
+                    // each has answered, they are applied.
+                    for s in &self.shards {
+                        let _ = self.ask(s, |_, _| ()).await;
+                    }
+                    lock(&self.links.replicator).copied(from, epoch);
                 }
             }
             hook @ (PeerFrame::HookHold { .. } | PeerFrame::HookDone { .. }) => {

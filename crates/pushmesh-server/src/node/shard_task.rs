@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pushmesh_core::filter::Tags;
-use pushmesh_core::{ChannelInfo, Event, PeerFrame, Request, Shard};
+use pushmesh_core::sink::Sink;
+use pushmesh_core::{ChannelInfo, Event, FrameKind, PeerFrame, Request, Shard};
 use tokio::sync::mpsc;
 
 use super::{Accepted, Cmd, DriverSink, KindSlots, Links, BATCH, TICK};
@@ -168,9 +169,10 @@ pub(super) fn run_cmd(
             shard.set_live_origins(origins);
             shard.presence_peers_changed(now, sink);
         }
-        Cmd::SendCache(peer, epoch) => {
+        Cmd::SendCache(peer, epoch, done) => {
             shard.send_cache(now, &peer, sink);
             shard.send_history(now, &peer, epoch, sink);
+            sink.peer(&peer, FrameKind::Data, &done);
         }
         Cmd::ShareOrigin(o) => shard.share_origin(now, o, sink),
         Cmd::Query(q) => q(shard, now),

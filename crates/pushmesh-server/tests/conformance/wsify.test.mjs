@@ -15,8 +15,8 @@ after(async () => {
 });
 
 /** A wsify client: frames as parsed JSON. */
-async function wsify(port, query = '', headers = {}) {
-  const ws = new WebSocket(`ws://127.0.0.1:${port}/ws${query}`, { headers });
+async function wsify(port, query = '', headers = {}, localAddress = undefined) {
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/ws${query}`, { headers, localAddress });
   const frames = [];
   const waiters = [];
   ws.on('message', (d) => {
@@ -217,6 +217,39 @@ timeout_ms = 500
   assert.ok(stats.authorizer.allowed >= 2 && stats.authorizer.refused >= 2 && stats.authorizer.unavailable >= 3, JSON.stringify(stats.authorizer));
   await until(() => authz.calls.some((c) => c.command === 'disconnect'), 'disconnect notified');
   assert.ok(authz.calls.some((c) => c.command === 'leave' && c.args.channel === 'lobby'), 'implied leave notified');
+});
+
+test('the authorizer never sees identity headers sent by an untrusted client', async () => {
+  const authz = await authorizer();
+  const srv = await start({ configToml: `
+trusted_proxies = ["127.0.0.1/32"]
+[identity_headers]
+user = "X-User-Id"
+device = "X-Device"
+[[apps]]
+id = "${APP.id}"
+key = "${APP.key}"
+secret = "${APP.secret}"
+[apps.authorizer]
+url = "${authz.url}"
+` });
+  const headers = { 'X-User-Id': 'alice', 'X-Device': 'phone', 'X-Other': 'kept' };
+  // From the balancer (trusted): the authorizer sees what the balancer set.
+  const viaBalancer = await wsify(srv.port, '?from=trusted', headers, '127.0.0.1');
+  assert.equal(viaBalancer.opened.ok, true);
+  // From anyone else: the forged identity is dropped, other headers stay.
+  const forged = await wsify(srv.port, '?from=untrusted', headers, '127.0.0.2');
+  assert.equal(forged.opened.ok, true);
+  const connectOf = (from) => authz.calls.find((c) => c.command === 'connect' && c.args.query.from?.[0] === from);
+  const trusted = connectOf('trusted').args.headers;
+  assert.deepEqual(trusted['x-user-id'], ['alice']);
+  assert.deepEqual(trusted['x-device'], ['phone']);
+  const untrusted = connectOf('untrusted').args.headers;
+  assert.equal(untrusted['x-user-id'], undefined, JSON.stringify(untrusted));
+  assert.equal(untrusted['x-device'], undefined);
+  assert.deepEqual(untrusted['x-other'], ['kept']);
+  viaBalancer.ws.terminate();
+  forged.ws.terminate();
 });
 
 test('keepalive pings wsify clients; graceful shutdown closes them with 1012', async () => {

@@ -135,6 +135,44 @@ impl Net {
         self.collect();
     }
 
+    /// A join whose subscribe frame carries a filter.
+    fn join_filtered(&mut self, node: usize, conn: ConnId, channel: &str, user: &str, filter: Value) {
+        let data = serde_json::json!({ "user_id": user }).to_string();
+        let socket = format!("1.{}", conn.0);
+        let sig = sign::sign(SECRET, &sign::presence_string(&socket, channel, &data));
+        let frame = serde_json::json!({"event":"pusher:subscribe","data":{"channel":channel,"auth":format!("key:{sig}"),"channel_data":data,"filter":filter}});
+        let now = self.now;
+        self.cores[node].handle_frame(now, conn, &frame.to_string());
+        self.collect();
+    }
+
+    /// A publish through `node` tagged with `tags` (JSON), delivered.
+    fn publish_tagged(&mut self, node: usize, channel: &str, name: &str, tags: &str) {
+        let channels = vec![channel.to_string()];
+        let tags = crate::filter::Tags::parse_json(tags).unwrap_or_else(|e| panic!("{e}"));
+        let now = self.now;
+        let r = self.cores[node].publish_tagged(
+            now,
+            AppIdx(0),
+            &crate::PublishRequest {
+                name,
+                data: "{}",
+                channels: &channels,
+                exclude_socket: None,
+            },
+            &tags,
+        );
+        assert!(r.is_ok(), "{r:?}");
+        self.run();
+    }
+
+    /// The events named `name` a connection received.
+    fn got(&self, node: usize, conn: ConnId, name: &str) -> usize {
+        self.inbox
+            .get(&(node, conn.0))
+            .map_or(0, |v| v.iter().filter(|f| f["event"] == name).count())
+    }
+
     fn leave(&mut self, node: usize, conn: ConnId, channel: &str) {
         let frame = serde_json::json!({"event":"pusher:unsubscribe","data":{"channel":channel}});
         let now = self.now;
@@ -366,4 +404,64 @@ fn a_join_waiting_for_an_owner_whose_link_drops_is_decided_at_once() {
         "no wait for a peer that is gone"
     );
     assert_eq!(net.cores[0].presence_limit_stats().local_decisions, 1);
+}
+
+#[test]
+fn a_filtered_presence_join_waiting_for_the_owner_keeps_its_filter() {
+    let names = ["a", "b"];
+    let mut net = Net::new(&names);
+    // Owned by b: a's joins are claimed from b before they are answered.
+    let ch = channel_owned_by(&names, 1);
+    let eu = net.open(0);
+    net.join_filtered(0, eu, &ch, "eve", serde_json::json!({"zone": "eu"}));
+    assert_eq!(net.answer(0, eu), None, "parked for the owner");
+    let plain = net.open(0);
+    net.join(0, plain, &ch, "pat");
+    net.run();
+    assert_eq!(net.answer(0, eu), Some(true));
+    assert_eq!(net.answer(0, plain), Some(true));
+    assert_eq!(net.cores[0].presence_limit_stats().claims, 2);
+    // Membership is per channel: both are members everywhere.
+    assert_eq!(net.members(0, &ch), 2);
+    assert_eq!(net.members(1, &ch), 2);
+    // What each receives follows its own filter, whichever node publishes.
+    for node in [0, 1] {
+        net.publish_tagged(node, &ch, &format!("eu-{node}"), r#"{"zone":"eu"}"#);
+        net.publish_tagged(node, &ch, &format!("us-{node}"), r#"{"zone":"us"}"#);
+        assert_eq!(net.got(0, eu, &format!("eu-{node}")), 1);
+        assert_eq!(net.got(0, eu, &format!("us-{node}")), 0);
+        assert_eq!(net.got(0, plain, &format!("eu-{node}")), 1);
+        assert_eq!(net.got(0, plain, &format!("us-{node}")), 1);
+    }
+}
+
+#[test]
+fn a_refused_filtered_join_leaves_no_filter_behind() {
+    let names = ["a", "b"];
+    let mut net = Net::new(&names);
+    let ch = channel_owned_by(&names, 1);
+    let mut members = Vec::new();
+    for k in 0..LIMIT {
+        let c = net.open(1);
+        net.join(1, c, &ch, &format!("m{k}"));
+        net.run();
+        assert_eq!(net.answer(1, c), Some(true));
+        members.push(c);
+    }
+    // Full: a filtered join on a is claimed and refused.
+    let c = net.open(0);
+    net.join_filtered(0, c, &ch, "late", serde_json::json!({"zone": "eu"}));
+    net.run();
+    assert_eq!(net.answer(0, c), Some(false));
+    // A seat frees; the same connection joins again without a filter and
+    // gets every event (the refused join's filter is gone).
+    net.leave(1, members[0], &ch);
+    net.run();
+    net.tick(super::RESERVATION_TTL);
+    net.inbox.remove(&(0, c.0));
+    net.join(0, c, &ch, "late");
+    net.run();
+    assert_eq!(net.answer(0, c), Some(true));
+    net.publish_tagged(1, &ch, "us", r#"{"zone":"us"}"#);
+    assert_eq!(net.got(0, c, "us"), 1);
 }
