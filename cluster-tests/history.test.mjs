@@ -8,10 +8,10 @@ import assert from 'node:assert/strict';
 import {
   startNode, stopNode, meshed, metrics, sdk, client, subscribed, until, withTimeout, ready,
   startHaproxy, sdkAt, clientAt, LB_IP, ip, httpPort, nodeOf, partition, linkedIn, getJson,
-  spawnNode, readyz, publish, rawSocket,
+  spawnNode, readyz, publish, rawSocket, nsExec,
 } from './cluster.helpers.mjs';
 import {
-  haproxies, cleanup, now, pause, collect, tally, haproxyLog,
+  haproxies, cleanup, cleanups, now, pause, collect, tally, haproxyLog,
 } from './continuity.helpers.mjs';
 import { withRecovery, RECOVERY_EVENT } from '../clients/js/index.js';
 
@@ -502,7 +502,9 @@ test('rolling restart behind HAProxy with history: every client gets every 2xx p
 // a client that recovers on it the moment /readyz says 200 finds the events
 // of the node's own previous incarnation, which only its peers hold.
 test('a restarted node is ready only with the history: recovery on it at its first /readyz 200 is recovered true', { timeout: 180000 }, async () => {
-  const opts = { appExtra: history(['big-*']) };
+  // startup_timeout_ms well above the copy's time (a node gives up waiting
+  // for its peers after it, and is ready anyway).
+  const opts = { appExtra: history(['big-*']), startupTimeoutMs: 60000 };
   for (const i of [1, 2]) await startNode(i, opts);
   await meshed([1, 2]);
   // Enough history to take a while to copy: 40 channels x 100 events of
@@ -525,8 +527,20 @@ test('a restarted node is ready only with the history: recovery on it at its fir
   for (let k = 50; k < 100; k++) await publishRound(k);
   await until(async () => (await historyOf(1, 'big-39')).events.length === 100, 'node 1 holds the history', 30000);
 
-  // Restart node 2 (new incarnation) and poll its readiness closely.
+  // Restart node 2 (new incarnation) and poll its readiness closely. The
+  // link from node 1 to node 2 is slowed to 16 Mbit/s (htb in node 1's
+  // namespace; gossip stays fast), so the copy takes seconds, not
+  // milliseconds: before a node waited for it, node 2 was ready long
+  // before the events of its previous incarnation arrived.
   await stopNode(2, 'SIGTERM');
+  const tc = (args) => nsExec('n1', 'tc', args);
+  tc(['qdisc', 'add', 'dev', 'eth0', 'root', 'handle', '1:', 'htb', 'default', '10']);
+  cleanups.push(() => tc(['qdisc', 'del', 'dev', 'eth0', 'root']));
+  tc(['class', 'add', 'dev', 'eth0', 'parent', '1:', 'classid', '1:10', 'htb', 'rate', '10gbit']);
+  tc(['class', 'add', 'dev', 'eth0', 'parent', '1:', 'classid', '1:20', 'htb', 'rate', '16mbit', 'ceil', '16mbit']);
+  tc(['filter', 'add', 'dev', 'eth0', 'parent', '1:', 'protocol', 'ip', 'prio', '1', 'u32', 'match', 'ip', 'dport', '7000', '0xffff', 'flowid', '1:10']);
+  tc(['filter', 'add', 'dev', 'eth0', 'parent', '1:', 'protocol', 'ip', 'prio', '2', 'u32', 'match', 'ip', 'dst', `${ip(2)}/32`, 'match', 'ip', 'protocol', '17', '0xff', 'flowid', '1:20']);
+  const spawnedAt = Date.now();
   spawnNode(2, opts);
   const deadline = Date.now() + 60000;
   let readyAt = null;
@@ -535,6 +549,7 @@ test('a restarted node is ready only with the history: recovery on it at its fir
     if (readyAt === null) await pause(10);
   }
   assert.ok(readyAt, 'node 2 ready again');
+  console.log(`restarted node 2 ready ${readyAt - spawnedAt} ms after its start`);
   // At once: recover big-0 on node 2 from the saved position.
   const got = [];
   const r = await rawSocket(2, (m) => got.push(m));

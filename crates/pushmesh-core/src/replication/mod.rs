@@ -240,6 +240,9 @@ impl Replicator {
     /// the frames before them are applied and calls [`Replicator::copied`].
     pub fn copy_part(&mut self, from: &NodeId, epoch: u64, shard: u32, shards: u32) -> bool {
         let c = self.copies.entry(from.clone()).or_default();
+        if epoch < c.epoch {
+            return false; // an older incarnation's part, late
+        }
         if c.epoch != epoch {
             *c = PeerCopy {
                 epoch,

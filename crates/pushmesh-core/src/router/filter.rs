@@ -254,7 +254,11 @@ impl<H: Handle> Shard<H> {
         ch.groups.as_ref()?.selector(group).cloned()
     }
 
-    /// A presence join waiting for admission was admitted: its selector.
+    /// A presence join was admitted: its selector, or none. A member
+    /// without a filter is placed too: on a channel with groups it must
+    /// count among the plain subscribers, or peers would not be told that
+    /// this node takes every event (found by a test: a plain member
+    /// admitted after a filtered one missed tagged events from other nodes).
     pub(super) fn admitted(
         &mut self,
         conn: ConnId,
@@ -262,12 +266,12 @@ impl<H: Handle> Shard<H> {
         name: &ChannelName,
         sink: &mut impl Sink<H>,
     ) {
-        if self.parked_selectors.is_empty() {
-            return;
-        }
-        if let Some(s) = self.parked_selectors.remove(&(conn, app, name.clone())) {
-            self.select(app, name, conn, Some(s), sink);
-        }
+        let selector = if self.parked_selectors.is_empty() {
+            None
+        } else {
+            self.parked_selectors.remove(&(conn, app, name.clone()))
+        };
+        self.select(app, name, conn, selector, sink);
     }
 
     /// Forgets the selector of a join that waited and was dropped.

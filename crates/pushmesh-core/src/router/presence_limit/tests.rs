@@ -136,7 +136,14 @@ impl Net {
     }
 
     /// A join whose subscribe frame carries a filter.
-    fn join_filtered(&mut self, node: usize, conn: ConnId, channel: &str, user: &str, filter: Value) {
+    fn join_filtered(
+        &mut self,
+        node: usize,
+        conn: ConnId,
+        channel: &str,
+        user: &str,
+        filter: Value,
+    ) {
         let data = serde_json::json!({ "user_id": user }).to_string();
         let socket = format!("1.{}", conn.0);
         let sig = sign::sign(SECRET, &sign::presence_string(&socket, channel, &data));
