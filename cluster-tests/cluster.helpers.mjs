@@ -134,12 +134,18 @@ export function linkedIn(c, j) {
   return c.synced_peers.includes(`n${j}`) && (entries.length === 0 || entries.some((p) => p.link === true));
 }
 
-/** Waits until every listed node has a link to every other listed node and is ready. */
+/**
+ * Waits until every listed node has a link to every other listed node, holds
+ * its copy (the cached events, history and end marker a link-up sends on
+ * the data stream: counters read after this see only what follows) and is
+ * ready.
+ */
 export async function meshed(nodes, ms = 20000) {
   await until(async () => {
     for (const i of nodes) {
       const c = await getJson(i, '/cluster');
       for (const j of nodes) if (j !== i && !linkedIn(c, j)) return false;
+      for (const j of nodes) if (j !== i && !(c.copied_peers || []).includes(`n${j}`)) return false;
       // Joined: it takes publishes and connections.
       if ((await fetch(`http://${ip(i)}:${httpPort}/readyz`)).status !== 200) return false;
     }

@@ -155,6 +155,13 @@ pub async fn cluster_status(State(st): State<Arc<Shared>>) -> Json<serde_json::V
     };
     let peers = c.status().await;
     let core_peers: Vec<String> = st.node.peers().iter().map(|p| p.to_string()).collect();
+    let copied: Vec<String> = st
+        .node
+        .peer_links()
+        .iter()
+        .filter(|l| l.copied)
+        .map(|l| l.node.to_string())
+        .collect();
     let presence = st.node.presence_limit_stats().await;
     Json(json!({
         "enabled": true,
@@ -164,6 +171,7 @@ pub async fn cluster_status(State(st): State<Arc<Shared>>) -> Json<serde_json::V
         "state": if st.draining.load(Ordering::Relaxed) { "draining" } else if st.node.gate.joined() { "ready" } else { "joining" },
         "peers": peers,
         "synced_peers": core_peers,
+        "copied_peers": copied,
         "gossip": {
             "accepted": c.gossip_stats().accepted.load(Ordering::Relaxed),
             "rejected": c.gossip_stats().rejected.load(Ordering::Relaxed),
