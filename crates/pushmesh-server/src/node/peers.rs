@@ -203,11 +203,24 @@ impl Node {
                 let complete = lock(&self.links.replicator).copy_part(from, epoch, shard, shards);
                 if complete {
                     // The frames before it were handed to the shards: once
-                    // each has answered, they are applied.
-                    for s in &self.shards {
-                        let _ = self.ask(s, |_, _| ()).await;
-                    }
-                    lock(&self.links.replicator).copied(from, epoch);
+                    // each has answered a query queued behind them, they are
+                    // applied. Waited for in a task of its own, so the
+                    // peers' frames keep flowing meanwhile (a big sync's
+                    // changes may still be queued on the shards).
+                    let (shards, links, from) =
+                        (self.shards.clone(), self.links.clone(), from.clone());
+                    tokio::spawn(async move {
+                        for s in &shards {
+                            let (tx, rx) = tokio::sync::oneshot::channel();
+                            let q: super::Query = Box::new(move |_, _| {
+                                let _ = tx.send(());
+                            });
+                            if s.send(Cmd::Query(q)).await.is_ok() {
+                                let _ = rx.await;
+                            }
+                        }
+                        lock(&links.replicator).copied(&from, epoch);
+                    });
                 }
             }
             hook @ (PeerFrame::HookHold { .. } | PeerFrame::HookDone { .. }) => {
