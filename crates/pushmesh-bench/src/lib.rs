@@ -8,3 +8,4 @@
 pub mod ideal;
 pub mod load;
 pub mod procstat;
+pub mod report;

@@ -4,6 +4,7 @@
 //! load stops the node. Unknown `PUSHMESH_*` variables never stop it (see
 //! [`env`]): platforms set their own.
 
+mod app_io;
 mod cli;
 mod cluster;
 pub mod env;
@@ -17,6 +18,7 @@ use pushmesh_core::AppConfig;
 use pushmesh_protocol::Limits;
 use serde::Deserialize;
 
+pub use app_io::{AppIo, AuthorizerConfig, WebhookConfig};
 pub use cli::{Cli, ClusterCommand, Command};
 pub use cluster::ClusterSettings;
 use cluster::{resolve_cluster, FileCluster};
@@ -132,76 +134,6 @@ struct FileApp {
     allowed_origins: Vec<String>,
     #[serde(default)]
     history: Option<history::FileHistory>,
-}
-
-/// The wsify authorizer webhook of an app.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuthorizerConfig {
-    /// Where to POST.
-    pub url: String,
-    /// Per-call timeout; no answer in time counts as "down" (5xx).
-    #[serde(default = "default_authorizer_timeout")]
-    pub timeout_ms: u64,
-    /// Calls in flight at once; beyond, a call waits (within its timeout).
-    #[serde(default = "default_authorizer_concurrency")]
-    pub max_concurrent: usize,
-    /// Which commands are sent: `connect`, `join`, `leave`, `broadcast`.
-    #[serde(default = "all_commands")]
-    pub commands: Vec<String>,
-}
-
-fn default_authorizer_timeout() -> u64 {
-    2000
-}
-fn default_authorizer_concurrency() -> usize {
-    64
-}
-fn all_commands() -> Vec<String> {
-    ["connect", "join", "leave", "broadcast"]
-        .map(String::from)
-        .to_vec()
-}
-
-impl AuthorizerConfig {
-    /// An authorizer at `url` with the defaults.
-    pub fn with_url(url: String) -> Self {
-        Self {
-            url,
-            timeout_ms: default_authorizer_timeout(),
-            max_concurrent: default_authorizer_concurrency(),
-            commands: all_commands(),
-        }
-    }
-}
-
-/// One webhook URL of an app.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookConfig {
-    /// Where to POST.
-    pub url: String,
-    /// Which events to send; default all.
-    #[serde(default)]
-    pub event_types: Option<Vec<String>>,
-    /// Extra request headers.
-    #[serde(default)]
-    pub headers: std::collections::BTreeMap<String, String>,
-    /// Gather events this long into one request; 0 sends as soon as possible
-    /// (events that queued up meanwhile still share a request).
-    #[serde(default)]
-    pub batch_ms: u64,
-}
-
-/// What the I/O side needs per app, beside the core's [`AppConfig`].
-#[derive(Debug, Clone, Default)]
-pub struct AppIo {
-    /// wsify authorizer.
-    pub authorizer: Option<AuthorizerConfig>,
-    /// Pusher webhooks.
-    pub webhooks: Vec<WebhookConfig>,
-    /// Allowed `Origin` header values; empty allows every origin.
-    pub allowed_origins: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -476,7 +408,7 @@ impl Config {
                     )));
                 }
                 for c in &z.commands {
-                    if !all_commands().contains(c) {
+                    if !app_io::all_commands().contains(c) {
                         return Err(ConfigError::Invalid(format!(
                             "app {:?}: unknown authorizer command {c:?}",
                             a.id
