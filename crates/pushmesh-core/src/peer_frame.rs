@@ -337,6 +337,22 @@ pub struct HistoryEvent {
 }
 
 impl PeerFrame {
+    /// The app id and channel of a frame that the channel's shard handles
+    /// (channel messages, cache entries, history, presence claims); `None`
+    /// for frames of the node as a whole.
+    pub fn channel(&self) -> Option<(&str, &str)> {
+        match self {
+            Self::Publish { app, channel, .. }
+            | Self::TaggedPublish { app, channel, .. }
+            | Self::CacheSet { app, channel, .. }
+            | Self::HistoryPublish { app, channel, .. }
+            | Self::HistorySync { app, channel, .. }
+            | Self::PresenceClaim { app, channel, .. }
+            | Self::PresenceGrant { app, channel, .. } => Some((app, channel)),
+            _ => None,
+        }
+    }
+
     /// Data or control.
     pub fn kind(&self) -> FrameKind {
         match self {

@@ -197,110 +197,17 @@ impl Core {
         if !self.replicator.peers().contains(from) {
             return Ok(());
         }
+        // A channel's frame: its shard handles it.
+        if let Some((app, channel)) = frame.channel() {
+            let shard = self.apps.by_id(app).map(|a| self.shard(a, channel));
+            if let Some(i) = shard {
+                let mut sink = sink!(self);
+                self.shards[i].handle_channel_frame(now, frame, &mut sink);
+                self.flush_deltas();
+            }
+            return Ok(());
+        }
         match frame {
-            PeerFrame::Publish {
-                app,
-                channel,
-                event,
-                data,
-                exclude,
-                user_id,
-            } => {
-                let Some(a) = self.apps.by_id(&app) else {
-                    return Ok(());
-                };
-                let i = self.shard(a, &channel);
-                let mut sink = sink!(self);
-                self.shards[i].deliver_remote(
-                    now,
-                    &app,
-                    &channel,
-                    &event,
-                    &data,
-                    exclude.as_deref(),
-                    user_id.as_deref(),
-                    &mut sink,
-                );
-            }
-            PeerFrame::TaggedPublish {
-                app,
-                channel,
-                event,
-                data,
-                exclude,
-                tags,
-            } => {
-                let Some(a) = self.apps.by_id(&app) else {
-                    return Ok(());
-                };
-                let i = self.shard(a, &channel);
-                let mut sink = sink!(self);
-                self.shards[i].deliver_remote_tagged(
-                    now,
-                    &app,
-                    &channel,
-                    &event,
-                    &data,
-                    exclude.as_deref(),
-                    tags,
-                    &mut sink,
-                );
-            }
-            PeerFrame::CacheSet {
-                app,
-                channel,
-                event,
-                data,
-                age_ms,
-            } => {
-                if let Some(a) = self.apps.by_id(&app) {
-                    let i = self.shard(a, &channel);
-                    self.shards[i].cache_set(now, &app, &channel, &event, &data, age_ms);
-                }
-            }
-            PeerFrame::HistoryPublish {
-                app,
-                channel,
-                event,
-                data,
-                exclude,
-                user_id,
-                origin,
-                seq,
-                at_ms,
-                tags,
-            } => {
-                if let Some(a) = self.apps.by_id(&app) {
-                    let i = self.shard(a, &channel);
-                    let mut sink = sink!(self);
-                    self.shards[i].deliver_history(
-                        now,
-                        &app,
-                        &channel,
-                        &event,
-                        &data,
-                        exclude.as_deref(),
-                        user_id.as_deref(),
-                        (origin, seq, at_ms),
-                        tags,
-                        &mut sink,
-                    );
-                    self.flush_deltas();
-                }
-            }
-            PeerFrame::HistorySync {
-                app,
-                channel,
-                base,
-                events,
-            } => {
-                if let Some(a) = self.apps.by_id(&app) {
-                    let i = self.shard(a, &channel);
-                    let mut sink = sink!(self);
-                    self.shards[i].merge_history(now, &app, &channel, &base, events, &mut sink);
-                    self.flush_deltas();
-                }
-            }
             PeerFrame::Terminate { app, user } => {
                 if let Some(a) = self.apps.by_id(&app) {
                     let mut sink = sink!(self);
@@ -315,23 +222,6 @@ impl Core {
                 // Everything before it is applied already (one thread).
                 if self.replicator.copy_part(from, epoch, shard, shards) {
                     self.replicator.copied(from, epoch);
-                }
-            }
-            PeerFrame::PresenceClaim {
-                ref app,
-                ref channel,
-                ..
-            }
-            | PeerFrame::PresenceGrant {
-                ref app,
-                ref channel,
-                ..
-            } => {
-                if let Some(a) = self.apps.by_id(app) {
-                    let i = self.shard(a, channel);
-                    let mut sink = sink!(self);
-                    self.shards[i].handle_presence_frame(now, frame, &mut sink);
-                    self.flush_deltas();
                 }
             }
             hook @ (PeerFrame::HookHold { .. } | PeerFrame::HookDone { .. }) => {

@@ -18,6 +18,17 @@ impl Core {
         app: AppIdx,
         req: &PublishRequest<'_>,
     ) -> Result<Vec<PublishedChannel>, PublishError> {
+        self.publish_with(now, app, req, None)
+    }
+
+    /// A publish, with tags or without (`Core::publish_tagged`).
+    pub(super) fn publish_with(
+        &mut self,
+        now: Instant,
+        app: AppIdx,
+        req: &PublishRequest<'_>,
+        tags: Option<&crate::filter::Tags>,
+    ) -> Result<Vec<PublishedChannel>, PublishError> {
         let names = self.apps.validate_publish(app, req)?;
         let mut published = Vec::with_capacity(names.len());
         for name in names {
@@ -32,9 +43,12 @@ impl Core {
                 user_id: None,
             };
             let mut sink = sink!(self);
-            self.shards[i]
-                .publish(now, &ev, true, &mut sink)
-                .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+            let shard = &mut self.shards[i];
+            match tags {
+                Some(t) => shard.publish_tagged(now, &ev, t, true, &mut sink),
+                None => shard.publish(now, &ev, true, &mut sink),
+            }
+            .map_err(|e| PublishError::Unavailable(e.to_string()))?;
             let info = self.shards[i].info(now, app, &name);
             published.push(PublishedChannel { name, info });
         }

@@ -2,10 +2,9 @@
 
 use std::time::Instant;
 
-use super::{CollectSink, Core, PublishedChannel};
+use super::{Core, PublishedChannel};
 use crate::app::{AppIdx, ConnId, PublishError, PublishRequest};
 use crate::filter::Tags;
-use crate::router::Event;
 
 impl Core {
     /// Publishes one event with tags from the HTTP API.
@@ -16,27 +15,7 @@ impl Core {
         req: &PublishRequest<'_>,
         tags: &Tags,
     ) -> Result<Vec<PublishedChannel>, PublishError> {
-        let names = self.apps.validate_publish(app, req)?;
-        let mut published = Vec::with_capacity(names.len());
-        for name in names {
-            let i = self.shard(app, name.as_str());
-            let ev = Event {
-                app,
-                channel: &name,
-                name: req.name,
-                data: req.data,
-                content: None,
-                exclude_socket: req.exclude_socket,
-                user_id: None,
-            };
-            let mut sink = sink!(self);
-            self.shards[i]
-                .publish_tagged(now, &ev, tags, true, &mut sink)
-                .map_err(|e| PublishError::Unavailable(e.to_string()))?;
-            let info = self.shards[i].info(now, app, &name);
-            published.push(PublishedChannel { name, info });
-        }
-        Ok(published)
+        self.publish_with(now, app, req, Some(tags))
     }
 
     /// wsify `join` with `args.filter`.

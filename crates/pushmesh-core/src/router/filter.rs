@@ -460,10 +460,7 @@ impl<H: Handle> Shard<H> {
         tags: Vec<(String, String)>,
         sink: &mut impl Sink<H>,
     ) {
-        let Some(app) = self.apps.by_id(app_id) else {
-            return;
-        };
-        let Ok(name) = ChannelName::parse_with_limit(channel, usize::MAX) else {
+        let Some((app, name)) = self.peer_channel(app_id, channel) else {
             return;
         };
         let Ok(tags) = Tags::from_pairs(tags) else {

@@ -67,10 +67,7 @@ impl<H: Handle> Shard<H> {
         events: Vec<HistoryEvent>,
         sink: &mut impl Sink<H>,
     ) {
-        let Some(app) = self.apps.by_id(app_id) else {
-            return;
-        };
-        let Ok(name) = ChannelName::parse_with_limit(channel, usize::MAX) else {
+        let Some((app, name)) = self.peer_channel(app_id, channel) else {
             return;
         };
         let Some(max) = self.keeps_history(app, channel).map(|c| c.max_events) else {

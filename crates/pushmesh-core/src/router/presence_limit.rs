@@ -250,10 +250,7 @@ impl<H: Handle> Shard<H> {
         user: &str,
         sink: &mut impl Sink<H>,
     ) {
-        let (Some(app), Ok(name)) = (
-            self.apps.by_id(app_id),
-            ChannelName::parse_with_limit(channel, usize::MAX),
-        ) else {
+        let Some((app, name)) = self.peer_channel(app_id, channel) else {
             return;
         };
         let max = self.apps.get(app).limits.max_presence_members;

@@ -22,6 +22,18 @@ fn raw(info: Option<&str>) -> Option<Box<RawValue>> {
 }
 
 impl<H: Handle> Shard<H> {
+    /// The app and channel a peer's frame names; `None` for an app this
+    /// node does not serve or a name that does not parse.
+    pub(super) fn peer_channel(
+        &self,
+        app_id: &str,
+        channel: &str,
+    ) -> Option<(AppIdx, ChannelName)> {
+        let app = self.apps.by_id(app_id)?;
+        let name = ChannelName::parse_with_limit(channel, usize::MAX).ok()?;
+        Some((app, name))
+    }
+
     /// Applies one change of `peer`'s state for a channel of this shard
     /// (idempotent). User deltas belong to the user registry and are ignored.
     pub fn apply_remote(&mut self, peer: &NodeId, delta: Delta, sink: &mut impl Sink<H>) {
@@ -147,10 +159,7 @@ impl<H: Handle> Shard<H> {
         user_id: Option<&str>,
         sink: &mut impl Sink<H>,
     ) {
-        let Some(app) = self.apps.by_id(app_id) else {
-            return;
-        };
-        let Ok(name) = ChannelName::parse_with_limit(channel, usize::MAX) else {
+        let Some((app, name)) = self.peer_channel(app_id, channel) else {
             return;
         };
         let ev = Event {
@@ -176,10 +185,7 @@ impl<H: Handle> Shard<H> {
         data: &str,
         age_ms: u64,
     ) {
-        let Some(app) = self.apps.by_id(app_id) else {
-            return;
-        };
-        let Ok(name) = ChannelName::parse_with_limit(channel, usize::MAX) else {
+        let Some((app, name)) = self.peer_channel(app_id, channel) else {
             return;
         };
         let age = Duration::from_millis(age_ms);
@@ -318,6 +324,92 @@ impl<H: Handle> Shard<H> {
                     sink.peer(to, FrameKind::Data, &frame);
                 }
             }
+        }
+    }
+
+    /// A peer's frame for a channel of this shard (see
+    /// [`PeerFrame::channel`]); other frames are not the shard's.
+    pub fn handle_channel_frame(
+        &mut self,
+        now: Instant,
+        frame: PeerFrame,
+        sink: &mut impl Sink<H>,
+    ) {
+        match frame {
+            PeerFrame::Publish {
+                app,
+                channel,
+                event,
+                data,
+                exclude,
+                user_id,
+            } => self.deliver_remote(
+                now,
+                &app,
+                &channel,
+                &event,
+                &data,
+                exclude.as_deref(),
+                user_id.as_deref(),
+                sink,
+            ),
+            PeerFrame::CacheSet {
+                app,
+                channel,
+                event,
+                data,
+                age_ms,
+            } => self.cache_set(now, &app, &channel, &event, &data, age_ms),
+            PeerFrame::TaggedPublish {
+                app,
+                channel,
+                event,
+                data,
+                exclude,
+                tags,
+            } => self.deliver_remote_tagged(
+                now,
+                &app,
+                &channel,
+                &event,
+                &data,
+                exclude.as_deref(),
+                tags,
+                sink,
+            ),
+            PeerFrame::HistoryPublish {
+                app,
+                channel,
+                event,
+                data,
+                exclude,
+                user_id,
+                origin,
+                seq,
+                at_ms,
+                tags,
+            } => self.deliver_history(
+                now,
+                &app,
+                &channel,
+                &event,
+                &data,
+                exclude.as_deref(),
+                user_id.as_deref(),
+                (origin, seq, at_ms),
+                tags,
+                sink,
+            ),
+            PeerFrame::HistorySync {
+                app,
+                channel,
+                base,
+                events,
+            } => self.merge_history(now, &app, &channel, &base, events, sink),
+            f @ (PeerFrame::PresenceClaim { .. } | PeerFrame::PresenceGrant { .. }) => {
+                self.handle_presence_frame(now, f, sink)
+            }
+            _ => {}
         }
     }
 }

@@ -149,47 +149,16 @@ impl Node {
         bytes: &[u8],
     ) -> Result<(), pushmesh_core::PeerFrameError> {
         let frame = PeerFrame::decode(bytes)?;
+        // A channel's frame: its shard handles it.
+        if let Some((app, channel)) = frame.channel() {
+            if let Some(a) = self.apps.by_id(app) {
+                // A closed queue means the node is stopping.
+                let shard = self.shard(a, channel).clone();
+                let _ = shard.send(Cmd::Remote(frame)).await;
+            }
+            return Ok(());
+        }
         match frame {
-            PeerFrame::Publish {
-                ref app,
-                ref channel,
-                ..
-            }
-            | PeerFrame::TaggedPublish {
-                ref app,
-                ref channel,
-                ..
-            }
-            | PeerFrame::CacheSet {
-                ref app,
-                ref channel,
-                ..
-            }
-            | PeerFrame::PresenceClaim {
-                ref app,
-                ref channel,
-                ..
-            }
-            | PeerFrame::PresenceGrant {
-                ref app,
-                ref channel,
-                ..
-            }
-            | PeerFrame::HistoryPublish {
-                ref app,
-                ref channel,
-                ..
-            }
-            | PeerFrame::HistorySync {
-                ref app,
-                ref channel,
-                ..
-            } => {
-                if let Some(a) = self.apps.by_id(app) {
-                    let ch = channel.clone();
-                    self.to_shard(a, &ch, Cmd::Remote(frame)).await;
-                }
-            }
             PeerFrame::Terminate { app, user } => {
                 if let Some(a) = self.apps.by_id(&app) {
                     self.with_users(|u, sink| u.terminate_local(a, &user, sink));

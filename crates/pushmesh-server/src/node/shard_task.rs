@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use pushmesh_core::filter::Tags;
 use pushmesh_core::sink::Sink;
-use pushmesh_core::{ChannelInfo, Event, FrameKind, PeerFrame, Request, Shard};
+use pushmesh_core::{ChannelInfo, Event, FrameKind, Request, Shard};
 use tokio::sync::mpsc;
 
 use super::{Accepted, Cmd, DriverSink, KindSlots, Links, BATCH, TICK};
@@ -83,82 +83,7 @@ pub(super) fn run_cmd(
                 }
             }
         }
-        Cmd::Remote(frame) => match frame {
-            PeerFrame::Publish {
-                app,
-                channel,
-                event,
-                data,
-                exclude,
-                user_id,
-            } => shard.deliver_remote(
-                now,
-                &app,
-                &channel,
-                &event,
-                &data,
-                exclude.as_deref(),
-                user_id.as_deref(),
-                sink,
-            ),
-            PeerFrame::CacheSet {
-                app,
-                channel,
-                event,
-                data,
-                age_ms,
-            } => shard.cache_set(now, &app, &channel, &event, &data, age_ms),
-            PeerFrame::TaggedPublish {
-                app,
-                channel,
-                event,
-                data,
-                exclude,
-                tags,
-            } => shard.deliver_remote_tagged(
-                now,
-                &app,
-                &channel,
-                &event,
-                &data,
-                exclude.as_deref(),
-                tags,
-                sink,
-            ),
-            PeerFrame::HistoryPublish {
-                app,
-                channel,
-                event,
-                data,
-                exclude,
-                user_id,
-                origin,
-                seq,
-                at_ms,
-                tags,
-            } => shard.deliver_history(
-                now,
-                &app,
-                &channel,
-                &event,
-                &data,
-                exclude.as_deref(),
-                user_id.as_deref(),
-                (origin, seq, at_ms),
-                tags,
-                sink,
-            ),
-            PeerFrame::HistorySync {
-                app,
-                channel,
-                base,
-                events,
-            } => shard.merge_history(now, &app, &channel, &base, events, sink),
-            f @ (PeerFrame::PresenceClaim { .. } | PeerFrame::PresenceGrant { .. }) => {
-                shard.handle_presence_frame(now, f, sink)
-            }
-            _ => {}
-        },
+        Cmd::Remote(frame) => shard.handle_channel_frame(now, frame, sink),
         Cmd::Apply(changes) => {
             for (peer, delta) in changes {
                 shard.apply_remote(&peer, delta, sink);
