@@ -162,8 +162,13 @@ pub struct PeerCounters {
     pub data_received: AtomicU64,
     /// Control frames received.
     pub control_received: AtomicU64,
-    /// Frames dropped: queue full or link down.
+    /// Data frames not taken: the peer's buffer was full, or the peer has
+    /// no buffer (never linked, or gone). A message did not reach it.
     pub dropped: AtomicU64,
+    /// Control frames not sent for want of a link (the peer restarting, a
+    /// drain, a cut): nothing is lost, the next link starts with a full
+    /// state sync.
+    pub control_unsent: AtomicU64,
     /// Links that came up to this peer.
     pub links_up: AtomicU64,
     /// Bytes written to the peer's streams (control and data).
@@ -427,6 +432,7 @@ impl Cluster {
             e.frames.insert("data_received", l(&c.data_received));
             e.frames.insert("control_received", l(&c.control_received));
             e.frames.insert("dropped", l(&c.dropped));
+            e.frames.insert("control_unsent", l(&c.control_unsent));
             e.frames.insert("links_up", l(&c.links_up));
             e.frames.insert("bytes_sent", l(&c.bytes_sent));
             e.frames.insert("bytes_received", l(&c.bytes_received));

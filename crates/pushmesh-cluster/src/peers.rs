@@ -145,9 +145,21 @@ impl Cluster {
         };
         if !ok {
             let c = self.counters(to);
-            let n = c.dropped.fetch_add(1, Ordering::Relaxed);
-            if n.is_power_of_two() {
-                tracing::warn!(peer = %to, dropped = n + 1, kind = kind.as_str(), "peer buffer full or link down, frames dropped");
+            match kind {
+                FrameKind::Data => {
+                    let n = c.dropped.fetch_add(1, Ordering::Relaxed);
+                    if n.is_power_of_two() {
+                        tracing::warn!(peer = %to, dropped = n + 1, "peer buffer full or peer unknown, data frames dropped");
+                    }
+                }
+                // No link now: the next one starts with a full state sync,
+                // so nothing is lost (a drain or a restart does this).
+                FrameKind::Control => {
+                    let n = c.control_unsent.fetch_add(1, Ordering::Relaxed);
+                    if n.is_power_of_two() {
+                        tracing::debug!(peer = %to, unsent = n + 1, "no link to the peer, control frames left for the next sync");
+                    }
+                }
             }
         }
         ok

@@ -215,6 +215,20 @@ fn joined(st: &Shared, peers: &[PeerStatus], links: &[PeerLink]) -> bool {
     })
 }
 
+/// Nodes joined, this one included: live peers linked with their state
+/// synced and their copy applied.
+fn joined_size(peers: &[PeerStatus], links: &[PeerLink]) -> usize {
+    1 + peers
+        .iter()
+        .filter(|p| p.live && p.state.as_deref() != Some("draining"))
+        .filter(|p| {
+            links
+                .iter()
+                .any(|l| l.node.as_str() == p.node && l.reached() && l.copied)
+        })
+        .count()
+}
+
 /// Joins: opens publishes and advertises `ready` once joined, or after
 /// `startup_timeout_ms` anyway (saying why).
 async fn join(st: Arc<Shared>, cluster: Cluster) {
@@ -223,10 +237,26 @@ async fn join(st: Arc<Shared>, cluster: Cluster) {
     };
     let start = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut said_waiting = false;
     loop {
         tick.tick().await;
         let peers = cluster.status().await;
         let links = st.node.peer_links();
+        let size = joined_size(&peers, &links);
+        if size < c.min_cluster_size {
+            // Not even the timeout makes a node ready below this size: an
+            // island (wrong secret, unreachable seeds) takes no traffic.
+            if start.elapsed() >= c.startup_timeout && !said_waiting {
+                said_waiting = true;
+                tracing::warn!(
+                    joined = size,
+                    min_cluster_size = c.min_cluster_size,
+                    seeds = ?c.seeds,
+                    "not ready: fewer nodes joined than min_cluster_size (check the seeds, the cluster secret and the network)"
+                );
+            }
+            continue;
+        }
         // (After reading the links: a sync they show is fully applied.)
         if joined(&st, &peers, &links) && !st.node.applying() {
             tracing::info!(peers = links.len(), "joined the cluster");
@@ -251,12 +281,20 @@ async fn join(st: Arc<Shared>, cluster: Cluster) {
 }
 
 /// Why this node should not get traffic, if it should not.
-async fn unready(st: &Shared) -> Option<serde_json::Value> {
+pub(crate) async fn unready(st: &Shared) -> Option<serde_json::Value> {
     if st.draining.load(Ordering::Relaxed) {
         return Some(json!({ "ready": false, "reason": "draining" }));
     }
     if !st.node.gate.joined() {
-        return Some(json!({ "ready": false, "reason": "joining" }));
+        let mut body = json!({ "ready": false, "reason": "joining" });
+        if let (Some(c), Some(settings)) = (&st.cluster, &st.config.cluster) {
+            if settings.min_cluster_size > 1 {
+                let size = joined_size(&c.status().await, &st.node.peer_links());
+                body["joined_nodes"] = json!(size);
+                body["min_cluster_size"] = json!(settings.min_cluster_size);
+            }
+        }
+        return Some(body);
     }
     let c = st.cluster.as_ref()?;
     let links = st.node.peer_links();
@@ -332,13 +370,22 @@ pub fn render_metrics(st: &Shared, out: &mut String) {
             l(&k.control_received)
         );
     }
-    let _ = writeln!(out, "# HELP pushmesh_cluster_frames_dropped_total Frames dropped for a peer (queue full or link down).\n# TYPE pushmesh_cluster_frames_dropped_total counter");
+    let _ = writeln!(out, "# HELP pushmesh_cluster_frames_dropped_total Data frames dropped for a peer (its buffer full, or the peer unknown): loss.\n# TYPE pushmesh_cluster_frames_dropped_total counter");
     for (peer, k) in &counters {
         let _ = writeln!(
             out,
             "pushmesh_cluster_frames_dropped_total{{peer=\"{}\"}} {}",
             esc(peer.as_str()),
             l(&k.dropped)
+        );
+    }
+    let _ = writeln!(out, "# HELP pushmesh_cluster_control_frames_unsent_total Control frames not sent for want of a link (drain, restart, cut); nothing lost: the next link starts with a full sync.\n# TYPE pushmesh_cluster_control_frames_unsent_total counter");
+    for (peer, k) in &counters {
+        let _ = writeln!(
+            out,
+            "pushmesh_cluster_control_frames_unsent_total{{peer=\"{}\"}} {}",
+            esc(peer.as_str()),
+            l(&k.control_unsent)
         );
     }
     let linked = c.linked_peers();

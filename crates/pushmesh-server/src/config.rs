@@ -5,6 +5,7 @@
 //! [`env`]): platforms set their own.
 
 mod app_io;
+mod check;
 mod cli;
 mod cluster;
 pub mod env;
@@ -46,6 +47,16 @@ pub enum ConfigError {
     /// A bad `--app` value.
     #[error("invalid app {0:?}: expected ID:KEY:SECRET with none of them empty")]
     AppSpec(String),
+    /// A value that does not parse; `key` names where it came from.
+    #[error("invalid configuration: {key} = {value:?} {why}")]
+    Value {
+        /// The key (with the app or table it belongs to).
+        key: String,
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// Something else is inconsistent.
     #[error("invalid configuration: {0}")]
     Invalid(String),
@@ -399,14 +410,9 @@ impl Config {
                 None => io.authorizer = Some(AuthorizerConfig::with_url(url)),
             }
         }
+        check::app_values(&apps, &app_io)?;
         for (a, io) in apps.iter().zip(&app_io) {
             if let Some(z) = &io.authorizer {
-                if !(z.url.starts_with("http://") || z.url.starts_with("https://")) {
-                    return Err(ConfigError::Invalid(format!(
-                        "app {:?}: authorizer url must be http:// or https://",
-                        a.id
-                    )));
-                }
                 for c in &z.commands {
                     if !app_io::all_commands().contains(c) {
                         return Err(ConfigError::Invalid(format!(
@@ -474,7 +480,10 @@ impl Config {
                 }
             },
             metrics_listen: cli.metrics_listen.or(file.metrics_listen),
-            dashboard_token: file.dashboard_token.filter(|t| !t.is_empty()),
+            dashboard_token: cli
+                .dashboard_token
+                .or(file.dashboard_token)
+                .filter(|t| !t.is_empty()),
             handshake_timeout: file
                 .handshake_timeout_ms
                 .map_or(d.handshake_timeout, Duration::from_millis),

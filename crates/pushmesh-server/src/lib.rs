@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod node;
 pub mod proxy;
 pub mod reject;
+pub mod reload;
 pub mod tags;
 pub mod tls;
 pub mod webhooks;
@@ -224,6 +225,11 @@ impl Server {
         Ok(self.listener.local_addr()?)
     }
 
+    /// The TLS certificate, reloadable (SIGHUP: see [`reload`]).
+    pub fn tls(&self) -> Option<Arc<tls::Reloadable>> {
+        self.tls.clone()
+    }
+
     /// The node's shared state.
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
@@ -300,9 +306,6 @@ impl Server {
             let _ = stop.wait_for(|s| *s).await;
         };
         let serve = async move {
-            if let Some(t) = &self.tls {
-                tls::spawn_reload_on_sighup(t.clone());
-            }
             let public = edge::Listener::Public(self.tls);
             edge::serve(self.listener, app, public, st3, stopped).await;
             Ok::<(), ServerError>(())
@@ -394,6 +397,8 @@ async fn all_metrics(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let mut out = metrics::render(&st);
+    let ready = cluster::unready(&st).await.is_none();
+    metrics::render_node_state(&mut out, ready, st.draining.load(Ordering::Relaxed));
     cluster::render_metrics(&st, &mut out);
     node::presence_limit::render_metrics(&st.node, &mut out).await;
     st.edge.render_metrics(&mut out);

@@ -151,7 +151,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     report_env();
     // Signal handlers first: a SIGTERM right after start is a graceful stop too.
     let shutdown = shutdown_signal()?;
+    // SIGHUP reloads and never stops the node: handled from here on.
+    #[cfg(unix)]
+    let hup = pushmesh_server::reload::install().context("cannot handle SIGHUP")?;
     let server = Server::bind(config.clone()).await?;
+    #[cfg(unix)]
+    pushmesh_server::reload::spawn(hup, server.tls());
     let addr = server.local_addr()?;
     banner(&config, addr);
     tracing::info!(%addr, apps = config.apps.len(), "pushmesh started");

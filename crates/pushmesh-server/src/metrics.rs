@@ -15,6 +15,9 @@ use axum::response::{IntoResponse, Response};
 
 use crate::Shared;
 
+mod process;
+pub use process::render_node_state;
+
 /// Counters of the edge.
 #[derive(Debug, Default)]
 pub struct EdgeMetrics {
@@ -80,32 +83,6 @@ pub(crate) fn esc(v: &str) -> String {
 /// Writes the HELP and TYPE lines of a metric family.
 pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn proc_self() -> (Option<u64>, Option<f64>, Option<u64>) {
-    let rss = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-        });
-    let cpu = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            let rest = &s[s.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let u: f64 = f.get(11)?.parse().ok()?;
-            let k: f64 = f.get(12)?.parse().ok()?;
-            Some((u + k) / 100.0)
-        });
-    let fds = std::fs::read_dir("/proc/self/fd")
-        .ok()
-        .map(|d| d.count() as u64);
-    (rss.map(|k| k * 1024), cpu, fds)
 }
 
 /// Renders every metric.
@@ -322,34 +299,7 @@ pub fn render(st: &Shared) -> String {
     }
     render_continuity(st, &mut out);
     render_history(st, &mut out);
-    let (rss, cpu, fds) = proc_self();
-    if let Some(r) = rss {
-        family(
-            &mut out,
-            "process_resident_memory_bytes",
-            "gauge",
-            "Resident memory size in bytes.",
-        );
-        let _ = writeln!(out, "process_resident_memory_bytes {r}");
-    }
-    if let Some(c) = cpu {
-        family(
-            &mut out,
-            "process_cpu_seconds_total",
-            "counter",
-            "User and system CPU time spent in seconds.",
-        );
-        let _ = writeln!(out, "process_cpu_seconds_total {c}");
-    }
-    if let Some(f) = fds {
-        family(
-            &mut out,
-            "process_open_fds",
-            "gauge",
-            "Open file descriptors.",
-        );
-        let _ = writeln!(out, "process_open_fds {f}");
-    }
+    process::render(&mut out);
     out
 }
 

@@ -81,22 +81,3 @@ impl Reloadable {
         )
     }
 }
-
-/// Reloads the certificate on every SIGHUP.
-pub fn spawn_reload_on_sighup(tls: Arc<Reloadable>) {
-    #[cfg(unix)]
-    tokio::spawn(async move {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            match tls.reload() {
-                Ok(()) => tracing::info!("tls certificate reloaded"),
-                Err(e) => {
-                    tracing::error!(error = %e, "tls certificate reload failed, keeping the old one")
-                }
-            }
-        }
-    });
-}

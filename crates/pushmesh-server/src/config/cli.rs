@@ -12,7 +12,7 @@ use super::LogFormat;
 #[derive(Debug, Parser)]
 #[command(
     name = "pushmesh",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("PUSHMESH_COMMIT"), ")"),
     about = "A self-hosted, clustered Pusher Channels (protocol 7) server.",
     long_about = "A self-hosted, clustered Pusher Channels (protocol 7) server.\n\n\
         With no arguments it runs one node on 0.0.0.0:6001 with a development app \
@@ -108,6 +108,18 @@ pub struct Cli {
     /// Serve /metrics on this separate address (plain HTTP) as well.
     #[arg(long, env = "PUSHMESH_METRICS_LISTEN", value_name = "ADDR:PORT")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Token that opens the status page at /dashboard [default: none, the page is off].
+    #[arg(
+        long,
+        env = "PUSHMESH_DASHBOARD_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub dashboard_token: Option<String>,
+    /// A clustered node is not ready until it has joined at least this many
+    /// nodes, itself included [default: 1].
+    #[arg(long, env = "PUSHMESH_MIN_CLUSTER_SIZE", value_name = "N")]
+    pub min_cluster_size: Option<usize>,
     /// Proxies whose PROXY headers and X-Forwarded-For are believed (CIDRs);
     /// repeatable; in the environment: comma-separated.
     #[arg(

@@ -32,6 +32,7 @@ pub(super) struct FileCluster {
     drain_wait_ms: Option<u64>,
     startup_timeout_ms: Option<u64>,
     subscribe_barrier_ms: Option<u64>,
+    min_cluster_size: Option<usize>,
 }
 
 /// Clustering settings (present when clustering is on).
@@ -70,6 +71,9 @@ pub struct ClusterSettings {
     pub startup_timeout: Duration,
     /// Longest wait of the subscription barrier.
     pub subscribe_barrier: Duration,
+    /// Nodes (this one included) a starting node must have joined before
+    /// it is ready; `startup_timeout` does not lower it.
+    pub min_cluster_size: usize,
 }
 
 pub(super) fn resolve_cluster(
@@ -83,8 +87,16 @@ pub(super) fn resolve_cluster(
     } else {
         cli.seeds.clone()
     };
+    for s in &seeds {
+        super::check::seed("seeds".into(), s)?;
+    }
     let cluster_listen = cli.cluster_listen.or(f.cluster_listen);
     if gossip_listen.is_none() && seeds.is_empty() && cluster_listen.is_none() {
+        if cli.min_cluster_size.or(f.min_cluster_size).unwrap_or(1) > 1 {
+            return Err(invalid(
+                "min_cluster_size above 1 needs clustering (--gossip-listen and --seed)",
+            ));
+        }
         return Ok(None);
     }
     let gossip_listen = gossip_listen.ok_or_else(|| {
@@ -153,6 +165,12 @@ pub(super) fn resolve_cluster(
             "node id {node_id:?} is reserved or empty; choose another --node-id"
         )));
     }
+    let min_cluster_size = cli.min_cluster_size.or(f.min_cluster_size).unwrap_or(1);
+    if min_cluster_size == 0 {
+        return Err(invalid(
+            "min_cluster_size must be at least 1 (the node itself)",
+        ));
+    }
     Ok(Some(ClusterSettings {
         node_id,
         cluster_id: cli
@@ -174,5 +192,6 @@ pub(super) fn resolve_cluster(
         drain_wait: Duration::from_millis(f.drain_wait_ms.unwrap_or(5000)),
         startup_timeout: Duration::from_millis(f.startup_timeout_ms.unwrap_or(10_000)),
         subscribe_barrier: Duration::from_millis(f.subscribe_barrier_ms.unwrap_or(1000)),
+        min_cluster_size,
     }))
 }
