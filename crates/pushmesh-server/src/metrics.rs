@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::Shared;
 
+mod latency;
 mod process;
 pub use process::render_node_state;
 
@@ -31,6 +32,8 @@ pub struct EdgeMetrics {
     pub bytes_out: AtomicU64,
     /// HTTP requests by route pattern and status.
     pub http: Mutex<BTreeMap<(String, u16), u64>>,
+    /// HTTP request durations by route pattern.
+    pub http_latency: Mutex<latency::Latencies>,
     /// Connections refused by the per-IP rate limit.
     pub ip_rate_limited: AtomicU64,
     /// API requests refused by the per-app rate limit.
@@ -61,7 +64,14 @@ pub async fn track_http(State(st): State<Arc<Shared>>, req: Request, next: Next)
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let started = std::time::Instant::now();
     let resp = next.run(req).await;
+    st.stats
+        .edge
+        .http_latency
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .observe(&route, started.elapsed());
     let status = resp.status().as_u16();
     *st.stats
         .edge
@@ -205,6 +215,10 @@ pub fn render(st: &Shared) -> String {
             esc(route)
         );
     }
+    e.http_latency
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .render(&mut out);
     family(
         &mut out,
         "pushmesh_rate_limited_total",
