@@ -60,7 +60,11 @@ impl Latencies {
                     "{name}_bucket{{route=\"{r}\",le=\"{b}\"}} {cumulative}"
                 );
             }
-            let _ = writeln!(out, "{name}_bucket{{route=\"{r}\",le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{route=\"{r}\",le=\"+Inf\"}} {}",
+                h.count
+            );
             let _ = writeln!(out, "{name}_sum{{route=\"{r}\"}} {}", h.sum);
             let _ = writeln!(out, "{name}_count{{route=\"{r}\"}} {}", h.count);
         }
