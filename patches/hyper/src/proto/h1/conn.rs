@@ -838,11 +838,23 @@ where
             if self.has_h2_prefix() {
                 return Err(crate::Error::new_version_h2());
             }
-            if let Some(msg) = T::on_error(&err) {
+            if let Some(mut msg) = T::on_error(&err) {
                 // Drop the cached headers so as to not trigger a debug
                 // assert in `write_head`...
                 self.state.cached_headers.take();
-                self.write_head(msg, None);
+                // pushmesh patch: the automatic response carries a JSON
+                // body `{"error": "..."}`, like every other 4xx of the node.
+                let body = parse_error_body(&err);
+                msg.headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                self.state.disable_keep_alive();
+                self.write_head(msg, Some(BodyLength::Known(body.len() as u64)));
+                if let Writing::Body(_) = self.state.writing {
+                    self.io.headers_buf().extend_from_slice(body.as_bytes());
+                    self.state.writing = Writing::Closed;
+                }
                 self.state.error = Some(err);
                 return Ok(());
             }
@@ -1178,6 +1190,21 @@ impl State {
         self.upgrade = Some(tx);
         rx
     }
+}
+
+/// pushmesh patch: the JSON body of an automatic response to a parse error.
+fn parse_error_body(err: &crate::Error) -> String {
+    use crate::error::{Kind, Parse};
+    let message = match err.kind() {
+        Kind::Parse(Parse::Method) => "malformed request: bad method",
+        Kind::Parse(Parse::Header(_)) => "malformed request: bad header",
+        Kind::Parse(Parse::Uri) => "malformed request: bad request target",
+        Kind::Parse(Parse::Version) => "malformed request: bad request line or HTTP version",
+        Kind::Parse(Parse::TooLarge) => "request headers too large",
+        Kind::Parse(Parse::UriTooLong) => "request target too long",
+        _ => "malformed request",
+    };
+    format!("{{\"error\":\"{message}\"}}")
 }
 
 #[cfg(test)]
