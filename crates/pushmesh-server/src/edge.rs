@@ -91,8 +91,8 @@ pub struct EdgeCounters {
     /// Connections answered 429: the client address has
     /// `max_pending_handshakes_per_ip` pending.
     pub refused_pending_per_ip: AtomicU64,
-    /// Refused connections closed without an answer: as many refusals as
-    /// pending slots were being answered already.
+    /// Refused connections closed without an answer: no refusal slot
+    /// freed before their handshake deadline.
     pub refused_unanswered: AtomicU64,
     /// Connections closed because they were not established in time.
     pub handshake_timeouts: AtomicU64,
@@ -107,7 +107,8 @@ pub struct Edge {
     max_pending: usize,
     pending_per_ip: Arc<IpCounts>,
     /// Refusals being answered (each holds a socket for up to
-    /// [`refusal::LINGER`]), at most as many as pending slots.
+    /// [`refusal::LINGER`]), at most four times as many as pending slots;
+    /// more wait for one until their handshake deadline.
     refusing: Arc<Semaphore>,
     per_ip: Arc<IpCounts>,
     pub(crate) trusted: TrustedProxies,
@@ -131,7 +132,7 @@ impl Edge {
             pending: Arc::new(Semaphore::new(max_pending)),
             max_pending,
             pending_per_ip: IpCounts::new(config.max_pending_handshakes_per_ip),
-            refusing: Arc::new(Semaphore::new(max_pending.min(65_536))),
+            refusing: Arc::new(Semaphore::new(max_pending.saturating_mul(4).min(65_536))),
             per_ip: IpCounts::new(config.max_connections_per_ip),
             trusted: config.trusted_proxies.clone(),
             proxy_protocol: config.proxy_protocol,
@@ -217,21 +218,20 @@ impl Edge {
         );
     }
 
-    /// Answers a refused connection, if a refusal slot is free.
-    fn refuse<S>(&self, io: S, refusal: Refusal, counter: &AtomicU64)
+    /// Answers a refused connection once a refusal slot is free, or closes
+    /// it unanswered if none frees before `deadline`.
+    async fn refuse<S>(&self, io: S, refusal: Refusal, counter: &AtomicU64, deadline: Instant)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         counter.fetch_add(1, Ordering::Relaxed);
-        match self.refusing.clone().try_acquire_owned() {
-            Ok(permit) => {
+        match timeout_at(deadline, self.refusing.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => {
                 let linger = refusal::LINGER.min(self.handshake_timeout);
-                tokio::spawn(async move {
-                    refusal::answer(io, refusal, linger).await;
-                    drop(permit);
-                });
+                refusal::answer(io, refusal, linger).await;
+                drop(permit);
             }
-            Err(_) => {
+            _ => {
                 self.counters
                     .refused_unanswered
                     .fetch_add(1, Ordering::Relaxed);
@@ -394,11 +394,11 @@ async fn connection(
         Err((refusal, counter)) => {
             tracing::debug!(client = %client.ip(), reason = refusal.reason, "connection refused with 429");
             match tls {
-                None => edge.refuse(io, refusal, counter),
+                None => edge.refuse(io, refusal, counter, deadline).await,
                 // The answer needs the TLS session; its handshake has the
                 // usual deadline.
                 Some(tls) => match timeout_at(deadline, tls.acceptor().accept(io)).await {
-                    Ok(Ok(s)) => edge.refuse(s, refusal, counter),
+                    Ok(Ok(s)) => edge.refuse(s, refusal, counter, deadline).await,
                     _ => {
                         counter.fetch_add(1, Ordering::Relaxed);
                     }
