@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import http from 'node:http';
 import net from 'node:net';
 import crypto from 'node:crypto';
-import { startServer, serverSdk, withTimeout, until, WebSocket, APP } from './helpers.mjs';
+import { startServer, serverSdk, withTimeout, until, WebSocket, PusherClient, APP } from './helpers.mjs';
 
 const appToml = `
 [[apps]]
@@ -141,7 +141,7 @@ gossip_advertise = "127.0.0.1:1"
 cluster_listen = "127.0.0.1:0"
 cluster_advertise = "127.0.0.1:2"
 secret = "a-secret-of-sixteen-plus"
-drain_wait_ms = 4000
+drain_wait_ms = 10000
 ${appToml}`;
 
 /**
@@ -185,6 +185,28 @@ test('a draining node refuses new upgrades with 503 + Retry-After; a client reco
     srv.child.kill('SIGTERM');
     await until(async () => (await get(srv.port, '/readyz')).status === 503, 'draining');
 
+    const client = reconnectingClient(srv.port);
+    const t0 = Date.now();
+    await new Promise((r) => setTimeout(r, 3000));
+    const { handshakes } = client.state;
+    await client.stop();
+    console.log(`reconnecting client: ${handshakes} handshakes in ${Date.now() - t0} ms, HTTP ${client.state.statuses.join(',') || 'none'}, ${client.state.codes.filter((c) => c === 4200).length} closes with 4200`);
+    assert.ok(handshakes <= 20, `at most 20 handshakes in 3 s (${handshakes})`);
+    assert.ok(handshakes >= 1);
+
+    // pusher-js itself, counted by the node: at most 20 handshakes in 3 s.
+    const refusedSoFar = async () => Number((await get(srv.port, '/metrics')).body
+      .match(/pushmesh_upgrades_refused_total\{reason="draining"\} (\d+)/)?.[1]);
+    const before = await refusedSoFar();
+    const pjs = new PusherClient(APP.key, {
+      wsHost: '127.0.0.1', wsPort: srv.port, forceTLS: false, enabledTransports: ['ws'], cluster: 'mt1', disableStats: true,
+    });
+    await new Promise((r) => setTimeout(r, 3000));
+    pjs.disconnect();
+    const byPusherJs = (await refusedSoFar()) - before;
+    console.log(`pusher-js: ${byPusherJs} handshakes in 3 s (state ${pjs.connection.state})`);
+    assert.ok(byPusherJs >= 1 && byPusherJs <= 20, `pusher-js: at most 20 handshakes in 3 s (${byPusherJs})`);
+
     for (const path of [`/app/${APP.key}?protocol=7`, '/ws']) {
       const late = await attempt(srv.port, path);
       assert.equal(late.outcome, 'refused', `${path}: a newcomer gets an HTTP answer (${late.outcome} ${late.code ?? ''})`);
@@ -192,15 +214,6 @@ test('a draining node refuses new upgrades with 503 + Retry-After; a client reco
       assert.ok(Number(late.retryAfter) >= 1, `${path}: Retry-After ${late.retryAfter}`);
       assert.equal(JSON.parse(late.body).reason, 'draining');
     }
-
-    const client = reconnectingClient(srv.port);
-    const t0 = Date.now();
-    await new Promise((r) => setTimeout(r, 3000));
-    const { handshakes } = client.state;
-    await client.stop();
-    console.log(`reconnecting client: ${handshakes} handshakes in ${Date.now() - t0} ms, HTTP ${client.state.statuses.join(',')}, closes ${client.state.codes.join(',')}`);
-    assert.ok(handshakes <= 20, `at most 20 handshakes in 3 s (${handshakes})`);
-    assert.ok(handshakes >= 1);
 
     assert.equal(await withTimeout(existingClosed, 20000, 'the drain close'), 4200, 'existing clients still get 4200');
     const m = (await get(srv.port, '/metrics').catch(() => ({ body: '' }))).body;
