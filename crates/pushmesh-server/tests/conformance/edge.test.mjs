@@ -111,6 +111,48 @@ test('a 2,000-socket half-open flood from 127.0.0.1: 127.0.0.2 connects and subs
   }
 });
 
+/** A port that was free a moment ago (for a second listener the node does not print). */
+async function freePort() {
+  const srv = net.createServer();
+  await new Promise((r) => srv.listen(0, '127.0.0.1', r));
+  const { port } = srv.address();
+  await new Promise((r) => srv.close(r));
+  return port;
+}
+
+test('every pending slot taken: the client listener waits instead of resetting, metrics_listen answers /healthz and /readyz', { timeout: 120000 }, async () => {
+  const metricsPort = await freePort();
+  const srv = await startServer({
+    configToml: `max_pending_handshakes = 20\nmax_pending_handshakes_per_ip = 0\nmetrics_listen = "127.0.0.1:${metricsPort}"\n${appToml}`,
+  });
+  const flood = [];
+  try {
+    // 20 half-open sockets from 20 addresses take every slot.
+    await Promise.all(Array.from({ length: 20 }, (_, i) => new Promise((resolve) => {
+      const s = net.connect({ host: '127.0.0.1', port: srv.port, localAddress: `127.0.0.${10 + i}` });
+      flood.push(s);
+      s.on('connect', () => { s.write(`GET /app/${APP.key}?protocol=7 HTTP/1.1\r\nHost: x\r\n`); resolve(); });
+      s.on('error', () => {});
+    })));
+    await until(async () => /pushmesh_pending_handshakes 20\b/.test((await get(metricsPort, '/metrics')).body), 'every slot taken', 30000);
+    // The client listener does not take the next connection: it waits.
+    const waiting = get(srv.port, '/healthz', '127.0.0.2');
+    let answered = false;
+    waiting.then(() => { answered = true; }, () => { answered = true; });
+    await until(async () => /pushmesh_accept_paused_total [1-9]/.test((await get(metricsPort, '/metrics')).body), 'the listener paused', 30000);
+    assert.equal(answered, false, 'not answered while every slot is taken');
+    // The separate listener is outside the client listener's admission.
+    assert.equal((await get(metricsPort, '/healthz')).status, 200);
+    assert.equal((await get(metricsPort, '/readyz')).status, 200);
+    // A slot frees: the waiting request is accepted and answered, not reset.
+    flood.shift().destroy();
+    assert.equal((await waiting).status, 200);
+  } finally {
+    for (const s of flood) s.destroy();
+    await srv.stop();
+  }
+});
+
 test('a reconnect storm: 5,000 clients from 50 addresses at once, 4 rounds, each connected or told to back off, none reset', { timeout: 600000 }, async () => {
   const srv = await startServer({ configToml: appToml });
   try {
