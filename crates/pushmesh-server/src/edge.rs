@@ -16,7 +16,9 @@
 //! authorizer, upgrade: all phases share the one deadline); then it is
 //! closed. Later requests on a keep-alive connection get the same time for
 //! their headers (hyper's `header_read_timeout`), so an idle HTTP connection
-//! is closed after it too. `max_connections_per_ip` caps the open
+//! is closed after it too, and `request_body_timeout_ms` for their bodies
+//! (see [`crate::request_guard`], which also refuses upgrades while
+//! draining). `max_connections_per_ip` caps the open
 //! connections of one client address (the real one: see [`crate::proxy`]).
 
 use std::convert::Infallible;
