@@ -106,6 +106,9 @@ pub struct FileConfig {
     dashboard_token: Option<String>,
     handshake_timeout_ms: Option<u64>,
     max_pending_handshakes: Option<usize>,
+    max_pending_handshakes_per_ip: Option<usize>,
+    request_body_timeout_ms: Option<u64>,
+    forwarded_header: Option<crate::forwarded::ForwardedHeader>,
     max_connections_per_ip: Option<usize>,
     trusted_proxies: Option<Vec<crate::proxy::Cidr>>,
     proxy_protocol: Option<bool>,
@@ -188,6 +191,13 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Connections accepted and not yet established, at most; 0: unlimited.
     pub max_pending_handshakes: usize,
+    /// Connections of one client address accepted and not yet established,
+    /// at most; more get HTTP 429. 0: unlimited.
+    pub max_pending_handshakes_per_ip: usize,
+    /// Time a request has, from its headers, to send its whole body (408).
+    pub request_body_timeout: Duration,
+    /// Which header of a trusted proxy names the client's address.
+    pub forwarded_header: crate::forwarded::ForwardedHeader,
     /// Open connections per client IP, at most; 0: unlimited.
     pub max_connections_per_ip: usize,
     /// Proxies whose PROXY headers and `X-Forwarded-For` are believed.
@@ -250,6 +260,9 @@ impl Default for Config {
             dashboard_token: None,
             handshake_timeout: Duration::from_secs(10),
             max_pending_handshakes: 1024,
+            max_pending_handshakes_per_ip: 128,
+            request_body_timeout: Duration::from_secs(10),
+            forwarded_header: crate::forwarded::ForwardedHeader::XForwardedFor,
             max_connections_per_ip: 0,
             trusted_proxies: crate::proxy::TrustedProxies::default(),
             proxy_protocol: false,
@@ -490,6 +503,18 @@ impl Config {
             max_pending_handshakes: file
                 .max_pending_handshakes
                 .unwrap_or(d.max_pending_handshakes),
+            max_pending_handshakes_per_ip: cli
+                .max_pending_handshakes_per_ip
+                .or(file.max_pending_handshakes_per_ip)
+                .unwrap_or(d.max_pending_handshakes_per_ip),
+            request_body_timeout: cli
+                .request_body_timeout_ms
+                .or(file.request_body_timeout_ms)
+                .map_or(d.request_body_timeout, Duration::from_millis),
+            forwarded_header: cli
+                .forwarded_header
+                .or(file.forwarded_header)
+                .unwrap_or(d.forwarded_header),
             max_connections_per_ip: file
                 .max_connections_per_ip
                 .unwrap_or(d.max_connections_per_ip),
@@ -536,6 +561,11 @@ impl Config {
         if cfg.handshake_timeout.is_zero() {
             return Err(ConfigError::Invalid(
                 "handshake_timeout_ms must be at least 1".into(),
+            ));
+        }
+        if cfg.request_body_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "request_body_timeout_ms must be at least 1".into(),
             ));
         }
         cfg.identity_headers

@@ -3,92 +3,99 @@
 //!
 //! A connection is *pending* from `accept` until its first request is
 //! answered or it is upgraded to a WebSocket. While pending it holds one of
-//! `max_pending_handshakes` slots and must finish within
+//! the node's `max_pending_handshakes` slots and one of its address's
+//! `max_pending_handshakes_per_ip`. When every node slot is taken the loop
+//! stops accepting: new connections wait in the kernel's listen backlog
+//! ([`LISTEN_BACKLOG`]) until a slot frees, and none is accepted only to be
+//! reset. An address over its own cap (pending, or `max_connections_per_ip`
+//! open) is answered HTTP 429 with `Retry-After` and a JSON body at once
+//! (see [`crate::refusal`]), so one address cannot take the node's slots
+//! and everyone else, `/healthz` and the API included, is still served.
+//! A pending connection must finish within
 //! `handshake_timeout_ms` (PROXY header, TLS handshake, request headers,
 //! authorizer, upgrade: all phases share the one deadline); then it is
 //! closed. Later requests on a keep-alive connection get the same time for
 //! their headers (hyper's `header_read_timeout`), so an idle HTTP connection
-//! is closed after it too. `max_connections_per_ip` caps the open
+//! is closed after it too, and `request_body_timeout_ms` for their bodies
+//! (see [`crate::request_guard`], which also refuses upgrades while
+//! draining). `max_connections_per_ip` caps the open
 //! connections of one client address (the real one: see [`crate::proxy`]).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::http::{header, Request, StatusCode};
+use axum::http::{Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{timeout_at, Instant};
 use tower::ServiceExt;
 
+pub use crate::admission::Ticket;
+use crate::admission::{IpCounts, IpSlot, PendingSlots};
 use crate::metrics::family;
 use crate::proxy::{self, Preamble, Prefixed, TrustedProxies};
+use crate::refusal::{self, Refusal};
+use crate::request_guard::{self, is_upgrade, GuardCounters};
 use crate::Shared;
 
-/// Open connections per client address, for `max_connections_per_ip`.
-struct IpCounts {
-    max: usize,
-    map: Mutex<HashMap<IpAddr, usize>>,
+/// The listen backlog asked for (the kernel caps it at
+/// `net.core.somaxconn`, 4096 by default since Linux 5.4): room for the
+/// connections that wait while every pending slot is taken.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a TCP listener with [`LISTEN_BACKLOG`].
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
-/// One connection counted against its client address; released on drop.
-pub struct IpSlot {
-    counts: Arc<IpCounts>,
-    ip: IpAddr,
-}
+/// The answer to an address over `max_pending_handshakes_per_ip`.
+const PENDING_PER_IP: Refusal = Refusal {
+    status: StatusCode::TOO_MANY_REQUESTS,
+    retry_after: 1,
+    reason: "pending_per_ip",
+    message: "too many connections from this address are being established, retry later",
+};
 
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut map = self.counts.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
-}
-
-impl IpCounts {
-    /// A slot for `ip`; `Ok(None)` when there is no limit, `Err` when full.
-    fn take(self: &Arc<Self>, ip: IpAddr) -> Result<Option<IpSlot>, ()> {
-        if self.max == 0 {
-            return Ok(None);
-        }
-        let ip = ip.to_canonical();
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ip).or_default();
-        if *n >= self.max {
-            return Err(());
-        }
-        *n += 1;
-        Ok(Some(IpSlot {
-            counts: self.clone(),
-            ip,
-        }))
-    }
-}
+/// The answer to an address over `max_connections_per_ip`.
+const OPEN_PER_IP: Refusal = Refusal {
+    status: StatusCode::TOO_MANY_REQUESTS,
+    retry_after: 5,
+    reason: "per_ip",
+    message: "too many connections from this address",
+};
 
 /// Counters of the accept loops.
 #[derive(Debug, Default)]
 pub struct EdgeCounters {
-    /// Connections closed at once: every pending slot was taken.
-    pub refused_pending: AtomicU64,
-    /// Connections closed at once (or WebSocket upgrades answered 429): the
-    /// client address has `max_connections_per_ip` open.
+    /// Times the public accept loop waited: every pending slot was taken.
+    pub accept_paused: AtomicU64,
+    /// Connections (or WebSocket upgrades) answered 429: the client address
+    /// has `max_connections_per_ip` open.
     pub refused_per_ip: AtomicU64,
+    /// Connections answered 429: the client address has
+    /// `max_pending_handshakes_per_ip` pending.
+    pub refused_pending_per_ip: AtomicU64,
+    /// Refused connections closed without an answer: no refusal slot
+    /// freed before their handshake deadline.
+    pub refused_unanswered: AtomicU64,
     /// Connections closed because they were not established in time.
     pub handshake_timeouts: AtomicU64,
     /// Connections closed for a malformed PROXY header.
@@ -100,11 +107,19 @@ pub struct Edge {
     handshake_timeout: Duration,
     pending: Arc<Semaphore>,
     max_pending: usize,
+    pending_per_ip: Arc<IpCounts>,
+    /// Refusals being answered (each holds a socket for up to
+    /// [`refusal::LINGER`]), at most four times as many as pending slots;
+    /// more wait for one until their handshake deadline.
+    refusing: Arc<Semaphore>,
     per_ip: Arc<IpCounts>,
-    trusted: TrustedProxies,
+    pub(crate) trusted: TrustedProxies,
     proxy_protocol: bool,
+    forwarded_header: crate::forwarded::ForwardedHeader,
     /// Counters.
     pub counters: EdgeCounters,
+    /// Counters of the request checks (drain, body deadline).
+    pub guard: GuardCounters,
 }
 
 impl Edge {
@@ -118,13 +133,14 @@ impl Edge {
             handshake_timeout: config.handshake_timeout,
             pending: Arc::new(Semaphore::new(max_pending)),
             max_pending,
-            per_ip: Arc::new(IpCounts {
-                max: config.max_connections_per_ip,
-                map: Mutex::new(HashMap::new()),
-            }),
+            pending_per_ip: IpCounts::new(config.max_pending_handshakes_per_ip),
+            refusing: Arc::new(Semaphore::new(max_pending.saturating_mul(4).min(65_536))),
+            per_ip: IpCounts::new(config.max_connections_per_ip),
             trusted: config.trusted_proxies.clone(),
             proxy_protocol: config.proxy_protocol,
+            forwarded_header: config.forwarded_header,
             counters: EdgeCounters::default(),
+            guard: GuardCounters::default(),
         }
     }
 
@@ -157,14 +173,22 @@ impl Edge {
         );
         family(
             out,
+            "pushmesh_accept_paused_total",
+            "counter",
+            "Times the client listener stopped accepting because every max_pending_handshakes slot was taken.",
+        );
+        let _ = writeln!(out, "pushmesh_accept_paused_total {}", l(&c.accept_paused));
+        family(
+            out,
             "pushmesh_connections_refused_total",
             "counter",
-            "Connections refused before any request: by reason.",
+            "Connections refused before any request, by reason (per_ip, pending_per_ip: HTTP 429; proxy_header, unanswered: closed).",
         );
         for (reason, v) in [
-            ("pending_handshakes", &c.refused_pending),
             ("per_ip", &c.refused_per_ip),
+            ("pending_per_ip", &c.refused_pending_per_ip),
             ("proxy_header", &c.proxy_errors),
+            ("unanswered", &c.refused_unanswered),
         ] {
             let _ = writeln!(
                 out,
@@ -172,50 +196,49 @@ impl Edge {
                 l(v)
             );
         }
-    }
-}
-
-/// The pending state of one connection, handed to the WebSocket handlers
-/// as a request extension: they call [`Ticket::established`] once the
-/// upgrade is done and keep the ticket (its per-IP slot) as long as the
-/// WebSocket lives.
-#[derive(Clone)]
-pub struct Ticket(Arc<TicketState>);
-
-struct TicketState {
-    pending: AtomicBool,
-    permit: Mutex<Option<OwnedSemaphorePermit>>,
-    ip: Mutex<Option<IpSlot>>,
-}
-
-impl Ticket {
-    fn new(permit: Option<OwnedSemaphorePermit>, ip: Option<IpSlot>) -> Self {
-        Self(Arc::new(TicketState {
-            pending: AtomicBool::new(true),
-            permit: Mutex::new(permit),
-            ip: Mutex::new(ip),
-        }))
-    }
-
-    /// The connection is established: its pending slot is released and the
-    /// handshake deadline no longer applies.
-    pub fn established(&self) {
-        self.0.pending.store(false, Ordering::Release);
-        drop(
-            self.0
-                .permit
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take(),
+        family(
+            out,
+            "pushmesh_upgrades_refused_total",
+            "counter",
+            "WebSocket upgrades answered HTTP 503 with Retry-After before any handler, by reason.",
+        );
+        let _ = writeln!(
+            out,
+            "pushmesh_upgrades_refused_total{{reason=\"draining\"}} {}",
+            l(&self.guard.upgrades_refused_draining)
+        );
+        family(
+            out,
+            "pushmesh_request_body_timeouts_total",
+            "counter",
+            "Requests answered 408: the body was not complete within request_body_timeout_ms.",
+        );
+        let _ = writeln!(
+            out,
+            "pushmesh_request_body_timeouts_total {}",
+            l(&self.guard.body_timeouts)
         );
     }
 
-    fn is_pending(&self) -> bool {
-        self.0.pending.load(Ordering::Acquire)
-    }
-
-    fn ip_slot(&self) -> std::sync::MutexGuard<'_, Option<IpSlot>> {
-        self.0.ip.lock().unwrap_or_else(|p| p.into_inner())
+    /// Answers a refused connection once a refusal slot is free, or closes
+    /// it unanswered if none frees before `deadline`.
+    async fn refuse<S>(&self, io: S, refusal: Refusal, counter: &AtomicU64, deadline: Instant)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        counter.fetch_add(1, Ordering::Relaxed);
+        match timeout_at(deadline, self.refusing.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => {
+                let linger = refusal::LINGER.min(self.handshake_timeout);
+                refusal::answer(io, refusal, linger).await;
+                drop(permit);
+            }
+            _ => {
+                self.counters
+                    .refused_unanswered
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -239,7 +262,8 @@ fn is_connection_error(e: &std::io::Error) -> bool {
     )
 }
 
-/// Accepts connections until `stop` resolves.
+/// Accepts connections until `stop` resolves. The public listener takes a
+/// pending slot before each accept: while there is none, it waits.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -249,6 +273,23 @@ pub async fn serve(
 ) {
     tokio::pin!(stop);
     loop {
+        let permit = match kind {
+            Listener::Internal => None,
+            Listener::Public(_) => match st.edge.pending.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    st.edge
+                        .counters
+                        .accept_paused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("every pending slot taken: not accepting until one frees");
+                    tokio::select! {
+                        () = &mut stop => return,
+                        p = st.edge.pending.clone().acquire_owned() => p.ok(),
+                    }
+                }
+            },
+        };
         let (tcp, peer) = tokio::select! {
             () = &mut stop => return,
             r = listener.accept() => match r {
@@ -263,35 +304,6 @@ pub async fn serve(
                 }
             },
         };
-        let edge = &st.edge;
-        // An untrusted peer is the client: its per-IP slot is taken before a
-        // pending slot, so one address over its cap never holds any.
-        let public = matches!(kind, Listener::Public(_));
-        let slot = if public && !edge.trusted.contains(peer.ip()) {
-            match edge.per_ip.take(peer.ip()) {
-                Ok(s) => s,
-                Err(()) => {
-                    edge.counters.refused_per_ip.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(client = %peer.ip(), "too many connections from this address, closed");
-                    continue;
-                }
-            }
-        } else {
-            None
-        };
-        let permit = match kind {
-            Listener::Internal => None,
-            Listener::Public(_) => match edge.pending.clone().try_acquire_owned() {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    edge.counters
-                        .refused_pending
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%peer, "too many pending handshakes, connection closed");
-                    continue;
-                }
-            },
-        };
         let _ = tcp.set_nodelay(true);
         tokio::spawn(connection(
             st.clone(),
@@ -300,12 +312,31 @@ pub async fn serve(
             tcp,
             peer,
             permit,
-            slot,
         ));
     }
 }
 
-/// One connection: PROXY header, per-IP slot, TLS, then HTTP, all before
+/// What a refused connection is answered, and the counter it goes to.
+type Refused<'a> = (Refusal, &'a AtomicU64);
+
+/// The slots a connection from `client` takes, or its refusal.
+fn admit(
+    edge: &Edge,
+    client: SocketAddr,
+    node: Option<OwnedSemaphorePermit>,
+) -> Result<(PendingSlots, Option<IpSlot>), Refused<'_>> {
+    let open = edge
+        .per_ip
+        .take(client.ip())
+        .map_err(|_| (OPEN_PER_IP, &edge.counters.refused_per_ip))?;
+    let pending = edge
+        .pending_per_ip
+        .take(client.ip())
+        .map_err(|_| (PENDING_PER_IP, &edge.counters.refused_pending_per_ip))?;
+    Ok((PendingSlots { node, ip: pending }, open))
+}
+
+/// One connection: PROXY header, per-IP slots, TLS, then HTTP, all before
 /// the handshake deadline.
 async fn connection(
     st: Arc<Shared>,
@@ -314,13 +345,12 @@ async fn connection(
     mut tcp: TcpStream,
     peer: SocketAddr,
     permit: Option<OwnedSemaphorePermit>,
-    slot: Option<IpSlot>,
 ) {
     let edge = &st.edge;
     let deadline = Instant::now() + edge.handshake_timeout;
     let tls = match kind {
         Listener::Internal => {
-            let ticket = Ticket::new(None, None);
+            let ticket = Ticket::new(PendingSlots::default(), None);
             let io = Prefixed::new(Vec::new(), tcp);
             return http(st, router, io, peer, false, false, ticket, deadline).await;
         }
@@ -347,22 +377,39 @@ async fn connection(
         (peer, Vec::new())
     };
     // A trusted proxy's own address is not limited: its clients are, once
-    // a PROXY header (here) or X-Forwarded-For (see `http`) names them.
+    // a PROXY header (here) or the forwarding header (see `http`) names them.
     let client_trusted = edge.trusted.contains(client.ip());
-    let slot = if client_trusted || !peer_trusted {
-        slot
+    let io = Prefixed::new(rest, tcp);
+    let admitted = if client_trusted {
+        Ok((
+            PendingSlots {
+                node: permit,
+                ip: None,
+            },
+            None,
+        ))
     } else {
-        match edge.per_ip.take(client.ip()) {
-            Ok(s) => s,
-            Err(()) => {
-                edge.counters.refused_per_ip.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(client = %client.ip(), "too many connections from this address, closed");
-                return;
+        admit(edge, client, permit)
+    };
+    let (slots, open) = match admitted {
+        Ok(x) => x,
+        Err((refusal, counter)) => {
+            tracing::debug!(client = %client.ip(), reason = refusal.reason, "connection refused with 429");
+            match tls {
+                None => edge.refuse(io, refusal, counter, deadline).await,
+                // The answer needs the TLS session; its handshake has the
+                // usual deadline.
+                Some(tls) => match timeout_at(deadline, tls.acceptor().accept(io)).await {
+                    Ok(Ok(s)) => edge.refuse(s, refusal, counter, deadline).await,
+                    _ => {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                },
             }
+            return;
         }
     };
-    let ticket = Ticket::new(permit, slot);
-    let io = Prefixed::new(rest, tcp);
+    let ticket = Ticket::new(slots, open);
     match tls {
         None => {
             http(
@@ -402,14 +449,6 @@ async fn connection(
     }
 }
 
-/// Whether a request asks for a WebSocket upgrade.
-fn is_upgrade(req: &Request<Incoming>) -> bool {
-    req.headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
-}
-
 /// Serves HTTP on an established transport; requests see the client's
 /// address as `ConnectInfo` and the connection's [`Ticket`].
 #[allow(clippy::too_many_arguments)]
@@ -431,12 +470,14 @@ async fn http<I>(
         let (st, router, ticket) = (st2.clone(), router.clone(), t2.clone());
         async move {
             let ip = if forwarded {
-                st.edge.trusted.client_ip(client.ip(), req.headers())
+                st.edge
+                    .trusted
+                    .client_ip(client.ip(), req.headers(), st.edge.forwarded_header)
             } else {
                 client.ip()
             };
             // Behind a proxy without PROXY header, a WebSocket counts
-            // against the address X-Forwarded-For names.
+            // against the address the forwarding header names.
             let mut took_slot = false;
             if forwarded && ip != client.ip() && is_upgrade(&req) && ticket.ip_slot().is_none() {
                 match st.edge.per_ip.take(ip) {
@@ -444,20 +485,34 @@ async fn http<I>(
                         took_slot = slot.is_some();
                         *ticket.ip_slot() = slot;
                     }
-                    Err(()) => {
+                    Err(_) => {
                         st.edge
                             .counters
                             .refused_per_ip
                             .fetch_add(1, Ordering::Relaxed);
                         ticket.established();
-                        let e = json!({ "error": "too many connections from this address" });
+                        let e =
+                            json!({ "error": OPEN_PER_IP.message, "reason": OPEN_PER_IP.reason });
+                        let retry = [(
+                            axum::http::header::RETRY_AFTER,
+                            OPEN_PER_IP.retry_after.to_string(),
+                        )];
                         return Ok::<_, Infallible>(
-                            (StatusCode::TOO_MANY_REQUESTS, Json(e)).into_response(),
+                            (StatusCode::TOO_MANY_REQUESTS, retry, Json(e)).into_response(),
                         );
                     }
                 }
             }
-            let mut req = req.map(Body::new);
+            let mut req = match request_guard::check(&st, req).await {
+                Ok(req) => req,
+                Err(answer) => {
+                    ticket.established();
+                    if took_slot {
+                        ticket.ip_slot().take();
+                    }
+                    return Ok(answer);
+                }
+            };
             req.extensions_mut()
                 .insert(ConnectInfo(SocketAddr::new(ip, client.port())));
             req.extensions_mut().insert(ticket.clone());

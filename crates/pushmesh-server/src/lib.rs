@@ -7,6 +7,7 @@
 //! pending webhooks sent → peer links flushed (held frames acknowledged) →
 //! links closed as leaving → gossip left.
 
+pub mod admission;
 pub mod api;
 pub mod authorizer;
 pub mod cluster;
@@ -14,14 +15,17 @@ pub mod config;
 pub mod conn;
 pub mod dashboard;
 pub mod edge;
+pub mod forwarded;
 pub mod identity;
 pub mod identity_headers;
 pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod proxy;
+pub mod refusal;
 pub mod reject;
 pub mod reload;
+pub mod request_guard;
 pub mod tags;
 pub mod tls;
 pub mod webhooks;
@@ -129,13 +133,10 @@ pub struct Server {
 impl Server {
     /// Binds the listener and builds the node's state.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = edge::bind(config.listen).map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let tls = match &config.tls {
             Some((cert, key)) => Some(Arc::new(tls::Reloadable::new(cert.clone(), key.clone())?)),
             None => None,
@@ -291,6 +292,10 @@ impl Server {
         if let Some(ml) = self.metrics_listener {
             let metrics_app = Router::new()
                 .route("/metrics", get(all_metrics))
+                // Health checks that no handshake flood on the client
+                // listener can delay (see operations.md).
+                .route("/healthz", get(healthz))
+                .route("/readyz", get(cluster::readyz))
                 .layer(axum::middleware::from_fn(reject::json_errors))
                 .with_state(st.clone());
             let st4 = st.clone();

@@ -1,10 +1,11 @@
 //! The real client address behind a load balancer: trusted proxy ranges,
 //! the PROXY protocol (v1 text and v2 binary, HAProxy's `send-proxy` /
-//! `send-proxy-v2`) and `X-Forwarded-For`.
+//! `send-proxy-v2`) and `X-Forwarded-For` or `Forwarded` (see
+//! [`crate::forwarded`]).
 //!
 //! Only peers inside `trusted_proxies` are believed. A PROXY header is read
 //! from them when `proxy_protocol` is on and the connection starts with one;
-//! `X-Forwarded-For` is read when the address of the connection (after any
+//! The forwarding header (`forwarded_header`) is read when the address of the connection (after any
 //! PROXY header) is trusted, and the client is the right-most untrusted
 //! address of the chain.
 
@@ -103,19 +104,34 @@ impl TrustedProxies {
     /// address of `X-Forwarded-For` + `peer` that is not a trusted proxy
     /// (the left-most if all are trusted). An entry that is not an address
     /// ends the walk: the last trusted hop is the best we know.
-    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    pub fn client_ip(
+        &self,
+        peer: IpAddr,
+        headers: &HeaderMap,
+        header: crate::forwarded::ForwardedHeader,
+    ) -> IpAddr {
+        use crate::forwarded::{forwarded_hops, node_ip, ForwardedHeader};
         if !self.contains(peer) {
             return peer;
         }
-        let mut client = peer;
-        let hops: Vec<&str> = headers
-            .get_all("x-forwarded-for")
+        let values = headers
+            .get_all(header.name())
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .collect();
+            .filter_map(|v| v.to_str().ok());
+        let hops: Vec<Option<IpAddr>> = match header {
+            ForwardedHeader::XForwardedFor => {
+                values.flat_map(|v| v.split(',')).map(node_ip).collect()
+            }
+            ForwardedHeader::Forwarded => forwarded_hops(values)
+                .iter()
+                .map(|n| n.as_deref().and_then(node_ip))
+                .collect(),
+        };
+        let mut client = peer;
         for hop in hops.iter().rev() {
-            let Some(ip) = parse_hop(hop) else {
+            // `unknown`, an obfuscated name or garbage: the nearest proxy
+            // that said something believable is the client.
+            let Some(ip) = *hop else {
                 return client;
             };
             client = ip;
@@ -125,21 +141,6 @@ impl TrustedProxies {
         }
         client
     }
-}
-
-/// One `X-Forwarded-For` entry: `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]:80`.
-fn parse_hop(hop: &str) -> Option<IpAddr> {
-    let hop = hop.trim();
-    if let Ok(ip) = hop.parse::<IpAddr>() {
-        return Some(ip.to_canonical());
-    }
-    if let Ok(sa) = hop.parse::<SocketAddr>() {
-        return Some(sa.ip().to_canonical());
-    }
-    hop.strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .and_then(|h| h.parse::<Ipv6Addr>().ok())
-        .map(|ip| IpAddr::V6(ip).to_canonical())
 }
 
 /// What a connection from a trusted proxy started with.
@@ -341,6 +342,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forwarded::ForwardedHeader;
 
     fn cidrs(list: &[&str]) -> TrustedProxies {
         TrustedProxies(
@@ -352,6 +354,67 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    const XFF: ForwardedHeader = ForwardedHeader::XForwardedFor;
+
+    fn headers(name: &'static str, values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(name, v.parse().unwrap_or_else(|e| panic!("{e}")));
+        }
+        h
+    }
+
+    #[test]
+    fn forwarded_takes_the_rightmost_untrusted() {
+        let t = cidrs(&["10.0.0.0/8", "2001:db8:aaaa::/48"]);
+        let fwd = ForwardedHeader::Forwarded;
+        let h = headers(
+            "forwarded",
+            &[
+                "for=6.6.6.6, for=192.0.2.60;proto=http;by=203.0.113.43",
+                "for=10.0.0.9",
+            ],
+        );
+        assert_eq!(t.client_ip(ip("10.0.0.1"), &h, fwd), ip("192.0.2.60"));
+        assert_eq!(
+            t.client_ip(ip("9.9.9.9"), &h, fwd),
+            ip("9.9.9.9"),
+            "untrusted peer: header ignored"
+        );
+        assert_eq!(
+            t.client_ip(ip("10.0.0.1"), &h, XFF),
+            ip("10.0.0.1"),
+            "not the configured header: ignored"
+        );
+        let h = headers("forwarded", &["For=\"[2001:db8:cafe::17]:4711\""]);
+        assert_eq!(
+            t.client_ip(ip("10.0.0.1"), &h, fwd),
+            ip("2001:db8:cafe::17")
+        );
+        let h = headers(
+            "forwarded",
+            &["for=\"[2001:db8:cafe::17]\", for=\"[2001:db8:aaaa::1]:80\""],
+        );
+        assert_eq!(
+            t.client_ip(ip("10.0.0.1"), &h, fwd),
+            ip("2001:db8:cafe::17"),
+            "a trusted IPv6 hop is skipped"
+        );
+        // An obfuscated or unknown client: the nearest proxy is the client.
+        let h = headers("forwarded", &["for=\"_gazonk\", for=10.0.0.7"]);
+        assert_eq!(t.client_ip(ip("10.0.0.1"), &h, fwd), ip("10.0.0.7"));
+        let h = headers("forwarded", &["for=unknown"]);
+        assert_eq!(t.client_ip(ip("10.0.0.1"), &h, fwd), ip("10.0.0.1"));
+        let h = headers("forwarded", &["proto=https"]);
+        assert_eq!(t.client_ip(ip("10.0.0.1"), &h, fwd), ip("10.0.0.1"));
+        let h = headers("x-forwarded-for", &["1.2.3.4"]);
+        assert_eq!(
+            t.client_ip(ip("10.0.0.1"), &h, fwd),
+            ip("10.0.0.1"),
+            "X-Forwarded-For is not read when Forwarded is the header"
+        );
     }
 
     #[test]
@@ -383,12 +446,12 @@ mod tests {
             "10.0.0.9".parse().unwrap_or_else(|e| panic!("{e}")),
         );
         assert_eq!(
-            t.client_ip(ip("10.0.0.1"), &h),
+            t.client_ip(ip("10.0.0.1"), &h, XFF),
             ip("1.2.3.4"),
             "spoofed left part ignored"
         );
         assert_eq!(
-            t.client_ip(ip("9.9.9.9"), &h),
+            t.client_ip(ip("9.9.9.9"), &h, XFF),
             ip("9.9.9.9"),
             "untrusted peer: header ignored"
         );
@@ -400,7 +463,7 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}")),
         );
         assert_eq!(
-            t.client_ip(ip("10.0.0.1"), &h),
+            t.client_ip(ip("10.0.0.1"), &h, XFF),
             ip("10.1.1.1"),
             "stops at garbage"
         );
@@ -410,9 +473,9 @@ mod tests {
                 .parse()
                 .unwrap_or_else(|e| panic!("{e}")),
         );
-        assert_eq!(t.client_ip(ip("10.0.0.1"), &h), ip("2001:db8::1"));
+        assert_eq!(t.client_ip(ip("10.0.0.1"), &h, XFF), ip("2001:db8::1"));
         assert_eq!(
-            t.client_ip(ip("10.0.0.1"), &HeaderMap::new()),
+            t.client_ip(ip("10.0.0.1"), &HeaderMap::new(), XFF),
             ip("10.0.0.1")
         );
     }

@@ -70,10 +70,11 @@ async fn a_half_open_flood_from_one_ip_is_capped_and_timed_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn over_max_pending_handshakes_a_connection_is_closed_at_once() {
+async fn at_max_pending_handshakes_the_listener_waits_instead_of_resetting() {
     let node = start(pushmesh_server::Config {
         handshake_timeout: Duration::from_secs(60),
         max_pending_handshakes: 10,
+        max_pending_handshakes_per_ip: 0,
         ..config()
     })
     .await;
@@ -83,23 +84,20 @@ async fn over_max_pending_handshakes_a_connection_is_closed_at_once() {
         ok(s.write_all(HALF_OPEN).await);
         held.push(s);
     }
-    // Accepted in connect order: the 11th finds every slot taken.
-    let started = Instant::now();
-    let mut extra = connect_from(ip("127.0.0.1"), node.addr).await;
-    closed_by_peer(&mut extra).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "closed long before the 60 s timeout"
-    );
-    let refused = node
-        .shared
-        .edge
-        .counters
-        .refused_pending
-        .load(Ordering::Relaxed);
-    assert_eq!(refused, 1);
+    // The 11th is not accepted, nor reset: it waits in the listen backlog.
+    let mut extra = connect_from(ip("127.0.0.2"), node.addr).await;
+    ok(extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await);
+    let counters = &node.shared.edge.counters;
+    let end = Instant::now() + LIMIT;
+    while counters.accept_paused.load(Ordering::Relaxed) == 0 || node.shared.edge.pending() < 10 {
+        assert!(Instant::now() < end, "the accept loop never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(node.shared.edge.pending(), 10);
-    // An answered request frees its slot.
+    // An answered request frees its slot; the waiting connection is then
+    // accepted and answered.
     ok(held[0].write_all(b"\r\n").await);
     let mut first = [0u8; 12];
     ok(ok(tokio::time::timeout(
@@ -111,13 +109,48 @@ async fn over_max_pending_handshakes_a_connection_is_closed_at_once() {
         &first, b"HTTP/1.1 400",
         "a request without upgrade headers is refused"
     );
-    // Its slot was released before the answer was written.
-    let health = http(
+    let mut answer = String::new();
+    ok(ok(tokio::time::timeout(
+        LIMIT,
+        tokio::io::AsyncReadExt::read_to_string(&mut extra, &mut answer),
+    )
+    .await));
+    assert_eq!(status(&answer), 200, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_max_pending_handshakes_per_ip_an_address_gets_429() {
+    let node = start(pushmesh_server::Config {
+        handshake_timeout: Duration::from_secs(60),
+        max_pending_handshakes_per_ip: 5,
+        ..config()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut s = connect_from(ip("127.0.0.1"), node.addr).await;
+        ok(s.write_all(HALF_OPEN).await);
+        held.push(s);
+    }
+    let mut extra = connect_from(ip("127.0.0.1"), node.addr).await;
+    let mut answer = String::new();
+    ok(ok(tokio::time::timeout(
+        LIMIT,
+        tokio::io::AsyncReadExt::read_to_string(&mut extra, &mut answer),
+    )
+    .await));
+    assert_eq!(status(&answer), 429, "{answer}");
+    assert!(answer.contains("retry-after: 1\r\n"), "{answer}");
+    assert!(json_error(&answer), "{answer}");
+    let refused = &node.shared.edge.counters.refused_pending_per_ip;
+    assert_eq!(refused.load(Ordering::Relaxed), 1);
+    let health = http_from(
+        ip("127.0.0.2"),
         node.addr,
         "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     .await;
-    assert_eq!(status(&health), 200, "{health}");
+    assert_eq!(status(&health), 200, "another address is served: {health}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

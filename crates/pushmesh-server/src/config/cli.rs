@@ -132,6 +132,18 @@ pub struct Cli {
     /// Read PROXY protocol v1/v2 headers from trusted proxies [default: false].
     #[arg(long, env = "PUSHMESH_PROXY_PROTOCOL", value_name = "BOOL")]
     pub proxy_protocol: Option<bool>,
+    /// Which header of a trusted proxy names the client: x-forwarded-for or
+    /// forwarded (RFC 7239) [default: x-forwarded-for].
+    #[arg(long, env = "PUSHMESH_FORWARDED_HEADER", value_name = "HEADER")]
+    pub forwarded_header: Option<crate::forwarded::ForwardedHeader>,
+    /// Connections of one client address accepted and not yet established,
+    /// at most; more get HTTP 429 [default: 128; 0: unlimited].
+    #[arg(long, env = "PUSHMESH_MAX_PENDING_HANDSHAKES_PER_IP", value_name = "N")]
+    pub max_pending_handshakes_per_ip: Option<usize>,
+    /// Time a request has, after its headers, to send its whole body
+    /// (then 408) [default: 10000].
+    #[arg(long, env = "PUSHMESH_REQUEST_BODY_TIMEOUT_MS", value_name = "MS")]
+    pub request_body_timeout_ms: Option<u64>,
     /// Subcommands.
     #[command(subcommand)]
     pub command: Option<Command>,

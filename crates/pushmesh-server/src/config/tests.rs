@@ -151,3 +151,50 @@ fn strict() {
         vec![("PUSHMESH_LISTN".to_string(), "PUSHMESH_LISTEN")]
     );
 }
+
+#[test]
+fn edge_admission_keys_from_file_and_flags() {
+    let d = Config::resolve(FileConfig::default(), cli(&[])).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(d.max_pending_handshakes_per_ip, 128);
+    assert_eq!(d.request_body_timeout, Duration::from_secs(10));
+    assert_eq!(
+        d.forwarded_header,
+        crate::forwarded::ForwardedHeader::XForwardedFor
+    );
+    let file = FileConfig::parse(
+        r#"
+max_pending_handshakes_per_ip = 7
+request_body_timeout_ms = 1500
+forwarded_header = "forwarded"
+"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let c = Config::resolve(file, cli(&[])).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.max_pending_handshakes_per_ip, 7);
+    assert_eq!(c.request_body_timeout, Duration::from_millis(1500));
+    assert_eq!(
+        c.forwarded_header,
+        crate::forwarded::ForwardedHeader::Forwarded
+    );
+    let flags = cli(&[
+        "--max-pending-handshakes-per-ip",
+        "3",
+        "--request-body-timeout-ms",
+        "200",
+        "--forwarded-header",
+        "x-forwarded-for",
+    ]);
+    let file =
+        FileConfig::parse("forwarded_header = \"forwarded\"\nmax_pending_handshakes_per_ip = 7")
+            .unwrap_or_else(|e| panic!("{e}"));
+    let c = Config::resolve(file, flags).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.max_pending_handshakes_per_ip, 3, "the flag wins");
+    assert_eq!(c.request_body_timeout, Duration::from_millis(200));
+    assert_eq!(
+        c.forwarded_header,
+        crate::forwarded::ForwardedHeader::XForwardedFor
+    );
+    assert!(FileConfig::parse("forwarded_header = \"x-real-ip\"").is_err());
+    let zero = FileConfig::parse("request_body_timeout_ms = 0").unwrap_or_else(|e| panic!("{e}"));
+    assert!(Config::resolve(zero, cli(&[])).is_err());
+}

@@ -144,9 +144,21 @@ secret = "${APP.secret}"
   const body = await (await fetch(`http://127.0.0.1:${srv.port}/readyz`)).json();
   assert.equal(body.reason, 'draining');
   assert.equal((await fetch(`http://127.0.0.1:${srv.port}/healthz`)).status, 200, 'still alive');
-  // A newcomer during the drain is sent elsewhere (4200); then everyone is.
-  const late = await rawSocket(srv.port);
-  assert.equal((await withTimeout(late.closed, 10000, 'late close')).code, 4200);
+  // A newcomer during the drain is refused with 503 + Retry-After (a failed
+  // handshake, retried with a backoff); those connected get 4200 at the end.
+  const late = await withTimeout(new Promise((resolve, reject) => {
+    const ws = new WebSocket(`ws://127.0.0.1:${srv.port}/app/${APP.key}?protocol=7`);
+    ws.on('unexpected-response', (_req, res) => {
+      let body = '';
+      res.on('data', (d) => { body += d; });
+      res.on('end', () => { resolve({ status: res.statusCode, retryAfter: res.headers['retry-after'], body }); ws.terminate(); });
+    });
+    ws.on('open', () => reject(new Error('upgraded while draining')));
+    ws.on('error', () => {});
+  }), 10000, 'the late answer');
+  assert.equal(late.status, 503);
+  assert.ok(Number(late.retryAfter) >= 1);
+  assert.equal(JSON.parse(late.body).reason, 'draining');
   assert.equal((await withTimeout(raw.closed, 10000, 'drain close')).code, 4200);
   assert.equal((await srv.exited).code, 0);
 });
