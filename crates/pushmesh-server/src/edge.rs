@@ -202,11 +202,16 @@ impl Edge {
             "counter",
             "WebSocket upgrades answered HTTP 503 with Retry-After before any handler, by reason.",
         );
-        let _ = writeln!(
-            out,
-            "pushmesh_upgrades_refused_total{{reason=\"draining\"}} {}",
-            l(&self.guard.upgrades_refused_draining)
-        );
+        for (reason, v) in [
+            ("draining", &self.guard.upgrades_refused_draining),
+            ("joining", &self.guard.upgrades_refused_joining),
+        ] {
+            let _ = writeln!(
+                out,
+                "pushmesh_upgrades_refused_total{{reason=\"{reason}\"}} {}",
+                l(v)
+            );
+        }
         family(
             out,
             "pushmesh_request_body_timeouts_total",

@@ -6,7 +6,10 @@
 //! clients retry with a backoff (pusher-js does), where a 4200 close would
 //! ask them to reconnect at once, to the same node behind a balancer that
 //! has not noticed yet. Clients already connected still get 4200 when the
-//! drain closes them.
+//! drain closes them. A clustered node that has not joined yet answers the
+//! same way (`reason: "joining"`, `Retry-After: 1`): it cannot promise its
+//! subscribers what is published elsewhere, and a 4200 there would invite
+//! the same reconnect loop.
 //!
 //! A request body must arrive whole within `request_body_timeout_ms` of the
 //! request's headers, or the request is answered 408 and the connection
@@ -30,11 +33,17 @@ use crate::Shared;
 /// Seconds a client refused by a draining node should wait.
 pub const DRAINING_RETRY_AFTER: u32 = 5;
 
+/// Seconds a client refused by a node still joining its cluster should
+/// wait (joining takes about a second on a healthy cluster).
+pub const JOINING_RETRY_AFTER: u32 = 1;
+
 /// Counters of the checks.
 #[derive(Debug, Default)]
 pub struct GuardCounters {
     /// Upgrades answered 503 because the node is draining.
     pub upgrades_refused_draining: AtomicU64,
+    /// Upgrades answered 503 because the node has not joined its cluster.
+    pub upgrades_refused_joining: AtomicU64,
     /// Requests answered 408: the body was not complete in time.
     pub body_timeouts: AtomicU64,
 }
@@ -68,20 +77,38 @@ fn refused(status: StatusCode, body: serde_json::Value, close: bool) -> Response
 /// The request, its body complete, for the router; or the answer.
 pub async fn check(st: &Arc<Shared>, req: Request<Incoming>) -> Result<Request<Body>, Response> {
     let counters = &st.edge.guard;
-    if is_upgrade(&req) && st.draining.load(Ordering::Relaxed) {
+    if is_upgrade(&req) {
         let path = req.uri().path();
-        if path.starts_with("/app/") || path == "/ws" {
-            counters
-                .upgrades_refused_draining
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(path, "upgrade refused: draining");
+        let client_path = path.starts_with("/app/") || path == "/ws";
+        let refusal = if !client_path {
+            None
+        } else if st.draining.load(Ordering::Relaxed) {
+            Some((
+                &counters.upgrades_refused_draining,
+                "node is draining, connect again later",
+                "draining",
+                DRAINING_RETRY_AFTER,
+            ))
+        } else if !st.node.gate.joined() {
+            Some((
+                &counters.upgrades_refused_joining,
+                "node is joining its cluster, connect again shortly",
+                "joining",
+                JOINING_RETRY_AFTER,
+            ))
+        } else {
+            None
+        };
+        if let Some((counter, error, reason, retry_after)) = refusal {
+            counter.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(path, reason, "upgrade refused");
             let mut resp = refused(
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({ "error": "node is draining, connect again later", "reason": "draining" }),
+                json!({ "error": error, "reason": reason }),
                 true,
             );
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(DRAINING_RETRY_AFTER));
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             return Err(resp);
         }
     }

@@ -394,3 +394,33 @@ test('Forwarded (RFC 7239) names the client behind a trusted proxy and is ignore
     await srv.stop();
   }
 });
+
+test('a node still joining its cluster answers new upgrades 503 joining + Retry-After, not 4200 (no reconnect loop)', { timeout: 60000 }, async () => {
+  // A seed that never answers and min_cluster_size = 2: joining for good.
+  const srv = await startServer({ configToml: `
+[cluster]
+gossip_listen = "127.0.0.1:0"
+gossip_advertise = "127.0.0.1:1"
+cluster_listen = "127.0.0.1:0"
+cluster_advertise = "127.0.0.1:2"
+secret = "a-secret-of-sixteen-plus"
+seeds = ["127.0.0.1:9"]
+min_cluster_size = 2
+startup_timeout_ms = 200
+${appToml}` });
+  try {
+    const r = await get(srv.port, '/readyz');
+    assert.equal(r.status, 503);
+    for (const path of [`/app/${APP.key}?protocol=7`, '/ws']) {
+      const a = await attempt(srv.port, path);
+      assert.equal(a.outcome, 'refused', `${path}: an HTTP answer (${a.outcome} ${a.code ?? ''})`);
+      assert.equal(a.status, 503);
+      assert.equal(a.retryAfter, '1');
+      assert.equal(JSON.parse(a.body).reason, 'joining');
+    }
+    const m = (await get(srv.port, '/metrics')).body;
+    assert.match(m, /pushmesh_upgrades_refused_total\{reason="joining"\} 2/);
+  } finally {
+    await srv.stop();
+  }
+});
