@@ -24,6 +24,7 @@ pub mod reject;
 pub mod tags;
 pub mod tls;
 pub mod webhooks;
+pub mod websocket;
 pub mod ws;
 pub mod wsify;
 

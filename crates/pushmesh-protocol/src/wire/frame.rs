@@ -90,6 +90,11 @@ pub fn close(code: u16, reason: &str) -> Bytes {
     build(OpCode::Control(Control::Close), false, &payload)
 }
 
+/// A close frame without a code (the echo of one without a code).
+pub fn close_empty() -> Bytes {
+    build(OpCode::Control(Control::Close), false, &[])
+}
+
 struct Inner {
     /// Header and payload.
     plain: Bytes,

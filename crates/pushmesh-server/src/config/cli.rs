@@ -120,6 +120,15 @@ pub struct Cli {
     /// Read PROXY protocol v1/v2 headers from trusted proxies [default: false].
     #[arg(long, env = "PUSHMESH_PROXY_PROTOCOL", value_name = "BOOL")]
     pub proxy_protocol: Option<bool>,
+    /// Negotiate permessage-deflate with clients that offer it [default: true].
+    #[arg(long, env = "PUSHMESH_COMPRESSION", value_name = "BOOL")]
+    pub compression: Option<bool>,
+    /// Messages shorter than this go uncompressed [default: 256].
+    #[arg(long, env = "PUSHMESH_COMPRESSION_MIN_BYTES", value_name = "BYTES")]
+    pub compression_min_bytes: Option<usize>,
+    /// Deflate level, 1 (fastest) to 9 [default: 1].
+    #[arg(long, env = "PUSHMESH_COMPRESSION_LEVEL", value_name = "N")]
+    pub compression_level: Option<u32>,
     /// Subcommands.
     #[command(subcommand)]
     pub command: Option<Command>,
