@@ -137,23 +137,26 @@ mod tests {
     #[test]
     fn round_trip() {
         let msg = br#"{"event":"order","data":"{\"items\":[1,2,3,1,2,3,1,2,3]}"}"#.repeat(20);
-        let z = deflate_message(&msg, 1).unwrap();
+        let z = deflate_message(&msg, 1).expect("ok");
         assert!(z.len() < msg.len() / 4, "{} of {}", z.len(), msg.len());
         assert!(!z.ends_with(&TAIL));
-        assert_eq!(inflate(&z, 1 << 20).unwrap(), msg);
+        assert_eq!(inflate(&z, 1 << 20).expect("ok"), msg);
         // Every level, and the empty message.
         for level in 1..=9 {
             assert_eq!(
-                inflate(&deflate_message(&msg, level).unwrap(), 1 << 20).unwrap(),
+                inflate(&deflate_message(&msg, level).expect("ok"), 1 << 20).expect("ok"),
                 msg
             );
         }
-        assert_eq!(inflate(&deflate_message(b"", 1).unwrap(), 16).unwrap(), b"");
+        assert_eq!(
+            inflate(&deflate_message(b"", 1).expect("ok"), 16).expect("ok"),
+            b""
+        );
     }
 
     #[test]
     fn a_bomb_stops_at_the_limit() {
-        let bomb = deflate_message(&vec![b'a'; 8 << 20], 9).unwrap();
+        let bomb = deflate_message(&vec![b'a'; 8 << 20], 9).expect("ok");
         assert!(bomb.len() < 16 << 10);
         assert_eq!(
             inflate(&bomb, 64 << 10),
@@ -162,10 +165,10 @@ mod tests {
         // Exactly at the limit is fine.
         let msg = vec![b'b'; 4096];
         assert_eq!(
-            inflate(&deflate_message(&msg, 1).unwrap(), 4096).unwrap(),
+            inflate(&deflate_message(&msg, 1).expect("ok"), 4096).expect("ok"),
             msg
         );
-        assert!(inflate(&deflate_message(&msg, 1).unwrap(), 4095).is_err());
+        assert!(inflate(&deflate_message(&msg, 1).expect("ok"), 4095).is_err());
     }
 
     #[test]
@@ -181,12 +184,12 @@ mod tests {
         /// limit is ever passed.
         #[test]
         fn fragments_and_limits(msg in proptest::collection::vec(0u8..4, 0..5000), cut in 0usize..5000, max in 0usize..6000) {
-            let z = deflate_message(&msg, 6).unwrap();
+            let z = deflate_message(&msg, 6).expect("ok");
             let cut = cut.min(z.len());
             let mut i = Inflater::new(max);
             let r = i.push(&z[..cut]).and_then(|()| i.push(&z[cut..])).and_then(|()| i.finish());
             if msg.len() <= max {
-                prop_assert_eq!(r.unwrap(), msg);
+                prop_assert_eq!(r.expect("ok"), msg);
             } else {
                 prop_assert_eq!(r, Err(InflateError::TooBig(max)));
             }

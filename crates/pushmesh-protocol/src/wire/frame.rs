@@ -192,7 +192,7 @@ mod tests {
         let mut r = FrameReader::new(Role::Client, 1 << 20, deflate);
         r.buffer_mut().extend_from_slice(bytes);
         let mut out = Vec::new();
-        while let Some(e) = r.next().unwrap() {
+        while let Some(e) = r.next_event().expect("ok") {
             out.push(e);
         }
         out
@@ -241,7 +241,7 @@ mod tests {
         let b = copy.wire(Some(&c));
         assert!(std::ptr::eq(a.frame, b.frame), "one compressed frame");
         assert_eq!(a.frame[0], 0xc1, "FIN, RSV1, text");
-        let (plain, z) = a.compressed.unwrap();
+        let (plain, z) = a.compressed.expect("ok");
         assert_eq!(plain, msg.len());
         assert!(z < plain / 4);
         assert_eq!(o.wire(None).frame, o.plain());

@@ -1,5 +1,5 @@
 //! Frames in, messages out, without I/O: the caller reads bytes into
-//! [`FrameReader::buffer_mut`] and takes events from [`FrameReader::next`]
+//! [`FrameReader::buffer_mut`] and takes events from [`FrameReader::next_event`]
 //! until it returns `None` (more bytes needed). Being sans-I/O, it is
 //! cancel-safe under `select!` and testable without sockets.
 //!
@@ -166,7 +166,7 @@ impl FrameReader {
 
     /// The next event, `Ok(None)` if more bytes are needed. After an error
     /// the stream is over (except [`FrameReader::drain`] to await a close).
-    pub fn next(&mut self) -> Result<Option<Event>, ReadError> {
+    pub fn next_event(&mut self) -> Result<Option<Event>, ReadError> {
         loop {
             if self.skip > 0 {
                 let n = self.skip.min(self.buf.len() as u64);

@@ -78,7 +78,7 @@ impl WsSocket {
     /// reader until a whole frame is there).
     pub async fn recv(&mut self) -> Result<Event, ReadEnd> {
         loop {
-            match self.reader.next() {
+            match self.reader.next_event() {
                 Ok(Some(e)) => return Ok(e),
                 Ok(None) => {}
                 Err(e) => return Err(ReadEnd::Invalid(e)),

@@ -63,10 +63,10 @@ impl<S: Send + Sync> FromRequestParts<S> for WsUpgrade {
                 "`Upgrade` header did not include 'websocket'",
             ));
         }
-        if !parts
+        if parts
             .headers
             .get(header::SEC_WEBSOCKET_VERSION)
-            .is_some_and(|v| v.as_bytes() == b"13")
+            .is_none_or(|v| v.as_bytes() != b"13")
         {
             return Err(WsRefusal(
                 StatusCode::BAD_REQUEST,
