@@ -484,7 +484,18 @@ pub(crate) async fn write_batch(
             .compression_compressed
             .fetch_add(w.deflate_compressed, Ordering::Relaxed);
     }
-    matches!(timeout(limit, socket.flush()).await, Ok(Ok(())))
+    flush_within(socket, limit).await
+}
+
+/// Flushes, bounded by `limit`; the timer is only armed when the socket
+/// cannot take everything at once (the flush is cancel-safe: what it did
+/// not write stays queued for the second try).
+async fn flush_within(socket: &mut WsSocket, limit: Duration) -> bool {
+    use futures_util::FutureExt;
+    match socket.flush().now_or_never() {
+        Some(r) => r.is_ok(),
+        None => matches!(timeout(limit, socket.flush()).await, Ok(Ok(()))),
+    }
 }
 
 pub(crate) async fn flush_queued(

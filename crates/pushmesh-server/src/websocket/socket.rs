@@ -116,6 +116,12 @@ impl WsSocket {
             // The slices live in the poll only, never in the future's state
             // (64 of them would add 1 KiB to every connection task).
             let mut written = std::future::poll_fn(|cx| {
+                // One frame (the usual case at low rates): a plain write(2).
+                if let [one] = pending.as_slices().0 {
+                    if pending.len() == 1 {
+                        return Pin::new(&mut *io).poll_write(cx, one);
+                    }
+                }
                 let mut slices = [IoSlice::new(&[]); IOV];
                 let mut n = 0;
                 for (s, b) in slices.iter_mut().zip(pending.iter()) {
