@@ -328,7 +328,7 @@ pub fn order_json(seq: u64) -> String {
                 "unit_price_cents": 499 + (k % 20_000),
                 "currency": "EUR",
                 "warehouse": format!("eu-west-{}", 1 + k % 3),
-                "gift_wrap": k % 7 == 0,
+                "gift_wrap": k.is_multiple_of(7),
             })
         })
         .collect();

@@ -20,7 +20,7 @@ fn event(seq: u64) -> String {
                 1 + k % 5,
                 499 + k % 20_000,
                 1 + k % 3,
-                k % 7 == 0
+                k.is_multiple_of(7)
             )
         })
         .collect();
