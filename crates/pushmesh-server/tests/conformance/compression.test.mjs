@@ -274,12 +274,28 @@ test('the ws client with perMessageDeflate: both ways, on /app and /ws', async (
   const got = await wait((m) => m.event === 'order', 'order');
   assert.deepEqual(JSON.parse(got.data), order(3));
   ws.close();
-  // /ws (wsify): negotiated the same way.
-  const w2 = new WebSocket(`ws://127.0.0.1:${srv.port}/ws`, { perMessageDeflate: true });
+  // /ws (wsify): negotiated the same way; a compressed join and broadcast
+  // come back as the broadcast, compressed (RSV1, seen by a raw socket).
+  const w2 = new WebSocket(`ws://127.0.0.1:${srv.port}/ws`, { perMessageDeflate: { threshold: 0 } });
   let answer2 = null;
   w2.on('upgrade', (res) => { answer2 = res.headers['sec-websocket-extensions']; });
+  const got2 = [];
+  w2.on('message', (d) => got2.push(JSON.parse(d.toString())));
   await withTimeout(new Promise((r, j) => { w2.on('open', r); w2.on('error', j); }), 10000, 'wsify open');
   assert.equal(answer2, ANSWER);
+  const watcher = await raw(srv.port, { offer: 'permessage-deflate', urlPath: '/ws' });
+  assert.equal(watcher.extensions, ANSWER);
+  watcher.sendText({ command: 'join', args: { channel: 'ws-deflate' } }, { compress: true });
+  w2.send(JSON.stringify({ command: 'join', args: { channel: 'ws-deflate' } }));
+  const api = serverSdk(srv.port);
+  await until(async () => (await (await api.get({ path: '/channels/ws-deflate', params: { info: 'subscription_count' } })).json()).subscription_count === 2, 'two wsify members');
+  const content = order(7);
+  w2.send(JSON.stringify({ command: 'broadcast', args: { channel: 'ws-deflate', content } }));
+  const f = await watcher.waitFor((x) => x.opcode === 1, 'the broadcast');
+  assert.equal(f.rsv1, true, 'a 2 KB broadcast is compressed');
+  assert.deepEqual(JSON.parse(f.text), content);
+  await until(() => got2.length === 1, 'the sender gets its broadcast too');
+  assert.deepEqual(got2[0], content);
   w2.close();
 });
 
