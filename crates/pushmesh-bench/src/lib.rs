@@ -5,6 +5,7 @@
 //! events are published through the signed HTTP API and carry their send
 //! time, so publish→receive latency comes from the timestamps inside them.
 
+pub mod client;
 pub mod ideal;
 pub mod load;
 pub mod procstat;

@@ -15,6 +15,8 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::procstat;
 pub use crate::report::{table, Percentiles, Report};
 
+use crate::client::Client;
+
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 /// Where the server is and how to talk to it.
@@ -64,6 +66,11 @@ pub struct LoadOptions {
     /// carries all `k0..k<filters-1>` tags, so every subscriber still gets
     /// every event: the cost measured is the filters' evaluation.
     pub filters: usize,
+    /// Subscribers negotiate permessage-deflate (the server must agree).
+    pub compression: bool,
+    /// Events carry a realistic ~2 KB JSON order (a dozen line items)
+    /// instead of `payload` bytes of padding.
+    pub json_order: bool,
 }
 
 /// The filter of subscriber `i`, as JSON, if filters are on.
@@ -109,7 +116,10 @@ fn src_ip(i: usize, n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % n.max(1) as usize) as u8))
 }
 
-async fn ws_connect(t: &Target, src: IpAddr) -> anyhow::Result<Ws> {
+async fn tcp_connect(
+    t: &Target,
+    src: IpAddr,
+) -> anyhow::Result<(tokio::net::TcpStream, SocketAddr)> {
     let addr: SocketAddr = format!("{}:{}", t.host, t.port)
         .parse()
         .context("bad host:port")?;
@@ -119,12 +129,32 @@ async fn ws_connect(t: &Target, src: IpAddr) -> anyhow::Result<Ws> {
     }
     let stream = sock.connect(addr).await?;
     stream.set_nodelay(true)?;
-    let url = format!(
-        "ws://{}:{}/app/{}?protocol=7&client=pushmesh-bench&version=1",
-        t.host, t.port, t.key
-    );
+    Ok((stream, addr))
+}
+
+fn app_path(t: &Target) -> String {
+    format!("/app/{}?protocol=7&client=pushmesh-bench&version=1", t.key)
+}
+
+async fn ws_connect(t: &Target, src: IpAddr) -> anyhow::Result<Ws> {
+    let (stream, addr) = tcp_connect(t, src).await?;
+    let url = format!("ws://{addr}{}", app_path(t));
     let (ws, _) = tokio_tungstenite::client_async(url, stream).await?;
     Ok(ws)
+}
+
+async fn client_connect(t: &Target, src: IpAddr, compression: bool) -> anyhow::Result<Client> {
+    let (stream, addr) = tcp_connect(t, src).await?;
+    Client::connect(stream, addr, &app_path(t), compression).await
+}
+
+async fn client_text(ws: &mut Client) -> anyhow::Result<String> {
+    match tokio::time::timeout(Duration::from_secs(15), ws.next_text()).await {
+        Ok(Ok(Some(t))) => Ok(t),
+        Ok(Ok(None)) => bail!("connection closed"),
+        Ok(Err(e)) => Err(e),
+        Err(_) => bail!("timed out waiting for the server"),
+    }
 }
 
 async fn next_text(ws: &mut Ws) -> anyhow::Result<String> {
@@ -146,9 +176,10 @@ pub async fn subscribe(
     channel: &str,
     filter: Option<&str>,
     src: IpAddr,
-) -> anyhow::Result<Ws> {
-    let mut ws = ws_connect(t, src).await?;
-    let first = next_text(&mut ws).await?;
+    compression: bool,
+) -> anyhow::Result<Client> {
+    let mut ws = client_connect(t, src, compression).await?;
+    let first = client_text(&mut ws).await?;
     if !first.contains("connection_established") {
         bail!("unexpected first frame: {first}");
     }
@@ -158,9 +189,9 @@ pub async fn subscribe(
         ),
         None => format!(r#"{{"event":"pusher:subscribe","data":{{"channel":"{channel}"}}}}"#),
     };
-    ws.send(Message::Text(sub.into())).await?;
+    ws.send_text(&sub).await?;
     loop {
-        let t = next_text(&mut ws).await?;
+        let t = client_text(&mut ws).await?;
         if t.contains("subscription_succeeded") {
             return Ok(ws);
         }
@@ -175,7 +206,7 @@ async fn subscribe_many(
     t: &Target,
     channels: Vec<String>,
     opts: &LoadOptions,
-) -> anyhow::Result<Vec<Ws>> {
+) -> anyhow::Result<Vec<Client>> {
     use futures_util::stream::{self, TryStreamExt};
     let n = channels.len();
     let done = AtomicU64::new(0);
@@ -183,13 +214,20 @@ async fn subscribe_many(
     let source_addrs = opts.source_addrs;
     let concurrency = opts.connect_concurrency.max(1);
     let filters = opts.filters;
+    let compression = opts.compression;
     let done = &done;
     stream::iter(channels.into_iter().enumerate().map(Ok::<_, anyhow::Error>))
         .map_ok(|(i, ch)| async move {
             let filter = filter_of(i, filters);
-            let ws = subscribe(t, &ch, filter.as_deref(), src_ip(i, source_addrs))
-                .await
-                .with_context(|| format!("client {i}"))?;
+            let ws = subscribe(
+                t,
+                &ch,
+                filter.as_deref(),
+                src_ip(i, source_addrs),
+                compression,
+            )
+            .await
+            .with_context(|| format!("client {i}"))?;
             let k = done.fetch_add(1, Ordering::Relaxed) + 1;
             if progress && k.is_multiple_of(1000) {
                 eprintln!("  {k} of {n} subscribed");
@@ -209,11 +247,12 @@ struct SubResult {
     hist: Histogram<u64>,
     received: u64,
     unique: u64,
+    wire_bytes: u64,
 }
 
 /// One subscriber's receive loop: latency and a bitset of seen sequence numbers.
 async fn receive(
-    mut ws: Ws,
+    mut ws: Client,
     mut stop: tokio::sync::watch::Receiver<bool>,
     total: Arc<AtomicU64>,
     ts_offset: i64,
@@ -227,21 +266,16 @@ async fn receive(
         let msg = tokio::select! {
             biased;
             _ = stop.changed() => break,
-            m = ws.next() => match m {
-                Some(Ok(m)) => m,
+            m = ws.next_text() => match m {
+                Ok(Some(m)) => m,
                 _ => break,
             },
         };
-        let Message::Text(text) = msg else {
-            if let Message::Ping(p) = msg {
-                let _ = ws.send(Message::Pong(p)).await;
-            }
-            continue;
-        };
+        let text = msg;
         if !text.contains("\"bench\"") {
             continue;
         }
-        let Some((seq, ts)) = parse_event(text.as_str()) else {
+        let Some((seq, ts)) = parse_event(&text) else {
             continue;
         };
         let lat = (now_us() - ts + ts_offset).max(1) as u64;
@@ -257,11 +291,12 @@ async fn receive(
             unique += 1;
         }
     }
-    let _ = ws.close(None).await;
+    ws.close().await;
     SubResult {
         hist,
         received,
         unique,
+        wire_bytes: ws.wire_bytes,
     }
 }
 
@@ -279,6 +314,33 @@ fn signed_url(t: &Target, path: &str, body: &str) -> String {
         "http://{}:{}{path}?{q}&auth_signature={sig}",
         t.host, t.port
     )
+}
+
+/// A realistic order of about 2 KB: a dozen line items, varied per event.
+pub fn order_json(seq: u64) -> String {
+    let items: Vec<serde_json::Value> = (0..12u64)
+        .map(|i| {
+            let k = seq.wrapping_mul(31).wrapping_add(i * 7919);
+            serde_json::json!({
+                "sku": format!("SKU-{:06}", k % 1_000_000),
+                "name": format!("Item {} of the spring catalogue, size {}", k % 997, ["S", "M", "L", "XL"][(k % 4) as usize]),
+                "qty": 1 + k % 5,
+                "unit_price_cents": 499 + (k % 20_000),
+                "currency": "EUR",
+                "warehouse": format!("eu-west-{}", 1 + k % 3),
+                "gift_wrap": k.is_multiple_of(7),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "order_id": format!("ord_{:012x}", seq.wrapping_mul(0x9e37_79b9)),
+        "status": "confirmed",
+        "customer": {"id": format!("cus_{}", seq % 10_000), "email": format!("customer{}@example.com", seq % 10_000), "tier": "gold"},
+        "shipping": {"method": "express", "address": {"city": "Lyon", "postcode": "69002", "country": "FR"}},
+        "items": items,
+        "total_cents": 10_000 + seq % 90_000,
+    })
+    .to_string()
 }
 
 /// Publishes `bench` events, round-robin over `channels`; returns (published per channel, HTTP latency).
@@ -306,10 +368,18 @@ async fn publish_loop(
             tokio::time::sleep_until(due.into()).await;
         }
         let ch = (seq as usize) % channels.len();
-        let data = format!(
-            r#"{{"seq":{seq},"ts":{},"pad":"{pad}"}}"#,
-            now_us() - opts.ts_offset_us
-        );
+        let data = if opts.json_order {
+            format!(
+                r#"{{"seq":{seq},"ts":{},"order":{}}}"#,
+                now_us() - opts.ts_offset_us,
+                order_json(seq)
+            )
+        } else {
+            format!(
+                r#"{{"seq":{seq},"ts":{},"pad":"{pad}"}}"#,
+                now_us() - opts.ts_offset_us
+            )
+        };
         let mut body = serde_json::json!({"name": "bench", "channel": channels[ch], "data": data});
         if let Some(tags) = tags(opts.filters) {
             body["tags"] = tags;
@@ -406,12 +476,13 @@ pub async fn run_pubsub(scenario: &str, t: &Target, opts: &LoadOptions) -> anyho
     let cpu1 = t.pid.and_then(procstat::cpu_seconds);
     let _ = stop_tx.send(true);
     let mut lat = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let (mut delivered, mut unique) = (0u64, 0u64);
+    let (mut delivered, mut unique, mut wire) = (0u64, 0u64, 0u64);
     for s in subs {
         let r = s.await?;
         lat.add(&r.hist)?;
         delivered += r.received;
         unique += r.unique;
+        wire += r.wire_bytes;
     }
     let cpu = cpu0.zip(cpu1).map(|(a, b)| b - a);
     Ok(Report {
@@ -430,6 +501,7 @@ pub async fn run_pubsub(scenario: &str, t: &Target, opts: &LoadOptions) -> anyho
         latency_ms: Percentiles::of(&lat),
         rss_kib_per_connection: None,
         hop_extra_ms: None,
+        wire_bytes_per_delivery: Some(wire as f64 / delivered.max(1) as f64),
     })
 }
 
@@ -447,7 +519,7 @@ pub async fn run_connections(
     let rss1 = t.pid.and_then(procstat::rss_kib);
     let secs = start.elapsed().as_secs_f64();
     for mut c in conns {
-        let _ = c.close(None).await;
+        c.close().await;
     }
     Ok(Report {
         scenario: "connections".into(),
@@ -547,5 +619,14 @@ mod tests {
         );
         assert_eq!(parse_event(r#"{"seq":7,"ts":-5}"#), Some((7, -5)));
         assert_eq!(parse_event("nothing"), None);
+    }
+
+    #[test]
+    fn the_order_is_about_2_kb_and_parses() {
+        let o = order_json(7);
+        assert!((1500..2600).contains(&o.len()), "{}", o.len());
+        let data = format!(r#"{{"seq":7,"ts":99,"order":{o}}}"#);
+        let frame = serde_json::json!({"event": "bench", "data": data}).to_string();
+        assert_eq!(parse_event(&frame), Some((7, 99)));
     }
 }

@@ -70,6 +70,12 @@ struct Common {
     /// subscriber still gets every event (see `LoadOptions::filters`).
     #[arg(long, default_value_t = 0)]
     filters: usize,
+    /// Subscribers negotiate permessage-deflate (and inflate what they get).
+    #[arg(long)]
+    compression: bool,
+    /// Events carry a realistic ~2 KB JSON order instead of padding.
+    #[arg(long)]
+    json_order: bool,
 }
 
 #[derive(Subcommand)]
@@ -171,6 +177,8 @@ fn options(c: &Common, subscribers: usize, group: usize) -> LoadOptions {
         drain: Duration::from_secs(10),
         connect_concurrency: c.connect_concurrency,
         filters: c.filters,
+        compression: c.compression,
+        json_order: c.json_order,
     }
 }
 

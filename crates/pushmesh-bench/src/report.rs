@@ -67,6 +67,9 @@ pub struct Report {
     pub rss_kib_per_connection: Option<f64>,
     /// Extra latency of the cluster hop (cluster scenario): p50, p99 in ms.
     pub hop_extra_ms: Option<(f64, f64)>,
+    /// Bytes on the wire per delivery, frame headers included (all the
+    /// subscribers received, connection set-up excepted, over deliveries).
+    pub wire_bytes_per_delivery: Option<f64>,
 }
 
 /// A one-screen table of a report.
@@ -79,6 +82,9 @@ pub fn table(r: &Report) -> String {
         r.publish_ms.p50, r.publish_ms.p99, r.publish_ms.max,
         r.latency_ms.p50, r.latency_ms.p90, r.latency_ms.p99, r.latency_ms.p999, r.latency_ms.max,
     );
+    if let Some(w) = r.wire_bytes_per_delivery {
+        s.push_str(&format!("wire bytes/delivery {w:.0}\n"));
+    }
     if let Some(k) = r.rss_kib_per_connection {
         s.push_str(&format!("RSS/connection      {k:.2} KiB\n"));
     }

@@ -36,6 +36,8 @@ fn opts(subscribers: usize, ts_offset_us: i64) -> LoadOptions {
         drain: Duration::from_secs(2),
         connect_concurrency: 4,
         filters: 0,
+        compression: false,
+        json_order: false,
     }
 }
 

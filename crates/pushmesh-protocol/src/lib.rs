@@ -7,6 +7,8 @@
 //! * [`api`]: bodies of the Pusher HTTP API.
 //! * [`codes`]: Pusher close and error codes.
 //! * [`limits`]: the per-app limits of the protocol, with their defaults.
+//! * [`wire`]: WebSocket frames built once for many sockets, permessage-deflate
+//!   (RFC 7692) negotiation and compression, and the sans-I/O frame reader.
 
 pub mod api;
 pub mod channel;
@@ -16,6 +18,7 @@ pub mod limits;
 pub mod server;
 pub mod sign;
 pub mod webhook;
+pub mod wire;
 pub mod wsify;
 
 pub use channel::{ChannelKind, ChannelName, ChannelNameError};

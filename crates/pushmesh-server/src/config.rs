@@ -86,6 +86,9 @@ pub struct FileConfig {
     shard_queue: Option<usize>,
     history_max_bytes: Option<usize>,
     max_message_bytes: Option<usize>,
+    compression: Option<bool>,
+    compression_min_bytes: Option<usize>,
+    compression_level: Option<u32>,
     max_request_bytes: Option<usize>,
     shutdown_timeout: Option<u64>,
     log: Option<String>,
@@ -228,8 +231,11 @@ pub struct Config {
     pub shard_queue: usize,
     /// Most bytes of message history the node keeps (oldest evicted).
     pub history_max_bytes: usize,
-    /// Largest WebSocket message from a client, in bytes.
+    /// Largest WebSocket message from a client, in bytes (inflated, when
+    /// it came compressed).
     pub max_message_bytes: usize,
+    /// permessage-deflate: on or off, smallest message compressed, level.
+    pub compression: pushmesh_protocol::wire::Compression,
     /// Largest HTTP API body, in bytes.
     pub max_request_bytes: usize,
     /// How long a graceful shutdown waits for clients to go.
@@ -279,6 +285,7 @@ impl Default for Config {
             shard_queue: 4096,
             history_max_bytes: pushmesh_core::history::MAX_BYTES,
             max_message_bytes: 64 * 1024,
+            compression: pushmesh_protocol::wire::Compression::default(),
             max_request_bytes: 1024 * 1024,
             shutdown_timeout: Duration::from_secs(10),
             log: "info".into(),
@@ -543,6 +550,20 @@ impl Config {
             shard_queue: file.shard_queue.unwrap_or(d.shard_queue),
             history_max_bytes: file.history_max_bytes.unwrap_or(d.history_max_bytes),
             max_message_bytes: file.max_message_bytes.unwrap_or(d.max_message_bytes),
+            compression: pushmesh_protocol::wire::Compression {
+                enabled: cli
+                    .compression
+                    .or(file.compression)
+                    .unwrap_or(d.compression.enabled),
+                min_bytes: cli
+                    .compression_min_bytes
+                    .or(file.compression_min_bytes)
+                    .unwrap_or(d.compression.min_bytes),
+                level: cli
+                    .compression_level
+                    .or(file.compression_level)
+                    .unwrap_or(d.compression.level),
+            },
             max_request_bytes: file.max_request_bytes.unwrap_or(d.max_request_bytes),
             shutdown_timeout: file.shutdown_timeout.map_or(d.shutdown_timeout, secs),
             log: cli.log.or(file.log).unwrap_or(d.log),
@@ -575,6 +596,12 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "proxy_protocol needs trusted_proxies: PROXY headers are read from trusted proxies only".into(),
             ));
+        }
+        if !(1..=9).contains(&cfg.compression.level) {
+            return Err(ConfigError::Invalid(format!(
+                "compression_level must be 1 to 9, not {}",
+                cfg.compression.level
+            )));
         }
         if cfg.outbound_queue == 0 {
             return Err(ConfigError::Invalid(

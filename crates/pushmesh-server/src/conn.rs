@@ -5,7 +5,8 @@
 //! The outbound queue is a `VecDeque` behind the connection's own small
 //! lock, with a `Notify` to wake its task: it costs nothing until frames are
 //! queued (a tokio `mpsc` allocates a 32-slot block per channel up front),
-//! and the task takes everything queued in one swap.
+//! and the task takes everything queued in one swap. What is queued is an
+//! [`Outbound`]: a message framed once for every connection it goes to.
 //!
 //! A connection can be **held** (the subscription barrier): frames queued
 //! after [`Conn::hold`] wait until every hold is released, so a
@@ -17,9 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
-use axum::extract::ws::Utf8Bytes;
 use futures_util::task::AtomicWaker;
 use pushmesh_core::{AppConfig, AppIdx, ConnId, Handle, OpenError};
+use pushmesh_protocol::wire::Outbound;
 use pushmesh_protocol::CloseCode;
 
 /// Why a connection task is asked to close.
@@ -34,7 +35,7 @@ pub struct CloseRequest {
 /// Queued frames and the barrier holds on them.
 #[derive(Default)]
 struct Queue {
-    frames: VecDeque<Utf8Bytes>,
+    frames: VecDeque<Outbound>,
     /// Holds not yet released.
     holds: u32,
     /// While held: frames queued before the first hold (deliverable).
@@ -68,7 +69,7 @@ impl Conn {
 
     /// Queues a frame; `false` if the queue is full (the client is too slow).
     /// Frames for a connection whose task is gone are dropped.
-    pub fn try_send(&self, frame: Utf8Bytes) -> bool {
+    pub fn try_send(&self, frame: Outbound) -> bool {
         if self.gone.load(Ordering::Relaxed) {
             return true;
         }
@@ -178,13 +179,13 @@ impl ConnRef {
 pub struct Outbox {
     conn: Arc<Conn>,
     /// Frames taken from the queue in one swap, not yet written.
-    taken: VecDeque<Utf8Bytes>,
+    taken: VecDeque<Outbound>,
 }
 
 /// What wakes a connection task.
 pub enum Next {
     /// A frame to write.
-    Frame(Utf8Bytes),
+    Frame(Outbound),
     /// A close was requested (take it with [`Conn::take_close`]).
     Close,
 }
@@ -215,7 +216,7 @@ impl Outbox {
     }
 
     /// The next frame if one is queued.
-    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
+    pub fn try_recv(&mut self) -> Option<Outbound> {
         if let Some(f) = self.taken.pop_front() {
             return Some(f);
         }

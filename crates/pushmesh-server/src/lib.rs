@@ -29,6 +29,7 @@ pub mod request_guard;
 pub mod tags;
 pub mod tls;
 pub mod webhooks;
+pub mod websocket;
 pub mod ws;
 pub mod wsify;
 

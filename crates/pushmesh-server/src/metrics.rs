@@ -28,8 +28,14 @@ pub struct EdgeMetrics {
     pub connections_closed: Mutex<BTreeMap<String, u64>>,
     /// WebSocket payload bytes received.
     pub bytes_in: AtomicU64,
-    /// WebSocket payload bytes sent.
+    /// WebSocket payload bytes sent (uncompressed).
     pub bytes_out: AtomicU64,
+    /// Open connections that negotiated permessage-deflate.
+    pub compression_connections: AtomicU64,
+    /// Messages sent compressed: their bytes before compression.
+    pub compression_plain: AtomicU64,
+    /// Messages sent compressed: their bytes after compression.
+    pub compression_compressed: AtomicU64,
     /// HTTP requests by route pattern and status.
     pub http: Mutex<BTreeMap<(String, u16), u64>>,
     /// HTTP request durations by route pattern.
@@ -202,6 +208,33 @@ pub fn render(st: &Shared) -> String {
         "WebSocket payload bytes sent.",
     );
     let _ = writeln!(out, "pushmesh_sent_bytes_total {}", l(&e.bytes_out));
+    family(
+        &mut out,
+        "pushmesh_compression_connections",
+        "gauge",
+        "Open connections that negotiated permessage-deflate.",
+    );
+    let _ = writeln!(
+        out,
+        "pushmesh_compression_connections {}",
+        l(&e.compression_connections)
+    );
+    family(
+        &mut out,
+        "pushmesh_compression_bytes_total",
+        "counter",
+        "Messages sent compressed, bytes before (plain) and after (compressed) compression.",
+    );
+    let _ = writeln!(
+        out,
+        "pushmesh_compression_bytes_total{{stage=\"plain\"}} {}",
+        l(&e.compression_plain)
+    );
+    let _ = writeln!(
+        out,
+        "pushmesh_compression_bytes_total{{stage=\"compressed\"}} {}",
+        l(&e.compression_compressed)
+    );
     family(
         &mut out,
         "pushmesh_http_requests_total",

@@ -2,38 +2,34 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::Extension;
-use futures_util::SinkExt;
 use pushmesh_core::{AppIdx, ConnId, Keepalive, KeepaliveAction, Session, SessionOutput};
+use pushmesh_protocol::wire::{Event, Outbound, ReadError};
 use pushmesh_protocol::{server, CloseCode};
 use tokio::time::{sleep_until, timeout};
 
 use crate::conn::{CloseRequest, ConnRef, Next, Outbox};
 use crate::edge::Ticket;
+use crate::metrics::EdgeMetrics;
 use crate::node::Node;
 use crate::reject::websocket_key_refusal;
+use crate::websocket::socket::{Limits, ReadEnd, Written};
+use crate::websocket::{WsSocket, WsUpgrade};
 use crate::Shared;
 
 /// How long one batch of writes may take before the client counts as dead.
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the client's close frame after sending ours.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Most frames written before one flush.
+/// Most frames taken from the queue for one flush.
 const WRITE_BATCH: usize = 256;
-/// Frames are buffered up to this many bytes before a write: what is queued
-/// for a connection goes out in one `write(2)` per wake-up (one flush).
-pub(crate) const WRITE_BUFFER: usize = 64 * 1024;
-/// Initial read buffer: client messages are small (subscribe, ping);
-/// tungstenite grows it for larger ones. Memory per idle connection.
-pub(crate) const READ_BUFFER: usize = 512;
 
 /// What the upgrade decided before the socket exists.
 enum Admission {
@@ -73,7 +69,7 @@ pub async fn pusher_ws(
     ticket: Option<Extension<Ticket>>,
     trusted: Option<Extension<crate::identity_headers::PeerTrusted>>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: WsUpgrade,
 ) -> Response {
     if let Some(refused) = websocket_key_refusal(&headers) {
         return refused;
@@ -131,77 +127,69 @@ pub async fn pusher_ws(
             None => Admission::Refuse(CloseCode::AppNotFound, format!("no app with key {key:?}")),
         },
     };
-    ws.read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        // The transport's hard cap; messages over max_message_bytes but under
-        // this get a pusher:error and a clean 1009 close (see run_connection).
-        .max_message_size(st.config.max_message_bytes.saturating_mul(4))
-        .max_frame_size(st.config.max_message_bytes.saturating_mul(4))
-        .on_upgrade(move |socket| async move {
-            // Established: the pending slot goes; the per-IP slot stays
-            // with the connection.
-            let _ticket = ticket.inspect(|t| t.established());
-            match admission {
-                Admission::App(app) => run_connection(st, socket, app, peer, identity).await,
-                Admission::Refuse(code, reason) => {
-                    tracing::debug!(code = code.code(), %reason, "connection refused");
-                    refuse(socket, code, &reason).await;
-                }
+    let limits = Limits {
+        max_message: st.config.max_message_bytes,
+    };
+    ws.on_upgrade(st.config.compression, limits, move |socket| async move {
+        // Established: the pending slot goes; the per-IP slot stays
+        // with the connection.
+        let _ticket = ticket.inspect(|t| t.established());
+        match admission {
+            Admission::App(app) => run_connection(st, socket, app, peer, identity).await,
+            Admission::Refuse(code, reason) => {
+                tracing::debug!(code = code.code(), %reason, "connection refused");
+                refuse(socket, code, &reason).await;
             }
-        })
+        }
+    })
 }
 
-async fn refuse(mut socket: WebSocket, code: CloseCode, reason: &str) {
+async fn refuse(mut socket: WsSocket, code: CloseCode, reason: &str) {
     let frame = server::error(reason, Some(code.code()));
-    if let Ok(t) = Utf8Bytes::try_from(frame) {
-        let _ = timeout(WRITE_TIMEOUT, socket.send(Message::Text(t))).await;
-    }
-    let _ = timeout(WRITE_TIMEOUT, socket.send(close_message(code, reason))).await;
+    let _ = timeout(WRITE_TIMEOUT, socket.send_text(&frame)).await;
+    let _ = timeout(WRITE_TIMEOUT, socket.send_close(code.code(), reason)).await;
     await_close(&mut socket).await;
 }
 
 /// Completes the closing handshake: reads (and drops) what the client still
 /// sends until its close frame, bounded in time. Closing the TCP socket with
 /// unread input would reset it and the client could lose the close frame.
-pub(crate) async fn await_close(socket: &mut WebSocket) {
-    let drain = async {
-        while let Some(Ok(m)) = socket.recv().await {
-            if matches!(m, Message::Close(_)) {
-                break;
-            }
-        }
-    };
-    let _ = timeout(CLOSE_TIMEOUT, drain).await;
-}
-
-fn close_message(code: CloseCode, reason: &str) -> Message {
-    // A close reason is at most 123 bytes; cut on a character boundary.
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    Message::Close(Some(CloseFrame {
-        code: code.code(),
-        reason: Utf8Bytes::from(&reason[..end]),
-    }))
+pub(crate) async fn await_close(socket: &mut WsSocket) {
+    let _ = timeout(CLOSE_TIMEOUT, socket.await_close()).await;
 }
 
 /// Why the connection loop ended.
 enum End {
     /// The client went away or the socket failed.
     Gone,
-    /// The client sent a close frame: tungstenite has queued the echo
-    /// (RFC 6455 §5.5.1), which must be flushed before the socket goes.
-    ClientClosed,
+    /// The client sent a close frame (its code, if any): it is echoed
+    /// (RFC 6455 §5.5.1) before the socket goes.
+    ClientClosed(Option<u16>),
     /// The server closes with a code.
     Close(CloseRequest),
     /// The client sent a message over the size limit (WebSocket 1009).
     TooBig(String),
+    /// The client broke the WebSocket protocol (1002, 1007).
+    Invalid(ReadError),
+}
+
+/// The close code a client's close frame is echoed with.
+pub(crate) fn echo_code(close: Option<(u16, String)>) -> Option<u16> {
+    close.map(|(code, _)| code)
+}
+
+/// Echoes a client's close frame (an empty one if it had no code).
+pub(crate) async fn echo_close(socket: &mut WsSocket, code: Option<u16>) {
+    let frame = match code {
+        Some(c) => pushmesh_protocol::wire::frame::close(c, ""),
+        None => pushmesh_protocol::wire::frame::close_empty(),
+    };
+    let _ = timeout(CLOSE_TIMEOUT, socket.send_frame(frame)).await;
 }
 
 async fn run_connection(
     st: Arc<Shared>,
-    mut socket: WebSocket,
+    mut socket: WsSocket,
     app: AppIdx,
     peer: SocketAddr,
     identity: Option<pushmesh_core::session::Identity>,
@@ -216,6 +204,7 @@ async fn run_connection(
         Box::pin(refuse(socket, e.close_code(), &e.to_string())).await;
         return;
     }
+    let _compressing = CompressionGauge::new(&st, socket.compressing());
     let socket_id = node.socket_id(conn);
     let requires_signin = cfg.user_authentication_required;
     let mut session = Session::pusher(
@@ -269,7 +258,7 @@ async fn run_connection(
                 Next::Frame(first) => {
                     // A close request (e.g. 4100 for this very connection)
                     // wins over a write stuck on a client that does not read.
-                    let (ok, closing) = write_or_close(&mut socket, &mut rx, &h, first, &st.stats.edge.bytes_out).await;
+                    let (ok, closing) = write_or_close(&mut socket, &mut rx, &h, first, &st.stats.edge).await;
                     if closing {
                         if let Some(req) = h.take_close() {
                             session.close(req.code, &req.reason);
@@ -283,32 +272,35 @@ async fn run_connection(
             msg = socket.recv() => {
                 let now = Instant::now();
                 keepalive.on_activity(now);
-                if let Some(Ok(Message::Text(t))) = &msg {
-                    st.stats.edge.bytes_in.fetch_add(t.len() as u64, Ordering::Relaxed);
-                }
                 match msg {
-                    Some(Ok(Message::Text(t))) if t.len() > st.config.max_message_bytes => {
-                        let reason = format!("message larger than {} bytes", st.config.max_message_bytes);
-                        tracing::debug!(conn = conn.0, len = t.len(), "oversize message");
-                        if let Ok(e) = Utf8Bytes::try_from(server::error(&reason, None)) {
-                            let _ = Box::pin(timeout(WRITE_TIMEOUT, socket.send(Message::Text(e)))).await;
-                        }
-                        break End::TooBig(reason);
-                    }
-                    Some(Ok(Message::Text(t))) => {
-                        session.handle_frame(now, t.as_str());
+                    Ok(Event::Text(t)) => {
+                        st.stats.edge.bytes_in.fetch_add(t.len() as u64, Ordering::Relaxed);
+                        // The reader checked it is UTF-8.
+                        let text = std::str::from_utf8(&t).unwrap_or_default();
+                        session.handle_frame(now, text);
                         pending_close = pump(node, &h, &mut session).await;
                     }
-                    Some(Ok(Message::Binary(_))) => {
+                    Ok(Event::Binary(_)) => {
                         session.handle_binary();
                         pending_close = pump(node, &h, &mut session).await;
                     }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    Some(Ok(Message::Close(_))) => break End::ClientClosed,
-                    None => break End::Gone,
-                    Some(Err(e)) => {
-                        tracing::debug!(conn = conn.0, error = %e, "websocket read error");
-                        break End::Gone;
+                    Ok(Event::Ping(p)) => {
+                        if Box::pin(timeout(WRITE_TIMEOUT, socket.pong(&p))).await.map_or(true, |r| r.is_err()) {
+                            break End::Gone;
+                        }
+                    }
+                    Ok(Event::Pong(_)) => {}
+                    Ok(Event::Close(c)) => break End::ClientClosed(echo_code(c)),
+                    Err(ReadEnd::Gone) => break End::Gone,
+                    Err(ReadEnd::Invalid(ReadError::TooBig(_))) => {
+                        let reason = format!("message larger than {} bytes", st.config.max_message_bytes);
+                        tracing::debug!(conn = conn.0, "oversize message");
+                        let _ = Box::pin(timeout(WRITE_TIMEOUT, socket.send_text(&server::error(&reason, None)))).await;
+                        break End::TooBig(reason);
+                    }
+                    Err(ReadEnd::Invalid(e)) => {
+                        tracing::debug!(conn = conn.0, error = %e, "websocket protocol error");
+                        break End::Invalid(e);
                     }
                 }
             }
@@ -316,10 +308,8 @@ async fn run_connection(
                 match keepalive.poll(Instant::now()) {
                     KeepaliveAction::Wait => ka_sleep.as_mut().reset(keepalive.deadline().into()),
                     KeepaliveAction::SendPing => {
-                        if let Ok(t) = Utf8Bytes::try_from(server::ping()) {
-                            if Box::pin(timeout(WRITE_TIMEOUT, socket.send(Message::Text(t)))).await.map_or(true, |r| r.is_err()) {
-                                break End::Gone;
-                            }
+                        if Box::pin(timeout(WRITE_TIMEOUT, socket.send_text(&server::ping()))).await.map_or(true, |r| r.is_err()) {
+                            break End::Gone;
                         }
                     }
                     KeepaliveAction::Close => break End::Close(CloseRequest {
@@ -350,44 +340,68 @@ async fn run_connection(
     );
 }
 
+/// Counts a connection that negotiated compression while it is open.
+pub(crate) struct CompressionGauge<'a>(Option<&'a Shared>);
+
+impl<'a> CompressionGauge<'a> {
+    pub(crate) fn new(st: &'a Shared, compressing: bool) -> Self {
+        if compressing {
+            st.stats
+                .edge
+                .compression_connections
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Self(compressing.then_some(st))
+    }
+}
+
+impl Drop for CompressionGauge<'_> {
+    fn drop(&mut self) {
+        if let Some(st) = self.0 {
+            st.stats
+                .edge
+                .compression_connections
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Ends a connection: writes what is queued, the close frame, and waits
 /// (bounded) for the client's. Boxed by the caller: only closing pays for it.
-async fn finish(
-    st: &Shared,
-    socket: &mut WebSocket,
-    rx: &mut Outbox,
-    end: End,
-) -> (String, String) {
+async fn finish(st: &Shared, socket: &mut WsSocket, rx: &mut Outbox, end: End) -> (String, String) {
     let code_label = match &end {
-        End::Gone | End::ClientClosed => "client".to_string(),
+        End::Gone | End::ClientClosed(_) => "client".to_string(),
         End::Close(req) => req.code.code().to_string(),
         End::TooBig(_) => "1009".to_string(),
+        End::Invalid(e) => e.close_code().to_string(),
     };
     let reason = match end {
         End::Gone => "client went away".to_string(),
-        End::ClientClosed => {
-            let _ = timeout(CLOSE_TIMEOUT, socket.flush()).await;
+        End::ClientClosed(code) => {
+            echo_close(socket, code).await;
             "client closed".to_string()
         }
         End::Close(req) => {
             // Frames queued before the close (e.g. the pusher:error) go first.
-            let _ = flush_queued(socket, rx, &st.stats.edge.bytes_out).await;
+            let _ = flush_queued(socket, rx, &st.stats.edge).await;
             let _ = timeout(
                 CLOSE_TIMEOUT,
-                socket.send(close_message(req.code, &req.reason)),
+                socket.send_close(req.code.code(), &req.reason),
             )
             .await;
             await_close(socket).await;
             format!("{} {}", req.code.code(), req.reason)
         }
         End::TooBig(reason) => {
-            let frame = Message::Close(Some(CloseFrame {
-                code: 1009,
-                reason: Utf8Bytes::from(reason.as_str()),
-            }));
-            let _ = timeout(WRITE_TIMEOUT, socket.send(frame)).await;
+            let _ = timeout(WRITE_TIMEOUT, socket.send_close(1009, &reason)).await;
             await_close(socket).await;
             format!("1009 {reason}")
+        }
+        End::Invalid(e) => {
+            let reason = e.to_string();
+            let _ = timeout(WRITE_TIMEOUT, socket.send_close(e.close_code(), &reason)).await;
+            await_close(socket).await;
+            format!("{} {reason}", e.close_code())
         }
     };
     (code_label, reason)
@@ -422,13 +436,13 @@ pub(crate) async fn pump(node: &Node, h: &ConnRef, session: &mut Session) -> Opt
 /// very connection, which must win over a write stuck on a client that does
 /// not read). Returns (write succeeded, close requested).
 pub(crate) async fn write_or_close(
-    socket: &mut WebSocket,
+    socket: &mut WsSocket,
     rx: &mut Outbox,
     h: &ConnRef,
-    first: Utf8Bytes,
-    bytes_out: &AtomicU64,
+    first: Outbound,
+    stats: &EdgeMetrics,
 ) -> (bool, bool) {
-    let write = write_batch(socket, rx, first, WRITE_TIMEOUT, bytes_out);
+    let write = write_batch(socket, rx, first, WRITE_TIMEOUT, stats);
     tokio::pin!(write);
     let close = h.close_requested();
     tokio::pin!(close);
@@ -441,42 +455,58 @@ pub(crate) async fn write_or_close(
     }
 }
 
-/// Writes `first` and whatever else is queued, then flushes once.
+/// Writes `first` and whatever else is queued: the shared frames as they
+/// are (compressed ones for a compressing connection), several per
+/// `writev(2)`, then flushes once.
 pub(crate) async fn write_batch(
-    socket: &mut WebSocket,
+    socket: &mut WsSocket,
     rx: &mut Outbox,
-    first: Utf8Bytes,
+    first: Outbound,
     limit: Duration,
-    bytes_out: &AtomicU64,
+    stats: &EdgeMetrics,
 ) -> bool {
-    let work = async {
-        let mut bytes = first.len();
-        socket.feed(Message::Text(first)).await?;
-        let mut n = 1;
-        while n < WRITE_BATCH {
-            match rx.try_recv() {
-                Some(t) => {
-                    bytes += t.len();
-                    socket.feed(Message::Text(t)).await?
-                }
-                None => break,
-            }
-            n += 1;
+    let mut w = Written::default();
+    socket.queue(&first, &mut w);
+    let mut n = 1;
+    while n < WRITE_BATCH {
+        match rx.try_recv() {
+            Some(m) => socket.queue(&m, &mut w),
+            None => break,
         }
-        bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
-        socket.flush().await
-    };
-    matches!(timeout(limit, work).await, Ok(Ok(())))
+        n += 1;
+    }
+    stats.bytes_out.fetch_add(w.payload, Ordering::Relaxed);
+    if w.deflate_plain > 0 {
+        stats
+            .compression_plain
+            .fetch_add(w.deflate_plain, Ordering::Relaxed);
+        stats
+            .compression_compressed
+            .fetch_add(w.deflate_compressed, Ordering::Relaxed);
+    }
+    flush_within(socket, limit).await
+}
+
+/// Flushes, bounded by `limit`; the timer is only armed when the socket
+/// cannot take everything at once (the flush is cancel-safe: what it did
+/// not write stays queued for the second try).
+async fn flush_within(socket: &mut WsSocket, limit: Duration) -> bool {
+    use futures_util::FutureExt;
+    match socket.flush().now_or_never() {
+        Some(r) => r.is_ok(),
+        None => matches!(timeout(limit, socket.flush()).await, Ok(Ok(()))),
+    }
 }
 
 pub(crate) async fn flush_queued(
-    socket: &mut WebSocket,
+    socket: &mut WsSocket,
     rx: &mut Outbox,
-    bytes_out: &AtomicU64,
+    stats: &EdgeMetrics,
 ) -> bool {
     match rx.try_recv() {
         // On the way out: bounded tighter, the client may be the slow one.
-        Some(first) => write_batch(socket, rx, first, CLOSE_TIMEOUT, bytes_out).await,
-        None => true,
+        Some(first) => write_batch(socket, rx, first, CLOSE_TIMEOUT, stats).await,
+        // What an interrupted write left.
+        None => matches!(timeout(CLOSE_TIMEOUT, socket.flush()).await, Ok(Ok(()))),
     }
 }

@@ -11,13 +11,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::SinkExt;
 use pushmesh_core::{AppIdx, ConnId, Keepalive, KeepaliveAction, Session};
+use pushmesh_protocol::wire::{Event, ReadError};
 use pushmesh_protocol::wsify::{self, WsifyCommand};
 use pushmesh_protocol::CloseCode;
 use serde::Deserialize;
@@ -27,9 +26,11 @@ use tokio::time::{sleep_until, timeout};
 
 use crate::authorizer::Verdict;
 use crate::conn::{CloseRequest, ConnRef, Next};
+use crate::websocket::socket::{Limits, ReadEnd};
+use crate::websocket::{WsSocket, WsUpgrade};
 use crate::ws::{
-    await_close, flush_queued, pump, write_or_close, CLOSE_TIMEOUT, READ_BUFFER, WRITE_BUFFER,
-    WRITE_TIMEOUT,
+    await_close, echo_close, echo_code, flush_queued, pump, write_or_close, CompressionGauge,
+    CLOSE_TIMEOUT, WRITE_TIMEOUT,
 };
 use crate::Shared;
 
@@ -76,7 +77,7 @@ pub async fn wsify_ws(
     ticket: Option<axum::Extension<crate::edge::Ticket>>,
     trusted: Option<axum::Extension<crate::identity_headers::PeerTrusted>>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: WsUpgrade,
 ) -> Response {
     if let Some(refused) = crate::reject::websocket_key_refusal(&headers) {
         return refused;
@@ -150,38 +151,34 @@ pub async fn wsify_ws(
             }
         }
     }
-    ws.read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(st.config.max_message_bytes)
-        .max_frame_size(st.config.max_message_bytes)
-        .on_upgrade(move |socket| async move {
-            // Established: the pending slot goes; the per-IP slot stays
-            // with the connection.
-            let _ticket = ticket.inspect(|t| t.established());
-            run_wsify(st, socket, app, envelope, query, identity).await;
-        })
+    let limits = Limits {
+        max_message: st.config.max_message_bytes,
+    };
+    ws.on_upgrade(st.config.compression, limits, move |socket| async move {
+        // Established: the pending slot goes; the per-IP slot stays
+        // with the connection.
+        let _ticket = ticket.inspect(|t| t.established());
+        run_wsify(st, socket, app, envelope, query, identity).await;
+    })
 }
 
 enum End {
     Gone,
-    /// The client's close frame; its echo is queued (RFC 6455 §5.5.1).
-    ClientClosed,
+    /// The client's close frame (its code): echoed (RFC 6455 §5.5.1).
+    ClientClosed(Option<u16>),
     Close(u16, String),
 }
 
-async fn send_now(socket: &mut WebSocket, frame: Bytes) -> bool {
-    match Utf8Bytes::try_from(frame) {
-        Ok(t) => matches!(
-            timeout(WRITE_TIMEOUT, socket.send(Message::Text(t))).await,
-            Ok(Ok(()))
-        ),
-        Err(_) => true,
-    }
+async fn send_now(socket: &mut WsSocket, frame: Bytes) -> bool {
+    matches!(
+        timeout(WRITE_TIMEOUT, socket.send_text(&frame)).await,
+        Ok(Ok(()))
+    )
 }
 
 async fn run_wsify(
     st: Arc<Shared>,
-    mut socket: WebSocket,
+    mut socket: WsSocket,
     app: AppIdx,
     envelope: bool,
     query: Value,
@@ -195,12 +192,13 @@ async fn run_wsify(
     if let Err(e) = node.registry.admit(app, &cfg, &h) {
         let _ = timeout(
             CLOSE_TIMEOUT,
-            socket.send(close(ws_code(e.close_code()), &e.to_string())),
+            socket.send_close(ws_code(e.close_code()), &e.to_string()),
         )
         .await;
         await_close(&mut socket).await;
         return;
     }
+    let _compressing = CompressionGauge::new(&st, socket.compressing());
     let socket_id = node.socket_id(conn);
     let mut session = Session::wsify(opened, conn, app, cfg, &socket_id, envelope);
     if let Some(id) = identity {
@@ -233,7 +231,7 @@ async fn run_wsify(
                     }
                 }
                 Next::Frame(first) => {
-                    let (ok, closing) = write_or_close(&mut socket, &mut rx, &h, first, &st.stats.edge.bytes_out).await;
+                    let (ok, closing) = write_or_close(&mut socket, &mut rx, &h, first, &st.stats.edge).await;
                     if closing {
                         if let Some(CloseRequest { code, reason }) = h.take_close() {
                             break End::Close(ws_code(code), reason);
@@ -245,23 +243,34 @@ async fn run_wsify(
             },
             msg = socket.recv() => {
                 keepalive.on_activity(Instant::now());
-                if let Some(Ok(Message::Text(t))) = &msg {
-                    st.stats.edge.bytes_in.fetch_add(t.len() as u64, Ordering::Relaxed);
-                }
                 let text = match msg {
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(Message::Binary(_))) => {
+                    Ok(Event::Text(t)) => {
+                        st.stats.edge.bytes_in.fetch_add(t.len() as u64, Ordering::Relaxed);
+                        // The reader checked it is UTF-8.
+                        std::str::from_utf8(&t).unwrap_or_default().to_owned()
+                    }
+                    Ok(Event::Binary(_)) => {
                         if envelope && !send_now(&mut socket, wsify::error_frame("", "binary frames are not supported")).await {
                             break End::Gone;
                         }
                         continue;
                     }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(Message::Close(_))) => break End::ClientClosed,
-                    None => break End::Gone,
-                    Some(Err(e)) => {
-                        tracing::debug!(conn = conn.0, error = %e, "wsify read error");
-                        break End::Gone;
+                    Ok(Event::Ping(p)) => {
+                        if !matches!(timeout(WRITE_TIMEOUT, socket.pong(&p)).await, Ok(Ok(()))) {
+                            break End::Gone;
+                        }
+                        continue;
+                    }
+                    Ok(Event::Pong(_)) => continue,
+                    Ok(Event::Close(c)) => break End::ClientClosed(echo_code(c)),
+                    Err(ReadEnd::Gone) => break End::Gone,
+                    Err(ReadEnd::Invalid(e)) => {
+                        tracing::debug!(conn = conn.0, error = %e, "wsify protocol error");
+                        let reason = match &e {
+                            ReadError::TooBig(n) => format!("message larger than {n} bytes"),
+                            other => other.to_string(),
+                        };
+                        break End::Close(e.close_code(), reason);
                     }
                 };
                 match handle_command(&st, &h, &mut session, app, &text, authz.as_deref(), &identity).await {
@@ -279,7 +288,7 @@ async fn run_wsify(
                 match keepalive.poll(Instant::now()) {
                     KeepaliveAction::Wait => ka_sleep.as_mut().reset(keepalive.deadline().into()),
                     KeepaliveAction::SendPing => {
-                        if !matches!(timeout(WRITE_TIMEOUT, socket.send(Message::Ping(Bytes::new()))).await, Ok(Ok(()))) {
+                        if !matches!(timeout(WRITE_TIMEOUT, socket.send_frame(pushmesh_protocol::wire::frame::ping(b""))).await, Ok(Ok(()))) {
                             break End::Gone;
                         }
                     }
@@ -303,15 +312,15 @@ async fn run_wsify(
         a.notify(json!({"command": "disconnect", "args": {}, "connection": identity}));
     }
     st.stats.edge.closed(&match &end {
-        End::Gone | End::ClientClosed => "client".to_string(),
+        End::Gone | End::ClientClosed(_) => "client".to_string(),
         End::Close(code, _) => code.to_string(),
     });
-    if let End::ClientClosed = end {
-        let _ = timeout(CLOSE_TIMEOUT, socket.flush()).await;
+    if let End::ClientClosed(code) = end {
+        echo_close(&mut socket, code).await;
     }
     if let End::Close(code, reason) = &end {
-        let _ = flush_queued(&mut socket, &mut rx, &st.stats.edge.bytes_out).await;
-        let _ = timeout(CLOSE_TIMEOUT, socket.send(close(*code, reason))).await;
+        let _ = flush_queued(&mut socket, &mut rx, &st.stats.edge).await;
+        let _ = timeout(CLOSE_TIMEOUT, socket.send_close(*code, reason)).await;
         await_close(&mut socket).await;
     }
     tracing::debug!(
@@ -319,17 +328,6 @@ async fn run_wsify(
         duration_ms = opened.elapsed().as_millis() as u64,
         "wsify connection closed"
     );
-}
-
-fn close(code: u16, reason: &str) -> Message {
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from(&reason[..end]),
-    }))
 }
 
 enum Handled {

@@ -144,6 +144,15 @@ pub struct Cli {
     /// (then 408) [default: 10000].
     #[arg(long, env = "PUSHMESH_REQUEST_BODY_TIMEOUT_MS", value_name = "MS")]
     pub request_body_timeout_ms: Option<u64>,
+    /// Negotiate permessage-deflate with clients that offer it [default: true].
+    #[arg(long, env = "PUSHMESH_COMPRESSION", value_name = "BOOL")]
+    pub compression: Option<bool>,
+    /// Messages shorter than this go uncompressed [default: 256].
+    #[arg(long, env = "PUSHMESH_COMPRESSION_MIN_BYTES", value_name = "BYTES")]
+    pub compression_min_bytes: Option<usize>,
+    /// Deflate level, 1 (fastest) to 9 [default: 1].
+    #[arg(long, env = "PUSHMESH_COMPRESSION_LEVEL", value_name = "N")]
+    pub compression_level: Option<u32>,
     /// Subcommands.
     #[command(subcommand)]
     pub command: Option<Command>,

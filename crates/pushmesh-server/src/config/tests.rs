@@ -198,3 +198,29 @@ forwarded_header = "forwarded"
     let zero = FileConfig::parse("request_body_timeout_ms = 0").unwrap_or_else(|e| panic!("{e}"));
     assert!(Config::resolve(zero, cli(&[])).is_err());
 }
+
+#[test]
+fn compression_settings() {
+    let d = Config::resolve(FileConfig::default(), cli(&[])).unwrap_or_else(|e| panic!("{e}"));
+    assert!(d.compression.enabled, "on by default");
+    assert_eq!((d.compression.min_bytes, d.compression.level), (256, 1));
+    let file = FileConfig::parse(
+        "compression = false\ncompression_min_bytes = 1000\ncompression_level = 6\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let c = Config::resolve(
+        file,
+        cli(&["--compression", "true", "--compression-level", "9"]),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.compression.enabled, "the flag wins");
+    assert_eq!((c.compression.min_bytes, c.compression.level), (1000, 9));
+    for bad in ["0", "10"] {
+        match Config::resolve(FileConfig::default(), cli(&["--compression-level", bad])) {
+            Err(e) => assert!(e.to_string().contains("compression_level"), "{e}"),
+            Ok(_) => panic!("level {bad} accepted"),
+        }
+    }
+    let file = FileConfig::parse("compression_level = 0\n").unwrap_or_else(|e| panic!("{e}"));
+    assert!(Config::resolve(file, cli(&[])).is_err());
+}

@@ -6,10 +6,10 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use pushmesh_core::{AppIdx, Delta, Effects, FrameKind, NodeId, Sink};
 use pushmesh_protocol::webhook::WebhookEvent;
+use pushmesh_protocol::wire::Outbound;
 use pushmesh_protocol::CloseCode;
 
 use super::{hook_relay, lock, Links};
@@ -18,7 +18,7 @@ use crate::conn::ConnRef;
 /// The effects of one batch of work, done as they come.
 pub struct DriverSink<'a> {
     links: &'a Links,
-    last: Option<(Bytes, Utf8Bytes)>,
+    last: Option<(Bytes, Outbound)>,
     queued: u64,
     hooks: Vec<(AppIdx, WebhookEvent)>,
     deltas: Vec<Delta>,
@@ -45,15 +45,17 @@ impl<'a> DriverSink<'a> {
         std::mem::take(&mut self.receipts)
     }
 
-    /// The shared text frame for `frame`: consecutive sends of one publish
-    /// carry the same bytes, so UTF-8 is checked once per publish.
-    fn text(&mut self, frame: &Bytes) -> Option<Utf8Bytes> {
+    /// The shared frame for `frame`: consecutive sends of one publish carry
+    /// the same bytes, so it is checked (UTF-8) and framed once per publish,
+    /// and compressed at most once.
+    fn text(&mut self, frame: &Bytes) -> Option<Outbound> {
         if let Some((b, t)) = &self.last {
             if b.as_ptr() == frame.as_ptr() && b.len() == frame.len() {
                 return Some(t.clone());
             }
         }
-        let t = Utf8Bytes::try_from(frame.clone()).ok()?;
+        std::str::from_utf8(frame).ok()?;
+        let t = Outbound::text(frame);
         self.last = Some((frame.clone(), t.clone()));
         Some(t)
     }
