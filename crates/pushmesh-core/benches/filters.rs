@@ -13,7 +13,7 @@ use pushmesh_protocol::Limits;
 const SUBSCRIBERS: usize = 10_000;
 
 fn core() -> Core {
-    Core::new(CoreConfig {
+    Core::new(std::time::Instant::now(), CoreConfig {
         apps: vec![AppConfig {
             id: "1".into(),
             key: "key".into(),

@@ -26,7 +26,7 @@ fn app() -> AppConfig {
 }
 
 fn core() -> Core {
-    Core::new(CoreConfig {
+    Core::new(std::time::Instant::now(), CoreConfig {
         apps: vec![app()],
         activity_timeout_secs: 120,
         max_connections: None,

@@ -149,7 +149,35 @@ pub enum PublishError {
     /// The node cannot deliver it now (HTTP 503): an interested peer's
     /// buffer is full, the node is joining or draining.
     #[error("cannot deliver now: {0}")]
-    Unavailable(String),
+    Unavailable(Refusal),
+}
+
+/// Why a publish is answered 503.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The node has not joined its cluster yet.
+    #[error("joining")]
+    Joining = 0,
+    /// The node is draining, past its wait.
+    #[error("draining")]
+    Draining = 1,
+    /// An interested peer's buffer is full.
+    #[error("peer_buffer_full")]
+    PeerBufferFull = 2,
+}
+
+impl Refusal {
+    /// Every reason, in counter order.
+    pub const ALL: [Refusal; 3] = [Self::Joining, Self::Draining, Self::PeerBufferFull];
+
+    /// The `reason` of the JSON error and the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Joining => "joining",
+            Self::Draining => "draining",
+            Self::PeerBufferFull => "peer_buffer_full",
+        }
+    }
 }
 
 /// Whether `s` has the shape of a Pusher socket id, `^\d+\.\d+$`.

@@ -8,8 +8,11 @@
 //! - [`Users`]: signed-in users, watchlists, `terminate_connections`.
 //! - [`Replicator`]: numbers this node's state changes for its peers and
 //!   turns theirs into per-channel changes.
-//! - [`Core`]: all of them composed in one synchronous driver, for tests and
-//!   the simulation.
+//! - [`ShardMachine`]: a shard with typed inputs, the order of a publish
+//!   and the end of a batch ([`Batch`]): the one composition of a shard,
+//!   run by the server's shard tasks and by [`Core`].
+//! - [`Core`]: the node's machines driven synchronously, for tests and the
+//!   simulation.
 //!
 //! Effects go to a [`Sink`] as they happen; each event is encoded once and
 //! every recipient gets the same `Bytes`.
@@ -19,6 +22,7 @@ pub mod filter;
 pub mod history;
 pub mod hook_backup;
 mod keepalive;
+pub mod machine;
 mod node;
 pub mod peer_buffer;
 pub mod peer_frame;
@@ -32,10 +36,12 @@ pub mod webhooks;
 
 pub use app::{
     AppConfig, AppIdx, Apps, ConnId, CoreConfig, OpenError, PublishError, PublishRequest,
+    Refusal,
 };
 pub use filter::{Filter, FilterError, Selector, Tags, TagsError, Target};
 pub use hook_backup::HookBackup;
 pub use keepalive::{Keepalive, KeepaliveAction};
+pub use machine::{Batch, Barrier, ShardInput, ShardMachine, ShardPublish, ShardSink};
 pub use node::{Core, Output, PublishedChannel};
 pub use peer_frame::{Delta, FrameKind, NodeId, PeerFrame, PeerFrameError, Snapshot};
 pub use replication::{Effects, PeerLink, Replicator};

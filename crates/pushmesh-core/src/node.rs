@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pushmesh_protocol::webhook::WebhookEvent;
@@ -16,9 +16,10 @@ use crate::app::{
     AppConfig, AppIdx, Apps, ConnId, CoreConfig, OpenError, PublishError, PublishRequest,
 };
 use crate::hook_backup::HookBackup;
+use crate::machine::{Barrier, Batch, ShardInput, ShardMachine, ShardSink};
 use crate::peer_frame::{Delta, FrameKind, NodeId};
 use crate::replication::Replicator;
-use crate::router::{ChannelInfo, QueryError, Shard, KINDS};
+use crate::router::{ChannelInfo, PublishRefused, QueryError, Shard, KINDS};
 use crate::routing::shard_of;
 use crate::session::{Request, Session, SessionOutput};
 use crate::sink::Sink;
@@ -87,9 +88,9 @@ pub struct PublishedChannel {
     pub info: ChannelInfo,
 }
 
-/// Ticks a held connection waits for the peers before it is released anyway
-/// (the server's `subscribe_barrier_ms`, 1 s, is four 250 ms ticks).
-const BARRIER_TICKS: u32 = 4;
+/// Longest wait of a held connection for the peers before it is released
+/// anyway (the server's default `subscribe_barrier_ms`).
+const BARRIER_WAIT: Duration = Duration::from_secs(1);
 
 /// A connection held by the subscription barrier: its holds and its frames.
 #[derive(Default)]
@@ -101,9 +102,9 @@ struct Gate {
 struct CollectSink<'a> {
     out: &'a mut VecDeque<Output>,
     sessions: &'a mut HashMap<ConnId, Session>,
-    deltas: &'a mut Vec<Delta>,
+    batch: &'a mut Batch<ConnId>,
     gates: &'a mut HashMap<ConnId, Gate>,
-    held: &'a mut Vec<ConnId>,
+    answer: &'a mut Option<Result<ChannelInfo, PublishRefused>>,
 }
 
 impl CollectSink<'_> {
@@ -128,7 +129,7 @@ impl Sink<ConnId> for CollectSink<'_> {
 
     fn hold(&mut self, to: &ConnId) {
         self.gates.entry(*to).or_default().holds += 1;
-        self.held.push(*to);
+        self.batch.hold(*to);
     }
 
     fn close(&mut self, to: &ConnId, code: CloseCode, reason: &str) {
@@ -164,11 +165,19 @@ impl Sink<ConnId> for CollectSink<'_> {
     }
 
     fn hook(&mut self, app: AppIdx, event: WebhookEvent) {
-        self.out.push_back(Output::Hook { app, event });
+        self.batch.hook(app, event);
     }
 
     fn replicate(&mut self, delta: Delta) {
-        self.deltas.push(delta);
+        self.batch.replicate(delta);
+    }
+}
+
+impl ShardSink<ConnId> for CollectSink<'_> {
+    type Reply = ();
+
+    fn answer(&mut self, _: (), outcome: Result<ChannelInfo, PublishRefused>) {
+        *self.answer = Some(outcome);
     }
 }
 
@@ -177,16 +186,17 @@ pub struct Core {
     apps: Arc<Apps>,
     sessions: HashMap<ConnId, Session>,
     conn_counts: Vec<usize>,
-    shards: Vec<Shard<ConnId>>,
+    shards: Vec<ShardMachine<ConnId>>,
     users: Users<ConnId>,
     replicator: Replicator,
     out: VecDeque<Output>,
-    deltas: Vec<Delta>,
+    batch: Batch<ConnId>,
     gates: HashMap<ConnId, Gate>,
-    held: Vec<ConnId>,
-    /// Held connections: (change number to wait for, ticks waited, conn).
-    waiters: Vec<(u64, u32, ConnId)>,
+    answer: Option<Result<ChannelInfo, PublishRefused>>,
+    barrier: Barrier<ConnId>,
     barrier_timeouts: u64,
+    /// The latest time the driver gave: the time of the calls that take none.
+    now: Instant,
     timed_out: std::collections::HashSet<ConnId>,
     activity_timeout_secs: u64,
     max_connections: Option<usize>,
@@ -199,9 +209,9 @@ macro_rules! sink {
         CollectSink {
             out: &mut $s.out,
             sessions: &mut $s.sessions,
-            deltas: &mut $s.deltas,
+            batch: &mut $s.batch,
             gates: &mut $s.gates,
-            held: &mut $s.held,
+            answer: &mut $s.answer,
         }
     };
 }
@@ -212,20 +222,20 @@ mod publish;
 mod tagged;
 
 impl Core {
-    /// A node serving `config.apps`, with 4 router shards.
-    pub fn new(config: CoreConfig) -> Self {
-        Self::with_shards(config, SHARDS)
+    /// A node serving `config.apps`, with 4 router shards, started at `now`.
+    pub fn new(now: Instant, config: CoreConfig) -> Self {
+        Self::with_shards(now, config, SHARDS)
     }
 
     /// A node serving `config.apps`, with `shards` router shards.
-    pub fn with_shards(config: CoreConfig, shards: usize) -> Self {
+    pub fn with_shards(now: Instant, config: CoreConfig, shards: usize) -> Self {
         let apps = Arc::new(Apps::new(config.apps));
         let node = NodeId::new(&config.node_id);
         let shards = shards.max(1);
         let origin = crate::history::Origin::of(&config.node_id, config.epoch);
         let history = apps.iter().any(|(_, a)| a.history.is_some());
         // Tests run on a virtual clock: Unix ms count from its start.
-        let clock = (Instant::now(), 0);
+        let clock = (now, 0);
         Self {
             conn_counts: vec![0; apps.len()],
             shards: (0..shards)
@@ -235,7 +245,7 @@ impl Core {
                         let budget = config.history_max_bytes / shards;
                         s.set_history(crate::history::HistoryStore::new(origin, budget, clock));
                     }
-                    s
+                    ShardMachine::new(s)
                 })
                 .collect(),
             users: Users::new(apps.clone()),
@@ -244,11 +254,12 @@ impl Core {
             apps,
             sessions: HashMap::new(),
             out: VecDeque::new(),
-            deltas: Vec::new(),
+            batch: Batch::default(),
             gates: HashMap::new(),
-            held: Vec::new(),
-            waiters: Vec::new(),
+            answer: None,
+            barrier: Barrier::default(),
             barrier_timeouts: 0,
+            now,
             timed_out: std::collections::HashSet::new(),
             activity_timeout_secs: config.activity_timeout_secs,
             max_connections: config.max_connections,
@@ -292,6 +303,7 @@ impl Core {
 
     /// Moves a session's outputs out, routing its requests.
     fn pump(&mut self, now: Instant, conn: ConnId) {
+        self.now = self.now.max(now);
         let mut todo = Vec::new();
         if let Some(s) = self.sessions.get_mut(&conn) {
             while let Some(o) = s.poll() {
@@ -311,65 +323,28 @@ impl Core {
     }
 
     fn route(&mut self, now: Instant, conn: ConnId, req: Request) {
-        let i = req.channel().map(|(a, c)| self.shard(a, c.as_str()));
         let mut sink = sink!(self);
-        match (req, i) {
-            (
-                Request::Subscribe {
-                    app,
-                    channel,
-                    proto,
-                    presence,
-                    position,
-                    selector,
-                },
-                Some(i),
-            ) => self.shards[i].subscribe_selected(
-                now,
-                conn,
+        match req {
+            Request::SignIn {
                 app,
-                &channel,
-                proto,
-                presence,
-                selector,
-                position.as_deref(),
-                &mut sink,
-            ),
-            (Request::Unsubscribe { app, channel }, Some(i)) => {
-                self.shards[i].unsubscribe(conn, app, &channel, &mut sink)
-            }
-            (
-                Request::ClientEvent {
-                    app,
-                    channel,
-                    event,
-                    data,
-                    socket_id,
-                },
-                Some(i),
-            ) => self.shards[i].client_event(
-                now, &conn, app, &channel, &event, &data, &socket_id, &mut sink,
-            ),
-            (
-                Request::SignIn {
-                    app,
-                    user,
-                    watchlist,
-                    user_data,
-                },
-                _,
-            ) => self
+                user,
+                watchlist,
+                user_data,
+            } => self
                 .users
                 .signin(&conn, app, &user, &watchlist, &user_data, &mut sink),
-            (
-                Request::SignOut {
-                    app,
-                    user,
-                    watchlist,
-                },
-                _,
-            ) => self.users.signout(conn, app, &user, &watchlist, &mut sink),
-            _ => {}
+            Request::SignOut {
+                app,
+                user,
+                watchlist,
+            } => self.users.signout(conn, app, &user, &watchlist, &mut sink),
+            req => {
+                let Some((app, channel)) = req.channel() else {
+                    return;
+                };
+                let i = shard_of(app, channel.as_str(), self.shards.len());
+                self.shards[i].handle(now, ShardInput::Request(conn, req), &mut sink);
+            }
         }
     }
 
@@ -422,7 +397,7 @@ impl Core {
         if let Some(s) = self.sessions.get_mut(&conn) {
             s.handle_binary();
         }
-        self.pump(Instant::now(), conn);
+        self.pump(self.now, conn);
     }
 
     /// A text frame from a client.
@@ -456,7 +431,7 @@ impl Core {
         if let Some(s) = self.sessions.get_mut(&conn) {
             s.signin_deadline();
         }
-        self.pump(Instant::now(), conn);
+        self.pump(self.now, conn);
     }
 
     /// Closes a connection with `code`.
@@ -464,7 +439,7 @@ impl Core {
         if let Some(s) = self.sessions.get_mut(&conn) {
             s.close(code, reason);
         }
-        self.pump(Instant::now(), conn);
+        self.pump(self.now, conn);
     }
 
     /// Closes every connection with `code`.
@@ -479,7 +454,7 @@ impl Core {
     pub fn channel_stats(&self) -> Vec<(&'static str, usize, usize)> {
         let mut out: Vec<_> = KINDS.iter().map(|k| (*k, 0, 0)).collect();
         for s in &self.shards {
-            for (i, k) in s.stats().iter().enumerate() {
+            for (i, k) in s.shard().stats().iter().enumerate() {
                 out[i].1 += k.channels;
                 out[i].2 += k.subscriptions;
             }
@@ -489,12 +464,12 @@ impl Core {
 
     /// Subscribers of a channel on this node only.
     pub fn local_subscriber_count(&self, app: AppIdx, channel: &str) -> usize {
-        self.shards[self.shard(app, channel)].local_subscriber_count(app, channel)
+        self.shards[self.shard(app, channel)].shard().local_subscriber_count(app, channel)
     }
 
     /// Presence members whose connections are on this node.
     pub fn local_members(&self, app: AppIdx, channel: &str) -> Vec<String> {
-        self.shards[self.shard(app, channel)].local_members(app, channel)
+        self.shards[self.shard(app, channel)].shard().local_members(app, channel)
     }
 
     /// `GET /channels`: occupied channels, optionally filtered by prefix.
@@ -508,7 +483,7 @@ impl Core {
         crate::router::check_channels_query(prefix, user_count)?;
         let mut out = Vec::new();
         for s in &self.shards {
-            s.occupied(now, app, prefix, &mut out);
+            s.shard().occupied(now, app, prefix, &mut out);
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
@@ -523,13 +498,13 @@ impl Core {
         user_count: bool,
     ) -> Result<ChannelInfo, QueryError> {
         let name = crate::router::check_channel_query(name, user_count)?;
-        Ok(self.shards[self.shard(app, name.as_str())].info(now, app, &name))
+        Ok(self.shards[self.shard(app, name.as_str())].shard().info(now, app, &name))
     }
 
     /// `GET /channels/{name}/users`: the presence members' ids.
     pub fn channel_users(&self, app: AppIdx, name: &str) -> Result<Vec<String>, QueryError> {
         let name = crate::router::check_users_query(name)?;
-        Ok(self.shards[self.shard(app, name.as_str())].users(app, &name))
+        Ok(self.shards[self.shard(app, name.as_str())].shard().users(app, &name))
     }
 
     /// `POST /users/{id}/terminate_connections`.
@@ -538,16 +513,22 @@ impl Core {
         self.users.terminate(app, user_id, &mut sink)
     }
 
-    /// Periodic work of every shard.
+    /// Time passed: the shards' periodic work that is due, and held
+    /// connections past their deadline.
     pub fn tick(&mut self, now: Instant) {
+        self.now = self.now.max(now);
         for i in 0..self.shards.len() {
             let mut sink = sink!(self);
-            self.shards[i].tick(now, &mut sink);
-        }
-        for w in &mut self.waiters {
-            w.1 += 1;
+            self.shards[i].handle_timeout(now, &mut sink);
         }
         self.flush_deltas();
+    }
+
+    /// When the node next needs [`Core::tick`]: the earliest of the shards'
+    /// timers and the barrier's deadlines; `None` when nothing is timed.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let shards = self.shards.iter().filter_map(ShardMachine::poll_timeout);
+        shards.chain(self.barrier.poll_timeout()).min()
     }
 
     /// This node's id.

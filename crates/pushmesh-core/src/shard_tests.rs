@@ -30,6 +30,7 @@ fn core(shards: usize) -> Core {
         history: None,
     };
     Core::with_shards(
+        std::time::Instant::now(),
         CoreConfig {
             apps: vec![app],
             activity_timeout_secs: 120,

@@ -55,7 +55,7 @@ fn decode(frame: &[u8]) -> Value {
 impl Harness {
     fn new(apps: Vec<AppConfig>) -> Self {
         Self {
-            core: Core::new(CoreConfig {
+            core: Core::new(std::time::Instant::now(), CoreConfig {
                 apps,
                 activity_timeout_secs: 120,
                 max_connections: None,
@@ -437,6 +437,7 @@ fn subscription_count_on_tick() {
     h.subscribe(a, "c");
     h.subscribe(b, "c");
     h.take(a);
+    h.now += crate::machine::TICK;
     h.core.tick(h.now);
     h.pump();
     let got = h.events(a, "pusher_internal:subscription_count");
@@ -527,6 +528,7 @@ fn hooks_for_channel_and_member_lifecycle() {
     h.core.disconnect(h.now, a);
     h.core.disconnect(h.now, b);
     h.pump();
+    h.now += crate::machine::TICK;
     h.core.tick(h.now);
     h.pump();
     let names: Vec<&str> = h.hooks.iter().map(|e| e.name()).collect();

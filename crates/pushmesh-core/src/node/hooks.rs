@@ -88,7 +88,7 @@ mod tests {
     use crate::{AppConfig, ConnId, Core, CoreConfig, NodeId, Output, WebhookScheduler};
 
     fn core(name: &str) -> Core {
-        Core::new(CoreConfig {
+        Core::new(std::time::Instant::now(), CoreConfig {
             apps: vec![AppConfig {
                 id: "1".into(),
                 key: "key".into(),

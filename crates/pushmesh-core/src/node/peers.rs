@@ -6,23 +6,25 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::{CollectSink, Core, Output, BARRIER_TICKS};
-use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame, PeerFrameError};
+use super::{CollectSink, Core, Output, BARRIER_WAIT};
+use crate::machine::{copy_done_frames, split_apply, Released, ShardInput};
+use crate::peer_frame::{FrameKind, NodeId, PeerFrame, PeerFrameError};
 use crate::replication::Effects;
-use crate::routing::shard_of;
-use crate::sink::Sink;
 use crate::ConnId;
 
 impl Core {
-    pub(super) fn effects(&mut self, fx: Effects) {
-        // Applied before anything is acknowledged to the sender.
-        for (peer, d) in fx.apply {
+    /// Applies a peer's changes (before anything is acknowledged to the
+    /// sender), then sends the replicator's frames and acknowledgements.
+    pub(super) fn effects(&mut self, now: Instant, fx: Effects) {
+        let split = split_apply(&self.apps, self.shards.len(), fx.apply);
+        for (peer, d) in split.users {
             let mut sink = sink!(self);
-            if matches!(d, Delta::User { .. }) {
-                self.users.apply_remote(&peer, &d, &mut sink);
-            } else if let (Some(app), Some(ch)) = (self.apps.by_id(d.app()), d.channel()) {
-                let i = shard_of(app, ch, self.shards.len());
-                self.shards[i].apply_remote(&peer, d, &mut sink);
+            self.users.apply_remote(&peer, &d, &mut sink);
+        }
+        for (i, changes) in split.shards.into_iter().enumerate() {
+            if !changes.is_empty() {
+                let mut sink = sink!(self);
+                self.shards[i].handle(now, ShardInput::Apply(changes), &mut sink);
             }
         }
         self.push_control(fx.send);
@@ -40,43 +42,42 @@ impl Core {
         }
     }
 
-    /// Numbers this node's own state changes and queues them for the peers
-    /// (the replicator's `local` never yields changes to apply here).
+    /// Ends the batch: this node's state changes numbered for the peers,
+    /// its holds registered with the barrier, its webhook events out.
     pub(super) fn flush_deltas(&mut self) {
-        if !self.deltas.is_empty() {
-            let mut fx = Effects::default();
-            for d in std::mem::take(&mut self.deltas) {
-                self.replicator.local(d, &mut fx);
-            }
-            self.push_control(fx.send);
+        let batch = std::mem::take(&mut self.batch);
+        let end = batch.end(
+            self.now,
+            Some(&mut self.replicator),
+            &mut self.barrier,
+            BARRIER_WAIT,
+        );
+        self.push_control(end.control);
+        self.released(end.released);
+        for (app, event) in end.hooks {
+            self.out.push_back(Output::Hook { app, event });
         }
-        let seq = self.replicator.seq();
-        for conn in std::mem::take(&mut self.held) {
-            self.waiters.push((seq, 0, conn));
-        }
-        self.release_barrier();
     }
 
     /// Lets held connections go once every peer acknowledged the changes
-    /// they wait for (or they waited `BARRIER_TICKS`).
+    /// they wait for (or their deadline passed).
     pub(super) fn release_barrier(&mut self) {
-        if self.waiters.is_empty() {
+        if self.barrier.is_empty() {
             return;
         }
+        let mut released = Vec::new();
         let acked = self.replicator.acked_by_all();
-        let mut i = 0;
-        while i < self.waiters.len() {
-            let (seq, ticks, conn) = self.waiters[i];
-            if seq <= acked || ticks >= BARRIER_TICKS {
-                if seq > acked {
-                    self.barrier_timeouts += 1;
-                    self.timed_out.insert(conn);
-                }
-                self.waiters.swap_remove(i);
-                self.release(conn);
-            } else {
-                i += 1;
+        self.barrier.release(self.now, acked, &mut released);
+        self.released(released);
+    }
+
+    fn released(&mut self, released: Vec<Released<ConnId>>) {
+        for r in released {
+            if r.timed_out {
+                self.barrier_timeouts += 1;
+                self.timed_out.insert(r.conn);
             }
+            self.release(r.conn);
         }
     }
 
@@ -112,7 +113,9 @@ impl Core {
         self.replicator.peers().into_iter().collect()
     }
 
-    pub(super) fn peers_changed(&mut self) {
+    /// The peers with a link up changed: every shard learns it (and
+    /// decides presence joins parked for an owner that is gone).
+    pub(super) fn peers_changed(&mut self, now: Instant) {
         let peers = self.replicator.peers();
         let origins: Vec<_> = self
             .replicator
@@ -120,15 +123,20 @@ impl Core {
             .iter()
             .map(|l| crate::history::Origin::of(l.node.as_str(), l.epoch))
             .collect();
-        for s in &mut self.shards {
-            s.set_peers(peers.clone());
-            s.set_live_origins(origins.clone());
+        for i in 0..self.shards.len() {
+            let mut sink = sink!(self);
+            let input = ShardInput::Peers {
+                peers: peers.clone(),
+                origins: origins.clone(),
+            };
+            self.shards[i].handle(now, input, &mut sink);
         }
         self.users.set_peers(peers);
     }
 
     /// A link to `peer` (incarnation `epoch`) is up.
     pub fn peer_up(&mut self, now: Instant, peer: NodeId, epoch: u64) {
+        self.now = self.now.max(now);
         // A new incarnation replaces the old one: the old is gone.
         let replaced = self
             .replicator
@@ -139,24 +147,22 @@ impl Core {
         self.backup_peer_up(&peer, epoch);
         let mut fx = Effects::default();
         self.replicator.peer_up(peer.clone(), epoch, &mut fx);
-        self.peers_changed();
-        self.effects(fx);
-        let shards = self.shards.len() as u32;
+        self.peers_changed(now);
+        self.effects(now, fx);
         let me = self.replicator.epoch();
-        for i in 0..self.shards.len() {
+        for (i, done) in copy_done_frames(me, self.shards.len()).into_iter().enumerate() {
             let mut sink = sink!(self);
-            self.shards[i].send_cache(now, &peer, &mut sink);
-            self.shards[i].send_history(now, &peer, epoch, &mut sink);
-            let done = PeerFrame::CopyDone {
-                epoch: me,
-                shard: i as u32,
-                shards,
+            let input = ShardInput::SendCache {
+                peer: peer.clone(),
+                epoch,
+                done,
             };
-            sink.peer(&peer, FrameKind::Data, &done.encode());
+            self.shards[i].handle(now, input, &mut sink);
             if let Some(origin) = replaced {
-                self.shards[i].share_origin(now, origin, &mut sink);
+                self.shards[i].handle(now, ShardInput::ShareOrigin(origin), &mut sink);
             }
         }
+        self.flush_deltas();
     }
 
     /// The link to `peer` is down: its state stays (it may come back).
@@ -172,18 +178,19 @@ impl Core {
             .into_iter()
             .find(|l| l.node == *peer)
             .map(|l| crate::history::Origin::of(l.node.as_str(), l.epoch));
+        self.now = self.now.max(now);
         let mut fx = Effects::default();
         self.replicator.peer_gone(peer, &mut fx);
-        self.peers_changed();
-        self.effects(fx);
+        self.peers_changed(now);
+        self.effects(now, fx);
         if let Some(origin) = gone {
             for i in 0..self.shards.len() {
                 let mut sink = sink!(self);
-                self.shards[i].share_origin(now, origin, &mut sink);
+                self.shards[i].handle(now, ShardInput::ShareOrigin(origin), &mut sink);
             }
         }
         self.peer_gone(peer);
-        self.presence_peers_changed(now);
+        self.flush_deltas();
     }
 
     /// A frame from `from`. Undecodable frames are refused, never fatal.
@@ -194,6 +201,7 @@ impl Core {
         bytes: &[u8],
     ) -> Result<(), PeerFrameError> {
         let frame = PeerFrame::decode(bytes)?;
+        self.now = self.now.max(now);
         if !self.replicator.peers().contains(from) {
             return Ok(());
         }
@@ -202,7 +210,7 @@ impl Core {
             let shard = self.apps.by_id(app).map(|a| self.shard(a, channel));
             if let Some(i) = shard {
                 let mut sink = sink!(self);
-                self.shards[i].handle_channel_frame(now, frame, &mut sink);
+                self.shards[i].handle(now, ShardInput::PeerFrame(frame), &mut sink);
                 self.flush_deltas();
             }
             return Ok(());
@@ -231,7 +239,7 @@ impl Core {
             control => {
                 let mut fx = Effects::default();
                 self.replicator.handle(from, control, &mut fx);
-                self.effects(fx);
+                self.effects(now, fx);
                 self.release_barrier();
             }
         }
@@ -247,7 +255,7 @@ impl Core {
     pub fn check_peer_digest(&mut self, peer: &NodeId, digest: &str) -> bool {
         let mut fx = Effects::default();
         let r = self.replicator.check_peer_digest(peer, digest, &mut fx);
-        self.effects(fx);
+        self.effects(self.now, fx);
         r
     }
 }

@@ -1,14 +1,15 @@
 //! Publishing through the test driver: the HTTP API's publish and the
 //! wsify commands (join, leave, broadcast).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use pushmesh_protocol::ChannelName;
 use serde_json::value::RawValue;
 
 use super::{CollectSink, Core, PublishedChannel};
-use crate::app::{AppIdx, ConnId, PublishError, PublishRequest};
-use crate::router::Event;
+use crate::app::{AppIdx, ConnId, PublishError, PublishRequest, Refusal};
+use crate::machine::{ShardInput, ShardPublish};
 
 impl Core {
     /// Publishes one event from the HTTP API.
@@ -21,7 +22,9 @@ impl Core {
         self.publish_with(now, app, req, None)
     }
 
-    /// A publish, with tags or without (`Core::publish_tagged`).
+    /// A publish, with tags or without (`Core::publish_tagged`): each
+    /// channel's shard takes it as the server's shard task does; refused
+    /// (503) if any interested peer's buffer was full for one of them.
     pub(super) fn publish_with(
         &mut self,
         now: Instant,
@@ -30,29 +33,46 @@ impl Core {
         tags: Option<&crate::filter::Tags>,
     ) -> Result<Vec<PublishedChannel>, PublishError> {
         let names = self.apps.validate_publish(app, req)?;
+        let event: Arc<str> = Arc::from(req.name);
+        let data: Arc<str> = Arc::from(req.data);
+        let exclude: Option<Arc<str>> = req.exclude_socket.map(Arc::from);
+        let tags = tags.map(|t| Arc::new(t.clone()));
         let mut published = Vec::with_capacity(names.len());
+        let mut refused = false;
         for name in names {
-            let i = self.shard(app, name.as_str());
-            let ev = Event {
+            let p = ShardPublish {
                 app,
-                channel: &name,
-                name: req.name,
-                data: req.data,
+                channel: name.clone(),
+                event: event.clone(),
+                data: data.clone(),
                 content: None,
-                exclude_socket: req.exclude_socket,
-                user_id: None,
+                exclude: exclude.clone(),
+                tags: tags.clone(),
+                info: true,
             };
-            let mut sink = sink!(self);
-            let shard = &mut self.shards[i];
-            match tags {
-                Some(t) => shard.publish_tagged(now, &ev, t, true, &mut sink),
-                None => shard.publish(now, &ev, true, &mut sink),
+            match self.publish_one(now, p) {
+                Some(Ok(info)) => published.push(PublishedChannel { name, info }),
+                _ => refused = true,
             }
-            .map_err(|e| PublishError::Unavailable(e.to_string()))?;
-            let info = self.shards[i].info(now, app, &name);
-            published.push(PublishedChannel { name, info });
+        }
+        if refused {
+            return Err(PublishError::Unavailable(Refusal::PeerBufferFull));
         }
         Ok(published)
+    }
+
+    /// One channel's publish through its shard; its answer.
+    fn publish_one(
+        &mut self,
+        now: Instant,
+        p: ShardPublish,
+    ) -> Option<Result<crate::router::ChannelInfo, crate::router::PublishRefused>> {
+        self.now = self.now.max(now);
+        let i = self.shard(p.app, p.channel.as_str());
+        let mut sink = sink!(self);
+        self.shards[i].handle(now, ShardInput::Publish(p, ()), &mut sink);
+        self.flush_deltas();
+        self.answer.take()
     }
 
     /// Checks a channel name a wsify client may use.
@@ -74,7 +94,7 @@ impl Core {
             Some(s) => s.wsify_join(channel, position),
             None => Ok(()),
         };
-        self.pump(Instant::now(), conn);
+        self.pump(self.now, conn);
         r
     }
 
@@ -83,7 +103,7 @@ impl Core {
         if let Some(s) = self.sessions.get_mut(&conn) {
             s.wsify_leave(channel);
         }
-        self.pump(Instant::now(), conn);
+        self.pump(self.now, conn);
     }
 
     /// A wsify `broadcast` (from a client or `POST /broadcast`).
@@ -95,20 +115,20 @@ impl Core {
         content: &RawValue,
     ) -> Result<(), PublishError> {
         let name = self.apps.validate_wsify_broadcast(app, channel, content)?;
-        let cfg = self.apps.get(app).clone();
-        let i = self.shard(app, name.as_str());
-        let ev = Event {
+        let content: Arc<RawValue> = Arc::from(content.to_owned());
+        let p = ShardPublish {
             app,
-            channel: &name,
-            name: &cfg.wsify_event,
-            data: content.get(),
+            channel: name,
+            event: Arc::from(self.apps.get(app).wsify_event.as_str()),
+            data: Arc::from(content.get()),
             content: Some(content),
-            exclude_socket: None,
-            user_id: None,
+            exclude: None,
+            tags: None,
+            info: false,
         };
-        let mut sink = sink!(self);
-        self.shards[i]
-            .publish(now, &ev, true, &mut sink)
-            .map_err(|e| PublishError::Unavailable(e.to_string()))
+        match self.publish_one(now, p) {
+            Some(Ok(_)) => Ok(()),
+            _ => Err(PublishError::Unavailable(Refusal::PeerBufferFull)),
+        }
     }
 }

@@ -29,7 +29,7 @@ impl Core {
             Some(s) => s.wsify_join_filtered(channel, filter, None),
             None => Ok(()),
         };
-        self.pump(Instant::now(), conn);
+        self.pump(self.now, conn);
         r
     }
 }
@@ -46,7 +46,7 @@ impl Core {
             Some(s) => s.set_identity(id),
             None => Ok(()),
         };
-        self.pump(Instant::now(), conn);
+        self.pump(self.now, conn);
         r
     }
 }

@@ -473,6 +473,17 @@ impl<H: Handle> Shard<H> {
         Some(ConnId(n.parse().ok()?))
     }
 
+    /// Whether [`Shard::tick`] has anything to do: cached events to
+    /// expire, counts to report, presence joins or recoveries waiting for
+    /// an answer, history to expire. An idle shard needs no time.
+    pub fn needs_tick(&self) -> bool {
+        self.tables.iter().any(|t| {
+            !t.cache.is_empty() || !t.dirty_counts.is_empty() || !t.dirty_events.is_empty()
+        }) || self.limit.has_parked()
+            || !self.pending.is_empty()
+            || self.history.as_ref().is_some_and(|h| h.stats.bytes > 0)
+    }
+
     /// Periodic work: count replication, `subscription_count` events and
     /// webhooks (coalesced per tick), cache expiry.
     pub fn tick(&mut self, now: Instant, sink: &mut impl Sink<H>) {

@@ -91,6 +91,13 @@ impl<H> Default for PresenceLimit<H> {
     }
 }
 
+impl<H> PresenceLimit<H> {
+    /// Whether joins wait for their owner's answer (the tick decides late ones).
+    pub(super) fn has_parked(&self) -> bool {
+        !self.parked.is_empty()
+    }
+}
+
 impl<H: Handle> Shard<H> {
     /// Counters of the cluster-wide presence limit.
     pub fn presence_limit_stats(&self) -> PresenceLimitStats {

@@ -71,7 +71,7 @@ struct SimNode {
 }
 
 fn new_core(i: usize, epoch: u64) -> Core {
-    Core::new(CoreConfig {
+    Core::new(std::time::Instant::now(), CoreConfig {
         apps: vec![app()],
         activity_timeout_secs: 120,
         max_connections: None,

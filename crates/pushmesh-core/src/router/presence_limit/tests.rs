@@ -19,7 +19,7 @@ fn core(name: &str) -> Core {
         max_presence_members: LIMIT,
         ..Limits::default()
     };
-    Core::new(CoreConfig {
+    Core::new(std::time::Instant::now(), CoreConfig {
         apps: vec![AppConfig {
             id: "1".into(),
             key: "key".into(),
