@@ -53,7 +53,7 @@ impl From<PublishError> for ApiError {
     fn from(e: PublishError) -> Self {
         match e {
             PublishError::DataTooLarge(_) => Self::TooLarge(e.to_string()),
-            PublishError::Unavailable(reason) => Self::Unavailable(reason),
+            PublishError::Unavailable(r) => Self::Unavailable(r.as_str().to_owned()),
             _ => Self::BadRequest(e.to_string()),
         }
     }
@@ -225,7 +225,7 @@ pub async fn events(
         .map_err(|e| ApiError::BadRequest(crate::tags::refusal(&e)))?;
     let published = st
         .node
-        .publish_tagged(
+        .publish(
             a.app,
             &PublishRequest {
                 name: &req.name,

@@ -11,17 +11,16 @@
 //!   connections' bounded queues (a full queue closes that client with
 //!   4100), peer frames into the cluster links.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pushmesh_core::history::{HistoryStore, Origin};
+use pushmesh_core::machine::{Barrier, ShardInput, ShardMachine, ShardPublish};
 use pushmesh_core::{
-    filter::Tags, AppIdx, Apps, ChannelInfo, ConnId, Delta, NodeId, PeerFrame, PublishError,
-    PublishRefused, PublishRequest, PublishedChannel, Replicator, Request, Shard, Sink, Users,
-    WebhookScheduler,
+    filter::Tags, AppIdx, Apps, ChannelInfo, ConnId, NodeId, PublishError, PublishRefused,
+    PublishRequest, PublishedChannel, Replicator, Request, Shard, Sink, Users, WebhookScheduler,
 };
 use pushmesh_protocol::ChannelName;
 use serde_json::value::RawValue;
@@ -44,8 +43,6 @@ pub use hook_relay::HookRelay;
 use sink::send_control;
 pub use sink::DriverSink;
 
-/// How often each shard's periodic work runs (subscription counts, cache expiry).
-const TICK: Duration = Duration::from_millis(250);
 /// Commands a shard handles before it hands its batch's effects on.
 const BATCH: usize = 64;
 
@@ -65,17 +62,13 @@ pub struct HubStats {
     pub history_unacked: AtomicU64,
 }
 
-/// Connections held by the subscription barrier: (change number they wait
-/// for, deadline, connection).
-type Waiters = Vec<(u64, Instant, ConnRef)>;
-
 /// What the shard tasks share with the rest of the node.
 pub struct Links {
     /// The cluster layer, when clustering is on.
     pub cluster: Option<pushmesh_cluster::Cluster>,
     replicator: Mutex<Replicator>,
     hooks: Mutex<WebhookScheduler>,
-    waiters: Mutex<Waiters>,
+    waiters: Mutex<Barrier<ConnRef>>,
     barrier_wait: Duration,
     /// Wakes the webhook pump when events were scheduled.
     pub hook_ready: Notify,
@@ -104,40 +97,20 @@ impl Links {
             return;
         }
         let acked = lock(&self.replicator).acked_by_all();
-        let mut w = lock(&self.waiters);
         let mut released = Vec::new();
-        w.retain(|(seq, deadline, h)| {
-            if *seq <= acked {
-                released.push(h.clone());
-                false
-            } else if *deadline <= now {
+        lock(&self.waiters).release(now, acked, &mut released);
+        self.released(released);
+    }
+
+    /// Lets go connections the barrier released (counting timeouts).
+    fn released(&self, released: Vec<pushmesh_core::machine::Released<ConnRef>>) {
+        for r in released {
+            if r.timed_out {
                 self.stats.barrier_timeouts.fetch_add(1, Ordering::Relaxed);
-                released.push(h.clone());
-                false
-            } else {
-                true
             }
-        });
-        drop(w);
-        for h in released {
-            h.release();
+            r.conn.release();
         }
     }
-}
-
-/// An event for one channel, from the HTTP API or a wsify broadcast.
-pub struct Publish {
-    app: AppIdx,
-    channel: ChannelName,
-    event: Arc<str>,
-    data: Arc<str>,
-    content: Option<Arc<RawValue>>,
-    exclude: Option<Arc<str>>,
-    /// Whether the reply carries the channel's info (it costs a lookup).
-    info: bool,
-    reply: oneshot::Sender<Result<Accepted, PublishRefused>>,
-    /// Tags for subscription filters (issue #13).
-    tags: Option<Arc<Tags>>,
 }
 
 /// A publish a shard accepted: the channel's info (if asked) and the
@@ -164,17 +137,13 @@ async fn durable(receipts: &[pushmesh_cluster::Receipt], stats: &HubStats) {
 
 type Query = Box<dyn FnOnce(&Shard<ConnRef>, Instant) + Send>;
 
-/// Work for a shard task.
+/// How a shard answers a publish.
+type Reply = oneshot::Sender<Result<Accepted, PublishRefused>>;
+
+/// Work for a shard task: an input of its [`ShardMachine`], or a
+/// read-only query of its state.
 enum Cmd {
-    Req(ConnRef, Request),
-    Publish(Box<Publish>),
-    Remote(PeerFrame),
-    Apply(Vec<(NodeId, Delta)>),
-    Peers(BTreeSet<NodeId>, Vec<Origin>),
-    /// Cached events and history for a peer whose link came up, then
-    /// this shard's `CopyDone` frame (encoded).
-    SendCache(NodeId, u64, bytes::Bytes),
-    ShareOrigin(Origin),
+    Input(ShardInput<ConnRef, Reply>),
     Query(Query),
 }
 
@@ -238,7 +207,7 @@ impl Node {
             cluster,
             replicator: Mutex::new(Replicator::new(node.clone(), s.epoch)),
             hooks: Mutex::new(hooks),
-            waiters: Mutex::new(Vec::new()),
+            waiters: Mutex::new(Barrier::default()),
             barrier_wait: s.barrier_wait,
             hook_ready: Notify::new(),
             stats: HubStats::default(),
@@ -261,7 +230,7 @@ impl Node {
                 shard.set_history(HistoryStore::new(origin, budget, clock));
             }
             tokio::spawn(shard_task::run_shard(
-                shard,
+                ShardMachine::new(shard),
                 rx,
                 links.clone(),
                 slot.clone(),
@@ -328,7 +297,8 @@ impl Node {
                 let Some((app, channel)) = req.channel().map(|(a, c)| (a, c.clone())) else {
                     return;
                 };
-                self.to_shard(app, channel.as_str(), Cmd::Req(h.clone(), req))
+                let input = ShardInput::Request(h.clone(), req);
+                self.to_shard(app, channel.as_str(), Cmd::Input(input))
                     .await;
             }
         }
@@ -341,20 +311,10 @@ impl Node {
         r
     }
 
-    /// Publishes one event (validated here) to its channels. Answers once
-    /// the work is queued on the shards; with `info`, once it is done.
+    /// Publishes one event (validated here) to its channels, with tags
+    /// for subscription filters if given. Answers once every interested
+    /// peer's buffer holds it; with `info`, once it is delivered here too.
     pub async fn publish(
-        &self,
-        app: AppIdx,
-        req: &PublishRequest<'_>,
-        info: bool,
-    ) -> Result<Vec<PublishedChannel>, PublishError> {
-        let names = self.apps.validate_publish(app, req)?;
-        self.publish_valid(app, names, req, info, None).await
-    }
-
-    /// [`Node::publish`] with tags (issue #13).
-    pub async fn publish_tagged(
         &self,
         app: AppIdx,
         req: &PublishRequest<'_>,
@@ -380,21 +340,17 @@ impl Node {
         let exclude: Option<Arc<str>> = req.exclude_socket.map(Arc::from);
         let mut replies = Vec::with_capacity(names.len());
         for name in names {
-            let (reply, rx) = oneshot::channel();
-            let p = Publish {
+            let p = ShardPublish {
                 app,
                 channel: name.clone(),
                 event: event.clone(),
                 data: data.clone(),
                 content: None,
                 exclude: exclude.clone(),
-                info,
-                reply,
                 tags: tags.clone(),
+                info,
             };
-            self.to_shard(app, name.as_str(), Cmd::Publish(Box::new(p)))
-                .await;
-            replies.push((name, rx));
+            replies.push((name, self.to_shard_publish(p).await));
         }
         let mut out = Vec::with_capacity(replies.len());
         let mut refused = None;
@@ -416,10 +372,22 @@ impl Node {
         Ok(out)
     }
 
+    /// Queues a publish on its channel's shard; its answer comes on the receiver.
+    async fn to_shard_publish(
+        &self,
+        p: ShardPublish,
+    ) -> oneshot::Receiver<Result<Accepted, PublishRefused>> {
+        let (reply, rx) = oneshot::channel();
+        let (app, channel) = (p.app, p.channel.clone());
+        let cmd = Cmd::Input(ShardInput::Publish(p, reply));
+        self.to_shard(app, channel.as_str(), cmd).await;
+        rx
+    }
+
     /// Counts a refusal and makes the error the API answers 503 with.
     fn refused(&self, r: Refusal) -> PublishError {
         self.links.stats.refused[r as usize].fetch_add(1, Ordering::Relaxed);
-        PublishError::Unavailable(r.as_str().to_owned())
+        PublishError::Unavailable(r)
     }
 
     /// A wsify broadcast (from a client or `POST /broadcast`).
@@ -432,23 +400,18 @@ impl Node {
     ) -> Result<(), PublishError> {
         let name = self.apps.validate_wsify_broadcast(app, channel, content)?;
         let _entered = self.gate.enter().map_err(|r| self.refused(r))?;
-        let cfg = self.apps.get(app);
         let content: Arc<RawValue> = Arc::from(content.to_owned());
-        let (reply, rx) = oneshot::channel();
-        let p = Publish {
+        let p = ShardPublish {
             app,
-            channel: name.clone(),
-            event: Arc::from(cfg.wsify_event.as_str()),
+            channel: name,
+            event: Arc::from(self.apps.get(app).wsify_event.as_str()),
             data: Arc::from(content.get()),
             content: Some(content),
             exclude: None,
-            info: false,
-            reply,
             tags,
+            info: false,
         };
-        self.to_shard(app, name.as_str(), Cmd::Publish(Box::new(p)))
-            .await;
-        match rx.await {
+        match self.to_shard_publish(p).await.await {
             Ok(Ok(a)) => {
                 durable(&a.receipts, &self.links.stats).await;
                 Ok(())

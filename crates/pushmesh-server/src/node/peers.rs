@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use pushmesh_core::history::Origin;
-use pushmesh_core::{Delta, Effects, NodeId, PeerFrame, PeerLink, Replicator};
+use pushmesh_core::machine::{copy_done_frames, split_apply, ShardInput};
+use pushmesh_core::{Effects, NodeId, PeerFrame, PeerLink, Replicator};
 
 use super::{hook_relay, lock, send_control, Cmd, Node};
 
@@ -54,29 +55,26 @@ impl Node {
                 (r.peers(), origins)
             };
             for s in &self.shards {
-                let _ = s.send(Cmd::Peers(peers.clone(), origins.clone())).await;
+                let input = ShardInput::Peers {
+                    peers: peers.clone(),
+                    origins: origins.clone(),
+                };
+                let _ = s.send(Cmd::Input(input)).await;
             }
             lock(&self.users).set_peers(peers);
         }
         // In batches per shard: a sync of a million channels is a million
         // changes, not a million commands.
         const APPLY_BATCH: usize = 1024;
-        let mut batches: Vec<Vec<(NodeId, Delta)>> = vec![Vec::new(); self.shards.len()];
-        for (peer, d) in fx.apply {
-            if matches!(d, Delta::User { .. }) {
-                self.with_users(|u, sink| u.apply_remote(&peer, &d, sink));
-            } else if let (Some(app), Some(ch)) = (self.apps.by_id(d.app()), d.channel()) {
-                let i = pushmesh_core::shard_of(app, ch, self.shards.len());
-                batches[i].push((peer, d));
-                if batches[i].len() >= APPLY_BATCH {
-                    let b = std::mem::take(&mut batches[i]);
-                    let _ = self.shards[i].send(Cmd::Apply(b)).await;
-                }
-            }
+        let split = split_apply(&self.apps, self.shards.len(), fx.apply);
+        for (peer, d) in split.users {
+            self.with_users(|u, sink| u.apply_remote(&peer, &d, sink));
         }
-        for (i, b) in batches.into_iter().enumerate() {
-            if !b.is_empty() {
-                let _ = self.shards[i].send(Cmd::Apply(b)).await;
+        for (shard, mut changes) in self.shards.iter().zip(split.shards) {
+            while !changes.is_empty() {
+                let rest = changes.split_off(changes.len().min(APPLY_BATCH));
+                let _ = shard.send(Cmd::Input(ShardInput::Apply(changes))).await;
+                changes = rest;
             }
         }
         send_control(&self.links, fx.ack);
@@ -97,18 +95,17 @@ impl Node {
         let fx = self.with_replicator(|r, fx| r.peer_up(peer.clone(), epoch, fx));
         self.effects(fx, true).await;
         let me = lock(&self.links.replicator).epoch();
-        let shards = self.shards.len() as u32;
-        for (i, s) in self.shards.iter().enumerate() {
+        let parts = copy_done_frames(me, self.shards.len());
+        for (s, done) in self.shards.iter().zip(parts) {
             // Each shard ends what it sends with its part of `CopyDone`.
-            let done = PeerFrame::CopyDone {
-                epoch: me,
-                shard: i as u32,
-                shards,
-            }
-            .encode();
-            let _ = s.send(Cmd::SendCache(peer.clone(), epoch, done)).await;
+            let input = ShardInput::SendCache {
+                peer: peer.clone(),
+                epoch,
+                done,
+            };
+            let _ = s.send(Cmd::Input(input)).await;
             if let Some(origin) = replaced {
-                let _ = s.send(Cmd::ShareOrigin(origin)).await;
+                let _ = s.send(Cmd::Input(ShardInput::ShareOrigin(origin))).await;
             }
         }
     }
@@ -131,7 +128,7 @@ impl Node {
         if let Some(origin) = gone {
             // The survivors exchange what they hold of its history.
             for s in &self.shards {
-                let _ = s.send(Cmd::ShareOrigin(origin)).await;
+                let _ = s.send(Cmd::Input(ShardInput::ShareOrigin(origin))).await;
             }
         }
         self.hooks_peer_gone(peer);
@@ -154,7 +151,7 @@ impl Node {
             if let Some(a) = self.apps.by_id(app) {
                 // A closed queue means the node is stopping.
                 let shard = self.shard(a, channel).clone();
-                let _ = shard.send(Cmd::Remote(frame)).await;
+                let _ = shard.send(Cmd::Input(ShardInput::PeerFrame(frame))).await;
             }
             return Ok(());
         }

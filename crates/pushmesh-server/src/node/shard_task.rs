@@ -1,148 +1,80 @@
-//! A router shard's task: it takes commands from its bounded queue (in
-//! batches), runs them on its `Shard`, and hands the batch's effects on.
+//! A router shard's task: a thin loop around its [`ShardMachine`]. It
+//! takes commands from its bounded queue (in batches), hands each to the
+//! machine, sleeps until the machine's `poll_timeout`, and ends each batch
+//! through its sink. What a command does is the machine's business.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use pushmesh_core::filter::Tags;
-use pushmesh_core::sink::Sink;
-use pushmesh_core::{ChannelInfo, Event, FrameKind, Request, Shard};
+use pushmesh_core::machine::{ShardInput, ShardMachine};
 use tokio::sync::mpsc;
 
-use super::{Accepted, Cmd, DriverSink, KindSlots, Links, BATCH, TICK};
+use super::{Cmd, DriverSink, KindSlots, Links, BATCH};
 use crate::conn::ConnRef;
 
-pub(super) fn run_cmd(
-    shard: &mut Shard<ConnRef>,
-    now: Instant,
-    cmd: Cmd,
-    sink: &mut DriverSink<'_>,
-) {
+fn run_cmd(machine: &mut ShardMachine<ConnRef>, now: Instant, cmd: Cmd, sink: &mut DriverSink<'_>) {
     match cmd {
-        Cmd::Req(h, req) => match req {
-            Request::Subscribe {
-                app,
-                channel,
-                proto,
-                presence,
-                position,
-                selector,
-            } => shard.subscribe_selected(
-                now,
-                h,
-                app,
-                &channel,
-                proto,
-                presence,
-                selector,
-                position.as_deref(),
-                sink,
-            ),
-            Request::Unsubscribe { app, channel } => {
-                shard.unsubscribe(h.0.id(), app, &channel, sink)
-            }
-            Request::ClientEvent {
-                app,
-                channel,
-                event,
-                data,
-                socket_id,
-            } => shard.client_event(now, &h, app, &channel, &event, &data, &socket_id, sink),
-            Request::SignIn { .. } | Request::SignOut { .. } => {}
-        },
-        Cmd::Publish(p) => {
-            let ev = Event {
-                app: p.app,
-                channel: &p.channel,
-                name: &p.event,
-                data: &p.data,
-                content: p.content.as_deref(),
-                exclude_socket: p.exclude.as_deref(),
-                user_id: None,
-            };
-            let untagged = Tags::default();
-            let tags = p.tags.as_deref().unwrap_or(&untagged);
-            // Answered once it is handed to the peers (it cannot fail
-            // after that), before the local fan-out; with `info`, after.
-            match shard.hand_to_peers_tagged(now, &ev, tags, sink) {
-                Err(e) => {
-                    let _ = p.reply.send(Err(e));
-                }
-                Ok(()) if !p.info => {
-                    let receipts = sink.take_receipts();
-                    let info = ChannelInfo::default();
-                    let _ = p.reply.send(Ok(Accepted { info, receipts }));
-                    shard.deliver_local_tagged(now, &ev, tags, sink);
-                }
-                Ok(()) => {
-                    let receipts = sink.take_receipts();
-                    shard.deliver_local_tagged(now, &ev, tags, sink);
-                    let info = shard.info(now, p.app, &p.channel);
-                    let _ = p.reply.send(Ok(Accepted { info, receipts }));
-                }
-            }
-        }
-        Cmd::Remote(frame) => shard.handle_channel_frame(now, frame, sink),
-        Cmd::Apply(changes) => {
-            for (peer, delta) in changes {
-                shard.apply_remote(&peer, delta, sink);
-            }
-        }
-        Cmd::Peers(p, origins) => {
-            shard.set_peers(p);
-            shard.set_live_origins(origins);
-            shard.presence_peers_changed(now, sink);
-        }
-        Cmd::SendCache(peer, epoch, done) => {
-            shard.send_cache(now, &peer, sink);
-            shard.send_history(now, &peer, epoch, sink);
-            sink.peer(&peer, FrameKind::Data, &done);
-        }
-        Cmd::ShareOrigin(o) => shard.share_origin(now, o, sink),
-        Cmd::Query(q) => q(shard, now),
+        Cmd::Input(input) => machine.handle(now, input, sink),
+        Cmd::Query(q) => q(machine.shard(), now),
     }
 }
 
+/// A batch of peer changes is a lot of work: others get the CPU after it.
+fn heavy(cmd: &Cmd) -> bool {
+    matches!(cmd, Cmd::Input(ShardInput::Apply(_)))
+}
+
 pub(super) async fn run_shard(
-    mut shard: Shard<ConnRef>,
+    mut machine: ShardMachine<ConnRef>,
     mut rx: mpsc::Receiver<Cmd>,
     links: Arc<Links>,
     slots: Arc<KindSlots>,
 ) {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One timer, moved when the machine's next deadline changes.
+    let far = || tokio::time::Instant::now() + std::time::Duration::from_secs(86_400);
+    let timer = tokio::time::sleep_until(far());
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
     loop {
+        let due = machine.poll_timeout();
+        if due != armed {
+            armed = due;
+            timer.as_mut().reset(due.map_or_else(far, tokio::time::Instant::from_std));
+        }
         let mut sink = DriverSink::new(&links);
         tokio::select! {
             cmd = rx.recv() => {
                 let Some(cmd) = cmd else { break };
                 let now = Instant::now();
-                let mut heavy = matches!(cmd, Cmd::Apply(_));
-                run_cmd(&mut shard, now, cmd, &mut sink);
+                let mut busy = heavy(&cmd);
+                run_cmd(&mut machine, now, cmd, &mut sink);
                 for _ in 1..BATCH {
-                    // A batch of peer changes is a lot of work: others get
-                    // the CPU in between.
-                    if heavy {
+                    if busy {
                         break;
                     }
                     match rx.try_recv() {
                         Ok(cmd) => {
-                            heavy = matches!(cmd, Cmd::Apply(_));
-                            run_cmd(&mut shard, now, cmd, &mut sink);
+                            busy = heavy(&cmd);
+                            run_cmd(&mut machine, now, cmd, &mut sink);
                         }
                         Err(_) => break,
                     }
                 }
-                if heavy {
+                if busy {
                     sink.finish();
                     tokio::task::yield_now().await;
                     continue;
                 }
             }
-            _ = tick.tick() => shard.tick(Instant::now(), &mut sink),
+            _ = &mut timer, if armed.is_some() => {
+                // The timer says the deadline came (it may round it down).
+                let now = armed.map_or_else(Instant::now, |due| due.max(Instant::now()));
+                machine.handle_timeout(now, &mut sink);
+            }
         }
         sink.finish();
+        let shard = machine.shard();
         for (slot, k) in slots.0.iter().zip(shard.stats()) {
             slot[0].store(k.channels, Ordering::Relaxed);
             slot[1].store(k.subscriptions, Ordering::Relaxed);

@@ -7,12 +7,13 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
-use pushmesh_core::{AppIdx, Delta, Effects, FrameKind, NodeId, Sink};
+use pushmesh_core::machine::{Barrier, Batch, ShardSink};
+use pushmesh_core::{AppIdx, ChannelInfo, Delta, FrameKind, NodeId, PublishRefused, Sink};
 use pushmesh_protocol::webhook::WebhookEvent;
 use pushmesh_protocol::wire::Outbound;
 use pushmesh_protocol::CloseCode;
 
-use super::{hook_relay, lock, Links};
+use super::{hook_relay, lock, Accepted, Links, Reply};
 use crate::conn::ConnRef;
 
 /// The effects of one batch of work, done as they come.
@@ -20,9 +21,7 @@ pub struct DriverSink<'a> {
     links: &'a Links,
     last: Option<(Bytes, Outbound)>,
     queued: u64,
-    hooks: Vec<(AppIdx, WebhookEvent)>,
-    deltas: Vec<Delta>,
-    held: Vec<ConnRef>,
+    batch: Batch<ConnRef>,
     /// Receipts of the history frames of the current publish.
     receipts: Vec<pushmesh_cluster::Receipt>,
 }
@@ -33,16 +32,9 @@ impl<'a> DriverSink<'a> {
             links,
             last: None,
             queued: 0,
-            hooks: Vec::new(),
-            deltas: Vec::new(),
-            held: Vec::new(),
+            batch: Batch::default(),
             receipts: Vec::new(),
         }
-    }
-
-    /// The receipts of the durable frames sent since the last call.
-    pub(super) fn take_receipts(&mut self) -> Vec<pushmesh_cluster::Receipt> {
-        std::mem::take(&mut self.receipts)
     }
 
     /// The shared frame for `frame`: consecutive sends of one publish carry
@@ -60,41 +52,37 @@ impl<'a> DriverSink<'a> {
         Some(t)
     }
 
-    /// Hands on what was collected: state changes to the replicator (and
-    /// from it to the peers), webhook events to the scheduler.
+    /// Ends the batch ([`Batch::end`]): state changes numbered and sent
+    /// to the peers under the replicator's lock (so every link carries
+    /// them in numbering order), holds registered with the barrier,
+    /// webhook events handed to the scheduler.
     pub(super) fn finish(self) {
         let links = self.links;
         links
             .stats
             .frames_queued
             .fetch_add(self.queued, Ordering::Relaxed);
+        let now = Instant::now();
         // A node without a cluster has nobody to replicate to.
-        if (!self.deltas.is_empty() || !self.held.is_empty()) && links.cluster.is_some() {
-            let mut fx = Effects::default();
+        let end = if self.batch.needs_numbering() && links.cluster.is_some() {
             let mut r = lock(&links.replicator);
-            for d in self.deltas {
-                r.local(d, &mut fx);
-            }
-            // Sent under the lock: the order of numbered changes on every
-            // link is their numbering order.
-            send_control(links, fx.send);
-            let seq = r.seq();
+            let mut barrier = lock(&links.waiters);
+            let mut end = self
+                .batch
+                .end(now, Some(&mut r), &mut barrier, links.barrier_wait);
+            drop(barrier);
+            send_control(links, std::mem::take(&mut end.control));
             drop(r);
-            if !self.held.is_empty() {
-                let deadline = Instant::now() + links.barrier_wait;
-                lock(&links.waiters).extend(self.held.into_iter().map(|h| (seq, deadline, h)));
-                links.release_barrier(Instant::now());
-            }
+            end
         } else {
-            for h in self.held {
-                h.release();
-            }
-        }
-        if !self.hooks.is_empty() {
-            let now = Instant::now();
+            let mut none = Barrier::default();
+            self.batch.end(now, None, &mut none, links.barrier_wait)
+        };
+        links.released(end.released);
+        if !end.hooks.is_empty() {
             let mut h = lock(&links.hooks);
-            let mut scheduled = Vec::with_capacity(self.hooks.len());
-            for (app, event) in self.hooks {
+            let mut scheduled = Vec::with_capacity(end.hooks.len());
+            for (app, event) in end.hooks {
                 if let Some(id) = h.push(now, app, event.clone()) {
                     scheduled.push((id, app, event));
                 }
@@ -162,14 +150,25 @@ impl Sink<ConnRef> for DriverSink<'_> {
 
     fn hold(&mut self, to: &ConnRef) {
         to.hold();
-        self.held.push(to.clone());
+        self.batch.hold(to.clone());
     }
 
     fn hook(&mut self, app: AppIdx, event: WebhookEvent) {
-        self.hooks.push((app, event));
+        self.batch.hook(app, event);
     }
 
     fn replicate(&mut self, delta: Delta) {
-        self.deltas.push(delta);
+        self.batch.replicate(delta);
+    }
+}
+
+impl ShardSink<ConnRef> for DriverSink<'_> {
+    type Reply = Reply;
+
+    /// Answers with the receipts of the history frames this publish sent
+    /// (the HTTP answer waits until a peer holds one of them).
+    fn answer(&mut self, reply: Reply, outcome: Result<ChannelInfo, PublishRefused>) {
+        let receipts = std::mem::take(&mut self.receipts);
+        let _ = reply.send(outcome.map(|info| Accepted { info, receipts }));
     }
 }
