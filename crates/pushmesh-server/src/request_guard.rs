@@ -6,10 +6,13 @@
 //! clients retry with a backoff (pusher-js does), where a 4200 close would
 //! ask them to reconnect at once, to the same node behind a balancer that
 //! has not noticed yet. Clients already connected still get 4200 when the
-//! drain closes them. A clustered node that has not joined yet answers the
-//! same way (`reason: "joining"`, `Retry-After: 1`): it cannot promise its
-//! subscribers what is published elsewhere, and a 4200 there would invite
-//! the same reconnect loop.
+//! drain closes them. A clustered node that has not joined yet answers a
+//! `/ws` upgrade the same way (`reason: "joining"`, `Retry-After: 1`): it
+//! cannot promise its subscribers what is published elsewhere. On
+//! `/app/{key}` it takes the upgrade and closes with 4100 instead (see
+//! `ws.rs`): pusher-js answers a 41xx close by reconnecting after 1 s,
+//! where after a failed handshake it waits 15 s or more, far longer than
+//! joining takes.
 //!
 //! A request body must arrive whole within `request_body_timeout_ms` of the
 //! request's headers, or the request is answered 408 and the connection
@@ -42,7 +45,8 @@ pub const JOINING_RETRY_AFTER: u32 = 1;
 pub struct GuardCounters {
     /// Upgrades answered 503 because the node is draining.
     pub upgrades_refused_draining: AtomicU64,
-    /// Upgrades answered 503 because the node has not joined its cluster.
+    /// Upgrades refused because the node has not joined its cluster (`/ws`:
+    /// HTTP 503; `/app/{key}`: a 4100 close).
     pub upgrades_refused_joining: AtomicU64,
     /// Requests answered 408: the body was not complete in time.
     pub body_timeouts: AtomicU64,
@@ -89,7 +93,7 @@ pub async fn check(st: &Arc<Shared>, req: Request<Incoming>) -> Result<Request<B
                 "draining",
                 DRAINING_RETRY_AFTER,
             ))
-        } else if !st.node.gate.joined() {
+        } else if !st.node.gate.joined() && path == "/ws" {
             Some((
                 &counters.upgrades_refused_joining,
                 "node is joining its cluster, connect again shortly",

@@ -103,12 +103,20 @@ pub async fn pusher_ws(
             CloseCode::ReconnectImmediately,
             "node is draining, reconnect".into(),
         ),
-        // So does a node that has not joined its cluster: it could not yet
-        // promise its subscribers the messages published elsewhere.
-        _ if !st.node.gate.joined() => Admission::Refuse(
-            CloseCode::ReconnectImmediately,
-            "node is joining its cluster, reconnect".into(),
-        ),
+        // A node that has not joined its cluster could not yet promise its
+        // subscribers the messages published elsewhere: 4100, which
+        // pusher-js answers by reconnecting after 1 s (joining takes about
+        // that), not at once (4200) nor after 15 s (a failed handshake).
+        _ if !st.node.gate.joined() => {
+            st.edge
+                .guard
+                .upgrades_refused_joining
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Admission::Refuse(
+                CloseCode::OverCapacity,
+                "node is joining its cluster, reconnect shortly".into(),
+            )
+        }
         // A missing protocol is taken as 7.
         _ => match st.app_by_key(&key) {
             Some(app) => match check_origin(&st, app, &headers) {

@@ -395,7 +395,7 @@ test('Forwarded (RFC 7239) names the client behind a trusted proxy and is ignore
   }
 });
 
-test('a node still joining its cluster answers new upgrades 503 joining + Retry-After, not 4200 (no reconnect loop)', { timeout: 60000 }, async () => {
+test('a node still joining its cluster refuses newcomers with a backoff (pusher: 4100, /ws: 503 joining + Retry-After), not 4200 (no reconnect loop)', { timeout: 90000 }, async () => {
   // A seed that never answers and min_cluster_size = 2: joining for good.
   const srv = await startServer({ configToml: `
 [cluster]
@@ -411,15 +411,33 @@ ${appToml}` });
   try {
     const r = await get(srv.port, '/readyz');
     assert.equal(r.status, 503);
-    for (const path of [`/app/${APP.key}?protocol=7`, '/ws']) {
-      const a = await attempt(srv.port, path);
-      assert.equal(a.outcome, 'refused', `${path}: an HTTP answer (${a.outcome} ${a.code ?? ''})`);
-      assert.equal(a.status, 503);
-      assert.equal(a.retryAfter, '1');
-      assert.equal(JSON.parse(a.body).reason, 'joining');
+    const app = await attempt(srv.port, `/app/${APP.key}?protocol=7`);
+    assert.equal(app.outcome, 'closed', `/app: a close (${app.outcome} ${app.status ?? ''})`);
+    assert.equal(app.code, 4100, 'pusher-js reconnects after 1 s on 41xx');
+    const ws = await attempt(srv.port, '/ws');
+    assert.equal(ws.outcome, 'refused', `/ws: an HTTP answer (${ws.outcome} ${ws.code ?? ''})`);
+    assert.equal(ws.status, 503);
+    assert.equal(ws.retryAfter, '1');
+    assert.equal(JSON.parse(ws.body).reason, 'joining');
+    const refusedJoining = async () => {
+      const m = (await get(srv.port, '/metrics')).body;
+      return Number(/pushmesh_upgrades_refused_total\{reason="joining"\} (\d+)/.exec(m)?.[1] ?? NaN);
+    };
+    assert.equal(await refusedJoining(), 2);
+    // pusher-js keeps trying, about once a second: three more handshakes
+    // come well within 30 s (after a failed handshake it would wait 15 s
+    // each), and never a tight loop.
+    const t0 = Date.now();
+    const pjs = new PusherClient(APP.key, { wsHost: '127.0.0.1', wsPort: srv.port, forceTLS: false, enabledTransports: ['ws'], cluster: 'mt1' });
+    try {
+      await until(async () => (await refusedJoining()) >= 5, 'pusher-js to retry three times', 30000);
+      const secs = (Date.now() - t0) / 1000;
+      const n = (await refusedJoining()) - 2;
+      assert.ok(n <= 3 * secs + 3, `${n} handshakes in ${secs.toFixed(1)} s: no reconnect loop`);
+      assert.notEqual(pjs.connection.state, 'connected');
+    } finally {
+      pjs.disconnect();
     }
-    const m = (await get(srv.port, '/metrics')).body;
-    assert.match(m, /pushmesh_upgrades_refused_total\{reason="joining"\} 2/);
   } finally {
     await srv.stop();
   }
