@@ -105,6 +105,7 @@ struct CollectSink<'a> {
     batch: &'a mut Batch<ConnId>,
     gates: &'a mut HashMap<ConnId, Gate>,
     answer: &'a mut Option<Result<ChannelInfo, PublishRefused>>,
+    full: &'a std::collections::BTreeSet<NodeId>,
 }
 
 impl CollectSink<'_> {
@@ -156,6 +157,10 @@ impl Sink<ConnId> for CollectSink<'_> {
         }
     }
 
+    fn peer_has_room(&mut self, to: &NodeId) -> bool {
+        !self.full.contains(to)
+    }
+
     fn peer(&mut self, to: &NodeId, kind: FrameKind, frame: &Bytes) {
         self.out.push_back(Output::Peer {
             to: to.clone(),
@@ -197,6 +202,8 @@ pub struct Core {
     barrier_timeouts: u64,
     /// The latest time the driver gave: the time of the calls that take none.
     now: Instant,
+    /// Peers whose data buffer is full, as the driver last said.
+    full: std::collections::BTreeSet<NodeId>,
     timed_out: std::collections::HashSet<ConnId>,
     activity_timeout_secs: u64,
     max_connections: Option<usize>,
@@ -212,6 +219,7 @@ macro_rules! sink {
             batch: &mut $s.batch,
             gates: &mut $s.gates,
             answer: &mut $s.answer,
+            full: &$s.full,
         }
     };
 }
@@ -260,6 +268,7 @@ impl Core {
             barrier: Barrier::default(),
             barrier_timeouts: 0,
             now,
+            full: std::collections::BTreeSet::new(),
             timed_out: std::collections::HashSet::new(),
             activity_timeout_secs: config.activity_timeout_secs,
             max_connections: config.max_connections,
@@ -285,6 +294,17 @@ impl Core {
     /// Connections open on this node.
     pub fn connection_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// The driver's view of `peer`'s data buffer: while it has no room, a
+    /// publish the peer is interested in is refused (503, nothing
+    /// delivered), as the server's shards ask the cluster layer.
+    pub fn set_peer_room(&mut self, peer: &NodeId, room: bool) {
+        if room {
+            self.full.remove(peer);
+        } else {
+            self.full.insert(peer.clone());
+        }
     }
 
     /// The next thing to do, if any.

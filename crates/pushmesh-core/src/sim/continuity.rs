@@ -132,6 +132,7 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(), String> {
                 let event = format!("e{n}");
                 let channels = vec![CHANNELS[ch].to_string()];
                 let now = net.now;
+                net.sync_room(i);
                 let r = net.nodes[i].core.publish(
                     now,
                     AppIdx(0),
@@ -236,7 +237,9 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(), String> {
                     continue;
                 };
                 let Ok(k) = e.parse::<u64>() else { continue };
-                let Some(p) = published.get(k as usize - 1) else {
+                // Refused publishes are not in `published`: found by name.
+                let name = format!("e{k}");
+                let Some(p) = published.iter().find(|p| p.event == name) else {
                     continue;
                 };
                 let key = (p.from, p.from_epoch);

@@ -222,6 +222,7 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), String> {
                     channels: &channels,
                     exclude_socket: None,
                 };
+                net.sync_room(i);
                 if net.nodes[i].core.publish(now, AppIdx(0), &req).is_err() {
                     continue;
                 }
@@ -357,7 +358,8 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), String> {
             let Some(i) = e.strip_prefix('e').and_then(|x| x.parse::<u64>().ok()) else {
                 continue;
             };
-            let Some(p) = published.get(i as usize - 1) else {
+            // Refused publishes are not in `published`: found by name.
+            let Some(p) = published.iter().find(|p| p.event == *e) else {
                 continue;
             };
             let key = (p.from, p.from_epoch);

@@ -54,6 +54,11 @@ fn app() -> AppConfig {
     }
 }
 
+/// Data frames a link's buffer holds before publishes to that peer are
+/// refused: small, so that a cut link fills it and refusals are exercised
+/// (the buffer itself takes more, up to its slack, for copies).
+const BUFFER_FRAMES: usize = 8;
+
 fn node_name(i: usize) -> NodeId {
     NodeId::new(&format!("node-{i}"))
 }
@@ -187,7 +192,7 @@ impl Net {
             *n += 1024;
             let stream = stream_id(self.nodes[i].epoch, *n);
             self.outs
-                .insert((i, j), Outbound::new(stream, 1 << 20, 1 << 30));
+                .insert((i, j), Outbound::new(stream, BUFFER_FRAMES, 1 << 30));
         }
         self.outs.get_mut(&(i, j)).expect("just made")
     }
@@ -201,6 +206,17 @@ impl Net {
         }
         if let Some(w) = self.links.get_mut(&(i, j)) {
             w.data.extend(batch);
+        }
+    }
+
+    /// Tells node `i` which peers' data buffers have room (before a
+    /// publish, as the server's shards ask the cluster layer).
+    fn sync_room(&mut self, i: usize) {
+        for j in 0..self.nodes.len() {
+            if j != i {
+                let room = self.outs.get(&(i, j)).is_none_or(Outbound::has_room);
+                self.nodes[i].core.set_peer_room(&node_name(j), room);
+            }
         }
     }
 
