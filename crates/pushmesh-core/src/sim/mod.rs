@@ -57,7 +57,7 @@ fn app() -> AppConfig {
 /// Data frames a link's buffer holds before publishes to that peer are
 /// refused: small, so that a cut link fills it and refusals are exercised
 /// (the buffer itself takes more, up to its slack, for copies).
-const BUFFER_FRAMES: usize = 8;
+const BUFFER_FRAMES: usize = 2;
 
 fn node_name(i: usize) -> NodeId {
     NodeId::new(&format!("node-{i}"))
