@@ -18,7 +18,7 @@ use crate::app::{
 use crate::hook_backup::HookBackup;
 use crate::peer_frame::{Delta, FrameKind, NodeId};
 use crate::replication::Replicator;
-use crate::router::{ChannelInfo, QueryError, Shard, KINDS};
+use crate::router::{ChannelInfo, ClientEvent, QueryError, Shard, Subscribe, KINDS};
 use crate::routing::shard_of;
 use crate::session::{Request, Session, SessionOutput};
 use crate::sink::Sink;
@@ -324,17 +324,18 @@ impl Core {
                     selector,
                 },
                 Some(i),
-            ) => self.shards[i].subscribe_selected(
-                now,
-                conn,
-                app,
-                &channel,
-                proto,
-                presence,
-                selector,
-                position.as_deref(),
-                &mut sink,
-            ),
+            ) => {
+                let s = Subscribe {
+                    conn,
+                    app,
+                    channel,
+                    proto,
+                    presence,
+                    selector,
+                    position,
+                };
+                self.shards[i].subscribe(now, s, &mut sink)
+            }
             (Request::Unsubscribe { app, channel }, Some(i)) => {
                 self.shards[i].unsubscribe(conn, app, &channel, &mut sink)
             }
@@ -347,9 +348,16 @@ impl Core {
                     socket_id,
                 },
                 Some(i),
-            ) => self.shards[i].client_event(
-                now, &conn, app, &channel, &event, &data, &socket_id, &mut sink,
-            ),
+            ) => {
+                let e = ClientEvent {
+                    app,
+                    channel: &channel,
+                    event: &event,
+                    data: &data,
+                    socket_id: &socket_id,
+                };
+                self.shards[i].client_event(now, &conn, e, &mut sink)
+            }
             (
                 Request::SignIn {
                     app,

@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 
 use super::{CollectSink, Core, PublishedChannel};
 use crate::app::{AppIdx, ConnId, PublishError, PublishRequest};
-use crate::router::Event;
+use crate::router::{Event, Publish};
 
 impl Core {
     /// Publishes one event from the HTTP API.
@@ -21,7 +21,7 @@ impl Core {
         self.publish_with(now, app, req, None)
     }
 
-    /// A publish, with tags or without (`Core::publish_tagged`).
+    /// A publish, with tags or without.
     pub(super) fn publish_with(
         &mut self,
         now: Instant,
@@ -43,12 +43,9 @@ impl Core {
                 user_id: None,
             };
             let mut sink = sink!(self);
-            let shard = &mut self.shards[i];
-            match tags {
-                Some(t) => shard.publish_tagged(now, &ev, t, true, &mut sink),
-                None => shard.publish(now, &ev, true, &mut sink),
-            }
-            .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+            self.shards[i]
+                .publish(now, &Publish { event: ev, tags }, &mut sink)
+                .map_err(|e| PublishError::Unavailable(e.to_string()))?;
             let info = self.shards[i].info(now, app, &name);
             published.push(PublishedChannel { name, info });
         }
@@ -108,7 +105,7 @@ impl Core {
         };
         let mut sink = sink!(self);
         self.shards[i]
-            .publish(now, &ev, true, &mut sink)
+            .publish(now, &Publish::from(ev), &mut sink)
             .map_err(|e| PublishError::Unavailable(e.to_string()))
     }
 }

@@ -9,13 +9,15 @@ use std::time::{Duration, Instant};
 use pushmesh_protocol::server::{self, Recovery};
 use pushmesh_protocol::{wsify, ChannelName};
 
-use super::{Event, PublishRefused, Shard};
-use crate::app::AppIdx;
-use crate::filter::{Selector, Tags};
+use super::publish::peer_event;
+use super::{Joining, Publish, PublishRefused, Shard};
+use crate::app::{AppIdx, ConnId};
+use crate::filter::Selector;
 use crate::history::{
-    AppHistory, Appended, BadPosition, Check, HistoryStats, HistoryStore, Origin, Position,
+    AppHistory, Appended, BadPosition, Check, HistoryStats, HistoryStore, NewEvent, Origin,
+    Position,
 };
-use crate::peer_frame::PeerFrame;
+use crate::peer_frame::{HistoryStamp, PeerFrame};
 use crate::session::Proto;
 use crate::sink::{Handle, Sink};
 
@@ -25,13 +27,17 @@ pub const RECOVERY_WAIT: Duration = Duration::from_millis(1000);
 
 /// A subscribe waiting for the events its position names.
 pub(super) struct Pending<H> {
-    h: H,
-    app: AppIdx,
-    name: ChannelName,
+    j: Joining<H>,
     proto: Proto,
     from: Position,
     until: Instant,
     selector: Option<Arc<Selector>>,
+}
+
+impl<H: Handle> Pending<H> {
+    fn is(&self, conn: ConnId, app: AppIdx, name: &ChannelName) -> bool {
+        self.j.h.conn() == conn && self.j.app == app && self.j.name == *name
+    }
 }
 
 /// How a subscribe on a history channel is answered.
@@ -43,6 +49,20 @@ pub(super) enum Answer {
     Recovered(Position),
     /// The position cannot be continued: only live events follow.
     Lost,
+}
+
+/// The event a publish stores on a history channel.
+fn new_event<'a>(p: &Publish<'a>, stamp: HistoryStamp, now: Instant) -> NewEvent<'a> {
+    NewEvent {
+        origin: Origin(stamp.origin),
+        seq: stamp.seq,
+        at: now,
+        at_ms: stamp.at_ms,
+        event: p.event.name,
+        data: p.event.data,
+        user_id: p.event.user_id,
+        tags: p.tags.cloned().unwrap_or_default(),
+    }
 }
 
 /// One page of a channel's history (`GET .../history`).
@@ -149,24 +169,18 @@ impl<H: Handle> Shard<H> {
     }
 
     /// Parks a subscribe until the events its position names arrive.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn park_recovery(
         &mut self,
         now: Instant,
-        h: H,
-        app: AppIdx,
-        name: &ChannelName,
+        j: Joining<H>,
         proto: Proto,
         position: &str,
         selector: Option<Arc<Selector>>,
     ) {
         let from = Position::parse(position).unwrap_or_default();
-        self.pending
-            .retain(|p| !(p.h.conn() == h.conn() && p.app == app && p.name == *name));
+        self.pending.retain(|p| !p.is(j.h.conn(), j.app, &j.name));
         self.pending.push(Pending {
-            h,
-            app,
-            name: name.clone(),
+            j,
             proto,
             from,
             until: now + RECOVERY_WAIT,
@@ -175,15 +189,9 @@ impl<H: Handle> Shard<H> {
     }
 
     /// Forgets a parked recovery (the connection unsubscribed).
-    pub(super) fn unpark_recovery(
-        &mut self,
-        conn: crate::app::ConnId,
-        app: AppIdx,
-        name: &ChannelName,
-    ) {
+    pub(super) fn unpark_recovery(&mut self, conn: ConnId, app: AppIdx, name: &ChannelName) {
         if !self.pending.is_empty() {
-            self.pending
-                .retain(|p| !(p.h.conn() == conn && p.app == app && p.name == *name));
+            self.pending.retain(|p| !p.is(conn, app, name));
         }
     }
 
@@ -273,49 +281,30 @@ impl<H: Handle> Shard<H> {
     pub(super) fn history_hand(
         &mut self,
         now: Instant,
-        ev: &Event<'_>,
-        tags: &Tags,
+        p: &Publish<'_>,
         sink: &mut impl Sink<H>,
     ) -> Result<(), PublishRefused> {
-        for p in &self.peers {
-            if !sink.peer_has_room(p) {
-                return Err(PublishRefused::PeerBufferFull(p.clone()));
+        for peer in &self.peers {
+            if !sink.peer_has_room(peer) {
+                return Err(PublishRefused::PeerBufferFull(peer.clone()));
             }
         }
+        let ev = &p.event;
         let max = self
             .keeps_history(ev.app, ev.channel.as_str())
             .map_or(1, |c| c.max_events);
         let Some(store) = self.history.as_mut() else {
             return Ok(());
         };
-        let origin = store.origin();
-        let seq = store.next_own_seq(ev.app, ev.channel);
-        let at_ms = store.wall_ms(now);
-        let e = store.event(
-            origin,
-            seq,
-            now,
-            at_ms,
-            ev.name,
-            ev.data,
-            ev.user_id,
-            tags.clone(),
-        );
+        let stamp = HistoryStamp {
+            origin: store.origin().0,
+            seq: store.next_own_seq(ev.app, ev.channel),
+            at_ms: store.wall_ms(now),
+        };
+        let e = store.event(new_event(p, stamp, now));
         store.append(ev.app, ev.channel, e, max);
         if !self.peers.is_empty() {
-            let frame = PeerFrame::HistoryPublish {
-                app: self.app_id(ev.app).to_owned(),
-                channel: ev.channel.to_string(),
-                event: ev.name.to_owned(),
-                data: ev.data.to_owned(),
-                exclude: ev.exclude_socket.map(str::to_owned),
-                user_id: ev.user_id.map(str::to_owned),
-                origin: origin.0,
-                seq,
-                at_ms,
-                tags: tags.to_pairs(),
-            }
-            .encode();
+            let frame = PeerFrame::Event(peer_event(self.app_id(ev.app), p, Some(stamp))).encode();
             for to in &self.peers {
                 sink.peer_durable(to, &frame);
             }
@@ -323,58 +312,27 @@ impl<H: Handle> Shard<H> {
         Ok(())
     }
 
-    /// A history event from a peer: stored and delivered here, unless it
-    /// is held already (then it was delivered already, or predates every
-    /// position given out here).
-    #[allow(clippy::too_many_arguments)]
-    pub fn deliver_history(
+    /// Stores a peer's history event (if the channel keeps history here);
+    /// false if it is held already (then it was delivered already, or
+    /// predates every position given out here).
+    pub(super) fn store_peer_event(
         &mut self,
         now: Instant,
-        app_id: &str,
-        channel: &str,
-        event: &str,
-        data: &str,
-        exclude: Option<&str>,
-        user_id: Option<&str>,
-        (origin, seq, at_ms): (u64, u64, u64),
-        tags: Vec<(String, String)>,
-        sink: &mut impl Sink<H>,
-    ) {
-        let Some((app, name)) = self.peer_channel(app_id, channel) else {
-            return;
+        p: &Publish<'_>,
+        stamp: HistoryStamp,
+    ) -> bool {
+        let ev = &p.event;
+        let Some(max) = self
+            .keeps_history(ev.app, ev.channel.as_str())
+            .map(|c| c.max_events)
+        else {
+            return true;
         };
-        let Ok(tags) = Tags::from_pairs(tags) else {
-            tracing::debug!(%channel, "dropped a peer's history event with invalid tags");
-            return;
+        let Some(store) = self.history.as_mut() else {
+            return true;
         };
-        let ev = Event {
-            app,
-            channel: &name,
-            name: event,
-            data,
-            content: None,
-            exclude_socket: exclude,
-            user_id,
-        };
-        if let Some(max) = self.keeps_history(app, channel).map(|c| c.max_events) {
-            if let Some(store) = self.history.as_mut() {
-                let e = store.event(
-                    Origin(origin),
-                    seq,
-                    now,
-                    at_ms,
-                    event,
-                    data,
-                    user_id,
-                    tags.clone(),
-                );
-                if store.append(app, &name, e, max) == Appended::Duplicate {
-                    return;
-                }
-            }
-        }
-        self.deliver_local_tagged(now, &ev, &tags, sink);
-        self.resolve_pending(now, app, &name, sink);
+        let e = store.event(new_event(p, stamp, now));
+        store.append(ev.app, ev.channel, e, max) != Appended::Duplicate
     }
 
     /// Parked recoveries of a channel that can now be answered.
@@ -391,7 +349,7 @@ impl<H: Handle> Shard<H> {
         let mut i = 0;
         while i < self.pending.len() {
             let p = &self.pending[i];
-            if p.app != app || p.name != *name {
+            if p.j.app != app || p.j.name != *name {
                 i += 1;
                 continue;
             }
@@ -400,17 +358,7 @@ impl<H: Handle> Shard<H> {
                 None => i += 1,
                 Some(a) => {
                     let p = self.pending.swap_remove(i);
-                    let (h, name) = (p.h, p.name);
-                    self.subscribe_answered(
-                        now,
-                        h,
-                        p.app,
-                        &name,
-                        p.proto,
-                        Some(a),
-                        p.selector,
-                        sink,
-                    );
+                    self.subscribe_answered(now, p.j, p.proto, Some(a), p.selector, sink);
                 }
             }
         }
@@ -429,16 +377,8 @@ impl<H: Handle> Shard<H> {
                 .partition(|p| p.until <= now);
             self.pending = wait;
             for p in late {
-                self.subscribe_answered(
-                    now,
-                    p.h,
-                    p.app,
-                    &p.name,
-                    p.proto,
-                    Some(Answer::Lost),
-                    p.selector,
-                    sink,
-                );
+                let lost = Some(Answer::Lost);
+                self.subscribe_answered(now, p.j, p.proto, lost, p.selector, sink);
             }
         }
     }

@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use pushmesh_protocol::ChannelName;
 
-use super::Shard;
+use super::{Event, Publish, Shard};
 use crate::filter::Tags;
-use crate::history::{ChannelLog, Origin, Position};
-use crate::peer_frame::{FrameKind, HistoryEvent, NodeId, PeerFrame};
+use crate::history::{ChannelLog, NewEvent, Origin, Position};
+use crate::peer_frame::{FrameKind, HistoryEvent, HistoryStamp, NodeId, PeerFrame};
 use crate::sink::{Handle, Sink};
 
 /// Most events and bytes in one [`PeerFrame::HistorySync`].
@@ -94,35 +94,44 @@ impl<H: Handle> Shard<H> {
                 let at = now
                     .checked_sub(Duration::from_millis(e.age_ms))
                     .unwrap_or(now);
-                store.event(
-                    Origin(e.origin),
-                    e.seq,
+                store.event(NewEvent {
+                    origin: Origin(e.origin),
+                    seq: e.seq,
                     at,
-                    e.at_ms,
-                    &e.event,
-                    &e.data,
-                    e.user_id.as_deref(),
-                    Tags::from_pairs(e.tags).unwrap_or_default(),
-                )
+                    at_ms: e.at_ms,
+                    event: &e.event,
+                    data: &e.data,
+                    user_id: e.user_id.as_deref(),
+                    tags: Tags::from_pairs(e.tags).unwrap_or_default(),
+                })
             })
             .collect();
         store.merge(app, &name, older, &peer_base, false, max);
         for e in newer {
             // The first of an origin continues its peer base: a gap from
             // this node's head is recorded as such.
-            let user_id = e.user_id.as_deref();
-            self.deliver_history(
-                now,
-                app_id,
-                channel,
-                &e.event,
-                &e.data,
-                None,
-                user_id,
-                (e.origin, e.seq, e.at_ms),
-                e.tags,
-                sink,
-            );
+            let Ok(tags) = Tags::from_pairs(e.tags) else {
+                tracing::debug!(%channel, "dropped a peer's event with invalid tags");
+                continue;
+            };
+            let p = Publish {
+                event: Event {
+                    app,
+                    channel: &name,
+                    name: &e.event,
+                    data: &e.data,
+                    content: None,
+                    exclude_socket: None,
+                    user_id: e.user_id.as_deref(),
+                },
+                tags: Some(&tags),
+            };
+            let stamp = HistoryStamp {
+                origin: e.origin,
+                seq: e.seq,
+                at_ms: e.at_ms,
+            };
+            self.arrived(now, &p, Some(stamp), sink);
         }
         self.resolve_pending(now, app, &name, sink);
     }

@@ -424,7 +424,7 @@ impl Net {
         if !fresh {
             return true;
         }
-        if let Ok(PeerFrame::Publish { channel, .. } | PeerFrame::TaggedPublish { channel, .. }) =
+        if let Ok(PeerFrame::Event(crate::peer_frame::PeerEvent { channel, .. })) =
             PeerFrame::decode(&frame)
         {
             self.data_frames += 1;

@@ -5,9 +5,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use pushmesh_core::filter::Tags;
 use pushmesh_core::sink::Sink;
-use pushmesh_core::{ChannelInfo, Event, FrameKind, Request, Shard};
+use pushmesh_core::{
+    ChannelInfo, ClientEvent, Event, FrameKind, Publish, Request, Shard, Subscribe,
+};
 use tokio::sync::mpsc;
 
 use super::{Accepted, Cmd, DriverSink, KindSlots, Links, BATCH, TICK};
@@ -28,17 +29,18 @@ pub(super) fn run_cmd(
                 presence,
                 position,
                 selector,
-            } => shard.subscribe_selected(
-                now,
-                h,
-                app,
-                &channel,
-                proto,
-                presence,
-                selector,
-                position.as_deref(),
-                sink,
-            ),
+            } => {
+                let s = Subscribe {
+                    conn: h,
+                    app,
+                    channel,
+                    proto,
+                    presence,
+                    selector,
+                    position,
+                };
+                shard.subscribe(now, s, sink)
+            }
             Request::Unsubscribe { app, channel } => {
                 shard.unsubscribe(h.0.id(), app, &channel, sink)
             }
@@ -48,7 +50,16 @@ pub(super) fn run_cmd(
                 event,
                 data,
                 socket_id,
-            } => shard.client_event(now, &h, app, &channel, &event, &data, &socket_id, sink),
+            } => {
+                let e = ClientEvent {
+                    app,
+                    channel: &channel,
+                    event: &event,
+                    data: &data,
+                    socket_id: &socket_id,
+                };
+                shard.client_event(now, &h, e, sink)
+            }
             Request::SignIn { .. } | Request::SignOut { .. } => {}
         },
         Cmd::Publish(p) => {
@@ -61,11 +72,13 @@ pub(super) fn run_cmd(
                 exclude_socket: p.exclude.as_deref(),
                 user_id: None,
             };
-            let untagged = Tags::default();
-            let tags = p.tags.as_deref().unwrap_or(&untagged);
+            let publish = Publish {
+                event: ev,
+                tags: p.tags.as_deref(),
+            };
             // Answered once it is handed to the peers (it cannot fail
             // after that), before the local fan-out; with `info`, after.
-            match shard.hand_to_peers_tagged(now, &ev, tags, sink) {
+            match shard.hand_to_peers(now, &publish, sink) {
                 Err(e) => {
                     let _ = p.reply.send(Err(e));
                 }
@@ -73,11 +86,11 @@ pub(super) fn run_cmd(
                     let receipts = sink.take_receipts();
                     let info = ChannelInfo::default();
                     let _ = p.reply.send(Ok(Accepted { info, receipts }));
-                    shard.deliver_local_tagged(now, &ev, tags, sink);
+                    shard.deliver_local(now, &publish, sink);
                 }
                 Ok(()) => {
                     let receipts = sink.take_receipts();
-                    shard.deliver_local_tagged(now, &ev, tags, sink);
+                    shard.deliver_local(now, &publish, sink);
                     let info = shard.info(now, p.app, &p.channel);
                     let _ = p.reply.send(Ok(Accepted { info, receipts }));
                 }
