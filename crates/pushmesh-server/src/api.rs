@@ -225,7 +225,7 @@ pub async fn events(
         .map_err(|e| ApiError::BadRequest(crate::tags::refusal(&e)))?;
     let published = st
         .node
-        .publish_tagged(
+        .publish(
             a.app,
             &PublishRequest {
                 name: &req.name,

@@ -341,20 +341,10 @@ impl Node {
         r
     }
 
-    /// Publishes one event (validated here) to its channels. Answers once
-    /// the work is queued on the shards; with `info`, once it is done.
+    /// Publishes one event (validated here) to its channels, with its tags
+    /// (issue #13) if it has any. Answers once the work is queued on the
+    /// shards; with `info`, once it is done.
     pub async fn publish(
-        &self,
-        app: AppIdx,
-        req: &PublishRequest<'_>,
-        info: bool,
-    ) -> Result<Vec<PublishedChannel>, PublishError> {
-        let names = self.apps.validate_publish(app, req)?;
-        self.publish_valid(app, names, req, info, None).await
-    }
-
-    /// [`Node::publish`] with tags (issue #13).
-    pub async fn publish_tagged(
         &self,
         app: AppIdx,
         req: &PublishRequest<'_>,

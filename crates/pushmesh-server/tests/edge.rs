@@ -101,6 +101,7 @@ async fn slow_consumer_is_closed_and_others_get_everything() {
                     exclude_socket: None,
                 },
                 false,
+                None,
             )
             .await;
         assert!(r.is_ok());

@@ -21,8 +21,9 @@ impl Core {
         self.publish_with(now, app, req, None)
     }
 
-    /// A publish, with tags or without.
-    pub(super) fn publish_with(
+    /// Publishes one event from the HTTP API, with tags (issue #13) or
+    /// without (`None`, as [`Core::publish`]).
+    pub fn publish_with(
         &mut self,
         now: Instant,
         app: AppIdx,
