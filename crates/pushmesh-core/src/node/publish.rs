@@ -9,6 +9,7 @@ use serde_json::value::RawValue;
 use super::{CollectSink, Core, PublishedChannel};
 use crate::app::{AppIdx, ConnId, PublishError, PublishRequest};
 use crate::router::{Event, Publish};
+use crate::session::WsifyJoinError;
 
 impl Core {
     /// Publishes one event from the HTTP API.
@@ -54,10 +55,14 @@ impl Core {
     }
 
     /// Checks a channel name a wsify client may use.
-    pub fn wsify_channel(&self, conn: ConnId, channel: &str) -> Result<ChannelName, String> {
+    pub fn wsify_channel(
+        &self,
+        conn: ConnId,
+        channel: &str,
+    ) -> Result<ChannelName, WsifyJoinError> {
         match self.sessions.get(&conn) {
             Some(s) => s.wsify_channel(channel),
-            None => Err("no such connection".into()),
+            None => Err(WsifyJoinError::NoConnection),
         }
     }
 
@@ -67,7 +72,7 @@ impl Core {
         conn: ConnId,
         channel: &str,
         position: Option<&str>,
-    ) -> Result<(), String> {
+    ) -> Result<(), WsifyJoinError> {
         let r = match self.sessions.get_mut(&conn) {
             Some(s) => s.wsify_join(channel, position),
             None => Ok(()),

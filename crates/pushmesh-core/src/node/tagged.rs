@@ -12,7 +12,7 @@ impl Core {
         conn: ConnId,
         channel: &str,
         filter: Option<&str>,
-    ) -> Result<(), String> {
+    ) -> Result<(), crate::session::WsifyJoinError> {
         let r = match self.sessions.get_mut(&conn) {
             Some(s) => s.wsify_join_filtered(channel, filter, None),
             None => Ok(()),

@@ -58,6 +58,31 @@ fn node_name(i: usize) -> NodeId {
     NodeId::new(&format!("node-{i}"))
 }
 
+/// A schedule that broke a property: which, and how to replay it.
+#[derive(Debug, thiserror::Error)]
+#[error("seed {seed} ({nodes} nodes): {what}\nops: {ops}")]
+struct SimFailure {
+    /// The schedule's seed (`PUSHMESH_SIM_SEED` replays it).
+    seed: u64,
+    /// Nodes in the schedule.
+    nodes: usize,
+    /// The violation.
+    what: String,
+    /// The operations that led to it.
+    ops: String,
+}
+
+impl SimFailure {
+    fn new(seed: u64, nodes: usize, what: String, log: &[String]) -> Self {
+        Self {
+            seed,
+            nodes,
+            what,
+            ops: log.join(", "),
+        }
+    }
+}
+
 struct SimNode {
     core: Core,
     epoch: u64,
