@@ -489,17 +489,7 @@ impl Session {
         channel: &str,
         position: Option<&str>,
     ) -> Result<(), WsifyJoinError> {
-        let name = self.wsify_channel(channel)?;
-        self.subs.insert(name.clone(), None);
-        self.route(Request::Subscribe {
-            app: self.app,
-            channel: name,
-            proto: self.proto,
-            presence: None,
-            position: position.map(Into::into),
-            selector: None,
-        });
-        Ok(())
+        self.wsify_join_filtered(channel, None, position)
     }
 
     /// wsify `leave`: leaving a channel never joined does nothing.

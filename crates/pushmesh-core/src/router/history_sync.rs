@@ -114,16 +114,12 @@ impl<H: Handle> Shard<H> {
                 tracing::debug!(%channel, "dropped a peer's event with invalid tags");
                 continue;
             };
+            let event = Event {
+                user_id: e.user_id.as_deref(),
+                ..Event::new(app, &name, &e.event, &e.data)
+            };
             let p = Publish {
-                event: Event {
-                    app,
-                    channel: &name,
-                    name: &e.event,
-                    data: &e.data,
-                    content: None,
-                    exclude_socket: None,
-                    user_id: e.user_id.as_deref(),
-                },
+                event,
                 tags: Some(&tags),
             };
             let stamp = HistoryStamp {

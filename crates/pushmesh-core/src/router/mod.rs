@@ -261,6 +261,22 @@ pub struct Event<'a> {
     pub user_id: Option<&'a str>,
 }
 
+impl<'a> Event<'a> {
+    /// An event of `app` on `channel` with nobody left out, no wsify
+    /// content and no `user_id` (set those with struct update syntax).
+    pub fn new(app: AppIdx, channel: &'a ChannelName, name: &'a str, data: &'a str) -> Self {
+        Self {
+            app,
+            channel,
+            name,
+            data,
+            content: None,
+            exclude_socket: None,
+            user_id: None,
+        }
+    }
+}
+
 /// One publish on a channel of this shard: the event and its optional
 /// parts. The one input of [`Shard::publish`], [`Shard::hand_to_peers`]
 /// and [`Shard::deliver_local`] (an untagged event: `Publish::from(event)`).

@@ -197,16 +197,13 @@ impl<H: Handle> Shard<H> {
                 return;
             }
         };
+        let event = Event {
+            exclude_socket: e.exclude.as_deref(),
+            user_id: e.user_id.as_deref(),
+            ..Event::new(app, &name, &e.event, &e.data)
+        };
         let p = Publish {
-            event: Event {
-                app,
-                channel: &name,
-                name: &e.event,
-                data: &e.data,
-                content: None,
-                exclude_socket: e.exclude.as_deref(),
-                user_id: e.user_id.as_deref(),
-            },
+            event,
             tags: tags.as_ref(),
         };
         self.arrived(now, &p, e.position, sink);

@@ -172,16 +172,7 @@ impl<H: Handle> Shard<H> {
         if self.tables[app].cache.get(&name).is_some_and(|c| c.at > at) {
             return;
         }
-        let ev = Event {
-            app,
-            channel: &name,
-            name: event,
-            data,
-            content: None,
-            exclude_socket: None,
-            user_id: None,
-        };
-        self.cache_event(at, &ev, None);
+        self.cache_event(at, &Event::new(app, &name, event, data), None);
     }
 
     /// Sends every live cache entry to a peer whose link just came up, so a
