@@ -25,21 +25,6 @@ use crate::sink::{Handle, Sink};
 /// has not got yet (they are on their way from a live peer).
 pub const RECOVERY_WAIT: Duration = Duration::from_millis(1000);
 
-/// A subscribe waiting for the events its position names.
-pub(super) struct Pending<H> {
-    j: Joining<H>,
-    proto: Proto,
-    from: Position,
-    until: Instant,
-    selector: Option<Arc<Selector>>,
-}
-
-impl<H: Handle> Pending<H> {
-    fn is(&self, conn: ConnId, app: AppIdx, name: &ChannelName) -> bool {
-        self.j.h.conn() == conn && self.j.app == app && self.j.name == *name
-    }
-}
-
 /// How a subscribe on a history channel is answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Answer {
@@ -104,23 +89,23 @@ pub enum HistoryError {
 impl<H: Handle> Shard<H> {
     /// Gives the shard a history store (only if some app keeps history).
     pub fn set_history(&mut self, store: HistoryStore) {
-        self.history = Some(Box::new(store));
+        self.history.set_store(store);
     }
 
     /// The origins that may still send events here: this node's peers'
     /// current incarnations (this node's own is always one).
     pub fn set_live_origins(&mut self, origins: Vec<Origin>) {
-        self.live_origins = origins;
+        self.history.set_live_origins(origins);
     }
 
     /// The store's counters.
     pub fn history_stats(&self) -> HistoryStats {
-        self.history.as_ref().map(|h| h.stats).unwrap_or_default()
+        self.history.stats()
     }
 
     /// The app's history settings, if `name` keeps history.
     pub(super) fn keeps_history(&self, app: AppIdx, name: &str) -> Option<&AppHistory> {
-        self.history.as_ref()?;
+        self.history.store()?;
         self.apps
             .get(app)
             .history
@@ -128,16 +113,9 @@ impl<H: Handle> Shard<H> {
             .filter(|h| h.matches(name))
     }
 
-    fn is_live(&self, o: Origin) -> bool {
-        self.live_origins.contains(&o)
-    }
-
     /// The channel's position here (`0` before any event).
     pub(super) fn history_head(&self, app: AppIdx, name: &ChannelName) -> String {
-        self.history
-            .as_ref()
-            .and_then(|s| s.log(app, name))
-            .map_or_else(|| "0".to_owned(), |l| l.head().to_string())
+        self.history.head(app, name)
     }
 
     /// How to answer a subscribe asking for `position`; `None`: wait.
@@ -147,25 +125,7 @@ impl<H: Handle> Shard<H> {
         name: &ChannelName,
         position: Option<&str>,
     ) -> Option<Answer> {
-        let Some(text) = position else {
-            return Some(Answer::Fresh);
-        };
-        let Ok(p) = Position::parse(text) else {
-            return Some(Answer::Lost);
-        };
-        let own = self.history.as_ref().map(|s| s.origin());
-        let live = |o: Origin| Some(o) != own && self.is_live(o);
-        let check = match self.history.as_ref().and_then(|s| s.log(app, name)) {
-            Some(log) => log.check(&p, live),
-            None if p.entries().next().is_none() => Check::Continuous,
-            None if p.entries().any(|(o, _)| live(o)) => Check::Ahead,
-            None => Check::Lost,
-        };
-        match check {
-            Check::Continuous => Some(Answer::Recovered(p)),
-            Check::Ahead => None,
-            Check::Lost => Some(Answer::Lost),
-        }
+        self.history.answer(app, name, position)
     }
 
     /// Parks a subscribe until the events its position names arrive.
@@ -177,22 +137,12 @@ impl<H: Handle> Shard<H> {
         position: &str,
         selector: Option<Arc<Selector>>,
     ) {
-        let from = Position::parse(position).unwrap_or_default();
-        self.pending.retain(|p| !p.is(j.h.conn(), j.app, &j.name));
-        self.pending.push(Pending {
-            j,
-            proto,
-            from,
-            until: now + RECOVERY_WAIT,
-            selector,
-        });
+        self.history.park(now, j, proto, position, selector);
     }
 
     /// Forgets a parked recovery (the connection unsubscribed).
     pub(super) fn unpark_recovery(&mut self, conn: ConnId, app: AppIdx, name: &ChannelName) {
-        if !self.pending.is_empty() {
-            self.pending.retain(|p| !p.is(conn, app, name));
-        }
+        self.history.unpark(conn, app, name);
     }
 
     /// Counts the answer and makes the `recovered` / `position` fields.
@@ -202,18 +152,7 @@ impl<H: Handle> Shard<H> {
         name: &ChannelName,
         a: &Answer,
     ) -> (Option<bool>, String) {
-        let recovered = match a {
-            Answer::Fresh => None,
-            Answer::Recovered(_) => Some(true),
-            Answer::Lost => Some(false),
-        };
-        if let Some(s) = self.history.as_mut() {
-            match recovered {
-                Some(true) => s.stats.recovered += 1,
-                Some(false) => s.stats.not_recovered += 1,
-                None => {}
-            }
-        }
+        let recovered = self.history.count(a);
         (recovered, self.history_head(app, name))
     }
 
@@ -245,7 +184,7 @@ impl<H: Handle> Shard<H> {
         from: &Position,
         sink: &mut impl Sink<H>,
     ) {
-        let Some(log) = self.history.as_ref().and_then(|s| s.log(app, name)) else {
+        let Some(log) = self.history.store().and_then(|s| s.log(app, name)) else {
             return;
         };
         let selector = self.selector_of(app, name, h.conn());
@@ -293,7 +232,7 @@ impl<H: Handle> Shard<H> {
         let max = self
             .keeps_history(ev.app, ev.channel.as_str())
             .map_or(1, |c| c.max_events);
-        let Some(store) = self.history.as_mut() else {
+        let Some(store) = self.history.store_mut() else {
             return Ok(());
         };
         let stamp = HistoryStamp {
@@ -328,7 +267,7 @@ impl<H: Handle> Shard<H> {
         else {
             return true;
         };
-        let Some(store) = self.history.as_mut() else {
+        let Some(store) = self.history.store_mut() else {
             return true;
         };
         let e = store.event(new_event(p, stamp, now));
@@ -343,24 +282,11 @@ impl<H: Handle> Shard<H> {
         name: &ChannelName,
         sink: &mut impl Sink<H>,
     ) {
-        if self.pending.is_empty() {
+        if !self.history.has_pending() {
             return;
         }
-        let mut i = 0;
-        while i < self.pending.len() {
-            let p = &self.pending[i];
-            if p.j.app != app || p.j.name != *name {
-                i += 1;
-                continue;
-            }
-            let text = p.from.to_string();
-            match self.history_answer(app, name, Some(&text)) {
-                None => i += 1,
-                Some(a) => {
-                    let p = self.pending.swap_remove(i);
-                    self.subscribe_answered(now, p.j, p.proto, Some(a), p.selector, sink);
-                }
-            }
+        for (p, a) in self.history.take_answerable(app, name) {
+            self.subscribe_answered(now, p.j, p.proto, Some(a), p.selector, sink);
         }
     }
 
@@ -368,18 +294,12 @@ impl<H: Handle> Shard<H> {
     /// (answered `recovered: false`).
     pub(super) fn history_tick(&mut self, now: Instant, sink: &mut impl Sink<H>) {
         let apps = self.apps.clone();
-        if let Some(store) = self.history.as_mut() {
+        if let Some(store) = self.history.store_mut() {
             store.expire(now, |a| apps.get(a).history.as_ref().map(|h| h.ttl));
         }
-        if self.pending.iter().any(|p| p.until <= now) {
-            let (late, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
-                .into_iter()
-                .partition(|p| p.until <= now);
-            self.pending = wait;
-            for p in late {
-                let lost = Some(Answer::Lost);
-                self.subscribe_answered(now, p.j, p.proto, lost, p.selector, sink);
-            }
+        for p in self.history.take_late(now) {
+            let lost = Some(Answer::Lost);
+            self.subscribe_answered(now, p.j, p.proto, lost, p.selector, sink);
         }
     }
 
@@ -395,7 +315,7 @@ impl<H: Handle> Shard<H> {
             return Err(HistoryError::NotEnabled(name.to_string()));
         }
         let after = after.map(Position::parse).transpose()?;
-        let Some(log) = self.history.as_ref().and_then(|s| s.log(app, name)) else {
+        let Some(log) = self.history.store().and_then(|s| s.log(app, name)) else {
             return Ok(HistoryPage {
                 events: Vec::new(),
                 position: "0".into(),

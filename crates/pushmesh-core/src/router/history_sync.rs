@@ -20,11 +20,10 @@ impl<H: Handle> Shard<H> {
     /// Sends this shard's history to a peer whose new incarnation linked
     /// (a node that joins recovers positions from before its start).
     pub fn send_history(&mut self, now: Instant, to: &NodeId, epoch: u64, sink: &mut impl Sink<H>) {
-        if self.history.is_none() || self.history_sent.get(to) == Some(&epoch) {
+        if !self.history.send_to(to, epoch) {
             return;
         }
-        self.history_sent.insert(to.clone(), epoch);
-        let Some(store) = self.history.as_ref() else {
+        let Some(store) = self.history.store() else {
             return;
         };
         for (app, name, log) in store.channels() {
@@ -37,7 +36,7 @@ impl<H: Handle> Shard<H> {
     /// of its events, so the survivors end up with the union (one of them
     /// may have got events of it that another never did).
     pub fn share_origin(&mut self, now: Instant, origin: Origin, sink: &mut impl Sink<H>) {
-        let Some(store) = self.history.as_ref() else {
+        let Some(store) = self.history.store() else {
             return;
         };
         for (app, name, log) in store.channels() {
@@ -73,7 +72,7 @@ impl<H: Handle> Shard<H> {
         let Some(max) = self.keeps_history(app, channel).map(|c| c.max_events) else {
             return;
         };
-        let Some(store) = self.history.as_mut() else {
+        let Some(store) = self.history.store_mut() else {
             return;
         };
         let mut peer_base = Position::default();

@@ -19,6 +19,7 @@
 
 mod filter;
 mod history;
+mod history_state;
 mod history_sync;
 mod presence;
 mod presence_limit;
@@ -48,7 +49,6 @@ pub use query::{
 
 use crate::app::{AppIdx, Apps, ConnId};
 use crate::filter::{Selector, Tags};
-use crate::history::{HistoryStore, Origin};
 #[cfg(doc)]
 use crate::peer_frame::PeerFrame;
 use crate::peer_frame::{Delta, NodeId};
@@ -80,14 +80,9 @@ pub struct Shard<H> {
     kinds: [KindStats; 5],
     /// Presence joins waiting for the owner; reservations (`presence_limit.rs`).
     limit: presence_limit::PresenceLimit<H>,
-    /// History of the history channels (`history.rs`); none if no app keeps any.
-    history: Option<Box<HistoryStore>>,
-    /// Peers' incarnations that may still send history events.
-    live_origins: Vec<Origin>,
-    /// Subscribes waiting for history events their position names.
-    pending: Vec<history::Pending<H>>,
-    /// The incarnation of each peer this shard sent its history to.
-    history_sent: HashMap<NodeId, u64>,
+    /// History: the store, live origins, waiting recoveries, copies sent
+    /// (`history_state.rs`).
+    history: history_state::ShardHistory<H>,
     /// Selectors of presence joins waiting for the owner (`filter.rs`).
     parked_selectors: HashMap<(ConnId, AppIdx, ChannelName), Arc<Selector>>,
     /// Per publish: which groups of the channel matched (reused).
@@ -360,10 +355,7 @@ impl<H: Handle> Shard<H> {
             peers: BTreeSet::new(),
             kinds: [KindStats::default(); 5],
             limit: presence_limit::PresenceLimit::default(),
-            history: None,
-            live_origins: Vec::new(),
-            pending: Vec::new(),
-            history_sent: HashMap::new(),
+            history: history_state::ShardHistory::default(),
             parked_selectors: HashMap::new(),
             matched: Vec::new(),
         }
@@ -383,7 +375,7 @@ impl<H: Handle> Shard<H> {
     pub fn set_peers(&mut self, peers: BTreeSet<NodeId>) {
         // A peer that is gone gets the whole history again if it links
         // again (it may have been declared dead and its frames dropped).
-        self.history_sent.retain(|p, _| peers.contains(p));
+        self.history.keep_peers(&peers);
         self.peers = peers;
     }
 
