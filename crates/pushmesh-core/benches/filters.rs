@@ -13,28 +13,31 @@ use pushmesh_protocol::Limits;
 const SUBSCRIBERS: usize = 10_000;
 
 fn core() -> Core {
-    Core::new(std::time::Instant::now(), CoreConfig {
-        apps: vec![AppConfig {
-            id: "1".into(),
-            key: "key".into(),
-            secret: "secret".into(),
-            enabled: true,
-            client_events: true,
-            user_authentication_required: false,
+    Core::new(
+        std::time::Instant::now(),
+        CoreConfig {
+            apps: vec![AppConfig {
+                id: "1".into(),
+                key: "key".into(),
+                secret: "secret".into(),
+                enabled: true,
+                client_events: true,
+                user_authentication_required: false,
+                max_connections: None,
+                subscription_count_events: false,
+                limits: Limits::default(),
+                webhooks: false,
+                wsify_event: "broadcast".into(),
+                history: None,
+            }],
+            activity_timeout_secs: 120,
             max_connections: None,
-            subscription_count_events: false,
-            limits: Limits::default(),
-            webhooks: false,
-            wsify_event: "broadcast".into(),
-            history: None,
-        }],
-        activity_timeout_secs: 120,
-        max_connections: None,
-        socket_prefix: 1,
-        node_id: "bench".into(),
-        epoch: 1,
-        history_max_bytes: pushmesh_core::history::MAX_BYTES,
-    })
+            socket_prefix: 1,
+            node_id: "bench".into(),
+            epoch: 1,
+            history_max_bytes: pushmesh_core::history::MAX_BYTES,
+        },
+    )
 }
 
 fn drain(c: &mut Core) -> usize {
@@ -92,7 +95,11 @@ fn filtered_fanout(c: &mut Criterion) {
     let tags = Tags::parse_json(r#"{"zone":"z3"}"#).unwrap_or_default();
     g.bench_function("no filters, tagged (10,000 deliveries)", |b| {
         b.iter(|| {
-            black_box(plain.publish_tagged(now, AppIdx(0), &req, &tags).is_ok());
+            black_box(
+                plain
+                    .publish_with(now, AppIdx(0), &req, Some(&tags))
+                    .is_ok(),
+            );
             drain(&mut plain)
         })
     });
@@ -101,7 +108,7 @@ fn filtered_fanout(c: &mut Criterion) {
     let mut ten = setup(10);
     assert_eq!(
         {
-            let _ = ten.publish_tagged(now, AppIdx(0), &req, &tags);
+            let _ = ten.publish_with(now, AppIdx(0), &req, Some(&tags));
             drain(&mut ten)
         },
         SUBSCRIBERS / 10
@@ -109,7 +116,7 @@ fn filtered_fanout(c: &mut Criterion) {
     g.throughput(Throughput::Elements((SUBSCRIBERS / 10) as u64));
     g.bench_function("10 shared filters, tagged (1,000 deliveries)", |b| {
         b.iter(|| {
-            black_box(ten.publish_tagged(now, AppIdx(0), &req, &tags).is_ok());
+            black_box(ten.publish_with(now, AppIdx(0), &req, Some(&tags)).is_ok());
             drain(&mut ten)
         })
     });
@@ -117,7 +124,10 @@ fn filtered_fanout(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("10 shared filters, tagged, no match (0 deliveries)", |b| {
         b.iter(|| {
-            black_box(ten.publish_tagged(now, AppIdx(0), &req, &nobody).is_ok());
+            black_box(
+                ten.publish_with(now, AppIdx(0), &req, Some(&nobody))
+                    .is_ok(),
+            );
             drain(&mut ten)
         })
     });

@@ -26,15 +26,18 @@ fn app() -> AppConfig {
 }
 
 fn core() -> Core {
-    Core::new(std::time::Instant::now(), CoreConfig {
-        apps: vec![app()],
-        activity_timeout_secs: 120,
-        max_connections: None,
-        socket_prefix: 1,
-        node_id: "bench".into(),
-        epoch: 1,
-        history_max_bytes: pushmesh_core::history::MAX_BYTES,
-    })
+    Core::new(
+        std::time::Instant::now(),
+        CoreConfig {
+            apps: vec![app()],
+            activity_timeout_secs: 120,
+            max_connections: None,
+            socket_prefix: 1,
+            node_id: "bench".into(),
+            epoch: 1,
+            history_max_bytes: pushmesh_core::history::MAX_BYTES,
+        },
+    )
 }
 
 fn drain(c: &mut Core) -> usize {

@@ -85,6 +85,12 @@ pub enum FilterError {
 pub struct Tags(Box<[(Box<str>, Box<str>)]>);
 
 impl Tags {
+    /// No tags (an untagged event), shared.
+    pub fn none() -> &'static Tags {
+        static NONE: std::sync::OnceLock<Tags> = std::sync::OnceLock::new();
+        NONE.get_or_init(Tags::default)
+    }
+
     /// Parses the JSON text of a `tags` object.
     pub fn parse_json(text: &str) -> Result<Self, TagsError> {
         let map: serde_json::Map<String, Value> =

@@ -26,6 +26,7 @@ pub mod machine;
 mod node;
 pub mod peer_buffer;
 pub mod peer_frame;
+pub mod per_app;
 pub mod replication;
 pub mod router;
 pub mod routing;
@@ -35,19 +36,21 @@ pub mod users;
 pub mod webhooks;
 
 pub use app::{
-    AppConfig, AppIdx, Apps, ConnId, CoreConfig, OpenError, PublishError, PublishRequest,
-    Refusal,
+    AppConfig, AppIdx, Apps, ConnId, CoreConfig, OpenError, PublishError, PublishRequest, Refusal,
 };
 pub use filter::{Filter, FilterError, Selector, Tags, TagsError, Target};
 pub use hook_backup::HookBackup;
 pub use keepalive::{Keepalive, KeepaliveAction};
-pub use machine::{Batch, Barrier, ShardInput, ShardMachine, ShardPublish, ShardSink};
+pub use machine::{Barrier, Batch, ShardInput, ShardMachine, ShardPublish, ShardSink};
 pub use node::{Core, Output, PublishedChannel};
-pub use peer_frame::{Delta, FrameKind, NodeId, PeerFrame, PeerFrameError, Snapshot};
+pub use peer_frame::{
+    Delta, FrameKind, HistoryStamp, NodeId, PeerEvent, PeerFrame, PeerFrameError, Snapshot,
+};
+pub use per_app::PerApp;
 pub use replication::{Effects, PeerLink, Replicator};
 pub use router::{
-    ChannelInfo, Event, HistoryError, HistoryItem, HistoryPage, PublishRefused, QueryError, Shard,
-    CACHE_TTL,
+    ChannelInfo, ClientEvent, Event, HistoryError, HistoryItem, HistoryPage, Publish,
+    PublishRefused, QueryError, Shard, Subscribe, CACHE_TTL,
 };
 pub use routing::shard_of;
 pub use session::{PresenceJoin, Proto, Request, Session, SessionOutput};

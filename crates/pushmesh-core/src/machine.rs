@@ -20,7 +20,7 @@ use crate::app::AppIdx;
 use crate::filter::Tags;
 use crate::history::Origin;
 use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame};
-use crate::router::{ChannelInfo, Event, PublishRefused, Shard};
+use crate::router::{ChannelInfo, ClientEvent, Event, Publish, PublishRefused, Shard, Subscribe};
 use crate::session::Request;
 use crate::sink::{Handle, Sink};
 
@@ -191,17 +191,18 @@ fn request<C: Handle>(
             presence,
             position,
             selector,
-        } => shard.subscribe_selected(
-            now,
-            h,
-            app,
-            &channel,
-            proto,
-            presence,
-            selector,
-            position.as_deref(),
-            sink,
-        ),
+        } => {
+            let s = Subscribe {
+                conn: h,
+                app,
+                channel,
+                proto,
+                presence,
+                selector,
+                position,
+            };
+            shard.subscribe(now, s, sink)
+        }
         Request::Unsubscribe { app, channel } => shard.unsubscribe(h.conn(), app, &channel, sink),
         Request::ClientEvent {
             app,
@@ -209,7 +210,16 @@ fn request<C: Handle>(
             event,
             data,
             socket_id,
-        } => shard.client_event(now, &h, app, &channel, &event, &data, &socket_id, sink),
+        } => {
+            let e = ClientEvent {
+                app,
+                channel: &channel,
+                event: &event,
+                data: &data,
+                socket_id: &socket_id,
+            };
+            shard.client_event(now, &h, e, sink)
+        }
         // The user registry's, not a shard's.
         Request::SignIn { .. } | Request::SignOut { .. } => {}
     }
@@ -225,25 +235,23 @@ fn publish<C: Handle, S: ShardSink<C>>(
     reply: S::Reply,
     sink: &mut S,
 ) {
-    let ev = Event {
-        app: p.app,
-        channel: &p.channel,
-        name: &p.event,
-        data: &p.data,
+    let event = Event {
         content: p.content.as_deref(),
         exclude_socket: p.exclude.as_deref(),
-        user_id: None,
+        ..Event::new(p.app, &p.channel, &p.event, &p.data)
     };
-    let untagged = Tags::default();
-    let tags = p.tags.as_deref().unwrap_or(&untagged);
-    match shard.hand_to_peers_tagged(now, &ev, tags, sink) {
+    let publish = Publish {
+        event,
+        tags: p.tags.as_deref(),
+    };
+    match shard.hand_to_peers(now, &publish, sink) {
         Err(e) => sink.answer(reply, Err(e)),
         Ok(()) if !p.info => {
             sink.answer(reply, Ok(ChannelInfo::default()));
-            shard.deliver_local_tagged(now, &ev, tags, sink);
+            shard.deliver_local(now, &publish, sink);
         }
         Ok(()) => {
-            shard.deliver_local_tagged(now, &ev, tags, sink);
+            shard.deliver_local(now, &publish, sink);
             let info = shard.info(now, p.app, &p.channel);
             sink.answer(reply, Ok(info));
         }

@@ -484,12 +484,16 @@ impl Core {
 
     /// Subscribers of a channel on this node only.
     pub fn local_subscriber_count(&self, app: AppIdx, channel: &str) -> usize {
-        self.shards[self.shard(app, channel)].shard().local_subscriber_count(app, channel)
+        self.shards[self.shard(app, channel)]
+            .shard()
+            .local_subscriber_count(app, channel)
     }
 
     /// Presence members whose connections are on this node.
     pub fn local_members(&self, app: AppIdx, channel: &str) -> Vec<String> {
-        self.shards[self.shard(app, channel)].shard().local_members(app, channel)
+        self.shards[self.shard(app, channel)]
+            .shard()
+            .local_members(app, channel)
     }
 
     /// `GET /channels`: occupied channels, optionally filtered by prefix.
@@ -518,13 +522,17 @@ impl Core {
         user_count: bool,
     ) -> Result<ChannelInfo, QueryError> {
         let name = crate::router::check_channel_query(name, user_count)?;
-        Ok(self.shards[self.shard(app, name.as_str())].shard().info(now, app, &name))
+        Ok(self.shards[self.shard(app, name.as_str())]
+            .shard()
+            .info(now, app, &name))
     }
 
     /// `GET /channels/{name}/users`: the presence members' ids.
     pub fn channel_users(&self, app: AppIdx, name: &str) -> Result<Vec<String>, QueryError> {
         let name = crate::router::check_users_query(name)?;
-        Ok(self.shards[self.shard(app, name.as_str())].shard().users(app, &name))
+        Ok(self.shards[self.shard(app, name.as_str())]
+            .shard()
+            .users(app, &name))
     }
 
     /// `POST /users/{id}/terminate_connections`.

@@ -1,5 +1,5 @@
 //! Frames between nodes: the replicated state (`Delta`, `Snapshot`, sent
-//! in bounded `SyncChunk`s) and the channel messages (`Publish`,
+//! in bounded `SyncChunk`s) and the channel messages (`Event`,
 //! `CacheSet`, `Terminate`), versioned and bincode-encoded.
 use std::fmt;
 use std::sync::Arc;
@@ -7,8 +7,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-/// Version byte in front of every encoded peer frame.
-pub const FRAME_VERSION: u8 = 3;
+/// Version byte in front of every encoded peer frame. A frame of another
+/// version is refused whole ([`PeerFrameError::Version`]): nodes of two
+/// versions exchange no frames at all (docs/operations.md, "Rolling upgrade
+/// across the peer-frame format change").
+///
+/// 4: one event frame, [`PeerFrame::Event`], with optional tags and history
+/// position (3 had `Publish`, `TaggedPublish` and `HistoryPublish`).
+pub const FRAME_VERSION: u8 = 4;
 
 /// A node of the cluster.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -167,21 +173,9 @@ pub enum PeerFrame {
     },
     /// "Your state as I hold it is off: send me a Sync."
     ResyncRequest,
-    /// A channel event to deliver locally (never forwarded again).
-    Publish {
-        /// App id.
-        app: String,
-        /// Channel.
-        channel: String,
-        /// Event name.
-        event: String,
-        /// Event data.
-        data: String,
-        /// Socket id to leave out.
-        exclude: Option<String>,
-        /// `user_id` of a presence client event.
-        user_id: Option<String>,
-    },
+    /// A channel event to deliver locally (never forwarded again), with its
+    /// tags and, on a history channel, its number.
+    Event(PeerEvent),
     /// The last event of a cache channel, for nodes without interest.
     CacheSet {
         /// App id.
@@ -247,47 +241,6 @@ pub enum PeerFrame {
         /// Admitted (true) or refused: the channel is full.
         granted: bool,
     },
-    /// A channel event with tags (issue #13), to deliver locally to the
-    /// subscriptions whose filter matches (never forwarded again). Untagged
-    /// events travel as [`PeerFrame::Publish`].
-    TaggedPublish {
-        /// App id.
-        app: String,
-        /// Channel.
-        channel: String,
-        /// Event name.
-        event: String,
-        /// Event data.
-        data: String,
-        /// Socket id to leave out.
-        exclude: Option<String>,
-        /// The event's tags.
-        tags: Vec<(String, String)>,
-    },
-    /// A channel event on a history channel, numbered by its origin; sent
-    /// to every peer (each keeps the channel's history).
-    HistoryPublish {
-        /// App id.
-        app: String,
-        /// Channel.
-        channel: String,
-        /// Event name.
-        event: String,
-        /// Event data.
-        data: String,
-        /// Socket id to leave out.
-        exclude: Option<String>,
-        /// `user_id` of a presence client event.
-        user_id: Option<String>,
-        /// The publishing node incarnation (`history::Origin`).
-        origin: u64,
-        /// Its number among the origin's events on the channel.
-        seq: u64,
-        /// When it was published, Unix ms.
-        at_ms: u64,
-        /// The event's tags (filters apply on every node, and on replay).
-        tags: Vec<(String, String)>,
-    },
     /// A node's copy of (part of) one channel's history, for a peer whose
     /// link came up: `events` in the sender's order, which holds for each
     /// origin every event with `base < seq` up to its last in `events`.
@@ -313,6 +266,43 @@ pub enum PeerFrame {
         /// How many shards the sender has.
         shards: u32,
     },
+}
+
+/// The one event frame ([`PeerFrame::Event`]): every publish and client
+/// event a peer delivers locally. Its optional parts say what else applies:
+/// `tags` (issue #13: only the subscriptions whose filter matches take it)
+/// and `position` (a history channel's event: the peer stores it too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerEvent {
+    /// App id.
+    pub app: String,
+    /// Channel.
+    pub channel: String,
+    /// Event name.
+    pub event: String,
+    /// Event data.
+    pub data: String,
+    /// Socket id to leave out.
+    pub exclude: Option<String>,
+    /// `user_id` of a presence client event.
+    pub user_id: Option<String>,
+    /// The event's tags; `None`: untagged (every subscription without a
+    /// filter takes it).
+    pub tags: Option<Vec<(String, String)>>,
+    /// Its number on a history channel; `None` on other channels.
+    pub position: Option<HistoryStamp>,
+}
+
+/// A history event's number: which incarnation published it, its place
+/// among that origin's events on the channel, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryStamp {
+    /// The publishing node incarnation (`history::Origin`).
+    pub origin: u64,
+    /// Its number among the origin's events on the channel.
+    pub seq: u64,
+    /// When it was published, Unix ms.
+    pub at_ms: u64,
 }
 
 /// One event of a [`PeerFrame::HistorySync`].
@@ -342,10 +332,8 @@ impl PeerFrame {
     /// for frames of the node as a whole.
     pub fn channel(&self) -> Option<(&str, &str)> {
         match self {
-            Self::Publish { app, channel, .. }
-            | Self::TaggedPublish { app, channel, .. }
+            Self::Event(PeerEvent { app, channel, .. })
             | Self::CacheSet { app, channel, .. }
-            | Self::HistoryPublish { app, channel, .. }
             | Self::HistorySync { app, channel, .. }
             | Self::PresenceClaim { app, channel, .. }
             | Self::PresenceGrant { app, channel, .. } => Some((app, channel)),
@@ -358,11 +346,9 @@ impl PeerFrame {
         match self {
             // Channel messages and actions: sequenced, held and replayed
             // across link loss (peer_buffer), exactly once.
-            Self::Publish { .. }
+            Self::Event(_)
             | Self::CacheSet { .. }
             | Self::Terminate { .. }
-            | Self::TaggedPublish { .. }
-            | Self::HistoryPublish { .. }
             | Self::HistorySync { .. }
             | Self::CopyDone { .. } => FrameKind::Data,
             _ => FrameKind::Control,
@@ -430,5 +416,59 @@ impl Delta {
             | Self::Filter { channel, .. } => Some(channel),
             Self::User { .. } => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(tags: Option<Vec<(String, String)>>, position: Option<HistoryStamp>) -> PeerFrame {
+        PeerFrame::Event(PeerEvent {
+            app: "a".into(),
+            channel: "c".into(),
+            event: "e".into(),
+            data: "{}".into(),
+            exclude: None,
+            user_id: Some("u".into()),
+            tags,
+            position,
+        })
+    }
+
+    #[test]
+    fn every_kind_of_event_is_one_frame_and_round_trips() {
+        let stamp = HistoryStamp {
+            origin: 7,
+            seq: 3,
+            at_ms: 1_000,
+        };
+        let tags = Some(vec![("zone".to_owned(), "eu".to_owned())]);
+        for f in [
+            event(None, None),
+            event(tags.clone(), None),
+            event(tags, Some(stamp)),
+        ] {
+            assert_eq!(PeerFrame::decode(&f.encode()), Ok(f.clone()));
+            assert_eq!(f.kind(), FrameKind::Data);
+            assert_eq!(f.channel(), Some(("a", "c")));
+        }
+    }
+
+    /// A node of the previous format (3) and one of this format refuse
+    /// each other's frames with a typed error, whatever follows the byte.
+    #[test]
+    fn a_frame_of_another_version_is_refused_not_misread() {
+        let mut old = event(None, None).encode().to_vec();
+        old[0] = 3;
+        assert_eq!(PeerFrame::decode(&old), Err(PeerFrameError::Version(3)));
+        assert_eq!(
+            PeerFrame::decode(&[]),
+            Err(PeerFrameError::Decode("empty frame".into()))
+        );
+        assert!(matches!(
+            PeerFrame::decode(&[FRAME_VERSION, 0xff, 0xff]),
+            Err(PeerFrameError::Decode(_))
+        ));
     }
 }

@@ -13,7 +13,7 @@ use indexmap::IndexMap;
 use pushmesh_protocol::client::ClientMessage;
 use pushmesh_protocol::server;
 use pushmesh_protocol::sign;
-use pushmesh_protocol::{ChannelKind, ChannelName, CloseCode};
+use pushmesh_protocol::{ChannelKind, ChannelName, ChannelNameError, CloseCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -474,30 +474,22 @@ impl Session {
 
     /// Checks a channel a wsify client may use: public channels only
     /// (private, presence and encrypted channels need Pusher signatures).
-    pub fn wsify_channel(&self, channel: &str) -> Result<ChannelName, String> {
+    pub fn wsify_channel(&self, channel: &str) -> Result<ChannelName, WsifyJoinError> {
         let max = self.cfg.limits.max_channel_name_length;
-        let name = ChannelName::parse_with_limit(channel, max).map_err(|e| e.to_string())?;
+        let name = ChannelName::parse_with_limit(channel, max)?;
         if name.kind() != ChannelKind::Public {
-            return Err(format!(
-                "channel {channel:?} needs Pusher authorization; wsify clients may join public channels only"
-            ));
+            return Err(WsifyJoinError::NeedsAuthorization(channel.to_owned()));
         }
         Ok(name)
     }
 
     /// wsify `join`: idempotent (joining twice delivers once).
-    pub fn wsify_join(&mut self, channel: &str, position: Option<&str>) -> Result<(), String> {
-        let name = self.wsify_channel(channel)?;
-        self.subs.insert(name.clone(), None);
-        self.route(Request::Subscribe {
-            app: self.app,
-            channel: name,
-            proto: self.proto,
-            presence: None,
-            position: position.map(Into::into),
-            selector: None,
-        });
-        Ok(())
+    pub fn wsify_join(
+        &mut self,
+        channel: &str,
+        position: Option<&str>,
+    ) -> Result<(), WsifyJoinError> {
+        self.wsify_join_filtered(channel, None, position)
     }
 
     /// wsify `leave`: leaving a channel never joined does nothing.
@@ -525,6 +517,26 @@ impl Session {
             });
         }
     }
+}
+
+/// Why a wsify client may not join a channel; the text is the one its
+/// error frame carries.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WsifyJoinError {
+    /// The name does not parse (or is too long).
+    #[error(transparent)]
+    BadName(#[from] ChannelNameError),
+    /// Not a public channel.
+    #[error(
+        "channel {0:?} needs Pusher authorization; wsify clients may join public channels only"
+    )]
+    NeedsAuthorization(String),
+    /// `args.filter` is refused.
+    #[error(transparent)]
+    Filter(#[from] crate::filter::FilterError),
+    /// No such connection (the test driver's `Core`).
+    #[error("no such connection")]
+    NoConnection,
 }
 
 /// The error for a client event on a channel the connection is not in.

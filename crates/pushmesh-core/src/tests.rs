@@ -55,15 +55,18 @@ fn decode(frame: &[u8]) -> Value {
 impl Harness {
     fn new(apps: Vec<AppConfig>) -> Self {
         Self {
-            core: Core::new(std::time::Instant::now(), CoreConfig {
-                apps,
-                activity_timeout_secs: 120,
-                max_connections: None,
-                socket_prefix: 7,
-                node_id: "n1".into(),
-                epoch: 1,
-                history_max_bytes: crate::history::MAX_BYTES,
-            }),
+            core: Core::new(
+                std::time::Instant::now(),
+                CoreConfig {
+                    apps,
+                    activity_timeout_secs: 120,
+                    max_connections: None,
+                    socket_prefix: 7,
+                    node_id: "n1".into(),
+                    epoch: 1,
+                    history_max_bytes: crate::history::MAX_BYTES,
+                },
+            ),
             now: Instant::now(),
             next: 1,
             inbox: BTreeMap::new(),

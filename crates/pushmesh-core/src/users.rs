@@ -11,6 +11,7 @@ use pushmesh_protocol::CloseCode;
 
 use crate::app::{AppIdx, Apps, ConnId};
 use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame};
+use crate::per_app::PerApp;
 use crate::sink::{Handle, Sink};
 
 struct User<H> {
@@ -33,25 +34,28 @@ struct Table<H> {
     remote: HashMap<String, BTreeSet<NodeId>>,
 }
 
+impl<H> Default for Table<H> {
+    fn default() -> Self {
+        Self {
+            users: HashMap::new(),
+            remote: HashMap::new(),
+        }
+    }
+}
+
 /// The user registry of a node.
 pub struct Users<H> {
     apps: Arc<Apps>,
-    tables: Vec<Table<H>>,
+    tables: PerApp<Table<H>>,
     peers: BTreeSet<NodeId>,
 }
 
 impl<H: Handle> Users<H> {
     /// An empty registry.
     pub fn new(apps: Arc<Apps>) -> Self {
-        let tables = (0..apps.len())
-            .map(|_| Table {
-                users: HashMap::new(),
-                remote: HashMap::new(),
-            })
-            .collect();
         Self {
+            tables: PerApp::new(apps.len(), Table::default),
             apps,
-            tables,
             peers: BTreeSet::new(),
         }
     }
@@ -62,7 +66,7 @@ impl<H: Handle> Users<H> {
     }
 
     fn remote_online(&self, app: AppIdx, user: &str) -> bool {
-        self.tables[app.0 as usize]
+        self.tables[app]
             .remote
             .get(user)
             .is_some_and(|n| !n.is_empty())
@@ -85,7 +89,7 @@ impl<H: Handle> Users<H> {
             .map(|w| self.remote_online(app, w))
             .collect();
         let was_online_elsewhere = self.remote_online(app, user_id);
-        let t = &mut self.tables[app.0 as usize];
+        let t = &mut self.tables[app];
         let user = t.users.entry(user_id.to_owned()).or_default();
         let came_online = user.conns.is_empty();
         user.conns.insert(conn, h.clone());
@@ -138,7 +142,7 @@ impl<H: Handle> Users<H> {
         watchlist: &[String],
         sink: &mut impl Sink<H>,
     ) {
-        let t = &mut self.tables[app.0 as usize];
+        let t = &mut self.tables[app];
         for w in watchlist {
             if let Some(u) = t.users.get_mut(w) {
                 u.watchers.swap_remove(&conn);
@@ -162,7 +166,7 @@ impl<H: Handle> Users<H> {
         if !self.remote_online(app, user_id) {
             self.watchlist_event(app, user_id, false, sink);
         }
-        let t = &mut self.tables[app.0 as usize];
+        let t = &mut self.tables[app];
         if t.users
             .get(user_id)
             .is_some_and(|u| u.watchers.is_empty() && u.conns.is_empty())
@@ -173,7 +177,7 @@ impl<H: Handle> Users<H> {
 
     /// Tells local watchers of `user` that it came online / went offline cluster-wide.
     fn watchlist_event(&self, app: AppIdx, user: &str, online: bool, sink: &mut impl Sink<H>) {
-        let Some(u) = self.tables[app.0 as usize].users.get(user) else {
+        let Some(u) = self.tables[app].users.get(user) else {
             return;
         };
         if u.watchers.is_empty() {
@@ -196,7 +200,7 @@ impl<H: Handle> Users<H> {
         let Some(app) = self.apps.by_id(app) else {
             return;
         };
-        let t = &mut self.tables[app.0 as usize];
+        let t = &mut self.tables[app];
         let local = t.users.get(user).is_some_and(|u| !u.conns.is_empty());
         let nodes = t.remote.entry(user.clone()).or_default();
         let was = !nodes.is_empty();
@@ -216,7 +220,7 @@ impl<H: Handle> Users<H> {
 
     /// Closes this node's connections of a user; returns how many.
     pub fn terminate_local(&mut self, app: AppIdx, user: &str, sink: &mut impl Sink<H>) -> usize {
-        let Some(u) = self.tables[app.0 as usize].users.get(user) else {
+        let Some(u) = self.tables[app].users.get(user) else {
             return 0;
         };
         for h in u.conns.values() {
@@ -249,7 +253,7 @@ impl<H: Handle> Users<H> {
     pub fn online_count(&self) -> usize {
         self.tables
             .iter()
-            .map(|t| t.users.values().filter(|u| !u.conns.is_empty()).count())
+            .map(|(_, t)| t.users.values().filter(|u| !u.conns.is_empty()).count())
             .sum()
     }
 }

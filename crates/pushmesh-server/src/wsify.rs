@@ -373,7 +373,9 @@ async fn handle_command(
             channel,
             filter,
             position,
-        } => session.wsify_join_filtered(channel, filter.as_deref(), position.as_deref()),
+        } => session
+            .wsify_join_filtered(channel, filter.as_deref(), position.as_deref())
+            .map_err(|e| e.to_string()),
         WsifyCommand::Leave { channel } => {
             session.wsify_leave(channel);
             Ok(())

@@ -22,6 +22,28 @@ pub use position::{BadPosition, Origin, Position};
 /// Default `history_max_bytes`: 256 MiB per node.
 pub const MAX_BYTES: usize = 256 << 20;
 
+/// An event to store: its number (origin and sequence), when it arrived
+/// here (`at`, for the ttl) and was published (`at_ms`), and its content.
+#[derive(Debug, Clone)]
+pub struct NewEvent<'a> {
+    /// The publishing incarnation.
+    pub origin: Origin,
+    /// Its number among the origin's events on the channel.
+    pub seq: u64,
+    /// When this node got it.
+    pub at: Instant,
+    /// When it was published, Unix ms.
+    pub at_ms: u64,
+    /// Event name.
+    pub event: &'a str,
+    /// Data.
+    pub data: &'a str,
+    /// `user_id` of a presence client event.
+    pub user_id: Option<&'a str>,
+    /// Its tags.
+    pub tags: crate::filter::Tags,
+}
+
 /// Counters of a shard's history store.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HistoryStats {
@@ -107,29 +129,18 @@ impl HistoryStore {
     }
 
     /// A new event with a fresh id.
-    #[allow(clippy::too_many_arguments)]
-    pub fn event(
-        &mut self,
-        origin: Origin,
-        seq: u64,
-        at: Instant,
-        at_ms: u64,
-        event: &str,
-        data: &str,
-        user_id: Option<&str>,
-        tags: crate::filter::Tags,
-    ) -> Stored {
+    pub fn event(&mut self, e: NewEvent<'_>) -> Stored {
         self.next_id += 1;
         Stored {
-            origin,
-            seq,
+            origin: e.origin,
+            seq: e.seq,
             id: self.next_id,
-            at,
-            at_ms,
-            event: event.into(),
-            data: data.into(),
-            user_id: user_id.map(Into::into),
-            tags,
+            at: e.at,
+            at_ms: e.at_ms,
+            event: e.event.into(),
+            data: e.data.into(),
+            user_id: e.user_id.map(Into::into),
+            tags: e.tags,
         }
     }
 
@@ -155,15 +166,20 @@ impl HistoryStore {
         self.stats.events = self.stats.events + 1 - dropped.len();
         self.order.push_back((key.clone(), id, at));
         self.compact();
+        self.trim(&key, max_events);
+        appended
+    }
+
+    /// Enforces a channel's `max_events`, then the memory budget.
+    fn trim(&mut self, key: &Key, max_events: usize) {
         while self
             .logs
-            .get(&key)
+            .get(key)
             .is_some_and(|l| l.len() > max_events.max(1))
         {
-            self.evict_front(&key, Gone::MaxEvents);
+            self.evict_front(key, Gone::MaxEvents);
         }
         self.enforce_budget();
-        appended
     }
 
     /// Merges a peer's copy of a channel's history (see [`ChannelLog::merge`]).
@@ -206,14 +222,7 @@ impl HistoryStore {
         let tail = self.order.split_off(pos);
         self.order.extend(ids);
         self.order.extend(tail);
-        while self
-            .logs
-            .get(&key)
-            .is_some_and(|l| l.len() > max_events.max(1))
-        {
-            self.evict_front(&key, Gone::MaxEvents);
-        }
-        self.enforce_budget();
+        self.trim(&key, max_events);
         n
     }
 

@@ -12,16 +12,16 @@ fn name(s: &str) -> ChannelName {
 }
 
 fn ev(store: &mut HistoryStore, o: Origin, seq: u64, at: Instant) -> Stored {
-    store.event(
-        o,
+    store.event(NewEvent {
+        origin: o,
         seq,
         at,
-        0,
-        "e",
-        &format!("{o:?}-{seq}"),
-        None,
-        Default::default(),
-    )
+        at_ms: 0,
+        event: "e",
+        data: &format!("{o:?}-{seq}"),
+        user_id: None,
+        tags: Default::default(),
+    })
 }
 
 fn store(budget: usize) -> (HistoryStore, Instant) {

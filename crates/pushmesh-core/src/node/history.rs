@@ -17,6 +17,8 @@ impl Core {
         limit: usize,
     ) -> Result<HistoryPage, HistoryError> {
         let i = self.shard(app, channel.as_str());
-        self.shards[i].shard().history_page(app, channel, after, limit)
+        self.shards[i]
+            .shard()
+            .history_page(app, channel, after, limit)
     }
 }

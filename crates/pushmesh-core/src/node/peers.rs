@@ -150,7 +150,10 @@ impl Core {
         self.peers_changed(now);
         self.effects(now, fx);
         let me = self.replicator.epoch();
-        for (i, done) in copy_done_frames(me, self.shards.len()).into_iter().enumerate() {
+        for (i, done) in copy_done_frames(me, self.shards.len())
+            .into_iter()
+            .enumerate()
+        {
             let mut sink = sink!(self);
             let input = ShardInput::SendCache {
                 peer: peer.clone(),

@@ -10,6 +10,7 @@ use serde_json::value::RawValue;
 use super::{CollectSink, Core, PublishedChannel};
 use crate::app::{AppIdx, ConnId, PublishError, PublishRequest, Refusal};
 use crate::machine::{ShardInput, ShardPublish};
+use crate::session::WsifyJoinError;
 
 impl Core {
     /// Publishes one event from the HTTP API.
@@ -22,10 +23,11 @@ impl Core {
         self.publish_with(now, app, req, None)
     }
 
-    /// A publish, with tags or without (`Core::publish_tagged`): each
-    /// channel's shard takes it as the server's shard task does; refused
-    /// (503) if any interested peer's buffer was full for one of them.
-    pub(super) fn publish_with(
+    /// Publishes one event from the HTTP API, with tags (issue #13) or
+    /// without (`None`, as [`Core::publish`]): each channel's shard takes
+    /// it as the server's shard task does; refused (503) if any interested
+    /// peer's buffer was full for one of them.
+    pub fn publish_with(
         &mut self,
         now: Instant,
         app: AppIdx,
@@ -76,10 +78,14 @@ impl Core {
     }
 
     /// Checks a channel name a wsify client may use.
-    pub fn wsify_channel(&self, conn: ConnId, channel: &str) -> Result<ChannelName, String> {
+    pub fn wsify_channel(
+        &self,
+        conn: ConnId,
+        channel: &str,
+    ) -> Result<ChannelName, WsifyJoinError> {
         match self.sessions.get(&conn) {
             Some(s) => s.wsify_channel(channel),
-            None => Err("no such connection".into()),
+            None => Err(WsifyJoinError::NoConnection),
         }
     }
 
@@ -89,7 +95,7 @@ impl Core {
         conn: ConnId,
         channel: &str,
         position: Option<&str>,
-    ) -> Result<(), String> {
+    ) -> Result<(), WsifyJoinError> {
         let r = match self.sessions.get_mut(&conn) {
             Some(s) => s.wsify_join(channel, position),
             None => Ok(()),

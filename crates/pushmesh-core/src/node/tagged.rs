@@ -1,30 +1,16 @@
-//! The test driver's publishes with tags and joins with a filter (issue #13).
+//! The test driver's joins with a filter (issue #13).
 
-use std::time::Instant;
-
-use super::{Core, PublishedChannel};
-use crate::app::{AppIdx, ConnId, PublishError, PublishRequest};
-use crate::filter::Tags;
+use super::Core;
+use crate::app::ConnId;
 
 impl Core {
-    /// Publishes one event with tags from the HTTP API.
-    pub fn publish_tagged(
-        &mut self,
-        now: Instant,
-        app: AppIdx,
-        req: &PublishRequest<'_>,
-        tags: &Tags,
-    ) -> Result<Vec<PublishedChannel>, PublishError> {
-        self.publish_with(now, app, req, Some(tags))
-    }
-
     /// wsify `join` with `args.filter`.
     pub fn wsify_join_filtered(
         &mut self,
         conn: ConnId,
         channel: &str,
         filter: Option<&str>,
-    ) -> Result<(), String> {
+    ) -> Result<(), crate::session::WsifyJoinError> {
         let r = match self.sessions.get_mut(&conn) {
             Some(s) => s.wsify_join_filtered(channel, filter, None),
             None => Ok(()),

@@ -17,16 +17,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
 
-use pushmesh_protocol::wsify;
 use pushmesh_protocol::{ChannelKind, ChannelName};
 
-use super::{Channel, Event, PublishRefused, Remote, Shard};
+use super::{Channel, Remote, Shard};
 use crate::app::{AppIdx, ConnId};
 use crate::filter::{Filter, Selector, Tags};
 use crate::peer_frame::{Delta, NodeId};
-use crate::session::{PresenceJoin, Proto};
 use crate::sink::{Handle, Sink};
 
 /// The group of a subscription without a selector.
@@ -143,6 +140,18 @@ impl Groups {
         self.grouped == 0 && !self.star
     }
 
+    /// Evaluates each group once against an event's `tags` (into
+    /// `matched`, by group); false if none of the channel's `subs`
+    /// subscriptions takes the event.
+    pub(super) fn evaluate(&self, tags: &Tags, subs: usize, matched: &mut Vec<bool>) -> bool {
+        matched.extend(
+            self.slots
+                .iter()
+                .map(|g| g.as_ref().is_some_and(|g| g.sel.matches(tags))),
+        );
+        matched.iter().any(|m| *m) || (self.grouped as usize) < subs
+    }
+
     fn selector(&self, g: u32) -> Option<&Arc<Selector>> {
         self.slots
             .get(g as usize)
@@ -187,61 +196,6 @@ pub(super) fn peer_wants(r: &Remote, peer: &NodeId, tags: &Tags) -> bool {
 }
 
 impl<H: Handle> Shard<H> {
-    /// [`Shard::subscribe`] with a selector (`None`: every event). Subscribing
-    /// again with another selector replaces it. The selector is in place
-    /// before anything is sent to the subscription, so a history replay is
-    /// filtered like live events.
-    #[allow(clippy::too_many_arguments)]
-    pub fn subscribe_selected(
-        &mut self,
-        now: Instant,
-        h: H,
-        app: AppIdx,
-        name: &ChannelName,
-        proto: Proto,
-        presence: Option<PresenceJoin>,
-        selector: Option<Arc<Selector>>,
-        position: Option<&str>,
-        sink: &mut impl Sink<H>,
-    ) {
-        let conn = h.conn();
-        let Some(join) = presence else {
-            return self.subscribe_plain(now, h, app, name, proto, selector, position, sink);
-        };
-        // A presence join: the selector waits where an admission applies
-        // it (`admitted`, before the answer and any replay).
-        let key = (conn, app, name.clone());
-        let parked_before = self.is_parked(conn, app, name);
-        match &selector {
-            Some(s) => {
-                self.parked_selectors.insert(key.clone(), s.clone());
-            }
-            None if !parked_before => {
-                self.parked_selectors.remove(&key);
-            }
-            None => {}
-        }
-        let ask = super::presence_limit::Admission::Ask;
-        if self.subscribe_presence(now, h.clone(), app, name, join, ask, sink) && name.is_cache() {
-            self.send_cached(now, &h, app, name, sink);
-        }
-        let subscribed = self.tables[app.0 as usize]
-            .channels
-            .get(name)
-            .is_some_and(|c| c.subs.contains_key(&conn));
-        if subscribed {
-            // Subscribed already (no admission ran): apply it now.
-            match self.parked_selectors.remove(&key) {
-                Some(s) => self.select(app, name, conn, Some(s), sink),
-                None if selector.is_none() => self.select(app, name, conn, None, sink),
-                None => {}
-            }
-        } else if !self.is_parked(conn, app, name) {
-            // Refused (the channel is full).
-            self.parked_selectors.remove(&key);
-        }
-    }
-
     /// The selector of a subscription, if it has one.
     pub(super) fn selector_of(
         &self,
@@ -249,7 +203,7 @@ impl<H: Handle> Shard<H> {
         name: &ChannelName,
         conn: ConnId,
     ) -> Option<Arc<Selector>> {
-        let ch = self.tables[app.0 as usize].channels.get(name)?;
+        let ch = self.tables[app].channels.get(name)?;
         let group = ch.subs.get(&conn)?.group;
         ch.groups.as_ref()?.selector(group).cloned()
     }
@@ -291,7 +245,7 @@ impl<H: Handle> Shard<H> {
         sink: &mut impl Sink<H>,
     ) {
         let advertise = name.kind() != ChannelKind::ServerToUser;
-        let t = &mut self.tables[app.0 as usize];
+        let t = &mut self.tables[app];
         let Some(ch) = t.channels.get_mut(name) else {
             return;
         };
@@ -396,155 +350,6 @@ impl<H: Handle> Shard<H> {
         }
         if r.is_empty() {
             t.remote.remove(&name);
-        }
-    }
-
-    /// Publishes an event with tags: handed to the peers whose advertised
-    /// interest it can match, then delivered to the matching subscribers.
-    pub fn publish_tagged(
-        &mut self,
-        now: Instant,
-        ev: &Event<'_>,
-        tags: &Tags,
-        forward: bool,
-        sink: &mut impl Sink<H>,
-    ) -> Result<(), PublishRefused> {
-        if forward {
-            self.hand_to_peers_tagged(now, ev, tags, sink)?;
-        }
-        self.deliver_local_tagged(now, ev, tags, sink);
-        Ok(())
-    }
-
-    /// [`Shard::hand_to_peers`] for an event with tags.
-    pub fn hand_to_peers_tagged(
-        &mut self,
-        now: Instant,
-        ev: &Event<'_>,
-        tags: &Tags,
-        sink: &mut impl Sink<H>,
-    ) -> Result<(), PublishRefused> {
-        if self.keeps_history(ev.app, ev.channel.as_str()).is_some() {
-            return self.history_hand(now, ev, tags, sink);
-        }
-        self.check_peer_room(ev, tags, sink)?;
-        self.forward(ev, tags, sink);
-        Ok(())
-    }
-
-    /// [`Shard::deliver_local`] for an event with tags.
-    pub fn deliver_local_tagged(
-        &mut self,
-        now: Instant,
-        ev: &Event<'_>,
-        tags: &Tags,
-        sink: &mut impl Sink<H>,
-    ) {
-        if self.has_groups(ev.app, ev.channel) {
-            self.deliver_selected(now, ev, tags, sink);
-        } else {
-            self.deliver_local(now, ev, sink);
-        }
-    }
-
-    /// A tagged channel message from a peer: delivered locally only.
-    #[allow(clippy::too_many_arguments)]
-    pub fn deliver_remote_tagged(
-        &mut self,
-        now: Instant,
-        app_id: &str,
-        channel: &str,
-        event: &str,
-        data: &str,
-        exclude: Option<&str>,
-        tags: Vec<(String, String)>,
-        sink: &mut impl Sink<H>,
-    ) {
-        let Some((app, name)) = self.peer_channel(app_id, channel) else {
-            return;
-        };
-        let Ok(tags) = Tags::from_pairs(tags) else {
-            tracing::debug!(%channel, "dropped a peer's event with invalid tags");
-            return;
-        };
-        let ev = Event {
-            app,
-            channel: &name,
-            name: event,
-            data,
-            content: None,
-            exclude_socket: exclude,
-            user_id: None,
-        };
-        self.deliver_local_tagged(now, &ev, &tags, sink);
-    }
-
-    pub(super) fn has_groups(&self, app: AppIdx, name: &ChannelName) -> bool {
-        self.tables[app.0 as usize]
-            .channels
-            .get(name)
-            .is_some_and(|c| c.groups.is_some())
-    }
-
-    /// The fan-out of a channel with groups: each group evaluated once,
-    /// then every subscriber whose group matched (plain ones always do).
-    pub(super) fn deliver_selected(
-        &mut self,
-        now: Instant,
-        ev: &Event<'_>,
-        tags: &Tags,
-        sink: &mut impl Sink<H>,
-    ) {
-        let position = self
-            .keeps_history(ev.app, ev.channel.as_str())
-            .map(|_| self.history_head(ev.app, ev.channel));
-        let frame = self.cache_event(now, ev, position.as_deref());
-        let exclude = ev.exclude_socket.and_then(|s| self.local_conn_of(s));
-        let Some(ch) = self.tables[ev.app.0 as usize].channels.get(ev.channel) else {
-            return;
-        };
-        let Some(groups) = ch.groups.as_ref() else {
-            return;
-        };
-        let matched = &mut self.matched;
-        matched.clear();
-        matched.extend(
-            groups
-                .slots
-                .iter()
-                .map(|g| g.as_ref().is_some_and(|g| g.sel.matches(tags))),
-        );
-        if !matched.iter().any(|m| *m) && groups.grouped as usize == ch.subs.len() {
-            return;
-        }
-        let wsify_frames = (ch.wsify > 0).then(|| {
-            let owned;
-            let content = match ev.content {
-                Some(c) => c,
-                None => {
-                    owned = wsify::content_of_event_data(ev.data);
-                    &owned
-                }
-            };
-            let envelope = match &position {
-                Some(p) => wsify::envelope_frame_at(ev.channel.as_str(), content, p),
-                None => wsify::envelope_frame(ev.channel.as_str(), content),
-            };
-            (wsify::raw_frame(content.get()), envelope)
-        });
-        for (c, s) in &ch.subs {
-            if Some(*c) == exclude {
-                continue;
-            }
-            if s.group != PLAIN && !matched.get(s.group as usize).copied().unwrap_or(false) {
-                continue;
-            }
-            let f = match (s.proto, &wsify_frames) {
-                (Proto::Wsify { envelope: false }, Some((raw, _))) => raw,
-                (Proto::Wsify { envelope: true }, Some((_, env))) => env,
-                _ => &frame,
-            };
-            sink.send(&s.h, f);
         }
     }
 }

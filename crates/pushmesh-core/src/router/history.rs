@@ -9,30 +9,21 @@ use std::time::{Duration, Instant};
 use pushmesh_protocol::server::{self, Recovery};
 use pushmesh_protocol::{wsify, ChannelName};
 
-use super::{Event, PublishRefused, Shard};
-use crate::app::AppIdx;
-use crate::filter::{Selector, Tags};
+use super::publish::peer_event;
+use super::{Joining, Publish, PublishRefused, Shard};
+use crate::app::{AppIdx, ConnId};
+use crate::filter::Selector;
 use crate::history::{
-    AppHistory, Appended, BadPosition, Check, HistoryStats, HistoryStore, Origin, Position,
+    AppHistory, Appended, BadPosition, Check, HistoryStats, HistoryStore, NewEvent, Origin,
+    Position,
 };
-use crate::peer_frame::PeerFrame;
+use crate::peer_frame::{HistoryStamp, PeerFrame};
 use crate::session::Proto;
 use crate::sink::{Handle, Sink};
 
 /// How long a recovery waits for events a position names but this node
 /// has not got yet (they are on their way from a live peer).
 pub const RECOVERY_WAIT: Duration = Duration::from_millis(1000);
-
-/// A subscribe waiting for the events its position names.
-pub(super) struct Pending<H> {
-    h: H,
-    app: AppIdx,
-    name: ChannelName,
-    proto: Proto,
-    from: Position,
-    until: Instant,
-    selector: Option<Arc<Selector>>,
-}
 
 /// How a subscribe on a history channel is answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +34,20 @@ pub(super) enum Answer {
     Recovered(Position),
     /// The position cannot be continued: only live events follow.
     Lost,
+}
+
+/// The event a publish stores on a history channel.
+fn new_event<'a>(p: &Publish<'a>, stamp: HistoryStamp, now: Instant) -> NewEvent<'a> {
+    NewEvent {
+        origin: Origin(stamp.origin),
+        seq: stamp.seq,
+        at: now,
+        at_ms: stamp.at_ms,
+        event: p.event.name,
+        data: p.event.data,
+        user_id: p.event.user_id,
+        tags: p.tags.cloned().unwrap_or_default(),
+    }
 }
 
 /// One page of a channel's history (`GET .../history`).
@@ -84,23 +89,23 @@ pub enum HistoryError {
 impl<H: Handle> Shard<H> {
     /// Gives the shard a history store (only if some app keeps history).
     pub fn set_history(&mut self, store: HistoryStore) {
-        self.history = Some(Box::new(store));
+        self.history.set_store(store);
     }
 
     /// The origins that may still send events here: this node's peers'
     /// current incarnations (this node's own is always one).
     pub fn set_live_origins(&mut self, origins: Vec<Origin>) {
-        self.live_origins = origins;
+        self.history.set_live_origins(origins);
     }
 
     /// The store's counters.
     pub fn history_stats(&self) -> HistoryStats {
-        self.history.as_ref().map(|h| h.stats).unwrap_or_default()
+        self.history.stats()
     }
 
     /// The app's history settings, if `name` keeps history.
     pub(super) fn keeps_history(&self, app: AppIdx, name: &str) -> Option<&AppHistory> {
-        self.history.as_ref()?;
+        self.history.store()?;
         self.apps
             .get(app)
             .history
@@ -108,16 +113,9 @@ impl<H: Handle> Shard<H> {
             .filter(|h| h.matches(name))
     }
 
-    fn is_live(&self, o: Origin) -> bool {
-        self.live_origins.contains(&o)
-    }
-
     /// The channel's position here (`0` before any event).
     pub(super) fn history_head(&self, app: AppIdx, name: &ChannelName) -> String {
-        self.history
-            .as_ref()
-            .and_then(|s| s.log(app, name))
-            .map_or_else(|| "0".to_owned(), |l| l.head().to_string())
+        self.history.head(app, name)
     }
 
     /// How to answer a subscribe asking for `position`; `None`: wait.
@@ -127,64 +125,24 @@ impl<H: Handle> Shard<H> {
         name: &ChannelName,
         position: Option<&str>,
     ) -> Option<Answer> {
-        let Some(text) = position else {
-            return Some(Answer::Fresh);
-        };
-        let Ok(p) = Position::parse(text) else {
-            return Some(Answer::Lost);
-        };
-        let own = self.history.as_ref().map(|s| s.origin());
-        let live = |o: Origin| Some(o) != own && self.is_live(o);
-        let check = match self.history.as_ref().and_then(|s| s.log(app, name)) {
-            Some(log) => log.check(&p, live),
-            None if p.entries().next().is_none() => Check::Continuous,
-            None if p.entries().any(|(o, _)| live(o)) => Check::Ahead,
-            None => Check::Lost,
-        };
-        match check {
-            Check::Continuous => Some(Answer::Recovered(p)),
-            Check::Ahead => None,
-            Check::Lost => Some(Answer::Lost),
-        }
+        self.history.answer(app, name, position)
     }
 
     /// Parks a subscribe until the events its position names arrive.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn park_recovery(
         &mut self,
         now: Instant,
-        h: H,
-        app: AppIdx,
-        name: &ChannelName,
+        j: Joining<H>,
         proto: Proto,
         position: &str,
         selector: Option<Arc<Selector>>,
     ) {
-        let from = Position::parse(position).unwrap_or_default();
-        self.pending
-            .retain(|p| !(p.h.conn() == h.conn() && p.app == app && p.name == *name));
-        self.pending.push(Pending {
-            h,
-            app,
-            name: name.clone(),
-            proto,
-            from,
-            until: now + RECOVERY_WAIT,
-            selector,
-        });
+        self.history.park(now, j, proto, position, selector);
     }
 
     /// Forgets a parked recovery (the connection unsubscribed).
-    pub(super) fn unpark_recovery(
-        &mut self,
-        conn: crate::app::ConnId,
-        app: AppIdx,
-        name: &ChannelName,
-    ) {
-        if !self.pending.is_empty() {
-            self.pending
-                .retain(|p| !(p.h.conn() == conn && p.app == app && p.name == *name));
-        }
+    pub(super) fn unpark_recovery(&mut self, conn: ConnId, app: AppIdx, name: &ChannelName) {
+        self.history.unpark(conn, app, name);
     }
 
     /// Counts the answer and makes the `recovered` / `position` fields.
@@ -194,18 +152,7 @@ impl<H: Handle> Shard<H> {
         name: &ChannelName,
         a: &Answer,
     ) -> (Option<bool>, String) {
-        let recovered = match a {
-            Answer::Fresh => None,
-            Answer::Recovered(_) => Some(true),
-            Answer::Lost => Some(false),
-        };
-        if let Some(s) = self.history.as_mut() {
-            match recovered {
-                Some(true) => s.stats.recovered += 1,
-                Some(false) => s.stats.not_recovered += 1,
-                None => {}
-            }
-        }
+        let recovered = self.history.count(a);
         (recovered, self.history_head(app, name))
     }
 
@@ -237,7 +184,7 @@ impl<H: Handle> Shard<H> {
         from: &Position,
         sink: &mut impl Sink<H>,
     ) {
-        let Some(log) = self.history.as_ref().and_then(|s| s.log(app, name)) else {
+        let Some(log) = self.history.store().and_then(|s| s.log(app, name)) else {
             return;
         };
         let selector = self.selector_of(app, name, h.conn());
@@ -273,49 +220,30 @@ impl<H: Handle> Shard<H> {
     pub(super) fn history_hand(
         &mut self,
         now: Instant,
-        ev: &Event<'_>,
-        tags: &Tags,
+        p: &Publish<'_>,
         sink: &mut impl Sink<H>,
     ) -> Result<(), PublishRefused> {
-        for p in &self.peers {
-            if !sink.peer_has_room(p) {
-                return Err(PublishRefused::PeerBufferFull(p.clone()));
+        for peer in &self.peers {
+            if !sink.peer_has_room(peer) {
+                return Err(PublishRefused::PeerBufferFull(peer.clone()));
             }
         }
+        let ev = &p.event;
         let max = self
             .keeps_history(ev.app, ev.channel.as_str())
             .map_or(1, |c| c.max_events);
-        let Some(store) = self.history.as_mut() else {
+        let Some(store) = self.history.store_mut() else {
             return Ok(());
         };
-        let origin = store.origin();
-        let seq = store.next_own_seq(ev.app, ev.channel);
-        let at_ms = store.wall_ms(now);
-        let e = store.event(
-            origin,
-            seq,
-            now,
-            at_ms,
-            ev.name,
-            ev.data,
-            ev.user_id,
-            tags.clone(),
-        );
+        let stamp = HistoryStamp {
+            origin: store.origin().0,
+            seq: store.next_own_seq(ev.app, ev.channel),
+            at_ms: store.wall_ms(now),
+        };
+        let e = store.event(new_event(p, stamp, now));
         store.append(ev.app, ev.channel, e, max);
         if !self.peers.is_empty() {
-            let frame = PeerFrame::HistoryPublish {
-                app: self.app_id(ev.app).to_owned(),
-                channel: ev.channel.to_string(),
-                event: ev.name.to_owned(),
-                data: ev.data.to_owned(),
-                exclude: ev.exclude_socket.map(str::to_owned),
-                user_id: ev.user_id.map(str::to_owned),
-                origin: origin.0,
-                seq,
-                at_ms,
-                tags: tags.to_pairs(),
-            }
-            .encode();
+            let frame = PeerFrame::Event(peer_event(self.app_id(ev.app), p, Some(stamp))).encode();
             for to in &self.peers {
                 sink.peer_durable(to, &frame);
             }
@@ -323,58 +251,27 @@ impl<H: Handle> Shard<H> {
         Ok(())
     }
 
-    /// A history event from a peer: stored and delivered here, unless it
-    /// is held already (then it was delivered already, or predates every
-    /// position given out here).
-    #[allow(clippy::too_many_arguments)]
-    pub fn deliver_history(
+    /// Stores a peer's history event (if the channel keeps history here);
+    /// false if it is held already (then it was delivered already, or
+    /// predates every position given out here).
+    pub(super) fn store_peer_event(
         &mut self,
         now: Instant,
-        app_id: &str,
-        channel: &str,
-        event: &str,
-        data: &str,
-        exclude: Option<&str>,
-        user_id: Option<&str>,
-        (origin, seq, at_ms): (u64, u64, u64),
-        tags: Vec<(String, String)>,
-        sink: &mut impl Sink<H>,
-    ) {
-        let Some((app, name)) = self.peer_channel(app_id, channel) else {
-            return;
+        p: &Publish<'_>,
+        stamp: HistoryStamp,
+    ) -> bool {
+        let ev = &p.event;
+        let Some(max) = self
+            .keeps_history(ev.app, ev.channel.as_str())
+            .map(|c| c.max_events)
+        else {
+            return true;
         };
-        let Ok(tags) = Tags::from_pairs(tags) else {
-            tracing::debug!(%channel, "dropped a peer's history event with invalid tags");
-            return;
+        let Some(store) = self.history.store_mut() else {
+            return true;
         };
-        let ev = Event {
-            app,
-            channel: &name,
-            name: event,
-            data,
-            content: None,
-            exclude_socket: exclude,
-            user_id,
-        };
-        if let Some(max) = self.keeps_history(app, channel).map(|c| c.max_events) {
-            if let Some(store) = self.history.as_mut() {
-                let e = store.event(
-                    Origin(origin),
-                    seq,
-                    now,
-                    at_ms,
-                    event,
-                    data,
-                    user_id,
-                    tags.clone(),
-                );
-                if store.append(app, &name, e, max) == Appended::Duplicate {
-                    return;
-                }
-            }
-        }
-        self.deliver_local_tagged(now, &ev, &tags, sink);
-        self.resolve_pending(now, app, &name, sink);
+        let e = store.event(new_event(p, stamp, now));
+        store.append(ev.app, ev.channel, e, max) != Appended::Duplicate
     }
 
     /// Parked recoveries of a channel that can now be answered.
@@ -385,34 +282,11 @@ impl<H: Handle> Shard<H> {
         name: &ChannelName,
         sink: &mut impl Sink<H>,
     ) {
-        if self.pending.is_empty() {
+        if !self.history.has_pending() {
             return;
         }
-        let mut i = 0;
-        while i < self.pending.len() {
-            let p = &self.pending[i];
-            if p.app != app || p.name != *name {
-                i += 1;
-                continue;
-            }
-            let text = p.from.to_string();
-            match self.history_answer(app, name, Some(&text)) {
-                None => i += 1,
-                Some(a) => {
-                    let p = self.pending.swap_remove(i);
-                    let (h, name) = (p.h, p.name);
-                    self.subscribe_answered(
-                        now,
-                        h,
-                        p.app,
-                        &name,
-                        p.proto,
-                        Some(a),
-                        p.selector,
-                        sink,
-                    );
-                }
-            }
+        for (p, a) in self.history.take_answerable(app, name) {
+            self.subscribe_answered(now, p.j, p.proto, Some(a), p.selector, sink);
         }
     }
 
@@ -420,26 +294,12 @@ impl<H: Handle> Shard<H> {
     /// (answered `recovered: false`).
     pub(super) fn history_tick(&mut self, now: Instant, sink: &mut impl Sink<H>) {
         let apps = self.apps.clone();
-        if let Some(store) = self.history.as_mut() {
+        if let Some(store) = self.history.store_mut() {
             store.expire(now, |a| apps.get(a).history.as_ref().map(|h| h.ttl));
         }
-        if self.pending.iter().any(|p| p.until <= now) {
-            let (late, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
-                .into_iter()
-                .partition(|p| p.until <= now);
-            self.pending = wait;
-            for p in late {
-                self.subscribe_answered(
-                    now,
-                    p.h,
-                    p.app,
-                    &p.name,
-                    p.proto,
-                    Some(Answer::Lost),
-                    p.selector,
-                    sink,
-                );
-            }
+        for p in self.history.take_late(now) {
+            let lost = Some(Answer::Lost);
+            self.subscribe_answered(now, p.j, p.proto, lost, p.selector, sink);
         }
     }
 
@@ -455,7 +315,7 @@ impl<H: Handle> Shard<H> {
             return Err(HistoryError::NotEnabled(name.to_string()));
         }
         let after = after.map(Position::parse).transpose()?;
-        let Some(log) = self.history.as_ref().and_then(|s| s.log(app, name)) else {
+        let Some(log) = self.history.store().and_then(|s| s.log(app, name)) else {
             return Ok(HistoryPage {
                 events: Vec::new(),
                 position: "0".into(),

@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use pushmesh_protocol::ChannelName;
 
-use super::Shard;
+use super::{Event, Publish, Shard};
 use crate::filter::Tags;
-use crate::history::{ChannelLog, Origin, Position};
-use crate::peer_frame::{FrameKind, HistoryEvent, NodeId, PeerFrame};
+use crate::history::{ChannelLog, NewEvent, Origin, Position};
+use crate::peer_frame::{FrameKind, HistoryEvent, HistoryStamp, NodeId, PeerFrame};
 use crate::sink::{Handle, Sink};
 
 /// Most events and bytes in one [`PeerFrame::HistorySync`].
@@ -20,11 +20,10 @@ impl<H: Handle> Shard<H> {
     /// Sends this shard's history to a peer whose new incarnation linked
     /// (a node that joins recovers positions from before its start).
     pub fn send_history(&mut self, now: Instant, to: &NodeId, epoch: u64, sink: &mut impl Sink<H>) {
-        if self.history.is_none() || self.history_sent.get(to) == Some(&epoch) {
+        if !self.history.send_to(to, epoch) {
             return;
         }
-        self.history_sent.insert(to.clone(), epoch);
-        let Some(store) = self.history.as_ref() else {
+        let Some(store) = self.history.store() else {
             return;
         };
         for (app, name, log) in store.channels() {
@@ -37,7 +36,7 @@ impl<H: Handle> Shard<H> {
     /// of its events, so the survivors end up with the union (one of them
     /// may have got events of it that another never did).
     pub fn share_origin(&mut self, now: Instant, origin: Origin, sink: &mut impl Sink<H>) {
-        let Some(store) = self.history.as_ref() else {
+        let Some(store) = self.history.store() else {
             return;
         };
         for (app, name, log) in store.channels() {
@@ -73,7 +72,7 @@ impl<H: Handle> Shard<H> {
         let Some(max) = self.keeps_history(app, channel).map(|c| c.max_events) else {
             return;
         };
-        let Some(store) = self.history.as_mut() else {
+        let Some(store) = self.history.store_mut() else {
             return;
         };
         let mut peer_base = Position::default();
@@ -94,35 +93,40 @@ impl<H: Handle> Shard<H> {
                 let at = now
                     .checked_sub(Duration::from_millis(e.age_ms))
                     .unwrap_or(now);
-                store.event(
-                    Origin(e.origin),
-                    e.seq,
+                store.event(NewEvent {
+                    origin: Origin(e.origin),
+                    seq: e.seq,
                     at,
-                    e.at_ms,
-                    &e.event,
-                    &e.data,
-                    e.user_id.as_deref(),
-                    Tags::from_pairs(e.tags).unwrap_or_default(),
-                )
+                    at_ms: e.at_ms,
+                    event: &e.event,
+                    data: &e.data,
+                    user_id: e.user_id.as_deref(),
+                    tags: Tags::from_pairs(e.tags).unwrap_or_default(),
+                })
             })
             .collect();
         store.merge(app, &name, older, &peer_base, false, max);
         for e in newer {
             // The first of an origin continues its peer base: a gap from
             // this node's head is recorded as such.
-            let user_id = e.user_id.as_deref();
-            self.deliver_history(
-                now,
-                app_id,
-                channel,
-                &e.event,
-                &e.data,
-                None,
-                user_id,
-                (e.origin, e.seq, e.at_ms),
-                e.tags,
-                sink,
-            );
+            let Ok(tags) = Tags::from_pairs(e.tags) else {
+                tracing::debug!(%channel, "dropped a peer's event with invalid tags");
+                continue;
+            };
+            let event = Event {
+                user_id: e.user_id.as_deref(),
+                ..Event::new(app, &name, &e.event, &e.data)
+            };
+            let p = Publish {
+                event,
+                tags: Some(&tags),
+            };
+            let stamp = HistoryStamp {
+                origin: e.origin,
+                seq: e.seq,
+                at_ms: e.at_ms,
+            };
+            self.arrived(now, &p, Some(stamp), sink);
         }
         self.resolve_pending(now, app, &name, sink);
     }

@@ -6,12 +6,24 @@
 //! its own task (or behind its own lock) with no node-wide lock.
 //!
 //! Every method takes `now` and a [`Sink`] that receives the effects in order.
+//!
+//! The inputs are typed: a [`Publish`] (an [`Event`] with optional tags),
+//! a [`Subscribe`] (optional presence member, selector and history
+//! position), a [`ClientEvent`], a peer's [`PeerFrame`] for one of the
+//! shard's channels ([`Shard::handle_channel_frame`]; every event arrives
+//! as one [`PeerFrame::Event`]), a peer's [`Delta`] ([`Shard::apply_remote`]).
+//!
+//! A publish is [`Shard::hand_to_peers`] (may be refused: nothing is
+//! delivered anywhere) then [`Shard::deliver_local`] (cannot fail), or both
+//! at once with [`Shard::publish`]; `publish.rs`.
 
 mod filter;
 mod history;
+mod history_state;
 mod history_sync;
 mod presence;
 mod presence_limit;
+mod publish;
 mod query;
 mod remote;
 mod subscribe;
@@ -24,7 +36,6 @@ use bytes::Bytes;
 use indexmap::{IndexMap, IndexSet};
 use pushmesh_protocol::server;
 use pushmesh_protocol::webhook::WebhookEvent;
-use pushmesh_protocol::wsify;
 use pushmesh_protocol::{ChannelKind, ChannelName};
 use serde_json::value::RawValue;
 
@@ -37,10 +48,13 @@ pub use query::{
 };
 
 use crate::app::{AppIdx, Apps, ConnId};
-use crate::history::{HistoryStore, Origin};
+use crate::filter::{Selector, Tags};
+#[cfg(doc)]
+use crate::peer_frame::PeerFrame;
 use crate::peer_frame::{Delta, NodeId};
+use crate::per_app::PerApp;
 use crate::routing::is_owner;
-use crate::session::{not_subscribed, Proto};
+use crate::session::{not_subscribed, PresenceJoin, Proto};
 use crate::sink::{Handle, Sink};
 
 /// How long a cache channel keeps its last event.
@@ -59,23 +73,18 @@ pub struct Shard<H> {
     apps: Arc<Apps>,
     node: NodeId,
     socket_prefix: u32,
-    tables: Vec<Table<H>>,
+    tables: PerApp<Table<H>>,
     /// Peers with a link up.
     peers: BTreeSet<NodeId>,
     /// Occupied channels and subscriptions per kind, kept as they change.
     kinds: [KindStats; 5],
     /// Presence joins waiting for the owner; reservations (`presence_limit.rs`).
     limit: presence_limit::PresenceLimit<H>,
-    /// History of the history channels (`history.rs`); none if no app keeps any.
-    history: Option<Box<HistoryStore>>,
-    /// Peers' incarnations that may still send history events.
-    live_origins: Vec<Origin>,
-    /// Subscribes waiting for history events their position names.
-    pending: Vec<history::Pending<H>>,
-    /// The incarnation of each peer this shard sent its history to.
-    history_sent: HashMap<NodeId, u64>,
+    /// History: the store, live origins, waiting recoveries, copies sent
+    /// (`history_state.rs`).
+    history: history_state::ShardHistory<H>,
     /// Selectors of presence joins waiting for the owner (`filter.rs`).
-    parked_selectors: HashMap<(ConnId, AppIdx, ChannelName), Arc<crate::filter::Selector>>,
+    parked_selectors: HashMap<(ConnId, AppIdx, ChannelName), Arc<Selector>>,
     /// Per publish: which groups of the channel matched (reused).
     matched: Vec<bool>,
 }
@@ -89,6 +98,18 @@ struct Table<H> {
     dirty_counts: IndexSet<ChannelName>,
     /// Channels whose remote count changed: notify local subscribers.
     dirty_events: IndexSet<ChannelName>,
+}
+
+impl<H> Default for Table<H> {
+    fn default() -> Self {
+        Self {
+            channels: HashMap::new(),
+            cache: HashMap::new(),
+            remote: HashMap::new(),
+            dirty_counts: IndexSet::new(),
+            dirty_events: IndexSet::new(),
+        }
+    }
 }
 
 /// A hasher for connection ids (assigned by the node, never by a client):
@@ -235,30 +256,106 @@ pub struct Event<'a> {
     pub user_id: Option<&'a str>,
 }
 
+impl<'a> Event<'a> {
+    /// An event of `app` on `channel` with nobody left out, no wsify
+    /// content and no `user_id` (set those with struct update syntax).
+    pub fn new(app: AppIdx, channel: &'a ChannelName, name: &'a str, data: &'a str) -> Self {
+        Self {
+            app,
+            channel,
+            name,
+            data,
+            content: None,
+            exclude_socket: None,
+            user_id: None,
+        }
+    }
+}
+
+/// One publish on a channel of this shard: the event and its optional
+/// parts. The one input of [`Shard::publish`], [`Shard::hand_to_peers`]
+/// and [`Shard::deliver_local`] (an untagged event: `Publish::from(event)`).
+#[derive(Debug, Clone, Copy)]
+pub struct Publish<'a> {
+    /// What is delivered.
+    pub event: Event<'a>,
+    /// Its tags (issue #13): only subscriptions whose filter matches take
+    /// it, and only peers whose advertised filters can match get it.
+    /// `None`: untagged (subscriptions with a filter do not take it).
+    pub tags: Option<&'a Tags>,
+}
+
+impl<'a> From<Event<'a>> for Publish<'a> {
+    fn from(event: Event<'a>) -> Self {
+        Self { event, tags: None }
+    }
+}
+
+impl Publish<'_> {
+    /// Its tags; none (the empty set) if untagged.
+    fn tags(&self) -> &Tags {
+        self.tags.unwrap_or(Tags::none())
+    }
+}
+
+/// A subscribe of a connection (authorized by its session): the input of
+/// [`Shard::subscribe`], with the parts of `Request::Subscribe`.
+#[derive(Debug, Clone)]
+pub struct Subscribe<H> {
+    /// The connection.
+    pub conn: H,
+    /// App.
+    pub app: AppIdx,
+    /// Channel (of this shard).
+    pub channel: ChannelName,
+    /// The connection's protocol.
+    pub proto: Proto,
+    /// The member, on presence channels (it carries its own position).
+    pub presence: Option<PresenceJoin>,
+    /// What the subscription receives; `None`: every untagged event and
+    /// every tagged one.
+    pub selector: Option<Arc<Selector>>,
+    /// On a history channel: recover every event after this position.
+    pub position: Option<Box<str>>,
+}
+
+/// A `client-` event from a connection (limits checked by its session):
+/// the input of [`Shard::client_event`].
+#[derive(Debug, Clone, Copy)]
+pub struct ClientEvent<'a> {
+    /// App.
+    pub app: AppIdx,
+    /// Channel.
+    pub channel: &'a ChannelName,
+    /// Event name.
+    pub event: &'a str,
+    /// Data.
+    pub data: &'a str,
+    /// The sender's socket id (left out of the delivery).
+    pub socket_id: &'a str,
+}
+
+/// A connection joining one channel of the shard: what every step of a
+/// subscribe (answered now, parked for history or for the presence
+/// owner) carries along.
+struct Joining<H> {
+    h: H,
+    app: AppIdx,
+    name: ChannelName,
+}
+
 impl<H: Handle> Shard<H> {
     /// An empty shard of a node.
     pub fn new(apps: Arc<Apps>, node: NodeId, socket_prefix: u32) -> Self {
-        let tables = (0..apps.len())
-            .map(|_| Table {
-                channels: HashMap::new(),
-                cache: HashMap::new(),
-                remote: HashMap::new(),
-                dirty_counts: IndexSet::new(),
-                dirty_events: IndexSet::new(),
-            })
-            .collect();
         Self {
+            tables: PerApp::new(apps.len(), Table::default),
             apps,
             node,
             socket_prefix,
-            tables,
             peers: BTreeSet::new(),
             kinds: [KindStats::default(); 5],
             limit: presence_limit::PresenceLimit::default(),
-            history: None,
-            live_origins: Vec::new(),
-            pending: Vec::new(),
-            history_sent: HashMap::new(),
+            history: history_state::ShardHistory::default(),
             parked_selectors: HashMap::new(),
             matched: Vec::new(),
         }
@@ -278,12 +375,12 @@ impl<H: Handle> Shard<H> {
     pub fn set_peers(&mut self, peers: BTreeSet<NodeId>) {
         // A peer that is gone gets the whole history again if it links
         // again (it may have been declared dead and its frames dropped).
-        self.history_sent.retain(|p, _| peers.contains(p));
+        self.history.keep_peers(&peers);
         self.peers = peers;
     }
 
     fn table(&mut self, app: AppIdx) -> &mut Table<H> {
-        &mut self.tables[app.0 as usize]
+        &mut self.tables[app]
     }
 
     fn app_id(&self, app: AppIdx) -> &str {
@@ -299,7 +396,7 @@ impl<H: Handle> Shard<H> {
     }
 
     fn remote_interest(&self, app: AppIdx, name: &ChannelName) -> bool {
-        self.tables[app.0 as usize]
+        self.tables[app]
             .remote
             .get(name)
             .is_some_and(|r| !r.interested.is_empty())
@@ -326,20 +423,22 @@ impl<H: Handle> Shard<H> {
     /// A `client-` event from a connection (limits checked by its session):
     /// refused unless the connection is in the channel; delivered to the
     /// others here and on interested peers.
-    #[allow(clippy::too_many_arguments)]
     pub fn client_event(
         &mut self,
         now: Instant,
         h: &H,
-        app: AppIdx,
-        name: &ChannelName,
-        event: &str,
-        data: &str,
-        socket_id: &str,
+        e: ClientEvent<'_>,
         sink: &mut impl Sink<H>,
     ) {
+        let ClientEvent {
+            app,
+            channel: name,
+            event,
+            data,
+            socket_id,
+        } = e;
         let conn = h.conn();
-        let Some(ch) = self.tables[app.0 as usize]
+        let Some(ch) = self.tables[app]
             .channels
             .get(name)
             .filter(|c| c.handle(conn).is_some())
@@ -371,74 +470,7 @@ impl<H: Handle> Shard<H> {
         // Client events are never acknowledged to their sender: one that a
         // peer's buffer cannot hold is dropped everywhere, like a publish
         // answered 503.
-        let _ = self.publish(now, &ev, true, sink);
-    }
-
-    /// Delivers one event to every local subscriber of the channel (Pusher
-    /// and wsify, each protocol's frame encoded once), remembers it on a
-    /// cache channel, and, if `forward`, sends it to every interested peer.
-    ///
-    /// With `forward`, a publish that an interested peer's buffer cannot
-    /// hold is refused whole: delivered nowhere (the API answers 503).
-    pub fn publish(
-        &mut self,
-        now: Instant,
-        ev: &Event<'_>,
-        forward: bool,
-        sink: &mut impl Sink<H>,
-    ) -> Result<(), PublishRefused> {
-        if forward {
-            self.hand_to_peers(now, ev, sink)?;
-        }
-        self.deliver_local(now, ev, sink);
-        Ok(())
-    }
-
-    /// The second half of a publish: every local subscriber (Pusher and
-    /// wsify, each protocol's frame encoded once), and the cache.
-    pub fn deliver_local(&mut self, now: Instant, ev: &Event<'_>, sink: &mut impl Sink<H>) {
-        if self.has_groups(ev.app, ev.channel) {
-            // Untagged: only subscriptions without a filter take it.
-            return self.deliver_selected(now, ev, &crate::filter::Tags::default(), sink);
-        }
-        let position = self
-            .keeps_history(ev.app, ev.channel.as_str())
-            .map(|_| self.history_head(ev.app, ev.channel));
-        let frame = self.cache_event(now, ev, position.as_deref());
-        let exclude = ev.exclude_socket.and_then(|s| self.local_conn_of(s));
-        if let Some(ch) = self.tables[ev.app.0 as usize].channels.get(ev.channel) {
-            if ch.wsify == 0 {
-                for (c, s) in &ch.subs {
-                    if Some(*c) != exclude {
-                        sink.send(&s.h, &frame);
-                    }
-                }
-            } else {
-                let owned;
-                let content = match ev.content {
-                    Some(c) => c,
-                    None => {
-                        owned = wsify::content_of_event_data(ev.data);
-                        &owned
-                    }
-                };
-                let raw = wsify::raw_frame(content.get());
-                let env = match &position {
-                    Some(p) => wsify::envelope_frame_at(ev.channel.as_str(), content, p),
-                    None => wsify::envelope_frame(ev.channel.as_str(), content),
-                };
-                for (c, s) in &ch.subs {
-                    if Some(*c) != exclude {
-                        let f = match s.proto {
-                            Proto::Pusher => &frame,
-                            Proto::Wsify { envelope: false } => &raw,
-                            Proto::Wsify { envelope: true } => &env,
-                        };
-                        sink.send(&s.h, f);
-                    }
-                }
-            }
-        }
+        let _ = self.publish(now, &Publish::from(ev), sink);
     }
 
     /// Remembers the last event of a cache channel; returns its frame
@@ -477,20 +509,18 @@ impl<H: Handle> Shard<H> {
     /// expire, counts to report, presence joins or recoveries waiting for
     /// an answer, history to expire. An idle shard needs no time.
     pub fn needs_tick(&self) -> bool {
-        self.tables.iter().any(|t| {
+        self.tables.iter().any(|(_, t)| {
             !t.cache.is_empty() || !t.dirty_counts.is_empty() || !t.dirty_events.is_empty()
         }) || self.limit.has_parked()
-            || !self.pending.is_empty()
-            || self.history.as_ref().is_some_and(|h| h.stats.bytes > 0)
+            || self.history.needs_tick()
     }
 
     /// Periodic work: count replication, `subscription_count` events and
     /// webhooks (coalesced per tick), cache expiry.
     pub fn tick(&mut self, now: Instant, sink: &mut impl Sink<H>) {
-        for idx in 0..self.tables.len() {
-            let app = AppIdx(idx as u32);
+        for app in self.tables.apps() {
             let cfg = self.apps.get(app).clone();
-            let t = &mut self.tables[idx];
+            let t = &mut self.tables[app];
             t.cache
                 .retain(|_, c| now.saturating_duration_since(c.at) < CACHE_TTL);
             let local = std::mem::take(&mut t.dirty_counts);
@@ -518,7 +548,7 @@ impl<H: Handle> Shard<H> {
                 if !cfg.subscription_count_events {
                     continue;
                 }
-                let Some(ch) = self.tables[idx].channels.get(name) else {
+                let Some(ch) = self.tables[app].channels.get(name) else {
                     continue;
                 };
                 let f = server::subscription_count(name.as_str(), total);

@@ -10,31 +10,41 @@ use serde_json::value::RawValue;
 
 use super::history::Answer;
 use super::presence_limit::{full, Admission};
-use super::{Channel, Member, Shard};
+use super::{Channel, Joining, Member, Shard};
 use crate::app::AppIdx;
 use crate::peer_frame::Delta;
 use crate::session::{PresenceJoin, Proto};
 use crate::sink::{Handle, Sink};
 
+/// A presence member that joined or left a channel (cluster-wide).
+#[derive(Debug, Clone, Copy)]
+pub(super) enum MemberChange<'a> {
+    /// `member_added`, with its `user_info`.
+    Added {
+        user: &'a str,
+        info: Option<&'a RawValue>,
+    },
+    /// `member_removed`.
+    Removed { user: &'a str },
+}
+
 impl<H: Handle> Shard<H> {
     /// Adds a presence subscriber; false if refused (channel full) or
     /// parked until the channel's owner admits it (see `presence_limit.rs`).
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn subscribe_presence(
         &mut self,
         now: Instant,
-        h: H,
-        app: AppIdx,
-        name: &ChannelName,
+        j: Joining<H>,
         join: PresenceJoin,
         admission: Admission,
         sink: &mut impl Sink<H>,
     ) -> bool {
-        let conn = h.conn();
+        let (app, name) = (j.app, &j.name);
+        let conn = j.h.conn();
         let max_members = self.apps.get(app).limits.max_presence_members;
         let user_id = join.user_id;
         let remote_has = self.remote_member(app, name.as_str(), &user_id);
-        let t = &self.tables[app.0 as usize];
+        let t = &self.tables[app];
         if t.channels
             .get(name)
             .is_some_and(|c| c.subs.contains_key(&conn))
@@ -44,7 +54,7 @@ impl<H: Handle> Shard<H> {
                 .keeps_history(app, name.as_str())
                 .map(|_| Answer::Fresh);
             let frame = self.presence_frame(app, name, fresh.as_ref());
-            sink.send(&h, &frame);
+            sink.send(&j.h, &frame);
             return true;
         }
         if self.is_parked(conn, app, name) {
@@ -59,7 +69,7 @@ impl<H: Handle> Shard<H> {
                 info: join.info,
                 position: join.position,
             };
-            self.ask_owner(now, h, app, name, join, sink);
+            self.ask_owner(now, j, join, sink);
             return false;
         }
         if is_new_member
@@ -67,9 +77,11 @@ impl<H: Handle> Shard<H> {
             && self.member_count(app, name.as_str()) + self.reservations(now, app, name)
                 >= max_members
         {
-            sink.send(&h, &full(name));
+            sink.send(&j.h, &full(name));
             return false;
         }
+        let Joining { h, app, name } = j;
+        let name = &name;
         let info_json = join.info.as_ref().map(|i| i.get().to_owned());
         let position = join.position;
         let t = self.table(app);
@@ -106,7 +118,11 @@ impl<H: Handle> Shard<H> {
         if is_new_member {
             // To the subscribers already there, not to the joining connection.
             let info = info_json.and_then(|s| RawValue::from_string(s).ok());
-            self.member_event(app, name, &user_id, info.as_deref(), true, Some(&h), sink);
+            let added = MemberChange::Added {
+                user: &user_id,
+                info: info.as_deref(),
+            };
+            self.member_event(app, name, added, Some(&h), sink);
         }
         self.admitted(conn, app, name, sink);
         if !self.peers.is_empty() {
@@ -142,13 +158,13 @@ impl<H: Handle> Shard<H> {
             add: false,
         });
         if !self.remote_member(app, name.as_str(), &uid) {
-            self.member_event(app, name, &uid, None, false, None, sink);
+            self.member_event(app, name, MemberChange::Removed { user: &uid }, None, sink);
         }
     }
 
     /// Whether a user is a presence member of a channel on some peer.
     pub(super) fn remote_member(&self, app: AppIdx, name: &str, user: &str) -> bool {
-        self.tables[app.0 as usize]
+        self.tables[app]
             .remote
             .get(name)
             .is_some_and(|r| r.members.contains_key(user))
@@ -156,23 +172,23 @@ impl<H: Handle> Shard<H> {
 
     /// Sends `member_added` / `member_removed` to the local subscribers of a
     /// channel (but `skip`) and fires the webhook.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn member_event(
         &self,
         app: AppIdx,
         name: &ChannelName,
-        user: &str,
-        info: Option<&RawValue>,
-        add: bool,
+        change: MemberChange<'_>,
         skip: Option<&H>,
         sink: &mut impl Sink<H>,
     ) {
-        let frame = if add {
-            server::member_added(name.as_str(), user, info)
-        } else {
-            server::member_removed(name.as_str(), user)
+        let (frame, user, add) = match change {
+            MemberChange::Added { user, info } => {
+                (server::member_added(name.as_str(), user, info), user, true)
+            }
+            MemberChange::Removed { user } => {
+                (server::member_removed(name.as_str(), user), user, false)
+            }
         };
-        if let Some(ch) = self.tables[app.0 as usize].channels.get(name) {
+        if let Some(ch) = self.tables[app].channels.get(name) {
             let skip = skip.map(Handle::conn);
             for (c, h) in ch.pusher() {
                 if Some(*c) != skip {
@@ -196,7 +212,7 @@ impl<H: Handle> Shard<H> {
         app: AppIdx,
         name: &str,
     ) -> Vec<(String, Option<Box<RawValue>>)> {
-        let t = &self.tables[app.0 as usize];
+        let t = &self.tables[app];
         let local = t.channels.get(name);
         let mut out: Vec<(String, Option<Box<RawValue>>)> = local
             .map(|c| {
@@ -217,7 +233,7 @@ impl<H: Handle> Shard<H> {
 
     /// Distinct members of a channel, cluster-wide.
     pub(super) fn member_count(&self, app: AppIdx, name: &str) -> usize {
-        let t = &self.tables[app.0 as usize];
+        let t = &self.tables[app];
         let local = t.channels.get(name);
         let remote_only = t.remote.get(name).map_or(0, |r| {
             r.members

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use pushmesh_protocol::{server, ChannelName};
 
-use super::Shard;
+use super::{Joining, Shard};
 use crate::app::{AppIdx, ConnId};
 use crate::peer_frame::{FrameKind, NodeId, PeerFrame};
 use crate::routing::is_owner;
@@ -64,11 +64,24 @@ pub struct PresenceLimitStats {
 
 struct Parked<H> {
     owner: NodeId,
-    h: H,
-    app: AppIdx,
-    name: ChannelName,
+    j: Joining<H>,
     join: PresenceJoin,
     since: Instant,
+}
+
+impl<H: Handle> Parked<H> {
+    fn is(&self, conn: ConnId, app: AppIdx, name: &ChannelName) -> bool {
+        self.j.h.conn() == conn && self.j.app == app && self.j.name == *name
+    }
+}
+
+/// A peer's [`PeerFrame::PresenceClaim`], for the owner.
+struct Claim<'a> {
+    from: NodeId,
+    req: u64,
+    app_id: &'a str,
+    channel: &'a str,
+    user: &'a str,
 }
 
 /// The state of the cluster-wide limit in one shard.
@@ -112,23 +125,19 @@ impl<H: Handle> Shard<H> {
 
     /// Whether `conn` has a join of `name` parked.
     pub(super) fn is_parked(&self, conn: ConnId, app: AppIdx, name: &ChannelName) -> bool {
-        self.limit
-            .parked
-            .values()
-            .any(|p| p.h.conn() == conn && p.app == app && p.name == *name)
+        self.limit.parked.values().any(|p| p.is(conn, app, name))
     }
 
     /// Parks a join and asks the owner; decided locally if too many are parked.
     pub(super) fn ask_owner(
         &mut self,
         now: Instant,
-        h: H,
-        app: AppIdx,
-        name: &ChannelName,
+        j: Joining<H>,
         join: PresenceJoin,
         sink: &mut impl Sink<H>,
     ) {
-        let app_id = self.app_id(app).to_owned();
+        let name = &j.name;
+        let app_id = self.app_id(j.app).to_owned();
         let owner = self
             .peers
             .iter()
@@ -140,7 +149,7 @@ impl<H: Handle> Shard<H> {
             .cloned();
         let Some(owner) = owner.filter(|_| self.limit.parked.len() < MAX_PENDING) else {
             self.limit.stats.local_decisions += 1;
-            self.subscribe_presence(now, h, app, name, join, Admission::Local, sink);
+            self.subscribe_presence(now, j, join, Admission::Local, sink);
             return;
         };
         let req = self.limit.next_req;
@@ -158,9 +167,7 @@ impl<H: Handle> Shard<H> {
             req,
             Parked {
                 owner,
-                h,
-                app,
-                name: name.clone(),
+                j,
                 join,
                 since: now,
             },
@@ -169,9 +176,7 @@ impl<H: Handle> Shard<H> {
 
     /// Drops the parked joins of `conn` on `name` (it unsubscribed or left).
     pub(super) fn unpark(&mut self, conn: ConnId, app: AppIdx, name: &ChannelName) {
-        self.limit
-            .parked
-            .retain(|_, p| !(p.h.conn() == conn && p.app == app && p.name == *name));
+        self.limit.parked.retain(|_, p| !p.is(conn, app, name));
     }
 
     /// Owner side: members admitted for peers and not yet in this node's
@@ -186,7 +191,7 @@ impl<H: Handle> Shard<H> {
             .filter(|(user, until)| {
                 **until > now
                     && !self.remote_member(app, name.as_str(), user)
-                    && !self.tables[app.0 as usize]
+                    && !self.tables[app]
                         .channels
                         .get(name)
                         .is_some_and(|c| c.has_member(user))
@@ -216,29 +221,25 @@ impl<H: Handle> Shard<H> {
                 app,
                 channel,
                 user,
-            } => self.claim(now, &NodeId::new(&node), req, &app, &channel, &user, sink),
+            } => {
+                let claim = Claim {
+                    from: NodeId::new(&node),
+                    req,
+                    app_id: &app,
+                    channel: &channel,
+                    user: &user,
+                };
+                self.claim(now, claim, sink)
+            }
             PeerFrame::PresenceGrant { req, granted, .. } => {
                 let Some(p) = self.limit.parked.remove(&req) else {
                     // Answered after the wait, or the connection left.
                     return;
                 };
                 if granted {
-                    let cache = p.name.is_cache();
-                    let h = p.h.clone();
-                    if self.subscribe_presence(
-                        now,
-                        p.h,
-                        p.app,
-                        &p.name,
-                        p.join,
-                        Admission::Granted,
-                        sink,
-                    ) && cache
-                    {
-                        self.send_cached(now, &h, p.app, &p.name, sink);
-                    }
+                    self.subscribe_presence_cached(now, p.j, p.join, Admission::Granted, sink);
                 } else {
-                    sink.send(&p.h, &full(&p.name));
+                    sink.send(&p.j.h, &full(&p.j.name));
                 }
             }
             _ => {}
@@ -246,24 +247,21 @@ impl<H: Handle> Shard<H> {
     }
 
     /// Owner side: answers a claim from `from`.
-    #[allow(clippy::too_many_arguments)]
-    fn claim(
-        &mut self,
-        now: Instant,
-        from: &NodeId,
-        req: u64,
-        app_id: &str,
-        channel: &str,
-        user: &str,
-        sink: &mut impl Sink<H>,
-    ) {
+    fn claim(&mut self, now: Instant, c: Claim<'_>, sink: &mut impl Sink<H>) {
+        let Claim {
+            from,
+            req,
+            app_id,
+            channel,
+            user,
+        } = c;
         let Some((app, name)) = self.peer_channel(app_id, channel) else {
             return;
         };
         let max = self.apps.get(app).limits.max_presence_members;
         let reserved = self.reservations(now, app, &name);
         let known = self.remote_member(app, channel, user)
-            || self.tables[app.0 as usize]
+            || self.tables[app]
                 .channels
                 .get(&name)
                 .is_some_and(|c| c.has_member(user))
@@ -291,7 +289,7 @@ impl<H: Handle> Shard<H> {
             channel: channel.to_owned(),
             granted,
         };
-        sink.peer(from, FrameKind::Control, &answer.encode());
+        sink.peer(&from, FrameKind::Control, &answer.encode());
     }
 
     /// Periodic work: joins whose owner did not answer in time are decided
@@ -329,14 +327,8 @@ impl<H: Handle> Shard<H> {
         for req in late {
             if let Some(p) = self.limit.parked.remove(&req) {
                 self.limit.stats.local_decisions += 1;
-                tracing::debug!(channel = %p.name, "presence owner did not answer in time, admission decided locally");
-                let cache = p.name.is_cache();
-                let h = p.h.clone();
-                if self.subscribe_presence(now, p.h, p.app, &p.name, p.join, Admission::Local, sink)
-                    && cache
-                {
-                    self.send_cached(now, &h, p.app, &p.name, sink);
-                }
+                tracing::debug!(channel = %p.j.name, "presence owner did not answer in time, admission decided locally");
+                self.subscribe_presence_cached(now, p.j, p.join, Admission::Local, sink);
             }
         }
     }

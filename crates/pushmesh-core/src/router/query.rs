@@ -64,14 +64,14 @@ pub(super) fn kind_index(k: ChannelKind) -> usize {
 impl<H: Handle> Shard<H> {
     /// Subscribers of a channel, cluster-wide.
     pub fn subscription_count(&self, app: AppIdx, name: &ChannelName) -> usize {
-        let t = &self.tables[app.0 as usize];
+        let t = &self.tables[app];
         t.channels.get(name).map_or(0, Channel::count)
             + t.remote.get(name).map_or(0, |r| r.counts.values().sum())
     }
 
     /// A channel's state, cluster-wide as this node knows it.
     pub fn info(&self, now: Instant, app: AppIdx, name: &ChannelName) -> ChannelInfo {
-        let t = &self.tables[app.0 as usize];
+        let t = &self.tables[app];
         let local = t.channels.get(name).is_some_and(|c| c.count() > 0);
         ChannelInfo {
             occupied: local || self.remote_interest(app, name),
@@ -95,7 +95,7 @@ impl<H: Handle> Shard<H> {
         prefix: Option<&str>,
         out: &mut Vec<(ChannelName, ChannelInfo)>,
     ) {
-        let t = &self.tables[app.0 as usize];
+        let t = &self.tables[app];
         let wanted = |n: &ChannelName| {
             n.kind() != ChannelKind::ServerToUser
                 && prefix.is_none_or(|p| n.as_str().starts_with(p))
@@ -128,7 +128,7 @@ impl<H: Handle> Shard<H> {
 
     /// Presence members whose connections are on this node.
     pub fn local_members(&self, app: AppIdx, channel: &str) -> Vec<String> {
-        self.tables[app.0 as usize]
+        self.tables[app]
             .channels
             .get(channel)
             .map(|c| c.members().map(|(id, _)| id.clone()).collect())

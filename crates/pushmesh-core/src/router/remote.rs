@@ -1,7 +1,7 @@
 //! A shard and its peers: what they hold (their interest, subscriber counts
 //! and presence members per channel, from the replication), the channel
-//! messages and cached events they send, and the first half of a publish
-//! (room in every interested peer's buffer, then the frame to each).
+//! messages and cached events they send (the events themselves go through
+//! `publish.rs`).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -10,10 +10,9 @@ use pushmesh_protocol::webhook::WebhookEvent;
 use pushmesh_protocol::ChannelName;
 use serde_json::value::RawValue;
 
-use super::filter::peer_wants;
-use super::{Channel, Event, PublishRefused, RemoteMember, Shard, CACHE_TTL};
+use super::presence::MemberChange;
+use super::{Channel, Event, RemoteMember, Shard, CACHE_TTL};
 use crate::app::AppIdx;
-use crate::filter::Tags;
 use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame};
 use crate::sink::{Handle, Sink};
 
@@ -116,7 +115,11 @@ impl<H: Handle> Shard<H> {
                         return;
                     }
                     let info = m.info.clone();
-                    self.member_event(app, &name, &user, info.as_deref(), true, None, sink);
+                    let added = MemberChange::Added {
+                        user: &user,
+                        info: info.as_deref(),
+                    };
+                    self.member_event(app, &name, added, None, sink);
                 } else {
                     let Some(m) = r.members.get_mut(&user) else {
                         return;
@@ -132,7 +135,8 @@ impl<H: Handle> Shard<H> {
                         t.remote.remove(&name);
                     }
                     if gone && !local {
-                        self.member_event(app, &name, &user, None, false, None, sink);
+                        let removed = MemberChange::Removed { user: &user };
+                        self.member_event(app, &name, removed, None, sink);
                     }
                 }
             }
@@ -144,35 +148,6 @@ impl<H: Handle> Shard<H> {
                 ..
             } => self.apply_remote_filter(peer, app, &channel, filter, add),
         }
-    }
-
-    /// A channel message from a peer: delivered locally, never forwarded.
-    #[allow(clippy::too_many_arguments)]
-    pub fn deliver_remote(
-        &mut self,
-        now: Instant,
-        app_id: &str,
-        channel: &str,
-        event: &str,
-        data: &str,
-        exclude: Option<&str>,
-        user_id: Option<&str>,
-        sink: &mut impl Sink<H>,
-    ) {
-        let Some((app, name)) = self.peer_channel(app_id, channel) else {
-            return;
-        };
-        let ev = Event {
-            app,
-            channel: &name,
-            name: event,
-            data,
-            content: None,
-            exclude_socket: exclude,
-            user_id,
-        };
-        // Not forwarded, so never refused.
-        let _ = self.publish(now, &ev, false, sink);
     }
 
     /// The last event of a cache channel, published on a peer.
@@ -194,30 +169,17 @@ impl<H: Handle> Shard<H> {
         }
         let at = now.checked_sub(age).unwrap_or(now);
         // A node that joins gets every peer's copy: the newest wins.
-        if self.tables[app.0 as usize]
-            .cache
-            .get(&name)
-            .is_some_and(|c| c.at > at)
-        {
+        if self.tables[app].cache.get(&name).is_some_and(|c| c.at > at) {
             return;
         }
-        let ev = Event {
-            app,
-            channel: &name,
-            name: event,
-            data,
-            content: None,
-            exclude_socket: None,
-            user_id: None,
-        };
-        self.cache_event(at, &ev, None);
+        self.cache_event(at, &Event::new(app, &name, event, data), None);
     }
 
     /// Sends every live cache entry to a peer whose link just came up, so a
     /// node that joins later answers with the cached event, not a miss.
     pub fn send_cache(&self, now: Instant, to: &NodeId, sink: &mut impl Sink<H>) {
-        for (app, t) in self.tables.iter().enumerate() {
-            let app_id = self.app_id(AppIdx(app as u32));
+        for (app, t) in self.tables.iter() {
+            let app_id = self.app_id(app);
             for (name, c) in &t.cache {
                 let age = now.saturating_duration_since(c.at);
                 if age >= CACHE_TTL {
@@ -235,8 +197,8 @@ impl<H: Handle> Shard<H> {
         }
     }
 
-    pub(super) fn local_count(&self, app: crate::app::AppIdx, name: &str) -> usize {
-        self.tables[app.0 as usize]
+    pub(super) fn local_count(&self, app: AppIdx, name: &str) -> usize {
+        self.tables[app]
             .channels
             .get(name)
             .map_or(0, Channel::count)
@@ -244,89 +206,6 @@ impl<H: Handle> Shard<H> {
 }
 
 impl<H: Handle> Shard<H> {
-    /// The first half of a publish: refused if an interested peer's buffer
-    /// is full, else handed to every interested peer. After it succeeds the
-    /// publish cannot fail any more (the driver answers 2xx then, before the
-    /// local fan-out, which is [`Shard::deliver_local`]).
-    pub fn hand_to_peers(
-        &mut self,
-        now: Instant,
-        ev: &Event<'_>,
-        sink: &mut impl Sink<H>,
-    ) -> Result<(), PublishRefused> {
-        if self.keeps_history(ev.app, ev.channel.as_str()).is_some() {
-            return self.history_hand(now, ev, &crate::filter::Tags::default(), sink);
-        }
-        let untagged = crate::filter::Tags::default();
-        self.check_peer_room(ev, &untagged, sink)?;
-        self.forward(ev, &untagged, sink);
-        Ok(())
-    }
-
-    /// Whether every peer the publish goes to can hold it.
-    pub(super) fn check_peer_room(
-        &self,
-        ev: &Event<'_>,
-        tags: &Tags,
-        sink: &mut impl Sink<H>,
-    ) -> Result<(), PublishRefused> {
-        if self.peers.is_empty() {
-            return Ok(());
-        }
-        let remote = self.tables[ev.app.0 as usize].remote.get(ev.channel);
-        let to = if ev.channel.is_cache() {
-            &self.peers
-        } else {
-            match remote {
-                Some(r) => &r.interested,
-                None => return Ok(()),
-            }
-        };
-        for p in to {
-            if remote.is_some_and(|r| !peer_wants(r, p, tags)) && !ev.channel.is_cache() {
-                continue;
-            }
-            if !sink.peer_has_room(p) {
-                return Err(PublishRefused::PeerBufferFull(p.clone()));
-            }
-        }
-        Ok(())
-    }
-
-    /// Sends an event to every peer interested in the channel (once each),
-    /// and the new cached event of a cache channel to the others.
-    pub(super) fn forward(&self, ev: &Event<'_>, tags: &Tags, sink: &mut impl Sink<H>) {
-        if self.peers.is_empty() {
-            return;
-        }
-        let app_id = self.app_id(ev.app);
-        let remote = self.tables[ev.app.0 as usize].remote.get(ev.channel);
-        let interested = remote.map(|r| &r.interested);
-        if let (Some(r), Some(interested)) = (remote, interested.filter(|i| !i.is_empty())) {
-            let mut frame = None;
-            for to in interested.iter().filter(|p| peer_wants(r, p, tags)) {
-                let frame = frame.get_or_insert_with(|| publish_frame(app_id, ev, tags));
-                sink.peer(to, FrameKind::Data, frame);
-            }
-        }
-        let n = interested.map_or(0, BTreeSet::len);
-        if ev.channel.is_cache() && n < self.peers.len() {
-            let frame = PeerFrame::CacheSet {
-                app: app_id.to_owned(),
-                channel: ev.channel.to_string(),
-                event: ev.name.to_owned(),
-                data: ev.data.to_owned(),
-                age_ms: 0,
-            }
-            .encode();
-            for to in &self.peers {
-                if !interested.is_some_and(|i| i.contains(to)) {
-                    sink.peer(to, FrameKind::Data, &frame);
-                }
-            }
-        }
-    }
-
     /// A peer's frame for a channel of this shard (see
     /// [`PeerFrame::channel`]); other frames are not the shard's.
     pub fn handle_channel_frame(
@@ -336,23 +215,7 @@ impl<H: Handle> Shard<H> {
         sink: &mut impl Sink<H>,
     ) {
         match frame {
-            PeerFrame::Publish {
-                app,
-                channel,
-                event,
-                data,
-                exclude,
-                user_id,
-            } => self.deliver_remote(
-                now,
-                &app,
-                &channel,
-                &event,
-                &data,
-                exclude.as_deref(),
-                user_id.as_deref(),
-                sink,
-            ),
+            PeerFrame::Event(e) => self.deliver_peer_event(now, e, sink),
             PeerFrame::CacheSet {
                 app,
                 channel,
@@ -360,46 +223,6 @@ impl<H: Handle> Shard<H> {
                 data,
                 age_ms,
             } => self.cache_set(now, &app, &channel, &event, &data, age_ms),
-            PeerFrame::TaggedPublish {
-                app,
-                channel,
-                event,
-                data,
-                exclude,
-                tags,
-            } => self.deliver_remote_tagged(
-                now,
-                &app,
-                &channel,
-                &event,
-                &data,
-                exclude.as_deref(),
-                tags,
-                sink,
-            ),
-            PeerFrame::HistoryPublish {
-                app,
-                channel,
-                event,
-                data,
-                exclude,
-                user_id,
-                origin,
-                seq,
-                at_ms,
-                tags,
-            } => self.deliver_history(
-                now,
-                &app,
-                &channel,
-                &event,
-                &data,
-                exclude.as_deref(),
-                user_id.as_deref(),
-                (origin, seq, at_ms),
-                tags,
-                sink,
-            ),
             PeerFrame::HistorySync {
                 app,
                 channel,
@@ -412,28 +235,4 @@ impl<H: Handle> Shard<H> {
             _ => {}
         }
     }
-}
-
-/// The frame of a publish for peers: tagged events carry their tags.
-fn publish_frame(app_id: &str, ev: &Event<'_>, tags: &Tags) -> bytes::Bytes {
-    if tags.is_empty() {
-        PeerFrame::Publish {
-            app: app_id.to_owned(),
-            channel: ev.channel.to_string(),
-            event: ev.name.to_owned(),
-            data: ev.data.to_owned(),
-            exclude: ev.exclude_socket.map(str::to_owned),
-            user_id: ev.user_id.map(str::to_owned),
-        }
-    } else {
-        PeerFrame::TaggedPublish {
-            app: app_id.to_owned(),
-            channel: ev.channel.to_string(),
-            event: ev.name.to_owned(),
-            data: ev.data.to_owned(),
-            exclude: ev.exclude_socket.map(str::to_owned),
-            tags: tags.to_pairs(),
-        }
-    }
-    .encode()
 }

@@ -10,75 +10,109 @@ use pushmesh_protocol::server;
 use pushmesh_protocol::webhook::WebhookEvent;
 use pushmesh_protocol::ChannelName;
 
-use super::{filter, history, Shard, CACHE_TTL};
+use super::presence_limit::Admission;
+use super::{filter, history, Joining, Shard, Subscribe, CACHE_TTL};
 use crate::app::{AppIdx, ConnId};
+use crate::filter::Selector;
 use crate::session::{PresenceJoin, Proto};
 use crate::sink::{Handle, Sink};
 
 impl<H: Handle> Shard<H> {
     /// Subscribes a connection (authorized by its session). Pusher
     /// connections get `subscription_succeeded` (and the cached event of a
-    /// cache channel); subscribing twice delivers once. On a history
-    /// channel, `position` asks for every event after it (see `history.rs`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn subscribe(
-        &mut self,
-        now: Instant,
-        h: H,
-        app: AppIdx,
-        name: &ChannelName,
-        proto: Proto,
-        presence: Option<PresenceJoin>,
-        position: Option<&str>,
-        sink: &mut impl Sink<H>,
-    ) {
-        self.subscribe_selected(now, h, app, name, proto, presence, None, position, sink);
+    /// cache channel); subscribing twice delivers once. With a selector
+    /// (`None`: every event) the subscription takes only the events it
+    /// matches; subscribing again with another selector replaces it. The
+    /// selector is in place before anything is sent to the subscription,
+    /// so a history replay is filtered like live events. On a history
+    /// channel, `position` asks for every event after it (`history.rs`).
+    pub fn subscribe(&mut self, now: Instant, s: Subscribe<H>, sink: &mut impl Sink<H>) {
+        let Subscribe {
+            conn: h,
+            app,
+            channel: name,
+            proto,
+            presence,
+            selector,
+            position,
+        } = s;
+        let j = Joining { h, app, name };
+        let Some(join) = presence else {
+            return self.subscribe_plain(now, j, proto, selector, position.as_deref(), sink);
+        };
+        // A presence join: the selector waits where an admission applies
+        // it (`admitted`, before the answer and any replay).
+        let conn = j.h.conn();
+        let key = (conn, app, j.name.clone());
+        let parked_before = self.is_parked(conn, app, &j.name);
+        match &selector {
+            Some(s) => {
+                self.parked_selectors.insert(key.clone(), s.clone());
+            }
+            None if !parked_before => {
+                self.parked_selectors.remove(&key);
+            }
+            None => {}
+        }
+        self.subscribe_presence_cached(now, j, join, Admission::Ask, sink);
+        let name = &key.2;
+        let subscribed = self.tables[app]
+            .channels
+            .get(name)
+            .is_some_and(|c| c.subs.contains_key(&conn));
+        if subscribed {
+            // Subscribed already (no admission ran): apply it now.
+            match self.parked_selectors.remove(&key) {
+                Some(s) => self.select(app, name, conn, Some(s), sink),
+                None if selector.is_none() => self.select(app, name, conn, None, sink),
+                None => {}
+            }
+        } else if !self.is_parked(conn, app, name) {
+            // Refused (the channel is full).
+            self.parked_selectors.remove(&key);
+        }
     }
 
     /// A non-presence subscribe without a filter decision yet: on a history
     /// channel, answered now or parked until the events its position names
     /// arrive.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn subscribe_plain(
+    fn subscribe_plain(
         &mut self,
         now: Instant,
-        h: H,
-        app: AppIdx,
-        name: &ChannelName,
+        j: Joining<H>,
         proto: Proto,
-        selector: Option<Arc<crate::filter::Selector>>,
+        selector: Option<Arc<Selector>>,
         position: Option<&str>,
         sink: &mut impl Sink<H>,
     ) {
-        let answer = if self.keeps_history(app, name.as_str()).is_some() {
-            match self.history_answer(app, name, position) {
+        let answer = if self.keeps_history(j.app, j.name.as_str()).is_some() {
+            match self.history_answer(j.app, &j.name, position) {
                 Some(a) => Some(a),
                 None => {
                     // Its events are on their way from a peer: wait for them.
                     let position = position.unwrap_or_default();
-                    self.park_recovery(now, h, app, name, proto, position, selector);
+                    self.park_recovery(now, j, proto, position, selector);
                     return;
                 }
             }
         } else {
             None
         };
-        self.subscribe_answered(now, h, app, name, proto, answer, selector, sink);
+        self.subscribe_answered(now, j, proto, answer, selector, sink);
     }
 
     /// A non-presence subscribe, answered (`answer` on history channels).
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn subscribe_answered(
         &mut self,
         now: Instant,
-        h: H,
-        app: AppIdx,
-        name: &ChannelName,
+        j: Joining<H>,
         proto: Proto,
         mut answer: Option<history::Answer>,
-        selector: Option<Arc<crate::filter::Selector>>,
+        selector: Option<Arc<Selector>>,
         sink: &mut impl Sink<H>,
     ) {
+        let Joining { h, app, name } = j;
+        let name = &name;
         let conn = h.conn();
         let t = self.table(app);
         let ch = t.channels.entry(name.clone()).or_default();
@@ -115,6 +149,27 @@ impl<H: Handle> Shard<H> {
         }
         if proto == Proto::Pusher && name.is_cache() {
             self.send_cached(now, &h, app, name, sink);
+        }
+    }
+
+    /// A presence join ([`Shard::subscribe_presence`]), then the cached
+    /// event of a cache channel if it was admitted now.
+    pub(super) fn subscribe_presence_cached(
+        &mut self,
+        now: Instant,
+        j: Joining<H>,
+        join: PresenceJoin,
+        admission: Admission,
+        sink: &mut impl Sink<H>,
+    ) {
+        let cached = j
+            .name
+            .is_cache()
+            .then(|| (j.h.clone(), j.app, j.name.clone()));
+        if self.subscribe_presence(now, j, join, admission, sink) {
+            if let Some((h, app, name)) = cached {
+                self.send_cached(now, &h, app, &name, sink);
+            }
         }
     }
 

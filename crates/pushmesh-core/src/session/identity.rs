@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use pushmesh_protocol::{server, ChannelKind, ChannelName};
 
-use super::{Request, Session, SignedIn};
+use super::{Request, Session, SignedIn, WsifyJoinError};
 use crate::filter::{Filter, FilterError, Selector, Target, MAX_VALUE_BYTES};
 
 /// Who a connection is, as its trusted load balancer said (identity headers).
@@ -130,9 +130,9 @@ impl Session {
         channel: &str,
         filter: Option<&str>,
         position: Option<&str>,
-    ) -> Result<(), String> {
+    ) -> Result<(), WsifyJoinError> {
         let name = self.wsify_channel(channel)?;
-        let selector = self.selector(&name, filter).map_err(|e| e.to_string())?;
+        let selector = self.selector(&name, filter)?;
         self.subs.insert(name.clone(), None);
         self.route(Request::Subscribe {
             app: self.app,

@@ -17,6 +17,24 @@ struct ChannelData {
     user_info: Option<Box<RawValue>>,
 }
 
+/// Why a subscribe's authorization is refused (`AuthError`, 401); the
+/// text is the one its `subscription_error` carries.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum SubscribeAuthError {
+    /// A `#server-to-user-` channel of another user (or before sign-in).
+    #[error("only the signed-in user may subscribe to this channel")]
+    NotTheUser,
+    /// No `auth`.
+    #[error("missing auth")]
+    MissingAuth,
+    /// A presence subscribe without `channel_data`.
+    #[error("missing channel_data")]
+    MissingChannelData,
+    /// The signature does not verify.
+    #[error(transparent)]
+    Signature(#[from] AuthError),
+}
+
 impl Session {
     pub(super) fn subscribe(
         &mut self,
@@ -36,32 +54,32 @@ impl Session {
                 return;
             }
         };
-        let auth_result: Result<(), String> = match name.kind() {
+        let auth_result: Result<(), SubscribeAuthError> = match name.kind() {
             ChannelKind::Public => Ok(()),
             ChannelKind::ServerToUser => match (&self.user, name.server_to_user_id()) {
                 (Some(u), Some(id)) if u.id == id => Ok(()),
-                _ => Err("only the signed-in user may subscribe to this channel".into()),
+                _ => Err(SubscribeAuthError::NotTheUser),
             },
             ChannelKind::Private | ChannelKind::PrivateEncrypted => match auth {
-                None => Err("missing auth".into()),
+                None => Err(SubscribeAuthError::MissingAuth),
                 Some(a) => sign::verify_client_auth(
                     &cfg.key,
                     &cfg.secret,
                     a,
                     &sign::channel_string(&self.socket_id, name.as_str()),
                 )
-                .map_err(|e: AuthError| e.to_string()),
+                .map_err(SubscribeAuthError::from),
             },
             ChannelKind::Presence => match (auth, channel_data) {
-                (None, _) => Err("missing auth".into()),
-                (_, None) => Err("missing channel_data".into()),
+                (None, _) => Err(SubscribeAuthError::MissingAuth),
+                (_, None) => Err(SubscribeAuthError::MissingChannelData),
                 (Some(a), Some(d)) => sign::verify_client_auth(
                     &cfg.key,
                     &cfg.secret,
                     a,
                     &sign::presence_string(&self.socket_id, name.as_str(), d),
                 )
-                .map_err(|e: AuthError| e.to_string()),
+                .map_err(SubscribeAuthError::from),
             },
         };
         if let Err(e) = auth_result {
@@ -69,7 +87,7 @@ impl Session {
             self.send(server::subscription_error(
                 name.as_str(),
                 "AuthError",
-                &e,
+                &e.to_string(),
                 401,
             ));
             return;

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
-use super::{Faults, Net};
+use super::{Faults, Net, SimFailure};
 use crate::{AppIdx, ConnId, PublishRequest};
 
 const CHANNELS: [&str; 3] = ["c-a", "c-b", "presence-p"];
@@ -79,7 +79,7 @@ struct Published {
 }
 
 /// Runs one schedule; returns a description of the first violation.
-fn run(seed: u64, nodes: usize, len: usize) -> Result<(), String> {
+fn run(seed: u64, nodes: usize, len: usize) -> Result<(), SimFailure> {
     let faults = Faults {
         drop: 30,
         dup: 30,
@@ -221,10 +221,11 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(), String> {
             let got = count(net.nodes[i].inbox.get(&c), &p.event);
             let may_miss = crashed.contains(&(p.from, p.from_epoch));
             if got > 1 || (got == 0 && !may_miss) {
-                return Err(format!(
-                    "seed {seed} ({nodes} nodes): event {} on {} from node {} reached node {i} conn {c} {got} times\nops: {}",
-                    p.event, CHANNELS[p.channel], p.from, log.join(", ")
-                ));
+                let what = format!(
+                    "event {} on {} from node {} reached node {i} conn {c} {got} times",
+                    p.event, CHANNELS[p.channel], p.from
+                );
+                return Err(SimFailure::new(seed, nodes, what, &log));
             }
         }
     }
@@ -244,10 +245,11 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(), String> {
                 };
                 let key = (p.from, p.from_epoch);
                 if last.get(&key).is_some_and(|l| *l >= k) {
-                    return Err(format!(
-                        "seed {seed}: node {i} conn {c} got e{k} after a later event of node {}",
+                    let what = format!(
+                        "node {i} conn {c} got e{k} after a later event of node {}",
                         p.from
-                    ));
+                    );
+                    return Err(SimFailure::new(seed, nodes, what, &log));
                 }
                 last.insert(key, k);
             }

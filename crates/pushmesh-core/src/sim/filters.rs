@@ -48,7 +48,9 @@ impl Net {
             self.nodes[i].core.publish(now, AppIdx(0), &req)
         } else {
             let t = Tags::parse_json(tags).unwrap_or_else(|e| panic!("{e}"));
-            self.nodes[i].core.publish_tagged(now, AppIdx(0), &req, &t)
+            self.nodes[i]
+                .core
+                .publish_with(now, AppIdx(0), &req, Some(&t))
         };
         assert!(r.is_ok(), "{r:?}");
         self.pump(i);

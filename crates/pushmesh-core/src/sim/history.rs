@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Value};
 
-use super::{Faults, Net};
+use super::{Faults, Net, SimFailure};
 use crate::{AppIdx, ConnId, PublishRequest};
 
 const CH: [&str; 3] = ["h-a", "h-b", "presence-h"];
@@ -175,7 +175,7 @@ fn connect(net: &mut Net, c: &mut Client, i: usize) {
 }
 
 /// Runs one schedule: (reconnects, recovered) or the first violation.
-fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), String> {
+fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), SimFailure> {
     let faults = Faults {
         drop: 30,
         dup: 30,
@@ -319,12 +319,7 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), String> {
     for c in &mut clients {
         read(&net, c);
     }
-    let fail = |what: String| {
-        Err(format!(
-            "seed {seed} ({nodes} nodes): {what}\nops: {}",
-            log.join(", ")
-        ))
-    };
+    let fail = |what: String| Err(SimFailure::new(seed, nodes, what, &log));
     let mut counts: BTreeMap<(usize, &str), usize> = BTreeMap::new();
     for (k, c) in clients.iter().enumerate() {
         for e in &c.got {

@@ -63,6 +63,31 @@ fn node_name(i: usize) -> NodeId {
     NodeId::new(&format!("node-{i}"))
 }
 
+/// A schedule that broke a property: which, and how to replay it.
+#[derive(Debug, thiserror::Error)]
+#[error("seed {seed} ({nodes} nodes): {what}\nops: {ops}")]
+struct SimFailure {
+    /// The schedule's seed (`PUSHMESH_SIM_SEED` replays it).
+    seed: u64,
+    /// Nodes in the schedule.
+    nodes: usize,
+    /// The violation.
+    what: String,
+    /// The operations that led to it.
+    ops: String,
+}
+
+impl SimFailure {
+    fn new(seed: u64, nodes: usize, what: String, log: &[String]) -> Self {
+        Self {
+            seed,
+            nodes,
+            what,
+            ops: log.join(", "),
+        }
+    }
+}
+
 struct SimNode {
     core: Core,
     epoch: u64,
@@ -76,15 +101,18 @@ struct SimNode {
 }
 
 fn new_core(i: usize, epoch: u64) -> Core {
-    Core::new(std::time::Instant::now(), CoreConfig {
-        apps: vec![app()],
-        activity_timeout_secs: 120,
-        max_connections: None,
-        socket_prefix: 100 + i as u32,
-        node_id: node_name(i).to_string(),
-        epoch,
-        history_max_bytes: crate::history::MAX_BYTES,
-    })
+    Core::new(
+        std::time::Instant::now(),
+        CoreConfig {
+            apps: vec![app()],
+            activity_timeout_secs: 120,
+            max_connections: None,
+            socket_prefix: 100 + i as u32,
+            node_id: node_name(i).to_string(),
+            epoch,
+            history_max_bytes: crate::history::MAX_BYTES,
+        },
+    )
 }
 
 fn new_node(i: usize, epoch: u64) -> SimNode {
@@ -440,7 +468,7 @@ impl Net {
         if !fresh {
             return true;
         }
-        if let Ok(PeerFrame::Publish { channel, .. } | PeerFrame::TaggedPublish { channel, .. }) =
+        if let Ok(PeerFrame::Event(crate::peer_frame::PeerEvent { channel, .. })) =
             PeerFrame::decode(&frame)
         {
             self.data_frames += 1;

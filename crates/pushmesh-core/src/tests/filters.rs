@@ -20,9 +20,9 @@ impl Harness {
         );
     }
 
-    fn publish_tagged(&mut self, channel: &str, name: &str, t: &str) {
+    fn publish_with_tags(&mut self, channel: &str, name: &str, t: &str) {
         let channels = vec![channel.to_string()];
-        let r = self.core.publish_tagged(
+        let r = self.core.publish_with(
             self.now,
             AppIdx(0),
             &PublishRequest {
@@ -31,7 +31,7 @@ impl Harness {
                 channels: &channels,
                 exclude_socket: None,
             },
-            &tags(t),
+            Some(&tags(t)),
         );
         assert!(r.is_ok(), "{r:?}");
         self.pump();
@@ -63,14 +63,14 @@ fn a_filter_selects_tagged_events_and_plain_subscribers_get_everything() {
     for c in [eu, us, any, kinds] {
         assert_eq!(h.got(c, "pusher_internal:subscription_succeeded"), 1);
     }
-    h.publish_tagged("orders", "e1", r#"{"zone":"eu","kind":"refund"}"#);
+    h.publish_with_tags("orders", "e1", r#"{"zone":"eu","kind":"refund"}"#);
     assert_eq!(h.got(eu, "e1"), 1);
     assert_eq!(h.got(us, "e1"), 0);
     assert_eq!(h.got(any, "e1"), 1);
     assert_eq!(h.got(kinds, "e1"), 1);
     // A tag the filter does not list; a missing tag.
-    h.publish_tagged("orders", "e2", r#"{"zone":"eu","kind":"quote"}"#);
-    h.publish_tagged("orders", "e3", r#"{"kind":"order"}"#);
+    h.publish_with_tags("orders", "e2", r#"{"zone":"eu","kind":"quote"}"#);
+    h.publish_with_tags("orders", "e3", r#"{"kind":"order"}"#);
     assert_eq!(h.got(eu, "e2"), 1);
     assert_eq!(h.got(kinds, "e2"), 0);
     assert_eq!(h.got(eu, "e3") + h.got(us, "e3") + h.got(kinds, "e3"), 0);
@@ -80,7 +80,7 @@ fn a_filter_selects_tagged_events_and_plain_subscribers_get_everything() {
     assert_eq!(h.got(any, "e4"), 1);
     assert_eq!(h.got(eu, "e4") + h.got(us, "e4") + h.got(kinds, "e4"), 0);
     // Tags are not in the frame clients receive.
-    h.publish_tagged("orders", "e5", r#"{"zone":"us"}"#);
+    h.publish_with_tags("orders", "e5", r#"{"zone":"us"}"#);
     let f = h.events(us, "e5");
     assert_eq!(f.len(), 1);
     assert_eq!(f[0].get("tags"), None);
@@ -96,8 +96,8 @@ fn resubscribing_replaces_the_filter_and_counts_stay_per_channel() {
     h.subscribe_filtered(d, "news", json!({"zone":"eu"}));
     h.subscribe_filtered(c, "news", json!({"zone":["us"]}));
     h.take(c);
-    h.publish_tagged("news", "eu", r#"{"zone":"eu"}"#);
-    h.publish_tagged("news", "us", r#"{"zone":"us"}"#);
+    h.publish_with_tags("news", "eu", r#"{"zone":"eu"}"#);
+    h.publish_with_tags("news", "us", r#"{"zone":"us"}"#);
     let got: Vec<String> = h
         .take(c)
         .iter()
@@ -146,7 +146,7 @@ fn an_invalid_filter_is_refused_and_the_connection_stays_usable() {
     assert!(h.closed.is_empty());
     h.subscribe_filtered(c, "news", json!({"zone":"eu"}));
     assert_eq!(h.got(c, "pusher_internal:subscription_succeeded"), 1);
-    h.publish_tagged("news", "ok", r#"{"zone":"eu"}"#);
+    h.publish_with_tags("news", "ok", r#"{"zone":"eu"}"#);
     assert_eq!(h.got(c, "ok"), 1);
 }
 
@@ -204,18 +204,18 @@ fn identity_signs_in_and_device_tags_target_one_connection_of_a_user() {
     h.subscribe(other, "#server-to-user-u1");
     assert_eq!(h.got(other, "pusher:subscription_error"), 1);
     h.take(laptop);
-    h.publish_tagged("#server-to-user-u1", "d", r#"{"device":"phone"}"#);
+    h.publish_with_tags("#server-to-user-u1", "d", r#"{"device":"phone"}"#);
     assert_eq!((h.got(phone, "d"), h.got(laptop, "d")), (1, 0));
-    h.publish_tagged("#server-to-user-u1", "z", r#"{"zone":"us"}"#);
+    h.publish_with_tags("#server-to-user-u1", "z", r#"{"zone":"us"}"#);
     assert_eq!((h.got(phone, "z"), h.got(laptop, "z")), (0, 1));
-    h.publish_tagged(
+    h.publish_with_tags(
         "#server-to-user-u1",
         "dz",
         r#"{"device":"phone","zone":"us"}"#,
     );
     assert_eq!((h.got(phone, "dz"), h.got(laptop, "dz")), (0, 0));
     // Without device or zone tags: every connection of the user.
-    h.publish_tagged("#server-to-user-u1", "all", r#"{"other":"x"}"#);
+    h.publish_with_tags("#server-to-user-u1", "all", r#"{"other":"x"}"#);
     assert!(h
         .publish(&["#server-to-user-u1"], "all2", "{}", None)
         .is_ok());
@@ -262,7 +262,7 @@ fn a_thousand_subscribers_sharing_ten_filters_each_get_their_zone_only() {
         conns.push(c);
     }
     h.inbox.clear();
-    h.publish_tagged("big", "e", r#"{"zone":"z3"}"#);
+    h.publish_with_tags("big", "e", r#"{"zone":"z3"}"#);
     let reached: Vec<usize> = conns
         .iter()
         .enumerate()

@@ -40,7 +40,9 @@ pub(super) async fn run_shard(
         let due = machine.poll_timeout();
         if due != armed {
             armed = due;
-            timer.as_mut().reset(due.map_or_else(far, tokio::time::Instant::from_std));
+            timer
+                .as_mut()
+                .reset(due.map_or_else(far, tokio::time::Instant::from_std));
         }
         let mut sink = DriverSink::new(&links);
         tokio::select! {

@@ -19,28 +19,31 @@ fn core(name: &str) -> Core {
         max_presence_members: LIMIT,
         ..Limits::default()
     };
-    Core::new(std::time::Instant::now(), CoreConfig {
-        apps: vec![AppConfig {
-            id: "1".into(),
-            key: "key".into(),
-            secret: SECRET.into(),
-            enabled: true,
-            client_events: true,
-            user_authentication_required: false,
+    Core::new(
+        std::time::Instant::now(),
+        CoreConfig {
+            apps: vec![AppConfig {
+                id: "1".into(),
+                key: "key".into(),
+                secret: SECRET.into(),
+                enabled: true,
+                client_events: true,
+                user_authentication_required: false,
+                max_connections: None,
+                subscription_count_events: false,
+                limits,
+                webhooks: false,
+                wsify_event: "broadcast".into(),
+                history: None,
+            }],
+            activity_timeout_secs: 120,
             max_connections: None,
-            subscription_count_events: false,
-            limits,
-            webhooks: false,
-            wsify_event: "broadcast".into(),
-            history: None,
-        }],
-        activity_timeout_secs: 120,
-        max_connections: None,
-        socket_prefix: 1,
-        node_id: name.into(),
-        epoch: 1,
-        history_max_bytes: crate::history::MAX_BYTES,
-    })
+            socket_prefix: 1,
+            node_id: name.into(),
+            epoch: 1,
+            history_max_bytes: crate::history::MAX_BYTES,
+        },
+    )
 }
 
 struct Net {
@@ -154,11 +157,11 @@ impl Net {
     }
 
     /// A publish through `node` tagged with `tags` (JSON), delivered.
-    fn publish_tagged(&mut self, node: usize, channel: &str, name: &str, tags: &str) {
+    fn publish_with_tags(&mut self, node: usize, channel: &str, name: &str, tags: &str) {
         let channels = vec![channel.to_string()];
         let tags = crate::filter::Tags::parse_json(tags).unwrap_or_else(|e| panic!("{e}"));
         let now = self.now;
-        let r = self.cores[node].publish_tagged(
+        let r = self.cores[node].publish_with(
             now,
             AppIdx(0),
             &crate::PublishRequest {
@@ -167,7 +170,7 @@ impl Net {
                 channels: &channels,
                 exclude_socket: None,
             },
-            &tags,
+            Some(&tags),
         );
         assert!(r.is_ok(), "{r:?}");
         self.run();
@@ -433,8 +436,8 @@ fn a_filtered_presence_join_waiting_for_the_owner_keeps_its_filter() {
     assert_eq!(net.members(1, &ch), 2);
     // What each receives follows its own filter, whichever node publishes.
     for node in [0, 1] {
-        net.publish_tagged(node, &ch, &format!("eu-{node}"), r#"{"zone":"eu"}"#);
-        net.publish_tagged(node, &ch, &format!("us-{node}"), r#"{"zone":"us"}"#);
+        net.publish_with_tags(node, &ch, &format!("eu-{node}"), r#"{"zone":"eu"}"#);
+        net.publish_with_tags(node, &ch, &format!("us-{node}"), r#"{"zone":"us"}"#);
         assert_eq!(net.got(0, eu, &format!("eu-{node}")), 1);
         assert_eq!(net.got(0, eu, &format!("us-{node}")), 0);
         assert_eq!(net.got(0, plain, &format!("eu-{node}")), 1);
@@ -469,6 +472,6 @@ fn a_refused_filtered_join_leaves_no_filter_behind() {
     net.join(0, c, &ch, "late");
     net.run();
     assert_eq!(net.answer(0, c), Some(true));
-    net.publish_tagged(1, &ch, "us", r#"{"zone":"us"}"#);
+    net.publish_with_tags(1, &ch, "us", r#"{"zone":"us"}"#);
     assert_eq!(net.got(0, c, "us"), 1);
 }
