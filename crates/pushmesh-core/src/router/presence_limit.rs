@@ -104,10 +104,27 @@ impl<H> Default for PresenceLimit<H> {
     }
 }
 
-impl<H> PresenceLimit<H> {
+impl<H: Handle> PresenceLimit<H> {
     /// Whether joins wait for their owner's answer (the tick decides late ones).
     pub(super) fn has_parked(&self) -> bool {
         !self.parked.is_empty()
+    }
+
+    fn is_parked(&self, conn: ConnId, app: AppIdx, name: &ChannelName) -> bool {
+        self.parked.values().any(|p| p.is(conn, app, name))
+    }
+
+    fn unpark(&mut self, conn: ConnId, app: AppIdx, name: &ChannelName) {
+        self.parked.retain(|_, p| !p.is(conn, app, name));
+    }
+
+    /// Parks a join under a new request id, counted as a claim.
+    fn park(&mut self, p: Parked<H>) -> u64 {
+        let req = self.next_req;
+        self.next_req += 1;
+        self.stats.claims += 1;
+        self.parked.insert(req, p);
+        req
     }
 }
 
@@ -125,7 +142,7 @@ impl<H: Handle> Shard<H> {
 
     /// Whether `conn` has a join of `name` parked.
     pub(super) fn is_parked(&self, conn: ConnId, app: AppIdx, name: &ChannelName) -> bool {
-        self.limit.parked.values().any(|p| p.is(conn, app, name))
+        self.limit.is_parked(conn, app, name)
     }
 
     /// Parks a join and asks the owner; decided locally if too many are parked.
@@ -152,31 +169,28 @@ impl<H: Handle> Shard<H> {
             self.subscribe_presence(now, j, join, Admission::Local, sink);
             return;
         };
-        let req = self.limit.next_req;
-        self.limit.next_req += 1;
+        let (channel, user) = (name.to_string(), join.user_id.clone());
+        let to = owner.clone();
+        let parked = Parked {
+            owner,
+            j,
+            join,
+            since: now,
+        };
+        let req = self.limit.park(parked);
         let frame = PeerFrame::PresenceClaim {
             node: self.node.to_string(),
             req,
             app: app_id,
-            channel: name.to_string(),
-            user: join.user_id.clone(),
+            channel,
+            user,
         };
-        sink.peer(&owner, FrameKind::Control, &frame.encode());
-        self.limit.stats.claims += 1;
-        self.limit.parked.insert(
-            req,
-            Parked {
-                owner,
-                j,
-                join,
-                since: now,
-            },
-        );
+        sink.peer(&to, FrameKind::Control, &frame.encode());
     }
 
     /// Drops the parked joins of `conn` on `name` (it unsubscribed or left).
     pub(super) fn unpark(&mut self, conn: ConnId, app: AppIdx, name: &ChannelName) {
-        self.limit.parked.retain(|_, p| !p.is(conn, app, name));
+        self.limit.unpark(conn, app, name);
     }
 
     /// Owner side: members admitted for peers and not yet in this node's
