@@ -149,7 +149,38 @@ pub enum PublishError {
     /// The node cannot deliver it now (HTTP 503): an interested peer's
     /// buffer is full, the node is joining or draining.
     #[error("cannot deliver now: {0}")]
-    Unavailable(String),
+    Unavailable(Refusal),
+}
+
+/// Why a publish is answered 503.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The node has not joined its cluster yet.
+    Joining = 0,
+    /// The node is draining, past its wait.
+    Draining = 1,
+    /// An interested peer's buffer is full.
+    PeerBufferFull = 2,
+}
+
+impl Refusal {
+    /// Every reason, in counter order.
+    pub const ALL: [Refusal; 3] = [Self::Joining, Self::Draining, Self::PeerBufferFull];
+
+    /// The `reason` of the JSON error and the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Joining => "joining",
+            Self::Draining => "draining",
+            Self::PeerBufferFull => "peer_buffer_full",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Whether `s` has the shape of a Pusher socket id, `^\d+\.\d+$`.

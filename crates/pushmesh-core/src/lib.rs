@@ -31,7 +31,7 @@ pub mod users;
 pub mod webhooks;
 
 pub use app::{
-    AppConfig, AppIdx, Apps, ConnId, CoreConfig, OpenError, PublishError, PublishRequest,
+    AppConfig, AppIdx, Apps, ConnId, CoreConfig, OpenError, PublishError, PublishRequest, Refusal,
 };
 pub use filter::{Filter, FilterError, Selector, Tags, TagsError, Target};
 pub use hook_backup::HookBackup;

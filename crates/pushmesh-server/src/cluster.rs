@@ -36,15 +36,44 @@ use crate::{ServerError, Shared};
 
 pub use crate::identity::refuse_duplicate_identity;
 
+/// Why the cluster layer could not start (or this node may not join).
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterStartError {
+    /// The node's certificates could not be derived or loaded.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The cluster's own runtime could not be built.
+    #[error("cannot start the cluster runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// The start task panicked or was cancelled.
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+    /// Gossip or the QUIC endpoint could not start.
+    #[error(transparent)]
+    Start(#[from] pushmesh_cluster::ClusterError),
+    /// Another live node, started before this one, uses this node's id.
+    #[error(
+        "node_id {node_id:?} is already in use by a live node at {gossip_addr} (its epoch {epoch}): \
+         refusing to start; give each node its own node_id"
+    )]
+    DuplicateIdentity {
+        /// The id both use.
+        node_id: String,
+        /// The other node's gossip address.
+        gossip_addr: std::net::SocketAddr,
+        /// The other node's epoch.
+        epoch: u64,
+    },
+}
+
 /// Starts the cluster layer for these settings.
 pub async fn start(
     c: &ClusterSettings,
     epoch: u64,
 ) -> Result<(Cluster, mpsc::Receiver<ClusterEvent>), ServerError> {
-    let err = |e: String| ServerError::Cluster(e);
     let material = match &c.certs {
-        None => tls::derive_from_secret(&c.secret).map_err(|e| err(e.to_string()))?,
-        Some((ca, cert, key)) => tls::load(ca, cert, key).map_err(|e| err(e.to_string()))?,
+        None => tls::derive_from_secret(&c.secret).map_err(ClusterStartError::from)?,
+        Some((ca, cert, key)) => tls::load(ca, cert, key).map_err(ClusterStartError::from)?,
     };
     let cfg = ClusterConfig {
         node_id: c.node_id.clone(),
@@ -71,14 +100,12 @@ pub async fn start(
         .thread_name("pushmesh-cluster")
         .enable_all()
         .build()
-        .map_err(|e| err(format!("cannot start the cluster runtime: {e}")))?;
+        .map_err(ClusterStartError::Runtime)?;
     let started = rt.spawn(Cluster::start(cfg));
     // It lives as long as the process.
     std::mem::forget(rt);
-    started
-        .await
-        .map_err(|e| err(e.to_string()))?
-        .map_err(|e| err(e.to_string()))
+    let started = started.await.map_err(ClusterStartError::from)?;
+    Ok(started.map_err(ClusterStartError::from)?)
 }
 
 /// The tasks that feed peer events to the core and publish the digest.

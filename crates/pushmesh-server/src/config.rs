@@ -37,12 +37,12 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML for pushmesh.
-    #[error("invalid config file {path}: {message}")]
+    #[error("invalid config file {path}: {source}")]
     Parse {
         /// File.
         path: PathBuf,
         /// What is wrong.
-        message: String,
+        source: toml::de::Error,
     },
     /// A bad `--app` value.
     #[error("invalid app {0:?}: expected ID:KEY:SECRET with none of them empty")]
@@ -57,6 +57,9 @@ pub enum ConfigError {
         /// What is wrong with it.
         why: String,
     },
+    /// `[identity_headers]` cannot be used.
+    #[error("invalid configuration: {0}")]
+    IdentityHeaders(#[from] crate::identity_headers::IdentityHeadersError),
     /// Something else is inconsistent.
     #[error("invalid configuration: {0}")]
     Invalid(String),
@@ -340,15 +343,15 @@ impl FileConfig {
             path: path.into(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse {
+        Self::parse(&text).map_err(|source| ConfigError::Parse {
             path: path.into(),
-            message,
+            source,
         })
     }
 
     /// Parses TOML text.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
     }
 }
 
@@ -590,8 +593,7 @@ impl Config {
             ));
         }
         cfg.identity_headers
-            .check(!cfg.trusted_proxies.is_empty())
-            .map_err(ConfigError::Invalid)?;
+            .check(!cfg.trusted_proxies.is_empty())?;
         if cfg.proxy_protocol && cfg.trusted_proxies.is_empty() {
             return Err(ConfigError::Invalid(
                 "proxy_protocol needs trusted_proxies: PROXY headers are read from trusted proxies only".into(),

@@ -419,7 +419,7 @@ impl Node {
     /// Counts a refusal and makes the error the API answers 503 with.
     fn refused(&self, r: Refusal) -> PublishError {
         self.links.stats.refused[r as usize].fetch_add(1, Ordering::Relaxed);
-        PublishError::Unavailable(r.as_str().to_owned())
+        PublishError::Unavailable(r)
     }
 
     /// A wsify broadcast (from a client or `POST /broadcast`).

@@ -53,11 +53,16 @@ impl Cidr {
     }
 }
 
-impl FromStr for Cidr {
-    type Err = String;
+/// A text that is not an address range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid address range {0:?}: expected e.g. 10.0.0.0/8 or ::1/128")]
+pub struct CidrError(pub String);
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid address range {s:?}: expected e.g. 10.0.0.0/8 or ::1/128");
+impl FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, CidrError> {
+        let bad = || CidrError(s.to_string());
         let (addr, bits) = match s.trim().split_once('/') {
             Some((a, b)) => (a, Some(b.parse::<u8>().map_err(|_| bad())?)),
             None => (s.trim(), None),
@@ -73,8 +78,8 @@ impl FromStr for Cidr {
 }
 
 impl TryFrom<String> for Cidr {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = CidrError;
+    fn try_from(s: String) -> Result<Self, CidrError> {
         s.parse()
     }
 }

@@ -37,9 +37,18 @@ enum Admission {
     Refuse(CloseCode, String),
 }
 
+/// An `Origin` the app does not allow (the value, empty when absent).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("origin {0:?} is not allowed for this app")]
+pub struct OriginRefused(pub String);
+
 /// Checks the request's `Origin` against the app's `allowed_origins`
 /// (empty: every origin; `*` allows all too).
-pub(crate) fn check_origin(st: &Shared, app: AppIdx, headers: &HeaderMap) -> Result<(), String> {
+pub(crate) fn check_origin(
+    st: &Shared,
+    app: AppIdx,
+    headers: &HeaderMap,
+) -> Result<(), OriginRefused> {
     let allowed = &st.config.app_io[app.0 as usize].allowed_origins;
     if allowed.is_empty() || allowed.iter().any(|a| a == "*") {
         return Ok(());
@@ -51,7 +60,7 @@ pub(crate) fn check_origin(st: &Shared, app: AppIdx, headers: &HeaderMap) -> Res
     if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
         Ok(())
     } else {
-        Err(format!("origin {origin:?} is not allowed for this app"))
+        Err(OriginRefused(origin.to_string()))
     }
 }
 
@@ -121,7 +130,7 @@ pub async fn pusher_ws(
                 },
                 Err(reason) => {
                     st.stats.edge.origin_refused.fetch_add(1, Ordering::Relaxed);
-                    Admission::Refuse(CloseCode::Unauthorized, reason)
+                    Admission::Refuse(CloseCode::Unauthorized, reason.to_string())
                 }
             },
             None => Admission::Refuse(CloseCode::AppNotFound, format!("no app with key {key:?}")),

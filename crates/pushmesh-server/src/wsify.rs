@@ -118,7 +118,8 @@ pub async fn wsify_ws(
     }
     if let Err(r) = crate::ws::check_origin(&st, app, &headers) {
         st.stats.edge.origin_refused.fetch_add(1, Ordering::Relaxed);
-        return (StatusCode::FORBIDDEN, Json(json!({ "error": r }))).into_response();
+        let e = json!({ "error": r.to_string() });
+        return (StatusCode::FORBIDDEN, Json(e)).into_response();
     }
     let (query, envelope) = query_map(raw.as_deref());
     if let Some(authz) = st.authorizer(app).filter(|a| a.wants("connect")) {

@@ -7,7 +7,7 @@ use pushmesh_protocol::ChannelName;
 use serde_json::value::RawValue;
 
 use super::{CollectSink, Core, PublishedChannel};
-use crate::app::{AppIdx, ConnId, PublishError, PublishRequest};
+use crate::app::{AppIdx, ConnId, PublishError, PublishRequest, Refusal};
 use crate::router::Event;
 
 impl Core {
@@ -48,7 +48,7 @@ impl Core {
                 Some(t) => shard.publish_tagged(now, &ev, t, true, &mut sink),
                 None => shard.publish(now, &ev, true, &mut sink),
             }
-            .map_err(|e| PublishError::Unavailable(e.to_string()))?;
+            .map_err(|_| PublishError::Unavailable(Refusal::PeerBufferFull))?;
             let info = self.shards[i].info(now, app, &name);
             published.push(PublishedChannel { name, info });
         }
@@ -109,6 +109,6 @@ impl Core {
         let mut sink = sink!(self);
         self.shards[i]
             .publish(now, &ev, true, &mut sink)
-            .map_err(|e| PublishError::Unavailable(e.to_string()))
+            .map_err(|_| PublishError::Unavailable(Refusal::PeerBufferFull))
     }
 }

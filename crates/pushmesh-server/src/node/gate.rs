@@ -4,30 +4,7 @@
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// Why a publish is answered 503.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The node has not joined its cluster yet.
-    Joining = 0,
-    /// The node is draining, past its wait.
-    Draining = 1,
-    /// An interested peer's buffer is full.
-    PeerBufferFull = 2,
-}
-
-impl Refusal {
-    /// Every reason, in counter order.
-    pub const ALL: [Refusal; 3] = [Self::Joining, Self::Draining, Self::PeerBufferFull];
-
-    /// The `reason` of the JSON error and the metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Joining => "joining",
-            Self::Draining => "draining",
-            Self::PeerBufferFull => "peer_buffer_full",
-        }
-    }
-}
+pub use pushmesh_core::Refusal;
 
 /// Whether the node takes publishes: joining → open → closed (drain); and
 /// how many taken publishes are still being handed to the peers (a drain
