@@ -126,6 +126,14 @@ impl FrameReader {
     }
 }
 
+/// The peer a link's readers serve: who it is, its buffers, its counters.
+#[derive(Clone, Copy)]
+struct LinkPeer<'a> {
+    peer: &'a NodeId,
+    slot: &'a PeerSlot,
+    counters: &'a PeerCounters,
+}
+
 impl Cluster {
     pub(crate) async fn accept_loop(self) {
         while let Some(incoming) = self.inner.endpoint.accept().await {
@@ -144,22 +152,17 @@ impl Cluster {
     }
 
     /// The control stream: the peer's data stream id, control frames, acks.
-    async fn read_control(
-        &self,
-        recv: quinn::RecvStream,
-        peer: &NodeId,
-        slot: &PeerSlot,
-        counters: &PeerCounters,
-    ) {
+    async fn read_control(&self, recv: quinn::RecvStream, link: LinkPeer<'_>) {
+        let LinkPeer { peer, slot, .. } = link;
         let mut reader = FrameReader::new(recv);
-        while let Some(f) = reader.next_counted(counters).await {
+        while let Some(f) = reader.next_counted(link.counters).await {
             let (kind, body) = match f.split_first() {
                 Some((k, b)) => (*k, f.slice(f.len() - b.len()..)),
                 None => return,
             };
             match kind {
                 K_CONTROL => {
-                    if !self.deliver(peer, FrameKind::Control, body, counters).await {
+                    if !self.deliver(link, FrameKind::Control, body).await {
                         return;
                     }
                 }
@@ -181,16 +184,10 @@ impl Cluster {
 
     /// Hands a peer's frame to the node (counted by kind); false once the
     /// node no longer listens.
-    async fn deliver(
-        &self,
-        peer: &NodeId,
-        kind: FrameKind,
-        frame: Bytes,
-        counters: &PeerCounters,
-    ) -> bool {
-        counters.received(kind).fetch_add(1, Ordering::Relaxed);
+    async fn deliver(&self, link: LinkPeer<'_>, kind: FrameKind, frame: Bytes) -> bool {
+        link.counters.received(kind).fetch_add(1, Ordering::Relaxed);
         let ev = ClusterEvent::Frame {
-            from: peer.clone(),
+            from: link.peer.clone(),
             frame,
         };
         self.inner.events.send(ev).await.is_ok()
@@ -198,26 +195,17 @@ impl Cluster {
 
     /// The data stream: numbered frames, each delivered once; an ack goes
     /// back whenever the read buffer is drained.
-    async fn read_data(
-        &self,
-        recv: quinn::RecvStream,
-        peer: &NodeId,
-        slot: &PeerSlot,
-        counters: &PeerCounters,
-    ) {
+    async fn read_data(&self, recv: quinn::RecvStream, link: LinkPeer<'_>) {
+        let LinkPeer { peer, slot, .. } = link;
         let mut reader = FrameReader::new(recv);
-        while let Some(f) = reader.next_counted(counters).await {
+        while let Some(f) = reader.next_counted(link.counters).await {
             let Some(seq) = f.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
                 tracing::warn!(peer = %peer, "bad data frame from peer, closing link");
                 return;
             };
             let seq = u64::from_be_bytes(seq);
             let fresh = lock(&slot.inbound).accept(seq);
-            if fresh
-                && !self
-                    .deliver(peer, FrameKind::Data, f.slice(8..), counters)
-                    .await
-            {
+            if fresh && !self.deliver(link, FrameKind::Data, f.slice(8..)).await {
                 return;
             }
             if !reader.has_frame() {

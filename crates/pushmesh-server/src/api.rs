@@ -169,6 +169,27 @@ pub async fn events(
     }
 }
 
+/// One event of a batch, its data and tags parsed.
+struct Batched {
+    name: String,
+    data: String,
+    channels: Vec<String>,
+    socket_id: Option<String>,
+    flags: InfoFlags,
+    tags: Option<Arc<Tags>>,
+}
+
+impl Batched {
+    fn request(&self) -> PublishRequest<'_> {
+        PublishRequest {
+            name: &self.name,
+            data: &self.data,
+            channels: &self.channels,
+            exclude_socket: self.socket_id.as_deref(),
+        }
+    }
+}
+
 /// `POST /apps/{app_id}/batch_events`.
 pub async fn batch_events(
     State(st): State<Arc<Shared>>,
@@ -176,54 +197,38 @@ pub async fn batch_events(
 ) -> Result<Json<Value>, ApiError> {
     let req: BatchRequest = parse_json(&a.body)?;
     let mut events = Vec::with_capacity(req.batch.len());
-    let mut batch_tags = Vec::with_capacity(req.batch.len());
     for e in req.batch {
         // The tags are checked before the data, as they always were.
         let (data, tags) = data_and_tags(e.data, e.tags.as_deref())?;
-        batch_tags.push(tags);
-        events.push((
-            e.name,
+        events.push(Batched {
+            name: e.name,
             data,
-            vec![e.channel],
-            e.socket_id,
-            InfoFlags::parse(e.info.as_deref()),
-        ));
+            channels: vec![e.channel],
+            socket_id: e.socket_id,
+            flags: InfoFlags::parse(e.info.as_deref()),
+            tags,
+        });
     }
-    let any_info = events.iter().any(|e| e.4.any());
+    let any_info = events.iter().any(|e| e.flags.any());
     let max = st.node.apps.get(a.app).limits.max_batch_events;
     if events.len() > max {
         return Err(PublishError::BatchTooLarge(max).into());
     }
     // Validate all first: a batch is accepted whole or refused whole.
-    let mut valid = Vec::with_capacity(events.len());
-    for (name, data, channels, socket_id, _) in &events {
-        valid.push(st.node.apps.validate_publish(
-            a.app,
-            &PublishRequest {
-                name,
-                data,
-                channels,
-                exclude_socket: socket_id.as_deref(),
-            },
-        )?);
-    }
+    let valid = events
+        .iter()
+        .map(|e| st.node.apps.validate_publish(a.app, &e.request()))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut results = Vec::with_capacity(events.len());
-    for (((name, data, channels, socket_id, flags), names), tags) in
-        events.iter().zip(valid).zip(batch_tags)
-    {
-        let req = PublishRequest {
-            name,
-            data,
-            channels,
-            exclude_socket: socket_id.as_deref(),
-        };
+    for (mut e, names) in events.into_iter().zip(valid) {
+        let tags = e.tags.take();
         // A refusal (503) stops the batch: the events before it were
         // delivered, this one and those after it were not.
         let p = st
             .node
-            .publish_valid(a.app, names, &req, flags.any(), tags)
+            .publish_valid(a.app, names, &e.request(), e.flags.any(), tags)
             .await?;
-        results.push((p, *flags));
+        results.push((p, e.flags));
     }
     st.stats
         .published

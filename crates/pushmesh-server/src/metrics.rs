@@ -107,17 +107,33 @@ pub(crate) fn scalar(out: &mut String, name: &str, kind: &str, help: &str, v: im
     let _ = writeln!(out, "{name} {v}");
 }
 
+/// A metric family's name, type and help.
+pub(crate) type Meta<'a> = (&'a str, &'a str, &'a str);
+
 /// Writes a metric family with one sample per value of `label` (values
-/// from a fixed set: not escaped).
+/// from a fixed set, or escaped by the caller).
 pub(crate) fn labelled<V: Display>(
     out: &mut String,
-    (name, kind, help): (&str, &str, &str),
+    meta: Meta<'_>,
     label: &str,
     samples: impl IntoIterator<Item = (impl Display, V)>,
 ) {
+    let samples = samples
+        .into_iter()
+        .map(|(l, v)| (format_args!("{label}=\"{l}\"").to_string(), v));
+    with_labels(out, meta, samples);
+}
+
+/// Writes a metric family with samples whose labels are given whole
+/// (`a="x",b="y"`).
+pub(crate) fn with_labels<V: Display>(
+    out: &mut String,
+    (name, kind, help): Meta<'_>,
+    samples: impl IntoIterator<Item = (String, V)>,
+) {
     family(out, name, kind, help);
-    for (l, v) in samples {
-        let _ = writeln!(out, "{name}{{{label}=\"{l}\"}} {v}");
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{{{labels}}} {v}");
     }
 }
 

@@ -12,8 +12,8 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
 use super::{
-    hello, parse_hello, read_frame, write_control, write_data, write_frame, CLOSE_LEAVING,
-    HELLO_TIMEOUT,
+    hello, parse_hello, read_frame, write_control, write_data, write_frame, LinkPeer,
+    CLOSE_LEAVING, HELLO_TIMEOUT,
 };
 use crate::codec::{tagged, K_STREAM};
 use crate::peers::PeerSlot;
@@ -225,16 +225,21 @@ impl Cluster {
         slot: &Arc<PeerSlot>,
         counters: &Arc<PeerCounters>,
     ) {
+        let link = LinkPeer {
+            peer,
+            slot,
+            counters,
+        };
         let control_writer = tokio::spawn(write_control(opened.control, rx, counters.clone()));
         let data_writer = tokio::spawn(write_data(opened.data, slot.clone(), counters.clone()));
         let data_in = async {
             let Ok(s) = conn.accept_uni().await else {
                 return;
             };
-            self.read_data(s, peer, slot, counters).await;
+            self.read_data(s, link).await;
         };
         tokio::select! {
-            () = self.read_control(opened.recv, peer, slot, counters) => {}
+            () = self.read_control(opened.recv, link) => {}
             () = data_in => {}
         }
         control_writer.abort();
