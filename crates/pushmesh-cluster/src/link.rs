@@ -14,14 +14,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use pushmesh_core::peer_buffer::Continuity;
 use pushmesh_core::{FrameKind, NodeId};
-use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
-use crate::codec::{tagged, K_ACK, K_CONTROL, K_STREAM};
+use crate::codec::{tagged, K_ACK, K_CONTROL};
 use crate::peers::PeerSlot;
-use crate::{lock, tls, Cluster, ClusterEvent, Link, PeerCounters};
+use crate::{lock, tls, Cluster, ClusterEvent, PeerCounters};
+
+mod establish;
 
 /// Largest frame accepted from a peer.
 const MAX_FRAME: usize = 16 * 1024 * 1024;
@@ -95,6 +95,16 @@ impl FrameReader {
                     as usize
     }
 
+    /// The next frame, its bytes (with the length prefix) counted as
+    /// received from the peer.
+    async fn next_counted(&mut self, counters: &PeerCounters) -> Option<Bytes> {
+        let f = self.next().await?;
+        counters
+            .bytes_received
+            .fetch_add(4 + f.len() as u64, Ordering::Relaxed);
+        Some(f)
+    }
+
     async fn next(&mut self) -> Option<Bytes> {
         loop {
             if self.buf.len() >= 4 {
@@ -116,12 +126,12 @@ impl FrameReader {
     }
 }
 
-/// The end-entity certificate the peer presented (verified against the
-/// cluster CA by rustls during the handshake).
-fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
-    let identity = conn.peer_identity()?;
-    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    chain.first().cloned()
+/// The peer a link's readers serve: who it is, its buffers, its counters.
+#[derive(Clone, Copy)]
+struct LinkPeer<'a> {
+    peer: &'a NodeId,
+    slot: &'a PeerSlot,
+    counters: &'a PeerCounters,
 }
 
 impl Cluster {
@@ -141,227 +151,18 @@ impl Cluster {
         }
     }
 
-    /// Refuses a link: counted, logged, connection closed.
-    fn refuse(&self, conn: &quinn::Connection, code: u32, why: &'static str) {
-        self.inner.links_refused.fetch_add(1, Ordering::Relaxed);
-        conn.close(code.into(), why.as_bytes());
-    }
-
-    /// Hello exchange, then the link runs until either side goes.
-    async fn establish(&self, conn: quinn::Connection, expect: Option<NodeId>) {
-        let inner = &self.inner;
-        // A node that is leaving takes no new link: its peers have already
-        // forgotten it (it closed its links as leaving), and a link back to
-        // this incarnation would look to both sides like a false death.
-        if inner.stopping.load(Ordering::Relaxed) {
-            conn.close(CLOSE_LEAVING.into(), b"shutdown");
-            return;
-        }
-        let exchange = async {
-            let mut control = conn.open_uni().await.ok()?;
-            write_frame(
-                &mut control,
-                &hello(&inner.node, inner.epoch, &inner.cluster_id),
-            )
-            .await
-            .ok()?;
-            let mut recv = conn.accept_uni().await.ok()?;
-            let h = read_frame(&mut recv).await?;
-            Some((control, recv, parse_hello(&h)?))
-        };
-        let Ok(Some((mut control, recv, (peer, epoch, cluster)))) =
-            tokio::time::timeout(HELLO_TIMEOUT, exchange).await
-        else {
-            conn.close(1u32.into(), b"hello failed");
-            return;
-        };
-        let remote = conn.remote_address();
-        if cluster != inner.cluster_id
-            || expect.as_ref().is_some_and(|e| *e != peer)
-            || peer == inner.node
-        {
-            tracing::warn!(peer = %peer, cluster = %cluster, %remote, "peer link refused: wrong cluster or node");
-            self.refuse(&conn, 2, "wrong peer");
-            return;
-        }
-        // The node id in the hello must be one the peer's certificate names:
-        // a node holding a cluster certificate cannot pose as another node.
-        let names = peer_certificate(&conn).map(|c| tls::certificate_node_names(&c));
-        if !names
-            .as_ref()
-            .is_some_and(|n| tls::names_node(n, peer.as_str()))
-        {
-            tracing::warn!(
-                peer = %peer,
-                %remote,
-                certificate_names = ?names.unwrap_or_default(),
-                "peer link refused: its certificate does not name the node id of its hello"
-            );
-            self.refuse(&conn, 5, "node id not in certificate");
-            return;
-        }
-        // Another incarnation with this node id while a link to the current
-        // one is alive: a second process started with the same `node_id`
-        // (or a restart whose old link has not timed out yet, ≤ 3 s). The
-        // live link wins; letting them alternate would make this node see
-        // its peer restart again and again.
-        let live_other = lock(&inner.links)
-            .get(&peer)
-            .is_some_and(|l| l.epoch != epoch && l.conn.close_reason().is_none());
-        if live_other {
-            tracing::warn!(peer = %peer, epoch, %remote, "peer link refused: another incarnation of this node id has a live link (duplicate node_id, or a restart racing its old link)");
-            self.refuse(&conn, 6, "node id has a live link");
-            return;
-        }
-        let slot = inner.peers.get_or_create(&peer);
-        let stream = {
-            let mut out = lock(&slot.out);
-            out.link_up(epoch);
-            out.stream()
-        };
-        // Announce this side's data stream first, then open it.
-        let Ok(()) = write_frame(&mut control, &tagged(K_STREAM, &stream.to_be_bytes())[4..]).await
-        else {
-            conn.close(1u32.into(), b"announce failed");
-            return;
-        };
-        let Ok(data) = conn.open_uni().await else {
-            conn.close(1u32.into(), b"data stream failed");
-            return;
-        };
-        // The peer's announcement, before any of its data frames is read.
-        let mut recv = recv;
-        let announced = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut recv))
-            .await
-            .ok()
-            .flatten()
-            .and_then(|f| match f.split_first() {
-                Some((&K_STREAM, b)) => <[u8; 8]>::try_from(b).ok().map(u64::from_be_bytes),
-                _ => None,
-            });
-        let Some(peer_stream) = announced else {
-            conn.close(1u32.into(), b"no stream announcement");
-            return;
-        };
-        let mut continuity = lock(&slot.inbound).link_up(peer_stream);
-        if lock(&inner.forgotten).remove(&peer) == Some(epoch) {
-            // This node declared that incarnation dead while it was alive.
-            continuity = Continuity::Broken;
-        }
-        let id = inner.next_link.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(inner.peer_queue);
-        let old = lock(&inner.links).insert(
-            peer.clone(),
-            Link {
-                id,
-                epoch,
-                conn: conn.clone(),
-            },
-        );
-        lock(&inner.epochs).insert(peer.clone(), epoch);
-        lock(&inner.dialing).remove(&peer);
-        *lock(&slot.control) = Some(tx);
-        if let Some(old) = old {
-            old.conn.close(3u32.into(), b"replaced");
-            let _ = inner
-                .events
-                .send(ClusterEvent::PeerDown { node: peer.clone() })
-                .await;
-        }
-        tracing::info!(peer = %peer, epoch, %remote, "peer link up");
-        if continuity == Continuity::Broken {
-            tracing::warn!(peer = %peer, "this node and the peer were declared dead to each other while alive: messages for local subscribers may be lost");
-            let ev = ClusterEvent::ContinuityBroken { node: peer.clone() };
-            let _ = inner.events.send(ev).await;
-        }
-        let counters = self.counters(&peer);
-        counters.links_up.fetch_add(1, Ordering::Relaxed);
-        let _ = inner
-            .events
-            .send(ClusterEvent::PeerUp {
-                node: peer.clone(),
-                epoch,
-            })
-            .await;
-        let control_writer = tokio::spawn(write_control(control, rx, counters.clone()));
-        let data_writer = tokio::spawn(write_data(data, slot.clone(), counters.clone()));
-        let data_in = async {
-            let Ok(s) = conn.accept_uni().await else {
-                return;
-            };
-            self.read_data(s, &peer, &slot, &counters).await;
-        };
-        tokio::select! {
-            () = self.read_control(recv, &peer, &slot, &counters) => {}
-            () = data_in => {}
-        }
-        control_writer.abort();
-        data_writer.abort();
-        // A leaving peer finishes its streams, then closes with its code.
-        let reason = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
-        let leaving = matches!(
-            reason,
-            Ok(quinn::ConnectionError::ApplicationClosed(ref c)) if c.error_code == quinn::VarInt::from_u32(CLOSE_LEAVING)
-        );
-        conn.close(0u32.into(), b"link closed");
-        let mine = {
-            let mut links = lock(&inner.links);
-            match links.get(&peer) {
-                Some(l) if l.id == id => {
-                    links.remove(&peer);
-                    true
-                }
-                _ => false,
-            }
-        };
-        if mine {
-            lock(&slot.control).take();
-            lock(&slot.out).link_down();
-            if leaving {
-                tracing::info!(peer = %peer, "peer left");
-                lock(&inner.epochs).remove(&peer);
-                self.forget(&peer);
-                let _ = inner
-                    .events
-                    .send(ClusterEvent::PeerGone { node: peer })
-                    .await;
-            } else {
-                tracing::info!(peer = %peer, "peer link down");
-                let _ = inner
-                    .events
-                    .send(ClusterEvent::PeerDown { node: peer })
-                    .await;
-            }
-        }
-    }
-
     /// The control stream: the peer's data stream id, control frames, acks.
-    async fn read_control(
-        &self,
-        recv: quinn::RecvStream,
-        peer: &NodeId,
-        slot: &PeerSlot,
-        counters: &PeerCounters,
-    ) {
+    async fn read_control(&self, recv: quinn::RecvStream, link: LinkPeer<'_>) {
+        let LinkPeer { peer, slot, .. } = link;
         let mut reader = FrameReader::new(recv);
-        while let Some(f) = reader.next().await {
-            counters
-                .bytes_received
-                .fetch_add(4 + f.len() as u64, Ordering::Relaxed);
+        while let Some(f) = reader.next_counted(link.counters).await {
             let (kind, body) = match f.split_first() {
                 Some((k, b)) => (*k, f.slice(f.len() - b.len()..)),
                 None => return,
             };
             match kind {
                 K_CONTROL => {
-                    counters
-                        .received(FrameKind::Control)
-                        .fetch_add(1, Ordering::Relaxed);
-                    let ev = ClusterEvent::Frame {
-                        from: peer.clone(),
-                        frame: body,
-                    };
-                    if self.inner.events.send(ev).await.is_err() {
+                    if !self.deliver(link, FrameKind::Control, body).await {
                         return;
                     }
                 }
@@ -381,37 +182,31 @@ impl Cluster {
         }
     }
 
+    /// Hands a peer's frame to the node (counted by kind); false once the
+    /// node no longer listens.
+    async fn deliver(&self, link: LinkPeer<'_>, kind: FrameKind, frame: Bytes) -> bool {
+        link.counters.received(kind).fetch_add(1, Ordering::Relaxed);
+        let ev = ClusterEvent::Frame {
+            from: link.peer.clone(),
+            frame,
+        };
+        self.inner.events.send(ev).await.is_ok()
+    }
+
     /// The data stream: numbered frames, each delivered once; an ack goes
     /// back whenever the read buffer is drained.
-    async fn read_data(
-        &self,
-        recv: quinn::RecvStream,
-        peer: &NodeId,
-        slot: &PeerSlot,
-        counters: &PeerCounters,
-    ) {
+    async fn read_data(&self, recv: quinn::RecvStream, link: LinkPeer<'_>) {
+        let LinkPeer { peer, slot, .. } = link;
         let mut reader = FrameReader::new(recv);
-        while let Some(f) = reader.next().await {
-            counters
-                .bytes_received
-                .fetch_add(4 + f.len() as u64, Ordering::Relaxed);
+        while let Some(f) = reader.next_counted(link.counters).await {
             let Some(seq) = f.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
                 tracing::warn!(peer = %peer, "bad data frame from peer, closing link");
                 return;
             };
             let seq = u64::from_be_bytes(seq);
             let fresh = lock(&slot.inbound).accept(seq);
-            if fresh {
-                counters
-                    .received(FrameKind::Data)
-                    .fetch_add(1, Ordering::Relaxed);
-                let ev = ClusterEvent::Frame {
-                    from: peer.clone(),
-                    frame: f.slice(8..),
-                };
-                if self.inner.events.send(ev).await.is_err() {
-                    return;
-                }
+            if fresh && !self.deliver(link, FrameKind::Data, f.slice(8..)).await {
+                return;
             }
             if !reader.has_frame() {
                 let acked = lock(&slot.inbound).acked();

@@ -36,12 +36,23 @@ pub enum TlsError {
     /// A PEM file held nothing usable.
     #[error("{0}: no usable PEM item")]
     Pem(String),
+    /// A PEM file could not be read or parsed.
+    #[error("{path}: {source}: no usable PEM item")]
+    PemFile {
+        /// File.
+        path: String,
+        /// Cause.
+        source: rustls::pki_types::pem::Error,
+    },
     /// rustls refused the material.
     #[error("tls configuration: {0}")]
     Rustls(#[from] rustls::Error),
     /// A verifier could not be built.
     #[error("tls verifier: {0}")]
-    Verifier(String),
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The TLS configuration has no cipher suite QUIC can start with.
+    #[error("tls verifier: {0}")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
     /// This node's certificate does not name its node id.
     #[error("the node certificate names {names:?}, not the node id {node:?}: issue it with `pushmesh cluster init --node {node}`")]
     NodeMismatch {
@@ -247,8 +258,11 @@ pub fn init(dir: &Path, nodes: &[String]) -> Result<Vec<String>, TlsError> {
     Ok(written)
 }
 
-fn pem_err(path: &Path, e: rustls::pki_types::pem::Error) -> TlsError {
-    TlsError::Pem(format!("{}: {e}", path.display()))
+fn pem_err(path: &Path, source: rustls::pki_types::pem::Error) -> TlsError {
+    TlsError::PemFile {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Loads a CA certificate, a node certificate (chain) and its PKCS#8 key from PEM files.
@@ -284,15 +298,13 @@ fn roots(m: &TlsMaterial) -> Result<Arc<rustls::RootCertStore>, TlsError> {
 pub fn server_config(m: &TlsMaterial) -> Result<quinn::ServerConfig, TlsError> {
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(roots(m)?, provider())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            .build()?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(m.chain.clone(), PrivateKeyDer::Pkcs8(m.key.clone_key()))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(transport());
     Ok(server)
@@ -305,8 +317,7 @@ pub fn client_config(m: &TlsMaterial) -> Result<quinn::ClientConfig, TlsError> {
         .with_root_certificates(roots(m)?)
         .with_client_auth_cert(m.chain.clone(), PrivateKeyDer::Pkcs8(m.key.clone_key()))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
     client.transport_config(transport());
     Ok(client)

@@ -153,16 +153,13 @@ pub enum PublishError {
 }
 
 /// Why a publish is answered 503.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// The node has not joined its cluster yet.
-    #[error("joining")]
     Joining = 0,
     /// The node is draining, past its wait.
-    #[error("draining")]
     Draining = 1,
     /// An interested peer's buffer is full.
-    #[error("peer_buffer_full")]
     PeerBufferFull = 2,
 }
 
@@ -177,6 +174,12 @@ impl Refusal {
             Self::Draining => "draining",
             Self::PeerBufferFull => "peer_buffer_full",
         }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -12,14 +12,31 @@ use tokio::sync::Semaphore;
 use crate::config::AuthorizerConfig;
 
 /// What the authorizer decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Verdict {
     /// 200.
     Allowed,
     /// Any other non-5xx status.
     Refused(u16),
     /// 5xx, no answer in time, or unreachable: the client should reconnect later.
-    Unavailable(String),
+    Unavailable(Unavailable),
+}
+
+/// Why the authorizer gave no verdict.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    /// The authorizer is shutting down.
+    #[error("authorizer closed")]
+    Closed,
+    /// The request failed (unreachable, reset).
+    #[error(transparent)]
+    Request(#[from] reqwest::Error),
+    /// No answer within the timeout (in ms).
+    #[error("no answer within {0} ms")]
+    Timeout(u128),
+    /// A 5xx status.
+    #[error("status {0}")]
+    Status(u16),
 }
 
 /// Authorizer counters.
@@ -74,23 +91,15 @@ impl Authorizer {
                 .in_flight
                 .acquire()
                 .await
-                .map_err(|_| "authorizer closed".to_string())?;
-            let r = self
-                .client
-                .post(&self.url)
-                .json(body)
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<u16, String>(r.status().as_u16())
+                .map_err(|_| Unavailable::Closed)?;
+            let r = self.client.post(&self.url).json(body).send().await?;
+            Ok::<u16, Unavailable>(r.status().as_u16())
         };
         let verdict = match tokio::time::timeout(self.timeout, call).await {
-            Err(_) => {
-                Verdict::Unavailable(format!("no answer within {} ms", self.timeout.as_millis()))
-            }
+            Err(_) => Verdict::Unavailable(Unavailable::Timeout(self.timeout.as_millis())),
             Ok(Err(e)) => Verdict::Unavailable(e),
             Ok(Ok(200)) => Verdict::Allowed,
-            Ok(Ok(s)) if s >= 500 => Verdict::Unavailable(format!("status {s}")),
+            Ok(Ok(s)) if s >= 500 => Verdict::Unavailable(Unavailable::Status(s)),
             Ok(Ok(s)) => Verdict::Refused(s),
         };
         let counter = match verdict {

@@ -13,7 +13,6 @@
 //! A broken path between two other nodes never makes it unready; cutting
 //! one node off makes that node, and only it, unready.
 
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +22,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use pushmesh_cluster::{
-    tls, Cluster, ClusterConfig, ClusterEvent, PeerStatus, KEY_INTEREST, KEY_STATE,
+    tls, Cluster, ClusterConfig, ClusterEvent, PeerCounters, PeerStatus, KEY_INTEREST, KEY_STATE,
 };
 use pushmesh_core::PeerLink;
 use pushmesh_protocol::CloseCode;
@@ -31,20 +30,49 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::config::ClusterSettings;
-use crate::metrics::esc;
+use crate::metrics::{esc, scalar, with_labels};
 use crate::{ServerError, Shared};
 
 pub use crate::identity::refuse_duplicate_identity;
+
+/// Why the cluster layer could not start (or this node may not join).
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterStartError {
+    /// The node's certificates could not be derived or loaded.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The cluster's own runtime could not be built.
+    #[error("cannot start the cluster runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// The start task panicked or was cancelled.
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+    /// Gossip or the QUIC endpoint could not start.
+    #[error(transparent)]
+    Start(#[from] pushmesh_cluster::ClusterError),
+    /// Another live node, started before this one, uses this node's id.
+    #[error(
+        "node_id {node_id:?} is already in use by a live node at {gossip_addr} (its epoch {epoch}): \
+         refusing to start; give each node its own node_id"
+    )]
+    DuplicateIdentity {
+        /// The id both use.
+        node_id: String,
+        /// The other node's gossip address.
+        gossip_addr: std::net::SocketAddr,
+        /// The other node's epoch.
+        epoch: u64,
+    },
+}
 
 /// Starts the cluster layer for these settings.
 pub async fn start(
     c: &ClusterSettings,
     epoch: u64,
 ) -> Result<(Cluster, mpsc::Receiver<ClusterEvent>), ServerError> {
-    let err = |e: String| ServerError::Cluster(e);
     let material = match &c.certs {
-        None => tls::derive_from_secret(&c.secret).map_err(|e| err(e.to_string()))?,
-        Some((ca, cert, key)) => tls::load(ca, cert, key).map_err(|e| err(e.to_string()))?,
+        None => tls::derive_from_secret(&c.secret).map_err(ClusterStartError::from)?,
+        Some((ca, cert, key)) => tls::load(ca, cert, key).map_err(ClusterStartError::from)?,
     };
     let cfg = ClusterConfig {
         node_id: c.node_id.clone(),
@@ -71,14 +99,12 @@ pub async fn start(
         .thread_name("pushmesh-cluster")
         .enable_all()
         .build()
-        .map_err(|e| err(format!("cannot start the cluster runtime: {e}")))?;
+        .map_err(ClusterStartError::Runtime)?;
     let started = rt.spawn(Cluster::start(cfg));
     // It lives as long as the process.
     std::mem::forget(rt);
-    started
-        .await
-        .map_err(|e| err(e.to_string()))?
-        .map_err(|e| err(e.to_string()))
+    let started = started.await.map_err(ClusterStartError::from)?;
+    Ok(started.map_err(ClusterStartError::from)?)
 }
 
 /// The tasks that feed peer events to the core and publish the digest.
@@ -342,84 +368,114 @@ pub fn render_metrics(st: &Shared, out: &mut String) {
     let Some(c) = &st.cluster else { return };
     let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let counters = c.counters_snapshot();
-    let _ = writeln!(out, "# HELP pushmesh_cluster_frames_sent_total Frames sent to a peer.\n# TYPE pushmesh_cluster_frames_sent_total counter");
-    for (peer, k) in &counters {
-        let p = esc(peer.as_str());
-        let _ = writeln!(
-            out,
-            "pushmesh_cluster_frames_sent_total{{peer=\"{p}\",kind=\"data\"}} {}",
-            l(&k.data_sent)
-        );
-        let _ = writeln!(
-            out,
-            "pushmesh_cluster_frames_sent_total{{peer=\"{p}\",kind=\"control\"}} {}",
-            l(&k.control_sent)
-        );
-    }
-    let _ = writeln!(out, "# HELP pushmesh_cluster_frames_received_total Frames received from a peer.\n# TYPE pushmesh_cluster_frames_received_total counter");
-    for (peer, k) in &counters {
-        let p = esc(peer.as_str());
-        let _ = writeln!(
-            out,
-            "pushmesh_cluster_frames_received_total{{peer=\"{p}\",kind=\"data\"}} {}",
-            l(&k.data_received)
-        );
-        let _ = writeln!(
-            out,
-            "pushmesh_cluster_frames_received_total{{peer=\"{p}\",kind=\"control\"}} {}",
-            l(&k.control_received)
-        );
-    }
-    let _ = writeln!(out, "# HELP pushmesh_cluster_frames_dropped_total Data frames dropped for a peer (its buffer full, or the peer unknown): loss.\n# TYPE pushmesh_cluster_frames_dropped_total counter");
-    for (peer, k) in &counters {
-        let _ = writeln!(
-            out,
-            "pushmesh_cluster_frames_dropped_total{{peer=\"{}\"}} {}",
-            esc(peer.as_str()),
-            l(&k.dropped)
-        );
-    }
-    let _ = writeln!(out, "# HELP pushmesh_cluster_control_frames_unsent_total Control frames not sent for want of a link (drain, restart, cut); nothing lost: the next link starts with a full sync.\n# TYPE pushmesh_cluster_control_frames_unsent_total counter");
-    for (peer, k) in &counters {
-        let _ = writeln!(
-            out,
-            "pushmesh_cluster_control_frames_unsent_total{{peer=\"{}\"}} {}",
-            esc(peer.as_str()),
-            l(&k.control_unsent)
-        );
-    }
+    let peer = |p: &pushmesh_core::NodeId| format!("peer=\"{}\"", esc(p.as_str()));
+    let by_kind = |data: fn(&PeerCounters) -> &std::sync::atomic::AtomicU64,
+                   control: fn(&PeerCounters) -> &std::sync::atomic::AtomicU64| {
+        counters.iter().flat_map(move |(p, k)| {
+            [
+                (format!("{},kind=\"data\"", peer(p)), l(data(k))),
+                (format!("{},kind=\"control\"", peer(p)), l(control(k))),
+            ]
+        })
+    };
+    with_labels(
+        out,
+        (
+            "pushmesh_cluster_frames_sent_total",
+            "counter",
+            "Frames sent to a peer.",
+        ),
+        by_kind(|k| &k.data_sent, |k| &k.control_sent),
+    );
+    with_labels(
+        out,
+        (
+            "pushmesh_cluster_frames_received_total",
+            "counter",
+            "Frames received from a peer.",
+        ),
+        by_kind(|k| &k.data_received, |k| &k.control_received),
+    );
+    with_labels(
+        out,
+        (
+            "pushmesh_cluster_frames_dropped_total",
+            "counter",
+            "Data frames dropped for a peer (its buffer full, or the peer unknown): loss.",
+        ),
+        counters.iter().map(|(p, k)| (peer(p), l(&k.dropped))),
+    );
+    with_labels(
+        out,
+        (
+            "pushmesh_cluster_control_frames_unsent_total",
+            "counter",
+            "Control frames not sent for want of a link (drain, restart, cut); nothing lost: the next link starts with a full sync.",
+        ),
+        counters.iter().map(|(p, k)| (peer(p), l(&k.control_unsent))),
+    );
     let linked = c.linked_peers();
-    let _ = writeln!(out, "# HELP pushmesh_cluster_peer_link_up Whether the QUIC link to a peer is up.\n# TYPE pushmesh_cluster_peer_link_up gauge");
-    for (peer, _) in &counters {
-        let _ = writeln!(
-            out,
-            "pushmesh_cluster_peer_link_up{{peer=\"{}\"}} {}",
-            esc(peer.as_str()),
-            u8::from(linked.contains(peer))
-        );
-    }
-    let _ = writeln!(out, "# HELP pushmesh_cluster_frames_replayed_total Data frames sent again to a peer (link back to the same incarnation, or retransmission).\n# TYPE pushmesh_cluster_frames_replayed_total counter");
+    with_labels(
+        out,
+        (
+            "pushmesh_cluster_peer_link_up",
+            "gauge",
+            "Whether the QUIC link to a peer is up.",
+        ),
+        counters
+            .iter()
+            .map(|(p, _)| (peer(p), u8::from(linked.contains(p)))),
+    );
     let buffers = c.buffers();
-    for (peer, _, replayed) in &buffers {
-        let _ = writeln!(
-            out,
-            "pushmesh_cluster_frames_replayed_total{{peer=\"{}\"}} {replayed}",
-            esc(peer.as_str())
-        );
-    }
-    let _ = writeln!(out, "# HELP pushmesh_cluster_peer_buffer_frames Data frames held for a peer (not yet acknowledged).\n# TYPE pushmesh_cluster_peer_buffer_frames gauge");
-    for (peer, held, _) in &buffers {
-        let _ = writeln!(
-            out,
-            "pushmesh_cluster_peer_buffer_frames{{peer=\"{}\"}} {held}",
-            esc(peer.as_str())
-        );
-    }
+    with_labels(
+        out,
+        (
+            "pushmesh_cluster_frames_replayed_total",
+            "counter",
+            "Data frames sent again to a peer (link back to the same incarnation, or retransmission).",
+        ),
+        buffers.iter().map(|(p, _, replayed)| (peer(p), replayed)),
+    );
+    with_labels(
+        out,
+        (
+            "pushmesh_cluster_peer_buffer_frames",
+            "gauge",
+            "Data frames held for a peer (not yet acknowledged).",
+        ),
+        buffers.iter().map(|(p, held, _)| (peer(p), held)),
+    );
     let g = c.gossip_stats();
-    let _ = writeln!(out, "# HELP pushmesh_gossip_packets_rejected_total Gossip datagrams that failed authentication.\n# TYPE pushmesh_gossip_packets_rejected_total counter\npushmesh_gossip_packets_rejected_total {}", l(&g.rejected));
-    let _ = writeln!(out, "# HELP pushmesh_gossip_packets_replayed_total Authentic gossip datagrams dropped as replays (also in rejected).\n# TYPE pushmesh_gossip_packets_replayed_total counter\npushmesh_gossip_packets_replayed_total {}", l(&g.replayed));
-    let _ = writeln!(out, "# HELP pushmesh_gossip_packets_skewed_total Authentic gossip datagrams dropped for a timestamp too far from this node's clock (also in rejected).\n# TYPE pushmesh_gossip_packets_skewed_total counter\npushmesh_gossip_packets_skewed_total {}", l(&g.skewed));
-    let _ = writeln!(out, "# HELP pushmesh_gossip_send_failures_total Gossip envelopes not sent (too large once sealed, send error or timeout).\n# TYPE pushmesh_gossip_send_failures_total counter\npushmesh_gossip_send_failures_total {}", l(&g.send_failed));
+    for (name, help, v) in [
+        (
+            "pushmesh_gossip_packets_rejected_total",
+            "Gossip datagrams that failed authentication.",
+            &g.rejected,
+        ),
+        (
+            "pushmesh_gossip_packets_replayed_total",
+            "Authentic gossip datagrams dropped as replays (also in rejected).",
+            &g.replayed,
+        ),
+        (
+            "pushmesh_gossip_packets_skewed_total",
+            "Authentic gossip datagrams dropped for a timestamp too far from this node's clock (also in rejected).",
+            &g.skewed,
+        ),
+        (
+            "pushmesh_gossip_send_failures_total",
+            "Gossip envelopes not sent (too large once sealed, send error or timeout).",
+            &g.send_failed,
+        ),
+    ] {
+        scalar(out, name, "counter", help, l(v));
+    }
     crate::identity::render_metrics(c, out);
-    let _ = writeln!(out, "# HELP pushmesh_cluster_links_refused_total Peer links refused (node id not in the peer's certificate, wrong cluster).\n# TYPE pushmesh_cluster_links_refused_total counter\npushmesh_cluster_links_refused_total {}", c.links_refused());
+    scalar(
+        out,
+        "pushmesh_cluster_links_refused_total",
+        "counter",
+        "Peer links refused (node id not in the peer's certificate, wrong cluster).",
+        c.links_refused(),
+    );
 }

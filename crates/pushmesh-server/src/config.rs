@@ -10,6 +10,7 @@ mod cli;
 mod cluster;
 pub mod env;
 mod history;
+mod resolve;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ use serde::Deserialize;
 pub use app_io::{AppIo, AuthorizerConfig, WebhookConfig};
 pub use cli::{Cli, ClusterCommand, Command};
 pub use cluster::ClusterSettings;
-use cluster::{resolve_cluster, FileCluster};
+use cluster::FileCluster;
 pub use env::{check_env, EnvReport, KNOWN_ENV};
 
 /// Why the configuration cannot be used.
@@ -37,12 +38,12 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML for pushmesh.
-    #[error("invalid config file {path}: {message}")]
+    #[error("invalid config file {path}: {source}")]
     Parse {
         /// File.
         path: PathBuf,
         /// What is wrong.
-        message: String,
+        source: toml::de::Error,
     },
     /// A bad `--app` value.
     #[error("invalid app {0:?}: expected ID:KEY:SECRET with none of them empty")]
@@ -57,6 +58,9 @@ pub enum ConfigError {
         /// What is wrong with it.
         why: String,
     },
+    /// `[identity_headers]` cannot be used.
+    #[error("invalid configuration: {0}")]
+    IdentityHeaders(#[from] crate::identity_headers::IdentityHeadersError),
     /// Something else is inconsistent.
     #[error("invalid configuration: {0}")]
     Invalid(String),
@@ -340,15 +344,15 @@ impl FileConfig {
             path: path.into(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| ConfigError::Parse {
+        Self::parse(&text).map_err(|source| ConfigError::Parse {
             path: path.into(),
-            message,
+            source,
         })
     }
 
     /// Parses TOML text.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
     }
 }
 
@@ -361,254 +365,6 @@ impl Config {
             None => FileConfig::default(),
         };
         Self::resolve(file, cli)
-    }
-
-    /// Layers `cli` over `file` over the defaults.
-    pub fn resolve(file: FileConfig, cli: Cli) -> Result<Self, ConfigError> {
-        let d = Config::default();
-        let secs = Duration::from_secs;
-        let mut apps: Vec<AppConfig> = Vec::new();
-        let mut app_io: Vec<AppIo> = Vec::new();
-        for a in file.apps {
-            for t in a
-                .webhooks
-                .iter()
-                .flat_map(|w| w.event_types.iter().flatten())
-            {
-                if !pushmesh_protocol::webhook::EVENT_NAMES.contains(&t.as_str()) {
-                    return Err(ConfigError::Invalid(format!(
-                        "app {:?}: unknown webhook event type {t:?} (known: {})",
-                        a.id,
-                        pushmesh_protocol::webhook::EVENT_NAMES.join(", ")
-                    )));
-                }
-            }
-            let history = a.history.map(|h| h.resolve(&a.id)).transpose()?;
-            apps.push(AppConfig {
-                id: a.id,
-                key: a.key,
-                secret: a.secret,
-                enabled: a.enabled,
-                client_events: a.client_events,
-                user_authentication_required: a.user_authentication_required,
-                max_connections: a.max_connections,
-                subscription_count_events: a.subscription_count_events,
-                limits: a.limits,
-                webhooks: !a.webhooks.is_empty(),
-                wsify_event: a.wsify_event.unwrap_or_else(|| "broadcast".into()),
-                history,
-            });
-            app_io.push(AppIo {
-                authorizer: a.authorizer,
-                webhooks: a.webhooks,
-                allowed_origins: a.allowed_origins,
-            });
-        }
-        if !cli.apps.is_empty() {
-            apps = cli
-                .apps
-                .iter()
-                .map(|s| parse_app(s))
-                .collect::<Result<_, _>>()?;
-            app_io = vec![AppIo::default(); apps.len()];
-        }
-        let development = apps.is_empty();
-        if development {
-            apps.push(development_app());
-            app_io.push(AppIo::default());
-        }
-        let wsify_app = match &file.wsify_app {
-            None => 0,
-            Some(id) => apps.iter().position(|a| &a.id == id).ok_or_else(|| {
-                ConfigError::Invalid(format!("wsify_app {id:?} is not a configured app"))
-            })?,
-        };
-        if let Some(url) = cli.authorizer_url.clone().or(file.authorizer_url) {
-            let io = &mut app_io[wsify_app];
-            match &mut io.authorizer {
-                Some(a) => a.url = url,
-                None => io.authorizer = Some(AuthorizerConfig::with_url(url)),
-            }
-        }
-        check::app_values(&apps, &app_io)?;
-        for (a, io) in apps.iter().zip(&app_io) {
-            if let Some(z) = &io.authorizer {
-                for c in &z.commands {
-                    if !app_io::all_commands().contains(c) {
-                        return Err(ConfigError::Invalid(format!(
-                            "app {:?}: unknown authorizer command {c:?}",
-                            a.id
-                        )));
-                    }
-                }
-            }
-        }
-        let cluster = resolve_cluster(&cli, file.cluster.unwrap_or_default())?;
-        let node_id = cluster
-            .as_ref()
-            .map(|c| c.node_id.clone())
-            .or(cli.node_id.clone())
-            .unwrap_or_else(generated_node_id);
-        let broadcasting_key = cli
-            .broadcasting_key
-            .or(file.broadcasting_key)
-            .filter(|k| !k.is_empty());
-        for (i, a) in apps.iter().enumerate() {
-            if a.id.is_empty() || a.key.is_empty() || a.secret.is_empty() {
-                return Err(ConfigError::Invalid(format!(
-                    "app #{i} needs a non-empty id, key and secret"
-                )));
-            }
-            if apps[..i].iter().any(|b| b.id == a.id || b.key == a.key) {
-                return Err(ConfigError::Invalid(format!(
-                    "app {:?}: id and key must be unique across apps",
-                    a.id
-                )));
-            }
-        }
-        let cfg = Config {
-            listen: cli.listen.or(file.listen).unwrap_or(d.listen),
-            apps,
-            app_io,
-            wsify_app,
-            broadcasting_key,
-            webhook_queue: file.webhook_queue.unwrap_or(d.webhook_queue),
-            webhook_timeout: file
-                .webhook_timeout_ms
-                .map_or(d.webhook_timeout, Duration::from_millis),
-            webhook_retry_for: file.webhook_retry_for.map_or(d.webhook_retry_for, secs),
-            webhook_backoff: file
-                .webhook_backoff_ms
-                .map_or(d.webhook_backoff, Duration::from_millis),
-            webhook_delay: file
-                .webhook_delay_ms
-                .map_or(d.webhook_delay, Duration::from_millis),
-            connections_per_ip_per_sec: file
-                .connections_per_ip_per_sec
-                .unwrap_or(d.connections_per_ip_per_sec),
-            api_requests_per_sec: file.api_requests_per_sec.unwrap_or(d.api_requests_per_sec),
-            tls: match (
-                cli.tls_cert.clone().or(file.tls_cert),
-                cli.tls_key.clone().or(file.tls_key),
-            ) {
-                (Some(c), Some(k)) => Some((c, k)),
-                (None, None) => None,
-                _ => {
-                    return Err(ConfigError::Invalid(
-                        "give both tls_cert and tls_key, or neither".into(),
-                    ))
-                }
-            },
-            metrics_listen: cli.metrics_listen.or(file.metrics_listen),
-            dashboard_token: cli
-                .dashboard_token
-                .or(file.dashboard_token)
-                .filter(|t| !t.is_empty()),
-            handshake_timeout: file
-                .handshake_timeout_ms
-                .map_or(d.handshake_timeout, Duration::from_millis),
-            max_pending_handshakes: file
-                .max_pending_handshakes
-                .unwrap_or(d.max_pending_handshakes),
-            max_pending_handshakes_per_ip: cli
-                .max_pending_handshakes_per_ip
-                .or(file.max_pending_handshakes_per_ip)
-                .unwrap_or(d.max_pending_handshakes_per_ip),
-            request_body_timeout: cli
-                .request_body_timeout_ms
-                .or(file.request_body_timeout_ms)
-                .map_or(d.request_body_timeout, Duration::from_millis),
-            forwarded_header: cli
-                .forwarded_header
-                .or(file.forwarded_header)
-                .unwrap_or(d.forwarded_header),
-            max_connections_per_ip: file
-                .max_connections_per_ip
-                .unwrap_or(d.max_connections_per_ip),
-            trusted_proxies: crate::proxy::TrustedProxies(if cli.trusted_proxies.is_empty() {
-                file.trusted_proxies.unwrap_or_default()
-            } else {
-                cli.trusted_proxies
-            }),
-            proxy_protocol: cli
-                .proxy_protocol
-                .or(file.proxy_protocol)
-                .unwrap_or(d.proxy_protocol),
-            identity_headers: file.identity_headers,
-            cluster,
-            node_id,
-            development,
-            activity_timeout: cli
-                .activity_timeout
-                .or(file.activity_timeout)
-                .map_or(d.activity_timeout, secs),
-            pong_timeout: file.pong_timeout.map_or(d.pong_timeout, secs),
-            signin_timeout: file.signin_timeout.map_or(d.signin_timeout, secs),
-            max_connections: cli.max_connections.or(file.max_connections),
-            outbound_queue: file.outbound_queue.unwrap_or(d.outbound_queue),
-            router_shards: file.router_shards.unwrap_or(d.router_shards),
-            shard_queue: file.shard_queue.unwrap_or(d.shard_queue),
-            history_max_bytes: file.history_max_bytes.unwrap_or(d.history_max_bytes),
-            max_message_bytes: file.max_message_bytes.unwrap_or(d.max_message_bytes),
-            compression: pushmesh_protocol::wire::Compression {
-                enabled: cli
-                    .compression
-                    .or(file.compression)
-                    .unwrap_or(d.compression.enabled),
-                min_bytes: cli
-                    .compression_min_bytes
-                    .or(file.compression_min_bytes)
-                    .unwrap_or(d.compression.min_bytes),
-                level: cli
-                    .compression_level
-                    .or(file.compression_level)
-                    .unwrap_or(d.compression.level),
-            },
-            max_request_bytes: file.max_request_bytes.unwrap_or(d.max_request_bytes),
-            shutdown_timeout: file.shutdown_timeout.map_or(d.shutdown_timeout, secs),
-            log: cli.log.or(file.log).unwrap_or(d.log),
-            log_format: cli.log_format.or(file.log_format).unwrap_or(d.log_format),
-        };
-        if cfg.activity_timeout.is_zero() || cfg.pong_timeout.is_zero() {
-            return Err(ConfigError::Invalid(
-                "activity_timeout and pong_timeout must be at least 1 second".into(),
-            ));
-        }
-        if cfg.router_shards == 0 || cfg.shard_queue == 0 {
-            return Err(ConfigError::Invalid(
-                "router_shards and shard_queue must be at least 1".into(),
-            ));
-        }
-        if cfg.handshake_timeout.is_zero() {
-            return Err(ConfigError::Invalid(
-                "handshake_timeout_ms must be at least 1".into(),
-            ));
-        }
-        if cfg.request_body_timeout.is_zero() {
-            return Err(ConfigError::Invalid(
-                "request_body_timeout_ms must be at least 1".into(),
-            ));
-        }
-        cfg.identity_headers
-            .check(!cfg.trusted_proxies.is_empty())
-            .map_err(ConfigError::Invalid)?;
-        if cfg.proxy_protocol && cfg.trusted_proxies.is_empty() {
-            return Err(ConfigError::Invalid(
-                "proxy_protocol needs trusted_proxies: PROXY headers are read from trusted proxies only".into(),
-            ));
-        }
-        if !(1..=9).contains(&cfg.compression.level) {
-            return Err(ConfigError::Invalid(format!(
-                "compression_level must be 1 to 9, not {}",
-                cfg.compression.level
-            )));
-        }
-        if cfg.outbound_queue == 0 {
-            return Err(ConfigError::Invalid(
-                "outbound_queue must be at least 1".into(),
-            ));
-        }
-        Ok(cfg)
     }
 }
 

@@ -357,7 +357,14 @@ async fn connection(
         Listener::Internal => {
             let ticket = Ticket::new(PendingSlots::default(), None);
             let io = Prefixed::new(Vec::new(), tcp);
-            return http(st, router, io, peer, false, false, ticket, deadline).await;
+            let conn = Accepted {
+                client: peer,
+                forwarded: false,
+                peer_trusted: false,
+                ticket,
+                deadline,
+            };
+            return http(st, router, io, conn).await;
         }
         Listener::Public(tls) => tls,
     };
@@ -414,35 +421,17 @@ async fn connection(
             return;
         }
     };
-    let ticket = Ticket::new(slots, open);
+    let conn = Accepted {
+        client,
+        forwarded: client_trusted,
+        peer_trusted,
+        ticket: Ticket::new(slots, open),
+        deadline,
+    };
     match tls {
-        None => {
-            http(
-                st,
-                router,
-                io,
-                client,
-                client_trusted,
-                peer_trusted,
-                ticket,
-                deadline,
-            )
-            .await
-        }
+        None => http(st, router, io, conn).await,
         Some(tls) => match timeout_at(deadline, tls.acceptor().accept(io)).await {
-            Ok(Ok(s)) => {
-                http(
-                    st,
-                    router,
-                    s,
-                    client,
-                    client_trusted,
-                    peer_trusted,
-                    ticket,
-                    deadline,
-                )
-                .await
-            }
+            Ok(Ok(s)) => http(st, router, s, conn).await,
             Ok(Err(e)) => tracing::debug!(%client, error = %e, "tls handshake failed"),
             Err(_) => {
                 st.edge
@@ -454,21 +443,34 @@ async fn connection(
     }
 }
 
+/// What the accept loop learned about a connection before HTTP starts on it.
+struct Accepted {
+    /// The client: the TCP peer, or the one its PROXY header names.
+    client: SocketAddr,
+    /// Whether the client is a trusted proxy (its forwarding header names
+    /// the real client).
+    forwarded: bool,
+    /// Whether the TCP peer is a trusted proxy (identity headers believed).
+    peer_trusted: bool,
+    /// The connection's slots.
+    ticket: Ticket,
+    /// When the handshake must be over.
+    deadline: Instant,
+}
+
 /// Serves HTTP on an established transport; requests see the client's
 /// address as `ConnectInfo` and the connection's [`Ticket`].
-#[allow(clippy::too_many_arguments)]
-async fn http<I>(
-    st: Arc<Shared>,
-    router: Router,
-    io: I,
-    client: SocketAddr,
-    forwarded: bool,
-    peer_trusted: bool,
-    ticket: Ticket,
-    deadline: Instant,
-) where
+async fn http<I>(st: Arc<Shared>, router: Router, io: I, conn: Accepted)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Accepted {
+        client,
+        forwarded,
+        peer_trusted,
+        ticket,
+        deadline,
+    } = conn;
     let st2 = st.clone();
     let t2 = ticket.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {

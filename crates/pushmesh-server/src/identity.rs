@@ -46,11 +46,12 @@ pub async fn refuse_duplicate_identity(st: Arc<Shared>) -> Result<(), ServerErro
         Err(_) => Ok(()),
         Ok(conflict) => {
             c.shutdown(Duration::ZERO).await;
-            Err(ServerError::Cluster(format!(
-                "node_id {:?} is already in use by a live node at {} (its epoch {}): \
-                 refusing to start; give each node its own node_id",
-                conflict.node_id, conflict.gossip_addr, conflict.epoch
-            )))
+            Err(crate::cluster::ClusterStartError::DuplicateIdentity {
+                node_id: conflict.node_id,
+                gossip_addr: conflict.gossip_addr,
+                epoch: conflict.epoch,
+            }
+            .into())
         }
     }
 }

@@ -25,6 +25,17 @@ pub struct IdentityHeaders {
     pub zone: Option<String>,
 }
 
+/// Why `[identity_headers]` cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityHeadersError {
+    /// A configured name is not a valid HTTP header name.
+    #[error("identity_headers: {0:?} is not a header name")]
+    NotAHeaderName(String),
+    /// Headers are configured but no proxy is trusted to set them.
+    #[error("identity_headers needs trusted_proxies: the headers are believed only from them")]
+    NoTrustedProxies,
+}
+
 /// Request extension set by the edge: whether the TCP peer of the
 /// connection is a trusted proxy.
 #[derive(Debug, Clone, Copy, Default)]
@@ -47,17 +58,14 @@ impl IdentityHeaders {
 
     /// Checks the configuration: valid header names, and trusted proxies to
     /// believe them from.
-    pub fn check(&self, trusted_proxies: bool) -> Result<(), String> {
+    pub fn check(&self, trusted_proxies: bool) -> Result<(), IdentityHeadersError> {
         for h in [&self.user, &self.device, &self.zone].into_iter().flatten() {
             if HeaderName::from_bytes(h.as_bytes()).is_err() {
-                return Err(format!("identity_headers: {h:?} is not a header name"));
+                return Err(IdentityHeadersError::NotAHeaderName(h.clone()));
             }
         }
         if self.is_on() && !trusted_proxies {
-            return Err(
-                "identity_headers needs trusted_proxies: the headers are believed only from them"
-                    .into(),
-            );
+            return Err(IdentityHeadersError::NoTrustedProxies);
         }
         Ok(())
     }

@@ -70,10 +70,10 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     /// The HTTP client for webhooks could not be built.
     #[error("cannot build the HTTP client: {0}")]
-    Http(String),
-    /// The cluster layer could not start.
+    Http(#[source] reqwest::Error),
+    /// The cluster layer could not start, or this node's id is taken.
     #[error("cluster: {0}")]
-    Cluster(String),
+    Cluster(#[from] cluster::ClusterStartError),
 }
 
 /// Counters of the node.
@@ -164,7 +164,7 @@ impl Server {
             .pool_max_idle_per_host(32)
             .user_agent(concat!("pushmesh/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| ServerError::Http(e.to_string()))?;
+            .map_err(ServerError::Http)?;
         let stats = Stats::default();
         let authorizers = config
             .app_io

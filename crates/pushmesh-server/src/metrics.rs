@@ -4,7 +4,7 @@
 //! status codes, close codes, channel kinds, peers. Never a channel name.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fmt::{Display, Write as _};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -101,142 +101,183 @@ pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
+/// Writes a metric family with one sample without labels.
+pub(crate) fn scalar(out: &mut String, name: &str, kind: &str, help: &str, v: impl Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {v}");
+}
+
+/// A metric family's name, type and help.
+pub(crate) type Meta<'a> = (&'a str, &'a str, &'a str);
+
+/// Writes a metric family with one sample per value of `label` (values
+/// from a fixed set, or escaped by the caller).
+pub(crate) fn labelled<V: Display>(
+    out: &mut String,
+    meta: Meta<'_>,
+    label: &str,
+    samples: impl IntoIterator<Item = (impl Display, V)>,
+) {
+    let samples = samples
+        .into_iter()
+        .map(|(l, v)| (format_args!("{label}=\"{l}\"").to_string(), v));
+    with_labels(out, meta, samples);
+}
+
+/// Writes a metric family with samples whose labels are given whole
+/// (`a="x",b="y"`).
+pub(crate) fn with_labels<V: Display>(
+    out: &mut String,
+    (name, kind, help): Meta<'_>,
+    samples: impl IntoIterator<Item = (String, V)>,
+) {
+    family(out, name, kind, help);
+    for (labels, v) in samples {
+        let _ = writeln!(out, "{name}{{{labels}}} {v}");
+    }
+}
+
+fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
 /// Renders every metric.
 pub fn render(st: &Shared) -> String {
     let mut out = String::with_capacity(4096);
-    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let (connections, kinds) = (st.node.registry.count(), st.node.channel_stats());
+    render_connections(st, &mut out);
+    render_channels(st, &mut out);
+    render_messages(st, &mut out);
+    render_http(&st.stats.edge, &mut out);
+    render_limits(&st.stats.edge, &mut out);
+    render_identity(&mut out, &st.stats.edge.identity);
+    render_webhooks(st, &mut out);
+    render_authorizer(&st.stats.authorizer, &mut out);
+    render_continuity(st, &mut out);
+    render_history(st, &mut out);
+    process::render(&mut out);
+    out
+}
+
+/// Connections open, opened and closed (by close code).
+fn render_connections(st: &Shared, out: &mut String) {
     let e = &st.stats.edge;
-    family(
-        &mut out,
+    scalar(
+        out,
         "pushmesh_connections",
         "gauge",
         "Open WebSocket connections.",
+        st.node.registry.count(),
     );
-    let _ = writeln!(out, "pushmesh_connections {connections}");
-    family(
-        &mut out,
+    scalar(
+        out,
         "pushmesh_connections_opened_total",
         "counter",
         "WebSocket connections accepted.",
+        load(&e.connections_opened),
     );
-    let _ = writeln!(
-        out,
-        "pushmesh_connections_opened_total {}",
-        l(&e.connections_opened)
-    );
-    family(
-        &mut out,
-        "pushmesh_connections_closed_total",
-        "counter",
-        "WebSocket connections closed, by close code (client: closed by the client).",
-    );
-    for (code, n) in e
+    let closed = e
         .connections_closed
         .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-    {
-        let _ = writeln!(
-            out,
-            "pushmesh_connections_closed_total{{code=\"{}\"}} {n}",
-            esc(code)
-        );
+        .unwrap_or_else(|p| p.into_inner());
+    labelled(
+        out,
+        (
+            "pushmesh_connections_closed_total",
+            "counter",
+            "WebSocket connections closed, by close code (client: closed by the client).",
+        ),
+        "code",
+        closed.iter().map(|(code, n)| (esc(code), n)),
+    );
+}
+
+/// Occupied channels and subscriptions, by channel kind.
+fn render_channels(st: &Shared, out: &mut String) {
+    let kinds = st.node.channel_stats();
+    labelled(
+        out,
+        (
+            "pushmesh_channels",
+            "gauge",
+            "Occupied channels on this node, by kind.",
+        ),
+        "kind",
+        kinds.iter().map(|(kind, channels, _)| (kind, channels)),
+    );
+    labelled(
+        out,
+        (
+            "pushmesh_subscriptions",
+            "gauge",
+            "Subscriptions on this node, by channel kind.",
+        ),
+        "kind",
+        kinds.iter().map(|(kind, _, subs)| (kind, subs)),
+    );
+}
+
+/// Events published and delivered, bytes both ways, compression.
+fn render_messages(st: &Shared, out: &mut String) {
+    let (e, links) = (&st.stats.edge, &st.node.links.stats);
+    for (name, kind, help, v) in [
+        (
+            "pushmesh_messages_published_total",
+            "counter",
+            "Events accepted for publishing (HTTP API, /broadcast, wsify).",
+            &st.stats.published,
+        ),
+        (
+            "pushmesh_messages_delivered_total",
+            "counter",
+            "Frames queued to client connections.",
+            &links.frames_queued,
+        ),
+        (
+            "pushmesh_slow_consumer_disconnects_total",
+            "counter",
+            "Clients closed (4100) because their queue was full.",
+            &links.slow_consumers,
+        ),
+        (
+            "pushmesh_received_bytes_total",
+            "counter",
+            "WebSocket payload bytes received.",
+            &e.bytes_in,
+        ),
+        (
+            "pushmesh_sent_bytes_total",
+            "counter",
+            "WebSocket payload bytes sent.",
+            &e.bytes_out,
+        ),
+        (
+            "pushmesh_compression_connections",
+            "gauge",
+            "Open connections that negotiated permessage-deflate.",
+            &e.compression_connections,
+        ),
+    ] {
+        scalar(out, name, kind, help, load(v));
     }
-    family(
-        &mut out,
-        "pushmesh_channels",
-        "gauge",
-        "Occupied channels on this node, by kind.",
-    );
-    for (kind, channels, _) in &kinds {
-        let _ = writeln!(out, "pushmesh_channels{{kind=\"{kind}\"}} {channels}");
-    }
-    family(
-        &mut out,
-        "pushmesh_subscriptions",
-        "gauge",
-        "Subscriptions on this node, by channel kind.",
-    );
-    for (kind, _, subs) in &kinds {
-        let _ = writeln!(out, "pushmesh_subscriptions{{kind=\"{kind}\"}} {subs}");
-    }
-    family(
-        &mut out,
-        "pushmesh_messages_published_total",
-        "counter",
-        "Events accepted for publishing (HTTP API, /broadcast, wsify).",
-    );
-    let _ = writeln!(
+    labelled(
         out,
-        "pushmesh_messages_published_total {}",
-        l(&st.stats.published)
+        (
+            "pushmesh_compression_bytes_total",
+            "counter",
+            "Messages sent compressed, bytes before (plain) and after (compressed) compression.",
+        ),
+        "stage",
+        [
+            ("plain", load(&e.compression_plain)),
+            ("compressed", load(&e.compression_compressed)),
+        ],
     );
+}
+
+/// HTTP requests by route and status, and their durations.
+fn render_http(e: &EdgeMetrics, out: &mut String) {
     family(
-        &mut out,
-        "pushmesh_messages_delivered_total",
-        "counter",
-        "Frames queued to client connections.",
-    );
-    let _ = writeln!(
         out,
-        "pushmesh_messages_delivered_total {}",
-        l(&st.node.links.stats.frames_queued)
-    );
-    family(
-        &mut out,
-        "pushmesh_slow_consumer_disconnects_total",
-        "counter",
-        "Clients closed (4100) because their queue was full.",
-    );
-    let _ = writeln!(
-        out,
-        "pushmesh_slow_consumer_disconnects_total {}",
-        l(&st.node.links.stats.slow_consumers)
-    );
-    family(
-        &mut out,
-        "pushmesh_received_bytes_total",
-        "counter",
-        "WebSocket payload bytes received.",
-    );
-    let _ = writeln!(out, "pushmesh_received_bytes_total {}", l(&e.bytes_in));
-    family(
-        &mut out,
-        "pushmesh_sent_bytes_total",
-        "counter",
-        "WebSocket payload bytes sent.",
-    );
-    let _ = writeln!(out, "pushmesh_sent_bytes_total {}", l(&e.bytes_out));
-    family(
-        &mut out,
-        "pushmesh_compression_connections",
-        "gauge",
-        "Open connections that negotiated permessage-deflate.",
-    );
-    let _ = writeln!(
-        out,
-        "pushmesh_compression_connections {}",
-        l(&e.compression_connections)
-    );
-    family(
-        &mut out,
-        "pushmesh_compression_bytes_total",
-        "counter",
-        "Messages sent compressed, bytes before (plain) and after (compressed) compression.",
-    );
-    let _ = writeln!(
-        out,
-        "pushmesh_compression_bytes_total{{stage=\"plain\"}} {}",
-        l(&e.compression_plain)
-    );
-    let _ = writeln!(
-        out,
-        "pushmesh_compression_bytes_total{{stage=\"compressed\"}} {}",
-        l(&e.compression_compressed)
-    );
-    family(
-        &mut out,
         "pushmesh_http_requests_total",
         "counter",
         "HTTP requests by route pattern and status.",
@@ -251,103 +292,98 @@ pub fn render(st: &Shared) -> String {
     e.http_latency
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .render(&mut out);
-    family(
-        &mut out,
-        "pushmesh_rate_limited_total",
-        "counter",
-        "Requests refused by a rate limit or allow-list.",
-    );
-    let _ = writeln!(
+        .render(out);
+}
+
+/// Refusals by a rate limit or allow-list, accept errors.
+fn render_limits(e: &EdgeMetrics, out: &mut String) {
+    labelled(
         out,
-        "pushmesh_rate_limited_total{{limit=\"connections_per_ip\"}} {}",
-        l(&e.ip_rate_limited)
+        (
+            "pushmesh_rate_limited_total",
+            "counter",
+            "Requests refused by a rate limit or allow-list.",
+        ),
+        "limit",
+        [
+            ("connections_per_ip", load(&e.ip_rate_limited)),
+            ("api_requests", load(&e.api_rate_limited)),
+            ("origin", load(&e.origin_refused)),
+        ],
     );
-    let _ = writeln!(
+    scalar(
         out,
-        "pushmesh_rate_limited_total{{limit=\"api_requests\"}} {}",
-        l(&e.api_rate_limited)
-    );
-    let _ = writeln!(
-        out,
-        "pushmesh_rate_limited_total{{limit=\"origin\"}} {}",
-        l(&e.origin_refused)
-    );
-    family(
-        &mut out,
         "pushmesh_accept_errors_total",
         "counter",
         "Errors accepting TCP connections (e.g. no file descriptors left).",
+        load(&e.accept_errors),
     );
-    let _ = writeln!(out, "pushmesh_accept_errors_total {}", l(&e.accept_errors));
-    render_identity(&mut out, &e.identity);
+}
+
+/// Webhook deliveries and the backup of pending webhook events.
+fn render_webhooks(st: &Shared, out: &mut String) {
     let w = &st.webhooks.stats;
-    family(
-        &mut out,
-        "pushmesh_webhooks_total",
-        "counter",
-        "Webhook events by outcome.",
+    labelled(
+        out,
+        (
+            "pushmesh_webhooks_total",
+            "counter",
+            "Webhook events by outcome.",
+        ),
+        "outcome",
+        [
+            ("sent", load(&w.sent)),
+            ("retried", load(&w.retried)),
+            ("dropped", load(&w.dropped)),
+        ],
     );
-    for (o, v) in [
-        ("sent", l(&w.sent)),
-        ("retried", l(&w.retried)),
-        ("dropped", l(&w.dropped)),
-    ] {
-        let _ = writeln!(out, "pushmesh_webhooks_total{{outcome=\"{o}\"}} {v}");
-    }
     let (b, handed, held) = st.node.links.hook_relay.snapshot();
-    family(
-        &mut out,
-        "pushmesh_webhook_backup_events",
-        "gauge",
-        "Webhook events handed to a backup peer and not yet confirmed (role=owner), held for peers (role=backup).",
-    );
-    let _ = writeln!(
+    labelled(
         out,
-        "pushmesh_webhook_backup_events{{role=\"owner\"}} {handed}"
+        (
+            "pushmesh_webhook_backup_events",
+            "gauge",
+            "Webhook events handed to a backup peer and not yet confirmed (role=owner), held for peers (role=backup).",
+        ),
+        "role",
+        [("owner", handed), ("backup", held)],
     );
-    let _ = writeln!(
+    labelled(
         out,
-        "pushmesh_webhook_backup_events{{role=\"backup\"}} {held}"
+        (
+            "pushmesh_webhook_backup_total",
+            "counter",
+            "Webhook backup: events handed, not handed (too many outstanding), held, released (owner gone), refused (backup full), expired.",
+        ),
+        "outcome",
+        [
+            ("handed", b.handed),
+            ("not_handed", b.not_handed),
+            ("held", b.held),
+            ("released", b.released),
+            ("refused", b.refused),
+            ("expired", b.expired),
+        ],
     );
-    family(
-        &mut out,
-        "pushmesh_webhook_backup_total",
-        "counter",
-        "Webhook backup: events handed, not handed (too many outstanding), held, released (owner gone), refused (backup full), expired.",
+}
+
+/// wsify authorizer calls by outcome.
+fn render_authorizer(a: &crate::authorizer::AuthorizerStats, out: &mut String) {
+    labelled(
+        out,
+        (
+            "pushmesh_authorizer_calls_total",
+            "counter",
+            "wsify authorizer calls by outcome.",
+        ),
+        "outcome",
+        [
+            ("allowed", load(&a.allowed)),
+            ("refused", load(&a.refused)),
+            ("unavailable", load(&a.unavailable)),
+            ("skipped", load(&a.notifications_skipped)),
+        ],
     );
-    for (o, v) in [
-        ("handed", b.handed),
-        ("not_handed", b.not_handed),
-        ("held", b.held),
-        ("released", b.released),
-        ("refused", b.refused),
-        ("expired", b.expired),
-    ] {
-        let _ = writeln!(out, "pushmesh_webhook_backup_total{{outcome=\"{o}\"}} {v}");
-    }
-    let a = &st.stats.authorizer;
-    family(
-        &mut out,
-        "pushmesh_authorizer_calls_total",
-        "counter",
-        "wsify authorizer calls by outcome.",
-    );
-    for (o, v) in [
-        ("allowed", l(&a.allowed)),
-        ("refused", l(&a.refused)),
-        ("unavailable", l(&a.unavailable)),
-        ("skipped", l(&a.notifications_skipped)),
-    ] {
-        let _ = writeln!(
-            out,
-            "pushmesh_authorizer_calls_total{{outcome=\"{o}\"}} {v}"
-        );
-    }
-    render_continuity(st, &mut out);
-    render_history(st, &mut out);
-    process::render(&mut out);
-    out
 }
 
 /// `GET /metrics`.
@@ -363,67 +399,89 @@ pub async fn metrics(State(st): State<Arc<Shared>>) -> Response {
 /// subscribes that asked for a position were answered.
 fn render_history(st: &Shared, out: &mut String) {
     let h = st.node.history_stats();
-    let _ = writeln!(out, "# HELP pushmesh_history_events History events held on this node.\n# TYPE pushmesh_history_events gauge\npushmesh_history_events {}", h.events);
-    let _ = writeln!(out, "# HELP pushmesh_history_bytes Bytes of history held on this node (bounded by history_max_bytes).\n# TYPE pushmesh_history_bytes gauge\npushmesh_history_bytes {}", h.bytes);
-    let _ = writeln!(out, "# HELP pushmesh_history_evicted_total History events dropped: reason=max_events (per channel), memory (history_max_bytes), ttl (ttl_secs).\n# TYPE pushmesh_history_evicted_total counter");
-    for (r, v) in [
-        ("max_events", h.evicted_max_events),
-        ("memory", h.evicted_memory),
-        ("ttl", h.expired),
-    ] {
-        let _ = writeln!(out, "pushmesh_history_evicted_total{{reason=\"{r}\"}} {v}");
-    }
-    let _ = writeln!(out, "# HELP pushmesh_history_recoveries_total Subscribes that sent a position, by whether they recovered.\n# TYPE pushmesh_history_recoveries_total counter");
-    let _ = writeln!(
+    scalar(
         out,
-        "pushmesh_history_recoveries_total{{recovered=\"true\"}} {}",
-        h.recovered
+        "pushmesh_history_events",
+        "gauge",
+        "History events held on this node.",
+        h.events,
     );
-    let _ = writeln!(
+    scalar(
         out,
-        "pushmesh_history_recoveries_total{{recovered=\"false\"}} {}",
-        h.not_recovered
+        "pushmesh_history_bytes",
+        "gauge",
+        "Bytes of history held on this node (bounded by history_max_bytes).",
+        h.bytes,
     );
-    let _ = writeln!(out, "# HELP pushmesh_history_unreplicated_total History publishes answered before any peer acknowledged the event (none did within 2 s).\n# TYPE pushmesh_history_unreplicated_total counter\npushmesh_history_unreplicated_total {}", st.node.links.stats.history_unacked.load(Ordering::Relaxed));
+    labelled(
+        out,
+        (
+            "pushmesh_history_evicted_total",
+            "counter",
+            "History events dropped: reason=max_events (per channel), memory (history_max_bytes), ttl (ttl_secs).",
+        ),
+        "reason",
+        [
+            ("max_events", h.evicted_max_events),
+            ("memory", h.evicted_memory),
+            ("ttl", h.expired),
+        ],
+    );
+    labelled(
+        out,
+        (
+            "pushmesh_history_recoveries_total",
+            "counter",
+            "Subscribes that sent a position, by whether they recovered.",
+        ),
+        "recovered",
+        [("true", h.recovered), ("false", h.not_recovered)],
+    );
+    scalar(
+        out,
+        "pushmesh_history_unreplicated_total",
+        "counter",
+        "History publishes answered before any peer acknowledged the event (none did within 2 s).",
+        load(&st.node.links.stats.history_unacked),
+    );
 }
 
 /// Publishes refused with 503 and subscription barrier timeouts.
 fn render_continuity(st: &Shared, out: &mut String) {
     let stats = &st.node.links.stats;
-    let _ = writeln!(out, "# HELP pushmesh_publish_refused_total Publishes answered 503: the node could not promise delivery.\n# TYPE pushmesh_publish_refused_total counter");
-    for r in crate::node::Refusal::ALL {
-        let _ = writeln!(
-            out,
-            "pushmesh_publish_refused_total{{reason=\"{}\"}} {}",
-            r.as_str(),
-            stats.refused[r as usize].load(Ordering::Relaxed)
-        );
-    }
-    let _ = writeln!(out, "# HELP pushmesh_subscription_barrier_timeouts_total Subscriptions confirmed before every peer acknowledged the interest (barrier wait exceeded).\n# TYPE pushmesh_subscription_barrier_timeouts_total counter\npushmesh_subscription_barrier_timeouts_total {}", stats.barrier_timeouts.load(Ordering::Relaxed));
+    labelled(
+        out,
+        (
+            "pushmesh_publish_refused_total",
+            "counter",
+            "Publishes answered 503: the node could not promise delivery.",
+        ),
+        "reason",
+        pushmesh_core::Refusal::ALL.map(|r| (r.as_str(), load(&stats.refused[r as usize]))),
+    );
+    scalar(
+        out,
+        "pushmesh_subscription_barrier_timeouts_total",
+        "counter",
+        "Subscriptions confirmed before every peer acknowledged the interest (barrier wait exceeded).",
+        load(&stats.barrier_timeouts),
+    );
 }
 
 /// The identity-header counters in Prometheus text.
 fn render_identity(out: &mut String, s: &crate::identity_headers::IdentityStats) {
-    family(
+    scalar(
         out,
         "pushmesh_identity_headers_ignored_total",
         "counter",
         "Connections whose identity headers came from a peer outside trusted_proxies (ignored).",
+        load(&s.ignored),
     );
-    let _ = writeln!(
-        out,
-        "pushmesh_identity_headers_ignored_total {}",
-        s.ignored.load(Ordering::Relaxed)
-    );
-    family(
+    scalar(
         out,
         "pushmesh_identity_headers_honoured_total",
         "counter",
         "Connections that took their identity from the identity headers.",
-    );
-    let _ = writeln!(
-        out,
-        "pushmesh_identity_headers_honoured_total {}",
-        s.honoured.load(Ordering::Relaxed)
+        load(&s.honoured),
     );
 }

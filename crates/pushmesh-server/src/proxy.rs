@@ -53,11 +53,16 @@ impl Cidr {
     }
 }
 
-impl FromStr for Cidr {
-    type Err = String;
+/// A text that is not an address range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid address range {0:?}: expected e.g. 10.0.0.0/8 or ::1/128")]
+pub struct CidrError(pub String);
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("invalid address range {s:?}: expected e.g. 10.0.0.0/8 or ::1/128");
+impl FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, CidrError> {
+        let bad = || CidrError(s.to_string());
         let (addr, bits) = match s.trim().split_once('/') {
             Some((a, b)) => (a, Some(b.parse::<u8>().map_err(|_| bad())?)),
             None => (s.trim(), None),
@@ -73,8 +78,8 @@ impl FromStr for Cidr {
 }
 
 impl TryFrom<String> for Cidr {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = CidrError;
+    fn try_from(s: String) -> Result<Self, CidrError> {
         s.parse()
     }
 }
@@ -436,48 +441,24 @@ mod tests {
     #[test]
     fn forwarded_for_takes_the_rightmost_untrusted() {
         let t = cidrs(&["10.0.0.0/8"]);
-        let mut h = HeaderMap::new();
-        h.append(
-            "x-forwarded-for",
-            "6.6.6.6, 1.2.3.4".parse().unwrap_or_else(|e| panic!("{e}")),
-        );
-        h.append(
-            "x-forwarded-for",
-            "10.0.0.9".parse().unwrap_or_else(|e| panic!("{e}")),
-        );
-        assert_eq!(
-            t.client_ip(ip("10.0.0.1"), &h, XFF),
-            ip("1.2.3.4"),
-            "spoofed left part ignored"
-        );
-        assert_eq!(
-            t.client_ip(ip("9.9.9.9"), &h, XFF),
-            ip("9.9.9.9"),
-            "untrusted peer: header ignored"
-        );
-        let mut h = HeaderMap::new();
-        h.insert(
-            "x-forwarded-for",
-            "[2001:db8::1]:443, garbage, 10.1.1.1"
-                .parse()
-                .unwrap_or_else(|e| panic!("{e}")),
-        );
-        assert_eq!(
-            t.client_ip(ip("10.0.0.1"), &h, XFF),
-            ip("10.1.1.1"),
-            "stops at garbage"
-        );
-        h.insert(
-            "x-forwarded-for",
-            "[2001:db8::1]:443"
-                .parse()
-                .unwrap_or_else(|e| panic!("{e}")),
-        );
-        assert_eq!(t.client_ip(ip("10.0.0.1"), &h, XFF), ip("2001:db8::1"));
-        assert_eq!(
-            t.client_ip(ip("10.0.0.1"), &HeaderMap::new(), XFF),
-            ip("10.0.0.1")
-        );
+        let spoofed = headers("x-forwarded-for", &["6.6.6.6, 1.2.3.4", "10.0.0.9"]);
+        let garbage = headers("x-forwarded-for", &["[2001:db8::1]:443, garbage, 10.1.1.1"]);
+        let v6 = headers("x-forwarded-for", &["[2001:db8::1]:443"]);
+        let none = HeaderMap::new();
+        for (peer, h, want, why) in [
+            ("10.0.0.1", &spoofed, "1.2.3.4", "spoofed left part ignored"),
+            (
+                "9.9.9.9",
+                &spoofed,
+                "9.9.9.9",
+                "untrusted peer: header ignored",
+            ),
+            ("10.0.0.1", &garbage, "10.1.1.1", "stops at garbage"),
+            ("10.0.0.1", &v6, "2001:db8::1", "bracketed IPv6 with a port"),
+            ("10.0.0.1", &none, "10.0.0.1", "no header: the peer"),
+        ] {
+            assert_eq!(t.client_ip(ip(peer), h, XFF), ip(want), "{why}");
+        }
     }
 
     fn v2(cmd: u8, fam: u8, body: &[u8]) -> Vec<u8> {

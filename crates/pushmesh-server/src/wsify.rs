@@ -12,26 +12,26 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use pushmesh_core::{AppIdx, ConnId, Keepalive, KeepaliveAction, Session};
-use pushmesh_protocol::wire::{Event, ReadError};
+use pushmesh_core::session::Identity;
+use pushmesh_core::{AppIdx, Session};
+use pushmesh_protocol::wire::ReadError;
 use pushmesh_protocol::wsify::{self, WsifyCommand};
 use pushmesh_protocol::CloseCode;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
-use tokio::time::{sleep_until, timeout};
+use tokio::time::timeout;
 
-use crate::authorizer::Verdict;
-use crate::conn::{CloseRequest, ConnRef, Next};
-use crate::websocket::socket::{Limits, ReadEnd};
-use crate::websocket::{WsSocket, WsUpgrade};
-use crate::ws::{
-    await_close, echo_close, echo_code, flush_queued, pump, write_or_close, CompressionGauge,
+use crate::authorizer::{Authorizer, Verdict};
+use crate::conn::{CloseRequest, ConnRef};
+use crate::websocket::driver::{
+    await_close, pong_not_received, pump, CompressionGauge, Connection, End, Flow, Protocol,
     CLOSE_TIMEOUT, WRITE_TIMEOUT,
 };
+use crate::websocket::{Upgrading, WsSocket, WsUpgrade};
 use crate::Shared;
 
 /// WebSocket close code for "the server is restarting, reconnect".
@@ -73,100 +73,102 @@ fn query_map(raw: Option<&str>) -> (Value, bool) {
 pub async fn wsify_ws(
     State(st): State<Arc<Shared>>,
     RawQuery(raw): RawQuery,
-    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
-    ticket: Option<axum::Extension<crate::edge::Ticket>>,
-    trusted: Option<axum::Extension<crate::identity_headers::PeerTrusted>>,
-    headers: HeaderMap,
+    req: Upgrading,
     ws: WsUpgrade,
 ) -> Response {
-    if let Some(refused) = crate::reject::websocket_key_refusal(&headers) {
+    if let Some(refused) = crate::reject::websocket_key_refusal(&req.headers) {
         return refused;
     }
     let app = AppIdx(st.config.wsify_app as u32);
-    let trusted = trusted.is_some_and(|axum::Extension(t)| t.0);
-    let identity = st
-        .config
-        .identity_headers
-        .read(trusted, &headers, &st.stats.edge.identity);
+    let identity = req.identity(&st);
+    let (query, envelope) = query_map(raw.as_deref());
+    if let Err(refused) = admit(&st, app, &req, identity.as_ref(), &query).await {
+        return refused;
+    }
+    let node = st.clone();
+    req.upgrade(&node, ws, move |socket| async move {
+        run_wsify(&st, socket, app, envelope, query, identity).await;
+    })
+}
+
+fn refusal(status: StatusCode, error: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": error.into() }))).into_response()
+}
+
+/// Whether the connection may open, decided before the upgrade (the
+/// authorizer's `connect` verdict included).
+async fn admit(
+    st: &Shared,
+    app: AppIdx,
+    req: &Upgrading,
+    identity: Option<&Identity>,
+    query: &Value,
+) -> Result<(), Response> {
     let max_user = st.node.apps.get(app).limits.max_user_id_length;
-    if let Some(Err(e)) = identity.as_ref().map(|i| i.check(max_user)) {
-        return (
-            StatusCode::FORBIDDEN,
-            Json(json!({ "error": e.to_string() })),
-        )
-            .into_response();
+    if let Some(Err(e)) = identity.map(|i| i.check(max_user)) {
+        return Err(refusal(StatusCode::FORBIDDEN, e.to_string()));
     }
     // Joining or draining: not now, elsewhere (the balancer retries).
     let draining = st.draining.load(Ordering::Relaxed);
     if draining || !st.node.gate.joined() {
         let reason = if draining { "draining" } else { "joining" };
         let e = json!({ "error": format!("node is {reason}, connect again"), "reason": reason });
-        return (
+        return Err((
             StatusCode::SERVICE_UNAVAILABLE,
             [(axum::http::header::RETRY_AFTER, "1")],
             Json(e),
         )
-            .into_response();
+            .into_response());
     }
-    if !st.ip_limiter.allow(&peer.ip(), Instant::now()) {
+    if !st.ip_limiter.allow(&req.peer.ip(), Instant::now()) {
         st.stats
             .edge
             .ip_rate_limited
             .fetch_add(1, Ordering::Relaxed);
-        let e = json!({ "error": "too many new connections from this address, retry later" });
-        return (StatusCode::TOO_MANY_REQUESTS, Json(e)).into_response();
+        return Err(refusal(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many new connections from this address, retry later",
+        ));
     }
-    if let Err(r) = crate::ws::check_origin(&st, app, &headers) {
+    if let Err(r) = crate::ws::check_origin(st, app, &req.headers) {
         st.stats.edge.origin_refused.fetch_add(1, Ordering::Relaxed);
-        return (StatusCode::FORBIDDEN, Json(json!({ "error": r }))).into_response();
+        return Err(refusal(StatusCode::FORBIDDEN, r.to_string()));
     }
-    let (query, envelope) = query_map(raw.as_deref());
-    if let Some(authz) = st.authorizer(app).filter(|a| a.wants("connect")) {
-        // Identity headers from an untrusted peer are the client's own
-        // claim: the authorizer never sees them (it may believe them).
-        let ids = &st.config.identity_headers;
-        let hdrs = multi_map(
-            headers
-                .iter()
-                .filter(|(k, _)| trusted || !ids.names(k.as_str()))
-                .map(|(k, v)| {
-                    (
-                        k.as_str(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                }),
-        );
-        let body = json!({"command": "connect", "args": {"headers": hdrs, "query": query}});
-        match authz.ask(&body).await {
-            Verdict::Allowed => {}
-            Verdict::Refused(s) => {
-                tracing::debug!(status = s, "wsify connect refused by the authorizer");
-                let e = json!({ "error": format!("connection refused by the authorizer ({s})") });
-                return (StatusCode::FORBIDDEN, Json(e)).into_response();
-            }
-            Verdict::Unavailable(why) => {
-                tracing::warn!(error = %why, "wsify authorizer unavailable on connect");
-                let e = json!({ "error": "authorizer unavailable, retry later" });
-                return (StatusCode::SERVICE_UNAVAILABLE, Json(e)).into_response();
-            }
+    let Some(authz) = st.authorizer(app).filter(|a| a.wants("connect")) else {
+        return Ok(());
+    };
+    // Identity headers from an untrusted peer are the client's own
+    // claim: the authorizer never sees them (it may believe them).
+    let ids = &st.config.identity_headers;
+    let hdrs = multi_map(
+        req.headers
+            .iter()
+            .filter(|(k, _)| req.trusted || !ids.names(k.as_str()))
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            }),
+    );
+    let body = json!({"command": "connect", "args": {"headers": hdrs, "query": query}});
+    match authz.ask(&body).await {
+        Verdict::Allowed => Ok(()),
+        Verdict::Refused(s) => {
+            tracing::debug!(status = s, "wsify connect refused by the authorizer");
+            Err(refusal(
+                StatusCode::FORBIDDEN,
+                format!("connection refused by the authorizer ({s})"),
+            ))
+        }
+        Verdict::Unavailable(why) => {
+            tracing::warn!(error = %why, "wsify authorizer unavailable on connect");
+            Err(refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "authorizer unavailable, retry later",
+            ))
         }
     }
-    let limits = Limits {
-        max_message: st.config.max_message_bytes,
-    };
-    ws.on_upgrade(st.config.compression, limits, move |socket| async move {
-        // Established: the pending slot goes; the per-IP slot stays
-        // with the connection.
-        let _ticket = ticket.inspect(|t| t.established());
-        run_wsify(st, socket, app, envelope, query, identity).await;
-    })
-}
-
-enum End {
-    Gone,
-    /// The client's close frame (its code): echoed (RFC 6455 §5.5.1).
-    ClientClosed(Option<u16>),
-    Close(u16, String),
 }
 
 async fn send_now(socket: &mut WsSocket, frame: Bytes) -> bool {
@@ -176,156 +178,135 @@ async fn send_now(socket: &mut WsSocket, frame: Bytes) -> bool {
     )
 }
 
+/// The wsify protocol on the connection loop: commands, one at a time,
+/// each past the authorizer if it wants it; errors as envelope frames.
+struct Wsify<'a> {
+    st: &'a Shared,
+    h: ConnRef,
+    conn: u64,
+    session: Session,
+    app: AppIdx,
+    envelope: bool,
+    authz: Option<Arc<Authorizer>>,
+    /// `{"id", "query"}`, as the authorizer is told.
+    connection: Value,
+}
+
+impl Wsify<'_> {
+    /// Sends an error frame if the client asked for envelopes.
+    async fn error(&self, socket: &mut WsSocket, command: &str, message: &str) -> Flow {
+        if self.envelope && !send_now(socket, wsify::error_frame(command, message)).await {
+            Flow::End(End::Gone)
+        } else {
+            Flow::Continue
+        }
+    }
+}
+
+impl Protocol for Wsify<'_> {
+    fn session(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
+    async fn close_requested(&mut self, req: CloseRequest) -> Flow {
+        Flow::End(End::close(ws_code(req.code), req.reason))
+    }
+
+    async fn text(&mut self, socket: &mut WsSocket, text: &str, _now: Instant) -> Flow {
+        match self.command(text).await {
+            Handled::Ok => Flow::Continue,
+            Handled::Error(command, message) => {
+                tracing::debug!(conn = self.conn, %command, %message, "wsify command refused");
+                self.error(socket, &command, &message).await
+            }
+            Handled::Close(why) => Flow::End(End::close(WS_TRY_AGAIN_LATER, why)),
+        }
+    }
+
+    async fn binary(&mut self, socket: &mut WsSocket) -> Flow {
+        self.error(socket, "", "binary frames are not supported")
+            .await
+    }
+
+    async fn invalid(&mut self, _socket: &mut WsSocket, e: ReadError) -> End {
+        tracing::debug!(conn = self.conn, error = %e, "wsify protocol error");
+        let reason = match &e {
+            ReadError::TooBig(n) => format!("message larger than {n} bytes"),
+            other => other.to_string(),
+        };
+        End::close(e.close_code(), reason)
+    }
+
+    async fn ping(&mut self, socket: &mut WsSocket) -> bool {
+        let ping = pushmesh_protocol::wire::frame::ping(b"");
+        matches!(
+            timeout(WRITE_TIMEOUT, socket.send_frame(ping)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    fn pong_timeout(&self) -> End {
+        pong_not_received(ws_code)
+    }
+}
+
 async fn run_wsify(
-    st: Arc<Shared>,
-    mut socket: WsSocket,
+    st: &Shared,
+    socket: WsSocket,
     app: AppIdx,
     envelope: bool,
     query: Value,
-    identity: Option<pushmesh_core::session::Identity>,
+    identity: Option<Identity>,
 ) {
-    let conn = ConnId(st.next_conn.fetch_add(1, Ordering::Relaxed));
-    let (h, mut rx) = ConnRef::new(conn, st.config.outbound_queue);
-    let opened = Instant::now();
-    let node = &st.node;
-    let cfg = node.apps.get(app).clone();
-    if let Err(e) = node.registry.admit(app, &cfg, &h) {
-        let _ = timeout(
-            CLOSE_TIMEOUT,
-            socket.send_close(ws_code(e.close_code()), &e.to_string()),
-        )
-        .await;
-        await_close(&mut socket).await;
-        return;
-    }
-    let _compressing = CompressionGauge::new(&st, socket.compressing());
-    let socket_id = node.socket_id(conn);
-    let mut session = Session::wsify(opened, conn, app, cfg, &socket_id, envelope);
+    let mut c = Connection::new(st, socket, app);
+    let cfg = match c.admit() {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            let reason = e.to_string();
+            let close = c.socket.send_close(ws_code(e.close_code()), &reason);
+            let _ = timeout(CLOSE_TIMEOUT, close).await;
+            await_close(&mut c.socket).await;
+            return;
+        }
+    };
+    let _compressing = CompressionGauge::new(st, c.socket.compressing());
+    let socket_id = st.node.socket_id(c.conn);
+    let mut session = Session::wsify(c.opened, c.conn, app, cfg, &socket_id, envelope);
     if let Some(id) = identity {
         // Checked before the upgrade; signs in (no frame for wsify).
         if session.set_identity(id).is_ok() {
-            let _ = pump(&st.node, &h, &mut session).await;
+            let _ = c.pump(&mut session).await;
         }
     }
-    st.stats
-        .edge
-        .connections_opened
-        .fetch_add(1, Ordering::Relaxed);
-    let authz = st.authorizer(app);
-    let identity = json!({ "id": socket_id, "query": query });
-    let mut keepalive = Keepalive::new(opened, st.config.activity_timeout, st.config.pong_timeout);
-    let mut ka_deadline = keepalive.deadline();
-    let ka_sleep = sleep_until(ka_deadline.into());
-    tokio::pin!(ka_sleep);
-    let end = loop {
-        if keepalive.deadline() != ka_deadline {
-            ka_deadline = keepalive.deadline();
-            ka_sleep.as_mut().reset(ka_deadline.into());
-        }
-        tokio::select! {
-            biased;
-            next = rx.recv() => match next {
-                Next::Close => {
-                    if let Some(CloseRequest { code, reason }) = h.take_close() {
-                        break End::Close(ws_code(code), reason);
-                    }
-                }
-                Next::Frame(first) => {
-                    let (ok, closing) = write_or_close(&mut socket, &mut rx, &h, first, &st.stats.edge).await;
-                    if closing {
-                        if let Some(CloseRequest { code, reason }) = h.take_close() {
-                            break End::Close(ws_code(code), reason);
-                        }
-                    } else if !ok {
-                        break End::Gone;
-                    }
-                }
-            },
-            msg = socket.recv() => {
-                keepalive.on_activity(Instant::now());
-                let text = match msg {
-                    Ok(Event::Text(t)) => {
-                        st.stats.edge.bytes_in.fetch_add(t.len() as u64, Ordering::Relaxed);
-                        // The reader checked it is UTF-8.
-                        std::str::from_utf8(&t).unwrap_or_default().to_owned()
-                    }
-                    Ok(Event::Binary(_)) => {
-                        if envelope && !send_now(&mut socket, wsify::error_frame("", "binary frames are not supported")).await {
-                            break End::Gone;
-                        }
-                        continue;
-                    }
-                    Ok(Event::Ping(p)) => {
-                        if !matches!(timeout(WRITE_TIMEOUT, socket.pong(&p)).await, Ok(Ok(()))) {
-                            break End::Gone;
-                        }
-                        continue;
-                    }
-                    Ok(Event::Pong(_)) => continue,
-                    Ok(Event::Close(c)) => break End::ClientClosed(echo_code(c)),
-                    Err(ReadEnd::Gone) => break End::Gone,
-                    Err(ReadEnd::Invalid(e)) => {
-                        tracing::debug!(conn = conn.0, error = %e, "wsify protocol error");
-                        let reason = match &e {
-                            ReadError::TooBig(n) => format!("message larger than {n} bytes"),
-                            other => other.to_string(),
-                        };
-                        break End::Close(e.close_code(), reason);
-                    }
-                };
-                match handle_command(&st, &h, &mut session, app, &text, authz.as_deref(), &identity).await {
-                    Handled::Ok => {}
-                    Handled::Error(command, message) => {
-                        tracing::debug!(conn = conn.0, %command, %message, "wsify command refused");
-                        if envelope && !send_now(&mut socket, wsify::error_frame(&command, &message)).await {
-                            break End::Gone;
-                        }
-                    }
-                    Handled::Close(why) => break End::Close(WS_TRY_AGAIN_LATER, why),
-                }
-            }
-            () = &mut ka_sleep => {
-                match keepalive.poll(Instant::now()) {
-                    KeepaliveAction::Wait => ka_sleep.as_mut().reset(keepalive.deadline().into()),
-                    KeepaliveAction::SendPing => {
-                        if !matches!(timeout(WRITE_TIMEOUT, socket.send_frame(pushmesh_protocol::wire::frame::ping(b""))).await, Ok(Ok(()))) {
-                            break End::Gone;
-                        }
-                    }
-                    KeepaliveAction::Close => break End::Close(WS_POLICY, "pong not received in time".into()),
-                }
-            }
-        }
+    c.opened();
+    let mut proto = Wsify {
+        st,
+        h: c.h.clone(),
+        conn: c.conn.0,
+        session,
+        app,
+        envelope,
+        authz: st.authorizer(app),
+        connection: json!({ "id": socket_id, "query": query }),
     };
-    let channels: Vec<String> = session.channels().map(ToString::to_string).collect();
-    session.disconnect();
-    let _ = pump(node, &h, &mut session).await;
-    node.registry.remove(app, conn);
-    if let Some(a) = &authz {
+    let end = c.run(&mut proto).await;
+    let channels: Vec<String> = proto.session.channels().map(ToString::to_string).collect();
+    c.leave(&mut proto.session).await;
+    if let Some(a) = &proto.authz {
+        let connection = &proto.connection;
         if a.wants("leave") {
             for c in channels {
                 a.notify(
-                    json!({"command": "leave", "args": {"channel": c}, "connection": identity}),
+                    json!({"command": "leave", "args": {"channel": c}, "connection": connection}),
                 );
             }
         }
-        a.notify(json!({"command": "disconnect", "args": {}, "connection": identity}));
+        a.notify(json!({"command": "disconnect", "args": {}, "connection": connection}));
     }
-    st.stats.edge.closed(&match &end {
-        End::Gone | End::ClientClosed(_) => "client".to_string(),
-        End::Close(code, _) => code.to_string(),
-    });
-    if let End::ClientClosed(code) = end {
-        echo_close(&mut socket, code).await;
-    }
-    if let End::Close(code, reason) = &end {
-        let _ = flush_queued(&mut socket, &mut rx, &st.stats.edge).await;
-        let _ = timeout(CLOSE_TIMEOUT, socket.send_close(*code, reason)).await;
-        await_close(&mut socket).await;
-    }
+    Box::pin(c.finish(end)).await;
     tracing::debug!(
-        conn = conn.0,
-        duration_ms = opened.elapsed().as_millis() as u64,
+        conn = c.conn.0,
+        duration_ms = c.opened.elapsed().as_millis() as u64,
         "wsify connection closed"
     );
 }
@@ -336,72 +317,72 @@ enum Handled {
     Close(String),
 }
 
-async fn handle_command(
-    st: &Shared,
-    h: &ConnRef,
-    session: &mut Session,
-    app: AppIdx,
-    text: &str,
-    authz: Option<&crate::authorizer::Authorizer>,
-    identity: &Value,
-) -> Handled {
-    // Each frame is parsed on its own: a bad one is refused, never replaced
-    // by an earlier command (a wsify flaw).
-    let cmd = match WsifyCommand::parse(text) {
-        Ok(c) => c,
-        Err(e) => return Handled::Error(String::new(), e.to_string()),
-    };
-    let name = cmd.name();
-    if let Some(a) = authz.filter(|a| a.wants(name)) {
-        let mut body: Value = serde_json::from_str(text).unwrap_or(Value::Null);
-        if let Value::Object(m) = &mut body {
-            m.insert("connection".into(), identity.clone());
-        }
-        match a.ask(&body).await {
-            Verdict::Allowed => {}
-            Verdict::Refused(s) => {
-                return Handled::Error(name.into(), format!("not allowed by the authorizer ({s})"))
+impl Wsify<'_> {
+    /// One command: parsed, past the authorizer, then done.
+    async fn command(&mut self, text: &str) -> Handled {
+        // Each frame is parsed on its own: a bad one is refused, never replaced
+        // by an earlier command (a wsify flaw).
+        let cmd = match WsifyCommand::parse(text) {
+            Ok(c) => c,
+            Err(e) => return Handled::Error(String::new(), e.to_string()),
+        };
+        let name = cmd.name();
+        if let Some(a) = self.authz.as_deref().filter(|a| a.wants(name)) {
+            let mut body: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+            if let Value::Object(m) = &mut body {
+                m.insert("connection".into(), self.connection.clone());
             }
-            Verdict::Unavailable(why) => {
-                tracing::warn!(error = %why, command = name, "wsify authorizer unavailable, closing for reconnect");
-                return Handled::Close("authorizer unavailable, reconnect later".into());
+            match a.ask(&body).await {
+                Verdict::Allowed => {}
+                Verdict::Refused(s) => {
+                    return Handled::Error(
+                        name.into(),
+                        format!("not allowed by the authorizer ({s})"),
+                    )
+                }
+                Verdict::Unavailable(why) => {
+                    tracing::warn!(error = %why, command = name, "wsify authorizer unavailable, closing for reconnect");
+                    return Handled::Close("authorizer unavailable, reconnect later".into());
+                }
             }
         }
-    }
-    let r = match &cmd {
-        WsifyCommand::Join {
-            channel,
-            filter,
-            position,
-        } => session
-            .wsify_join_filtered(channel, filter.as_deref(), position.as_deref())
-            .map_err(|e| e.to_string()),
-        WsifyCommand::Leave { channel } => {
-            session.wsify_leave(channel);
-            Ok(())
-        }
-        WsifyCommand::Broadcast {
-            channel,
-            content,
-            tags,
-        } => match crate::tags::parse(tags.as_deref()) {
-            Ok(tags) => st
-                .node
-                .wsify_broadcast(app, channel, content, tags)
-                .await
+        let session = &mut self.session;
+        let r = match &cmd {
+            WsifyCommand::Join {
+                channel,
+                filter,
+                position,
+            } => session
+                .wsify_join_filtered(channel, filter.as_deref(), position.as_deref())
                 .map_err(|e| e.to_string()),
-            Err(e) => Err(crate::tags::refusal(&e)),
-        },
-    };
-    let _ = pump(&st.node, h, session).await;
-    if let WsifyCommand::Broadcast { .. } = cmd {
-        if r.is_ok() {
-            st.stats.published.fetch_add(1, Ordering::Relaxed);
+            WsifyCommand::Leave { channel } => {
+                session.wsify_leave(channel);
+                Ok(())
+            }
+            WsifyCommand::Broadcast {
+                channel,
+                content,
+                tags,
+            } => match crate::tags::parse(tags.as_deref()) {
+                Ok(tags) => self
+                    .st
+                    .node
+                    .wsify_broadcast(self.app, channel, content, tags)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(crate::tags::refusal(&e)),
+            },
+        };
+        let _ = pump(&self.st.node, &self.h, &mut self.session).await;
+        if let WsifyCommand::Broadcast { .. } = cmd {
+            if r.is_ok() {
+                self.st.stats.published.fetch_add(1, Ordering::Relaxed);
+            }
         }
-    }
-    match r {
-        Ok(()) => Handled::Ok,
-        Err(e) => Handled::Error(name.into(), e),
+        match r {
+            Ok(()) => Handled::Ok,
+            Err(e) => Handled::Error(name.into(), e),
+        }
     }
 }
 

@@ -22,7 +22,7 @@ fn keys_of(prefix: &str) -> Vec<String> {
     let text = format!("{prefix}\nzz_not_a_key = 1\n");
     let err = match FileConfig::parse(&text) {
         Ok(_) => panic!("unknown key accepted under {prefix:?}"),
-        Err(e) => e,
+        Err(e) => e.to_string(),
     };
     let list = err
         .split("expected one of ")

@@ -3,14 +3,12 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{Method, Uri};
 use axum::Json;
 use pushmesh_core::HistoryError;
 use serde_json::{json, Value};
 
-use super::{authenticate, ApiError};
+use super::{ApiError, SignedRequest};
 use crate::node::HistoryQueryError;
 use crate::Shared;
 
@@ -21,12 +19,9 @@ const MAX_LIMIT: usize = 1000;
 /// `GET /apps/{app_id}/channels/{channel}/history?limit=&after=`.
 pub async fn channel_history(
     State(st): State<Arc<Shared>>,
-    Path((app_id, channel)): Path<(String, String)>,
-    method: Method,
-    uri: Uri,
-    body: Body,
+    Path((_, channel)): Path<(String, String)>,
+    a: SignedRequest,
 ) -> Result<Json<Value>, ApiError> {
-    let a = authenticate(&st, &app_id, &method, &uri, body).await?;
     let limit = match a.param("limit") {
         None => DEFAULT_LIMIT,
         Some(l) => match l.parse::<usize>() {
@@ -47,7 +42,7 @@ pub async fn channel_history(
             HistoryQueryError::History(HistoryError::NotEnabled(_)) => {
                 ApiError::NotFound(e.to_string())
             }
-            HistoryQueryError::Stopping => ApiError::Unavailable("draining".into()),
+            HistoryQueryError::Stopping => ApiError::Unavailable(pushmesh_core::Refusal::Draining),
             _ => ApiError::BadRequest(e.to_string()),
         })?;
     let events: Vec<Value> = page

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::{esc, family};
+use super::{esc, family, scalar};
 
 /// Resident memory, CPU seconds, open and most file descriptors, read
 /// from `/proc/self` (absent elsewhere: the lines are left out).
@@ -63,36 +63,35 @@ fn max_open_files(limits: &str) -> Option<u64> {
 /// Writes the `process_*` families.
 pub(super) fn render(out: &mut String) {
     let p = read();
-    if let Some(r) = p.rss_bytes {
-        family(
-            out,
+    for (name, kind, help, v) in [
+        (
             "process_resident_memory_bytes",
             "gauge",
             "Resident memory size in bytes.",
-        );
-        let _ = writeln!(out, "process_resident_memory_bytes {r}");
-    }
-    if let Some(c) = p.cpu_seconds {
-        family(
-            out,
+            p.rss_bytes.map(|v| v.to_string()),
+        ),
+        (
             "process_cpu_seconds_total",
             "counter",
             "User and system CPU time spent in seconds.",
-        );
-        let _ = writeln!(out, "process_cpu_seconds_total {c}");
-    }
-    if let Some(f) = p.open_fds {
-        family(out, "process_open_fds", "gauge", "Open file descriptors.");
-        let _ = writeln!(out, "process_open_fds {f}");
-    }
-    if let Some(f) = p.max_fds {
-        family(
-            out,
+            p.cpu_seconds.map(|v| v.to_string()),
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Open file descriptors.",
+            p.open_fds.map(|v| v.to_string()),
+        ),
+        (
             "process_max_fds",
             "gauge",
             "Maximum number of open file descriptors (the soft limit).",
-        );
-        let _ = writeln!(out, "process_max_fds {f}");
+            p.max_fds.map(|v| v.to_string()),
+        ),
+    ] {
+        if let Some(v) = v {
+            scalar(out, name, kind, help, v);
+        }
     }
 }
 
@@ -111,20 +110,20 @@ pub fn render_node_state(out: &mut String, ready: bool, draining: bool) {
         esc(env!("CARGO_PKG_VERSION")),
         esc(env!("PUSHMESH_COMMIT"))
     );
-    family(
+    scalar(
         out,
         "pushmesh_ready",
         "gauge",
         "1 when /readyz answers 200 (the node should get traffic), else 0.",
+        u8::from(ready),
     );
-    let _ = writeln!(out, "pushmesh_ready {}", u8::from(ready));
-    family(
+    scalar(
         out,
         "pushmesh_draining",
         "gauge",
         "1 from SIGTERM (drain start) until the process ends, else 0.",
+        u8::from(draining),
     );
-    let _ = writeln!(out, "pushmesh_draining {}", u8::from(draining));
 }
 
 #[cfg(test)]

@@ -5,11 +5,17 @@
 //! * [`socket`]: one upgraded connection: events read through
 //!   [`pushmesh_protocol::wire::FrameReader`], pre-framed [`Outbound`]s
 //!   written as they are with vectored writes.
+//! * [`client`]: what the edge knows about an upgrade request.
+//! * [`driver`]: the connection loop both endpoints run, with the
+//!   protocol's part passed in as a [`driver::Protocol`].
 //!
 //! [`Outbound`]: pushmesh_protocol::wire::Outbound
 
+pub mod client;
+pub(crate) mod driver;
 pub mod socket;
 pub mod upgrade;
 
+pub use client::Upgrading;
 pub use socket::WsSocket;
 pub use upgrade::WsUpgrade;
