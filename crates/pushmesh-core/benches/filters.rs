@@ -7,34 +7,12 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pushmesh_core::filter::Tags;
-use pushmesh_core::{AppConfig, AppIdx, ConnId, Core, CoreConfig, Output, PublishRequest};
-use pushmesh_protocol::Limits;
+use pushmesh_core::{testing, AppIdx, ConnId, Core, Output, PublishRequest};
 
 const SUBSCRIBERS: usize = 10_000;
 
 fn core() -> Core {
-    Core::new(CoreConfig {
-        apps: vec![AppConfig {
-            id: "1".into(),
-            key: "key".into(),
-            secret: "secret".into(),
-            enabled: true,
-            client_events: true,
-            user_authentication_required: false,
-            max_connections: None,
-            subscription_count_events: false,
-            limits: Limits::default(),
-            webhooks: false,
-            wsify_event: "broadcast".into(),
-            history: None,
-        }],
-        activity_timeout_secs: 120,
-        max_connections: None,
-        socket_prefix: 1,
-        node_id: "bench".into(),
-        epoch: 1,
-        history_max_bytes: pushmesh_core::history::MAX_BYTES,
-    })
+    testing::core(testing::app(), "bench")
 }
 
 fn drain(c: &mut Core) -> usize {

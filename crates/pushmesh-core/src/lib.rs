@@ -27,6 +27,8 @@ pub mod router;
 pub mod routing;
 pub mod session;
 pub mod sink;
+#[doc(hidden)]
+pub mod testing;
 pub mod users;
 pub mod webhooks;
 

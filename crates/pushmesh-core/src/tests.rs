@@ -5,32 +5,12 @@ use std::time::{Duration, Instant};
 
 use pushmesh_protocol::sign;
 use pushmesh_protocol::webhook::WebhookEvent;
-use pushmesh_protocol::{CloseCode, Limits};
+use pushmesh_protocol::CloseCode;
 use serde_json::Value;
 
-use crate::{
-    AppConfig, AppIdx, ConnId, Core, CoreConfig, OpenError, Output, PublishError, PublishRequest,
-};
+use crate::{AppConfig, AppIdx, ConnId, Core, OpenError, Output, PublishError, PublishRequest};
 
-const KEY: &str = "key";
-const SECRET: &str = "secret";
-
-fn app() -> AppConfig {
-    AppConfig {
-        id: "1".into(),
-        key: KEY.into(),
-        secret: SECRET.into(),
-        enabled: true,
-        client_events: true,
-        user_authentication_required: false,
-        max_connections: None,
-        subscription_count_events: false,
-        limits: Limits::default(),
-        webhooks: false,
-        wsify_event: "broadcast".into(),
-        history: None,
-    }
-}
+use crate::testing::{self, app, KEY, SECRET};
 
 struct Harness {
     core: Core,
@@ -55,15 +35,7 @@ fn decode(frame: &[u8]) -> Value {
 impl Harness {
     fn new(apps: Vec<AppConfig>) -> Self {
         Self {
-            core: Core::new(CoreConfig {
-                apps,
-                activity_timeout_secs: 120,
-                max_connections: None,
-                socket_prefix: 7,
-                node_id: "n1".into(),
-                epoch: 1,
-                history_max_bytes: crate::history::MAX_BYTES,
-            }),
+            core: Core::new(testing::config(apps, "n1", 7)),
             now: Instant::now(),
             next: 1,
             inbox: BTreeMap::new(),

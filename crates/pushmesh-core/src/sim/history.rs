@@ -21,8 +21,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Value};
 
-use super::{Faults, Net};
-use crate::{AppIdx, ConnId, PublishRequest};
+use super::schedule::{env, faulty_net, out_of_order, Gen};
+use super::Net;
+use crate::{AppIdx, ConnId};
 
 const CH: [&str; 3] = ["h-a", "h-b", "presence-h"];
 
@@ -41,31 +42,21 @@ enum Op {
     Reconnect(usize, usize),
 }
 
-struct Gen(u64);
-
-impl Gen {
-    fn next(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n.max(1) as u64) as usize
-    }
-
-    fn op(&mut self, nodes: usize) -> Op {
-        let n = |g: &mut Gen| g.next(nodes);
-        match self.next(100) {
-            0..=9 => Op::NewClient(n(self), self.next(CH.len())),
-            10..=34 => Op::Publish(n(self), self.next(CH.len())),
-            35..=52 => Op::Step(1 + self.next(20)),
-            53..=60 => Op::Tick,
-            61..=66 => Op::Cut(n(self), n(self)),
-            67..=72 => Op::Heal(n(self), n(self)),
-            73..=74 => Op::Restart(n(self)),
-            75 => Op::Drain(n(self)),
-            76..=77 => Op::DeclareDead(n(self), n(self)),
-            78..=87 => Op::Disconnect(self.next(8)),
-            _ => Op::Reconnect(self.next(8), n(self)),
-        }
+/// The next operation of a schedule on `nodes` nodes.
+fn draw(g: &mut Gen, nodes: usize) -> Op {
+    let n = |g: &mut Gen| g.next(nodes);
+    match g.next(100) {
+        0..=9 => Op::NewClient(n(g), g.next(CH.len())),
+        10..=34 => Op::Publish(n(g), g.next(CH.len())),
+        35..=52 => Op::Step(1 + g.next(20)),
+        53..=60 => Op::Tick,
+        61..=66 => Op::Cut(n(g), n(g)),
+        67..=72 => Op::Heal(n(g), n(g)),
+        73..=74 => Op::Restart(n(g)),
+        75 => Op::Drain(n(g)),
+        76..=77 => Op::DeclareDead(n(g), n(g)),
+        78..=87 => Op::Disconnect(g.next(8)),
+        _ => Op::Reconnect(g.next(8), n(g)),
     }
 }
 
@@ -87,6 +78,24 @@ struct Client {
     /// Event names received, in order, across its connections.
     got: Vec<String>,
     user: String,
+}
+
+impl Client {
+    /// A client of `channel` that has seen nothing yet.
+    fn new(channel: usize, conn: (usize, u64, ConnId), user: String) -> Self {
+        Self {
+            channel,
+            conn,
+            read: 0,
+            position: None,
+            subscribed: false,
+            all_recovered: true,
+            reconnects: 0,
+            recovered: 0,
+            got: Vec::new(),
+            user,
+        }
+    }
 }
 
 struct Published {
@@ -176,35 +185,19 @@ fn connect(net: &mut Net, c: &mut Client, i: usize) {
 
 /// Runs one schedule: (reconnects, recovered) or the first violation.
 fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), String> {
-    let faults = Faults {
-        drop: 30,
-        dup: 30,
-        swap: 30,
-    };
-    let mut net = Net::with(nodes, seed, faults);
-    let mut g = Gen(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut net = faulty_net(nodes, seed);
+    let mut g = Gen::new(seed);
     let mut clients: Vec<Client> = Vec::new();
     let mut published: Vec<Published> = Vec::new();
     let mut crashed: BTreeSet<(usize, u64)> = BTreeSet::new();
     let mut log = Vec::new();
     let mut n = 0u64;
     for _ in 0..len {
-        let op = g.op(nodes);
+        let op = draw(&mut g, nodes);
         log.push(format!("{op:?}"));
         match op {
             Op::NewClient(i, ch) => {
-                let mut c = Client {
-                    channel: ch,
-                    conn: (i, 0, ConnId(0)),
-                    read: 0,
-                    position: None,
-                    subscribed: false,
-                    all_recovered: true,
-                    reconnects: 0,
-                    recovered: 0,
-                    got: Vec::new(),
-                    user: format!("u{}", clients.len()),
-                };
+                let mut c = Client::new(ch, (i, 0, ConnId(0)), format!("u{}", clients.len()));
                 connect(&mut net, &mut c, i);
                 clients.push(c);
             }
@@ -214,15 +207,7 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), String> {
                 }
                 n += 1;
                 let event = format!("e{n}");
-                let channels = vec![CH[ch].to_string()];
-                let now = net.now;
-                let req = PublishRequest {
-                    name: &event,
-                    data: "{}",
-                    channels: &channels,
-                    exclude_socket: None,
-                };
-                if net.nodes[i].core.publish(now, AppIdx(0), &req).is_err() {
+                if !net.publish_at(i, CH[ch], &event) {
                     continue;
                 }
                 for c in &mut clients {
@@ -241,13 +226,7 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), String> {
                     expected,
                 });
             }
-            Op::Step(k) => {
-                for _ in 0..k {
-                    if !net.step() {
-                        break;
-                    }
-                }
-            }
+            Op::Step(k) => net.steps(k),
             Op::Tick => net.tick(),
             Op::Cut(i, j) => net.cut(i, j),
             Op::Heal(i, j) => net.connect(i, j),
@@ -256,11 +235,7 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), String> {
                 net.restart(i);
             }
             Op::Drain(i) => net.drain(i),
-            Op::DeclareDead(j, i) => {
-                if i != j && !net.links.contains_key(&(i, j)) {
-                    net.declare_dead(j, i);
-                }
-            }
+            Op::DeclareDead(j, i) => net.declare_dead_if_cut(j, i),
             Op::Disconnect(k) => {
                 if let Some(c) = clients.get(k) {
                     if is_open(&net, c) {
@@ -352,22 +327,14 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), String> {
             }
         }
         // Order per publisher incarnation.
-        let mut last: BTreeMap<(usize, u64), u64> = BTreeMap::new();
-        for e in &c.got {
-            let Some(i) = e.strip_prefix('e').and_then(|x| x.parse::<u64>().ok()) else {
-                continue;
-            };
-            let Some(p) = published.get(i as usize - 1) else {
-                continue;
-            };
-            let key = (p.from, p.from_epoch);
-            if last.get(&key).is_some_and(|l| *l >= i) {
-                return fail(format!(
-                    "client {k} got {e} after a later event of node {}",
-                    p.from
-                ));
-            }
-            last.insert(key, i);
+        let publisher = |k: u64| {
+            let p = published.get(k as usize - 1)?;
+            Some((p.from, p.from_epoch))
+        };
+        if let Some((e, from)) = out_of_order(c.got.iter().map(String::as_str), publisher) {
+            return fail(format!(
+                "client {k} got e{e} after a later event of node {from}"
+            ));
         }
     }
     Ok((reconnects, recovered))
@@ -393,25 +360,7 @@ fn losses_after(log: &[String], at: usize) -> usize {
 }
 
 fn placeholder() -> Client {
-    Client {
-        channel: 0,
-        conn: (0, u64::MAX, ConnId(0)),
-        read: 0,
-        position: None,
-        subscribed: false,
-        all_recovered: true,
-        reconnects: 0,
-        recovered: 0,
-        got: Vec::new(),
-        user: String::new(),
-    }
-}
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    Client::new(0, (0, u64::MAX, ConnId(0)), String::new())
 }
 
 #[test]

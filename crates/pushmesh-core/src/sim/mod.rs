@@ -11,13 +11,13 @@ mod continuity;
 mod filters;
 mod history;
 mod scenarios;
+mod schedule;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
 
 use bytes::Bytes;
 use pushmesh_protocol::sign;
-use pushmesh_protocol::Limits;
 use serde_json::Value;
 
 use crate::cluster::PeerFrame;
@@ -26,31 +26,21 @@ use crate::{
     AppConfig, AppIdx, ConnId, Core, CoreConfig, FrameKind, NodeId, Output, PublishRequest,
 };
 
-const KEY: &str = "key";
-const SECRET: &str = "secret";
+use crate::testing::{self, KEY, SECRET};
 const NODES: usize = 3;
 const CHANNELS: [&str; 3] = ["news", "cache-c", "private-p"];
 const PRESENCE: [&str; 2] = ["presence-a", "presence-b"];
 
 fn app() -> AppConfig {
     AppConfig {
-        id: "1".into(),
-        key: KEY.into(),
-        secret: SECRET.into(),
-        enabled: true,
-        client_events: true,
-        user_authentication_required: false,
-        max_connections: None,
-        subscription_count_events: false,
-        limits: Limits::default(),
         webhooks: true,
-        wsify_event: "broadcast".into(),
         // `history.rs` uses these; the continuity channels keep none.
         history: Some(crate::history::AppHistory {
             channels: vec!["h-*".into(), "presence-h*".into()],
             max_events: 10_000,
             ttl: std::time::Duration::from_secs(3600),
         }),
+        ..testing::app()
     }
 }
 
@@ -72,13 +62,8 @@ struct SimNode {
 
 fn new_core(i: usize, epoch: u64) -> Core {
     Core::new(CoreConfig {
-        apps: vec![app()],
-        activity_timeout_secs: 120,
-        max_connections: None,
-        socket_prefix: 100 + i as u32,
-        node_id: node_name(i).to_string(),
         epoch,
-        history_max_bytes: crate::history::MAX_BYTES,
+        ..testing::config(vec![app()], &node_name(i).to_string(), 100 + i as u32)
     })
 }
 

@@ -9,7 +9,7 @@ use pushmesh_protocol::{sign, Limits};
 use serde_json::Value;
 
 use super::CLAIM_WAIT;
-use crate::{AppConfig, AppIdx, ConnId, Core, CoreConfig, NodeId, Output};
+use crate::{testing, AppConfig, AppIdx, ConnId, Core, NodeId, Output};
 
 const SECRET: &str = "secret";
 const LIMIT: usize = 5;
@@ -19,28 +19,13 @@ fn core(name: &str) -> Core {
         max_presence_members: LIMIT,
         ..Limits::default()
     };
-    Core::new(CoreConfig {
-        apps: vec![AppConfig {
-            id: "1".into(),
-            key: "key".into(),
-            secret: SECRET.into(),
-            enabled: true,
-            client_events: true,
-            user_authentication_required: false,
-            max_connections: None,
-            subscription_count_events: false,
+    testing::core(
+        AppConfig {
             limits,
-            webhooks: false,
-            wsify_event: "broadcast".into(),
-            history: None,
-        }],
-        activity_timeout_secs: 120,
-        max_connections: None,
-        socket_prefix: 1,
-        node_id: name.into(),
-        epoch: 1,
-        history_max_bytes: crate::history::MAX_BYTES,
-    })
+            ..testing::app()
+        },
+        name,
+    )
 }
 
 struct Net {

@@ -1,0 +1,98 @@
+//! What the seeded schedules of `continuity.rs` and `history.rs` share: the
+//! generator, the faulty network they start with, the network operations
+//! both draw, the `PUSHMESH_SIM_*` knobs and the order check per publisher.
+
+use super::{Faults, Net};
+use crate::{AppIdx, PublishRequest};
+
+/// A small deterministic generator (xorshift), so a failing seed replays.
+pub(super) struct Gen(u64);
+
+impl Gen {
+    /// The generator of schedule `seed`.
+    pub(super) fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub(super) fn next(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n.max(1) as u64) as usize
+    }
+}
+
+/// `nodes` nodes linked to each other whose data streams drop, duplicate
+/// and swap 3 % of frames each.
+pub(super) fn faulty_net(nodes: usize, seed: u64) -> Net {
+    let faults = Faults {
+        drop: 30,
+        dup: 30,
+        swap: 30,
+    };
+    Net::with(nodes, seed, faults)
+}
+
+/// A knob from the environment (`PUSHMESH_SIM_SCHEDULES`, `_SEED`, `_OPS`).
+pub(super) fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+impl Net {
+    /// Up to `k` deliveries, fewer if nothing is in flight.
+    pub(super) fn steps(&mut self, k: usize) {
+        for _ in 0..k {
+            if !self.step() {
+                break;
+            }
+        }
+    }
+
+    /// `j` declares `i` dead, if they are two nodes and not linked.
+    pub(super) fn declare_dead_if_cut(&mut self, j: usize, i: usize) {
+        if i != j && !self.links.contains_key(&(i, j)) {
+            self.declare_dead(j, i);
+        }
+    }
+
+    /// Publishes `event` on `channel` at node `i`, not pumped yet; whether
+    /// it was acknowledged.
+    pub(super) fn publish_at(&mut self, i: usize, channel: &str, event: &str) -> bool {
+        let channels = vec![channel.to_string()];
+        let now = self.now;
+        let req = PublishRequest {
+            name: event,
+            data: "{}",
+            channels: &channels,
+            exclude_socket: None,
+        };
+        self.nodes[i].core.publish(now, AppIdx(0), &req).is_ok()
+    }
+}
+
+/// The first event `e<k>` (numbered from 1 in publish order) among `events`
+/// that came after a later event of the same publisher incarnation, as
+/// (k, publisher node); `publisher(k)` names the incarnation of `e<k>`.
+/// Other events are skipped.
+pub(super) fn out_of_order<'a>(
+    events: impl IntoIterator<Item = &'a str>,
+    publisher: impl Fn(u64) -> Option<(usize, u64)>,
+) -> Option<(u64, usize)> {
+    let mut last = std::collections::BTreeMap::new();
+    for e in events {
+        let Some(k) = e.strip_prefix('e').and_then(|x| x.parse::<u64>().ok()) else {
+            continue;
+        };
+        let Some(key) = publisher(k) else {
+            continue;
+        };
+        if last.get(&key).is_some_and(|l| *l >= k) {
+            return Some((k, key.0));
+        }
+        last.insert(key, k);
+    }
+    None
+}
