@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
-use super::schedule::{env, faulty_net, out_of_order, Gen};
+use super::schedule::{env, faulty_net, out_of_order, Gen, NetOp, Published};
 use super::Net;
 use crate::ConnId;
 
@@ -30,10 +30,7 @@ enum Op {
     Open(usize),
     Sub(usize, usize, usize),
     Publish(usize, usize),
-    Step(usize),
-    Tick,
-    Cut(usize, usize),
-    Heal(usize, usize),
+    Net(NetOp),
     Restart(usize),
     Drain(usize),
     DeclareDead(usize, usize),
@@ -47,10 +44,10 @@ fn draw(g: &mut Gen, nodes: usize) -> Op {
         0..=11 => Op::Open(n(g)),
         12..=31 => Op::Sub(n(g), g.next(6), g.next(CHANNELS.len())),
         32..=56 => Op::Publish(n(g), g.next(CHANNELS.len())),
-        57..=71 => Op::Step(1 + g.next(20)),
-        72..=79 => Op::Tick,
-        80..=85 => Op::Cut(n(g), n(g)),
-        86..=91 => Op::Heal(n(g), n(g)),
+        57..=71 => Op::Net(NetOp::Step(1 + g.next(20))),
+        72..=79 => Op::Net(NetOp::Tick),
+        80..=85 => Op::Net(NetOp::Cut(n(g), n(g))),
+        86..=91 => Op::Net(NetOp::Heal(n(g), n(g))),
         92..=93 => Op::Restart(n(g)),
         94 => Op::Drain(n(g)),
         95..=96 => Op::DeclareDead(n(g), n(g)),
@@ -58,21 +55,12 @@ fn draw(g: &mut Gen, nodes: usize) -> Op {
     }
 }
 
-/// One acknowledged publish.
-struct Published {
-    from: usize,
-    from_epoch: u64,
-    channel: usize,
-    event: String,
-    /// (node, conn) that had `subscription_succeeded` for the channel before it.
-    expected: Vec<(usize, u64)>,
-}
-
 /// Runs one schedule; returns a description of the first violation.
 fn run(seed: u64, nodes: usize, len: usize) -> Result<(), String> {
     let mut net = faulty_net(nodes, seed);
     let mut g = Gen::new(seed);
-    let mut published: Vec<Published> = Vec::new();
+    // (node, conn) that had `subscription_succeeded` before each publish.
+    let mut published: Vec<Published<(usize, u64)>> = Vec::new();
     // (node, conn) -> channels subscribed (as asked).
     let mut asked: BTreeMap<(usize, u64), BTreeSet<usize>> = BTreeMap::new();
     // Connections closed at some point (excluded).
@@ -134,18 +122,9 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(), String> {
                         CHANNELS[ch]
                     );
                 }
-                published.push(Published {
-                    from: i,
-                    from_epoch: net.nodes[i].epoch,
-                    channel: ch,
-                    event,
-                    expected,
-                });
+                published.push(Published::new(&net, log.len(), i, ch, event, expected));
             }
-            Op::Step(k) => net.steps(k),
-            Op::Tick => net.tick(),
-            Op::Cut(i, j) => net.cut(i, j),
-            Op::Heal(i, j) => net.connect(i, j),
+            Op::Net(op) => net.apply(op),
             Op::Restart(i) => {
                 for c in &net.nodes[i].conns {
                     closed.insert((i, c.0));
@@ -194,11 +173,7 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(), String> {
     for (i, node) in net.nodes.iter().enumerate() {
         for (c, frames) in &node.inbox {
             let events = frames.iter().filter_map(|f| f["event"].as_str());
-            let publisher = |k: u64| {
-                let p = published.get(k as usize - 1)?;
-                Some((p.from, p.from_epoch))
-            };
-            if let Some((k, from)) = out_of_order(events, publisher) {
+            if let Some((k, from)) = out_of_order(events, &published) {
                 return Err(format!(
                     "seed {seed}: node {i} conn {c} got e{k} after a later event of node {from}"
                 ));

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Value};
 
-use super::schedule::{env, faulty_net, out_of_order, Gen};
+use super::schedule::{env, faulty_net, out_of_order, Gen, NetOp, Published};
 use super::Net;
 use crate::{AppIdx, ConnId};
 
@@ -31,10 +31,7 @@ const CH: [&str; 3] = ["h-a", "h-b", "presence-h"];
 enum Op {
     NewClient(usize, usize),
     Publish(usize, usize),
-    Step(usize),
-    Tick,
-    Cut(usize, usize),
-    Heal(usize, usize),
+    Net(NetOp),
     Restart(usize),
     Drain(usize),
     DeclareDead(usize, usize),
@@ -48,10 +45,10 @@ fn draw(g: &mut Gen, nodes: usize) -> Op {
     match g.next(100) {
         0..=9 => Op::NewClient(n(g), g.next(CH.len())),
         10..=34 => Op::Publish(n(g), g.next(CH.len())),
-        35..=52 => Op::Step(1 + g.next(20)),
-        53..=60 => Op::Tick,
-        61..=66 => Op::Cut(n(g), n(g)),
-        67..=72 => Op::Heal(n(g), n(g)),
+        35..=52 => Op::Net(NetOp::Step(1 + g.next(20))),
+        53..=60 => Op::Net(NetOp::Tick),
+        61..=66 => Op::Net(NetOp::Cut(n(g), n(g))),
+        67..=72 => Op::Net(NetOp::Heal(n(g), n(g))),
         73..=74 => Op::Restart(n(g)),
         75 => Op::Drain(n(g)),
         76..=77 => Op::DeclareDead(n(g), n(g)),
@@ -96,17 +93,6 @@ impl Client {
             user,
         }
     }
-}
-
-struct Published {
-    /// Index of the operation that published it.
-    at_op: usize,
-    from: usize,
-    from_epoch: u64,
-    channel: usize,
-    event: String,
-    /// Clients subscribed (confirmed) when it was acknowledged.
-    expected: Vec<usize>,
 }
 
 fn is_open(net: &Net, c: &Client) -> bool {
@@ -188,7 +174,8 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), String> {
     let mut net = faulty_net(nodes, seed);
     let mut g = Gen::new(seed);
     let mut clients: Vec<Client> = Vec::new();
-    let mut published: Vec<Published> = Vec::new();
+    // Clients subscribed (confirmed) when each was acknowledged.
+    let mut published: Vec<Published<usize>> = Vec::new();
     let mut crashed: BTreeSet<(usize, u64)> = BTreeSet::new();
     let mut log = Vec::new();
     let mut n = 0u64;
@@ -217,19 +204,9 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), String> {
                     .filter(|k| clients[*k].channel == ch && clients[*k].subscribed)
                     .collect();
                 net.pump(i);
-                published.push(Published {
-                    at_op: log.len(),
-                    from: i,
-                    from_epoch: net.nodes[i].epoch,
-                    channel: ch,
-                    event,
-                    expected,
-                });
+                published.push(Published::new(&net, log.len(), i, ch, event, expected));
             }
-            Op::Step(k) => net.steps(k),
-            Op::Tick => net.tick(),
-            Op::Cut(i, j) => net.cut(i, j),
-            Op::Heal(i, j) => net.connect(i, j),
+            Op::Net(op) => net.apply(op),
             Op::Restart(i) => {
                 crashed.insert((i, net.nodes[i].epoch));
                 net.restart(i);
@@ -327,11 +304,7 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), String> {
             }
         }
         // Order per publisher incarnation.
-        let publisher = |k: u64| {
-            let p = published.get(k as usize - 1)?;
-            Some((p.from, p.from_epoch))
-        };
-        if let Some((e, from)) = out_of_order(c.got.iter().map(String::as_str), publisher) {
+        if let Some((e, from)) = out_of_order(c.got.iter().map(String::as_str), &published) {
             return fail(format!(
                 "client {k} got e{e} after a later event of node {from}"
             ));
@@ -341,7 +314,7 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), String> {
 }
 
 /// Whether some node still holds the event in its history.
-fn held_anywhere(net: &Net, p: &Published) -> bool {
+fn held_anywhere(net: &Net, p: &Published<usize>) -> bool {
     let name = pushmesh_protocol::ChannelName::parse_with_limit(CH[p.channel], 200)
         .expect("valid channel");
     net.nodes.iter().any(|n| {

@@ -21,9 +21,11 @@ use pushmesh_protocol::sign;
 use serde_json::Value;
 
 use crate::cluster::PeerFrame;
+use crate::filter::Tags;
 use crate::peer_buffer::{stream_id, Continuity, Inbound, Outbound};
 use crate::{
-    AppConfig, AppIdx, ConnId, Core, CoreConfig, FrameKind, NodeId, Output, PublishRequest,
+    AppConfig, AppIdx, ConnId, Core, CoreConfig, FrameKind, NodeId, Output, PublishError,
+    PublishRequest, PublishedChannel,
 };
 
 use crate::testing::{self, KEY, SECRET};
@@ -502,6 +504,43 @@ impl Net {
         let now = self.now;
         self.nodes[i].core.handle_frame(now, c, &v.to_string());
         self.pump(i);
+    }
+
+    /// Node `i` publishes now, with `tags` if any; not pumped yet.
+    fn publish(
+        &mut self,
+        i: usize,
+        req: &PublishRequest<'_>,
+        tags: Option<&Tags>,
+    ) -> Result<Vec<PublishedChannel>, PublishError> {
+        let now = self.now;
+        match tags {
+            None => self.nodes[i].core.publish(now, AppIdx(0), req),
+            Some(t) => self.nodes[i].core.publish_tagged(now, AppIdx(0), req, t),
+        }
+    }
+
+    /// Node `i` publishes `name` (`data`) on `channel`, leaving out socket
+    /// `exclude`; it must be acknowledged. Then the network settles.
+    fn publish_settled(
+        &mut self,
+        i: usize,
+        channel: &str,
+        name: &str,
+        data: &str,
+        exclude: Option<&str>,
+    ) {
+        let channels = vec![channel.to_string()];
+        let req = PublishRequest {
+            name,
+            data,
+            channels: &channels,
+            exclude_socket: exclude,
+        };
+        let r = self.publish(i, &req, None);
+        assert!(r.is_ok(), "{r:?}");
+        self.pump(i);
+        self.settle();
     }
 
     fn socket(i: usize, c: ConnId) -> String {

@@ -3,7 +3,7 @@
 //! both draw, the `PUSHMESH_SIM_*` knobs and the order check per publisher.
 
 use super::{Faults, Net};
-use crate::{AppIdx, PublishRequest};
+use crate::PublishRequest;
 
 /// A small deterministic generator (xorshift), so a failing seed replays.
 pub(super) struct Gen(u64);
@@ -62,33 +62,90 @@ impl Net {
     /// it was acknowledged.
     pub(super) fn publish_at(&mut self, i: usize, channel: &str, event: &str) -> bool {
         let channels = vec![channel.to_string()];
-        let now = self.now;
         let req = PublishRequest {
             name: event,
             data: "{}",
             channels: &channels,
             exclude_socket: None,
         };
-        self.nodes[i].core.publish(now, AppIdx(0), &req).is_ok()
+        self.publish(i, &req, None).is_ok()
     }
 }
 
-/// The first event `e<k>` (numbered from 1 in publish order) among `events`
-/// that came after a later event of the same publisher incarnation, as
-/// (k, publisher node); `publisher(k)` names the incarnation of `e<k>`.
-/// Other events are skipped.
-pub(super) fn out_of_order<'a>(
+/// The network operations both schedules draw.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum NetOp {
+    /// Up to this many deliveries.
+    Step(usize),
+    /// Virtual time advances one tick.
+    Tick,
+    Cut(usize, usize),
+    Heal(usize, usize),
+}
+
+impl Net {
+    pub(super) fn apply(&mut self, op: NetOp) {
+        match op {
+            NetOp::Step(k) => self.steps(k),
+            NetOp::Tick => self.tick(),
+            NetOp::Cut(i, j) => self.cut(i, j),
+            NetOp::Heal(i, j) => self.connect(i, j),
+        }
+    }
+}
+
+/// One acknowledged publish `e<k>`, the `k`-th of its schedule.
+pub(super) struct Published<E> {
+    /// Index of the operation that published it.
+    pub(super) at_op: usize,
+    pub(super) from: usize,
+    pub(super) from_epoch: u64,
+    pub(super) channel: usize,
+    pub(super) event: String,
+    /// Who had a confirmed subscription to its channel when it was
+    /// acknowledged.
+    pub(super) expected: Vec<E>,
+}
+
+impl<E> Published<E> {
+    /// Published by node `from` (its current incarnation) at operation
+    /// `at_op`.
+    pub(super) fn new(
+        net: &Net,
+        at_op: usize,
+        from: usize,
+        channel: usize,
+        event: String,
+        expected: Vec<E>,
+    ) -> Self {
+        let from_epoch = net.nodes[from].epoch;
+        Self {
+            at_op,
+            from,
+            from_epoch,
+            channel,
+            event,
+            expected,
+        }
+    }
+}
+
+/// The first event `e<k>` (the `k`-th of `published`) among `events` that
+/// came after a later event of the same publisher incarnation, as (k,
+/// publisher node). Other events are skipped.
+pub(super) fn out_of_order<'a, E>(
     events: impl IntoIterator<Item = &'a str>,
-    publisher: impl Fn(u64) -> Option<(usize, u64)>,
+    published: &[Published<E>],
 ) -> Option<(u64, usize)> {
     let mut last = std::collections::BTreeMap::new();
     for e in events {
         let Some(k) = e.strip_prefix('e').and_then(|x| x.parse::<u64>().ok()) else {
             continue;
         };
-        let Some(key) = publisher(k) else {
+        let Some(p) = published.get(k as usize - 1) else {
             continue;
         };
+        let key = (p.from, p.from_epoch);
         if last.get(&key).is_some_and(|l| *l >= k) {
             return Some((k, key.0));
         }
