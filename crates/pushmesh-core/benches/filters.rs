@@ -7,55 +7,33 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pushmesh_core::filter::Tags;
-use pushmesh_core::{testing, AppIdx, ConnId, Core, Output, PublishRequest};
+use pushmesh_core::{AppIdx, Core};
+
+mod common;
+use common::{core, drain, request, subscribers};
 
 const SUBSCRIBERS: usize = 10_000;
-
-fn core() -> Core {
-    testing::core(testing::app(), "bench")
-}
-
-fn drain(c: &mut Core) -> usize {
-    let mut n = 0;
-    while let Some(o) = c.poll_output() {
-        if let Output::Send { frame, .. } = o {
-            black_box(frame);
-            n += 1;
-        }
-    }
-    n
-}
 
 /// A core with `SUBSCRIBERS` on "big"; `filters`: how many distinct
 /// `{"zone":"zN"}` filters they share (0: none).
 fn setup(filters: usize) -> Core {
     let mut core = core();
-    let now = Instant::now();
-    for i in 0..SUBSCRIBERS {
-        let conn = ConnId(i as u64 + 1);
-        let _ = core.open(now, AppIdx(0), conn);
-        let frame = if filters == 0 {
+    subscribers(&mut core, Instant::now(), SUBSCRIBERS, |i| {
+        if filters == 0 {
             r#"{"event":"pusher:subscribe","data":{"channel":"big"}}"#.to_string()
         } else {
             format!(
                 r#"{{"event":"pusher:subscribe","data":{{"channel":"big","filter":{{"zone":"z{}"}}}}}}"#,
                 i % filters
             )
-        };
-        core.handle_frame(now, conn, &frame);
-    }
-    drain(&mut core);
+        }
+    });
     core
 }
 
 fn filtered_fanout(c: &mut Criterion) {
     let channels = vec!["big".to_string()];
-    let req = PublishRequest {
-        name: "e",
-        data: r#"{"x":1}"#,
-        channels: &channels,
-        exclude_socket: None,
-    };
+    let req = request(&channels, r#"{"x":1}"#);
     let now = Instant::now();
     let mut g = c.benchmark_group("10k subscribers");
 
