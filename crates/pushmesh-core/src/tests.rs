@@ -44,6 +44,13 @@ impl Harness {
         }
     }
 
+    /// A node serving the fixture app as `change` leaves it.
+    fn with(change: impl FnOnce(&mut AppConfig)) -> Self {
+        let mut cfg = app();
+        change(&mut cfg);
+        Self::new(vec![cfg])
+    }
+
     fn pump(&mut self) {
         while let Some(o) = self.core.poll_output() {
             match o {
@@ -68,6 +75,11 @@ impl Harness {
             .unwrap_or_else(|e| panic!("{e}"));
         self.pump();
         c
+    }
+
+    /// `N` connections, opened in turn.
+    fn opens<const N: usize>(&mut self) -> [ConnId; N] {
+        std::array::from_fn(|_| self.open())
     }
 
     fn socket(&self, c: ConnId) -> String {
@@ -202,9 +214,7 @@ fn double_subscribe_does_not_duplicate() {
 #[test]
 fn presence_member_events_once_per_user() {
     let mut h = Harness::new(vec![app()]);
-    let a = h.open();
-    let b1 = h.open();
-    let b2 = h.open();
+    let [a, b1, b2] = h.opens();
     h.join(a, "presence-r", "alice");
     h.take(a);
     h.join(b1, "presence-r", "bob");
@@ -230,11 +240,8 @@ fn presence_member_events_once_per_user() {
 
 #[test]
 fn presence_limit_and_bad_channel_data() {
-    let mut cfg = app();
-    cfg.limits.max_presence_members = 1;
-    let mut h = Harness::new(vec![cfg]);
-    let a = h.open();
-    let b = h.open();
+    let mut h = Harness::with(|cfg| cfg.limits.max_presence_members = 1);
+    let [a, b] = h.opens();
     h.join(a, "presence-x", "1");
     h.join(b, "presence-x", "2");
     let err = h.events(b, "pusher:subscription_error");
@@ -255,8 +262,7 @@ fn presence_limit_and_bad_channel_data() {
 #[test]
 fn client_event_rules() {
     let mut h = Harness::new(vec![app()]);
-    let a = h.open();
-    let b = h.open();
+    let [a, b] = h.opens();
     for c in [a, b] {
         h.subscribe(c, "private-p");
         h.subscribe(c, "pub");
@@ -286,8 +292,7 @@ fn client_event_rules() {
 #[test]
 fn signin_server_to_user_and_watchlist() {
     let mut h = Harness::new(vec![app()]);
-    let w = h.open();
-    let u = h.open();
+    let [w, u] = h.opens();
     h.take(w);
     let signin = |h: &mut Harness, c: ConnId, data: &str| {
         let sig = sign::sign(SECRET, &sign::signin_string(&h.socket(c), data));
@@ -401,11 +406,8 @@ fn quotas_and_validation() {
 
 #[test]
 fn subscription_count_on_tick() {
-    let mut cfg = app();
-    cfg.subscription_count_events = true;
-    let mut h = Harness::new(vec![cfg]);
-    let a = h.open();
-    let b = h.open();
+    let mut h = Harness::with(|cfg| cfg.subscription_count_events = true);
+    let [a, b] = h.opens();
     h.subscribe(a, "c");
     h.subscribe(b, "c");
     h.take(a);
@@ -482,11 +484,8 @@ fn wsify_and_pusher_share_channels() {
 
 #[test]
 fn hooks_for_channel_and_member_lifecycle() {
-    let mut cfg = app();
-    cfg.webhooks = true;
-    let mut h = Harness::new(vec![cfg]);
-    let a = h.open();
-    let b = h.open();
+    let mut h = Harness::with(|cfg| cfg.webhooks = true);
+    let [a, b] = h.opens();
     h.join(a, "presence-h", "u1");
     h.join(b, "presence-h", "u1");
     h.subscribe(a, "cache-h");

@@ -202,6 +202,19 @@ impl Net {
 }
 
 /// A presence channel whose owner among `names` is `names[owner]`.
+/// Nodes `names`; ann joins on node 0 a channel owned by node 1, which
+/// hears nothing: the join is not answered.
+fn waiting_for_a_deaf_owner(names: &[&str]) -> (Net, ConnId) {
+    let mut net = Net::new(names);
+    let ch = channel_owned_by(names, 1);
+    net.deaf.insert(1);
+    let c = net.open(0);
+    net.join(0, c, &ch, "ann");
+    net.run();
+    assert_eq!(net.answer(0, c), None, "waiting for the owner");
+    (net, c)
+}
+
 fn channel_owned_by(names: &[&str], owner: usize) -> String {
     (0..)
         .map(|i| format!("presence-room-{i}"))
@@ -296,14 +309,7 @@ fn many_seeded_interleavings_stay_within_the_limit() {
 
 #[test]
 fn an_unreachable_owner_is_waited_for_at_most_claim_wait_then_decided_locally() {
-    let names = ["a", "b"];
-    let mut net = Net::new(&names);
-    let ch = channel_owned_by(&names, 1);
-    net.deaf.insert(1);
-    let c = net.open(0);
-    net.join(0, c, &ch, "ann");
-    net.run();
-    assert_eq!(net.answer(0, c), None, "waiting for the owner");
+    let (mut net, c) = waiting_for_a_deaf_owner(&["a", "b"]);
     net.tick(CLAIM_WAIT / 2);
     assert_eq!(net.answer(0, c), None);
     net.tick(CLAIM_WAIT / 2);
@@ -379,14 +385,7 @@ fn the_owner_counts_what_it_granted_before_it_shows_up() {
 
 #[test]
 fn a_join_waiting_for_an_owner_whose_link_drops_is_decided_at_once() {
-    let names = ["a", "b", "c"];
-    let mut net = Net::new(&names);
-    let ch = channel_owned_by(&names, 1);
-    net.deaf.insert(1);
-    let c = net.open(0);
-    net.join(0, c, &ch, "ann");
-    net.run();
-    assert_eq!(net.answer(0, c), None);
+    let (mut net, c) = waiting_for_a_deaf_owner(&["a", "b", "c"]);
     let now = net.now;
     net.cores[0].peer_down(now, &NodeId::new("b"));
     net.run(); // c acknowledges the interest: the barrier lets it through
