@@ -198,6 +198,20 @@ fn finish(r: &Report, c: &Common) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// Runs publish/subscribe scenario `name` (`subscribers` in groups of
+/// `group` per channel) and reports it.
+async fn pubsub(
+    name: &str,
+    server: &Server,
+    common: &Common,
+    subscribers: usize,
+    group: usize,
+) -> anyhow::Result<std::process::ExitCode> {
+    let options = options(common, subscribers, group);
+    let r = load::run_pubsub(name, &target(server), &options).await?;
+    finish(&r, common)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
@@ -206,29 +220,13 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
             server,
             common,
             subscribers,
-        } => {
-            let r = load::run_pubsub(
-                "fanout",
-                &target(&server),
-                &options(&common, subscribers, subscribers),
-            )
-            .await?;
-            finish(&r, &common)
-        }
+        } => pubsub("fanout", &server, &common, subscribers, subscribers).await,
         Cmd::Channels {
             server,
             common,
             subscribers,
             group,
-        } => {
-            let r = load::run_pubsub(
-                "channels",
-                &target(&server),
-                &options(&common, subscribers, group),
-            )
-            .await?;
-            finish(&r, &common)
-        }
+        } => pubsub("channels", &server, &common, subscribers, group).await,
         Cmd::Connections {
             server,
             common,

@@ -202,11 +202,15 @@ impl Net {
 }
 
 /// A presence channel whose owner among `names` is `names[owner]`.
+/// Nodes `names` and a presence channel owned by the second.
+fn owned_by_b(names: &[&str]) -> (Net, String) {
+    (Net::new(names), channel_owned_by(names, 1))
+}
+
 /// Nodes `names`; ann joins on node 0 a channel owned by node 1, which
 /// hears nothing: the join is not answered.
 fn waiting_for_a_deaf_owner(names: &[&str]) -> (Net, ConnId) {
-    let mut net = Net::new(names);
-    let ch = channel_owned_by(names, 1);
+    let (mut net, ch) = owned_by_b(names);
     net.deaf.insert(1);
     let c = net.open(0);
     net.join(0, c, &ch, "ann");
@@ -332,9 +336,7 @@ fn an_unreachable_owner_is_waited_for_at_most_claim_wait_then_decided_locally() 
 
 #[test]
 fn a_connection_that_leaves_while_waiting_is_not_admitted_later() {
-    let names = ["a", "b"];
-    let mut net = Net::new(&names);
-    let ch = channel_owned_by(&names, 1);
+    let (mut net, ch) = owned_by_b(&["a", "b"]);
     let c = net.open(0);
     net.join(0, c, &ch, "ann");
     net.leave(0, c, &ch);
@@ -355,9 +357,7 @@ fn a_connection_that_leaves_while_waiting_is_not_admitted_later() {
 
 #[test]
 fn the_owner_counts_what_it_granted_before_it_shows_up() {
-    let names = ["a", "b"];
-    let mut net = Net::new(&names);
-    let ch = channel_owned_by(&names, 1);
+    let (mut net, ch) = owned_by_b(&["a", "b"]);
     // Five claims from a reach b and are granted, but b does not see the
     // members (a's deltas are held back).
     for k in 0..LIMIT {
@@ -368,7 +368,8 @@ fn the_owner_counts_what_it_granted_before_it_shows_up() {
     let claims: Vec<_> = std::mem::take(&mut net.wire);
     for (i, j, f) in claims {
         let now = net.now;
-        let _ = net.cores[j].handle_peer_frame(now, &NodeId::new(names[i]), &f);
+        let from = NodeId::new(&net.names[i]);
+        let _ = net.cores[j].handle_peer_frame(now, &from, &f);
     }
     net.collect();
     let held: Vec<_> = std::mem::take(&mut net.wire);
@@ -399,10 +400,8 @@ fn a_join_waiting_for_an_owner_whose_link_drops_is_decided_at_once() {
 
 #[test]
 fn a_filtered_presence_join_waiting_for_the_owner_keeps_its_filter() {
-    let names = ["a", "b"];
-    let mut net = Net::new(&names);
     // Owned by b: a's joins are claimed from b before they are answered.
-    let ch = channel_owned_by(&names, 1);
+    let (mut net, ch) = owned_by_b(&["a", "b"]);
     let eu = net.open(0);
     net.join_filtered(0, eu, &ch, "eve", serde_json::json!({"zone": "eu"}));
     assert_eq!(net.answer(0, eu), None, "parked for the owner");
@@ -428,9 +427,7 @@ fn a_filtered_presence_join_waiting_for_the_owner_keeps_its_filter() {
 
 #[test]
 fn a_refused_filtered_join_leaves_no_filter_behind() {
-    let names = ["a", "b"];
-    let mut net = Net::new(&names);
-    let ch = channel_owned_by(&names, 1);
+    let (mut net, ch) = owned_by_b(&["a", "b"]);
     let mut members = Vec::new();
     for k in 0..LIMIT {
         let c = net.open(1);
