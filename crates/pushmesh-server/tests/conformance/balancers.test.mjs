@@ -13,7 +13,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { startServer, WebSocket, withTimeout, APP } from './helpers.mjs';
+import { startServer, WebSocket, withTimeout, APP, APP_TOML } from './helpers.mjs';
 
 const deploy = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../../deploy');
 const have = (bin) => spawnSync('sh', ['-c', `command -v ${bin}`]).status === 0;
@@ -72,11 +72,7 @@ before(async () => {
 trusted_proxies = ["127.0.0.1/32"]
 proxy_protocol = true
 connections_per_ip_per_sec = 0.001
-[[apps]]
-id = "${APP.id}"
-key = "${APP.key}"
-secret = "${APP.secret}"
-`,
+${APP_TOML}`,
   });
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pushmesh-lb-'));
   fs.mkdirSync(path.join(dir, 'logs'));

@@ -5,7 +5,7 @@
 // recovery is in cluster-tests/history.test.mjs.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, serverSdk, client, subscribed, next, until, withTimeout, closeAll, rawSocket, startAuthServer, WebSocket, APP } from './helpers.mjs';
+import { startServer, serverSdk, client, subscribed, next, until, withTimeout, closeAll, rawSocket, startAuthServer, WebSocket, APP, APP_TOML } from './helpers.mjs';
 import { withRecovery } from '../../../../clients/js/index.js';
 
 const servers = [];
@@ -17,11 +17,7 @@ after(async () => {
 });
 
 const CONFIG = `
-[[apps]]
-id = "${APP.id}"
-key = "${APP.key}"
-secret = "${APP.secret}"
-[apps.history]
+${APP_TOML}[apps.history]
 channels = ["chat-*", "presence-room-*", "small-*"]
 max_events = 50
 ttl_secs = 300
