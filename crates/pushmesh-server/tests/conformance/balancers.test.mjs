@@ -13,21 +13,13 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { startServer, WebSocket, withTimeout, APP, APP_TOML } from './helpers.mjs';
+import { startServer, WebSocket, withTimeout, APP, APP_TOML, freePort } from './helpers.mjs';
 
 const deploy = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../../deploy');
 const have = (bin) => spawnSync('sh', ['-c', `command -v ${bin}`]).status === 0;
 const skip = !(have('haproxy') && have('nginx')) && 'haproxy or nginx not installed';
 
 let srv; const procs = []; let dir;
-
-async function freePort() {
-  const s = net.createServer();
-  await new Promise((r) => s.listen(0, '127.0.0.1', r));
-  const { port } = s.address();
-  await new Promise((r) => s.close(r));
-  return port;
-}
 
 /** Waits until something accepts on `port`. */
 async function listening(port, what) {

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import http from 'node:http';
 import net from 'node:net';
 import crypto from 'node:crypto';
-import { startServer, serverSdk, withTimeout, until, WebSocket, PusherClient, APP, APP_TOML, clusteredToml } from './helpers.mjs';
+import { startServer, serverSdk, withTimeout, until, WebSocket, PusherClient, APP, APP_TOML, clusteredToml, freePort } from './helpers.mjs';
 
 const appToml = APP_TOML;
 
@@ -105,15 +105,6 @@ test('a 2,000-socket half-open flood from 127.0.0.1: 127.0.0.2 connects and subs
     await srv.stop();
   }
 });
-
-/** A port that was free a moment ago (for a second listener the node does not print). */
-async function freePort() {
-  const srv = net.createServer();
-  await new Promise((r) => srv.listen(0, '127.0.0.1', r));
-  const { port } = srv.address();
-  await new Promise((r) => srv.close(r));
-  return port;
-}
 
 test('every pending slot taken: the client listener waits instead of resetting, metrics_listen answers /healthz and /readyz', { timeout: 120000 }, async () => {
   const metricsPort = await freePort();

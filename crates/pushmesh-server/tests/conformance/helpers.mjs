@@ -2,6 +2,7 @@
 // make real pusher-js clients and a real Node SDK, run an auth endpoint.
 import { spawn } from 'node:child_process';
 import http from 'node:http';
+import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createRequire } from 'node:module';
@@ -232,6 +233,15 @@ export async function until(cond, what, ms = 10000) {
     await new Promise((r) => setTimeout(r, 20));
   }
   throw new Error(`timed out waiting for ${what}`);
+}
+
+/** A loopback port that was free a moment ago. */
+export async function freePort() {
+  const s = net.createServer();
+  await new Promise((r) => s.listen(0, '127.0.0.1', r));
+  const { port } = s.address();
+  await new Promise((r) => s.close(r));
+  return port;
 }
 
 /** A raw WebSocket speaking the protocol by hand, for malformed input. */
