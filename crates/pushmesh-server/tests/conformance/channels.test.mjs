@@ -1,7 +1,7 @@
 // Public, private, encrypted and cache channels with pusher-js and the Node SDK.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startWithAuth, startAuthServer, client, connected, subscribed, next } from './helpers.mjs';
+import { startWithAuth, startAuthServer, connected, subscribed, next } from './helpers.mjs';
 
 let srv, sdk, auth, mk, stop, forged;
 before(async () => {
@@ -37,8 +37,7 @@ test('private channel through an auth endpoint using authorizeChannel', async ()
 });
 
 test('forged signature gets pusher:subscription_error and the connection stays usable', async () => {
-  const c = client(srv.port, { authUrl: forged.url });
-  clients.push(c);
+  const c = mk({ authUrl: forged.url });
   const ch = c.subscribe('private-forged');
   const err = await next(ch, 'pusher:subscription_error', 'subscription_error');
   assert.equal(err.status, 401);
