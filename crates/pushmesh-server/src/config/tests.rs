@@ -104,7 +104,7 @@ fn cluster_settings_are_checked() {
     assert!(matches!(unspecified, Err(ConfigError::Invalid(m)) if m.contains("advertise")));
     let half_certs = clustered(&["--cluster-ca", "x"]);
     assert!(half_certs.is_err());
-    let ok = clustered(&["--seed", "a:1, b:2"]).unwrap_or_else(|e| panic!("{e}"));
+    let ok = clustered(&["--seed", "a:1,b:2"]).unwrap_or_else(|e| panic!("{e}"));
     let reserved = clustered(&["--node-id", "pushmesh-node"]);
     assert!(matches!(reserved, Err(ConfigError::Invalid(m)) if m.contains("reserved")));
     let cl = ok.cluster.unwrap_or_else(|| panic!("clustering off"));
