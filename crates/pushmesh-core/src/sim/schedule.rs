@@ -153,3 +153,22 @@ pub(super) fn out_of_order<'a, E>(
     }
     None
 }
+
+#[test]
+fn out_of_order_names_the_first_event_after_a_later_one_of_its_incarnation() {
+    let net = Net::new();
+    let published: Vec<Published<usize>> = [(0, "e1"), (1, "e2"), (0, "e3")]
+        .into_iter()
+        .map(|(from, e)| Published::new(&net, 0, from, 0, e.to_string(), Vec::new()))
+        .collect();
+    let check = |events: &[&str]| out_of_order(events.iter().copied(), &published);
+    assert_eq!(check(&["e1", "e2", "e3", "x", "e9"]), None);
+    // e2 is another node's: only e1 after e3 is out of order.
+    assert_eq!(check(&["e2", "e3", "e1"]), Some((1, 0)));
+    assert_eq!(check(&["e3", "e2", "e1"]), Some((1, 0)));
+    assert_eq!(
+        check(&["e1", "e1"]),
+        Some((1, 0)),
+        "a repeat is out of order"
+    );
+}
