@@ -78,27 +78,29 @@ struct Common {
     json_order: bool,
 }
 
+/// What the publish/subscribe scenarios take.
+#[derive(Args, Clone)]
+struct PubSub {
+    #[command(flatten)]
+    server: Server,
+    #[command(flatten)]
+    common: Common,
+    /// Subscribers.
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// N subscribers on one channel; events at a fixed rate through the HTTP API.
     Fanout {
         #[command(flatten)]
-        server: Server,
-        #[command(flatten)]
-        common: Common,
-        /// Subscribers.
-        #[arg(long, default_value_t = 1000)]
-        subscribers: usize,
+        run: PubSub,
     },
     /// N subscribers in groups of K per channel; publishes spread over channels.
     Channels {
         #[command(flatten)]
-        server: Server,
-        #[command(flatten)]
-        common: Common,
-        /// Subscribers.
-        #[arg(long, default_value_t = 1000)]
-        subscribers: usize,
+        run: PubSub,
         /// Subscribers per channel.
         #[arg(long, default_value_t = 1)]
         group: usize,
@@ -198,37 +200,25 @@ fn finish(r: &Report, c: &Common) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
+/// Runs publish/subscribe scenario `name` (its subscribers in groups of
+/// `group` per channel, all in one without) and reports it.
+async fn pubsub(
+    name: &str,
+    run: &PubSub,
+    group: Option<usize>,
+) -> anyhow::Result<std::process::ExitCode> {
+    let group = group.unwrap_or(run.subscribers);
+    let options = options(&run.common, run.subscribers, group);
+    let r = load::run_pubsub(name, &target(&run.server), &options).await?;
+    finish(&r, &run.common)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Fanout {
-            server,
-            common,
-            subscribers,
-        } => {
-            let r = load::run_pubsub(
-                "fanout",
-                &target(&server),
-                &options(&common, subscribers, subscribers),
-            )
-            .await?;
-            finish(&r, &common)
-        }
-        Cmd::Channels {
-            server,
-            common,
-            subscribers,
-            group,
-        } => {
-            let r = load::run_pubsub(
-                "channels",
-                &target(&server),
-                &options(&common, subscribers, group),
-            )
-            .await?;
-            finish(&r, &common)
-        }
+        Cmd::Fanout { run } => pubsub("fanout", &run, None).await,
+        Cmd::Channels { run, group } => pubsub("channels", &run, Some(group)).await,
         Cmd::Connections {
             server,
             common,

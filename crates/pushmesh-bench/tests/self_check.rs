@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use pushmesh_bench::ideal::{self, Faults};
-use pushmesh_bench::load::{run_pubsub, LoadOptions, Target};
+use pushmesh_bench::load::{run_pubsub, LoadOptions, Report, Target};
 
 async fn target(faults: Faults) -> Target {
     let addr = ideal::spawn(
@@ -41,12 +41,18 @@ fn opts(subscribers: usize, ts_offset_us: i64) -> LoadOptions {
     }
 }
 
+/// `fanout` with `subscribers` (their clocks `ts_offset_us` ahead) against
+/// the ideal server with `faults`.
+async fn fanout(faults: Faults, subscribers: usize, ts_offset_us: i64) -> Report {
+    let t = target(faults).await;
+    run_pubsub("fanout", &t, &opts(subscribers, ts_offset_us))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 #[tokio::test]
 async fn a_correct_server_shows_no_loss() {
-    let t = target(Faults::default()).await;
-    let r = run_pubsub("fanout", &t, &opts(4, 0))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let r = fanout(Faults::default(), 4, 0).await;
     assert!(r.published > 10);
     assert_eq!(r.expected, r.published * 4);
     assert_eq!((r.lost, r.duplicated), (0, 0));
@@ -55,14 +61,15 @@ async fn a_correct_server_shows_no_loss() {
 
 #[tokio::test]
 async fn detects_lost_messages() {
-    let t = target(Faults {
-        drop_every: Some(5),
-        dup_every: None,
-    })
+    let r = fanout(
+        Faults {
+            drop_every: Some(5),
+            dup_every: None,
+        },
+        3,
+        0,
+    )
     .await;
-    let r = run_pubsub("fanout", &t, &opts(3, 0))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         r.lost,
         r.published / 5,
@@ -73,14 +80,15 @@ async fn detects_lost_messages() {
 
 #[tokio::test]
 async fn detects_duplicated_messages() {
-    let t = target(Faults {
-        drop_every: None,
-        dup_every: Some(4),
-    })
+    let r = fanout(
+        Faults {
+            drop_every: None,
+            dup_every: Some(4),
+        },
+        3,
+        0,
+    )
     .await;
-    let r = run_pubsub("fanout", &t, &opts(3, 0))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.duplicated, r.published / 4);
     assert_eq!(r.lost, 0);
 }
@@ -89,10 +97,7 @@ async fn detects_duplicated_messages() {
 async fn latency_comes_from_the_embedded_timestamps() {
     // Events claim to have been sent 2 s earlier than they were: the
     // measured latency must include those 2 s, which no delay on loopback could.
-    let t = target(Faults::default()).await;
-    let r = run_pubsub("fanout", &t, &opts(2, 2_000_000))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let r = fanout(Faults::default(), 2, 2_000_000).await;
     assert!(r.latency_ms.p50 >= 2000.0, "p50 {} ms", r.latency_ms.p50);
     assert!(
         r.publish_ms.p50 < 2000.0,

@@ -7,80 +7,33 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use pushmesh_core::filter::Tags;
-use pushmesh_core::{AppConfig, AppIdx, ConnId, Core, CoreConfig, Output, PublishRequest};
-use pushmesh_protocol::Limits;
+use pushmesh_core::{AppIdx, Core};
+
+mod common;
+use common::{core, drain, request, subscribers};
 
 const SUBSCRIBERS: usize = 10_000;
-
-fn core() -> Core {
-    Core::new(
-        std::time::Instant::now(),
-        CoreConfig {
-            apps: vec![AppConfig {
-                id: "1".into(),
-                key: "key".into(),
-                secret: "secret".into(),
-                enabled: true,
-                client_events: true,
-                user_authentication_required: false,
-                max_connections: None,
-                subscription_count_events: false,
-                limits: Limits::default(),
-                webhooks: false,
-                wsify_event: "broadcast".into(),
-                history: None,
-            }],
-            activity_timeout_secs: 120,
-            max_connections: None,
-            socket_prefix: 1,
-            node_id: "bench".into(),
-            epoch: 1,
-            history_max_bytes: pushmesh_core::history::MAX_BYTES,
-        },
-    )
-}
-
-fn drain(c: &mut Core) -> usize {
-    let mut n = 0;
-    while let Some(o) = c.poll_output() {
-        if let Output::Send { frame, .. } = o {
-            black_box(frame);
-            n += 1;
-        }
-    }
-    n
-}
 
 /// A core with `SUBSCRIBERS` on "big"; `filters`: how many distinct
 /// `{"zone":"zN"}` filters they share (0: none).
 fn setup(filters: usize) -> Core {
     let mut core = core();
-    let now = Instant::now();
-    for i in 0..SUBSCRIBERS {
-        let conn = ConnId(i as u64 + 1);
-        let _ = core.open(now, AppIdx(0), conn);
-        let frame = if filters == 0 {
+    subscribers(&mut core, Instant::now(), SUBSCRIBERS, |i| {
+        if filters == 0 {
             r#"{"event":"pusher:subscribe","data":{"channel":"big"}}"#.to_string()
         } else {
             format!(
                 r#"{{"event":"pusher:subscribe","data":{{"channel":"big","filter":{{"zone":"z{}"}}}}}}"#,
                 i % filters
             )
-        };
-        core.handle_frame(now, conn, &frame);
-    }
-    drain(&mut core);
+        }
+    });
     core
 }
 
 fn filtered_fanout(c: &mut Criterion) {
     let channels = vec!["big".to_string()];
-    let req = PublishRequest {
-        name: "e",
-        data: r#"{"x":1}"#,
-        channels: &channels,
-        exclude_socket: None,
-    };
+    let req = request(&channels, r#"{"x":1}"#);
     let now = Instant::now();
     let mut g = c.benchmark_group("10k subscribers");
 

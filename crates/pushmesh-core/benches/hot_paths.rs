@@ -5,51 +5,11 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use pushmesh_core::{AppConfig, AppIdx, ConnId, Core, CoreConfig, NodeId, Output, PublishRequest};
-use pushmesh_protocol::{server, sign, Limits};
+use pushmesh_core::{AppIdx, NodeId};
+use pushmesh_protocol::{server, sign};
 
-fn app() -> AppConfig {
-    AppConfig {
-        id: "1".into(),
-        key: "key".into(),
-        secret: "secret".into(),
-        enabled: true,
-        client_events: true,
-        user_authentication_required: false,
-        max_connections: None,
-        subscription_count_events: false,
-        limits: Limits::default(),
-        webhooks: false,
-        wsify_event: "broadcast".into(),
-        history: None,
-    }
-}
-
-fn core() -> Core {
-    Core::new(
-        std::time::Instant::now(),
-        CoreConfig {
-            apps: vec![app()],
-            activity_timeout_secs: 120,
-            max_connections: None,
-            socket_prefix: 1,
-            node_id: "bench".into(),
-            epoch: 1,
-            history_max_bytes: pushmesh_core::history::MAX_BYTES,
-        },
-    )
-}
-
-fn drain(c: &mut Core) -> usize {
-    let mut n = 0;
-    while let Some(o) = c.poll_output() {
-        if let Output::Send { frame, .. } = o {
-            black_box(frame);
-        }
-        n += 1;
-    }
-    n
-}
+mod common;
+use common::{core, drain, request, subscribers};
 
 fn frame_encoding(c: &mut Criterion) {
     let data = r#"{"seq":12345,"ts":1700000000000000,"msg":"hello world"}"#;
@@ -70,31 +30,15 @@ fn fanout(c: &mut Criterion) {
     for n in [1usize, 100, 1000, 10_000] {
         let mut core = core();
         let now = Instant::now();
-        for i in 0..n {
-            let conn = ConnId(i as u64 + 1);
-            let _ = core.open(now, AppIdx(0), conn);
-            core.handle_frame(
-                now,
-                conn,
-                r#"{"event":"pusher:subscribe","data":{"channel":"fan"}}"#,
-            );
-        }
-        drain(&mut core);
+        subscribers(&mut core, now, n, |_| {
+            r#"{"event":"pusher:subscribe","data":{"channel":"fan"}}"#.to_string()
+        });
         let channels = vec!["fan".to_string()];
+        let req = request(&channels, r#"{"x":1}"#);
         g.throughput(Throughput::Elements(n as u64));
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
-                let r = core.publish(
-                    now,
-                    AppIdx(0),
-                    &PublishRequest {
-                        name: "e",
-                        data: r#"{"x":1}"#,
-                        channels: &channels,
-                        exclude_socket: None,
-                    },
-                );
-                black_box(r.is_ok());
+                black_box(core.publish(now, AppIdx(0), &req).is_ok());
                 drain(&mut core)
             })
         });
@@ -131,36 +75,19 @@ fn interest_lookup(c: &mut Criterion) {
     drain(&mut core);
     let hit = vec!["ch-1-54321".to_string()];
     let miss = vec!["nobody-here".to_string()];
+    let (hit, miss) = (request(&hit, "{}"), request(&miss, "{}"));
     c.bench_function(
         "route publish, 300k remote channels, interested peer",
         |b| {
             b.iter(|| {
-                let _ = core.publish(
-                    now,
-                    AppIdx(0),
-                    &PublishRequest {
-                        name: "e",
-                        data: "{}",
-                        channels: &hit,
-                        exclude_socket: None,
-                    },
-                );
+                let _ = core.publish(now, AppIdx(0), &hit);
                 drain(&mut core)
             })
         },
     );
     c.bench_function("route publish, 300k remote channels, no interest", |b| {
         b.iter(|| {
-            let _ = core.publish(
-                now,
-                AppIdx(0),
-                &PublishRequest {
-                    name: "e",
-                    data: "{}",
-                    channels: &miss,
-                    exclude_socket: None,
-                },
-            );
+            let _ = core.publish(now, AppIdx(0), &miss);
             drain(&mut core)
         })
     });

@@ -32,6 +32,8 @@ pub mod router;
 pub mod routing;
 pub mod session;
 pub mod sink;
+#[doc(hidden)]
+pub mod testing;
 pub mod users;
 pub mod webhooks;
 

@@ -7,39 +7,21 @@ use std::time::Instant;
 
 use proptest::prelude::*;
 use pushmesh_protocol::sign;
-use pushmesh_protocol::Limits;
 use serde_json::json;
 
-use crate::{AppConfig, ConnId, Core, CoreConfig, Output, PublishRequest};
+use crate::{testing, AppConfig, ConnId, Core, Output, PublishRequest};
 
 const CHANNELS: [&str; 6] = ["a", "b", "cache-c", "private-p", "presence-x", "presence-y"];
 
 fn core(shards: usize) -> Core {
     let app = AppConfig {
-        id: "1".into(),
-        key: "key".into(),
-        secret: "secret".into(),
-        enabled: true,
-        client_events: true,
-        user_authentication_required: false,
-        max_connections: None,
         subscription_count_events: true,
-        limits: Limits::default(),
         webhooks: true,
-        wsify_event: "broadcast".into(),
-        history: None,
+        ..testing::app()
     };
     Core::with_shards(
         std::time::Instant::now(),
-        CoreConfig {
-            apps: vec![app],
-            activity_timeout_secs: 120,
-            max_connections: None,
-            socket_prefix: 9,
-            node_id: "n".into(),
-            epoch: 1,
-            history_max_bytes: crate::history::MAX_BYTES,
-        },
+        testing::config(vec![app], "n", 9),
         shards,
     )
 }

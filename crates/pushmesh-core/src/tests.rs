@@ -5,32 +5,12 @@ use std::time::{Duration, Instant};
 
 use pushmesh_protocol::sign;
 use pushmesh_protocol::webhook::WebhookEvent;
-use pushmesh_protocol::{CloseCode, Limits};
+use pushmesh_protocol::CloseCode;
 use serde_json::Value;
 
-use crate::{
-    AppConfig, AppIdx, ConnId, Core, CoreConfig, OpenError, Output, PublishError, PublishRequest,
-};
+use crate::{AppConfig, AppIdx, ConnId, Core, OpenError, Output, PublishError, PublishRequest};
 
-const KEY: &str = "key";
-const SECRET: &str = "secret";
-
-fn app() -> AppConfig {
-    AppConfig {
-        id: "1".into(),
-        key: KEY.into(),
-        secret: SECRET.into(),
-        enabled: true,
-        client_events: true,
-        user_authentication_required: false,
-        max_connections: None,
-        subscription_count_events: false,
-        limits: Limits::default(),
-        webhooks: false,
-        wsify_event: "broadcast".into(),
-        history: None,
-    }
-}
+use crate::testing::{self, app, KEY, SECRET};
 
 struct Harness {
     core: Core,
@@ -55,24 +35,20 @@ fn decode(frame: &[u8]) -> Value {
 impl Harness {
     fn new(apps: Vec<AppConfig>) -> Self {
         Self {
-            core: Core::new(
-                std::time::Instant::now(),
-                CoreConfig {
-                    apps,
-                    activity_timeout_secs: 120,
-                    max_connections: None,
-                    socket_prefix: 7,
-                    node_id: "n1".into(),
-                    epoch: 1,
-                    history_max_bytes: crate::history::MAX_BYTES,
-                },
-            ),
+            core: Core::new(Instant::now(), testing::config(apps, "n1", 7)),
             now: Instant::now(),
             next: 1,
             inbox: BTreeMap::new(),
             closed: BTreeMap::new(),
             hooks: Vec::new(),
         }
+    }
+
+    /// A node serving the fixture app as `change` leaves it.
+    fn with(change: impl FnOnce(&mut AppConfig)) -> Self {
+        let mut cfg = app();
+        change(&mut cfg);
+        Self::new(vec![cfg])
     }
 
     fn pump(&mut self) {
@@ -99,6 +75,11 @@ impl Harness {
             .unwrap_or_else(|e| panic!("{e}"));
         self.pump();
         c
+    }
+
+    /// `N` connections, opened in turn.
+    fn opens<const N: usize>(&mut self) -> [ConnId; N] {
+        std::array::from_fn(|_| self.open())
     }
 
     fn socket(&self, c: ConnId) -> String {
@@ -233,9 +214,7 @@ fn double_subscribe_does_not_duplicate() {
 #[test]
 fn presence_member_events_once_per_user() {
     let mut h = Harness::new(vec![app()]);
-    let a = h.open();
-    let b1 = h.open();
-    let b2 = h.open();
+    let [a, b1, b2] = h.opens();
     h.join(a, "presence-r", "alice");
     h.take(a);
     h.join(b1, "presence-r", "bob");
@@ -261,11 +240,8 @@ fn presence_member_events_once_per_user() {
 
 #[test]
 fn presence_limit_and_bad_channel_data() {
-    let mut cfg = app();
-    cfg.limits.max_presence_members = 1;
-    let mut h = Harness::new(vec![cfg]);
-    let a = h.open();
-    let b = h.open();
+    let mut h = Harness::with(|cfg| cfg.limits.max_presence_members = 1);
+    let [a, b] = h.opens();
     h.join(a, "presence-x", "1");
     h.join(b, "presence-x", "2");
     let err = h.events(b, "pusher:subscription_error");
@@ -286,8 +262,7 @@ fn presence_limit_and_bad_channel_data() {
 #[test]
 fn client_event_rules() {
     let mut h = Harness::new(vec![app()]);
-    let a = h.open();
-    let b = h.open();
+    let [a, b] = h.opens();
     for c in [a, b] {
         h.subscribe(c, "private-p");
         h.subscribe(c, "pub");
@@ -317,8 +292,7 @@ fn client_event_rules() {
 #[test]
 fn signin_server_to_user_and_watchlist() {
     let mut h = Harness::new(vec![app()]);
-    let w = h.open();
-    let u = h.open();
+    let [w, u] = h.opens();
     h.take(w);
     let signin = |h: &mut Harness, c: ConnId, data: &str| {
         let sig = sign::sign(SECRET, &sign::signin_string(&h.socket(c), data));
@@ -432,11 +406,8 @@ fn quotas_and_validation() {
 
 #[test]
 fn subscription_count_on_tick() {
-    let mut cfg = app();
-    cfg.subscription_count_events = true;
-    let mut h = Harness::new(vec![cfg]);
-    let a = h.open();
-    let b = h.open();
+    let mut h = Harness::with(|cfg| cfg.subscription_count_events = true);
+    let [a, b] = h.opens();
     h.subscribe(a, "c");
     h.subscribe(b, "c");
     h.take(a);
@@ -514,11 +485,8 @@ fn wsify_and_pusher_share_channels() {
 
 #[test]
 fn hooks_for_channel_and_member_lifecycle() {
-    let mut cfg = app();
-    cfg.webhooks = true;
-    let mut h = Harness::new(vec![cfg]);
-    let a = h.open();
-    let b = h.open();
+    let mut h = Harness::with(|cfg| cfg.webhooks = true);
+    let [a, b] = h.opens();
     h.join(a, "presence-h", "u1");
     h.join(b, "presence-h", "u1");
     h.subscribe(a, "cache-h");

@@ -94,10 +94,18 @@ impl Node {
     }
 
     /// SIGTERM, wait for the exit (bounded), return everything it printed.
-    fn stop(mut self) -> String {
+    fn stop(self) -> String {
         let pid = self.child.id().to_string();
         let killed = Command::new("kill").args(["-TERM", &pid]).status();
         assert!(killed.is_ok_and(|s| s.success()), "kill -TERM {pid} failed");
+        let (status, out) = self.wait("pushmesh did not stop");
+        assert!(status.success(), "exit {status}: {out}");
+        out
+    }
+
+    /// Waits (bounded, else panics with `late`) for the exit; its status
+    /// and everything it printed.
+    fn wait(mut self, late: &str) -> (std::process::ExitStatus, String) {
         let (tx, rx) = mpsc::channel();
         let mut child = self.child;
         std::thread::spawn(move || {
@@ -105,7 +113,7 @@ impl Node {
         });
         let status = rx
             .recv_timeout(WAIT)
-            .unwrap_or_else(|_| panic!("pushmesh did not stop"))
+            .unwrap_or_else(|_| panic!("{late}"))
             .unwrap_or_else(|e| panic!("{e}"));
         for r in self.readers.drain(..) {
             let _ = r.join();
@@ -115,8 +123,7 @@ impl Node {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        assert!(status.success(), "exit {status}: {out}");
-        out
+        (status, out)
     }
 }
 
@@ -223,25 +230,8 @@ fn the_development_app_is_announced_only_by_default() {
 
 impl Node {
     /// Waits (bounded) for the process to exit by itself; its status and output.
-    fn exited(mut self) -> (std::process::ExitStatus, String) {
-        let (tx, rx) = mpsc::channel();
-        let mut child = self.child;
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait());
-        });
-        let status = rx
-            .recv_timeout(WAIT)
-            .unwrap_or_else(|_| panic!("pushmesh did not exit by itself"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-        let out = self
-            .output
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        (status, out)
+    fn exited(self) -> (std::process::ExitStatus, String) {
+        self.wait("pushmesh did not exit by itself")
     }
 
     fn output(&self) -> String {

@@ -38,12 +38,7 @@ async fn a_half_open_flood_from_one_ip_is_capped_and_timed_out() {
     }
 
     // Another address is served while the flood is on.
-    let health = http_from(
-        ip("127.0.0.2"),
-        addr,
-        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let health = http_from(ip("127.0.0.2"), addr, HEALTHZ).await;
     assert_eq!(status(&health), 200, "{health}");
     let mut ws = pusher_over(connect_from(ip("127.0.0.2"), addr).await, "protocol=7", &[]).await;
     assert!(established(&mut ws).await.is_ok());
@@ -78,17 +73,9 @@ async fn at_max_pending_handshakes_the_listener_waits_instead_of_resetting() {
         ..config()
     })
     .await;
-    let mut held = Vec::new();
-    for _ in 0..10 {
-        let mut s = connect_from(ip("127.0.0.1"), node.addr).await;
-        ok(s.write_all(HALF_OPEN).await);
-        held.push(s);
-    }
+    let mut held = holding(10, "127.0.0.1", node.addr, HALF_OPEN).await;
     // The 11th is not accepted, nor reset: it waits in the listen backlog.
-    let mut extra = connect_from(ip("127.0.0.2"), node.addr).await;
-    ok(extra
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await);
+    let mut extra = sent("127.0.0.2", node.addr, HEALTHZ.as_bytes()).await;
     let counters = &node.shared.edge.counters;
     let end = Instant::now() + LIMIT;
     while counters.accept_paused.load(Ordering::Relaxed) == 0 || node.shared.edge.pending() < 10 {
@@ -99,22 +86,12 @@ async fn at_max_pending_handshakes_the_listener_waits_instead_of_resetting() {
     // An answered request frees its slot; the waiting connection is then
     // accepted and answered.
     ok(held[0].write_all(b"\r\n").await);
-    let mut first = [0u8; 12];
-    ok(ok(tokio::time::timeout(
-        LIMIT,
-        tokio::io::AsyncReadExt::read_exact(&mut held[0], &mut first),
-    )
-    .await));
+    let first = head(&mut held[0]).await;
     assert_eq!(
         &first, b"HTTP/1.1 400",
         "a request without upgrade headers is refused"
     );
-    let mut answer = String::new();
-    ok(ok(tokio::time::timeout(
-        LIMIT,
-        tokio::io::AsyncReadExt::read_to_string(&mut extra, &mut answer),
-    )
-    .await));
+    let answer = answer(&mut extra).await;
     assert_eq!(status(&answer), 200, "{answer}");
 }
 
@@ -126,30 +103,15 @@ async fn over_max_pending_handshakes_per_ip_an_address_gets_429() {
         ..config()
     })
     .await;
-    let mut held = Vec::new();
-    for _ in 0..5 {
-        let mut s = connect_from(ip("127.0.0.1"), node.addr).await;
-        ok(s.write_all(HALF_OPEN).await);
-        held.push(s);
-    }
+    let _held = holding(5, "127.0.0.1", node.addr, HALF_OPEN).await;
     let mut extra = connect_from(ip("127.0.0.1"), node.addr).await;
-    let mut answer = String::new();
-    ok(ok(tokio::time::timeout(
-        LIMIT,
-        tokio::io::AsyncReadExt::read_to_string(&mut extra, &mut answer),
-    )
-    .await));
+    let answer = answer(&mut extra).await;
     assert_eq!(status(&answer), 429, "{answer}");
     assert!(answer.contains("retry-after: 1\r\n"), "{answer}");
     assert!(json_error(&answer), "{answer}");
     let refused = &node.shared.edge.counters.refused_pending_per_ip;
     assert_eq!(refused.load(Ordering::Relaxed), 1);
-    let health = http_from(
-        ip("127.0.0.2"),
-        node.addr,
-        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let health = http_from(ip("127.0.0.2"), node.addr, HEALTHZ).await;
     assert_eq!(status(&health), 200, "another address is served: {health}");
 }
 
@@ -160,15 +122,13 @@ async fn idle_keep_alive_connections_are_closed_after_the_timeout() {
         ..config()
     })
     .await;
-    let mut s = connect_from(ip("127.0.0.1"), node.addr).await;
-    ok(s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await);
-    let mut head = [0u8; 12];
-    ok(ok(tokio::time::timeout(
-        LIMIT,
-        tokio::io::AsyncReadExt::read_exact(&mut s, &mut head),
+    let mut s = sent(
+        "127.0.0.1",
+        node.addr,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
     )
-    .await));
+    .await;
+    let head = head(&mut s).await;
     assert_eq!(&head, b"HTTP/1.1 200");
     closed_by_peer(&mut s).await;
 }
@@ -190,15 +150,13 @@ async fn websocket_keys_are_checked() {
     let ws = upgrade("dGhlIHNhbXBsZSBub25jZQ==").replace("/app/app-key?protocol=7", "/ws");
     let resp = http(node.addr, &ws.replace("Key: dGhl", "Key: xdGhl")).await;
     assert_eq!(status(&resp), 400, "/ws too: {resp}");
-    let mut s = connect_from(ip("127.0.0.1"), node.addr).await;
-    ok(s.write_all(upgrade("dGhlIHNhbXBsZSBub25jZQ==").as_bytes())
-        .await);
-    let mut head = [0u8; 12];
-    ok(ok(tokio::time::timeout(
-        LIMIT,
-        tokio::io::AsyncReadExt::read_exact(&mut s, &mut head),
+    let mut s = sent(
+        "127.0.0.1",
+        node.addr,
+        upgrade("dGhlIHNhbXBsZSBub25jZQ==").as_bytes(),
     )
-    .await));
+    .await;
+    let head = head(&mut s).await;
     assert_eq!(&head, b"HTTP/1.1 101", "a good key upgrades");
 }
 

@@ -18,6 +18,15 @@ fn trusting(list: &[&str]) -> TrustedProxies {
     TrustedProxies(list.iter().map(|c| ok(c.parse::<Cidr>())).collect())
 }
 
+/// [`config`] behind a balancer at 127.0.0.1 that speaks PROXY protocol v2.
+fn proxied() -> pushmesh_server::Config {
+    pushmesh_server::Config {
+        trusted_proxies: trusting(&["127.0.0.1/32"]),
+        proxy_protocol: true,
+        ..config()
+    }
+}
+
 /// A PROXY protocol v2 header for a TCP/IPv4 client.
 fn proxy_v2(client: SocketAddr, server: SocketAddr) -> Vec<u8> {
     let (SocketAddr::V4(c), SocketAddr::V4(s)) = (client, server) else {
@@ -41,12 +50,10 @@ async fn via_proxy_header(from: &str, client: &str, node: &Node) -> TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_v2_from_a_trusted_peer_names_the_client() {
     let node = start(pushmesh_server::Config {
-        trusted_proxies: trusting(&["127.0.0.1/32"]),
-        proxy_protocol: true,
         max_connections_per_ip: 1,
         // The untrusted peer's garbage below is closed by this deadline.
         handshake_timeout: std::time::Duration::from_secs(2),
-        ..config()
+        ..proxied()
     })
     .await;
     // Two connections of the proxy, one per client: each client is within its limit.
@@ -63,18 +70,12 @@ async fn proxy_v2_from_a_trusted_peer_names_the_client() {
     let mut again = via_proxy_header("127.0.0.1", "203.0.113.7:40001", &node).await;
     closed_by_peer(&mut again).await;
     // Plain HTTP from the trusted proxy (a health check) still works.
-    let health = http(
-        node.addr,
-        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let health = http(node.addr, HEALTHZ).await;
     assert_eq!(status(&health), 200, "{health}");
     // An untrusted peer's PROXY header is not read: the request is garbage.
     let mut spoof = via_proxy_header("127.0.0.2", "198.51.100.1:1", &node).await;
     // The node may already have answered and closed: a failed write is fine.
-    let _ = spoof
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await;
+    let _ = spoof.write_all(HEALTHZ.as_bytes()).await;
     let mut out = Vec::new();
     let _ = tokio::time::timeout(
         LIMIT,
@@ -94,11 +95,9 @@ async fn proxy_v2_from_a_trusted_peer_names_the_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_limit_applies_to_the_address_in_the_proxy_header() {
     let node = start(pushmesh_server::Config {
-        trusted_proxies: trusting(&["127.0.0.1/32"]),
-        proxy_protocol: true,
         // One new connection per address, then 4100.
         connections_per_ip_per_sec: 0.001,
-        ..config()
+        ..proxied()
     })
     .await;
     for client in ["192.0.2.1:1000", "192.0.2.2:1000"] {
@@ -162,26 +161,17 @@ async fn forwarded_clients_are_held_to_max_connections_per_ip() {
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Forwarded-For: {xff}\r\n\r\n"
         )
     };
-    let mut first = connect_from(ip("127.0.0.1"), node.addr).await;
-    ok(first.write_all(upgrade("192.0.2.1").as_bytes()).await);
-    let mut head = [0u8; 12];
-    ok(ok(tokio::time::timeout(
-        LIMIT,
-        tokio::io::AsyncReadExt::read_exact(&mut first, &mut head),
-    )
-    .await));
-    assert_eq!(&head, b"HTTP/1.1 101");
+    let mut first = sent("127.0.0.1", node.addr, upgrade("192.0.2.1").as_bytes()).await;
+    assert_eq!(&head(&mut first).await, b"HTTP/1.1 101");
     let resp = http(node.addr, &upgrade("192.0.2.1")).await;
     assert_eq!(status(&resp), 429, "{resp}");
     assert!(json_error(&resp), "{resp}");
-    let mut other = connect_from(ip("127.0.0.1"), node.addr).await;
-    ok(other.write_all(upgrade("192.0.2.2").as_bytes()).await);
-    ok(ok(tokio::time::timeout(
-        LIMIT,
-        tokio::io::AsyncReadExt::read_exact(&mut other, &mut head),
-    )
-    .await));
-    assert_eq!(&head, b"HTTP/1.1 101", "the proxy itself is not limited");
+    let mut other = sent("127.0.0.1", node.addr, upgrade("192.0.2.2").as_bytes()).await;
+    assert_eq!(
+        &head(&mut other).await,
+        b"HTTP/1.1 101",
+        "the proxy itself is not limited"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,11 +180,7 @@ async fn publishes_with_a_malformed_socket_id_are_refused() {
     for bad in ["abc", "1.", ".1", "1.2.3", "", "1,2", " 1.2"] {
         let body = serde_json::json!({"name": "e", "channel": "c", "data": "{}", "socket_id": bad})
             .to_string();
-        let resp = http(
-            node.addr,
-            &signed("POST", "/apps/app-id/events", &body, &[]),
-        )
-        .await;
+        let resp = post(node.addr, "/apps/app-id/events", &body).await;
         assert_eq!(status(&resp), 400, "{bad:?}: {resp}");
         assert!(json_error(&resp) && resp.contains("socket_id"), "{resp}");
         let batch = serde_json::json!({"batch": [
@@ -202,15 +188,11 @@ async fn publishes_with_a_malformed_socket_id_are_refused() {
             {"name": "e", "channel": "c", "data": "{}", "socket_id": bad},
         ]})
         .to_string();
-        let resp = http(
-            node.addr,
-            &signed("POST", "/apps/app-id/batch_events", &batch, &[]),
-        )
-        .await;
+        let resp = post(node.addr, "/apps/app-id/batch_events", &batch).await;
         assert_eq!(status(&resp), 400, "batch {bad:?}: {resp}");
     }
     let body = r#"{"name":"e","channel":"c","data":"{}","socket_id":"123.456"}"#;
-    let resp = http(node.addr, &signed("POST", "/apps/app-id/events", body, &[])).await;
+    let resp = post(node.addr, "/apps/app-id/events", body).await;
     assert_eq!(status(&resp), 200, "{resp}");
 }
 
@@ -244,7 +226,7 @@ async fn terminate_connections_without_the_app_prefix() {
     .await;
     assert_eq!(status(&unknown), 401, "{unknown}");
     assert!(json_error(&unknown), "{unknown}");
-    let resp = http(node.addr, &signed("POST", path, "{}", &[])).await;
+    let resp = post(node.addr, path, "{}").await;
     assert_eq!(status(&resp), 200, "{resp}");
     // next_text gives up after LIMIT: the 4009 must come.
     let mut closing = next_text(&mut ws).await;

@@ -47,6 +47,12 @@ fn equal_filters_are_equal_whatever_the_order_and_form() {
     assert_eq!(filter(&odd.canonical()), odd);
 }
 
+/// A JSON object of `n` keys `k0`, `k1`, … each with the value `"v"`.
+fn object_of(n: usize) -> String {
+    let entries: Vec<String> = (0..n).map(|i| format!(r#""k{i}":"v""#)).collect();
+    format!("{{{}}}", entries.join(","))
+}
+
 #[test]
 fn an_empty_filter_is_no_filter() {
     assert_eq!(Filter::parse("{}"), Ok(None));
@@ -56,13 +62,7 @@ fn an_empty_filter_is_no_filter() {
 fn invalid_filters_are_refused_with_a_reason() {
     let long_key = format!(r#"{{"{}":"v"}}"#, "k".repeat(MAX_KEY_BYTES + 1));
     let long_value = format!(r#"{{"k":"{}"}}"#, "v".repeat(MAX_VALUE_BYTES + 1));
-    let many_keys = format!(
-        "{{{}}}",
-        (0..=MAX_FILTER_KEYS)
-            .map(|i| format!(r#""k{i}":"v""#))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let many_keys = object_of(MAX_FILTER_KEYS + 1);
     let many_values = format!(
         r#"{{"k":[{}]}}"#,
         (0..=MAX_FILTER_VALUES)
@@ -93,13 +93,7 @@ fn invalid_filters_are_refused_with_a_reason() {
 
 #[test]
 fn tags_are_bounded_and_strings_only() {
-    let many = format!(
-        "{{{}}}",
-        (0..=MAX_TAGS)
-            .map(|i| format!(r#""k{i}":"v""#))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let many = object_of(MAX_TAGS + 1);
     assert_eq!(Tags::parse_json(&many), Err(TagsError::TooMany));
     assert_eq!(Tags::parse_json(r#"{"a":1}"#), Err(TagsError::NotAnObject));
     assert_eq!(Tags::parse_json("[]"), Err(TagsError::NotAnObject));

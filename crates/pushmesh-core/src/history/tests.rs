@@ -29,6 +29,21 @@ fn store(budget: usize) -> (HistoryStore, Instant) {
     (HistoryStore::new(A, budget, (t0, 1_000)), t0)
 }
 
+/// A store to which `events` (origin, seq) were appended on `chat-1`, all
+/// at `t0`, with at most `max_events` kept.
+fn chat(
+    events: impl IntoIterator<Item = (Origin, u64)>,
+    max_events: usize,
+) -> (HistoryStore, Instant, ChannelName) {
+    let (mut s, t0) = store(MAX_BYTES);
+    let ch = name("chat-1");
+    for (o, seq) in events {
+        let e = ev(&mut s, o, seq, t0);
+        s.append(AppIdx(0), &ch, e, max_events);
+    }
+    (s, t0, ch)
+}
+
 fn seqs(log: &ChannelLog) -> Vec<(u64, u64)> {
     log.events().map(|e| (e.origin.0, e.seq)).collect()
 }
@@ -65,12 +80,7 @@ fn appends_number_per_origin_and_drop_duplicates() {
 
 #[test]
 fn recovery_replays_exactly_what_is_after_a_position() {
-    let (mut s, t0) = store(MAX_BYTES);
-    let ch = name("chat-1");
-    for (o, seq) in [(A, 1), (B, 1), (A, 2), (B, 2), (A, 3)] {
-        let e = ev(&mut s, o, seq, t0);
-        s.append(AppIdx(0), &ch, e, 100);
-    }
+    let (s, _, ch) = chat([(A, 1), (B, 1), (A, 2), (B, 2), (A, 3)], 100);
     let log = s.log(AppIdx(0), &ch).expect("log");
     let p = pos(&[(A, 1), (B, 2)]);
     assert_eq!(log.check(&p, |_| true), Check::Continuous);
@@ -91,12 +101,7 @@ fn recovery_replays_exactly_what_is_after_a_position() {
 
 #[test]
 fn eviction_by_count_makes_older_positions_lost() {
-    let (mut s, t0) = store(MAX_BYTES);
-    let ch = name("chat-1");
-    for seq in 1..=10 {
-        let e = ev(&mut s, A, seq, t0);
-        s.append(AppIdx(0), &ch, e, 4);
-    }
+    let (s, _, ch) = chat((1..=10).map(|seq| (A, seq)), 4);
     let log = s.log(AppIdx(0), &ch).expect("log");
     assert_eq!(log.len(), 4);
     assert_eq!(s.stats.evicted_max_events, 6);
@@ -147,12 +152,7 @@ fn memory_budget_evicts_the_oldest_across_channels() {
 
 #[test]
 fn stale_order_entries_stay_bounded() {
-    let (mut s, t0) = store(MAX_BYTES);
-    let ch = name("chat-1");
-    for seq in 1..=10_000 {
-        let e = ev(&mut s, A, seq, t0);
-        s.append(AppIdx(0), &ch, e, 10);
-    }
+    let (s, _, _) = chat((1..=10_000).map(|seq| (A, seq)), 10);
     assert_eq!(s.stats.events, 10);
     assert!(
         s.order.len() <= 2 * 10 + 65,
@@ -163,12 +163,7 @@ fn stale_order_entries_stay_bounded() {
 
 #[test]
 fn a_gap_drops_what_came_before_it_for_that_origin() {
-    let (mut s, t0) = store(MAX_BYTES);
-    let ch = name("chat-1");
-    for (o, seq) in [(A, 1), (B, 1), (A, 2)] {
-        let e = ev(&mut s, o, seq, t0);
-        s.append(AppIdx(0), &ch, e, 100);
-    }
+    let (mut s, t0, ch) = chat([(A, 1), (B, 1), (A, 2)], 100);
     let e = ev(&mut s, A, 5, t0);
     assert_eq!(
         s.append(AppIdx(0), &ch, e, 100),
@@ -184,12 +179,7 @@ fn a_gap_drops_what_came_before_it_for_that_origin() {
 
 #[test]
 fn merge_fills_in_older_events_and_extends_only_without_subscribers() {
-    let (mut peer, t0) = store(MAX_BYTES);
-    let ch = name("chat-1");
-    for (o, seq) in [(A, 1), (B, 1), (A, 2), (B, 2), (A, 3)] {
-        let e = ev(&mut peer, o, seq, t0);
-        peer.append(AppIdx(0), &ch, e, 100);
-    }
+    let (peer, t0, ch) = chat([(A, 1), (B, 1), (A, 2), (B, 2), (A, 3)], 100);
     let copy: Vec<Stored> = peer
         .log(AppIdx(0), &ch)
         .expect("log")

@@ -31,6 +31,13 @@ fn channel_owned_by(owner: &str, nodes: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// Now, a channel owned by `a` among `a`, `b` and `c`, and `a`'s backup
+/// state (epoch 1).
+fn owner_a() -> (Instant, String, HookBackup) {
+    let ch = channel_owned_by("a", &["a", "b", "c"]);
+    (Instant::now(), ch, HookBackup::new(n("a"), 1))
+}
+
 /// Delivers `out` to the node named by each frame's recipient.
 fn deliver(
     now: Instant,
@@ -76,10 +83,7 @@ fn the_backup_is_the_next_owner_in_rendezvous_order() {
 
 #[test]
 fn a_crashed_owner_events_are_released_by_the_backup_with_their_ids() {
-    let t0 = Instant::now();
-    let nodes = ["a", "b", "c"];
-    let ch = channel_owned_by("a", &nodes);
-    let mut a = HookBackup::new(n("a"), 1);
+    let (t0, ch, mut a) = owner_a();
     let mut b = HookBackup::new(n("b"), 1);
     let mut c = HookBackup::new(n("c"), 1);
     let backup = backup_for(&n("a"), &set(&["b", "c"]), "app", &ch).unwrap_or_else(|| panic!());
@@ -159,10 +163,7 @@ fn a_restarted_owner_releases_what_its_previous_incarnation_left() {
 
 #[test]
 fn when_the_backup_goes_the_owner_hands_its_events_to_the_next() {
-    let t0 = Instant::now();
-    let nodes = ["a", "b", "c"];
-    let ch = channel_owned_by("a", &nodes);
-    let mut a = HookBackup::new(n("a"), 1);
+    let (t0, ch, mut a) = owner_a();
     let mut out = Vec::new();
     a.hand("a:1:0", "app", &vacated(&ch), &set(&["b", "c"]), &mut out);
     let first = out[0].0.clone();

@@ -83,35 +83,16 @@ mod tests {
     use std::collections::BTreeMap;
     use std::time::Instant;
 
-    use pushmesh_protocol::Limits;
-
-    use crate::{AppConfig, ConnId, Core, CoreConfig, NodeId, Output, WebhookScheduler};
+    use crate::{testing, AppConfig, ConnId, Core, NodeId, Output, WebhookScheduler};
 
     fn core(name: &str) -> Core {
-        Core::new(
+        testing::core(
             std::time::Instant::now(),
-            CoreConfig {
-                apps: vec![AppConfig {
-                    id: "1".into(),
-                    key: "key".into(),
-                    secret: "secret".into(),
-                    enabled: true,
-                    client_events: true,
-                    user_authentication_required: false,
-                    max_connections: None,
-                    subscription_count_events: false,
-                    limits: Limits::default(),
-                    webhooks: true,
-                    wsify_event: "broadcast".into(),
-                    history: None,
-                }],
-                activity_timeout_secs: 120,
-                max_connections: None,
-                socket_prefix: 1,
-                node_id: name.into(),
-                epoch: 1,
-                history_max_bytes: crate::history::MAX_BYTES,
+            AppConfig {
+                webhooks: true,
+                ..testing::app()
             },
+            name,
         )
     }
 

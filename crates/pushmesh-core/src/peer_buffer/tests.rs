@@ -9,6 +9,16 @@ fn frame(i: u64) -> Bytes {
     Bytes::from(i.to_string())
 }
 
+/// A buffer of `room` frames whose link is up (epoch 1), holding `frames`.
+fn linked(room: usize, frames: std::ops::RangeInclusive<u64>) -> Outbound {
+    let mut o = Outbound::new(stream_id(1, 0), room, 1 << 20);
+    o.link_up(1);
+    for i in frames {
+        o.push(frame(i)).expect("room");
+    }
+    o
+}
+
 #[test]
 fn acked_frames_leave_the_buffer_and_the_rest_is_replayed_on_the_same_epoch() {
     let now = Instant::now();
@@ -35,10 +45,7 @@ fn acked_frames_leave_the_buffer_and_the_rest_is_replayed_on_the_same_epoch() {
 #[test]
 fn a_restarted_peer_gets_a_fresh_numbering_and_no_replay() {
     let now = Instant::now();
-    let mut o = Outbound::new(stream_id(1, 0), 100, 1 << 20);
-    o.link_up(1);
-    o.push(frame(1)).expect("room");
-    o.push(frame(2)).expect("room");
+    let mut o = linked(100, 1..=2);
     o.link_down();
     o.link_up(2);
     let mut w = Vec::new();
@@ -71,9 +78,7 @@ fn room_is_the_soft_limit_and_push_refuses_past_the_slack() {
 #[test]
 fn unacknowledged_frames_are_sent_again_after_the_timeout() {
     let t0 = Instant::now();
-    let mut o = Outbound::new(stream_id(1, 0), 10, 1 << 20);
-    o.link_up(1);
-    o.push(frame(1)).expect("room");
+    let mut o = linked(10, 1..=1);
     let mut w = Vec::new();
     o.take(t0, 10, &mut w);
     assert!(!o.retransmit_due(t0 + Duration::from_millis(100)));

@@ -19,8 +19,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
-use super::{Faults, Net, SimFailure};
-use crate::{AppIdx, ConnId, PublishRequest};
+use super::schedule::{env, faulty_net, out_of_order, Gen, NetOp, Published};
+use super::{Net, SimFailure};
+use crate::ConnId;
 
 const CHANNELS: [&str; 3] = ["c-a", "c-b", "presence-p"];
 
@@ -29,65 +30,37 @@ enum Op {
     Open(usize),
     Sub(usize, usize, usize),
     Publish(usize, usize),
-    Step(usize),
-    Tick,
-    Cut(usize, usize),
-    Heal(usize, usize),
+    Net(NetOp),
     Restart(usize),
     Drain(usize),
     DeclareDead(usize, usize),
     Disconnect(usize, usize),
 }
 
-/// A small deterministic generator (xorshift), so a failing seed replays.
-struct Gen(u64);
-
-impl Gen {
-    fn next(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n.max(1) as u64) as usize
+/// The next operation of a schedule on `nodes` nodes.
+fn draw(g: &mut Gen, nodes: usize) -> Op {
+    let n = |g: &mut Gen| g.next(nodes);
+    match g.next(100) {
+        0..=11 => Op::Open(n(g)),
+        12..=31 => Op::Sub(n(g), g.next(6), g.next(CHANNELS.len())),
+        32..=56 => Op::Publish(n(g), g.next(CHANNELS.len())),
+        57..=71 => Op::Net(NetOp::Step(1 + g.next(20))),
+        72..=79 => Op::Net(NetOp::Tick),
+        80..=85 => Op::Net(NetOp::Cut(n(g), n(g))),
+        86..=91 => Op::Net(NetOp::Heal(n(g), n(g))),
+        92..=93 => Op::Restart(n(g)),
+        94 => Op::Drain(n(g)),
+        95..=96 => Op::DeclareDead(n(g), n(g)),
+        _ => Op::Disconnect(n(g), g.next(6)),
     }
-
-    fn op(&mut self, nodes: usize) -> Op {
-        let n = |g: &mut Gen| g.next(nodes);
-        match self.next(100) {
-            0..=11 => Op::Open(n(self)),
-            12..=31 => Op::Sub(n(self), self.next(6), self.next(CHANNELS.len())),
-            32..=56 => Op::Publish(n(self), self.next(CHANNELS.len())),
-            57..=71 => Op::Step(1 + self.next(20)),
-            72..=79 => Op::Tick,
-            80..=85 => Op::Cut(n(self), n(self)),
-            86..=91 => Op::Heal(n(self), n(self)),
-            92..=93 => Op::Restart(n(self)),
-            94 => Op::Drain(n(self)),
-            95..=96 => Op::DeclareDead(n(self), n(self)),
-            _ => Op::Disconnect(n(self), self.next(6)),
-        }
-    }
-}
-
-/// One acknowledged publish.
-struct Published {
-    from: usize,
-    from_epoch: u64,
-    channel: usize,
-    event: String,
-    /// (node, conn) that had `subscription_succeeded` for the channel before it.
-    expected: Vec<(usize, u64)>,
 }
 
 /// Runs one schedule; returns a description of the first violation.
 fn run(seed: u64, nodes: usize, len: usize) -> Result<(), SimFailure> {
-    let faults = Faults {
-        drop: 30,
-        dup: 30,
-        swap: 30,
-    };
-    let mut net = Net::with(nodes, seed, faults);
-    let mut g = Gen(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let mut published: Vec<Published> = Vec::new();
+    let mut net = faulty_net(nodes, seed);
+    let mut g = Gen::new(seed);
+    // (node, conn) that had `subscription_succeeded` before each publish.
+    let mut published: Vec<Published<(usize, u64)>> = Vec::new();
     // (node, conn) -> channels subscribed (as asked).
     let mut asked: BTreeMap<(usize, u64), BTreeSet<usize>> = BTreeMap::new();
     // Connections closed at some point (excluded).
@@ -97,7 +70,7 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(), SimFailure> {
     let mut n = 0u64;
     let mut log = Vec::new();
     for _ in 0..len {
-        let op = g.op(nodes);
+        let op = draw(&mut g, nodes);
         log.push(format!("{op:?}"));
         if std::env::var("PUSHMESH_SIM_TRACE").is_ok() {
             let conns: Vec<_> = net.nodes.iter().map(|n| n.conns.clone()).collect();
@@ -130,20 +103,7 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(), SimFailure> {
                 }
                 n += 1;
                 let event = format!("e{n}");
-                let channels = vec![CHANNELS[ch].to_string()];
-                let now = net.now;
-                net.sync_room(i);
-                let r = net.nodes[i].core.publish(
-                    now,
-                    AppIdx(0),
-                    &PublishRequest {
-                        name: &event,
-                        data: "{}",
-                        channels: &channels,
-                        exclude_socket: None,
-                    },
-                );
-                if r.is_err() {
+                if !net.publish_at(i, CHANNELS[ch], &event) {
                     continue;
                 }
                 // Who had subscription_succeeded before this publish.
@@ -162,24 +122,9 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(), SimFailure> {
                         CHANNELS[ch]
                     );
                 }
-                published.push(Published {
-                    from: i,
-                    from_epoch: net.nodes[i].epoch,
-                    channel: ch,
-                    event,
-                    expected,
-                });
+                published.push(Published::new(&net, log.len(), i, ch, event, expected));
             }
-            Op::Step(k) => {
-                for _ in 0..k {
-                    if !net.step() {
-                        break;
-                    }
-                }
-            }
-            Op::Tick => net.tick(),
-            Op::Cut(i, j) => net.cut(i, j),
-            Op::Heal(i, j) => net.connect(i, j),
+            Op::Net(op) => net.apply(op),
             Op::Restart(i) => {
                 for c in &net.nodes[i].conns {
                     closed.insert((i, c.0));
@@ -194,11 +139,7 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(), SimFailure> {
                 }
                 net.drain(i);
             }
-            Op::DeclareDead(j, i) => {
-                if i != j && !net.links.contains_key(&(i, j)) {
-                    net.declare_dead(j, i);
-                }
-            }
+            Op::DeclareDead(j, i) => net.declare_dead_if_cut(j, i),
             Op::Disconnect(i, c) => {
                 if c < net.nodes[i].conns.len() {
                     let conn = net.nodes[i].conns.remove(c);
@@ -232,26 +173,10 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(), SimFailure> {
     // Order per publisher (incarnation) at every connection.
     for (i, node) in net.nodes.iter().enumerate() {
         for (c, frames) in &node.inbox {
-            let mut last: BTreeMap<(usize, u64), u64> = BTreeMap::new();
-            for f in frames {
-                let Some(e) = f["event"].as_str().and_then(|e| e.strip_prefix('e')) else {
-                    continue;
-                };
-                let Ok(k) = e.parse::<u64>() else { continue };
-                // Refused publishes are not in `published`: found by name.
-                let name = format!("e{k}");
-                let Some(p) = published.iter().find(|p| p.event == name) else {
-                    continue;
-                };
-                let key = (p.from, p.from_epoch);
-                if last.get(&key).is_some_and(|l| *l >= k) {
-                    let what = format!(
-                        "node {i} conn {c} got e{k} after a later event of node {}",
-                        p.from
-                    );
-                    return Err(SimFailure::new(seed, nodes, what, &log));
-                }
-                last.insert(key, k);
+            let events = frames.iter().filter_map(|f| f["event"].as_str());
+            if let Some((k, from)) = out_of_order(events, &published) {
+                let what = format!("node {i} conn {c} got e{k} after a later event of node {from}");
+                return Err(SimFailure::new(seed, nodes, what, &log));
             }
         }
     }
@@ -287,18 +212,9 @@ fn count(inbox: Option<&Vec<Value>>, event: &str) -> usize {
 
 #[test]
 fn acknowledged_publishes_reach_every_confirmed_subscriber_exactly_once_in_order() {
-    let schedules: u64 = std::env::var("PUSHMESH_SIM_SCHEDULES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5_000);
-    let first: u64 = std::env::var("PUSHMESH_SIM_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    let ops: usize = std::env::var("PUSHMESH_SIM_OPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(80);
+    let schedules = env("PUSHMESH_SIM_SCHEDULES", 5_000);
+    let first = env("PUSHMESH_SIM_SEED", 1);
+    let ops = env("PUSHMESH_SIM_OPS", 80) as usize;
     for seed in first..first + schedules {
         let nodes = 3 + (seed % 4) as usize; // 3 to 6 nodes
         if let Err(e) = run(seed, nodes, ops) {

@@ -37,21 +37,15 @@ impl Net {
     fn publish_tags(&mut self, i: usize, channel: &str, name: &str, tags: &str) -> usize {
         let before = self.data_frames;
         let channels = vec![channel.to_string()];
-        let now = self.now;
         let req = PublishRequest {
             name,
             data: "{}",
             channels: &channels,
             exclude_socket: None,
         };
-        let r = if tags.is_empty() {
-            self.nodes[i].core.publish(now, AppIdx(0), &req)
-        } else {
-            let t = Tags::parse_json(tags).unwrap_or_else(|e| panic!("{e}"));
-            self.nodes[i]
-                .core
-                .publish_with(now, AppIdx(0), &req, Some(&t))
-        };
+        let tags =
+            (!tags.is_empty()).then(|| Tags::parse_json(tags).unwrap_or_else(|e| panic!("{e}")));
+        let r = self.publish(i, &req, tags.as_ref());
         assert!(r.is_ok(), "{r:?}");
         self.pump(i);
         self.settle();
@@ -59,12 +53,19 @@ impl Net {
     }
 }
 
-#[test]
-fn a_node_gets_a_tagged_event_only_if_a_filter_there_can_match() {
+/// Three nodes, one connection on node 0 subscribed to `orders` with the
+/// filter `{"zone":"eu"}` (not settled yet).
+fn eu_subscriber() -> (Net, ConnId) {
     let mut net = Net::new();
     let eu = net.open(0);
-    let us = net.open(1);
     net.subscribe_filtered(0, eu, "orders", json!({"zone":"eu"}));
+    (net, eu)
+}
+
+#[test]
+fn a_node_gets_a_tagged_event_only_if_a_filter_there_can_match() {
+    let (mut net, eu) = eu_subscriber();
+    let us = net.open(1);
     net.subscribe_filtered(1, us, "orders", json!({"zone":["us","ca"]}));
     net.settle();
     // From node 2 (no subscriber): one frame, to node 0 only.
@@ -100,10 +101,8 @@ fn a_node_gets_a_tagged_event_only_if_a_filter_there_can_match() {
 
 #[test]
 fn a_plain_subscriber_makes_its_node_take_everything_until_it_leaves() {
-    let mut net = Net::new();
-    let eu = net.open(0);
+    let (mut net, eu) = eu_subscriber();
     let plain = net.open(0);
-    net.subscribe_filtered(0, eu, "orders", json!({"zone":"eu"}));
     net.settle();
     assert_eq!(net.publish_tags(2, "orders", "a", r#"{"zone":"us"}"#), 0);
     net.subscribe(0, plain, "orders");

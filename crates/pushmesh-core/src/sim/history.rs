@@ -21,8 +21,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Value};
 
-use super::{Faults, Net, SimFailure};
-use crate::{AppIdx, ConnId, PublishRequest};
+use super::schedule::{env, faulty_net, out_of_order, Gen, NetOp, Published};
+use super::{Net, SimFailure};
+use crate::{AppIdx, ConnId};
 
 const CH: [&str; 3] = ["h-a", "h-b", "presence-h"];
 
@@ -30,10 +31,7 @@ const CH: [&str; 3] = ["h-a", "h-b", "presence-h"];
 enum Op {
     NewClient(usize, usize),
     Publish(usize, usize),
-    Step(usize),
-    Tick,
-    Cut(usize, usize),
-    Heal(usize, usize),
+    Net(NetOp),
     Restart(usize),
     Drain(usize),
     DeclareDead(usize, usize),
@@ -41,31 +39,21 @@ enum Op {
     Reconnect(usize, usize),
 }
 
-struct Gen(u64);
-
-impl Gen {
-    fn next(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n.max(1) as u64) as usize
-    }
-
-    fn op(&mut self, nodes: usize) -> Op {
-        let n = |g: &mut Gen| g.next(nodes);
-        match self.next(100) {
-            0..=9 => Op::NewClient(n(self), self.next(CH.len())),
-            10..=34 => Op::Publish(n(self), self.next(CH.len())),
-            35..=52 => Op::Step(1 + self.next(20)),
-            53..=60 => Op::Tick,
-            61..=66 => Op::Cut(n(self), n(self)),
-            67..=72 => Op::Heal(n(self), n(self)),
-            73..=74 => Op::Restart(n(self)),
-            75 => Op::Drain(n(self)),
-            76..=77 => Op::DeclareDead(n(self), n(self)),
-            78..=87 => Op::Disconnect(self.next(8)),
-            _ => Op::Reconnect(self.next(8), n(self)),
-        }
+/// The next operation of a schedule on `nodes` nodes.
+fn draw(g: &mut Gen, nodes: usize) -> Op {
+    let n = |g: &mut Gen| g.next(nodes);
+    match g.next(100) {
+        0..=9 => Op::NewClient(n(g), g.next(CH.len())),
+        10..=34 => Op::Publish(n(g), g.next(CH.len())),
+        35..=52 => Op::Net(NetOp::Step(1 + g.next(20))),
+        53..=60 => Op::Net(NetOp::Tick),
+        61..=66 => Op::Net(NetOp::Cut(n(g), n(g))),
+        67..=72 => Op::Net(NetOp::Heal(n(g), n(g))),
+        73..=74 => Op::Restart(n(g)),
+        75 => Op::Drain(n(g)),
+        76..=77 => Op::DeclareDead(n(g), n(g)),
+        78..=87 => Op::Disconnect(g.next(8)),
+        _ => Op::Reconnect(g.next(8), n(g)),
     }
 }
 
@@ -89,15 +77,22 @@ struct Client {
     user: String,
 }
 
-struct Published {
-    /// Index of the operation that published it.
-    at_op: usize,
-    from: usize,
-    from_epoch: u64,
-    channel: usize,
-    event: String,
-    /// Clients subscribed (confirmed) when it was acknowledged.
-    expected: Vec<usize>,
+impl Client {
+    /// A client of `channel` that has seen nothing yet.
+    fn new(channel: usize, conn: (usize, u64, ConnId), user: String) -> Self {
+        Self {
+            channel,
+            conn,
+            read: 0,
+            position: None,
+            subscribed: false,
+            all_recovered: true,
+            reconnects: 0,
+            recovered: 0,
+            got: Vec::new(),
+            user,
+        }
+    }
 }
 
 fn is_open(net: &Net, c: &Client) -> bool {
@@ -176,35 +171,20 @@ fn connect(net: &mut Net, c: &mut Client, i: usize) {
 
 /// Runs one schedule: (reconnects, recovered) or the first violation.
 fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), SimFailure> {
-    let faults = Faults {
-        drop: 30,
-        dup: 30,
-        swap: 30,
-    };
-    let mut net = Net::with(nodes, seed, faults);
-    let mut g = Gen(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut net = faulty_net(nodes, seed);
+    let mut g = Gen::new(seed);
     let mut clients: Vec<Client> = Vec::new();
-    let mut published: Vec<Published> = Vec::new();
+    // Clients subscribed (confirmed) when each was acknowledged.
+    let mut published: Vec<Published<usize>> = Vec::new();
     let mut crashed: BTreeSet<(usize, u64)> = BTreeSet::new();
     let mut log = Vec::new();
     let mut n = 0u64;
     for _ in 0..len {
-        let op = g.op(nodes);
+        let op = draw(&mut g, nodes);
         log.push(format!("{op:?}"));
         match op {
             Op::NewClient(i, ch) => {
-                let mut c = Client {
-                    channel: ch,
-                    conn: (i, 0, ConnId(0)),
-                    read: 0,
-                    position: None,
-                    subscribed: false,
-                    all_recovered: true,
-                    reconnects: 0,
-                    recovered: 0,
-                    got: Vec::new(),
-                    user: format!("u{}", clients.len()),
-                };
+                let mut c = Client::new(ch, (i, 0, ConnId(0)), format!("u{}", clients.len()));
                 connect(&mut net, &mut c, i);
                 clients.push(c);
             }
@@ -214,16 +194,7 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), SimFailure
                 }
                 n += 1;
                 let event = format!("e{n}");
-                let channels = vec![CH[ch].to_string()];
-                let now = net.now;
-                let req = PublishRequest {
-                    name: &event,
-                    data: "{}",
-                    channels: &channels,
-                    exclude_socket: None,
-                };
-                net.sync_room(i);
-                if net.nodes[i].core.publish(now, AppIdx(0), &req).is_err() {
+                if !net.publish_at(i, CH[ch], &event) {
                     continue;
                 }
                 for c in &mut clients {
@@ -233,35 +204,15 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), SimFailure
                     .filter(|k| clients[*k].channel == ch && clients[*k].subscribed)
                     .collect();
                 net.pump(i);
-                published.push(Published {
-                    at_op: log.len(),
-                    from: i,
-                    from_epoch: net.nodes[i].epoch,
-                    channel: ch,
-                    event,
-                    expected,
-                });
+                published.push(Published::new(&net, log.len(), i, ch, event, expected));
             }
-            Op::Step(k) => {
-                for _ in 0..k {
-                    if !net.step() {
-                        break;
-                    }
-                }
-            }
-            Op::Tick => net.tick(),
-            Op::Cut(i, j) => net.cut(i, j),
-            Op::Heal(i, j) => net.connect(i, j),
+            Op::Net(op) => net.apply(op),
             Op::Restart(i) => {
                 crashed.insert((i, net.nodes[i].epoch));
                 net.restart(i);
             }
             Op::Drain(i) => net.drain(i),
-            Op::DeclareDead(j, i) => {
-                if i != j && !net.links.contains_key(&(i, j)) {
-                    net.declare_dead(j, i);
-                }
-            }
+            Op::DeclareDead(j, i) => net.declare_dead_if_cut(j, i),
             Op::Disconnect(k) => {
                 if let Some(c) = clients.get(k) {
                     if is_open(&net, c) {
@@ -348,30 +299,17 @@ fn run(seed: u64, nodes: usize, len: usize) -> Result<(usize, usize), SimFailure
             }
         }
         // Order per publisher incarnation.
-        let mut last: BTreeMap<(usize, u64), u64> = BTreeMap::new();
-        for e in &c.got {
-            let Some(i) = e.strip_prefix('e').and_then(|x| x.parse::<u64>().ok()) else {
-                continue;
-            };
-            // Refused publishes are not in `published`: found by name.
-            let Some(p) = published.iter().find(|p| p.event == *e) else {
-                continue;
-            };
-            let key = (p.from, p.from_epoch);
-            if last.get(&key).is_some_and(|l| *l >= i) {
-                return fail(format!(
-                    "client {k} got {e} after a later event of node {}",
-                    p.from
-                ));
-            }
-            last.insert(key, i);
+        if let Some((e, from)) = out_of_order(c.got.iter().map(String::as_str), &published) {
+            return fail(format!(
+                "client {k} got e{e} after a later event of node {from}"
+            ));
         }
     }
     Ok((reconnects, recovered))
 }
 
 /// Whether some node still holds the event in its history.
-fn held_anywhere(net: &Net, p: &Published) -> bool {
+fn held_anywhere(net: &Net, p: &Published<usize>) -> bool {
     let name = pushmesh_protocol::ChannelName::parse_with_limit(CH[p.channel], 200)
         .expect("valid channel");
     net.nodes.iter().any(|n| {
@@ -390,25 +328,7 @@ fn losses_after(log: &[String], at: usize) -> usize {
 }
 
 fn placeholder() -> Client {
-    Client {
-        channel: 0,
-        conn: (0, u64::MAX, ConnId(0)),
-        read: 0,
-        position: None,
-        subscribed: false,
-        all_recovered: true,
-        reconnects: 0,
-        recovered: 0,
-        got: Vec::new(),
-        user: String::new(),
-    }
-}
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    Client::new(0, (0, u64::MAX, ConnId(0)), String::new())
 }
 
 #[test]

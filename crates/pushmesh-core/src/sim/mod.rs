@@ -11,56 +11,39 @@ mod continuity;
 mod filters;
 mod history;
 mod scenarios;
+mod schedule;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
 
 use bytes::Bytes;
 use pushmesh_protocol::sign;
-use pushmesh_protocol::Limits;
 use serde_json::Value;
 
 use crate::cluster::PeerFrame;
+use crate::filter::Tags;
 use crate::peer_buffer::{stream_id, Continuity, Inbound, Outbound};
 use crate::{
-    AppConfig, AppIdx, ConnId, Core, CoreConfig, FrameKind, NodeId, Output, PublishRequest,
+    AppConfig, AppIdx, ConnId, Core, CoreConfig, FrameKind, NodeId, Output, PublishError,
+    PublishRequest, PublishedChannel,
 };
 
-const KEY: &str = "key";
-const SECRET: &str = "secret";
+use crate::testing::{self, KEY, SECRET};
 const NODES: usize = 3;
 const CHANNELS: [&str; 3] = ["news", "cache-c", "private-p"];
 const PRESENCE: [&str; 2] = ["presence-a", "presence-b"];
 
 fn app() -> AppConfig {
     AppConfig {
-        id: "1".into(),
-        key: KEY.into(),
-        secret: SECRET.into(),
-        enabled: true,
-        client_events: true,
-        user_authentication_required: false,
-        max_connections: None,
-        subscription_count_events: false,
-        limits: Limits::default(),
         webhooks: true,
-        wsify_event: "broadcast".into(),
         // `history.rs` uses these; the continuity channels keep none.
         history: Some(crate::history::AppHistory {
             channels: vec!["h-*".into(), "presence-h*".into()],
             max_events: 10_000,
             ttl: std::time::Duration::from_secs(3600),
         }),
+        ..testing::app()
     }
-}
-
-/// Data frames a link's buffer holds before publishes to that peer are
-/// refused: small, so that a cut link fills it and refusals are exercised
-/// (the buffer itself takes more, up to its slack, for copies).
-const BUFFER_FRAMES: usize = 2;
-
-fn node_name(i: usize) -> NodeId {
-    NodeId::new(&format!("node-{i}"))
 }
 
 /// A schedule that broke a property: which, and how to replay it.
@@ -88,6 +71,15 @@ impl SimFailure {
     }
 }
 
+/// Data frames a link's buffer holds before publishes to that peer are
+/// refused: small, so that a cut link fills it and refusals are exercised
+/// (the buffer itself takes more, up to its slack, for copies).
+const BUFFER_FRAMES: usize = 2;
+
+fn node_name(i: usize) -> NodeId {
+    NodeId::new(&format!("node-{i}"))
+}
+
 struct SimNode {
     core: Core,
     epoch: u64,
@@ -104,13 +96,8 @@ fn new_core(i: usize, epoch: u64) -> Core {
     Core::new(
         std::time::Instant::now(),
         CoreConfig {
-            apps: vec![app()],
-            activity_timeout_secs: 120,
-            max_connections: None,
-            socket_prefix: 100 + i as u32,
-            node_id: node_name(i).to_string(),
             epoch,
-            history_max_bytes: crate::history::MAX_BYTES,
+            ..testing::config(vec![app()], &node_name(i).to_string(), 100 + i as u32)
         },
     )
 }
@@ -561,6 +548,41 @@ impl Net {
         let now = self.now;
         self.nodes[i].core.handle_frame(now, c, &v.to_string());
         self.pump(i);
+    }
+
+    /// Node `i` publishes now, with `tags` if any; not pumped yet.
+    fn publish(
+        &mut self,
+        i: usize,
+        req: &PublishRequest<'_>,
+        tags: Option<&Tags>,
+    ) -> Result<Vec<PublishedChannel>, PublishError> {
+        let now = self.now;
+        self.sync_room(i);
+        self.nodes[i].core.publish_with(now, AppIdx(0), req, tags)
+    }
+
+    /// Node `i` publishes `name` (`data`) on `channel`, leaving out socket
+    /// `exclude`; it must be acknowledged. Then the network settles.
+    fn publish_settled(
+        &mut self,
+        i: usize,
+        channel: &str,
+        name: &str,
+        data: &str,
+        exclude: Option<&str>,
+    ) {
+        let channels = vec![channel.to_string()];
+        let req = PublishRequest {
+            name,
+            data,
+            channels: &channels,
+            exclude_socket: exclude,
+        };
+        let r = self.publish(i, &req, None);
+        assert!(r.is_ok(), "{r:?}");
+        self.pump(i);
+        self.settle();
     }
 
     fn socket(i: usize, c: ConnId) -> String {

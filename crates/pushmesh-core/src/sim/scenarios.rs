@@ -97,9 +97,8 @@ proptest! {
                     seq += 1;
                     let event = format!("ev{seq}");
                     let channel = if ch < CHANNELS.len() { CHANNELS[ch] } else { PRESENCE[ch - CHANNELS.len()] };
-                    let now = net.now;
                     let channels = vec![channel.to_string()];
-                    let r = net.nodes[from].core.publish(now, AppIdx(0), &PublishRequest { name: &event, data: "{}", channels: &channels, exclude_socket: None });
+                    let r = net.publish(from, &PublishRequest { name: &event, data: "{}", channels: &channels, exclude_socket: None }, None);
                     prop_assert!(r.is_ok());
                     net.pump(from);
                     net.settle();
@@ -159,43 +158,13 @@ fn uninterested_node_gets_no_data_frames_and_presence_spans_nodes() {
     assert_eq!(net.received(0, ua, "pusher_internal:member_added"), 1);
     // Publish on node 2 to "news": only node 0 gets a data frame.
     let before = net.data_frames;
-    let now = net.now;
-    let channels = vec!["news".to_string()];
-    assert!(net.nodes[2]
-        .core
-        .publish(
-            now,
-            AppIdx(0),
-            &PublishRequest {
-                name: "e",
-                data: "1",
-                channels: &channels,
-                exclude_socket: None
-            }
-        )
-        .is_ok());
-    net.pump(2);
-    net.settle();
+    net.publish_settled(2, "news", "e", "1", None);
     assert_eq!(net.data_frames - before, 1);
     assert_eq!(net.received(0, a, "e"), 1);
     // socket_id exclusion across nodes: a publish on node 2 excluding node 0's socket.
     let socket = Net::socket(0, a);
     let now = net.now;
-    assert!(net.nodes[2]
-        .core
-        .publish(
-            now,
-            AppIdx(0),
-            &PublishRequest {
-                name: "x",
-                data: "1",
-                channels: &channels,
-                exclude_socket: Some(&socket)
-            }
-        )
-        .is_ok());
-    net.pump(2);
-    net.settle();
+    net.publish_settled(2, "news", "x", "1", Some(&socket));
     assert_eq!(net.received(0, a, "x"), 0);
     // Cluster-wide channel info from a node without subscribers.
     let info = net.nodes[2]
@@ -239,24 +208,8 @@ fn uninterested_node_gets_no_data_frames_and_presence_spans_nodes() {
 #[test]
 fn cache_users_terminate_and_watchlists_span_nodes() {
     let mut net = Net::new();
-    let now = net.now;
     // Cache: published on node 2 with no subscriber anywhere, found from node 0.
-    let channels = vec!["cache-c".to_string()];
-    assert!(net.nodes[2]
-        .core
-        .publish(
-            now,
-            AppIdx(0),
-            &PublishRequest {
-                name: "last",
-                data: "7",
-                channels: &channels,
-                exclude_socket: None
-            }
-        )
-        .is_ok());
-    net.pump(2);
-    net.settle();
+    net.publish_settled(2, "cache-c", "last", "7", None);
     let late = net.open(0);
     net.subscribe(0, late, "cache-c");
     net.settle();
@@ -302,22 +255,7 @@ fn cache_users_terminate_and_watchlists_span_nodes() {
         serde_json::json!({"event":"pusher:subscribe","data":{"channel":"#server-to-user-v"}}),
     );
     net.settle();
-    let to_user = vec!["#server-to-user-v".to_string()];
-    assert!(net.nodes[0]
-        .core
-        .publish(
-            now,
-            AppIdx(0),
-            &PublishRequest {
-                name: "hi",
-                data: "{}",
-                channels: &to_user,
-                exclude_socket: None
-            }
-        )
-        .is_ok());
-    net.pump(0);
-    net.settle();
+    net.publish_settled(0, "#server-to-user-v", "hi", "{}", None);
     assert_eq!(net.received(2, v, "hi"), 1);
 }
 

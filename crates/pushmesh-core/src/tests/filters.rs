@@ -48,10 +48,7 @@ impl Harness {
 #[test]
 fn a_filter_selects_tagged_events_and_plain_subscribers_get_everything() {
     let mut h = Harness::new(vec![app()]);
-    let eu = h.open();
-    let us = h.open();
-    let any = h.open();
-    let kinds = h.open();
+    let [eu, us, any, kinds] = h.opens();
     h.subscribe_filtered(eu, "orders", json!({"zone":"eu"}));
     h.subscribe_filtered(us, "orders", json!({"zone":"us"}));
     h.subscribe(any, "orders");
@@ -90,8 +87,7 @@ fn a_filter_selects_tagged_events_and_plain_subscribers_get_everything() {
 #[test]
 fn resubscribing_replaces_the_filter_and_counts_stay_per_channel() {
     let mut h = Harness::new(vec![app()]);
-    let c = h.open();
-    let d = h.open();
+    let [c, d] = h.opens();
     h.subscribe_filtered(c, "news", json!({"zone":"eu"}));
     h.subscribe_filtered(d, "news", json!({"zone":"eu"}));
     h.subscribe_filtered(c, "news", json!({"zone":["us"]}));
@@ -153,9 +149,7 @@ fn an_invalid_filter_is_refused_and_the_connection_stays_usable() {
 #[test]
 fn client_events_carry_no_tags_and_reach_plain_subscribers_only() {
     let mut h = Harness::new(vec![app()]);
-    let a = h.open();
-    let plain = h.open();
-    let filtered = h.open();
+    let [a, plain, filtered] = h.opens();
     h.subscribe(a, "private-room");
     h.subscribe(plain, "private-room");
     let auth = format!(
@@ -182,9 +176,7 @@ fn client_events_carry_no_tags_and_reach_plain_subscribers_only() {
 #[test]
 fn identity_signs_in_and_device_tags_target_one_connection_of_a_user() {
     let mut h = Harness::new(vec![app()]);
-    let phone = h.open();
-    let laptop = h.open();
-    let other = h.open();
+    let [phone, laptop, other] = h.opens();
     let id = |device: &str, zone: &str| Identity {
         user: Some("u1".into()),
         device: Some(device.into()),

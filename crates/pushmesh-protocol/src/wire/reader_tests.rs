@@ -1,28 +1,37 @@
 use super::*;
 use crate::wire::deflate_message;
 
-/// A client frame: masked, with the given first byte (FIN, RSV1, opcode).
+/// A client frame: masked, with the given first byte (FIN, RSV1-3,
+/// opcode), its header written by tungstenite's encoder.
 fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    use tungstenite::protocol::frame::{coding::OpCode, FrameHeader};
     let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut out = vec![first];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n < 65536 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
+    let header = FrameHeader {
+        is_final: first & 0x80 != 0,
+        rsv1: first & 0x40 != 0,
+        rsv2: first & 0x20 != 0,
+        rsv3: first & 0x10 != 0,
+        opcode: OpCode::from(first & 0x0f),
+        mask: Some(mask),
+    };
+    let mut out = Vec::new();
+    header
+        .format(payload.len() as u64, &mut out)
+        .unwrap_or_else(|e| panic!("{e}"));
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     out
 }
 
 fn reader(deflate: bool, max: usize) -> FrameReader {
     FrameReader::new(Role::Server, max, deflate)
+}
+
+/// The close code a reader (`deflate`, `max` bytes a message) refuses
+/// `bytes` with.
+fn refused(deflate: bool, max: usize, bytes: &[u8]) -> u16 {
+    feed(&mut reader(deflate, max), bytes)
+        .expect_err("an error")
+        .close_code()
 }
 
 fn feed(r: &mut FrameReader, bytes: &[u8]) -> Result<Vec<Event>, ReadError> {
@@ -93,76 +102,26 @@ fn rsv1_without_negotiation_is_a_protocol_error() {
     // RSV1 on a continuation or control frame, even when negotiated.
     let mut bytes = client_frame(0x01, b"a");
     bytes.extend(client_frame(0xc0, b"b"));
-    assert_eq!(
-        feed(&mut reader(true, 1024), &bytes)
-            .expect_err("an error")
-            .close_code(),
-        1002
-    );
-    assert_eq!(
-        feed(&mut reader(true, 1024), &client_frame(0xc9, b""))
-            .expect_err("an error")
-            .close_code(),
-        1002
-    );
+    assert_eq!(refused(true, 1024, &bytes), 1002);
+    assert_eq!(refused(true, 1024, &client_frame(0xc9, b"")), 1002);
 }
 
 #[test]
 fn protocol_errors() {
     // Unmasked client frame.
-    assert_eq!(
-        feed(&mut reader(false, 64), &[0x81, 0x01, b'a'])
-            .expect_err("an error")
-            .close_code(),
-        1002
-    );
+    assert_eq!(refused(false, 64, &[0x81, 0x01, b'a']), 1002);
     // Continuation without a message, new message inside a fragmented one.
-    assert_eq!(
-        feed(&mut reader(false, 64), &client_frame(0x80, b"a"))
-            .expect_err("an error")
-            .close_code(),
-        1002
-    );
+    assert_eq!(refused(false, 64, &client_frame(0x80, b"a")), 1002);
     let mut bytes = client_frame(0x01, b"a");
     bytes.extend(client_frame(0x81, b"b"));
-    assert_eq!(
-        feed(&mut reader(false, 64), &bytes)
-            .expect_err("an error")
-            .close_code(),
-        1002
-    );
+    assert_eq!(refused(false, 64, &bytes), 1002);
     // Fragmented ping; RSV2; reserved opcode; a close code of one byte.
-    assert_eq!(
-        feed(&mut reader(false, 64), &client_frame(0x09, b""))
-            .expect_err("an error")
-            .close_code(),
-        1002
-    );
-    assert_eq!(
-        feed(&mut reader(false, 64), &client_frame(0xa1, b""))
-            .expect_err("an error")
-            .close_code(),
-        1002
-    );
-    assert_eq!(
-        feed(&mut reader(false, 64), &client_frame(0x83, b""))
-            .expect_err("an error")
-            .close_code(),
-        1002
-    );
-    assert_eq!(
-        feed(&mut reader(false, 64), &client_frame(0x88, b"x"))
-            .expect_err("an error")
-            .close_code(),
-        1002
-    );
+    assert_eq!(refused(false, 64, &client_frame(0x09, b"")), 1002);
+    assert_eq!(refused(false, 64, &client_frame(0xa1, b"")), 1002);
+    assert_eq!(refused(false, 64, &client_frame(0x83, b"")), 1002);
+    assert_eq!(refused(false, 64, &client_frame(0x88, b"x")), 1002);
     // Not UTF-8.
-    assert_eq!(
-        feed(&mut reader(false, 64), &client_frame(0x81, &[0xff]))
-            .expect_err("an error")
-            .close_code(),
-        1007
-    );
+    assert_eq!(refused(false, 64, &client_frame(0x81, &[0xff])), 1007);
 }
 
 #[test]

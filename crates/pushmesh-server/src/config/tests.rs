@@ -10,9 +10,26 @@ fn cli(args: &[&str]) -> Cli {
     Cli::try_parse_from(v).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Flags alone, no file.
+fn flags(args: &[&str]) -> Result<Config, ConfigError> {
+    Config::resolve(FileConfig::default(), cli(args))
+}
+
+/// Flags alone after `--gossip-listen 127.0.0.1:7000` and a cluster secret.
+fn clustered(args: &[&str]) -> Result<Config, ConfigError> {
+    let mut v = vec![
+        "--gossip-listen",
+        "127.0.0.1:7000",
+        "--cluster-secret",
+        "0123456789abcdef",
+    ];
+    v.extend_from_slice(args);
+    flags(&v)
+}
+
 #[test]
 fn defaults_to_development_app() {
-    let c = Config::resolve(FileConfig::default(), cli(&[])).unwrap_or_else(|e| panic!("{e}"));
+    let c = flags(&[]).unwrap_or_else(|e| panic!("{e}"));
     assert!(c.development);
     assert_eq!(c.apps[0].key, "app-key");
     assert_eq!(c.listen.port(), 6001);
@@ -45,19 +62,11 @@ max_presence_members = 5
 
 #[test]
 fn app_flags_replace_apps() {
-    let c = Config::resolve(
-        FileConfig::default(),
-        cli(&["--app", "1:a:b", "--app", "2:c:d:e"]),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let c = flags(&["--app", "1:a:b", "--app", "2:c:d:e"]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.apps.len(), 2);
     assert_eq!(c.apps[1].secret, "d:e");
-    assert!(Config::resolve(FileConfig::default(), cli(&["--app", "1::b"])).is_err());
-    assert!(Config::resolve(
-        FileConfig::default(),
-        cli(&["--app", "1:a:b", "--app", "1:c:d"])
-    )
-    .is_err());
+    assert!(flags(&["--app", "1::b"]).is_err());
+    assert!(flags(&["--app", "1:a:b", "--app", "1:c:d"]).is_err());
 }
 
 #[test]
@@ -82,58 +91,21 @@ fn example_cluster_configs_resolve() {
 
 #[test]
 fn cluster_settings_are_checked() {
-    let none = Config::resolve(FileConfig::default(), cli(&[])).unwrap_or_else(|e| panic!("{e}"));
+    let none = flags(&[]).unwrap_or_else(|e| panic!("{e}"));
     assert!(none.cluster.is_none());
-    let no_secret = Config::resolve(
-        FileConfig::default(),
-        cli(&["--gossip-listen", "127.0.0.1:7000"]),
-    );
+    let no_secret = flags(&["--gossip-listen", "127.0.0.1:7000"]);
     assert!(matches!(no_secret, Err(ConfigError::Invalid(m)) if m.contains("secret")));
-    let unspecified = Config::resolve(
-        FileConfig::default(),
-        cli(&[
-            "--gossip-listen",
-            "0.0.0.0:7000",
-            "--cluster-secret",
-            "0123456789abcdef",
-        ]),
-    );
+    let unspecified = flags(&[
+        "--gossip-listen",
+        "0.0.0.0:7000",
+        "--cluster-secret",
+        "0123456789abcdef",
+    ]);
     assert!(matches!(unspecified, Err(ConfigError::Invalid(m)) if m.contains("advertise")));
-    let half_certs = Config::resolve(
-        FileConfig::default(),
-        cli(&[
-            "--gossip-listen",
-            "127.0.0.1:7000",
-            "--cluster-secret",
-            "0123456789abcdef",
-            "--cluster-ca",
-            "x",
-        ]),
-    );
+    let half_certs = clustered(&["--cluster-ca", "x"]);
     assert!(half_certs.is_err());
-    let ok = Config::resolve(
-        FileConfig::default(),
-        cli(&[
-            "--gossip-listen",
-            "127.0.0.1:7000",
-            "--cluster-secret",
-            "0123456789abcdef",
-            "--seed",
-            "a:1,b:2",
-        ]),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let reserved = Config::resolve(
-        FileConfig::default(),
-        cli(&[
-            "--gossip-listen",
-            "127.0.0.1:7000",
-            "--cluster-secret",
-            "0123456789abcdef",
-            "--node-id",
-            "pushmesh-node",
-        ]),
-    );
+    let ok = clustered(&["--seed", "a:1,b:2"]).unwrap_or_else(|e| panic!("{e}"));
+    let reserved = clustered(&["--node-id", "pushmesh-node"]);
     assert!(matches!(reserved, Err(ConfigError::Invalid(m)) if m.contains("reserved")));
     let cl = ok.cluster.unwrap_or_else(|| panic!("clustering off"));
     assert_eq!(cl.cluster_listen.port(), 7001);
@@ -154,7 +126,7 @@ fn strict() {
 
 #[test]
 fn edge_admission_keys_from_file_and_flags() {
-    let d = Config::resolve(FileConfig::default(), cli(&[])).unwrap_or_else(|e| panic!("{e}"));
+    let d = flags(&[]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(d.max_pending_handshakes_per_ip, 128);
     assert_eq!(d.request_body_timeout, Duration::from_secs(10));
     assert_eq!(
@@ -201,7 +173,7 @@ forwarded_header = "forwarded"
 
 #[test]
 fn compression_settings() {
-    let d = Config::resolve(FileConfig::default(), cli(&[])).unwrap_or_else(|e| panic!("{e}"));
+    let d = flags(&[]).unwrap_or_else(|e| panic!("{e}"));
     assert!(d.compression.enabled, "on by default");
     assert_eq!((d.compression.min_bytes, d.compression.level), (256, 1));
     let file = FileConfig::parse(
@@ -216,7 +188,7 @@ fn compression_settings() {
     assert!(c.compression.enabled, "the flag wins");
     assert_eq!((c.compression.min_bytes, c.compression.level), (1000, 9));
     for bad in ["0", "10"] {
-        match Config::resolve(FileConfig::default(), cli(&["--compression-level", bad])) {
+        match flags(&["--compression-level", bad]) {
             Err(e) => assert!(e.to_string().contains("compression_level"), "{e}"),
             Ok(_) => panic!("level {bad} accepted"),
         }

@@ -79,6 +79,53 @@ pub async fn http(to: SocketAddr, request: &str) -> String {
     http_from(ip("127.0.0.1"), to, request).await
 }
 
+/// A signed `POST path` of `body` to the development app; the response.
+pub async fn post(to: SocketAddr, path: &str, body: &str) -> String {
+    http(to, &signed("POST", path, body, &[])).await
+}
+
+/// A health check that closes its connection.
+pub const HEALTHZ: &str = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+/// `n` connections from `from` that each sent `bytes` and are kept open.
+pub async fn holding(n: usize, from: &str, to: SocketAddr, bytes: &[u8]) -> Vec<TcpStream> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = connect_from(ip(from), to).await;
+        ok(s.write_all(bytes).await);
+        held.push(s);
+    }
+    held
+}
+
+/// A connection from `from` that sent `request` and is kept open.
+pub async fn sent(from: &str, to: SocketAddr, request: &[u8]) -> TcpStream {
+    let mut s = connect_from(ip(from), to).await;
+    ok(s.write_all(request).await);
+    s
+}
+
+/// The first 12 bytes `s` receives (`HTTP/1.1 NNN`); panics after [`LIMIT`].
+pub async fn head(s: &mut TcpStream) -> [u8; 12] {
+    let mut head = [0u8; 12];
+    ok(ok(
+        tokio::time::timeout(LIMIT, s.read_exact(&mut head)).await
+    ));
+    head
+}
+
+/// What `s` receives until the peer closes it, as text; panics after
+/// [`LIMIT`] or on an error.
+pub async fn answer(s: &mut TcpStream) -> String {
+    let mut answer = String::new();
+    ok(ok(tokio::time::timeout(
+        LIMIT,
+        s.read_to_string(&mut answer),
+    )
+    .await));
+    answer
+}
+
 /// Waits until the peer closes `s` (EOF or reset); panics after [`LIMIT`].
 pub async fn closed_by_peer(s: &mut TcpStream) {
     let mut buf = [0u8; 1024];

@@ -2,24 +2,11 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
-import { startServer, serverSdk, startAuthServer, client, connected, subscribed, next, collect, until, rawSocket, APP } from './helpers.mjs';
-import { closeAll } from './helpers.mjs';
+import { startWithAuth, serverSdk, connected, subscribed, next, collect, until, rawSocket, APP } from './helpers.mjs';
 
-let srv, sdk, auth;
-const clients = [];
-const mk = (opts = {}) => { const c = client(srv.port, { authUrl: auth.url, ...opts }); clients.push(c); return c; };
-
-before(async () => {
-  srv = await startServer();
-  sdk = serverSdk(srv.port);
-  auth = await startAuthServer(sdk);
-});
-after(async () => {
-  closeAll();
-  for (const c of clients) c.disconnect();
-  await auth.close();
-  await srv.stop();
-});
+let srv, sdk, auth, mk, stop;
+before(async () => ({ srv, sdk, auth, mk, stop } = await startWithAuth()));
+after(() => stop());
 
 test('socket_id exclusion leaves out the sender only', async () => {
   const a = mk(); const b = mk();

@@ -13,21 +13,13 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { startServer, WebSocket, withTimeout, APP } from './helpers.mjs';
+import { startServer, WebSocket, withTimeout, APP, APP_TOML, freePort } from './helpers.mjs';
 
 const deploy = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../../deploy');
 const have = (bin) => spawnSync('sh', ['-c', `command -v ${bin}`]).status === 0;
 const skip = !(have('haproxy') && have('nginx')) && 'haproxy or nginx not installed';
 
 let srv; const procs = []; let dir;
-
-async function freePort() {
-  const s = net.createServer();
-  await new Promise((r) => s.listen(0, '127.0.0.1', r));
-  const { port } = s.address();
-  await new Promise((r) => s.close(r));
-  return port;
-}
 
 /** Waits until something accepts on `port`. */
 async function listening(port, what) {
@@ -72,11 +64,7 @@ before(async () => {
 trusted_proxies = ["127.0.0.1/32"]
 proxy_protocol = true
 connections_per_ip_per_sec = 0.001
-[[apps]]
-id = "${APP.id}"
-key = "${APP.key}"
-secret = "${APP.secret}"
-`,
+${APP_TOML}`,
   });
   dir = fs.mkdtempSync(path.join(os.tmpdir(), 'pushmesh-lb-'));
   fs.mkdirSync(path.join(dir, 'logs'));

@@ -1,24 +1,16 @@
 // Public, private, encrypted and cache channels with pusher-js and the Node SDK.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, serverSdk, startAuthServer, client, connected, subscribed, next, until, APP, MASTER_KEY } from './helpers.mjs';
-import { closeAll } from './helpers.mjs';
+import { startWithAuth, startAuthServer, connected, subscribed, next } from './helpers.mjs';
 
-let srv, sdk, auth, forged;
-const clients = [];
-const mk = (opts = {}) => { const c = client(srv.port, { authUrl: auth.url, ...opts }); clients.push(c); return c; };
-
+let srv, sdk, auth, mk, stop, forged;
 before(async () => {
-  srv = await startServer();
-  sdk = serverSdk(srv.port);
-  auth = await startAuthServer(sdk);
+  ({ srv, sdk, auth, mk, stop } = await startWithAuth());
   forged = await startAuthServer(sdk, { forge: true });
 });
 after(async () => {
-  closeAll();
-  for (const c of clients) c.disconnect();
-  await auth.close(); await forged.close();
-  const { code } = await srv.stop();
+  await forged.close();
+  const { code } = await stop();
   assert.equal(code, 0, 'pushmesh exits cleanly on SIGTERM');
 });
 
@@ -45,8 +37,7 @@ test('private channel through an auth endpoint using authorizeChannel', async ()
 });
 
 test('forged signature gets pusher:subscription_error and the connection stays usable', async () => {
-  const c = client(srv.port, { authUrl: forged.url });
-  clients.push(c);
+  const c = mk({ authUrl: forged.url });
   const ch = c.subscribe('private-forged');
   const err = await next(ch, 'pusher:subscription_error', 'subscription_error');
   assert.equal(err.status, 401);

@@ -2,7 +2,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { startServer, serverSdk, rawSocket, client, next, subscribed, until, withTimeout, cleanEnv, BIN, APP } from './helpers.mjs';
+import { startServer, serverSdk, rawSocket, client, next, subscribed, until, withTimeout, cleanEnv, BIN, APP, subscribedTo, APP_TOML } from './helpers.mjs';
 import { closeAll } from './helpers.mjs';
 
 const servers = [];
@@ -43,9 +43,7 @@ test('refusals: unknown key 4001, bad protocol 4006/4007, unknown path 404', asy
 test('bad input gets errors and never affects other connections', async () => {
   const srv = await start();
   const sdk = serverSdk(srv.port);
-  const bystander = client(srv.port, { authUrl: 'http://127.0.0.1:9' });
-  const bch = bystander.subscribe('bystander');
-  await subscribed(bch);
+  const [bystander, bch] = await subscribedTo(srv.port, 'bystander');
   const r = await rawSocket(srv.port);
   await established(r);
   const errors = () => r.frames.filter((m) => m.event === 'pusher:error');
@@ -82,7 +80,7 @@ test('bad input gets errors and never affects other connections', async () => {
 });
 
 test('keepalive: an idle client is pinged and closed with 4201 without a pong', async () => {
-  const srv = await start({ configToml: `activity_timeout = 1\npong_timeout = 1\n[[apps]]\nid = "${APP.id}"\nkey = "${APP.key}"\nsecret = "${APP.secret}"\n` });
+  const srv = await start({ configToml: `activity_timeout = 1\npong_timeout = 1\n${APP_TOML}` });
   const r = await rawSocket(srv.port);
   const est = await established(r);
   assert.equal(est.data.activity_timeout, 1);

@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createRequire } from 'node:module';
-import { startServer, serverSdk, client, subscribed, until, closeAll, APP } from './helpers.mjs';
+import { startServer, serverSdk, client, subscribed, until, closeAll, APP, APP_TOML } from './helpers.mjs';
 
 const require = createRequire(import.meta.url);
 const { chromium } = require('playwright-core');
@@ -24,7 +24,7 @@ test('the status page is off by default and needs its token', async () => {
   const off = await startServer();
   servers.push(off);
   assert.equal((await fetch(`http://127.0.0.1:${off.port}/dashboard`)).status, 404);
-  const on = await startServer({ configToml: `dashboard_token = "t0ken"\n[[apps]]\nid = "${APP.id}"\nkey = "${APP.key}"\nsecret = "${APP.secret}"\n` });
+  const on = await startServer({ configToml: `dashboard_token = "t0ken"\n${APP_TOML}` });
   servers.push(on);
   assert.equal((await fetch(`http://127.0.0.1:${on.port}/dashboard`)).status, 401);
   assert.equal((await fetch(`http://127.0.0.1:${on.port}/dashboard?token=nope`)).status, 401);
@@ -34,7 +34,7 @@ test('the status page is off by default and needs its token', async () => {
 
 test('renders live numbers in Chromium and the debug console shows a published event', async () => {
   assert.ok(fs.existsSync(CHROMIUM), `chromium not found at ${CHROMIUM}`);
-  const srv = await startServer({ configToml: `dashboard_token = "t0ken"\n[[apps]]\nid = "${APP.id}"\nkey = "${APP.key}"\nsecret = "${APP.secret}"\nclient_events = true\n` });
+  const srv = await startServer({ configToml: `dashboard_token = "t0ken"\n${APP_TOML}client_events = true\n` });
   servers.push(srv);
   const c = client(srv.port, { authUrl: 'http://127.0.0.1:9' });
   await subscribed(c.subscribe('watched'));

@@ -1,23 +1,16 @@
 // Laravel Echo with the pusher broadcaster against pushmesh.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, serverSdk, startAuthServer, PusherClient, next, withTimeout, APP } from './helpers.mjs';
-import { closeAll } from './helpers.mjs';
+import { startWithAuth, PusherClient, withTimeout, APP } from './helpers.mjs';
 import EchoModule from 'laravel-echo';
 
 const Echo = EchoModule.default || EchoModule;
-let srv, sdk, auth, echo;
+let srv, sdk, auth, stop, echo;
 
-before(async () => {
-  srv = await startServer();
-  sdk = serverSdk(srv.port);
-  auth = await startAuthServer(sdk);
-});
+before(async () => ({ srv, sdk, auth, stop } = await startWithAuth()));
 after(async () => {
-  closeAll();
   if (echo) echo.disconnect();
-  await auth.close();
-  await srv.stop();
+  await stop();
 });
 
 test('laravel-echo: public, private and presence channels', async () => {

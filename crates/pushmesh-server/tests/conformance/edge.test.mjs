@@ -7,14 +7,9 @@ import assert from 'node:assert/strict';
 import http from 'node:http';
 import net from 'node:net';
 import crypto from 'node:crypto';
-import { startServer, serverSdk, withTimeout, until, WebSocket, PusherClient, APP } from './helpers.mjs';
+import { startServer, serverSdk, withTimeout, until, WebSocket, PusherClient, APP, APP_TOML, clusteredToml, freePort } from './helpers.mjs';
 
-const appToml = `
-[[apps]]
-id = "${APP.id}"
-key = "${APP.key}"
-secret = "${APP.secret}"
-`;
+const appToml = APP_TOML;
 
 /** GET over a fresh connection from `localAddress`: { status, headers, body }. */
 function get(port, path, localAddress = '127.0.0.1') {
@@ -111,15 +106,6 @@ test('a 2,000-socket half-open flood from 127.0.0.1: 127.0.0.2 connects and subs
   }
 });
 
-/** A port that was free a moment ago (for a second listener the node does not print). */
-async function freePort() {
-  const srv = net.createServer();
-  await new Promise((r) => srv.listen(0, '127.0.0.1', r));
-  const { port } = srv.address();
-  await new Promise((r) => srv.close(r));
-  return port;
-}
-
 test('every pending slot taken: the client listener waits instead of resetting, metrics_listen answers /healthz and /readyz', { timeout: 120000 }, async () => {
   const metricsPort = await freePort();
   const srv = await startServer({
@@ -176,15 +162,7 @@ test('a reconnect storm: 5,000 clients from 50 addresses at once, 4 rounds, each
   }
 });
 
-const drainingToml = `
-[cluster]
-gossip_listen = "127.0.0.1:0"
-gossip_advertise = "127.0.0.1:1"
-cluster_listen = "127.0.0.1:0"
-cluster_advertise = "127.0.0.1:2"
-secret = "a-secret-of-sixteen-plus"
-drain_wait_ms = 10000
-${appToml}`;
+const drainingToml = clusteredToml('drain_wait_ms = 10000');
 
 /**
  * A client as pusher-js behaves on the wire: reconnects at once on a 4200
@@ -397,17 +375,9 @@ test('Forwarded (RFC 7239) names the client behind a trusted proxy and is ignore
 
 test('a node still joining its cluster refuses newcomers with a backoff (pusher: 4100, /ws: 503 joining + Retry-After), not 4200 (no reconnect loop)', { timeout: 90000 }, async () => {
   // A seed that never answers and min_cluster_size = 2: joining for good.
-  const srv = await startServer({ configToml: `
-[cluster]
-gossip_listen = "127.0.0.1:0"
-gossip_advertise = "127.0.0.1:1"
-cluster_listen = "127.0.0.1:0"
-cluster_advertise = "127.0.0.1:2"
-secret = "a-secret-of-sixteen-plus"
-seeds = ["127.0.0.1:9"]
-min_cluster_size = 2
-startup_timeout_ms = 200
-${appToml}` });
+  const srv = await startServer({
+    configToml: clusteredToml('seeds = ["127.0.0.1:9"]\nmin_cluster_size = 2\nstartup_timeout_ms = 200'),
+  });
   try {
     const r = await get(srv.port, '/readyz');
     assert.equal(r.status, 503);

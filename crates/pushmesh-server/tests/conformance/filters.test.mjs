@@ -6,7 +6,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
   startServer, serverSdk, client, connected, subscribed, next, until, withTimeout,
-  WebSocket, APP, closeAll,
+  WebSocket, APP, closeAll, subscribedTo, APP_TOML,
 } from './helpers.mjs';
 import { subscribeWithFilter, validateFilter } from '../../../../clients/js/index.js';
 
@@ -21,11 +21,7 @@ broadcasting_key = "bk"
 user = "X-User-Id"
 device = "X-Device"
 zone = "X-Zone"
-[[apps]]
-id = "${APP.id}"
-key = "${APP.key}"
-secret = "${APP.secret}"
-`,
+${APP_TOML}`,
   });
   sdk = serverSdk(srv.port);
 });
@@ -83,9 +79,7 @@ test('a filter selects the events tagged for it; stock pusher-js gets everything
   eu.send_event('pusher:subscribe', { channel: 'orders', filter: { zone: 'eu' } });
   assert.equal((await euOk).event, 'pusher_internal:subscription_succeeded');
   // Stock pusher-js, no filter.
-  const plain = client(srv.port, { authUrl: 'http://127.0.0.1:9' });
-  const ch = plain.subscribe('orders');
-  await subscribed(ch);
+  const [plain, ch] = await subscribedTo(srv.port, 'orders');
   const atPlain = [];
   ch.bind_global((e) => { if (!e.startsWith('pusher')) atPlain.push(e); });
   const us = await socket();

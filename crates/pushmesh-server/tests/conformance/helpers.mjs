@@ -2,6 +2,7 @@
 // make real pusher-js clients and a real Node SDK, run an auth endpoint.
 import { spawn } from 'node:child_process';
 import http from 'node:http';
+import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createRequire } from 'node:module';
@@ -15,6 +16,31 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 export const BIN = process.env.PUSHMESH_BIN || path.resolve(here, '../../../../target/debug/pushmesh');
 
 export const APP = { id: 'conf-app', key: 'conf-key', secret: 'conf-secret' };
+/** The conformance app as a TOML `[[apps]]` table. */
+export const APP_TOML = `
+[[apps]]
+id = "${APP.id}"
+key = "${APP.key}"
+secret = "${APP.secret}"
+`;
+
+/**
+ * A lone clustered node's TOML: `[cluster]` on loopback (free ports,
+ * advertised addresses nobody answers), the `extra` cluster lines, then
+ * the conformance app.
+ */
+export function clusteredToml(extra = '') {
+  return `
+[cluster]
+gossip_listen = "127.0.0.1:0"
+gossip_advertise = "127.0.0.1:1"
+cluster_listen = "127.0.0.1:0"
+cluster_advertise = "127.0.0.1:2"
+secret = "a-secret-of-sixteen-plus"
+${extra}
+${APP_TOML}`;
+}
+
 export const MASTER_KEY = Buffer.alloc(32, 7).toString('base64');
 
 /** Every wait is bounded: a test fails rather than hangs. */
@@ -129,6 +155,26 @@ export function closeAll() {
   }
 }
 
+/**
+ * A node, the Node SDK for it and an auth endpoint: `mk(opts)` makes a
+ * pusher-js client of that endpoint; `stop()` disconnects every client and
+ * socket, closes the endpoint and stops the node (its `{ code }`).
+ */
+export async function startWithAuth() {
+  const srv = await startServer();
+  const sdk = serverSdk(srv.port);
+  const auth = await startAuthServer(sdk);
+  const clients = [];
+  const mk = (opts = {}) => { const c = client(srv.port, { authUrl: auth.url, ...opts }); clients.push(c); return c; };
+  const stop = async () => {
+    closeAll();
+    for (const c of clients) c.disconnect();
+    await auth.close();
+    return srv.stop();
+  };
+  return { srv, sdk, auth, mk, stop };
+}
+
 /** A pusher-js client; `user` and `watchlist` are passed to the auth endpoint. */
 export function client(port, { authUrl, user, watchlist, key = APP.key, ...rest } = {}) {
   const params = { user: user || 'anon' };
@@ -156,6 +202,14 @@ export function subscribed(channel) {
   }), 10000, `subscription to ${channel.name}`);
 }
 
+/** A pusher-js client (with no auth endpoint) subscribed to `name`: [client, channel]. */
+export async function subscribedTo(port, name) {
+  const c = client(port, { authUrl: 'http://127.0.0.1:9' });
+  const ch = c.subscribe(name);
+  await subscribed(ch);
+  return [c, ch];
+}
+
 /** Resolves with the next `event` on a channel (or any bindable). */
 export function next(bindable, event, what = event) {
   return withTimeout(new Promise((r) => {
@@ -179,6 +233,15 @@ export async function until(cond, what, ms = 10000) {
     await new Promise((r) => setTimeout(r, 20));
   }
   throw new Error(`timed out waiting for ${what}`);
+}
+
+/** A loopback port that was free a moment ago. */
+export async function freePort() {
+  const s = net.createServer();
+  await new Promise((r) => s.listen(0, '127.0.0.1', r));
+  const { port } = s.address();
+  await new Promise((r) => s.close(r));
+  return port;
 }
 
 /** A raw WebSocket speaking the protocol by hand, for malformed input. */

@@ -5,8 +5,16 @@
 // recovery is in cluster-tests/history.test.mjs.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, serverSdk, client, subscribed, next, until, withTimeout, closeAll, rawSocket, startAuthServer, WebSocket, APP } from './helpers.mjs';
+import { startServer, serverSdk, client, subscribed, next, until, withTimeout, closeAll, rawSocket, startAuthServer, WebSocket, APP, APP_TOML } from './helpers.mjs';
 import { withRecovery } from '../../../../clients/js/index.js';
+
+/** A raw socket that subscribed with `data` and got `subscription_succeeded` (`what` names the wait): [socket, that frame]. */
+async function rawSubscriber(port, data, what) {
+  const r = await rawSocket(port);
+  r.send({ event: 'pusher:subscribe', data });
+  const ok = await r.waitFor((m) => m.event === 'pusher_internal:subscription_succeeded', what);
+  return [r, ok];
+}
 
 const servers = [];
 const auths = [];
@@ -17,11 +25,7 @@ after(async () => {
 });
 
 const CONFIG = `
-[[apps]]
-id = "${APP.id}"
-key = "${APP.key}"
-secret = "${APP.secret}"
-[apps.history]
+${APP_TOML}[apps.history]
 channels = ["chat-*", "presence-room-*", "small-*"]
 max_events = 50
 ttl_secs = 300
@@ -45,9 +49,7 @@ test('stock pusher-js on a history channel: events as before, each frame carries
   await subscribed(ch);
   const got = [];
   ch.bind('m', (d) => got.push(d));
-  const raw = await rawSocket(s.port);
-  raw.send({ event: 'pusher:subscribe', data: { channel: 'chat-stock' } });
-  const ok = await raw.waitFor((m) => m.event === 'pusher_internal:subscription_succeeded', 'raw subscribed');
+  const [raw, ok] = await rawSubscriber(s.port, { channel: 'chat-stock' }, 'raw subscribed');
   assert.equal(typeof ok.data.position, 'string', 'subscription_succeeded gives the current position');
   assert.equal(ok.data.recovered, undefined, 'no position asked: no recovered field');
   for (let i = 0; i < 3; i++) await sdk.trigger('chat-stock', 'm', { i });
@@ -70,16 +72,12 @@ test('stock pusher-js on a history channel: events as before, each frame carries
 test('raw frames: recovery after the given position, in order, once; unknown position is recovered:false', async () => {
   const s = await server();
   const sdk = serverSdk(s.port);
-  const a = await rawSocket(s.port);
-  a.send({ event: 'pusher:subscribe', data: { channel: 'chat-raw' } });
-  await a.waitFor((m) => m.event === 'pusher_internal:subscription_succeeded', 'a subscribed');
+  const [a] = await rawSubscriber(s.port, { channel: 'chat-raw' }, 'a subscribed');
   for (let i = 0; i < 5; i++) await sdk.trigger('chat-raw', 'm', { i });
   const fifth = await a.waitFor((m) => m.event === 'm' && m.data.i === 4, 'a got 5');
   a.close();
   for (let i = 5; i < 25; i++) await sdk.trigger('chat-raw', 'm', { i });
-  const b = await rawSocket(s.port);
-  b.send({ event: 'pusher:subscribe', data: { channel: 'chat-raw', position: fifth.position } });
-  const ok = await b.waitFor((m) => m.event === 'pusher_internal:subscription_succeeded', 'b subscribed');
+  const [b, ok] = await rawSubscriber(s.port, { channel: 'chat-raw', position: fifth.position }, 'b subscribed');
   assert.equal(ok.data.recovered, true);
   await b.waitFor((m) => m.event === 'm' && m.data.i === 24, 'b replayed up to 24');
   await sdk.trigger('chat-raw', 'm', { i: 25 });
@@ -90,9 +88,7 @@ test('raw frames: recovery after the given position, in order, once; unknown pos
   assert.equal(replayedLast.position, ok.data.position, 'the replay ends at the position subscription_succeeded gave');
   // Positions that cannot be continued.
   for (const position of ['ffff.3', 'not a position', '']) {
-    const c = await rawSocket(s.port);
-    c.send({ event: 'pusher:subscribe', data: { channel: 'chat-raw', position } });
-    const r = await c.waitFor((m) => m.event === 'pusher_internal:subscription_succeeded', `answer for ${JSON.stringify(position)}`);
+    const [c, r] = await rawSubscriber(s.port, { channel: 'chat-raw', position }, `answer for ${JSON.stringify(position)}`);
     assert.equal(r.data.recovered, false, `position ${JSON.stringify(position)}`);
     await sdk.trigger('chat-raw', 'm', { i: `live-${position}` });
     await c.waitFor((m) => m.event === 'm' && m.data.i === `live-${position}`, 'live after recovered:false');
@@ -104,16 +100,12 @@ test('raw frames: recovery after the given position, in order, once; unknown pos
 test('a position older than max_events is recovered:false, then only live events', async () => {
   const s = await server();
   const sdk = serverSdk(s.port);
-  const a = await rawSocket(s.port);
-  a.send({ event: 'pusher:subscribe', data: { channel: 'small-1' } });
-  await a.waitFor((m) => m.event === 'pusher_internal:subscription_succeeded', 'subscribed');
+  const [a] = await rawSubscriber(s.port, { channel: 'small-1' }, 'subscribed');
   await sdk.trigger('small-1', 'm', { i: 0 });
   const first = await a.waitFor((m) => m.event === 'm', 'first');
   a.close();
   for (let i = 1; i <= 60; i++) await sdk.trigger('small-1', 'm', { i });
-  const b = await rawSocket(s.port);
-  b.send({ event: 'pusher:subscribe', data: { channel: 'small-1', position: first.position } });
-  const r = await b.waitFor((m) => m.event === 'pusher_internal:subscription_succeeded', 'answer');
+  const [b, r] = await rawSubscriber(s.port, { channel: 'small-1', position: first.position }, 'answer');
   assert.equal(r.data.recovered, false, 'evicted events cannot be replayed');
   await sdk.trigger('small-1', 'm', { i: 61 });
   await b.waitFor((m) => m.event === 'm' && m.data.i === 61, 'live');
@@ -207,9 +199,7 @@ test('a filtered subscription recovers only the events its filter selects', asyn
   const s = await server();
   const sdk = serverSdk(s.port);
   const publish = (name, tags) => sdk.post({ path: '/events', body: { name, channel: 'chat-filtered', data: '{}', tags } });
-  const a = await rawSocket(s.port);
-  a.send({ event: 'pusher:subscribe', data: { channel: 'chat-filtered', filter: { zone: 'eu' } } });
-  await a.waitFor((m) => m.event === 'pusher_internal:subscription_succeeded', 'a subscribed');
+  const [a] = await rawSubscriber(s.port, { channel: 'chat-filtered', filter: { zone: 'eu' } }, 'a subscribed');
   await publish('eu-0', { zone: 'eu' });
   const first = await a.waitFor((m) => m.event === 'eu-0', 'a got eu-0');
   a.close();
@@ -217,9 +207,7 @@ test('a filtered subscription recovers only the events its filter selects', asyn
   await publish('eu-2', { zone: 'eu' });
   await publish('none-3', {});
   await publish('eu-4', { zone: 'eu' });
-  const b = await rawSocket(s.port);
-  b.send({ event: 'pusher:subscribe', data: { channel: 'chat-filtered', filter: { zone: 'eu' }, position: first.position } });
-  const ok = await b.waitFor((m) => m.event === 'pusher_internal:subscription_succeeded', 'b subscribed');
+  const [b, ok] = await rawSubscriber(s.port, { channel: 'chat-filtered', filter: { zone: 'eu' }, position: first.position }, 'b subscribed');
   assert.equal(ok.data.recovered, true);
   await publish('eu-5', { zone: 'eu' });
   await b.waitFor((m) => m.event === 'eu-5', 'live eu-5');

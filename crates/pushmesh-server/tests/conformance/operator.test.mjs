@@ -10,27 +10,13 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { startServer, until, withTimeout, cleanEnv, BIN, APP } from './helpers.mjs';
+import { startServer, until, withTimeout, cleanEnv, BIN, APP, clusteredToml } from './helpers.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const deploy = path.resolve(here, '../../../../deploy');
 const servers = [];
 const start = async (opts) => { const s = await startServer(opts); servers.push(s); return s; };
 after(async () => { for (const s of servers) await s.stop().catch(() => {}); });
-
-const clustered = (extra = '') => `
-[cluster]
-gossip_listen = "127.0.0.1:0"
-gossip_advertise = "127.0.0.1:1"
-cluster_listen = "127.0.0.1:0"
-cluster_advertise = "127.0.0.1:2"
-secret = "a-secret-of-sixteen-plus"
-${extra}
-[[apps]]
-id = "${APP.id}"
-key = "${APP.key}"
-secret = "${APP.secret}"
-`;
 
 const metricsOf = async (port) => (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
 const value = (text, series) => {
@@ -81,7 +67,7 @@ test('strict loading: a bad URL, seed or origin stops the node at start with exi
 });
 
 test('metrics: pushmesh_build_info, pushmesh_ready and pushmesh_draining follow /readyz through a drain; process_max_fds', async () => {
-  const srv = await startServer({ configToml: clustered('drain_wait_ms = 3000') });
+  const srv = await startServer({ configToml: clusteredToml('drain_wait_ms = 3000') });
   await until(async () => (await fetch(`http://127.0.0.1:${srv.port}/readyz`)).status === 200, 'ready after joining', 30000);
   let m = await metricsOf(srv.port);
   assert.match(m, /^pushmesh_build_info\{version="\d+\.\d+\.\d+",commit="[0-9a-f]{7,40}|unknown"\} 1$/m);
@@ -97,7 +83,7 @@ test('metrics: pushmesh_build_info, pushmesh_ready and pushmesh_draining follow 
 });
 
 test('every metric the shipped Prometheus rules and Grafana dashboard name is exported by a clustered node', async () => {
-  const srv = await start({ configToml: clustered() });
+  const srv = await start({ configToml: clusteredToml() });
   await until(async () => (await fetch(`http://127.0.0.1:${srv.port}/readyz`)).status === 200, 'ready', 30000);
   // A request of each kind the rules' queries look at.
   await fetch(`http://127.0.0.1:${srv.port}/apps/${APP.id}/events`, { method: 'POST', body: '{}' });

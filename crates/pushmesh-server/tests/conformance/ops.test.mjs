@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import tls from 'node:tls';
 import os from 'node:os';
 import path from 'node:path';
-import { startServer, serverSdk, client, subscribed, next, until, withTimeout, closeAll, rawSocket, cleanEnv, APP, WebSocket } from './helpers.mjs';
+import { startServer, serverSdk, client, subscribed, until, withTimeout, closeAll, rawSocket, cleanEnv, APP, WebSocket, clusteredToml, APP_TOML } from './helpers.mjs';
 
 const servers = [];
 const start = async (opts) => { const s = await startServer(opts); servers.push(s); return s; };
@@ -122,19 +122,7 @@ print(json.dumps(out))
 });
 
 test('/readyz goes 503 while draining, before the node exits', async () => {
-  const srv = await startServer({ configToml: `
-[cluster]
-gossip_listen = "127.0.0.1:0"
-gossip_advertise = "127.0.0.1:1"
-cluster_listen = "127.0.0.1:0"
-cluster_advertise = "127.0.0.1:2"
-secret = "a-secret-of-sixteen-plus"
-drain_wait_ms = 3000
-[[apps]]
-id = "${APP.id}"
-key = "${APP.key}"
-secret = "${APP.secret}"
-` });
+  const srv = await startServer({ configToml: clusteredToml('drain_wait_ms = 3000') });
   // A clustered node is `joining` until its join task has run (no seed here,
   // so at its first tick): await readiness rather than race it.
   await until(async () => (await fetch(`http://127.0.0.1:${srv.port}/readyz`)).status === 200, 'ready after joining', 30000);
@@ -168,11 +156,7 @@ test('limits: connection flood from one IP gets 4100 while others are served; AP
 connections_per_ip_per_sec = 5
 api_requests_per_sec = 2
 max_connections = 40
-[[apps]]
-id = "${APP.id}"
-key = "${APP.key}"
-secret = "${APP.secret}"
-[[apps]]
+${APP_TOML}[[apps]]
 id = "strict-origin"
 key = "origin-key"
 secret = "s"

@@ -1,24 +1,11 @@
 // Presence members and client events with pusher-js.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, serverSdk, startAuthServer, client, connected, subscribed, next, collect, until } from './helpers.mjs';
-import { closeAll } from './helpers.mjs';
+import { startWithAuth, client, connected, subscribed, next, collect, until } from './helpers.mjs';
 
-let srv, sdk, auth;
-const clients = [];
-const mk = (opts = {}) => { const c = client(srv.port, { authUrl: auth.url, ...opts }); clients.push(c); return c; };
-
-before(async () => {
-  srv = await startServer();
-  sdk = serverSdk(srv.port);
-  auth = await startAuthServer(sdk);
-});
-after(async () => {
-  closeAll();
-  for (const c of clients) c.disconnect();
-  await auth.close();
-  await srv.stop();
-});
+let srv, sdk, auth, mk, stop;
+before(async () => ({ srv, sdk, auth, mk, stop } = await startWithAuth()));
+after(() => stop());
 
 const ids = (members) => { const out = []; members.each((m) => out.push(m.id)); return out.sort(); };
 

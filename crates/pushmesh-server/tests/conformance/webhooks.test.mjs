@@ -3,7 +3,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
-import { startServer, serverSdk, client, subscribed, until, withTimeout, closeAll, startAuthServer, APP } from './helpers.mjs';
+import { startServer, serverSdk, client, subscribed, until, withTimeout, closeAll, startAuthServer, APP, APP_TOML } from './helpers.mjs';
 
 const servers = [];
 const httpServers = [];
@@ -38,11 +38,7 @@ async function receiver(sdk, { failFirst = 0 } = {}) {
 
 const appToml = (hooks, delayMs = 1000) => `webhook_backoff_ms = 100
 webhook_delay_ms = ${delayMs}
-[[apps]]
-id = "${APP.id}"
-key = "${APP.key}"
-secret = "${APP.secret}"
-client_events = true
+${APP_TOML}client_events = true
 ${hooks}`;
 
 test('channel, member, client_event and cache_miss webhooks, signed and valid', async () => {

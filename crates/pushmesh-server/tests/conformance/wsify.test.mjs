@@ -3,7 +3,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
-import { startServer, serverSdk, client, subscribed, next, until, withTimeout, closeAll, WebSocket, APP } from './helpers.mjs';
+import { startServer, serverSdk, client, subscribed, next, until, withTimeout, closeAll, WebSocket, APP, subscribedTo, APP_TOML } from './helpers.mjs';
 
 const servers = [];
 const start = async (opts) => { const s = await startServer(opts); servers.push(s); return s; };
@@ -126,9 +126,7 @@ test('malformed frames: error frame in envelope mode, never a re-run of the prev
 test('wsify and Pusher share channels, with a real pusher-js client', async () => {
   const srv = await start();
   const sdk = serverSdk(srv.port);
-  const pjs = client(srv.port, { authUrl: 'http://127.0.0.1:9' });
-  const ch = pjs.subscribe('shared');
-  await subscribed(ch);
+  const [pjs, ch] = await subscribedTo(srv.port, 'shared');
   const w = await wsify(srv.port);
   w.send({ command: 'join', args: { channel: 'shared' } });
   await until(async () => (await (await sdk.get({ path: '/channels/shared', params: { info: 'subscription_count' } })).json()).subscription_count === 2, 'both subscribed');
@@ -171,11 +169,7 @@ test('POST /broadcast: both body forms, key required, JSON errors', async () => 
 test('authorizer: 200 allows, 403 refuses, 500 closes for reconnect, a hang closes after the timeout', async () => {
   const authz = await authorizer();
   const srv = await start({ configToml: `
-[[apps]]
-id = "${APP.id}"
-key = "${APP.key}"
-secret = "${APP.secret}"
-[apps.authorizer]
+${APP_TOML}[apps.authorizer]
 url = "${authz.url}"
 timeout_ms = 500
 ` });
@@ -226,11 +220,7 @@ trusted_proxies = ["127.0.0.1/32"]
 [identity_headers]
 user = "X-User-Id"
 device = "X-Device"
-[[apps]]
-id = "${APP.id}"
-key = "${APP.key}"
-secret = "${APP.secret}"
-[apps.authorizer]
+${APP_TOML}[apps.authorizer]
 url = "${authz.url}"
 ` });
   const headers = { 'X-User-Id': 'alice', 'X-Device': 'phone', 'X-Other': 'kept' };

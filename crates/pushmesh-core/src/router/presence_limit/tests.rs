@@ -9,7 +9,7 @@ use pushmesh_protocol::{sign, Limits};
 use serde_json::Value;
 
 use super::CLAIM_WAIT;
-use crate::{AppConfig, AppIdx, ConnId, Core, CoreConfig, NodeId, Output};
+use crate::{testing, AppConfig, AppIdx, ConnId, Core, NodeId, Output};
 
 const SECRET: &str = "secret";
 const LIMIT: usize = 5;
@@ -19,30 +19,13 @@ fn core(name: &str) -> Core {
         max_presence_members: LIMIT,
         ..Limits::default()
     };
-    Core::new(
+    testing::core(
         std::time::Instant::now(),
-        CoreConfig {
-            apps: vec![AppConfig {
-                id: "1".into(),
-                key: "key".into(),
-                secret: SECRET.into(),
-                enabled: true,
-                client_events: true,
-                user_authentication_required: false,
-                max_connections: None,
-                subscription_count_events: false,
-                limits,
-                webhooks: false,
-                wsify_event: "broadcast".into(),
-                history: None,
-            }],
-            activity_timeout_secs: 120,
-            max_connections: None,
-            socket_prefix: 1,
-            node_id: name.into(),
-            epoch: 1,
-            history_max_bytes: crate::history::MAX_BYTES,
+        AppConfig {
+            limits,
+            ..testing::app()
         },
+        name,
     )
 }
 
@@ -220,6 +203,23 @@ impl Net {
 }
 
 /// A presence channel whose owner among `names` is `names[owner]`.
+/// Nodes `names` and a presence channel owned by the second.
+fn owned_by_b(names: &[&str]) -> (Net, String) {
+    (Net::new(names), channel_owned_by(names, 1))
+}
+
+/// Nodes `names`; ann joins on node 0 a channel owned by node 1, which
+/// hears nothing: the join is not answered.
+fn waiting_for_a_deaf_owner(names: &[&str]) -> (Net, ConnId) {
+    let (mut net, ch) = owned_by_b(names);
+    net.deaf.insert(1);
+    let c = net.open(0);
+    net.join(0, c, &ch, "ann");
+    net.run();
+    assert_eq!(net.answer(0, c), None, "waiting for the owner");
+    (net, c)
+}
+
 fn channel_owned_by(names: &[&str], owner: usize) -> String {
     (0..)
         .map(|i| format!("presence-room-{i}"))
@@ -314,14 +314,7 @@ fn many_seeded_interleavings_stay_within_the_limit() {
 
 #[test]
 fn an_unreachable_owner_is_waited_for_at_most_claim_wait_then_decided_locally() {
-    let names = ["a", "b"];
-    let mut net = Net::new(&names);
-    let ch = channel_owned_by(&names, 1);
-    net.deaf.insert(1);
-    let c = net.open(0);
-    net.join(0, c, &ch, "ann");
-    net.run();
-    assert_eq!(net.answer(0, c), None, "waiting for the owner");
+    let (mut net, c) = waiting_for_a_deaf_owner(&["a", "b"]);
     net.tick(CLAIM_WAIT / 2);
     assert_eq!(net.answer(0, c), None);
     net.tick(CLAIM_WAIT / 2);
@@ -344,9 +337,7 @@ fn an_unreachable_owner_is_waited_for_at_most_claim_wait_then_decided_locally() 
 
 #[test]
 fn a_connection_that_leaves_while_waiting_is_not_admitted_later() {
-    let names = ["a", "b"];
-    let mut net = Net::new(&names);
-    let ch = channel_owned_by(&names, 1);
+    let (mut net, ch) = owned_by_b(&["a", "b"]);
     let c = net.open(0);
     net.join(0, c, &ch, "ann");
     net.leave(0, c, &ch);
@@ -367,9 +358,7 @@ fn a_connection_that_leaves_while_waiting_is_not_admitted_later() {
 
 #[test]
 fn the_owner_counts_what_it_granted_before_it_shows_up() {
-    let names = ["a", "b"];
-    let mut net = Net::new(&names);
-    let ch = channel_owned_by(&names, 1);
+    let (mut net, ch) = owned_by_b(&["a", "b"]);
     // Five claims from a reach b and are granted, but b does not see the
     // members (a's deltas are held back).
     for k in 0..LIMIT {
@@ -380,7 +369,8 @@ fn the_owner_counts_what_it_granted_before_it_shows_up() {
     let claims: Vec<_> = std::mem::take(&mut net.wire);
     for (i, j, f) in claims {
         let now = net.now;
-        let _ = net.cores[j].handle_peer_frame(now, &NodeId::new(names[i]), &f);
+        let from = NodeId::new(&net.names[i]);
+        let _ = net.cores[j].handle_peer_frame(now, &from, &f);
     }
     net.collect();
     let held: Vec<_> = std::mem::take(&mut net.wire);
@@ -397,14 +387,7 @@ fn the_owner_counts_what_it_granted_before_it_shows_up() {
 
 #[test]
 fn a_join_waiting_for_an_owner_whose_link_drops_is_decided_at_once() {
-    let names = ["a", "b", "c"];
-    let mut net = Net::new(&names);
-    let ch = channel_owned_by(&names, 1);
-    net.deaf.insert(1);
-    let c = net.open(0);
-    net.join(0, c, &ch, "ann");
-    net.run();
-    assert_eq!(net.answer(0, c), None);
+    let (mut net, c) = waiting_for_a_deaf_owner(&["a", "b", "c"]);
     let now = net.now;
     net.cores[0].peer_down(now, &NodeId::new("b"));
     net.run(); // c acknowledges the interest: the barrier lets it through
@@ -418,10 +401,8 @@ fn a_join_waiting_for_an_owner_whose_link_drops_is_decided_at_once() {
 
 #[test]
 fn a_filtered_presence_join_waiting_for_the_owner_keeps_its_filter() {
-    let names = ["a", "b"];
-    let mut net = Net::new(&names);
     // Owned by b: a's joins are claimed from b before they are answered.
-    let ch = channel_owned_by(&names, 1);
+    let (mut net, ch) = owned_by_b(&["a", "b"]);
     let eu = net.open(0);
     net.join_filtered(0, eu, &ch, "eve", serde_json::json!({"zone": "eu"}));
     assert_eq!(net.answer(0, eu), None, "parked for the owner");
@@ -447,9 +428,7 @@ fn a_filtered_presence_join_waiting_for_the_owner_keeps_its_filter() {
 
 #[test]
 fn a_refused_filtered_join_leaves_no_filter_behind() {
-    let names = ["a", "b"];
-    let mut net = Net::new(&names);
-    let ch = channel_owned_by(&names, 1);
+    let (mut net, ch) = owned_by_b(&["a", "b"]);
     let mut members = Vec::new();
     for k in 0..LIMIT {
         let c = net.open(1);
