@@ -71,11 +71,6 @@ impl SimFailure {
     }
 }
 
-/// Data frames a link's buffer holds before publishes to that peer are
-/// refused: small, so that a cut link fills it and refusals are exercised
-/// (the buffer itself takes more, up to its slack, for copies).
-const BUFFER_FRAMES: usize = 2;
-
 fn node_name(i: usize) -> NodeId {
     NodeId::new(&format!("node-{i}"))
 }
@@ -121,6 +116,11 @@ struct Faults {
     drop: u32,
     dup: u32,
     swap: u32,
+    /// Data frames a link's buffer holds before publishes to that peer are
+    /// refused (0: no practical limit). Small, a cut link fills it and
+    /// refusals are exercised (the buffer takes more, up to its slack, for
+    /// copies).
+    buffer_frames: usize,
 }
 
 /// One direction of a link that is up.
@@ -203,11 +203,15 @@ impl Net {
 
     fn out(&mut self, i: usize, j: usize) -> &mut Outbound {
         if !self.outs.contains_key(&(i, j)) {
+            let max_frames = match self.faults.buffer_frames {
+                0 => 1 << 20,
+                n => n,
+            };
             let n = self.streams.entry(i).or_insert(0);
             *n += 1024;
             let stream = stream_id(self.nodes[i].epoch, *n);
             self.outs
-                .insert((i, j), Outbound::new(stream, BUFFER_FRAMES, 1 << 30));
+                .insert((i, j), Outbound::new(stream, max_frames, 1 << 30));
         }
         self.outs.get_mut(&(i, j)).expect("just made")
     }

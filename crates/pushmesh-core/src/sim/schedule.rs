@@ -29,6 +29,7 @@ pub(super) fn faulty_net(nodes: usize, seed: u64) -> Net {
         drop: 30,
         dup: 30,
         swap: 30,
+        buffer_frames: 2,
     };
     Net::with(nodes, seed, faults)
 }
