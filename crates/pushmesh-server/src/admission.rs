@@ -46,6 +46,12 @@ impl IpCounts {
         })
     }
 
+    /// How many `ip` holds now (0 when there is no limit).
+    pub fn count(&self, ip: IpAddr) -> usize {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&ip.to_canonical()).copied().unwrap_or(0)
+    }
+
     /// A slot for `ip`; `Ok(None)` when there is no limit.
     pub fn take(self: &Arc<Self>, ip: IpAddr) -> Result<Option<IpSlot>, Full> {
         if self.max == 0 {

@@ -123,6 +123,12 @@ pub struct Edge {
 }
 
 impl Edge {
+    /// Handshakes pending from `ip` now (counted when
+    /// `max_pending_handshakes_per_ip` is set).
+    pub fn pending_handshakes_from(&self, ip: std::net::IpAddr) -> usize {
+        self.pending_per_ip.count(ip)
+    }
+
     /// From the node's configuration.
     pub fn new(config: &crate::Config) -> Self {
         let max_pending = match config.max_pending_handshakes {
