@@ -16,7 +16,7 @@ use bytes::Bytes;
 use pushmesh_protocol::ChannelName;
 use serde_json::value::RawValue;
 
-use crate::app::AppIdx;
+use crate::app::{AppIdx, PublishRequest};
 use crate::filter::Tags;
 use crate::history::Origin;
 use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame};
@@ -57,6 +57,32 @@ pub struct ShardPublish {
     /// Whether the answer carries the channel's info (answered after the
     /// local fan-out then, since the info includes it).
     pub info: bool,
+}
+
+impl ShardPublish {
+    /// `req`'s event on each of `channels` (validated), its parts built
+    /// once and shared by every channel's publish.
+    pub fn each(
+        app: AppIdx,
+        channels: Vec<ChannelName>,
+        req: &PublishRequest<'_>,
+        tags: Option<Arc<Tags>>,
+        info: bool,
+    ) -> impl Iterator<Item = ShardPublish> {
+        let event: Arc<str> = Arc::from(req.name);
+        let data: Arc<str> = Arc::from(req.data);
+        let exclude: Option<Arc<str>> = req.exclude_socket.map(Arc::from);
+        channels.into_iter().map(move |channel| ShardPublish {
+            app,
+            channel,
+            event: event.clone(),
+            data: data.clone(),
+            content: None,
+            exclude: exclude.clone(),
+            tags: tags.clone(),
+            info,
+        })
+    }
 }
 
 /// Work for a shard. `R` is how the driver answers a publish.

@@ -335,21 +335,9 @@ impl Node {
         tags: Option<Arc<Tags>>,
     ) -> Result<Vec<PublishedChannel>, PublishError> {
         let _entered = self.gate.enter().map_err(|r| self.refused(r))?;
-        let event: Arc<str> = Arc::from(req.name);
-        let data: Arc<str> = Arc::from(req.data);
-        let exclude: Option<Arc<str>> = req.exclude_socket.map(Arc::from);
         let mut replies = Vec::with_capacity(names.len());
-        for name in names {
-            let p = ShardPublish {
-                app,
-                channel: name.clone(),
-                event: event.clone(),
-                data: data.clone(),
-                content: None,
-                exclude: exclude.clone(),
-                tags: tags.clone(),
-                info,
-            };
+        for p in ShardPublish::each(app, names, req, tags, info) {
+            let name = p.channel.clone();
             replies.push((name, self.to_shard_publish(p).await));
         }
         let mut out = Vec::with_capacity(replies.len());

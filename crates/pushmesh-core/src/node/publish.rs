@@ -35,23 +35,11 @@ impl Core {
         tags: Option<&crate::filter::Tags>,
     ) -> Result<Vec<PublishedChannel>, PublishError> {
         let names = self.apps.validate_publish(app, req)?;
-        let event: Arc<str> = Arc::from(req.name);
-        let data: Arc<str> = Arc::from(req.data);
-        let exclude: Option<Arc<str>> = req.exclude_socket.map(Arc::from);
         let tags = tags.map(|t| Arc::new(t.clone()));
         let mut published = Vec::with_capacity(names.len());
         let mut refused = false;
-        for name in names {
-            let p = ShardPublish {
-                app,
-                channel: name.clone(),
-                event: event.clone(),
-                data: data.clone(),
-                content: None,
-                exclude: exclude.clone(),
-                tags: tags.clone(),
-                info: true,
-            };
+        for p in ShardPublish::each(app, names, req, tags, true) {
+            let name = p.channel.clone();
             match self.publish_one(now, p) {
                 Some(Ok(info)) => published.push(PublishedChannel { name, info }),
                 _ => refused = true,
