@@ -17,6 +17,7 @@ pub mod codes;
 pub mod limits;
 pub mod server;
 pub mod sign;
+pub mod sse;
 pub mod webhook;
 pub mod wire;
 pub mod wsify;
