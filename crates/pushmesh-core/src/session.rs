@@ -20,9 +20,11 @@ use serde_json::value::RawValue;
 use crate::app::{AppConfig, AppIdx, ConnId};
 
 mod identity;
+mod sse;
 mod subscribe;
 
 pub use identity::{Identity, IdentityError};
+pub use sse::{SseAuthError, SseRequest, SseRequestError};
 
 /// Which protocol a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
