@@ -86,6 +86,8 @@ pub struct FileConfig {
     signin_timeout: Option<u64>,
     max_connections: Option<usize>,
     outbound_queue: Option<usize>,
+    sse_max_channels: Option<usize>,
+    sse_heartbeat_secs: Option<u64>,
     router_shards: Option<usize>,
     shard_queue: Option<usize>,
     history_max_bytes: Option<usize>,
@@ -229,6 +231,10 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// Frames queued per connection before it counts as too slow (4100).
     pub outbound_queue: usize,
+    /// Most channels on one SSE stream (`/app/{key}/sse`).
+    pub sse_max_channels: usize,
+    /// How often an SSE stream gets its `: ping` comment.
+    pub sse_heartbeat: Duration,
     /// Router shards, each on its own task (default: the number of CPUs).
     pub router_shards: usize,
     /// Commands queued per router shard before senders wait.
@@ -285,6 +291,8 @@ impl Default for Config {
             signin_timeout: Duration::from_secs(30),
             max_connections: None,
             outbound_queue: 1024,
+            sse_max_channels: 16,
+            sse_heartbeat: Duration::from_secs(15),
             router_shards: std::thread::available_parallelism().map_or(1, |n| n.get()),
             shard_queue: 4096,
             history_max_bytes: pushmesh_core::history::MAX_BYTES,

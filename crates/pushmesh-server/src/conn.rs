@@ -140,6 +140,11 @@ impl Conn {
         .await;
     }
 
+    /// Whether a close request waits to be taken.
+    pub fn close_pending(&self) -> bool {
+        self.close_pending.load(Ordering::Acquire)
+    }
+
     /// The pending close request, if any.
     pub fn take_close(&self) -> Option<CloseRequest> {
         self.close_pending.store(false, Ordering::Release);

@@ -26,6 +26,7 @@ pub mod refusal;
 pub mod reject;
 pub mod reload;
 pub mod request_guard;
+pub mod sse;
 pub mod tags;
 pub mod tls;
 pub mod webhooks;
@@ -357,6 +358,7 @@ async fn webhook_pump(st: Arc<Shared>) {
 fn router(st: Arc<Shared>) -> Router {
     Router::new()
         .route("/app/{key}", get(ws::pusher_ws))
+        .route("/app/{key}/sse", get(sse::open).options(sse::preflight))
         .route("/ws", get(wsify::wsify_ws))
         .route("/broadcast", post(wsify::broadcast))
         .route("/apps/{app_id}/events", post(api::events))

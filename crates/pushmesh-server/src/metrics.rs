@@ -32,6 +32,8 @@ pub struct EdgeMetrics {
     pub bytes_out: AtomicU64,
     /// Open connections that negotiated permessage-deflate.
     pub compression_connections: AtomicU64,
+    /// Open SSE streams (`/app/{key}/sse`).
+    pub sse_connections: AtomicU64,
     /// Messages sent compressed: their bytes before compression.
     pub compression_plain: AtomicU64,
     /// Messages sent compressed: their bytes after compression.
@@ -255,6 +257,12 @@ fn render_messages(st: &Shared, out: &mut String) {
             "gauge",
             "Open connections that negotiated permessage-deflate.",
             &e.compression_connections,
+        ),
+        (
+            "pushmesh_sse_connections",
+            "gauge",
+            "Open Server-Sent Events streams (/app/{key}/sse).",
+            &e.sse_connections,
         ),
     ] {
         scalar(out, name, kind, help, load(v));

@@ -242,6 +242,8 @@ fn layer(file: FileConfig, cli: Cli, apps: Apps) -> Result<Config, ConfigError> 
         signin_timeout: secs(file.signin_timeout, d.signin_timeout),
         max_connections: cli.max_connections.or(file.max_connections),
         outbound_queue: file.outbound_queue.unwrap_or(d.outbound_queue),
+        sse_max_channels: file.sse_max_channels.unwrap_or(d.sse_max_channels),
+        sse_heartbeat: secs(file.sse_heartbeat_secs, d.sse_heartbeat),
         router_shards: file.router_shards.unwrap_or(d.router_shards),
         shard_queue: file.shard_queue.unwrap_or(d.shard_queue),
         history_max_bytes: file.history_max_bytes.unwrap_or(d.history_max_bytes),
@@ -306,5 +308,9 @@ fn check_values(cfg: &Config) -> Result<(), ConfigError> {
             cfg.compression.level
         )));
     }
+    invalid_if(
+        cfg.sse_max_channels == 0 || cfg.sse_heartbeat.is_zero(),
+        "sse_max_channels and sse_heartbeat_secs must be at least 1",
+    )?;
     invalid_if(cfg.outbound_queue == 0, "outbound_queue must be at least 1")
 }
