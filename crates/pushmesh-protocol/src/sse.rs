@@ -165,8 +165,9 @@ struct Head<'a> {
     channel: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     position: Option<Cow<'a, str>>,
+    /// A string on channel events, an object on `pusher:error`.
     #[serde(default, borrow)]
-    data: Option<Cow<'a, str>>,
+    data: Option<&'a serde_json::value::RawValue>,
 }
 
 /// What `subscription_succeeded` says on a history channel.
@@ -223,7 +224,11 @@ impl StreamWriter {
         }
         let channel = head.channel.as_deref().unwrap_or_default();
         if head.event == "pusher_internal:subscription_succeeded" {
-            self.subscribed(channel, head.data.as_deref().unwrap_or("{}"), out);
+            let data = head
+                .data
+                .and_then(|d| serde_json::from_str::<String>(d.get()).ok())
+                .unwrap_or_default();
+            self.subscribed(channel, &data, out);
             return;
         }
         let id = match &head.position {

@@ -169,9 +169,13 @@ fn admit(
     if !cfg.enabled {
         return Err(SseError::AppDisabled);
     }
-    check_origin(st, app, &req.headers).inspect_err(|_| {
-        st.stats.edge.origin_refused.fetch_add(1, Ordering::Relaxed);
-    })?;
+    // A browser sends `Origin` on a cross-origin EventSource only; a
+    // same-origin page and a non-browser consumer send none.
+    if req.headers.contains_key(header::ORIGIN) {
+        check_origin(st, app, &req.headers).inspect_err(|_| {
+            st.stats.edge.origin_refused.fetch_add(1, Ordering::Relaxed);
+        })?;
+    }
     let last_event_id = req
         .headers
         .get("last-event-id")

@@ -77,6 +77,10 @@ fn events_by_name_with_the_frame_as_data() {
         "event: order\ndata: {\"event\":\"order\",\"channel\":\"chat\",\"data\":\"{\\\"a\\\":1}\"}\n\n"
     );
     out.clear();
+    let error = br#"{"event":"pusher:error","data":{"message":"draining","code":4200}}"#;
+    w.write_frame(error, &mut out);
+    assert!(text(&out).starts_with("event: pusher:error\ndata: {"), "an object as data");
+    out.clear();
     w.write_frame(b"not json", &mut out);
     assert!(out.is_empty());
 }

@@ -17,7 +17,7 @@ use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use pushmesh_core::{AppIdx, Session};
 use pushmesh_protocol::sse::{StreamWriter, HEARTBEAT};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 
 use crate::conn::{ConnRef, Next, Outbox};
@@ -46,12 +46,31 @@ enum End {
 
 /// Starts the stream's task; returns the response body.
 pub(super) fn spawn(st: Arc<Shared>, s: Stream) -> Body {
-    let (tx, mut body) = mpsc::channel::<Result<Bytes, Infallible>>(2);
-    tokio::spawn(run(st, s, tx));
-    Body::from_stream(futures_util::stream::poll_fn(move |cx| body.poll_recv(cx)))
+    let (tx, body) = mpsc::channel::<Result<Bytes, Infallible>>(2);
+    let (done_tx, done) = oneshot::channel();
+    tokio::spawn(run(st, s, tx, done));
+    let mut body = BodyEnd {
+        rx: body,
+        _done: done_tx,
+    };
+    Body::from_stream(futures_util::stream::poll_fn(move |cx| body.rx.poll_recv(cx)))
 }
 
-async fn run(st: Arc<Shared>, mut s: Stream, tx: mpsc::Sender<Result<Bytes, Infallible>>) {
+/// The body's end of the stream. Dropped by hyper once the response is
+/// written (or the client went): its `_done` tells the task, which leaves
+/// the registry only then (a draining node exits once the registry is
+/// empty, and the stream's last words must be written before).
+struct BodyEnd {
+    rx: mpsc::Receiver<Result<Bytes, Infallible>>,
+    _done: oneshot::Sender<()>,
+}
+
+async fn run(
+    st: Arc<Shared>,
+    mut s: Stream,
+    tx: mpsc::Sender<Result<Bytes, Infallible>>,
+    done: oneshot::Receiver<()>,
+) {
     let edge = &st.stats.edge;
     edge.sse_connections.fetch_add(1, Ordering::Relaxed);
     edge.connections_opened.fetch_add(1, Ordering::Relaxed);
@@ -66,6 +85,9 @@ async fn run(st: Arc<Shared>, mut s: Stream, tx: mpsc::Sender<Result<Bytes, Infa
     } else {
         End::Gone
     };
+    // The end of the body, then the wait until it was taken (bounded).
+    drop(tx);
+    let _ = timeout(CLOSE_TIMEOUT, done).await;
     s.session.disconnect();
     let _ = pump(&st.node, &s.h, &mut s.session).await;
     st.node.registry.remove(s.app, s.h.id());
