@@ -259,7 +259,8 @@ impl StreamWriter {
         }
         let id = self.cursor.encode();
         if self.resumed.remove(channel) {
-            let data = serde_json::json!({ "channel": channel, "recovered": recovered }).to_string();
+            let data =
+                serde_json::json!({ "channel": channel, "recovered": recovered }).to_string();
             write_event(out, Some(&id), RECOVERED_EVENT, data.as_bytes());
         } else {
             // An event with an id and no data sets the client's last

@@ -170,7 +170,11 @@ impl SseRequest {
     /// position no node has (`recovered: false` on every history channel).
     pub fn positions(&self) -> (Vec<Option<String>>, BTreeSet<String>, Cursor) {
         match &self.resume {
-            None => (vec![None; self.channels.len()], BTreeSet::new(), Cursor::default()),
+            None => (
+                vec![None; self.channels.len()],
+                BTreeSet::new(),
+                Cursor::default(),
+            ),
             Some(Ok(c)) => {
                 let pos: Vec<Option<String>> = self
                     .channels

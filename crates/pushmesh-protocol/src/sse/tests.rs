@@ -13,10 +13,16 @@ fn token_vector() {
     let t = sign_token("key", "secret", &["private-orders", "chat"], 1_800_000_000);
     assert_eq!(t, format!("key:1800000000:{SIG}"));
     let chans = ["chat", "private-orders"];
-    assert_eq!(verify_token("key", "secret", &t, &chans, 1_700_000_000), Ok(()));
+    assert_eq!(
+        verify_token("key", "secret", &t, &chans, 1_700_000_000),
+        Ok(())
+    );
     // Order of the request does not matter.
     let rev = ["private-orders", "chat"];
-    assert_eq!(verify_token("key", "secret", &t, &rev, 1_800_000_000), Ok(()));
+    assert_eq!(
+        verify_token("key", "secret", &t, &rev, 1_800_000_000),
+        Ok(())
+    );
 }
 
 #[test]
@@ -26,7 +32,10 @@ fn token_refusals() {
     let v = |tok: &str, chans: &[&str], now| verify_token("key", "secret", tok, chans, now);
     assert_eq!(v(&t, &chans, 101), Err(TokenError::Expired));
     assert_eq!(v(&t, &["chat"], 50), Err(TokenError::BadSignature));
-    assert_eq!(v(&t, &["chat", "private-orders", "x"], 50), Err(TokenError::BadSignature));
+    assert_eq!(
+        v(&t, &["chat", "private-orders", "x"], 50),
+        Err(TokenError::BadSignature)
+    );
     let other = sign_token("other", "secret", &chans, 100);
     assert_eq!(v(&other, &chans, 50), Err(TokenError::WrongKey));
     let wrong_secret = sign_token("key", "nope", &chans, 100);
@@ -68,7 +77,10 @@ fn text(out: &BytesMut) -> &str {
 fn events_by_name_with_the_frame_as_data() {
     let mut w = StreamWriter::default();
     let mut out = BytesMut::new();
-    w.write_frame(br#"{"event":"pusher:connection_established","data":"{}"}"#, &mut out);
+    w.write_frame(
+        br#"{"event":"pusher:connection_established","data":"{}"}"#,
+        &mut out,
+    );
     assert!(out.is_empty(), "dropped");
     let frame = br#"{"event":"order","channel":"chat","data":"{\"a\":1}"}"#;
     w.write_frame(frame, &mut out);
@@ -79,7 +91,10 @@ fn events_by_name_with_the_frame_as_data() {
     out.clear();
     let error = br#"{"event":"pusher:error","data":{"message":"draining","code":4200}}"#;
     w.write_frame(error, &mut out);
-    assert!(text(&out).starts_with("event: pusher:error\ndata: {"), "an object as data");
+    assert!(
+        text(&out).starts_with("event: pusher:error\ndata: {"),
+        "an object as data"
+    );
     out.clear();
     w.write_frame(b"not json", &mut out);
     assert!(out.is_empty());
@@ -95,7 +110,10 @@ fn history_events_carry_the_cursor() {
     c.set("h", "o.0");
     assert_eq!(text(&out), format!("id: {}\n\n", c.encode()), "id only");
     out.clear();
-    w.write_frame(br#"{"event":"m","channel":"h","data":"1","position":"o.1"}"#, &mut out);
+    w.write_frame(
+        br#"{"event":"m","channel":"h","data":"1","position":"o.1"}"#,
+        &mut out,
+    );
     c.set("h", "o.1");
     assert!(text(&out).starts_with(&format!("id: {}\nevent: m\ndata: ", c.encode())));
     assert_eq!(w.cursor(), &c);
@@ -126,7 +144,11 @@ fn resumed_channels_are_told_and_keep_their_position() {
         br#"{"event":"pusher_internal:subscription_succeeded","channel":"g","data":"{\"recovered\":false,\"position\":\"o.9\"}"}"#,
         &mut out,
     );
-    assert_eq!(w.cursor().position("g"), Some("o.9"), "a gap: live from here");
+    assert_eq!(
+        w.cursor().position("g"),
+        Some("o.9"),
+        "a gap: live from here"
+    );
     assert!(text(&out).contains("data: {\"channel\":\"g\",\"recovered\":false}\n\n"));
     // Non-history answers say nothing.
     out.clear();

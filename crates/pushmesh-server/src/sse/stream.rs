@@ -53,7 +53,9 @@ pub(super) fn spawn(st: Arc<Shared>, s: Stream) -> Body {
         rx: body,
         _done: done_tx,
     };
-    Body::from_stream(futures_util::stream::poll_fn(move |cx| body.rx.poll_recv(cx)))
+    Body::from_stream(futures_util::stream::poll_fn(move |cx| {
+        body.rx.poll_recv(cx)
+    }))
 }
 
 /// The body's end of the stream. Dropped by hyper once the response is

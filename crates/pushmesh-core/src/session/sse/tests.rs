@@ -3,7 +3,9 @@ use crate::testing::{app, KEY, SECRET};
 use crate::SessionOutput;
 
 fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
-    q.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    q.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn parse(q: &[(&str, &str)], last: Option<&str>) -> Result<SseRequest, SseRequestError> {
@@ -13,7 +15,12 @@ fn parse(q: &[(&str, &str)], last: Option<&str>) -> Result<SseRequest, SseReques
 #[test]
 fn parses_channels_once_in_order() {
     let r = parse(
-        &[("channel", "b"), ("channel", "a"), ("channel", "b"), ("x", "1")],
+        &[
+            ("channel", "b"),
+            ("channel", "a"),
+            ("channel", "b"),
+            ("x", "1"),
+        ],
         None,
     )
     .expect("ok");
@@ -63,7 +70,11 @@ fn header_wins_over_query_cursor() {
     let mut c = Cursor::default();
     c.set("h", "o.1");
     let r = parse(
-        &[("channel", "h"), ("channel", "p"), ("last_event_id", "junk")],
+        &[
+            ("channel", "h"),
+            ("channel", "p"),
+            ("last_event_id", "junk"),
+        ],
         Some(&c.encode()),
     )
     .expect("ok");
