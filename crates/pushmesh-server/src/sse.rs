@@ -139,7 +139,7 @@ pub async fn open(
     req: Upgrading,
 ) -> Response {
     match admit(&st, &key, &pairs, &req) {
-        Ok(Admitted::Stream(s)) => respond(&req.headers, stream::spawn(st, s)),
+        Ok(Admitted::Stream(s)) => respond(&req.headers, stream::spawn(st, *s)),
         Ok(Admitted::Later(code, reason)) => {
             tracing::debug!(code = code.code(), %reason, "sse stream sent elsewhere");
             respond(&req.headers, Body::from(later(code, &reason)))
@@ -151,7 +151,7 @@ pub async fn open(
 /// What a stream request gets.
 enum Admitted {
     /// An open stream, subscribed.
-    Stream(stream::Stream),
+    Stream(Box<stream::Stream>),
     /// Reconnect later: the Pusher close code and why.
     Later(CloseCode, String),
 }
@@ -220,13 +220,13 @@ fn admit(
             return Err(SseError::Request(e.into()));
         }
     }
-    Ok(Admitted::Stream(stream::Stream {
+    Ok(Admitted::Stream(Box::new(stream::Stream {
         app,
         h,
         rx,
         session,
         writer: StreamWriter::new(cursor, resumed),
-    }))
+    })))
 }
 
 /// Why a stream should come back later, if it should: the per-IP rate,
