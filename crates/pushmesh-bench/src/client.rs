@@ -1,7 +1,9 @@
-//! A subscriber's WebSocket: tungstenite's client, or (`--compression`) a
-//! small client of its own that offers permessage-deflate and inflates
-//! what it gets (tungstenite has no permessage-deflate). Both count the
-//! bytes that arrived on the wire.
+//! A subscriber's connection: tungstenite's WebSocket client, or
+//! (`--compression`) a small client of its own that offers
+//! permessage-deflate and inflates what it gets (tungstenite has no
+//! permessage-deflate), or (`--sse`) a Server-Sent Events stream
+//! (`GET /app/{key}/sse`, HTTP/1.1 chunked). All count the bytes that
+//! arrived on the wire.
 
 use std::net::SocketAddr;
 
@@ -23,6 +25,13 @@ enum Inner {
         io: TcpStream,
         reader: Box<FrameReader>,
         mask: u32,
+    },
+    Sse {
+        io: TcpStream,
+        /// Bytes read and not yet de-chunked.
+        raw: bytes::BytesMut,
+        /// The stream's text, de-chunked, not yet split into events.
+        text: bytes::BytesMut,
     },
 }
 
@@ -96,8 +105,43 @@ impl Client {
         })
     }
 
-    /// The next text message; `None` when the connection ends. Pings are
-    /// answered. Cancel-safe between messages.
+    /// Opens a Server-Sent Events stream at `path` (the server must answer
+    /// 200 `text/event-stream`, chunked).
+    pub async fn sse(mut stream: TcpStream, addr: SocketAddr, path: &str) -> anyhow::Result<Self> {
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+        stream.write_all(req.as_bytes()).await?;
+        let mut raw = bytes::BytesMut::with_capacity(4096);
+        let head = loop {
+            if stream.read_buf(&mut raw).await? == 0 {
+                bail!("connection closed before the response");
+            }
+            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = raw.split_to(i + 4);
+                break String::from_utf8_lossy(&head).to_ascii_lowercase();
+            }
+            if raw.len() > 16 << 10 {
+                bail!("response head too long");
+            }
+        };
+        if !head.starts_with("http/1.1 200") {
+            bail!("stream refused: {}", head.lines().next().unwrap_or(""));
+        }
+        if !head.contains("transfer-encoding: chunked") {
+            bail!("the stream is not chunked");
+        }
+        Ok(Self {
+            wire_bytes: raw.len() as u64,
+            inner: Inner::Sse {
+                io: stream,
+                raw,
+                text: bytes::BytesMut::new(),
+            },
+        })
+    }
+
+    /// The next text message (an SSE event's `data`); `None` when the
+    /// connection ends. Pings are answered. Cancel-safe between messages.
     pub async fn next_text(&mut self) -> anyhow::Result<Option<String>> {
         match &mut self.inner {
             Inner::Plain(ws) => loop {
@@ -132,6 +176,22 @@ impl Client {
                     }
                 }
             },
+            Inner::Sse { io, raw, text } => loop {
+                if let Some(data) = sse_event(text) {
+                    return Ok(Some(data));
+                }
+                match dechunk(raw, text)? {
+                    Chunks::More => {}
+                    Chunks::End => return Ok(None),
+                    Chunks::Need => {
+                        let n = io.read_buf(raw).await?;
+                        if n == 0 {
+                            return Ok(None);
+                        }
+                        self.wire_bytes += n as u64;
+                    }
+                }
+            },
         }
     }
 
@@ -143,6 +203,7 @@ impl Client {
             Inner::Deflate { io, mask, .. } => {
                 io.write_all(&masked(0x81, text.as_bytes(), *mask)).await?
             }
+            Inner::Sse { .. } => bail!("an SSE stream is one-way"),
         }
         Ok(())
     }
@@ -159,8 +220,60 @@ impl Client {
                     .await;
                 let _ = io.shutdown().await;
             }
+            Inner::Sse { io, .. } => {
+                let _ = io.shutdown().await;
+            }
         }
     }
+}
+
+/// What de-chunking found.
+enum Chunks {
+    /// Some text was added.
+    More,
+    /// More bytes must be read.
+    Need,
+    /// The last chunk: the stream ended.
+    End,
+}
+
+/// Moves complete chunks of `raw` (HTTP/1.1 chunked coding) to `text`.
+fn dechunk(raw: &mut bytes::BytesMut, text: &mut bytes::BytesMut) -> anyhow::Result<Chunks> {
+    let mut added = false;
+    while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size_line = std::str::from_utf8(&raw[..eol]).context("chunk size")?;
+        let size_hex = size_line.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_hex, 16).context("chunk size")?;
+        if size == 0 {
+            return Ok(Chunks::End);
+        }
+        if raw.len() < eol + 2 + size + 2 {
+            break;
+        }
+        let _ = raw.split_to(eol + 2);
+        text.extend_from_slice(&raw.split_to(size));
+        let _ = raw.split_to(2);
+        added = true;
+    }
+    Ok(if added { Chunks::More } else { Chunks::Need })
+}
+
+/// The `data` of the next complete event in `text` (comments, `id:`-only
+/// and `retry:` blocks are skipped), if one is complete.
+fn sse_event(text: &mut bytes::BytesMut) -> Option<String> {
+    while let Some(end) = text.windows(2).position(|w| w == b"\n\n") {
+        let block = text.split_to(end + 2);
+        let data: Vec<&str> = std::str::from_utf8(&block)
+            .unwrap_or("")
+            .lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(|d| d.strip_prefix(' ').unwrap_or(d))
+            .collect();
+        if !data.is_empty() {
+            return Some(data.join("\n"));
+        }
+    }
+    None
 }
 
 /// A masked client frame with first byte `first`.

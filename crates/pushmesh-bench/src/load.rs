@@ -68,6 +68,9 @@ pub struct LoadOptions {
     pub filters: usize,
     /// Subscribers negotiate permessage-deflate (the server must agree).
     pub compression: bool,
+    /// Subscribers are Server-Sent Events streams (`/app/{key}/sse`)
+    /// instead of WebSockets (pushmesh only).
+    pub sse: bool,
     /// Events carry a realistic ~2 KB JSON order (a dozen line items)
     /// instead of `payload` bytes of padding.
     pub json_order: bool,
@@ -177,7 +180,19 @@ pub async fn subscribe(
     filter: Option<&str>,
     src: IpAddr,
     compression: bool,
+    sse: bool,
 ) -> anyhow::Result<Client> {
+    if sse {
+        if filter.is_some() {
+            bail!("--sse takes no --filters");
+        }
+        // Subscribed as the stream opens; `run_pubsub` waits for the
+        // channel's subscription count (an SSE stream gets no
+        // `subscription_succeeded` on a channel without history).
+        let (stream, addr) = tcp_connect(t, src).await?;
+        let path = format!("/app/{}/sse?channel={channel}", t.key);
+        return Client::sse(stream, addr, &path).await;
+    }
     let mut ws = client_connect(t, src, compression).await?;
     let first = client_text(&mut ws).await?;
     if !first.contains("connection_established") {
@@ -215,6 +230,7 @@ async fn subscribe_many(
     let concurrency = opts.connect_concurrency.max(1);
     let filters = opts.filters;
     let compression = opts.compression;
+    let sse = opts.sse;
     let done = &done;
     stream::iter(channels.into_iter().enumerate().map(Ok::<_, anyhow::Error>))
         .map_ok(|(i, ch)| async move {
@@ -225,6 +241,7 @@ async fn subscribe_many(
                 filter.as_deref(),
                 src_ip(i, source_addrs),
                 compression,
+                sse,
             )
             .await
             .with_context(|| format!("client {i}"))?;
@@ -451,6 +468,9 @@ pub async fn run_pubsub(scenario: &str, t: &Target, opts: &LoadOptions) -> anyho
         .into_iter()
         .map(|ws| tokio::spawn(receive(ws, stop.clone(), total.clone(), opts.ts_offset_us)))
         .collect();
+    if opts.sse {
+        wait_subscribed(t, &channels, &sub_channel).await?;
+    }
     // Publishing through another node: its view of the subscribers arrives
     // over the cluster link; wait until it reports every channel occupied.
     if let Some(via) = &opts.publish_via {
@@ -566,6 +586,47 @@ async fn channel_occupied(via: &Target, channel: &str) -> bool {
             .is_ok_and(|b| b.contains("\"occupied\":true")),
         Err(_) => false,
     }
+}
+
+/// A channel's `subscription_count` as the HTTP API reports it.
+async fn subscription_count(t: &Target, channel: &str) -> Option<u64> {
+    let path = format!("/apps/{}/channels/{channel}", t.app_id);
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let q = format!(
+        "auth_key={}&auth_timestamp={ts}&auth_version=1.0&info=subscription_count",
+        t.key
+    );
+    let sig = sign::sign(&t.secret, &format!("GET\n{path}\n{q}"));
+    let url = format!(
+        "http://{}:{}{path}?{q}&auth_signature={sig}",
+        t.host, t.port
+    );
+    let body: serde_json::Value = reqwest::get(url).await.ok()?.json().await.ok()?;
+    body.get("subscription_count")?.as_u64()
+}
+
+/// Waits (at most 60 s) until every channel counts its subscribers.
+async fn wait_subscribed(
+    t: &Target,
+    channels: &[String],
+    sub_channel: &[usize],
+) -> anyhow::Result<()> {
+    let mut want = vec![0u64; channels.len()];
+    for c in sub_channel {
+        want[*c] += 1;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (ch, n) in channels.iter().zip(want) {
+        while subscription_count(t, ch).await.unwrap_or(0) < n {
+            if Instant::now() > deadline {
+                bail!("{ch}: the streams were not all subscribed within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
 }
 
 /// Subscribes `channels` channels (`hold-<n>`) spread over `conns`

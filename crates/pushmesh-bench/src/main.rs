@@ -73,6 +73,10 @@ struct Common {
     /// Subscribers negotiate permessage-deflate (and inflate what they get).
     #[arg(long)]
     compression: bool,
+    /// Subscribers are Server-Sent Events streams (`GET /app/{key}/sse`,
+    /// pushmesh only) instead of WebSockets.
+    #[arg(long)]
+    sse: bool,
     /// Events carry a realistic ~2 KB JSON order instead of padding.
     #[arg(long)]
     json_order: bool,
@@ -180,6 +184,7 @@ fn options(c: &Common, subscribers: usize, group: usize) -> LoadOptions {
         connect_concurrency: c.connect_concurrency,
         filters: c.filters,
         compression: c.compression,
+        sse: c.sse,
         json_order: c.json_order,
     }
 }

@@ -37,6 +37,7 @@ fn opts(subscribers: usize, ts_offset_us: i64) -> LoadOptions {
         connect_concurrency: 4,
         filters: 0,
         compression: false,
+        sse: false,
         json_order: false,
     }
 }
