@@ -167,7 +167,7 @@ fn render_connections(st: &Shared, out: &mut String) {
         out,
         "pushmesh_connections",
         "gauge",
-        "Open WebSocket connections.",
+        "Open client connections (WebSocket and Server-Sent Events streams).",
         st.node.registry.count(),
     );
     scalar(
