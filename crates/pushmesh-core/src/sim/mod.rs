@@ -10,6 +10,7 @@
 mod continuity;
 mod filters;
 mod history;
+mod scale;
 mod scenarios;
 mod schedule;
 
