@@ -24,6 +24,10 @@ pub struct AppConfig {
     pub key: String,
     /// Secret for signatures.
     pub secret: String,
+    /// The secret before the last rotation, still accepted by every check
+    /// of a signature until its grace period ends (the driver removes it
+    /// then).
+    pub previous_secret: Option<String>,
     /// A disabled app refuses connections (4003) and API calls (403).
     pub enabled: bool,
     /// Whether clients may send `client-` events.
@@ -42,6 +46,24 @@ pub struct AppConfig {
     pub wsify_event: String,
     /// Which channels keep history (`[apps.history]`), if any.
     pub history: Option<AppHistory>,
+}
+
+impl AppConfig {
+    /// The secrets a signature may be made with: the current one, then the
+    /// previous one during its grace period.
+    pub fn secrets(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.secret.as_str()).chain(self.previous_secret.as_deref())
+    }
+
+    /// Runs a signature check with the current secret, then with the
+    /// previous one; the first to pass passes, else the current one's error.
+    pub fn verify_with<E>(&self, check: impl Fn(&str) -> Result<(), E>) -> Result<(), E> {
+        let current = check(&self.secret);
+        match (&current, &self.previous_secret) {
+            (Err(_), Some(previous)) if check(previous).is_ok() => Ok(()),
+            _ => current,
+        }
+    }
 }
 
 /// An app's history settings (`[apps.history]`).
@@ -203,10 +225,17 @@ pub struct PublishRequest<'a> {
     pub exclude_socket: Option<&'a str>,
 }
 
-/// The apps of a node, by index, id and key. Immutable once built.
+/// The apps of a node, by index, id and key. A snapshot: a change makes a
+/// new `Apps` ([`Apps::upsert`], [`Apps::remove`] on a clone) that the
+/// driver hands to every part of the node. An app keeps its index for the
+/// node's life: a changed app keeps its slot, a new one gets the next, and
+/// a removed one leaves its slot behind (found by neither id nor key, left
+/// out of [`Apps::iter`], disabled), so tables indexed by [`AppIdx`] only
+/// ever grow ([`crate::PerApp::grow`]).
 #[derive(Debug, Clone, Default)]
 pub struct Apps {
     list: Vec<Arc<AppConfig>>,
+    removed: Vec<bool>,
     by_id: HashMap<String, AppIdx>,
     by_key: HashMap<String, AppIdx>,
 }
@@ -215,13 +244,41 @@ impl Apps {
     /// The apps of `configs`, indexed in order.
     pub fn new(configs: Vec<AppConfig>) -> Self {
         let mut apps = Self::default();
-        for (i, cfg) in configs.into_iter().enumerate() {
-            let idx = AppIdx(i as u32);
-            apps.by_id.insert(cfg.id.clone(), idx);
-            apps.by_key.insert(cfg.key.clone(), idx);
-            apps.list.push(Arc::new(cfg));
+        for cfg in configs {
+            apps.upsert(cfg);
         }
         apps
+    }
+
+    /// Adds an app, or replaces the one with the same id in its slot.
+    pub fn upsert(&mut self, cfg: AppConfig) -> AppIdx {
+        if let Some(idx) = self.by_id(&cfg.id) {
+            let old = &self.list[idx.0 as usize];
+            if old.key != cfg.key {
+                self.by_key.remove(&old.key);
+            }
+            self.by_key.insert(cfg.key.clone(), idx);
+            self.list[idx.0 as usize] = Arc::new(cfg);
+            return idx;
+        }
+        let idx = AppIdx(self.list.len() as u32);
+        self.by_id.insert(cfg.id.clone(), idx);
+        self.by_key.insert(cfg.key.clone(), idx);
+        self.list.push(Arc::new(cfg));
+        self.removed.push(false);
+        idx
+    }
+
+    /// Removes the app with this id; its slot stays, disabled.
+    pub fn remove(&mut self, id: &str) -> Option<AppIdx> {
+        let idx = self.by_id.remove(id)?;
+        let i = idx.0 as usize;
+        self.by_key.remove(&self.list[i].key);
+        let mut gone = (*self.list[i]).clone();
+        gone.enabled = false;
+        self.list[i] = Arc::new(gone);
+        self.removed[i] = true;
+        Some(idx)
     }
 
     /// The app with this key.
@@ -234,26 +291,33 @@ impl Apps {
         self.by_id.get(id).copied()
     }
 
-    /// An app's configuration.
+    /// An app's configuration (a removed app's last one, disabled).
     pub fn get(&self, app: AppIdx) -> &Arc<AppConfig> {
         &self.list[app.0 as usize]
     }
 
-    /// How many apps.
+    /// Whether the app in this slot was removed.
+    pub fn is_removed(&self, app: AppIdx) -> bool {
+        self.removed.get(app.0 as usize).copied().unwrap_or(true)
+    }
+
+    /// How many slots (apps, removed ones included): the size of a table
+    /// indexed by [`AppIdx`].
     pub fn len(&self) -> usize {
         self.list.len()
     }
 
-    /// Whether there are none.
+    /// Whether there are no slots.
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
     }
 
-    /// Every app with its index.
+    /// Every app (removed ones left out) with its index.
     pub fn iter(&self) -> impl Iterator<Item = (AppIdx, &Arc<AppConfig>)> {
         self.list
             .iter()
             .enumerate()
+            .filter(|(i, _)| !self.removed[*i])
             .map(|(i, a)| (AppIdx(i as u32), a))
     }
 

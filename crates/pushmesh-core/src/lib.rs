@@ -18,6 +18,7 @@
 //! every recipient gets the same `Bytes`.
 
 pub mod app;
+pub mod app_registry;
 pub mod filter;
 pub mod history;
 pub mod hook_backup;

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use pushmesh_protocol::ChannelName;
 use serde_json::value::RawValue;
 
-use crate::app::{AppIdx, PublishRequest};
+use crate::app::{AppIdx, Apps, PublishRequest};
 use crate::filter::Tags;
 use crate::history::Origin;
 use crate::peer_frame::{Delta, FrameKind, NodeId, PeerFrame};
@@ -114,6 +114,8 @@ pub enum ShardInput<C, R> {
     },
     /// An origin is gone: the survivors exchange what they hold of its history.
     ShareOrigin(Origin),
+    /// The apps changed (added, changed, removed: `Apps` keeps every slot).
+    Apps(Arc<Apps>),
 }
 
 /// A driver's sink for a shard: its effects plus the answers to publishes.
@@ -165,6 +167,7 @@ impl<C: Handle> ShardMachine<C> {
                     shard.apply_remote(&peer, delta, sink);
                 }
             }
+            ShardInput::Apps(apps) => shard.set_apps(apps),
             ShardInput::Peers { peers, origins } => {
                 shard.set_peers(peers);
                 shard.set_live_origins(origins);

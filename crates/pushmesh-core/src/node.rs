@@ -241,7 +241,8 @@ impl Core {
         let node = NodeId::new(&config.node_id);
         let shards = shards.max(1);
         let origin = crate::history::Origin::of(&config.node_id, config.epoch);
-        let history = apps.iter().any(|(_, a)| a.history.is_some());
+        // Every shard has a history store, empty until an app keeps
+        // history: apps can be added at runtime (`set_apps`).
         // Tests run on a virtual clock: Unix ms count from its start.
         let clock = (now, 0);
         Self {
@@ -249,10 +250,8 @@ impl Core {
             shards: (0..shards)
                 .map(|_| {
                     let mut s = Shard::new(apps.clone(), node.clone(), config.socket_prefix);
-                    if history {
-                        let budget = config.history_max_bytes / shards;
-                        s.set_history(crate::history::HistoryStore::new(origin, budget, clock));
-                    }
+                    let budget = config.history_max_bytes / shards;
+                    s.set_history(crate::history::HistoryStore::new(origin, budget, clock));
                     ShardMachine::new(s)
                 })
                 .collect(),
@@ -274,6 +273,44 @@ impl Core {
             max_connections: config.max_connections,
             socket_prefix: config.socket_prefix,
         }
+    }
+
+    /// The apps changed (the admin API's view replicated here, or a
+    /// reloaded file): every machine takes the new snapshot; connections
+    /// of a removed app are closed with 4001, of a disabled one with 4003;
+    /// the others take the app's new settings.
+    pub fn set_apps(&mut self, now: Instant, apps: Apps) {
+        let apps = Arc::new(apps);
+        self.conn_counts.resize(apps.len(), 0);
+        {
+            let mut sink = sink!(self);
+            for s in &mut self.shards {
+                s.handle(now, ShardInput::Apps(apps.clone()), &mut sink);
+            }
+        }
+        self.users.set_apps(apps.clone());
+        self.apps = apps.clone();
+        let mut conns: Vec<ConnId> = self.sessions.keys().copied().collect();
+        conns.sort();
+        for conn in conns {
+            let Some(s) = self.sessions.get_mut(&conn) else {
+                continue;
+            };
+            if let Some(code) = s.app_changed(&apps) {
+                let why = if code == CloseCode::AppNotFound {
+                    "app removed"
+                } else {
+                    "app disabled"
+                };
+                s.close(code, why);
+                self.pump(now, conn);
+            }
+        }
+    }
+
+    /// The apps this node serves now.
+    pub fn apps(&self) -> &Arc<Apps> {
+        &self.apps
     }
 
     /// The app with this key.

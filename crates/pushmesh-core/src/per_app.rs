@@ -1,11 +1,12 @@
 //! Per-app tables indexed by [`AppIdx`].
 //!
 //! An [`AppIdx`] is only made by [`crate::app::Apps`] (by id, by key, or
-//! while iterating), always below `Apps::len`, and a node's apps are fixed
-//! for its lifetime; a [`PerApp`] is built with one entry per app
-//! ([`PerApp::new`]). So indexing a `PerApp` with an `AppIdx` of the same
-//! `Apps` cannot go out of bounds. [`PerApp::get`] is there for an index
-//! from anywhere else.
+//! while iterating), always below `Apps::len`, and an app keeps its slot
+//! for the node's life (slots are only added); a [`PerApp`] is built with
+//! one entry per slot ([`PerApp::new`]) and grown with every new snapshot
+//! of the apps before that snapshot is used ([`PerApp::grow`]). So indexing
+//! a `PerApp` with an `AppIdx` of the `Apps` its owner holds cannot go out
+//! of bounds. [`PerApp::get`] is there for an index from anywhere else.
 
 use std::ops::{Index, IndexMut};
 
@@ -20,6 +21,15 @@ impl<T> PerApp<T> {
     pub fn new(apps: usize, make: impl FnMut() -> T) -> Self {
         let mut make = make;
         Self((0..apps).map(|_| make()).collect())
+    }
+
+    /// One entry more per slot up to `apps` (`Apps::len`), each made by
+    /// `make`; never shrinks.
+    pub fn grow(&mut self, apps: usize, make: impl FnMut() -> T) {
+        let mut make = make;
+        while self.0.len() < apps {
+            self.0.push(make());
+        }
     }
 
     /// The entry of `app`, if it is an app of this table.

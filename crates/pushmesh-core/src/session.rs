@@ -232,6 +232,29 @@ impl Session {
         self.app
     }
 
+    /// The app's settings changed (a new secret, limits, switches): they
+    /// apply from the next frame on.
+    pub fn set_config(&mut self, cfg: Arc<AppConfig>) {
+        self.cfg = cfg;
+    }
+
+    /// What the app changing to `apps` means for this connection: the close
+    /// code when its app is gone (4001) or disabled (4003), else `None`
+    /// (and the app's new settings are taken).
+    pub fn app_changed(&mut self, apps: &crate::app::Apps) -> Option<CloseCode> {
+        let cfg = apps.get(self.app);
+        if apps.is_removed(self.app) {
+            return Some(CloseCode::AppNotFound);
+        }
+        if !cfg.enabled {
+            return Some(CloseCode::AppDisabled);
+        }
+        if !Arc::ptr_eq(cfg, &self.cfg) {
+            self.cfg = cfg.clone();
+        }
+        None
+    }
+
     /// The protocol.
     pub fn proto(&self) -> Proto {
         self.proto
@@ -365,12 +388,10 @@ impl Session {
     fn signin(&mut self, auth: &str, user_data: &str) {
         let cfg = self.cfg.clone();
         let limits = &cfg.limits;
-        if let Err(e) = sign::verify_client_auth(
-            &cfg.key,
-            &cfg.secret,
-            auth,
-            &sign::signin_string(&self.socket_id, user_data),
-        ) {
+        let signed = sign::signin_string(&self.socket_id, user_data);
+        if let Err(e) =
+            cfg.verify_with(|secret| sign::verify_client_auth(&cfg.key, secret, auth, &signed))
+        {
             tracing::debug!(conn = self.conn.0, error = %e, "sign-in refused");
             self.close(CloseCode::Unauthorized, &format!("sign-in failed: {e}"));
             return;

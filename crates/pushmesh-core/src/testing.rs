@@ -18,6 +18,7 @@ pub fn app() -> AppConfig {
         id: "1".into(),
         key: KEY.into(),
         secret: SECRET.into(),
+        previous_secret: None,
         enabled: true,
         client_events: true,
         user_authentication_required: false,

@@ -60,6 +60,12 @@ impl<H: Handle> Users<H> {
         }
     }
 
+    /// A new snapshot of the node's apps (tables for new slots).
+    pub fn set_apps(&mut self, apps: Arc<Apps>) {
+        self.tables.grow(apps.len(), Table::default);
+        self.apps = apps;
+    }
+
     /// The peers with a link up changed.
     pub fn set_peers(&mut self, peers: BTreeSet<NodeId>) {
         self.peers = peers;

@@ -316,6 +316,7 @@ pub fn development_app() -> AppConfig {
         id: "app-id".into(),
         key: "app-key".into(),
         secret: "app-secret".into(),
+        previous_secret: None,
         enabled: true,
         client_events: true,
         user_authentication_required: false,
@@ -338,6 +339,7 @@ fn parse_app(spec: &str) -> Result<AppConfig, ConfigError> {
                 id: id.into(),
                 key: key.into(),
                 secret: secret.into(),
+                previous_secret: None,
                 ..development_app()
             })
         }

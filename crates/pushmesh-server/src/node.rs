@@ -215,7 +215,6 @@ impl Node {
         });
         let mut shards = Vec::new();
         let mut slots = Vec::new();
-        let history = apps.iter().any(|(_, a)| a.history.is_some());
         let origin = Origin::of(&s.node_id, s.epoch);
         let wall_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -225,10 +224,10 @@ impl Node {
             let (tx, rx) = mpsc::channel(s.shard_queue.max(16));
             let slot = Arc::new(KindSlots::default());
             let mut shard = Shard::new(apps.clone(), node.clone(), s.socket_prefix);
-            if history {
-                let budget = s.history_max_bytes / s.shards.max(1);
-                shard.set_history(HistoryStore::new(origin, budget, clock));
-            }
+            // Every shard has a history store, empty until an app keeps
+            // history: apps can be added at runtime.
+            let budget = s.history_max_bytes / s.shards.max(1);
+            shard.set_history(HistoryStore::new(origin, budget, clock));
             tokio::spawn(shard_task::run_shard(
                 ShardMachine::new(shard),
                 rx,

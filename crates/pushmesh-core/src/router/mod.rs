@@ -371,6 +371,13 @@ impl<H: Handle> Shard<H> {
         }
     }
 
+    /// A new snapshot of the node's apps: tables for new slots; a changed
+    /// app's settings apply from the next input on.
+    pub fn set_apps(&mut self, apps: Arc<Apps>) {
+        self.tables.grow(apps.len(), Table::default);
+        self.apps = apps;
+    }
+
     /// The peers with a link up changed (their state arrives as deltas).
     pub fn set_peers(&mut self, peers: BTreeSet<NodeId>) {
         // A peer that is gone gets the whole history again if it links

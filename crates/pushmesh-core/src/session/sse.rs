@@ -142,13 +142,9 @@ impl SseRequest {
     ) -> Result<(), SseAuthError> {
         if let Some(token) = &self.token {
             let names: Vec<&str> = self.channels.iter().map(ChannelName::as_str).collect();
-            return Ok(sse::verify_token(
-                &cfg.key,
-                &cfg.secret,
-                token,
-                &names,
-                now_unix,
-            )?);
+            return Ok(cfg.verify_with(|secret| {
+                sse::verify_token(&cfg.key, secret, token, &names, now_unix)
+            })?);
         }
         let own = |n: &ChannelName| {
             n.kind() == ChannelKind::ServerToUser

@@ -62,24 +62,20 @@ impl Session {
             },
             ChannelKind::Private | ChannelKind::PrivateEncrypted => match auth {
                 None => Err(SubscribeAuthError::MissingAuth),
-                Some(a) => sign::verify_client_auth(
-                    &cfg.key,
-                    &cfg.secret,
-                    a,
-                    &sign::channel_string(&self.socket_id, name.as_str()),
-                )
-                .map_err(SubscribeAuthError::from),
+                Some(a) => {
+                    let signed = sign::channel_string(&self.socket_id, name.as_str());
+                    cfg.verify_with(|secret| sign::verify_client_auth(&cfg.key, secret, a, &signed))
+                        .map_err(SubscribeAuthError::from)
+                }
             },
             ChannelKind::Presence => match (auth, channel_data) {
                 (None, _) => Err(SubscribeAuthError::MissingAuth),
                 (_, None) => Err(SubscribeAuthError::MissingChannelData),
-                (Some(a), Some(d)) => sign::verify_client_auth(
-                    &cfg.key,
-                    &cfg.secret,
-                    a,
-                    &sign::presence_string(&self.socket_id, name.as_str(), d),
-                )
-                .map_err(SubscribeAuthError::from),
+                (Some(a), Some(d)) => {
+                    let signed = sign::presence_string(&self.socket_id, name.as_str(), d);
+                    cfg.verify_with(|secret| sign::verify_client_auth(&cfg.key, secret, a, &signed))
+                        .map_err(SubscribeAuthError::from)
+                }
             },
         };
         if let Err(e) = auth_result {

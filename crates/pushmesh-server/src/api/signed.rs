@@ -88,15 +88,18 @@ fn authenticate(
         .by_id(app_id)
         .ok_or_else(|| ApiError::NotFound(format!("no app with id {app_id:?}")))?;
     let c = apps.get(app);
-    sign::verify_api_request(
-        parts.method.as_str(),
-        parts.uri.path(),
-        query,
-        body,
-        &c.key,
-        &c.secret,
-        now_unix(),
-    )?;
+    let now = now_unix();
+    c.verify_with(|secret| {
+        sign::verify_api_request(
+            parts.method.as_str(),
+            parts.uri.path(),
+            query,
+            body,
+            &c.key,
+            secret,
+            now,
+        )
+    })?;
     if !c.enabled {
         return Err(ApiError::Forbidden(format!("app {app_id:?} is disabled")));
     }

@@ -51,6 +51,7 @@ fn file_app(a: FileApp) -> Result<(AppConfig, AppIo), ConfigError> {
         id: a.id,
         key: a.key,
         secret: a.secret,
+        previous_secret: None,
         enabled: a.enabled,
         client_events: a.client_events,
         user_authentication_required: a.user_authentication_required,
