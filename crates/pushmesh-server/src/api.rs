@@ -210,14 +210,14 @@ pub async fn batch_events(
         });
     }
     let any_info = events.iter().any(|e| e.flags.any());
-    let max = st.node.apps.get(a.app).limits.max_batch_events;
+    let max = st.node.apps().get(a.app).limits.max_batch_events;
     if events.len() > max {
         return Err(PublishError::BatchTooLarge(max).into());
     }
     // Validate all first: a batch is accepted whole or refused whole.
     let valid = events
         .iter()
-        .map(|e| st.node.apps.validate_publish(a.app, &e.request()))
+        .map(|e| st.node.apps().validate_publish(a.app, &e.request()))
         .collect::<Result<Vec<_>, _>>()?;
     let mut results = Vec::with_capacity(events.len());
     for (mut e, names) in events.into_iter().zip(valid) {

@@ -4,6 +4,7 @@
 //! load stops the node. Unknown `PUSHMESH_*` variables never stop it (see
 //! [`env`]): platforms set their own.
 
+pub mod app_json;
 mod app_io;
 mod check;
 mod cli;
@@ -113,6 +114,9 @@ pub struct FileConfig {
     tls_key: Option<PathBuf>,
     metrics_listen: Option<SocketAddr>,
     dashboard_token: Option<String>,
+    admin_token: Option<String>,
+    admin_token_file: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
     handshake_timeout_ms: Option<u64>,
     max_pending_handshakes: Option<usize>,
     max_pending_handshakes_per_ip: Option<usize>,
@@ -196,6 +200,14 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Token that opens the status page at /dashboard; none: the page is off.
     pub dashboard_token: Option<String>,
+    /// Token of the admin API (`/admin/*`); none: the API is off (404).
+    pub admin_token: Option<String>,
+    /// Where the node keeps what must survive a restart (the admin API's
+    /// apps); none: the admin API refuses changes (409).
+    pub data_dir: Option<PathBuf>,
+    /// The configuration file, read again on SIGHUP for its apps; none
+    /// when the apps came from `--app` or are the development app.
+    pub apps_file: Option<PathBuf>,
     /// Time a connection has, from accept, to be upgraded or send a whole request.
     pub handshake_timeout: Duration,
     /// Connections accepted and not yet established, at most; 0: unlimited.
@@ -274,6 +286,9 @@ impl Default for Config {
             tls: None,
             metrics_listen: None,
             dashboard_token: None,
+            admin_token: None,
+            data_dir: None,
+            apps_file: None,
             handshake_timeout: Duration::from_secs(10),
             max_pending_handshakes: 1024,
             max_pending_handshakes_per_ip: 128,

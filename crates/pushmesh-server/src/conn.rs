@@ -268,20 +268,39 @@ impl Handle for ConnRef {
 
 /// Open connections of the node, for quotas, drain and counts.
 pub struct Registry {
-    conns: Mutex<HashMap<ConnId, ConnRef>>,
-    per_app: Vec<AtomicUsize>,
+    inner: Mutex<Open>,
     total: AtomicUsize,
     max_connections: Option<usize>,
+}
+
+/// The open connections with their apps, and how many each app has.
+struct Open {
+    conns: HashMap<ConnId, (AppIdx, ConnRef)>,
+    per_app: Vec<usize>,
 }
 
 impl Registry {
     /// An empty registry for `apps` apps.
     pub fn new(apps: usize, max_connections: Option<usize>) -> Self {
         Self {
-            conns: Mutex::new(HashMap::new()),
-            per_app: (0..apps).map(|_| AtomicUsize::new(0)).collect(),
+            inner: Mutex::new(Open {
+                conns: HashMap::new(),
+                per_app: vec![0; apps],
+            }),
             total: AtomicUsize::new(0),
             max_connections,
+        }
+    }
+
+    fn open(&self) -> std::sync::MutexGuard<'_, Open> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Room for `apps` app slots (apps added at runtime).
+    pub fn grow(&self, apps: usize) {
+        let mut open = self.open();
+        if open.per_app.len() < apps {
+            open.per_app.resize(apps, 0);
         }
     }
 
@@ -290,30 +309,35 @@ impl Registry {
         if !cfg.enabled {
             return Err(OpenError::AppDisabled);
         }
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        if self.max_connections.is_some_and(|m| conns.len() >= m) {
+        let mut open = self.open();
+        if self
+            .max_connections
+            .is_some_and(|m| open.conns.len() >= m)
+        {
             return Err(OpenError::NodeOverCapacity);
         }
-        let n = &self.per_app[app.0 as usize];
-        if cfg
-            .max_connections
-            .is_some_and(|m| n.load(Ordering::Relaxed) >= m)
-        {
+        let i = app.0 as usize;
+        if open.per_app.len() <= i {
+            open.per_app.resize(i + 1, 0);
+        }
+        if cfg.max_connections.is_some_and(|m| open.per_app[i] >= m) {
             return Err(OpenError::AppOverQuota);
         }
-        n.fetch_add(1, Ordering::Relaxed);
-        conns.insert(h.conn(), h.clone());
-        self.total.store(conns.len(), Ordering::Relaxed);
+        open.per_app[i] += 1;
+        open.conns.insert(h.conn(), (app, h.clone()));
+        self.total.store(open.conns.len(), Ordering::Relaxed);
         Ok(())
     }
 
     /// Forgets a connection.
     pub fn remove(&self, app: AppIdx, conn: ConnId) {
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        if conns.remove(&conn).is_some() {
-            self.per_app[app.0 as usize].fetch_sub(1, Ordering::Relaxed);
+        let mut open = self.open();
+        if open.conns.remove(&conn).is_some() {
+            if let Some(n) = open.per_app.get_mut(app.0 as usize) {
+                *n = n.saturating_sub(1);
+            }
         }
-        self.total.store(conns.len(), Ordering::Relaxed);
+        self.total.store(open.conns.len(), Ordering::Relaxed);
     }
 
     /// Open connections.
@@ -321,15 +345,28 @@ impl Registry {
         self.total.load(Ordering::Relaxed)
     }
 
+    /// Open connections of one app.
+    pub fn app_count(&self, app: AppIdx) -> usize {
+        self.open().per_app.get(app.0 as usize).copied().unwrap_or(0)
+    }
+
+    /// Asks every connection of `app` to close.
+    pub fn close_app(&self, app: AppIdx, code: CloseCode, reason: &str) {
+        let of_app: Vec<ConnRef> = self
+            .open()
+            .conns
+            .values()
+            .filter(|(a, _)| *a == app)
+            .map(|(_, c)| c.clone())
+            .collect();
+        for c in of_app {
+            c.request_close(code, reason);
+        }
+    }
+
     /// Asks every connection to close (drain: 4200).
     pub fn close_all(&self, code: CloseCode, reason: &str) {
-        let all: Vec<ConnRef> = self
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
+        let all: Vec<ConnRef> = self.open().conns.values().map(|(_, c)| c.clone()).collect();
         for c in all {
             c.request_close(code, reason);
         }

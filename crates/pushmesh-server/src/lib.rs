@@ -115,7 +115,7 @@ pub struct Shared {
 
 impl Shared {
     fn app_by_key(&self, key: &str) -> Option<AppIdx> {
-        self.node.apps.by_key(key)
+        self.node.apps().by_key(key)
     }
 
     /// The wsify authorizer of an app, if it has one.

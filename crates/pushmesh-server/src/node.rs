@@ -22,7 +22,8 @@ use pushmesh_core::{
     filter::Tags, AppIdx, Apps, ChannelInfo, ConnId, NodeId, PublishError, PublishRefused,
     PublishRequest, PublishedChannel, Replicator, Request, Shard, Sink, Users, WebhookScheduler,
 };
-use pushmesh_protocol::ChannelName;
+use arc_swap::ArcSwap;
+use pushmesh_protocol::{ChannelName, CloseCode};
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -151,10 +152,19 @@ enum Cmd {
 #[derive(Default)]
 struct KindSlots([[AtomicUsize; 2]; 5], history::HistorySlots);
 
+/// Every slot of `apps`, removed ones included.
+fn apps_slots(apps: &Apps) -> impl Iterator<Item = (AppIdx, &Arc<pushmesh_core::AppConfig>)> {
+    (0..apps.len() as u32).map(move |i| (AppIdx(i), apps.get(AppIdx(i))))
+}
+
 /// The node: apps, router shards, users, replication, connections.
 pub struct Node {
-    /// The apps served.
-    pub apps: Arc<Apps>,
+    /// The apps served: a snapshot replaced whole when they change
+    /// ([`Node::set_apps`]).
+    apps: Arc<ArcSwap<Apps>>,
+    /// Bumped with every new snapshot: a connection takes its app's new
+    /// settings when it sees another number.
+    apps_generation: AtomicU64,
     shards: Vec<mpsc::Sender<Cmd>>,
     slots: Vec<Arc<KindSlots>>,
     users: Mutex<Users<ConnRef>>,
@@ -201,6 +211,7 @@ impl Node {
         mut hooks: WebhookScheduler,
     ) -> Self {
         let apps = Arc::new(s.apps);
+        let swap = Arc::new(ArcSwap::new(apps.clone()));
         let node = NodeId::new(&s.node_id);
         hooks.set_origin(&s.node_id, s.epoch);
         let links = Arc::new(Links {
@@ -211,7 +222,7 @@ impl Node {
             barrier_wait: s.barrier_wait,
             hook_ready: Notify::new(),
             stats: HubStats::default(),
-            hook_relay: HookRelay::new(node.clone(), s.epoch, apps.clone()),
+            hook_relay: HookRelay::new(node.clone(), s.epoch, swap.clone()),
         });
         let mut shards = Vec::new();
         let mut slots = Vec::new();
@@ -240,7 +251,8 @@ impl Node {
         Self {
             users: Mutex::new(Users::new(apps.clone())),
             registry: Registry::new(apps.len(), s.max_connections),
-            apps,
+            apps: swap,
+            apps_generation: AtomicU64::new(0),
             shards,
             slots,
             links,
@@ -254,6 +266,38 @@ impl Node {
                 }),
                 AtomicUsize::new(0),
             ),
+        }
+    }
+
+    /// The apps served now.
+    pub fn apps(&self) -> Arc<Apps> {
+        self.apps.load_full()
+    }
+
+    /// The number of the current apps snapshot.
+    pub fn apps_generation(&self) -> u64 {
+        self.apps_generation.load(Ordering::Acquire)
+    }
+
+    /// New apps (added, changed, removed; slots kept): every shard and the
+    /// user registry take them, connections of a removed app are closed
+    /// with 4001 and of a disabled one with 4003, the others take their
+    /// app's new settings with their next frame.
+    pub async fn set_apps(&self, apps: Apps) {
+        let apps = Arc::new(apps);
+        self.registry.grow(apps.len());
+        lock(&self.users).set_apps(apps.clone());
+        for s in &self.shards {
+            let _ = s.send(Cmd::Input(ShardInput::Apps(apps.clone()))).await;
+        }
+        self.apps.store(apps.clone());
+        self.apps_generation.fetch_add(1, Ordering::AcqRel);
+        for (i, cfg) in apps_slots(&apps) {
+            if apps.is_removed(i) {
+                self.registry.close_app(i, CloseCode::AppNotFound, "app removed");
+            } else if !cfg.enabled {
+                self.registry.close_app(i, CloseCode::AppDisabled, "app disabled");
+            }
         }
     }
 
@@ -320,7 +364,7 @@ impl Node {
         info: bool,
         tags: Option<Arc<Tags>>,
     ) -> Result<Vec<PublishedChannel>, PublishError> {
-        let names = self.apps.validate_publish(app, req)?;
+        let names = self.apps().validate_publish(app, req)?;
         self.publish_valid(app, names, req, info, tags).await
     }
 
@@ -385,13 +429,13 @@ impl Node {
         content: &RawValue,
         tags: Option<Arc<Tags>>,
     ) -> Result<(), PublishError> {
-        let name = self.apps.validate_wsify_broadcast(app, channel, content)?;
+        let name = self.apps().validate_wsify_broadcast(app, channel, content)?;
         let _entered = self.gate.enter().map_err(|r| self.refused(r))?;
         let content: Arc<RawValue> = Arc::from(content.to_owned());
         let p = ShardPublish {
             app,
             channel: name,
-            event: Arc::from(self.apps.get(app).wsify_event.as_str()),
+            event: Arc::from(self.apps().get(app).wsify_event.as_str()),
             data: Arc::from(content.get()),
             content: Some(content),
             exclude: None,

@@ -165,7 +165,7 @@ fn admit(
     let app = st
         .app_by_key(key)
         .ok_or_else(|| SseError::UnknownKey(key.to_owned()))?;
-    let cfg = st.node.apps.get(app).clone();
+    let cfg = st.node.apps().get(app).clone();
     if !cfg.enabled {
         return Err(SseError::AppDisabled);
     }

@@ -138,7 +138,7 @@ fn admit(
         _ => match st.app_by_key(key) {
             Some(app) => match check_origin(st, app, &req.headers) {
                 Ok(()) => match identity
-                    .map(|i| i.check(st.node.apps.get(app).limits.max_user_id_length))
+                    .map(|i| i.check(st.node.apps().get(app).limits.max_user_id_length))
                 {
                     Some(Err(e)) => Admission::Refuse(CloseCode::Unauthorized, e.to_string()),
                     _ => Admission::App(app),

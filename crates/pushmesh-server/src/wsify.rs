@@ -104,7 +104,7 @@ async fn admit(
     identity: Option<&Identity>,
     query: &Value,
 ) -> Result<(), Response> {
-    let max_user = st.node.apps.get(app).limits.max_user_id_length;
+    let max_user = st.node.apps().get(app).limits.max_user_id_length;
     if let Some(Err(e)) = identity.map(|i| i.check(max_user)) {
         return Err(refusal(StatusCode::FORBIDDEN, e.to_string()));
     }

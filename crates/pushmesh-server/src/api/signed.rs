@@ -72,8 +72,8 @@ impl FromRequest<Arc<Shared>> for SignedRequest {
 /// The id of the app named by the query's `auth_key`.
 fn app_id_of_key(st: &Shared, query: &[(String, String)]) -> Result<String, ApiError> {
     let key = param(query, "auth_key").ok_or(ApiAuthError::Missing("auth_key"))?;
-    let app = st.node.apps.by_key(key).ok_or(ApiAuthError::WrongKey)?;
-    Ok(st.node.apps.get(app).id.clone())
+    let app = st.node.apps().by_key(key).ok_or(ApiAuthError::WrongKey)?;
+    Ok(st.node.apps().get(app).id.clone())
 }
 
 fn authenticate(
@@ -83,7 +83,7 @@ fn authenticate(
     query: &[(String, String)],
     body: &[u8],
 ) -> Result<AppIdx, ApiError> {
-    let apps = &st.node.apps;
+    let apps = &st.node.apps();
     let app = apps
         .by_id(app_id)
         .ok_or_else(|| ApiError::NotFound(format!("no app with id {app_id:?}")))?;

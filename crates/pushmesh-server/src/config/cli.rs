@@ -116,6 +116,20 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub dashboard_token: Option<String>,
+    /// Token of the admin API at /admin [default: none, the API is off].
+    #[arg(
+        long,
+        env = "PUSHMESH_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    /// File holding the admin API's token.
+    #[arg(long, env = "PUSHMESH_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Directory for what must survive a restart (apps made through the admin API).
+    #[arg(long, env = "PUSHMESH_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
     /// A clustered node is not ready until it has joined at least this many
     /// nodes, itself included [default: 1].
     #[arg(long, env = "PUSHMESH_MIN_CLUSTER_SIZE", value_name = "N")]

@@ -32,7 +32,7 @@ impl Config {
 }
 
 /// An app of the file, its webhook event types checked.
-fn file_app(a: FileApp) -> Result<(AppConfig, AppIo), ConfigError> {
+pub(super) fn file_app(a: FileApp) -> Result<(AppConfig, AppIo), ConfigError> {
     for t in a
         .webhooks
         .iter()
@@ -179,7 +179,34 @@ fn layer(file: FileConfig, cli: Cli, apps: Apps) -> Result<Config, ConfigError> 
             )));
         }
     }
+    let admin_token = match (
+        cli.admin_token.clone().or(file.admin_token),
+        cli.admin_token_file.clone().or(file.admin_token_file),
+    ) {
+        (Some(t), _) => Some(t),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(&path)
+                .map_err(|source| ConfigError::Read { path, source })?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    }
+    .filter(|t| !t.is_empty());
+    if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+        return Err(ConfigError::Invalid(
+            "admin_token must be at least 16 characters".into(),
+        ));
+    }
+    let apps_file = if cli.apps.is_empty() && !development {
+        cli.config.clone()
+    } else {
+        None
+    };
     Ok(Config {
+        admin_token,
+        data_dir: cli.data_dir.clone().or(file.data_dir),
+        apps_file,
         listen: cli.listen.or(file.listen).unwrap_or(d.listen),
         apps,
         app_io,

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use pushmesh_core::hook_backup::{BackupStats, Released};
 use pushmesh_core::{AppIdx, Apps, HookBackup, NodeId, PeerFrame};
 use pushmesh_protocol::webhook::WebhookEvent;
@@ -19,13 +20,13 @@ use super::{lock, Links, Node};
 /// batch of webhook events, per confirmation, per peer change).
 pub struct HookRelay {
     backup: Mutex<HookBackup>,
-    apps: Arc<Apps>,
+    apps: Arc<ArcSwap<Apps>>,
     /// Held events released but whose app this node does not serve.
     pub unknown_app: AtomicU64,
 }
 
 impl HookRelay {
-    pub(super) fn new(node: NodeId, epoch: u64, apps: Arc<Apps>) -> Self {
+    pub(super) fn new(node: NodeId, epoch: u64, apps: Arc<ArcSwap<Apps>>) -> Self {
         Self {
             backup: Mutex::new(HookBackup::new(node, epoch)),
             apps,
@@ -61,7 +62,7 @@ fn release(links: &Links, released: Vec<Released>) {
     {
         let mut h = lock(&links.hooks);
         for r in released {
-            match relay.apps.by_id(&r.app) {
+            match relay.apps.load().by_id(&r.app) {
                 Some(app) => h.push_held(r.id, app, r.event),
                 None => {
                     relay.unknown_app.fetch_add(1, Ordering::Relaxed);
@@ -93,10 +94,10 @@ pub(super) fn scheduled(
     let relay = &links.hook_relay;
     let mut out = Vec::new();
     {
+        let apps = relay.apps.load();
         let mut b = lock(&relay.backup);
         for (id, app, event) in &scheduled {
-            let app_id = &relay.apps.get(*app).id;
-            b.hand(id, app_id, event, &peers, &mut out);
+            b.hand(id, &apps.get(*app).id, event, &peers, &mut out);
         }
         b.done(cancelled.iter().map(String::as_str), &mut out);
     }

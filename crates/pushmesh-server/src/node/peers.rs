@@ -66,7 +66,7 @@ impl Node {
         // In batches per shard: a sync of a million channels is a million
         // changes, not a million commands.
         const APPLY_BATCH: usize = 1024;
-        let split = split_apply(&self.apps, self.shards.len(), fx.apply);
+        let split = split_apply(&self.apps(), self.shards.len(), fx.apply);
         for (peer, d) in split.users {
             self.with_users(|u, sink| u.apply_remote(&peer, &d, sink));
         }
@@ -148,7 +148,7 @@ impl Node {
         let frame = PeerFrame::decode(bytes)?;
         // A channel's frame: its shard handles it.
         if let Some((app, channel)) = frame.channel() {
-            if let Some(a) = self.apps.by_id(app) {
+            if let Some(a) = self.apps().by_id(app) {
                 // A closed queue means the node is stopping.
                 let shard = self.shard(a, channel).clone();
                 let _ = shard.send(Cmd::Input(ShardInput::PeerFrame(frame))).await;
@@ -157,7 +157,7 @@ impl Node {
         }
         match frame {
             PeerFrame::Terminate { app, user } => {
-                if let Some(a) = self.apps.by_id(&app) {
+                if let Some(a) = self.apps().by_id(&app) {
                     self.with_users(|u, sink| u.terminate_local(a, &user, sink));
                 }
             }

@@ -141,7 +141,7 @@ impl<'a> Connection<'a> {
 
     /// Registers it (quotas); returns the app's config to start a session.
     pub(crate) fn admit(&self) -> Result<Arc<AppConfig>, OpenError> {
-        let cfg = self.st.node.apps.get(self.app).clone();
+        let cfg = self.st.node.apps().get(self.app).clone();
         self.st.node.registry.admit(self.app, &cfg, &self.h)?;
         Ok(cfg)
     }
