@@ -78,7 +78,8 @@ test('SIGHUP on a clustered node without TLS: it keeps running, stays linked and
   const n1 = nodeOf(1);
   for (let k = 1; k <= 3; k++) {
     n1.child.kill('SIGHUP'); // one at a time: signals arriving together may be handled as one
-    await until(() => (n1.stderr().match(/SIGHUP: nothing to reload/g) || []).length === k, `log line of SIGHUP #${k}`, 20000);
+    await until(() => (n1.stderr().match(/SIGHUP: no TLS certificate to reload/g) || []).length === k
+      && (n1.stderr().match(/SIGHUP: apps reloaded from the configuration file/g) || []).length === k, `log lines of SIGHUP #${k}`, 20000);
   }
   assert.equal(n1.child.exitCode, null, 'n1 still runs');
   await ready(1);

@@ -63,6 +63,39 @@ impl AppRecord {
     }
 }
 
+/// One node's counters of one app (the admin API sums them over the
+/// cluster's live nodes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct AppStats {
+    /// Open connections (WebSocket and SSE).
+    pub connections: u64,
+    /// Occupied channels.
+    pub channels: u64,
+    /// Subscriptions.
+    pub subscriptions: u64,
+    /// Events published through this node (HTTP API, broadcasts).
+    pub messages_published: u64,
+    /// Frames queued to this node's connections.
+    pub messages_delivered: u64,
+    /// Bytes written to this node's connections.
+    pub bytes_sent: u64,
+    /// Webhook events delivered from this node.
+    pub webhooks_sent: u64,
+}
+
+impl AppStats {
+    /// The sum of two nodes' counters.
+    pub fn add(&mut self, o: &AppStats) {
+        self.connections += o.connections;
+        self.channels += o.channels;
+        self.subscriptions += o.subscriptions;
+        self.messages_published += o.messages_published;
+        self.messages_delivered += o.messages_delivered;
+        self.bytes_sent += o.bytes_sent;
+        self.webhooks_sent += o.webhooks_sent;
+    }
+}
+
 /// Why an admin change is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {

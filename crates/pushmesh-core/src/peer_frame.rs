@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 ///
 /// 4: one event frame, [`PeerFrame::Event`], with optional tags and history
 /// position (3 had `Publish`, `TaggedPublish` and `HistoryPublish`).
-pub const FRAME_VERSION: u8 = 4;
+///
+/// 5: the admin API's apps (`Apps`) and their counters (`AppStatsAsk`,
+/// `AppStatsReply`).
+pub const FRAME_VERSION: u8 = 5;
 
 /// A node of the cluster.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -265,6 +268,25 @@ pub enum PeerFrame {
         shard: u32,
         /// How many shards the sender has.
         shards: u32,
+    },
+    /// Apps made through the admin API: each change as it is made, every
+    /// record to a peer whose link came up (merged by last writer,
+    /// `app_registry`).
+    Apps(Vec<crate::app_registry::AppRecord>),
+    /// Asks for an app's counters on the receiver (`ask` numbers the
+    /// question), answered with [`PeerFrame::AppStatsReply`].
+    AppStatsAsk {
+        /// The asker's number for the question.
+        ask: u64,
+        /// App id.
+        app: String,
+    },
+    /// The counters asked for (zeros for an app the receiver lacks).
+    AppStatsReply {
+        /// The question's number.
+        ask: u64,
+        /// The receiver's counters of the app.
+        stats: crate::app_registry::AppStats,
     },
 }
 

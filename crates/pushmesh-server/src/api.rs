@@ -160,6 +160,7 @@ pub async fn events(
     st.stats
         .published
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    st.apps.count_published(a.app, 1);
     if flags.any() {
         Ok(Json(
             json!({ "channels": published_json(&published, flags) }),
@@ -233,6 +234,7 @@ pub async fn batch_events(
     st.stats
         .published
         .fetch_add(results.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    st.apps.count_published(a.app, results.len() as u64);
     if any_info {
         let batch: Vec<Value> = results
             .iter()

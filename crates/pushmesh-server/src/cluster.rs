@@ -124,7 +124,10 @@ pub fn spawn_tasks(st: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
             while let Some(ev) = rx.recv().await {
                 let node = &st.node;
                 match ev {
-                    ClusterEvent::PeerUp { node: peer, epoch } => node.peer_up(peer, epoch).await,
+                    ClusterEvent::PeerUp { node: peer, epoch } => {
+                        crate::apps::peer_up(&st, &peer);
+                        node.peer_up(peer, epoch).await
+                    }
                     ClusterEvent::PeerDown { node: peer } => node.link_down(&peer),
                     ClusterEvent::PeerGone { node: peer } => node.peer_gone(&peer).await,
                     ClusterEvent::ContinuityBroken { node: peer } => {
@@ -137,8 +140,16 @@ pub fn spawn_tasks(st: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
                         );
                     }
                     ClusterEvent::Frame { from, frame } => {
-                        if let Err(e) = node.peer_frame(&from, &frame).await {
-                            tracing::warn!(peer = %from, error = %e, "bad frame from peer");
+                        match node.peer_frame(&from, &frame).await {
+                            Ok(Some(admin)) => {
+                                // Off this loop: a stats question waits on the shards.
+                                let (st, from) = (st.clone(), from.clone());
+                                tokio::spawn(async move {
+                                    crate::apps::peer_frame(&st, &from, admin).await;
+                                });
+                            }
+                            Ok(None) => {}
+                            Err(e) => tracing::warn!(peer = %from, error = %e, "bad frame from peer"),
                         }
                     }
                     ClusterEvent::Digest { node: peer, digest } => {

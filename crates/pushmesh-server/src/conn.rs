@@ -14,7 +14,7 @@
 //! its place before the events that follow it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
@@ -40,6 +40,8 @@ struct Queue {
     holds: u32,
     /// While held: frames queued before the first hold (deliverable).
     before_gate: usize,
+    /// Frames queued over the connection's life (per-app stats).
+    queued: u64,
 }
 
 /// The shared side of one connection.
@@ -59,6 +61,8 @@ pub struct Conn {
     closing: AtomicBool,
     /// A close request waits in `close`.
     close_pending: AtomicBool,
+    /// Bytes written to the client (per-app stats).
+    bytes_sent: AtomicU64,
 }
 
 impl Conn {
@@ -79,6 +83,7 @@ impl Conn {
         }
         let was_empty = q.frames.is_empty();
         q.frames.push_back(frame);
+        q.queued += 1;
         if q.holds > 0 {
             return true;
         }
@@ -88,6 +93,17 @@ impl Conn {
             self.waker.wake();
         }
         true
+    }
+
+    /// Counts bytes written to the client.
+    pub fn wrote(&self, bytes: u64) {
+        self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Frames queued and bytes written so far.
+    pub fn traffic(&self) -> (u64, u64) {
+        let queued = self.queue.lock().unwrap_or_else(|p| p.into_inner()).queued;
+        (queued, self.bytes_sent.load(Ordering::Relaxed))
     }
 
     /// Holds the frames queued from now on until [`Conn::release`].
@@ -169,6 +185,7 @@ impl ConnRef {
             close: Mutex::new(None),
             closing: AtomicBool::new(false),
             close_pending: AtomicBool::new(false),
+            bytes_sent: AtomicU64::new(0),
         });
         (
             Self(c.clone()),
@@ -277,6 +294,8 @@ pub struct Registry {
 struct Open {
     conns: HashMap<ConnId, (AppIdx, ConnRef)>,
     per_app: Vec<usize>,
+    /// Frames queued and bytes written by each app's closed connections.
+    closed: Vec<(u64, u64)>,
 }
 
 impl Registry {
@@ -286,6 +305,7 @@ impl Registry {
             inner: Mutex::new(Open {
                 conns: HashMap::new(),
                 per_app: vec![0; apps],
+                closed: vec![(0, 0); apps],
             }),
             total: AtomicUsize::new(0),
             max_connections,
@@ -301,6 +321,7 @@ impl Registry {
         let mut open = self.open();
         if open.per_app.len() < apps {
             open.per_app.resize(apps, 0);
+            open.closed.resize(apps, (0, 0));
         }
     }
 
@@ -319,6 +340,7 @@ impl Registry {
         let i = app.0 as usize;
         if open.per_app.len() <= i {
             open.per_app.resize(i + 1, 0);
+            open.closed.resize(i + 1, (0, 0));
         }
         if cfg.max_connections.is_some_and(|m| open.per_app[i] >= m) {
             return Err(OpenError::AppOverQuota);
@@ -332,9 +354,15 @@ impl Registry {
     /// Forgets a connection.
     pub fn remove(&self, app: AppIdx, conn: ConnId) {
         let mut open = self.open();
-        if open.conns.remove(&conn).is_some() {
-            if let Some(n) = open.per_app.get_mut(app.0 as usize) {
+        if let Some((_, h)) = open.conns.remove(&conn) {
+            let i = app.0 as usize;
+            if let Some(n) = open.per_app.get_mut(i) {
                 *n = n.saturating_sub(1);
+            }
+            let (queued, bytes) = h.traffic();
+            if let Some(t) = open.closed.get_mut(i) {
+                t.0 += queued;
+                t.1 += bytes;
             }
         }
         self.total.store(open.conns.len(), Ordering::Relaxed);
@@ -348,6 +376,20 @@ impl Registry {
     /// Open connections of one app.
     pub fn app_count(&self, app: AppIdx) -> usize {
         self.open().per_app.get(app.0 as usize).copied().unwrap_or(0)
+    }
+
+    /// Frames queued and bytes written to `app`'s connections, open and
+    /// closed, on this node (a walk over the open ones: for the admin API,
+    /// not the message path).
+    pub fn app_traffic(&self, app: AppIdx) -> (u64, u64) {
+        let open = self.open();
+        let mut t = open.closed.get(app.0 as usize).copied().unwrap_or((0, 0));
+        for (_, h) in open.conns.values().filter(|(a, _)| *a == app) {
+            let (q, b) = h.traffic();
+            t.0 += q;
+            t.1 += b;
+        }
+        t
     }
 
     /// Asks every connection of `app` to close.

@@ -13,6 +13,8 @@ pub mod authorizer;
 pub mod cluster;
 pub mod config;
 pub mod conn;
+pub mod admin;
+pub mod apps;
 pub mod dashboard;
 pub mod edge;
 pub mod forwarded;
@@ -41,7 +43,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use authorizer::{Authorizer, AuthorizerStats};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use pushmesh_core::{AppIdx, Apps, WebhookScheduler};
 use pushmesh_protocol::CloseCode;
@@ -75,6 +77,9 @@ pub enum ServerError {
     /// The cluster layer could not start, or this node's id is taken.
     #[error("cluster: {0}")]
     Cluster(#[from] cluster::ClusterStartError),
+    /// The admin API's store in `data_dir` cannot be used.
+    #[error("data_dir: {0}")]
+    Apps(#[source] apps::store::StoreError),
 }
 
 /// Counters of the node.
@@ -111,6 +116,11 @@ pub struct Shared {
     pub api_limiter: limits::RateLimiter<AppIdx>,
     /// Accept loops: pending handshakes, connections per IP, proxies.
     pub edge: edge::Edge,
+    /// The apps beyond the core's snapshot: sources, I/O settings, the
+    /// admin API's registry and store.
+    pub apps: apps::AppsState,
+    /// Failed admin API requests per client address.
+    pub admin_failures: limits::RateLimiter<std::net::IpAddr>,
 }
 
 impl Shared {
@@ -201,6 +211,18 @@ impl Server {
         );
         webhooks.confirm_to(node.links.clone());
         let edge = edge::Edge::new(&config);
+        let store = match &config.data_dir {
+            Some(dir) => Some(apps::store::Store::open(dir).map_err(ServerError::Apps)?),
+            None => None,
+        };
+        let config_apps = config
+            .apps
+            .iter()
+            .cloned()
+            .zip(config.app_io.iter().cloned())
+            .collect();
+        let apps_state =
+            apps::AppsState::new(&config.node_id, config_apps, store).map_err(ServerError::Apps)?;
         let shared = Arc::new(Shared {
             edge,
             config,
@@ -214,7 +236,11 @@ impl Server {
             stats,
             webhooks,
             authorizers,
+            apps: apps_state,
+            admin_failures: limits::RateLimiter::new(1.0, 10.0),
         });
+        // The admin API's apps saved here serve before the first request.
+        apps::rebuild(&shared).await;
         Ok(Self {
             listener,
             metrics_listener,
@@ -248,6 +274,7 @@ impl Server {
         let senders = st.webhooks.start();
         let cluster_tasks = cluster::spawn_tasks(&st);
         let pump = tokio::spawn(webhook_pump(st.clone()));
+        let grace = tokio::spawn(apps::grace_timer(st.clone()));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let st2 = st.clone();
         let st3 = st.clone();
@@ -319,6 +346,7 @@ impl Server {
         };
         let (r, ()) = tokio::join!(serve, drain);
         pump.abort();
+        grace.abort();
         for t in cluster_tasks {
             t.abort();
         }
@@ -387,6 +415,15 @@ fn router(st: Arc<Shared>) -> Router {
         .route("/cluster", get(cluster::cluster_status))
         .route("/metrics", get(all_metrics))
         .route("/stats", get(stats))
+        .route("/admin/apps", get(admin::list).post(admin::create))
+        .route(
+            "/admin/apps/{id}",
+            get(admin::get).patch(admin::update).delete(admin::delete),
+        )
+        .route("/admin/apps/{id}/secret", post(admin::rotate))
+        .route("/admin/apps/{id}/stats", get(admin::stats))
+        .route("/admin", any(admin::fallback))
+        .route("/admin/{*rest}", any(admin::fallback))
         .route("/dashboard", get(dashboard::page))
         .route("/dashboard/api/stats", get(dashboard::stats))
         .route("/dashboard/api/auth", get(dashboard::auth))

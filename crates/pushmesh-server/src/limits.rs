@@ -31,6 +31,17 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         }
     }
 
+    /// Whether `key` has a token at `now`, taking none.
+    pub fn has_token(&self, key: &K, now: Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(key).is_none_or(|b| {
+            b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * self.rate >= 1.0
+        })
+    }
+
     /// Takes one token for `key` at `now`; false when none is left.
     pub fn allow(&self, key: &K, now: Instant) -> bool {
         if self.rate <= 0.0 {

@@ -156,7 +156,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let hup = pushmesh_server::reload::install().context("cannot handle SIGHUP")?;
     let server = Server::bind(config.clone()).await?;
     #[cfg(unix)]
-    pushmesh_server::reload::spawn(hup, server.tls());
+    pushmesh_server::reload::spawn(hup, server.tls(), server.shared());
     let addr = server.local_addr()?;
     banner(&config, addr);
     tracing::info!(%addr, apps = config.apps.len(), "pushmesh started");

@@ -156,6 +156,7 @@ pub fn render(st: &Shared) -> String {
     render_authorizer(&st.stats.authorizer, &mut out);
     render_continuity(st, &mut out);
     render_history(st, &mut out);
+    render_admin(st, &mut out);
     process::render(&mut out);
     out
 }
@@ -329,6 +330,34 @@ fn render_limits(e: &EdgeMetrics, out: &mut String) {
 }
 
 /// Webhook deliveries and the backup of pending webhook events.
+/// The admin API's requests and the apps served, by source.
+fn render_admin(st: &Shared, out: &mut String) {
+    labelled(
+        out,
+        (
+            "pushmesh_admin_requests_total",
+            "counter",
+            "Admin API requests by outcome.",
+        ),
+        "outcome",
+        crate::admin::OUTCOMES
+            .iter()
+            .zip(&st.apps.requests)
+            .map(|(o, c)| (*o, load(c))),
+    );
+    let (config, admin) = st.apps.counts(&st.node.apps());
+    labelled(
+        out,
+        (
+            "pushmesh_apps",
+            "gauge",
+            "Apps served, by where they come from (the configuration file or the admin API).",
+        ),
+        "source",
+        [("config", config), ("admin", admin)],
+    );
+}
+
 fn render_webhooks(st: &Shared, out: &mut String) {
     let w = &st.webhooks.stats;
     labelled(

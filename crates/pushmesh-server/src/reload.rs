@@ -3,8 +3,10 @@
 //! The handler is installed before the node binds anything (see the binary's
 //! `serve`), so a SIGHUP at any moment of a node's life is handled: without a
 //! handler the signal's default action would end the process (exit 129).
-//! Today the TLS certificate and key are what can be reloaded; every reload
-//! logs what it did, including "nothing to reload".
+//! The TLS certificate and key, and the configuration file's apps (added,
+//! changed, removed: `apps::reload_config`, with the admin API's effect on
+//! open connections) are what can be reloaded; every reload logs what it
+//! did.
 
 use std::sync::Arc;
 
@@ -32,7 +34,7 @@ pub fn reload(tls: Option<&Reloadable>) -> Outcome {
     };
     match &outcome {
         Outcome::Nothing => {
-            tracing::info!("SIGHUP: nothing to reload (no TLS configured); the node keeps running")
+            tracing::info!("SIGHUP: no TLS certificate to reload (no TLS configured); the node keeps running")
         }
         Outcome::Certificate => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
         Outcome::CertificateFailed(e) => {
@@ -48,12 +50,29 @@ pub fn install() -> std::io::Result<tokio::signal::unix::Signal> {
     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
 }
 
+/// Reads the configuration file's apps again and serves them; logs it.
+pub async fn reload_apps(st: &crate::Shared) {
+    if st.config.apps_file.is_none() {
+        tracing::info!("SIGHUP: apps not reloaded: they come from --app or are the development app");
+        return;
+    }
+    match crate::apps::reload_config(st).await {
+        Ok(n) => tracing::info!(apps = n, "SIGHUP: apps reloaded from the configuration file"),
+        Err(e) => tracing::error!(error = %e, "SIGHUP: apps not reloaded, keeping the old ones"),
+    }
+}
+
 /// Reloads on every SIGHUP of `hup`, for the life of the process.
 #[cfg(unix)]
-pub fn spawn(mut hup: tokio::signal::unix::Signal, tls: Option<Arc<Reloadable>>) {
+pub fn spawn(
+    mut hup: tokio::signal::unix::Signal,
+    tls: Option<Arc<Reloadable>>,
+    st: Arc<crate::Shared>,
+) {
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             reload(tls.as_deref());
+            reload_apps(&st).await;
         }
     });
 }

@@ -101,6 +101,8 @@ pub struct Target {
     cap: usize,
     queue: Mutex<Queue>,
     notify: Notify,
+    /// Events delivered to this URL (per-app stats).
+    sent: AtomicU64,
 }
 
 impl Target {
@@ -189,6 +191,7 @@ impl Webhooks {
                             cap: config.webhook_queue.max(1),
                             queue: Mutex::new(Queue::default()),
                             notify: Notify::new(),
+                            sent: AtomicU64::new(0),
                         })
                     })
                     .collect()
@@ -257,6 +260,13 @@ impl Webhooks {
         if let Some(links) = self.confirm.links.get() {
             crate::node::hook_relay::delivered(links, &unwanted);
         }
+    }
+
+    /// Webhook events of `app` delivered from this node.
+    pub fn app_sent(&self, app: pushmesh_core::AppIdx) -> u64 {
+        self.targets
+            .get(app.0 as usize)
+            .map_or(0, |t| t.iter().map(|t| t.sent.load(Ordering::Relaxed)).sum())
     }
 
     /// Whether every queue is empty.
@@ -331,6 +341,7 @@ impl Sender {
             self.confirm.finished(finished.iter().map(String::as_str));
             if delivered {
                 self.stats.sent.fetch_add(n, Ordering::Relaxed);
+                self.target.sent.fetch_add(n, Ordering::Relaxed);
             } else {
                 self.stats.dropped.fetch_add(n, Ordering::Relaxed);
                 tracing::warn!(url = %self.target.url, events = n,

@@ -43,7 +43,8 @@ pub(crate) fn check_origin(
     app: AppIdx,
     headers: &HeaderMap,
 ) -> Result<(), OriginRefused> {
-    let allowed = &st.config.app_io[app.0 as usize].allowed_origins;
+    let io = st.apps.io(app).0;
+    let allowed = &io.allowed_origins;
     if allowed.is_empty() || allowed.iter().any(|a| a == "*") {
         return Ok(());
     }

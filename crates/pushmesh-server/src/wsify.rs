@@ -377,6 +377,7 @@ impl Wsify<'_> {
         if let WsifyCommand::Broadcast { .. } = cmd {
             if r.is_ok() {
                 self.st.stats.published.fetch_add(1, Ordering::Relaxed);
+                self.st.apps.count_published(self.app, 1);
             }
         }
         match r {
@@ -454,6 +455,7 @@ pub async fn broadcast(
     match r {
         Ok(()) => {
             st.stats.published.fetch_add(1, Ordering::Relaxed);
+            st.apps.count_published(app, 1);
             (StatusCode::OK, Json(json!({ "ok": true }))).into_response()
         }
         Err(e) => crate::api::ApiError::from(e).into_response(),

@@ -140,12 +140,20 @@ impl Node {
     }
 
     /// A frame from a peer. Undecodable frames are refused, never fatal.
+    /// The admin API's frames (`Apps`, `AppStats*`) are given back: the
+    /// server's `apps` module handles them.
     pub async fn peer_frame(
         &self,
         from: &NodeId,
         bytes: &[u8],
-    ) -> Result<(), pushmesh_core::PeerFrameError> {
+    ) -> Result<Option<PeerFrame>, pushmesh_core::PeerFrameError> {
         let frame = PeerFrame::decode(bytes)?;
+        if matches!(
+            frame,
+            PeerFrame::Apps(_) | PeerFrame::AppStatsAsk { .. } | PeerFrame::AppStatsReply { .. }
+        ) {
+            return Ok(Some(frame));
+        }
         // A channel's frame: its shard handles it.
         if let Some((app, channel)) = frame.channel() {
             if let Some(a) = self.apps().by_id(app) {
@@ -153,7 +161,7 @@ impl Node {
                 let shard = self.shard(a, channel).clone();
                 let _ = shard.send(Cmd::Input(ShardInput::PeerFrame(frame))).await;
             }
-            return Ok(());
+            return Ok(None);
         }
         match frame {
             PeerFrame::Terminate { app, user } => {
@@ -197,7 +205,7 @@ impl Node {
                 self.effects(fx, false).await;
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Compares a peer's gossiped digest with what this node holds of it.

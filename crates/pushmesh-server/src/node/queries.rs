@@ -25,6 +25,20 @@ impl Node {
         rx.await.ok()
     }
 
+    /// This node's occupied channels and subscriptions of one app.
+    pub async fn app_occupancy(&self, app: AppIdx) -> (u64, u64) {
+        let mut total = (0, 0);
+        for s in &self.shards {
+            let (c, n) = self
+                .ask(s, move |sh, _| sh.app_occupancy(app))
+                .await
+                .unwrap_or_default();
+            total.0 += c;
+            total.1 += n;
+        }
+        total
+    }
+
     /// `GET /channels`: occupied channels, sorted, optionally by prefix.
     pub async fn channels(
         &self,

@@ -194,6 +194,7 @@ async fn send(
     };
     if ok {
         st.stats.edge.bytes_out.fetch_add(len, Ordering::Relaxed);
+        h.wrote(len);
     }
     ok
 }

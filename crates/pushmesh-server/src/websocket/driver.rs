@@ -178,6 +178,8 @@ impl<'a> Connection<'a> {
         // Only protocols (apps) with a deadline pay for this timer.
         let mut extra = p.deadline().map(|d| Box::pin(sleep_until(d.into())));
         let mut extra_passed = false;
+        // Taken at the first frame: the apps may have changed since admission.
+        let mut apps_seen = u64::MAX;
         loop {
             if keepalive.deadline() != ka_deadline {
                 ka_deadline = keepalive.deadline();
@@ -206,6 +208,13 @@ impl<'a> Connection<'a> {
                     match msg {
                         Ok(Event::Text(t)) => {
                             st.stats.edge.bytes_in.fetch_add(t.len() as u64, Ordering::Relaxed);
+                            // The apps changed (a rotated secret, new limits): the
+                            // session takes its app's new settings before this frame.
+                            let generation = st.node.apps_generation();
+                            if generation != apps_seen {
+                                apps_seen = generation;
+                                let _ = p.session().app_changed(&st.node.apps());
+                            }
                             // The reader checked it is UTF-8.
                             let text = std::str::from_utf8(&t).unwrap_or_default();
                             p.text(&mut self.socket, text, now).await
@@ -283,7 +292,7 @@ impl<'a> Connection<'a> {
             End::Close(c) => {
                 let limit = if c.after_queued {
                     // Frames queued before the close (e.g. the pusher:error) go first.
-                    let _ = flush_queued(socket, &mut self.rx, &self.st.stats.edge).await;
+                    let _ = flush_queued(socket, &mut self.rx, &self.st.stats.edge, &self.h).await;
                     CLOSE_TIMEOUT
                 } else {
                     WRITE_TIMEOUT
@@ -386,7 +395,7 @@ async fn write_or_close(
     first: Outbound,
     stats: &EdgeMetrics,
 ) -> (bool, bool) {
-    let write = write_batch(socket, rx, first, WRITE_TIMEOUT, stats);
+    let write = write_batch(socket, rx, first, WRITE_TIMEOUT, stats, h);
     tokio::pin!(write);
     let close = h.close_requested();
     tokio::pin!(close);
@@ -408,6 +417,7 @@ async fn write_batch(
     first: Outbound,
     limit: Duration,
     stats: &EdgeMetrics,
+    h: &ConnRef,
 ) -> bool {
     let mut w = Written::default();
     socket.queue(&first, &mut w);
@@ -420,6 +430,7 @@ async fn write_batch(
         n += 1;
     }
     stats.bytes_out.fetch_add(w.payload, Ordering::Relaxed);
+    h.wrote(w.payload);
     if w.deflate_plain > 0 {
         stats
             .compression_plain
@@ -442,10 +453,15 @@ async fn flush_within(socket: &mut WsSocket, limit: Duration) -> bool {
     }
 }
 
-async fn flush_queued(socket: &mut WsSocket, rx: &mut Outbox, stats: &EdgeMetrics) -> bool {
+async fn flush_queued(
+    socket: &mut WsSocket,
+    rx: &mut Outbox,
+    stats: &EdgeMetrics,
+    h: &ConnRef,
+) -> bool {
     match rx.try_recv() {
         // On the way out: bounded tighter, the client may be the slow one.
-        Some(first) => write_batch(socket, rx, first, CLOSE_TIMEOUT, stats).await,
+        Some(first) => write_batch(socket, rx, first, CLOSE_TIMEOUT, stats, h).await,
         // What an interrupted write left.
         None => matches!(timeout(CLOSE_TIMEOUT, socket.flush()).await, Ok(Ok(()))),
     }

@@ -1,0 +1,384 @@
+//! The apps a node serves, changing at runtime: the configuration file's
+//! (read again on SIGHUP) and the admin API's (an [`AppRegistry`] of
+//! records replicated to every peer and kept in `data_dir`). Every change
+//! ends in [`rebuild`]: one new `Apps` snapshot for the node (slots kept,
+//! see `pushmesh_core::Apps`), each app's I/O settings beside it, and the
+//! connections of removed (4001) and disabled (4003) apps closed.
+//!
+//! Changes are applied one at a time (`changing`, an async lock taken by
+//! admin writes, peers' records, SIGHUP and the grace timer; never on the
+//! message path).
+
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use pushmesh_core::app_registry::{AdminApp, AppRecord, AppRegistry, AppStats};
+use pushmesh_core::{AppConfig, AppIdx, Apps, FrameKind, NodeId, PeerFrame};
+use serde_json::{Map, Value};
+use tokio::sync::{oneshot, Notify};
+
+use crate::config::app_json::app_from_json;
+use crate::config::AppIo;
+use crate::Shared;
+use store::Store;
+
+/// Records per `PeerFrame::Apps` sent to a peer whose link came up.
+const RECORDS_PER_FRAME: usize = 256;
+/// How long the admin API waits for a peer's counters.
+const STATS_WAIT: Duration = Duration::from_secs(1);
+
+/// Where an app comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The configuration file (or `--app`): read-only through the API.
+    Config,
+    /// The admin API.
+    Admin,
+}
+
+impl Source {
+    /// `config` or `admin`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+/// The node's apps beyond the core's snapshot.
+pub struct AppsState {
+    /// The admin API's records.
+    pub registry: Mutex<AppRegistry>,
+    /// The configuration's apps (replaced on SIGHUP).
+    config: Mutex<Vec<(AppConfig, AppIo)>>,
+    /// Each slot's I/O settings and source, parallel to the node's `Apps`.
+    io: ArcSwap<Vec<(Arc<AppIo>, Source)>>,
+    /// `data_dir`'s store; none: the admin API refuses changes.
+    pub store: Option<Store>,
+    /// Events published per slot (grown under `changing`).
+    published: std::sync::RwLock<Vec<AtomicU64>>,
+    /// Changes one at a time.
+    pub changing: tokio::sync::Mutex<()>,
+    /// Wakes the grace-period timer.
+    pub changed: Notify,
+    asks: Mutex<HashMap<u64, oneshot::Sender<AppStats>>>,
+    next_ask: AtomicU64,
+    /// Admin API requests by outcome (`admin::OUTCOMES` order).
+    pub requests: [AtomicU64; 7],
+}
+
+impl AppsState {
+    /// The configuration's apps; the registry of node `node`, loaded from
+    /// `store`.
+    pub fn new(
+        node: &str,
+        config: Vec<(AppConfig, AppIo)>,
+        store: Option<Store>,
+    ) -> Result<Self, store::StoreError> {
+        let mut registry = AppRegistry::new(node);
+        registry.set_config_apps(config.iter().map(|(a, _)| (a.id.as_str(), a.key.as_str())));
+        if let Some(s) = &store {
+            registry.merge(s.load()?);
+        }
+        let io = config
+            .iter()
+            .map(|(_, io)| (Arc::new(io.clone()), Source::Config))
+            .collect();
+        let published = (0..config.len()).map(|_| AtomicU64::new(0)).collect();
+        Ok(Self {
+            registry: Mutex::new(registry),
+            config: Mutex::new(config),
+            io: ArcSwap::from_pointee(io),
+            store,
+            published: std::sync::RwLock::new(published),
+            changing: tokio::sync::Mutex::new(()),
+            changed: Notify::new(),
+            asks: Mutex::new(HashMap::new()),
+            next_ask: AtomicU64::new(1),
+            requests: Default::default(),
+        })
+    }
+
+    /// An app's I/O settings and source.
+    pub fn io(&self, app: AppIdx) -> (Arc<AppIo>, Source) {
+        self.io
+            .load()
+            .get(app.0 as usize)
+            .cloned()
+            .unwrap_or_else(|| (Arc::new(AppIo::default()), Source::Admin))
+    }
+
+    /// Counts published events of `app`.
+    pub fn count_published(&self, app: AppIdx, n: u64) {
+        let p = self.published.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = p.get(app.0 as usize) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn published(&self, app: AppIdx) -> u64 {
+        let p = self.published.read().unwrap_or_else(|p| p.into_inner());
+        p.get(app.0 as usize).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// How many apps serve, per source.
+    pub fn counts(&self, apps: &Apps) -> (usize, usize) {
+        let io = self.io.load();
+        apps.iter().fold((0, 0), |(c, a), (i, _)| {
+            match io.get(i.0 as usize).map(|x| x.1) {
+                Some(Source::Config) => (c + 1, a),
+                _ => (c, a + 1),
+            }
+        })
+    }
+
+    /// Replaces the configuration's apps (SIGHUP); the caller rebuilds.
+    pub fn set_config(&self, config: Vec<(AppConfig, AppIo)>) {
+        crate::node::lock(&self.registry)
+            .set_config_apps(config.iter().map(|(a, _)| (a.id.as_str(), a.key.as_str())));
+        *crate::node::lock(&self.config) = config;
+    }
+}
+
+/// Unix ms now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An admin app's JSON settings with its id, key and secret: the app.
+pub fn admin_app_config(id: &str, a: &AdminApp) -> Option<(AppConfig, AppIo)> {
+    let mut m: Map<String, Value> = serde_json::from_str(&a.settings).ok()?;
+    m.insert("id".into(), Value::from(id));
+    m.insert("key".into(), Value::from(a.key.as_str()));
+    m.insert("secret".into(), Value::from(a.secret.as_str()));
+    app_from_json(Value::Object(m)).ok()
+}
+
+/// Makes the node serve what the configuration and the registry say now.
+/// Call with `changing` held.
+pub async fn rebuild(st: &Shared) {
+    let now = now_ms();
+    let mut want: Vec<(AppConfig, AppIo, Source)> = crate::node::lock(&st.apps.config)
+        .iter()
+        .map(|(a, io)| (a.clone(), io.clone(), Source::Config))
+        .collect();
+    {
+        let reg = crate::node::lock(&st.apps.registry);
+        for (id, a) in reg.live() {
+            let Some((mut cfg, io)) = admin_app_config(id, a) else {
+                tracing::warn!(app = id, "admin app with unusable settings left out");
+                continue;
+            };
+            cfg.previous_secret = a
+                .previous_secret
+                .as_ref()
+                .filter(|(_, until)| *until > now)
+                .map(|(s, _)| s.clone());
+            want.push((cfg, io, Source::Admin));
+        }
+    }
+    let mut apps = (*st.node.apps()).clone();
+    let keep: std::collections::HashSet<String> = want.iter().map(|w| w.0.id.clone()).collect();
+    let gone: Vec<String> = apps
+        .iter()
+        .filter(|(_, a)| !keep.contains(&a.id))
+        .map(|(_, a)| a.id.clone())
+        .collect();
+    for id in gone {
+        apps.remove(&id);
+    }
+    let mut io: Vec<(Arc<AppIo>, Source)> = st.apps.io.load().as_ref().clone();
+    for (cfg, app_io, source) in want {
+        // Unchanged apps keep their `Arc`: connections see no change.
+        let i = apps.by_id(&cfg.id);
+        if i.is_some_and(|i| **apps.get(i) == cfg) {
+            continue;
+        }
+        let i = apps.upsert(cfg).0 as usize;
+        if io.len() <= i {
+            io.resize(i + 1, (Arc::new(AppIo::default()), Source::Admin));
+        }
+        io[i] = (Arc::new(app_io), source);
+    }
+    io.resize(apps.len(), (Arc::new(AppIo::default()), Source::Admin));
+    {
+        let mut p = st.apps.published.write().unwrap_or_else(|p| p.into_inner());
+        while p.len() < apps.len() {
+            p.push(AtomicU64::new(0));
+        }
+    }
+    st.apps.io.store(Arc::new(io));
+    st.node.set_apps(apps).await;
+    st.apps.changed.notify_one();
+}
+
+/// Persists the registry (durably, before anyone is told).
+pub async fn persist(st: &Shared) -> Result<(), store::StoreError> {
+    let Some(store) = st.apps.store.clone() else {
+        return Ok(());
+    };
+    let records: Vec<AppRecord> = crate::node::lock(&st.apps.registry).records().cloned().collect();
+    tokio::task::spawn_blocking(move || store.save(records))
+        .await
+        .unwrap_or_else(|e| {
+            Err(store::StoreError::Io {
+                path: "apps.json".into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })
+}
+
+/// Sends records to every linked peer (a change).
+pub fn broadcast(st: &Shared, records: Vec<AppRecord>) {
+    if let Some(c) = &st.cluster {
+        let frame = PeerFrame::Apps(records).encode();
+        for p in c.linked_peers() {
+            c.send(&p, FrameKind::Control, frame.clone());
+        }
+    }
+}
+
+/// A peer's link came up: it gets every record.
+pub fn peer_up(st: &Shared, peer: &NodeId) {
+    let Some(c) = &st.cluster else { return };
+    let records: Vec<AppRecord> = crate::node::lock(&st.apps.registry).records().cloned().collect();
+    for chunk in records.chunks(RECORDS_PER_FRAME) {
+        c.send(peer, FrameKind::Control, PeerFrame::Apps(chunk.to_vec()).encode());
+    }
+}
+
+/// Frames of the admin API from a peer.
+pub async fn peer_frame(st: &Shared, from: &NodeId, frame: PeerFrame) {
+    match frame {
+        PeerFrame::Apps(records) => {
+            let _changing = st.apps.changing.lock().await;
+            let won = crate::node::lock(&st.apps.registry).merge(records);
+            if won.is_empty() {
+                return;
+            }
+            for r in &won {
+                tracing::info!(app = %r.id, from = %from, deleted = r.app.is_none(), "app changed by a peer");
+            }
+            if let Err(e) = persist(st).await {
+                tracing::error!(error = %e, "cannot persist apps from a peer");
+            }
+            rebuild(st).await;
+        }
+        PeerFrame::AppStatsAsk { ask, app } => {
+            let stats = local_stats(st, &app).await;
+            if let Some(c) = &st.cluster {
+                c.send(
+                    from,
+                    FrameKind::Control,
+                    PeerFrame::AppStatsReply { ask, stats }.encode(),
+                );
+            }
+        }
+        PeerFrame::AppStatsReply { ask, stats } => {
+            if let Some(tx) = crate::node::lock(&st.apps.asks).remove(&ask) {
+                let _ = tx.send(stats);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// This node's counters of app `id` (zeros if it does not serve it).
+pub async fn local_stats(st: &Shared, id: &str) -> AppStats {
+    let Some(app) = st.node.apps().by_id(id) else {
+        return AppStats::default();
+    };
+    let (channels, subscriptions) = st.node.app_occupancy(app).await;
+    let (delivered, bytes) = st.node.registry.app_traffic(app);
+    AppStats {
+        connections: st.node.registry.app_count(app) as u64,
+        channels,
+        subscriptions,
+        messages_published: st.apps.published(app),
+        messages_delivered: delivered,
+        bytes_sent: bytes,
+        webhooks_sent: st.webhooks.app_sent(app),
+    }
+}
+
+/// App `id`'s counters summed over this node and every linked peer that
+/// answered within a second; with how many nodes answered.
+pub async fn cluster_stats(st: &Shared, id: &str) -> (AppStats, usize) {
+    let mut total = local_stats(st, id).await;
+    let mut nodes = 1;
+    let Some(c) = &st.cluster else {
+        return (total, nodes);
+    };
+    let mut waits = Vec::new();
+    for p in c.linked_peers() {
+        let ask = st.apps.next_ask.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        crate::node::lock(&st.apps.asks).insert(ask, tx);
+        let frame = PeerFrame::AppStatsAsk {
+            ask,
+            app: id.to_owned(),
+        };
+        c.send(&p, FrameKind::Control, frame.encode());
+        waits.push((ask, rx));
+    }
+    let deadline = tokio::time::Instant::now() + STATS_WAIT;
+    for (ask, rx) in waits {
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(s)) => {
+                total.add(&s);
+                nodes += 1;
+            }
+            _ => {
+                crate::node::lock(&st.apps.asks).remove(&ask);
+            }
+        }
+    }
+    (total, nodes)
+}
+
+/// Ends grace periods on time: rebuilds when the earliest one ends.
+pub async fn grace_timer(st: Arc<Shared>) {
+    loop {
+        let next = crate::node::lock(&st.apps.registry).next_expiry(now_ms());
+        let wait = next.map(|until| Duration::from_millis(until.saturating_sub(now_ms()) + 1));
+        match wait {
+            Some(d) => {
+                tokio::select! {
+                    () = tokio::time::sleep(d) => {
+                        let _changing = st.apps.changing.lock().await;
+                        rebuild(&st).await;
+                    }
+                    () = st.apps.changed.notified() => {}
+                }
+            }
+            None => st.apps.changed.notified().await,
+        }
+    }
+}
+
+/// SIGHUP: the configuration file's apps read again and served.
+pub async fn reload_config(st: &Shared) -> Result<usize, crate::config::ConfigError> {
+    let Some(path) = &st.config.apps_file else {
+        return Ok(0);
+    };
+    let apps = crate::config::app_json::reload_file_apps(path)?;
+    let wsify = &st.config.apps[st.config.wsify_app].id;
+    if !apps.iter().any(|(a, _)| &a.id == wsify) {
+        return Err(crate::config::ConfigError::Invalid(format!(
+            "the wsify app {wsify:?} cannot be removed by a reload"
+        )));
+    }
+    let n = apps.len();
+    let _changing = st.apps.changing.lock().await;
+    st.apps.set_config(apps);
+    rebuild(st).await;
+    Ok(n)
+}
