@@ -63,7 +63,7 @@ export async function startServer({ args = [], configToml = null, env = {} } = {
     fs.writeFileSync(file, configToml);
     extra.push('--config', file);
   }
-  const hasApps = args.includes('--app') || configToml;
+  const hasApps = args.includes('--app') || args.includes('--config') || configToml;
   const appArgs = hasApps ? [] : ['--app', `${APP.id}:${APP.key}:${APP.secret}`];
   const child = spawn(BIN, ['--listen', '127.0.0.1:0', ...appArgs, ...extra], {
     env: { ...cleanEnv(), RUST_LOG: process.env.PUSHMESH_TEST_LOG || 'warn', ...env },
