@@ -143,7 +143,10 @@ impl AppRegistry {
     /// A stamp after every stamp seen, at wall-clock `now_ms`.
     fn tick(&mut self, now_ms: u64) -> Hlc {
         self.clock = if now_ms > self.clock.ms {
-            Hlc { ms: now_ms, count: 0 }
+            Hlc {
+                ms: now_ms,
+                count: 0,
+            }
         } else {
             Hlc {
                 ms: self.clock.ms,

@@ -220,7 +220,10 @@ fn object(body: &[u8]) -> Result<Map<String, Value>, Refused> {
 
 /// Checks an admin app's settings (with the file's rules) and splits them
 /// into the record's parts.
-fn admin_app(mut m: Map<String, Value>, previous: Option<(String, u64)>) -> Result<AdminApp, Refused> {
+fn admin_app(
+    mut m: Map<String, Value>,
+    previous: Option<(String, u64)>,
+) -> Result<AdminApp, Refused> {
     for f in FILE_ONLY {
         if m.get(f).is_some_and(|v| !v.is_null() && v != &json!([])) {
             return Err(bad(format!(
@@ -231,7 +234,10 @@ fn admin_app(mut m: Map<String, Value>, previous: Option<(String, u64)>) -> Resu
     }
     m.remove("source");
     app_from_json(Value::Object(m.clone())).map_err(|e| bad(e.to_string()))?;
-    let key = m.remove("key").and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+    let key = m
+        .remove("key")
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
     let secret = m
         .remove("secret")
         .and_then(|v| v.as_str().map(str::to_owned))
@@ -250,7 +256,10 @@ async fn write(st: &Shared, id: &str, app: Option<AdminApp>) -> Result<(), Refus
     let record = crate::node::lock(&st.apps.registry).write(now_ms(), id, app);
     apps::persist(st).await.map_err(|e| {
         tracing::error!(error = %e, "cannot persist the apps");
-        Refused(StatusCode::INTERNAL_SERVER_ERROR, "cannot persist the change".into())
+        Refused(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot persist the change".into(),
+        )
     })?;
     apps::broadcast(st, vec![record]);
     apps::rebuild(st).await;
@@ -342,7 +351,10 @@ pub async fn update(
     run(&st, &headers, peer, async move {
         not_config(&st2, &id)?;
         let patch = object(&body)?;
-        if patch.get("id").is_some_and(|v| v.as_str() != Some(id.as_str())) {
+        if patch
+            .get("id")
+            .is_some_and(|v| v.as_str() != Some(id.as_str()))
+        {
             return Err(bad("id: cannot change (delete the app and create another)"));
         }
         writable(&st2)?;
@@ -351,8 +363,12 @@ pub async fn update(
             .get(&id)
             .cloned()
             .ok_or_else(|| not_found(&id))?;
-        let (cfg, _) = admin_app_config(&id, &old)
-            .ok_or_else(|| Refused(StatusCode::INTERNAL_SERVER_ERROR, "stored app unusable".into()))?;
+        let (cfg, _) = admin_app_config(&id, &old).ok_or_else(|| {
+            Refused(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "stored app unusable".into(),
+            )
+        })?;
         let mut m: Map<String, Value> = serde_json::from_str(&old.settings).unwrap_or_default();
         m.insert("id".into(), json!(id));
         m.insert("key".into(), json!(cfg.key));
@@ -368,7 +384,11 @@ pub async fn update(
         tracing::info!(app = %id, "app changed through the admin API");
         app_json(&st2, &id)
             .map(|v| (StatusCode::OK, v))
-            .ok_or_else(|| conflict(format!("app {id:?} does not serve: another app holds its key")))
+            .ok_or_else(|| {
+                conflict(format!(
+                    "app {id:?} does not serve: another app holds its key"
+                ))
+            })
     })
     .await
 }

@@ -124,7 +124,8 @@ impl AppsState {
 
     fn published(&self, app: AppIdx) -> u64 {
         let p = self.published.read().unwrap_or_else(|p| p.into_inner());
-        p.get(app.0 as usize).map_or(0, |c| c.load(Ordering::Relaxed))
+        p.get(app.0 as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// How many apps serve, per source.
@@ -225,7 +226,10 @@ pub async fn persist(st: &Shared) -> Result<(), store::StoreError> {
     let Some(store) = st.apps.store.clone() else {
         return Ok(());
     };
-    let records: Vec<AppRecord> = crate::node::lock(&st.apps.registry).records().cloned().collect();
+    let records: Vec<AppRecord> = crate::node::lock(&st.apps.registry)
+        .records()
+        .cloned()
+        .collect();
     tokio::task::spawn_blocking(move || store.save(records))
         .await
         .unwrap_or_else(|e| {
@@ -249,9 +253,16 @@ pub fn broadcast(st: &Shared, records: Vec<AppRecord>) {
 /// A peer's link came up: it gets every record.
 pub fn peer_up(st: &Shared, peer: &NodeId) {
     let Some(c) = &st.cluster else { return };
-    let records: Vec<AppRecord> = crate::node::lock(&st.apps.registry).records().cloned().collect();
+    let records: Vec<AppRecord> = crate::node::lock(&st.apps.registry)
+        .records()
+        .cloned()
+        .collect();
     for chunk in records.chunks(RECORDS_PER_FRAME) {
-        c.send(peer, FrameKind::Control, PeerFrame::Apps(chunk.to_vec()).encode());
+        c.send(
+            peer,
+            FrameKind::Control,
+            PeerFrame::Apps(chunk.to_vec()).encode(),
+        );
     }
 }
 

@@ -4,8 +4,8 @@
 //! load stops the node. Unknown `PUSHMESH_*` variables never stop it (see
 //! [`env`]): platforms set their own.
 
-pub mod app_json;
 mod app_io;
+pub mod app_json;
 mod check;
 mod cli;
 mod cluster;

@@ -331,10 +331,7 @@ impl Registry {
             return Err(OpenError::AppDisabled);
         }
         let mut open = self.open();
-        if self
-            .max_connections
-            .is_some_and(|m| open.conns.len() >= m)
-        {
+        if self.max_connections.is_some_and(|m| open.conns.len() >= m) {
             return Err(OpenError::NodeOverCapacity);
         }
         let i = app.0 as usize;
@@ -375,7 +372,11 @@ impl Registry {
 
     /// Open connections of one app.
     pub fn app_count(&self, app: AppIdx) -> usize {
-        self.open().per_app.get(app.0 as usize).copied().unwrap_or(0)
+        self.open()
+            .per_app
+            .get(app.0 as usize)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Frames queued and bytes written to `app`'s connections, open and

@@ -7,14 +7,14 @@
 //! pending webhooks sent → peer links flushed (held frames acknowledged) →
 //! links closed as leaving → gossip left.
 
+pub mod admin;
 pub mod admission;
 pub mod api;
+pub mod apps;
 pub mod authorizer;
 pub mod cluster;
 pub mod config;
 pub mod conn;
-pub mod admin;
-pub mod apps;
 pub mod dashboard;
 pub mod edge;
 pub mod forwarded;

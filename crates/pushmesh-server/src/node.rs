@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use pushmesh_core::history::{HistoryStore, Origin};
 use pushmesh_core::machine::{Barrier, ShardInput, ShardMachine, ShardPublish};
@@ -22,7 +23,6 @@ use pushmesh_core::{
     filter::Tags, AppIdx, Apps, ChannelInfo, ConnId, NodeId, PublishError, PublishRefused,
     PublishRequest, PublishedChannel, Replicator, Request, Shard, Sink, Users, WebhookScheduler,
 };
-use arc_swap::ArcSwap;
 use pushmesh_protocol::{ChannelName, CloseCode};
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -294,9 +294,11 @@ impl Node {
         self.apps_generation.fetch_add(1, Ordering::AcqRel);
         for (i, cfg) in apps_slots(&apps) {
             if apps.is_removed(i) {
-                self.registry.close_app(i, CloseCode::AppNotFound, "app removed");
+                self.registry
+                    .close_app(i, CloseCode::AppNotFound, "app removed");
             } else if !cfg.enabled {
-                self.registry.close_app(i, CloseCode::AppDisabled, "app disabled");
+                self.registry
+                    .close_app(i, CloseCode::AppDisabled, "app disabled");
             }
         }
     }
@@ -429,7 +431,9 @@ impl Node {
         content: &RawValue,
         tags: Option<Arc<Tags>>,
     ) -> Result<(), PublishError> {
-        let name = self.apps().validate_wsify_broadcast(app, channel, content)?;
+        let name = self
+            .apps()
+            .validate_wsify_broadcast(app, channel, content)?;
         let _entered = self.gate.enter().map_err(|r| self.refused(r))?;
         let content: Arc<RawValue> = Arc::from(content.to_owned());
         let p = ShardPublish {

@@ -34,7 +34,9 @@ pub fn reload(tls: Option<&Reloadable>) -> Outcome {
     };
     match &outcome {
         Outcome::Nothing => {
-            tracing::info!("SIGHUP: no TLS certificate to reload (no TLS configured); the node keeps running")
+            tracing::info!(
+                "SIGHUP: no TLS certificate to reload (no TLS configured); the node keeps running"
+            )
         }
         Outcome::Certificate => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
         Outcome::CertificateFailed(e) => {
@@ -53,11 +55,16 @@ pub fn install() -> std::io::Result<tokio::signal::unix::Signal> {
 /// Reads the configuration file's apps again and serves them; logs it.
 pub async fn reload_apps(st: &crate::Shared) {
     if st.config.apps_file.is_none() {
-        tracing::info!("SIGHUP: apps not reloaded: they come from --app or are the development app");
+        tracing::info!(
+            "SIGHUP: apps not reloaded: they come from --app or are the development app"
+        );
         return;
     }
     match crate::apps::reload_config(st).await {
-        Ok(n) => tracing::info!(apps = n, "SIGHUP: apps reloaded from the configuration file"),
+        Ok(n) => tracing::info!(
+            apps = n,
+            "SIGHUP: apps reloaded from the configuration file"
+        ),
         Err(e) => tracing::error!(error = %e, "SIGHUP: apps not reloaded, keeping the old ones"),
     }
 }

@@ -264,9 +264,9 @@ impl Webhooks {
 
     /// Webhook events of `app` delivered from this node.
     pub fn app_sent(&self, app: pushmesh_core::AppIdx) -> u64 {
-        self.targets
-            .get(app.0 as usize)
-            .map_or(0, |t| t.iter().map(|t| t.sent.load(Ordering::Relaxed)).sum())
+        self.targets.get(app.0 as usize).map_or(0, |t| {
+            t.iter().map(|t| t.sent.load(Ordering::Relaxed)).sum()
+        })
     }
 
     /// Whether every queue is empty.

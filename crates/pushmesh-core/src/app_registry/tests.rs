@@ -30,12 +30,18 @@ fn the_last_writer_wins_ties_by_node_id() {
     a.merge(vec![from_b]);
     b.merge(vec![from_a]);
     assert_eq!(view(&a), view(&b));
-    assert_eq!(a.get("x").map(|x| x.settings.as_str()), Some("{\"tag\":\"from-b\"}"));
+    assert_eq!(
+        a.get("x").map(|x| x.settings.as_str()),
+        Some("{\"tag\":\"from-b\"}")
+    );
     // A later write wins whatever its node.
     let later = a.write(1_500, "x", app("k", "later"));
     assert!(later.stamp > from_a_stamp(&b), "the clock never goes back");
     b.merge(vec![later]);
-    assert_eq!(b.get("x").map(|x| x.settings.as_str()), Some("{\"tag\":\"later\"}"));
+    assert_eq!(
+        b.get("x").map(|x| x.settings.as_str()),
+        Some("{\"tag\":\"later\"}")
+    );
 }
 
 fn from_a_stamp(r: &AppRegistry) -> Hlc {
@@ -50,18 +56,34 @@ fn a_delete_is_a_record_and_an_old_write_does_not_bring_the_app_back() {
     assert!(b.merge(vec![gone]).len() == 1);
     assert!(b.merge(vec![made]).is_empty(), "older than the tombstone");
     assert!(b.get("x").is_none() && view(&b).is_empty());
-    assert_eq!(b.check_new("x", "k"), Ok(()), "a deleted app's id and key are free");
+    assert_eq!(
+        b.check_new("x", "k"),
+        Ok(()),
+        "a deleted app's id and key are free"
+    );
 }
 
 #[test]
 fn ids_and_keys_are_unique_and_config_apps_win() {
     let mut a = AppRegistry::new("a");
     a.set_config_apps([("cfg", "cfg-key")]);
-    assert_eq!(a.check_new("cfg", "z"), Err(RegistryError::IdTaken("cfg".into())));
-    assert_eq!(a.check_new("n", "cfg-key"), Err(RegistryError::KeyTaken("cfg-key".into())));
+    assert_eq!(
+        a.check_new("cfg", "z"),
+        Err(RegistryError::IdTaken("cfg".into()))
+    );
+    assert_eq!(
+        a.check_new("n", "cfg-key"),
+        Err(RegistryError::KeyTaken("cfg-key".into()))
+    );
     a.write(1, "n", app("k", "1"));
-    assert_eq!(a.check_new("n", "z"), Err(RegistryError::IdTaken("n".into())));
-    assert_eq!(a.check_new("m", "k"), Err(RegistryError::KeyTaken("k".into())));
+    assert_eq!(
+        a.check_new("n", "z"),
+        Err(RegistryError::IdTaken("n".into()))
+    );
+    assert_eq!(
+        a.check_new("m", "k"),
+        Err(RegistryError::KeyTaken("k".into()))
+    );
     assert_eq!(a.check_key("n", "k"), Ok(()), "an app keeps its own key");
     // Two sides of a partition made two apps with one key: the first written keeps it.
     let mut b = AppRegistry::new("b");
@@ -74,11 +96,18 @@ fn ids_and_keys_are_unique_and_config_apps_win() {
 #[test]
 fn grace_periods_end_in_order() {
     let mut a = AppRegistry::new("a");
-    let mut x = app("k", "1").unwrap();
+    let mut x = app("k", "1").expect("an app");
     x.previous_secret = Some(("old".into(), 5_000));
     a.write(1, "x", Some(x.clone()));
     x.previous_secret = Some(("old".into(), 3_000));
-    a.write(2, "y", Some(AdminApp { key: "k2".into(), ..x }));
+    a.write(
+        2,
+        "y",
+        Some(AdminApp {
+            key: "k2".into(),
+            ..x
+        }),
+    );
     assert_eq!(a.next_expiry(0), Some(3_000));
     assert_eq!(a.next_expiry(3_000), Some(5_000));
     assert_eq!(a.next_expiry(5_000), None);

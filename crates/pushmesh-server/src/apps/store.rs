@@ -138,7 +138,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.join("apps.json")).expect("meta").permissions().mode();
+            let mode = std::fs::metadata(dir.join("apps.json"))
+                .expect("meta")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o077, 0, "secrets: owner only");
         }
         std::fs::write(dir.join("apps.json"), b"not json").expect("corrupt");

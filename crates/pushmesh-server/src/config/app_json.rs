@@ -19,7 +19,8 @@ pub const FILE_ONLY: [&str; 2] = ["webhooks", "authorizer"];
 /// An app from a JSON object of `[[apps]]` fields (`id`, `key`, `secret`
 /// included): the same checks as the file's.
 pub fn app_from_json(v: Value) -> Result<(AppConfig, AppIo), ConfigError> {
-    let app: FileApp = serde_json::from_value(v).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+    let app: FileApp =
+        serde_json::from_value(v).map_err(|e| ConfigError::Invalid(e.to_string()))?;
     if app.id.is_empty() || app.key.is_empty() || app.secret.is_empty() {
         return Err(ConfigError::Invalid(
             "id, key and secret must not be empty".into(),
@@ -111,7 +112,10 @@ pub fn reload_file_apps(path: &Path) -> Result<Vec<(AppConfig, AppIo)>, ConfigEr
                 a.id
             )));
         }
-        if apps[..i].iter().any(|(b, _)| b.id == a.id || b.key == a.key) {
+        if apps[..i]
+            .iter()
+            .any(|(b, _)| b.id == a.id || b.key == a.key)
+        {
             return Err(ConfigError::Invalid(format!(
                 "app {:?}: id and key must be unique across apps",
                 a.id
