@@ -22,7 +22,7 @@ use pushmesh_protocol::Limits;
 use serde::Deserialize;
 
 pub use app_io::{AppIo, AuthorizerConfig, WebhookConfig};
-pub use cli::{Cli, ClusterCommand, Command};
+pub use cli::{AdminTarget, AppsCommand, Cli, ClusterCommand, Command};
 pub use cluster::ClusterSettings;
 use cluster::FileCluster;
 pub use env::{check_env, EnvReport, KNOWN_ENV};

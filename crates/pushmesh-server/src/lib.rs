@@ -11,6 +11,7 @@ pub mod admin;
 pub mod admission;
 pub mod api;
 pub mod apps;
+pub mod apps_cli;
 pub mod authorizer;
 pub mod cluster;
 pub mod config;

@@ -8,7 +8,8 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let mut cli = Cli::parse();
-    if let Some(Command::Cluster { action }) = cli.command.take() {
+    let command = cli.command.take();
+    if let Some(Command::Cluster { action }) = command {
         return match action {
             ClusterCommand::Init { out, nodes } => {
                 match pushmesh_cluster::tls::init(&out, &nodes) {
@@ -24,6 +25,29 @@ fn main() -> std::process::ExitCode {
                         std::process::ExitCode::FAILURE
                     }
                 }
+            }
+        };
+    }
+    if let Some(Command::Apps { target, action }) = command {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("pushmesh: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+        return match rt.block_on(pushmesh_server::apps_cli::run(&target, &action)) {
+            Ok(Some(v)) => {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                std::process::ExitCode::SUCCESS
+            }
+            Ok(None) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("pushmesh apps: {e}");
+                std::process::ExitCode::FAILURE
             }
         };
     }

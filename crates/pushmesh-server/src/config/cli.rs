@@ -181,6 +181,79 @@ pub enum Command {
         #[command(subcommand)]
         action: ClusterCommand,
     },
+    /// Apps at runtime: calls a node's admin API (`/admin/apps`).
+    Apps {
+        /// Where and how to reach the admin API.
+        #[command(flatten)]
+        target: AdminTarget,
+        /// What to do.
+        #[command(subcommand)]
+        action: AppsCommand,
+    },
+}
+
+/// The admin API to call.
+#[derive(Debug, clap::Args)]
+pub struct AdminTarget {
+    /// Base URL of a node.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:6001")]
+    pub url: String,
+    /// File holding the admin token [default: the PUSHMESH_ADMIN_TOKEN variable].
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// `pushmesh apps ...`: each prints the API's JSON answer.
+#[derive(Debug, clap::Subcommand)]
+pub enum AppsCommand {
+    /// Every app (no secrets).
+    List,
+    /// One app.
+    Get {
+        /// App id.
+        id: String,
+    },
+    /// Creates an app; prints it with its secret.
+    Create {
+        /// App id.
+        #[arg(long)]
+        id: String,
+        /// App key.
+        #[arg(long)]
+        key: String,
+        /// Its secret [default: generated].
+        #[arg(long)]
+        secret: Option<String>,
+        /// Any other `[[apps]]` setting, as FIELD=JSON (repeatable), e.g. client_events=true.
+        #[arg(long = "set", value_name = "FIELD=JSON")]
+        set: Vec<String>,
+    },
+    /// Changes an app's settings.
+    Update {
+        /// App id.
+        id: String,
+        /// A setting as FIELD=JSON (repeatable), e.g. enabled=false.
+        #[arg(long = "set", value_name = "FIELD=JSON", required = true)]
+        set: Vec<String>,
+    },
+    /// Deletes an app (its connections close with 4001).
+    Delete {
+        /// App id.
+        id: String,
+    },
+    /// A new secret; the old one keeps working for the grace period.
+    RotateSecret {
+        /// App id.
+        id: String,
+        /// How long the old secret keeps working [default: 3600].
+        #[arg(long, value_name = "SECONDS")]
+        grace_secs: Option<u64>,
+    },
+    /// The app's counters summed over the cluster.
+    Stats {
+        /// App id.
+        id: String,
+    },
 }
 
 /// `pushmesh cluster ...`.

@@ -222,3 +222,36 @@ test('SIGHUP reloads the file: an app added serves, one removed is closed with 4
   await still.waitFor((f) => f.event === 'pusher:connection_established', 'the old apps still serve');
   assert.equal(s.child.exitCode, null);
 });
+
+test('the CLI: pushmesh apps list|create|update|rotate-secret|stats|delete with --url and --token-file', async () => {
+  const { execFile } = await import('node:child_process');
+  const { BIN, cleanEnv } = await import('./helpers.mjs');
+  const s = await start({ configToml: APP_TOML, args: ['--data-dir', dataDir()] });
+  const tokenFile = path.join(dataDir(), 'token');
+  fs.writeFileSync(tokenFile, `${TOKEN}\n`);
+  const cli = (...args) => new Promise((resolve) => {
+    execFile(BIN, ['apps', '--url', `http://127.0.0.1:${s.port}`, '--token-file', tokenFile, ...args], { env: cleanEnv() },
+      (err, stdout, stderr) => resolve({ code: err ? err.code : 0, out: stdout, err: stderr }));
+  });
+  const made = await cli('create', '--id', 'cli-app', '--key', 'cli-key', '--set', 'client_events=true', '--set', 'wsify_event=msg');
+  assert.equal(made.code, 0, made.err);
+  const app = JSON.parse(made.out);
+  assert.equal(app.client_events, true);
+  assert.equal(app.wsify_event, 'msg');
+  assert.ok(app.secret.length >= 32);
+  const listed = await cli('list');
+  assert.equal(listed.code, 0);
+  assert.deepEqual(JSON.parse(listed.out).apps.map((a) => a.id).sort(), [APP.id, 'cli-app'].sort());
+  assert.ok(!listed.out.includes(app.secret));
+  assert.equal(JSON.parse((await cli('update', 'cli-app', '--set', 'enabled=false')).out).enabled, false);
+  assert.ok(JSON.parse((await cli('rotate-secret', 'cli-app', '--grace-secs', '10')).out).secret.length >= 32);
+  assert.equal(typeof JSON.parse((await cli('stats', 'cli-app')).out).connections, 'number');
+  const taken = await cli('create', '--id', 'cli-app', '--key', 'other');
+  assert.notEqual(taken.code, 0);
+  assert.match(taken.err, /HTTP 409/);
+  assert.equal((await cli('delete', 'cli-app')).code, 0);
+  assert.match((await cli('get', 'cli-app')).err, /HTTP 404/);
+  const noToken = await new Promise((resolve) => execFile(BIN, ['apps', '--url', `http://127.0.0.1:${s.port}`, 'list'], { env: cleanEnv() }, (err, _o, e) => resolve({ code: err ? err.code : 0, err: e })));
+  assert.notEqual(noToken.code, 0);
+  assert.match(noToken.err, /no admin token/);
+});
