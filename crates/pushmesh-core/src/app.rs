@@ -296,6 +296,19 @@ impl Apps {
         &self.list[app.0 as usize]
     }
 
+    /// Why the app in this slot serves no connection, with the close code
+    /// its open ones get: removed (4001), disabled (4003); `None` when it
+    /// serves.
+    pub fn unserved(&self, app: AppIdx) -> Option<(CloseCode, &'static str)> {
+        if self.is_removed(app) {
+            Some((CloseCode::AppNotFound, "app removed"))
+        } else if !self.get(app).enabled {
+            Some((CloseCode::AppDisabled, "app disabled"))
+        } else {
+            None
+        }
+    }
+
     /// Whether the app in this slot was removed.
     pub fn is_removed(&self, app: AppIdx) -> bool {
         self.removed.get(app.0 as usize).copied().unwrap_or(true)

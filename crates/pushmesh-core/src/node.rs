@@ -296,12 +296,7 @@ impl Core {
             let Some(s) = self.sessions.get_mut(&conn) else {
                 continue;
             };
-            if let Some(code) = s.app_changed(&apps) {
-                let why = if code == CloseCode::AppNotFound {
-                    "app removed"
-                } else {
-                    "app disabled"
-                };
+            if let Some((code, why)) = s.app_changed(&apps) {
                 s.close(code, why);
                 self.pump(now, conn);
             }

@@ -239,16 +239,15 @@ impl Session {
     }
 
     /// What the app changing to `apps` means for this connection: the close
-    /// code when its app is gone (4001) or disabled (4003), else `None`
-    /// (and the app's new settings are taken).
-    pub fn app_changed(&mut self, apps: &crate::app::Apps) -> Option<CloseCode> {
+    /// code and reason when its app no longer serves ([`Apps::unserved`]),
+    /// else `None` (and the app's new settings are taken).
+    ///
+    /// [`Apps::unserved`]: crate::app::Apps::unserved
+    pub fn app_changed(&mut self, apps: &crate::app::Apps) -> Option<(CloseCode, &'static str)> {
+        if let Some(why) = apps.unserved(self.app) {
+            return Some(why);
+        }
         let cfg = apps.get(self.app);
-        if apps.is_removed(self.app) {
-            return Some(CloseCode::AppNotFound);
-        }
-        if !cfg.enabled {
-            return Some(CloseCode::AppDisabled);
-        }
         if !Arc::ptr_eq(cfg, &self.cfg) {
             self.cfg = cfg.clone();
         }

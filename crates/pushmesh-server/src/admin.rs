@@ -137,11 +137,15 @@ where
 /// An app of the node as JSON (no secret), with its source.
 fn app_json(st: &Shared, id: &str) -> Option<Value> {
     let apps = st.node.apps();
-    let i = apps.by_id(id)?;
+    Some(slot_json(st, &apps, apps.by_id(id)?))
+}
+
+/// The app in slot `i` of `apps` as JSON, with its source.
+fn slot_json(st: &Shared, apps: &pushmesh_core::Apps, i: pushmesh_core::AppIdx) -> Value {
     let (io, source) = st.apps.io(i);
     let mut m = app_to_json(apps.get(i), &io);
     m.insert("source".into(), json!(source.as_str()));
-    Some(Value::Object(m))
+    Value::Object(m)
 }
 
 /// `GET /admin/apps`.
@@ -155,7 +159,7 @@ pub async fn list(
         let apps = st2.node.apps();
         let mut list: Vec<Value> = apps
             .iter()
-            .filter_map(|(_, a)| app_json(&st2, &a.id))
+            .map(|(i, _)| slot_json(&st2, &apps, i))
             .collect();
         list.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
         Ok((StatusCode::OK, json!({ "apps": list })))

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
-use pushmesh_core::{AppConfig, AppIdx, ConnId, Handle, OpenError};
+use pushmesh_core::{AppConfig, AppIdx, Apps, ConnId, Handle, OpenError};
 use pushmesh_protocol::wire::Outbound;
 use pushmesh_protocol::CloseCode;
 
@@ -393,16 +393,17 @@ impl Registry {
         t
     }
 
-    /// Asks every connection of `app` to close.
-    pub fn close_app(&self, app: AppIdx, code: CloseCode, reason: &str) {
-        let of_app: Vec<ConnRef> = self
+    /// Asks every connection whose app no longer serves in `apps` to close
+    /// ([`Apps::unserved`]: 4001 removed, 4003 disabled), in one pass over
+    /// the open connections.
+    pub fn close_unserved(&self, apps: &Apps) {
+        let unserved: Vec<(ConnRef, (CloseCode, &'static str))> = self
             .open()
             .conns
             .values()
-            .filter(|(a, _)| *a == app)
-            .map(|(_, c)| c.clone())
+            .filter_map(|(a, c)| apps.unserved(*a).map(|why| (c.clone(), why)))
             .collect();
-        for c in of_app {
+        for (c, (code, reason)) in unserved {
             c.request_close(code, reason);
         }
     }

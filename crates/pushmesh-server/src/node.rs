@@ -23,7 +23,7 @@ use pushmesh_core::{
     filter::Tags, AppIdx, Apps, ChannelInfo, ConnId, NodeId, PublishError, PublishRefused,
     PublishRequest, PublishedChannel, Replicator, Request, Shard, Sink, Users, WebhookScheduler,
 };
-use pushmesh_protocol::{ChannelName, CloseCode};
+use pushmesh_protocol::ChannelName;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -151,11 +151,6 @@ enum Cmd {
 /// A shard's counters, readable without asking the shard.
 #[derive(Default)]
 struct KindSlots([[AtomicUsize; 2]; 5], history::HistorySlots);
-
-/// Every slot of `apps`, removed ones included.
-fn apps_slots(apps: &Apps) -> impl Iterator<Item = (AppIdx, &Arc<pushmesh_core::AppConfig>)> {
-    (0..apps.len() as u32).map(move |i| (AppIdx(i), apps.get(AppIdx(i))))
-}
 
 /// The node: apps, router shards, users, replication, connections.
 pub struct Node {
@@ -292,15 +287,7 @@ impl Node {
         }
         self.apps.store(apps.clone());
         self.apps_generation.fetch_add(1, Ordering::AcqRel);
-        for (i, cfg) in apps_slots(&apps) {
-            if apps.is_removed(i) {
-                self.registry
-                    .close_app(i, CloseCode::AppNotFound, "app removed");
-            } else if !cfg.enabled {
-                self.registry
-                    .close_app(i, CloseCode::AppDisabled, "app disabled");
-            }
-        }
+        self.registry.close_unserved(&apps);
     }
 
     fn shard(&self, app: AppIdx, channel: &str) -> &mpsc::Sender<Cmd> {
