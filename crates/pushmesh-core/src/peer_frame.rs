@@ -17,7 +17,10 @@ use serde::{Deserialize, Serialize};
 ///
 /// 5: the admin API's apps (`Apps`) and their counters (`AppStatsAsk`,
 /// `AppStatsReply`).
-pub const FRAME_VERSION: u8 = 5;
+///
+/// 6: `AppStatsAsk` asks for one app or every app, `AppStatsReply` answers
+/// with a list (the status page's cluster-wide figures).
+pub const FRAME_VERSION: u8 = 6;
 
 /// A node of the cluster.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -273,20 +276,21 @@ pub enum PeerFrame {
     /// record to a peer whose link came up (merged by last writer,
     /// `app_registry`).
     Apps(Vec<crate::app_registry::AppRecord>),
-    /// Asks for an app's counters on the receiver (`ask` numbers the
+    /// Asks for apps' counters on the receiver (`ask` numbers the
     /// question), answered with [`PeerFrame::AppStatsReply`].
     AppStatsAsk {
         /// The asker's number for the question.
         ask: u64,
-        /// App id.
-        app: String,
+        /// App id; none: every app the receiver serves.
+        app: Option<String>,
     },
-    /// The counters asked for (zeros for an app the receiver lacks).
+    /// The counters asked for: the one app asked (zeros if the receiver
+    /// lacks it), or every app with a non-zero counter.
     AppStatsReply {
         /// The question's number.
         ask: u64,
-        /// The receiver's counters of the app.
-        stats: crate::app_registry::AppStats,
+        /// The receiver's counters by app id.
+        apps: Vec<(String, crate::app_registry::AppStats)>,
     },
 }
 

@@ -195,7 +195,8 @@ pub async fn stats(
         if st2.node.apps().by_id(&id).is_none() {
             return Err(not_found(&id));
         }
-        let (s, nodes) = apps::cluster_stats(&st2, &id).await;
+        let stats = apps::stats::cluster(&st2, Some(&id)).await;
+        let (s, nodes) = (stats.sum(&id), stats.nodes());
         Ok((
             StatusCode::OK,
             json!({

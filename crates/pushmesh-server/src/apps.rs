@@ -9,6 +9,7 @@
 //! admin writes, peers' records, SIGHUP and the grace timer; never on the
 //! message path).
 
+pub mod stats;
 pub mod store;
 
 use std::collections::HashMap;
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use pushmesh_core::app_registry::{AdminApp, AppRecord, AppRegistry, AppStats};
+use pushmesh_core::app_registry::{AdminApp, AppRecord, AppRegistry};
 use pushmesh_core::{AppConfig, AppIdx, Apps, FrameKind, NodeId, PeerFrame};
 use serde_json::{Map, Value};
 use tokio::sync::{oneshot, Notify};
@@ -29,8 +30,6 @@ use store::Store;
 
 /// Records per `PeerFrame::Apps` sent to a peer whose link came up.
 const RECORDS_PER_FRAME: usize = 256;
-/// How long the admin API waits for a peer's counters.
-const STATS_WAIT: Duration = Duration::from_secs(1);
 
 /// Where an app comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +66,7 @@ pub struct AppsState {
     pub changing: tokio::sync::Mutex<()>,
     /// Wakes the grace-period timer.
     pub changed: Notify,
-    asks: Mutex<HashMap<u64, oneshot::Sender<AppStats>>>,
+    asks: Mutex<HashMap<u64, oneshot::Sender<stats::NodeStats>>>,
     next_ask: AtomicU64,
     /// Admin API requests by outcome (`admin::OUTCOMES` order).
     pub requests: [AtomicU64; 7],
@@ -283,76 +282,11 @@ pub async fn peer_frame(st: &Shared, from: &NodeId, frame: PeerFrame) {
             }
             rebuild(st).await;
         }
-        PeerFrame::AppStatsAsk { ask, app } => {
-            let stats = local_stats(st, &app).await;
-            if let Some(c) = &st.cluster {
-                c.send(
-                    from,
-                    FrameKind::Control,
-                    PeerFrame::AppStatsReply { ask, stats }.encode(),
-                );
-            }
-        }
-        PeerFrame::AppStatsReply { ask, stats } => {
-            if let Some(tx) = crate::node::lock(&st.apps.asks).remove(&ask) {
-                let _ = tx.send(stats);
-            }
+        PeerFrame::AppStatsAsk { .. } | PeerFrame::AppStatsReply { .. } => {
+            stats::peer_frame(st, from, frame).await;
         }
         _ => {}
     }
-}
-
-/// This node's counters of app `id` (zeros if it does not serve it).
-pub async fn local_stats(st: &Shared, id: &str) -> AppStats {
-    let Some(app) = st.node.apps().by_id(id) else {
-        return AppStats::default();
-    };
-    let (channels, subscriptions) = st.node.app_occupancy(app).await;
-    let (delivered, bytes) = st.node.registry.app_traffic(app);
-    AppStats {
-        connections: st.node.registry.app_count(app) as u64,
-        channels,
-        subscriptions,
-        messages_published: st.apps.published(app),
-        messages_delivered: delivered,
-        bytes_sent: bytes,
-        webhooks_sent: st.webhooks.app_sent(app),
-    }
-}
-
-/// App `id`'s counters summed over this node and every linked peer that
-/// answered within a second; with how many nodes answered.
-pub async fn cluster_stats(st: &Shared, id: &str) -> (AppStats, usize) {
-    let mut total = local_stats(st, id).await;
-    let mut nodes = 1;
-    let Some(c) = &st.cluster else {
-        return (total, nodes);
-    };
-    let mut waits = Vec::new();
-    for p in c.linked_peers() {
-        let ask = st.apps.next_ask.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        crate::node::lock(&st.apps.asks).insert(ask, tx);
-        let frame = PeerFrame::AppStatsAsk {
-            ask,
-            app: id.to_owned(),
-        };
-        c.send(&p, FrameKind::Control, frame.encode());
-        waits.push((ask, rx));
-    }
-    let deadline = tokio::time::Instant::now() + STATS_WAIT;
-    for (ask, rx) in waits {
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(s)) => {
-                total.add(&s);
-                nodes += 1;
-            }
-            _ => {
-                crate::node::lock(&st.apps.asks).remove(&ask);
-            }
-        }
-    }
-    (total, nodes)
 }
 
 /// Ends grace periods on time: rebuilds when the earliest one ends.

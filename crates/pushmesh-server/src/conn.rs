@@ -291,6 +291,17 @@ pub struct Registry {
 }
 
 /// The open connections with their apps, and how many each app has.
+/// One app's connections and what was written to them, on this node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppTraffic {
+    /// Open connections.
+    pub connections: u64,
+    /// Frames queued.
+    pub queued: u64,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
 struct Open {
     conns: HashMap<ConnId, (AppIdx, ConnRef)>,
     per_app: Vec<usize>,
@@ -370,25 +381,28 @@ impl Registry {
         self.total.load(Ordering::Relaxed)
     }
 
-    /// Open connections of one app.
-    pub fn app_count(&self, app: AppIdx) -> usize {
-        self.open()
-            .per_app
-            .get(app.0 as usize)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// Frames queued and bytes written to `app`'s connections, open and
-    /// closed, on this node (a walk over the open ones: for the admin API,
-    /// not the message path).
-    pub fn app_traffic(&self, app: AppIdx) -> (u64, u64) {
+    /// Open connections, frames queued and bytes written (by open and
+    /// closed connections) on this node, by app slot: one walk over the
+    /// open connections, for the admin API and the status page, not the
+    /// message path.
+    pub fn traffic(&self) -> Vec<AppTraffic> {
         let open = self.open();
-        let mut t = open.closed.get(app.0 as usize).copied().unwrap_or((0, 0));
-        for (_, h) in open.conns.values().filter(|(a, _)| *a == app) {
-            let (q, b) = h.traffic();
-            t.0 += q;
-            t.1 += b;
+        let mut t: Vec<AppTraffic> = open
+            .per_app
+            .iter()
+            .zip(&open.closed)
+            .map(|(n, (q, b))| AppTraffic {
+                connections: *n as u64,
+                queued: *q,
+                bytes: *b,
+            })
+            .collect();
+        for (a, h) in open.conns.values() {
+            if let Some(t) = t.get_mut(a.0 as usize) {
+                let (q, b) = h.traffic();
+                t.queued += q;
+                t.bytes += b;
+            }
         }
         t
     }

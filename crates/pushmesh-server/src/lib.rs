@@ -120,8 +120,10 @@ pub struct Shared {
     /// The apps beyond the core's snapshot: sources, I/O settings, the
     /// admin API's registry and store.
     pub apps: apps::AppsState,
-    /// Failed admin API requests per client address.
+    /// Failed admin API requests and dashboard logins per client address.
     pub admin_failures: limits::RateLimiter<std::net::IpAddr>,
+    /// The status page's sampled figures.
+    pub dashboard: dashboard::history::History,
 }
 
 impl Shared {
@@ -239,6 +241,7 @@ impl Server {
             authorizers,
             apps: apps_state,
             admin_failures: limits::RateLimiter::new(1.0, 10.0),
+            dashboard: dashboard::history::History::default(),
         });
         // The admin API's apps saved here serve before the first request.
         apps::rebuild(&shared).await;
@@ -276,6 +279,11 @@ impl Server {
         let cluster_tasks = cluster::spawn_tasks(&st);
         let pump = tokio::spawn(webhook_pump(st.clone()));
         let grace = tokio::spawn(apps::grace_timer(st.clone()));
+        let sampler = st
+            .config
+            .dashboard_token
+            .is_some()
+            .then(|| tokio::spawn(dashboard::history::sample(st.clone())));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let st2 = st.clone();
         let st3 = st.clone();
@@ -348,6 +356,9 @@ impl Server {
         let (r, ()) = tokio::join!(serve, drain);
         pump.abort();
         grace.abort();
+        if let Some(s) = sampler {
+            s.abort();
+        }
         for t in cluster_tasks {
             t.abort();
         }
@@ -426,6 +437,8 @@ fn router(st: Arc<Shared>) -> Router {
         .route("/admin", any(admin::fallback))
         .route("/admin/{*rest}", any(admin::fallback))
         .route("/dashboard", get(dashboard::page))
+        .route("/dashboard/login", post(dashboard::login))
+        .route("/dashboard/logout", post(dashboard::logout))
         .route("/dashboard/api/stats", get(dashboard::stats))
         .route("/dashboard/api/auth", get(dashboard::auth))
         .fallback(api::not_found)

@@ -86,13 +86,16 @@ impl<H: Handle> Shard<H> {
         }
     }
 
-    /// This node's occupied channels and subscriptions of one app in this
-    /// shard (the admin API's per-app counters).
-    pub fn app_occupancy(&self, app: AppIdx) -> (u64, u64) {
-        self.tables.get(app).map_or((0, 0), |t| {
-            let subs: usize = t.channels.values().map(|c| c.subs.len()).sum();
-            (t.channels.len() as u64, subs as u64)
-        })
+    /// This node's occupied channels and subscriptions in this shard, by
+    /// app slot (the admin API's and the status page's per-app counters).
+    pub fn occupancy(&self) -> Vec<(u64, u64)> {
+        self.tables
+            .iter()
+            .map(|(_, t)| {
+                let subs: usize = t.channels.values().map(|c| c.subs.len()).sum();
+                (t.channels.len() as u64, subs as u64)
+            })
+            .collect()
     }
 
     /// Occupied channels of this shard (cluster-wide), optionally by prefix,

@@ -25,16 +25,21 @@ impl Node {
         rx.await.ok()
     }
 
-    /// This node's occupied channels and subscriptions of one app.
-    pub async fn app_occupancy(&self, app: AppIdx) -> (u64, u64) {
-        let mut total = (0, 0);
+    /// This node's occupied channels and subscriptions, by app slot.
+    pub async fn occupancy(&self) -> Vec<(u64, u64)> {
+        let mut total: Vec<(u64, u64)> = Vec::new();
         for s in &self.shards {
-            let (c, n) = self
-                .ask(s, move |sh, _| sh.app_occupancy(app))
+            let shard = self
+                .ask(s, |sh, _| sh.occupancy())
                 .await
                 .unwrap_or_default();
-            total.0 += c;
-            total.1 += n;
+            if total.len() < shard.len() {
+                total.resize(shard.len(), (0, 0));
+            }
+            for (t, (c, n)) in total.iter_mut().zip(shard) {
+                t.0 += c;
+                t.1 += n;
+            }
         }
         total
     }

@@ -255,3 +255,44 @@ test('the CLI: pushmesh apps list|create|update|rotate-secret|stats|delete with 
   assert.notEqual(noToken.code, 0);
   assert.match(noToken.err, /no admin token/);
 });
+
+test('kill -9 during a burst of 100 writes leaves a consistent store: every acknowledged app is there after a restart', { timeout: 240000 }, async () => {
+  const dir = dataDir();
+  const acked = new Set();
+  // Three bursts, killed early, midway and late in the burst.
+  for (const [round, killAfter] of [[0, 1], [1, 50], [2, 95]]) {
+    const s = await start({ args: ['--data-dir', dir] });
+    const ids = Array.from({ length: 100 }, (_, k) => `burst-${round}-${k}`);
+    let answered = 0;
+    let killed = false;
+    const writes = ids.map((id) => api(s.port, 'POST', '/admin/apps', { id, key: `${id}-key` }).then((r) => {
+      if (r.status === 201) acked.add(id);
+      else assert.fail(`${id}: ${r.status} ${JSON.stringify(r.body)}`);
+      answered += 1;
+      if (answered >= killAfter && !killed) { killed = true; s.child.kill('SIGKILL'); }
+    }, () => { /* cut by the kill */ }));
+    await Promise.all(writes);
+    const { signal } = await s.exited;
+    assert.equal(signal, 'SIGKILL', `round ${round} was killed`);
+    assert.ok(answered < 100 || killAfter >= 95, `round ${round}: killed during the burst (${answered} answered)`);
+    // The store parses as a whole.
+    const stored = JSON.parse(fs.readFileSync(path.join(dir, 'apps.json'), 'utf8'));
+    const onDisk = new Set(stored.records.map((r) => r.id));
+    for (const id of acked) assert.ok(onDisk.has(id), `acknowledged ${id} is on disk`);
+    // A restart serves every acknowledged app, and only apps of the bursts.
+    const again = await start({ args: ['--data-dir', dir] });
+    const list = await api(again.port, 'GET', '/admin/apps');
+    assert.equal(list.status, 200);
+    const served = new Set(list.body.apps.filter((a) => a.source === 'admin').map((a) => a.id));
+    for (const id of acked) assert.ok(served.has(id), `acknowledged ${id} served after the restart`);
+    for (const id of served) assert.match(id, /^burst-\d-\d+$/);
+    assert.equal(served.size, onDisk.size, 'every record on disk is served');
+    // One app of this round accepts a connection.
+    const some = ids.find((id) => acked.has(id));
+    const ws = await rawSocket(again.port, `/app/${some}-key?protocol=7`);
+    await ws.waitFor((m) => m.event === 'pusher:connection_established', 'connection_established');
+    ws.close();
+    await again.stop();
+  }
+  assert.ok(acked.size >= 1 + 50 + 95, `acknowledged ${acked.size}`);
+});
