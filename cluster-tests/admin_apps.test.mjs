@@ -160,3 +160,33 @@ test('conflicting PATCHes on two sides of a partition converge after the heal to
     assert.match(rec.app.settings, /from-minority/, `node ${i}'s store`);
   }
 });
+
+test('the status page of any node shows every node with its connections and every app cluster-wide', { timeout: T }, async () => {
+  const DASH = 'cluster-dashboard-token';
+  const withDash = (i) => ({ ...opts(i), extra: `${opts(i).extra}dashboard_token = "${DASH}"\n` });
+  for (const i of [1, 2, 3]) await startNode(i, withDash(i));
+  await meshed([1, 2, 3], 60000);
+  for (const i of [1, 2, 3]) await ready(i);
+  assert.equal((await api(1, 'POST', '/admin/apps', { id: 'd1', key: 'd1-key' })).status, 201);
+  for (const i of [2, 3]) await until(async () => (await api(i, 'GET', '/admin/apps/d1')).status === 200, `d1 on node ${i}`, 10000);
+  // One connection on node 2, two on node 3.
+  const socks = [raw(2, 'd1-key'), raw(3, 'd1-key'), raw(3, 'd1-key')];
+  for (const s of socks) assert.ok(await s.established);
+  const stats = async (i) => {
+    const r = await fetch(`http://${ip(i)}:${httpPort}/dashboard/api/stats`, { headers: { authorization: `Bearer ${DASH}` } });
+    assert.equal(r.status, 200);
+    return r.json();
+  };
+  // Node 1 has none of them: its page sums what the peers answered (sampled every 5 s).
+  let s;
+  await until(async () => {
+    s = await stats(1);
+    const d1 = s.apps.find((a) => a.id === 'd1');
+    return d1 && d1.connections === 3 && s.cluster_connections === 3;
+  }, 'node 1 sees the three connections of d1', 60000);
+  const byNode = Object.fromEntries(s.nodes.map((n) => [n.node, n.connections]));
+  assert.deepEqual([byNode.n1, byNode.n2, byNode.n3], [0, 1, 2], JSON.stringify(s.nodes));
+  assert.equal(s.apps.find((a) => a.id === 'd1').source, 'admin');
+  assert.ok(s.history.length >= 1 && s.history.at(-1).nodes === 3, JSON.stringify(s.history.at(-1)));
+  for (const x of socks) x.ws.close();
+});
