@@ -154,9 +154,12 @@ test('conflicting PATCHes on two sides of a partition converge after the heal to
     await until(async () => (await api(i, 'GET', '/admin/apps/p1')).body.wsify_event === 'from-minority', `node ${i} converges`, 60000);
   }
   // And the store on disk holds the winner on every node.
+  // (The snapshot, then the journal: the last record of p1 is the one kept.)
   for (const i of [1, 2, 3]) {
-    const stored = JSON.parse(fs.readFileSync(path.join(dataDir(i), 'apps.json'), 'utf8'));
-    const rec = stored.records.find((r) => r.id === 'p1');
+    const read = (f) => { try { return fs.readFileSync(path.join(dataDir(i), f), 'utf8'); } catch { return ''; } };
+    const snapshot = read('apps.json');
+    const records = [...(snapshot ? JSON.parse(snapshot).records : []), ...read('apps.log').split('\n').filter(Boolean).map((l) => JSON.parse(l))];
+    const rec = records.filter((r) => r.id === 'p1').at(-1);
     assert.match(rec.app.settings, /from-minority/, `node ${i}'s store`);
   }
 });

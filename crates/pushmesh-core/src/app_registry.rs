@@ -213,6 +213,11 @@ impl AppRegistry {
         self.records.get(id).and_then(|r| r.app.as_ref())
     }
 
+    /// The record of this id, tombstone or not.
+    pub fn record(&self, id: &str) -> Option<&AppRecord> {
+        self.records.get(id)
+    }
+
     /// Every record, tombstones included, by id: what the disk and a new
     /// peer get.
     pub fn records(&self) -> impl Iterator<Item = &AppRecord> {

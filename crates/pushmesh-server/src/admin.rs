@@ -259,7 +259,7 @@ fn admin_app(
 /// Writes a record (durably, then to the peers, then served here).
 async fn write(st: &Shared, id: &str, app: Option<AdminApp>) -> Result<(), Refused> {
     let record = crate::node::lock(&st.apps.registry).write(now_ms(), id, app);
-    apps::persist(st).await.map_err(|e| {
+    apps::persist(st, vec![record.clone()]).await.map_err(|e| {
         tracing::error!(error = %e, "cannot persist the apps");
         Refused(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -64,6 +64,8 @@ pub struct AppsState {
     published: std::sync::RwLock<Vec<AtomicU64>>,
     /// Changes one at a time.
     pub changing: tokio::sync::Mutex<()>,
+    /// What each served admin app was made from (see [`rebuild`]).
+    made: Mutex<HashMap<String, Made>>,
     /// Wakes the grace-period timer.
     pub changed: Notify,
     asks: Mutex<HashMap<u64, oneshot::Sender<stats::NodeStats>>>,
@@ -97,6 +99,7 @@ impl AppsState {
             store,
             published: std::sync::RwLock::new(published),
             changing: tokio::sync::Mutex::new(()),
+            made: Mutex::new(HashMap::new()),
             changed: Notify::new(),
             asks: Mutex::new(HashMap::new()),
             next_ask: AtomicU64::new(1),
@@ -162,36 +165,56 @@ pub fn admin_app_config(id: &str, a: &AdminApp) -> Option<(AppConfig, AppIo)> {
     app_from_json(Value::Object(m)).ok()
 }
 
+/// What an admin app's served settings were made from: its record's
+/// stamp and writer, and whether a previous secret was still valid.
+type Made = (pushmesh_core::app_registry::Hlc, String, bool);
+
 /// Makes the node serve what the configuration and the registry say now.
-/// Call with `changing` held.
+/// Admin apps whose record has not changed since they were last served
+/// are neither parsed nor compared again (`made`), so a change costs one
+/// parse, not one per app. Call with `changing` held.
 pub async fn rebuild(st: &Shared) {
     let now = now_ms();
+    let mut apps = (*st.node.apps()).clone();
     let mut want: Vec<(AppConfig, AppIo, Source)> = crate::node::lock(&st.apps.config)
         .iter()
         .map(|(a, io)| (a.clone(), io.clone(), Source::Config))
         .collect();
+    let mut keep: std::collections::HashSet<String> = want.iter().map(|w| w.0.id.clone()).collect();
     {
         let reg = crate::node::lock(&st.apps.registry);
-        for (id, a) in reg.live() {
-            let Some((mut cfg, io)) = admin_app_config(id, a) else {
-                tracing::warn!(app = id, "admin app with unusable settings left out");
-                continue;
-            };
-            cfg.previous_secret = a
+        let mut made = crate::node::lock(&st.apps.made);
+        let live = reg.live();
+        let live_ids: std::collections::HashSet<&str> = live.iter().map(|(id, _)| *id).collect();
+        made.retain(|id, _| live_ids.contains(id.as_str()));
+        for (id, a) in live {
+            let Some(r) = reg.record(id) else { continue };
+            let grace = a
                 .previous_secret
                 .as_ref()
                 .filter(|(_, until)| *until > now)
                 .map(|(s, _)| s.clone());
+            let version: Made = (r.stamp, r.node.clone(), grace.is_some());
+            keep.insert(id.to_owned());
+            if made.get(id) == Some(&version) && apps.by_id(id).is_some() {
+                continue;
+            }
+            let Some((mut cfg, io)) = admin_app_config(id, a) else {
+                tracing::warn!(app = id, "admin app with unusable settings left out");
+                keep.remove(id);
+                continue;
+            };
+            cfg.previous_secret = grace;
+            made.insert(id.to_owned(), version);
             want.push((cfg, io, Source::Admin));
         }
     }
-    let mut apps = (*st.node.apps()).clone();
-    let keep: std::collections::HashSet<String> = want.iter().map(|w| w.0.id.clone()).collect();
     let gone: Vec<String> = apps
         .iter()
         .filter(|(_, a)| !keep.contains(&a.id))
         .map(|(_, a)| a.id.clone())
         .collect();
+    let mut changed = !gone.is_empty();
     for id in gone {
         apps.remove(&id);
     }
@@ -202,11 +225,15 @@ pub async fn rebuild(st: &Shared) {
         if i.is_some_and(|i| **apps.get(i) == cfg) {
             continue;
         }
+        changed = true;
         let i = apps.upsert(cfg).0 as usize;
         if io.len() <= i {
             io.resize(i + 1, (Arc::new(AppIo::default()), Source::Admin));
         }
         io[i] = (Arc::new(app_io), source);
+    }
+    if !changed {
+        return;
     }
     io.resize(apps.len(), (Arc::new(AppIo::default()), Source::Admin));
     {
@@ -220,20 +247,23 @@ pub async fn rebuild(st: &Shared) {
     st.apps.changed.notify_one();
 }
 
-/// Persists the registry (durably, before anyone is told).
-pub async fn persist(st: &Shared) -> Result<(), store::StoreError> {
+/// Persists `changed` records (durably, before anyone is told): one
+/// journal append; every record only when the store compacts.
+pub async fn persist(st: &Shared, changed: Vec<AppRecord>) -> Result<(), store::StoreError> {
     let Some(store) = st.apps.store.clone() else {
         return Ok(());
     };
-    let records: Vec<AppRecord> = crate::node::lock(&st.apps.registry)
-        .records()
-        .cloned()
-        .collect();
-    tokio::task::spawn_blocking(move || store.save(records))
+    let all = {
+        let reg = crate::node::lock(&st.apps.registry);
+        store
+            .compacts_after(changed.len(), reg.records().count())
+            .then(|| reg.records().cloned().collect())
+    };
+    tokio::task::spawn_blocking(move || store.append(&changed, all))
         .await
         .unwrap_or_else(|e| {
             Err(store::StoreError::Io {
-                path: "apps.json".into(),
+                path: "apps.log".into(),
                 source: std::io::Error::other(e.to_string()),
             })
         })
@@ -277,7 +307,7 @@ pub async fn peer_frame(st: &Shared, from: &NodeId, frame: PeerFrame) {
             for r in &won {
                 tracing::info!(app = %r.id, from = %from, deleted = r.app.is_none(), "app changed by a peer");
             }
-            if let Err(e) = persist(st).await {
+            if let Err(e) = persist(st, won.clone()).await {
                 tracing::error!(error = %e, "cannot persist apps from a peer");
             }
             rebuild(st).await;
