@@ -20,7 +20,11 @@ const BIN = process.env.PUSHMESH_BIN || path.join(root, 'target/release/pushmesh
 const [APPS, NODES, CHANGES] = [Number(process.argv[2] || 10000), Number(process.argv[3] || 10), Number(process.argv[4] || 20)];
 const TOKEN = 'bench-apps-admin-token-0123456789';
 const procs = [];
-process.on('exit', () => { for (const p of procs) try { p.kill('SIGKILL'); } catch { /* gone */ } });
+const dirs = [];
+process.on('exit', () => {
+  for (const p of procs) try { p.kill('SIGKILL'); } catch { /* gone */ }
+  if (!process.env.KEEP) for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
+});
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const pct = (xs, p) => { const s = [...xs].sort((a, b) => a - b); return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))]; };
@@ -79,6 +83,7 @@ async function pool(n, conc, f) {
 const say = (m) => { if (process.env.DEBUG) console.error(new Date().toISOString(), m); };
 async function singleNode() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bench-apps-'));
+  dirs.push(dir);
   const conf = path.join(dir, 'pushmesh.toml');
   fs.writeFileSync(conf, `listen = "127.0.0.1:0"\ndata_dir = "${dir}"\nconnections_per_ip_per_sec = 0\n[[apps]]\nid = "base"\nkey = "base-key"\nsecret = "base-secret"\n`);
   const n = await start(['--config', conf], dir);
@@ -102,7 +107,7 @@ async function singleNode() {
   const list0 = performance.now();
   const list = await api(n.port, 'GET', '/admin/apps');
   const listMs = performance.now() - list0;
-  const storeBytes = fs.readdirSync(dir).reduce((s, f) => s + fs.statSync(path.join(dir, f)).size, 0);
+  const storeBytes = ['apps.json', 'apps.log'].reduce((s, f) => s + (fs.existsSync(path.join(dir, f)) ? fs.statSync(path.join(dir, f)).size : 0), 0);
   n.child.kill('SIGTERM');
   await new Promise((r) => n.child.on('exit', r));
   const again = await start(['--config', conf], dir);
@@ -123,6 +128,7 @@ async function cluster() {
   const nodes = [];
   for (let i = 0; i < NODES; i++) {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), `bench-apps-n${i}-`));
+    dirs.push(dir);
     const conf = path.join(dir, 'pushmesh.toml');
     fs.writeFileSync(conf, `listen = "127.0.0.1:${base + i}"\ndata_dir = "${dir}"\n[cluster]\nnode_id = "b${i}"\n`
       + `gossip_listen = "127.0.0.1:${base + 100 + i * 2}"\ncluster_listen = "127.0.0.1:${base + 101 + i * 2}"\n`

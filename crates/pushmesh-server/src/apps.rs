@@ -256,7 +256,7 @@ pub async fn persist(st: &Shared, changed: Vec<AppRecord>) -> Result<(), store::
     let all = {
         let reg = crate::node::lock(&st.apps.registry);
         store
-            .compacts_after(changed.len(), reg.records().count())
+            .compacts_after(changed.len())
             .then(|| reg.records().cloned().collect())
     };
     tokio::task::spawn_blocking(move || store.append(&changed, all))

@@ -5,7 +5,7 @@
 //!
 //! Loading reads the snapshot, then the journal over it (records merge by
 //! last writer, so a record read twice changes nothing). When the journal
-//! holds as many lines as there are records (and at least
+//! holds as many lines as the snapshot has records (and at least
 //! [`COMPACT_AFTER`]), the snapshot is replaced whole and atomically
 //! (written to `apps.json.tmp`, flushed, renamed over the old one, the
 //! directory flushed) and the journal emptied. A kill at any point leaves
@@ -59,6 +59,8 @@ pub struct Store {
     dir: PathBuf,
     /// Lines in the journal (shared by clones; writes are one at a time).
     journal_lines: Arc<AtomicUsize>,
+    /// Records in the snapshot.
+    snapshot_records: Arc<AtomicUsize>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -80,6 +82,7 @@ impl Store {
         Ok(Self {
             dir: dir.to_owned(),
             journal_lines: Arc::new(AtomicUsize::new(0)),
+            snapshot_records: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -110,6 +113,8 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(source) => return Err(StoreError::Io { path, source }),
         };
+        self.snapshot_records
+            .store(records.len(), Ordering::Relaxed);
         let journal = self.journal();
         let body = match std::fs::read(&journal) {
             Ok(b) => b,
@@ -148,12 +153,14 @@ impl Store {
         Ok(records)
     }
 
-    /// Whether appending `n` lines to the journal makes it outgrow the
-    /// snapshot of `total` records: then [`Store::append`] is given every
-    /// record, to compact.
-    pub fn compacts_after(&self, n: usize, total: usize) -> bool {
+    /// Whether appending `n` lines makes the journal as long as the
+    /// snapshot (and at least [`COMPACT_AFTER`] lines): then
+    /// [`Store::append`] is given every record, to compact. The snapshot
+    /// at least doubles at each compaction, so a write costs O(1)
+    /// amortized.
+    pub fn compacts_after(&self, n: usize) -> bool {
         let lines = self.journal_lines.load(Ordering::Relaxed) + n;
-        lines >= COMPACT_AFTER && lines >= total
+        lines >= COMPACT_AFTER.max(self.snapshot_records.load(Ordering::Relaxed))
     }
 
     /// Appends `changed` to the journal, durably; then, given `all` the
@@ -196,6 +203,7 @@ impl Store {
     pub fn save(&self, records: Vec<AppRecord>) -> Result<(), StoreError> {
         let path = self.path();
         let tmp = self.dir.join("apps.json.tmp");
+        let count = records.len();
         let body = serde_json::to_vec(&File {
             version: 1,
             records,
@@ -227,6 +235,7 @@ impl Store {
             Err(e) => return Err(io(&journal)(e)),
         }
         self.journal_lines.store(0, Ordering::Relaxed);
+        self.snapshot_records.store(count, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -288,7 +297,7 @@ mod tests {
     fn appends_go_to_the_journal_and_a_cut_last_line_is_dropped_and_cut_off() {
         let (dir, s) = fresh("journal");
         s.save(vec![record("a")]).expect("snapshot");
-        assert!(!s.compacts_after(2, 3));
+        assert!(!s.compacts_after(2));
         s.append(&[record("b")], None).expect("append");
         s.append(&[record("c")], None).expect("append");
         // A kill in the middle of the next append.
@@ -327,7 +336,7 @@ mod tests {
             .map(|k| record(&format!("x{k}")))
             .collect();
         for (k, r) in all.iter().enumerate() {
-            let due = s.compacts_after(1, k + 1);
+            let due = s.compacts_after(1);
             assert_eq!(
                 due,
                 k + 1 == COMPACT_AFTER,
@@ -341,6 +350,9 @@ mod tests {
             0
         );
         assert_eq!(s.load().expect("load"), all);
+        // The next compaction waits for as many lines as the snapshot holds.
+        assert!(!s.compacts_after(COMPACT_AFTER - 1));
+        assert!(s.compacts_after(COMPACT_AFTER));
         // A kill after the rename but before the journal was emptied: the
         // journal is read again over the snapshot, same records.
         let line = serde_json::to_string(&all[3]).expect("json");
