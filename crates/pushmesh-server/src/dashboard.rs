@@ -211,10 +211,12 @@ pub async fn stats(
     }
     let view = st.dashboard.view();
     let snapshot = st.node.apps();
+    let rows: std::collections::HashMap<&str, &history::AppRow> =
+        view.apps.iter().map(|r| (r.id.as_str(), r)).collect();
     let apps: Vec<_> = snapshot
         .iter()
         .map(|(i, a)| {
-            let row = view.apps.iter().find(|r| r.id == a.id);
+            let row = rows.get(a.id.as_str());
             let mut j = json!({
                 "id": a.id, "key": a.key, "enabled": a.enabled,
                 "source": st.apps.io(i).1.as_str(),
