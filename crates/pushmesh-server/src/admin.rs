@@ -22,7 +22,7 @@ use pushmesh_protocol::sign;
 use serde_json::{json, Map, Value};
 
 use crate::apps::{self, admin_app_config, now_ms, Source};
-use crate::config::app_json::{app_from_json, app_to_json, FILE_ONLY};
+use crate::config::app_json::{app_from_json, app_to_json, REDACTED};
 use crate::Shared;
 
 /// `pushmesh_admin_requests_total{outcome}` labels, in counter order.
@@ -229,13 +229,27 @@ fn admin_app(
     mut m: Map<String, Value>,
     previous: Option<(String, u64)>,
 ) -> Result<AdminApp, Refused> {
-    for f in FILE_ONLY {
-        if m.get(f).is_some_and(|v| !v.is_null() && v != &json!([])) {
-            return Err(bad(format!(
-                "{f}: set in the configuration file only (apps made through the admin API have none)"
-            )));
+    // wsify connections belong to the wsify app (`wsify_app`, an app of the
+    // configuration file): an authorizer on another app would never be
+    // called, so it is refused rather than silently kept.
+    if m.get("authorizer").is_some_and(|v| !v.is_null()) {
+        return Err(bad(
+            "authorizer: only the wsify app (wsify_app, an app of the configuration file) calls an authorizer",
+        ));
+    }
+    m.remove("authorizer");
+    if let Some(Value::Array(hooks)) = m.get("webhooks") {
+        for (i, w) in hooks.iter().enumerate() {
+            if let Some((name, _)) = w
+                .get("headers")
+                .and_then(Value::as_object)
+                .and_then(|h| h.iter().find(|(_, v)| v.as_str() == Some(REDACTED)))
+            {
+                return Err(bad(format!(
+                    "webhooks[{i}].headers.{name}: give the header's value (the API shows it as {REDACTED:?})"
+                )));
+            }
         }
-        m.remove(f);
     }
     m.remove("source");
     app_from_json(Value::Object(m.clone())).map_err(|e| bad(e.to_string()))?;

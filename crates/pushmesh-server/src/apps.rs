@@ -222,7 +222,9 @@ pub async fn rebuild(st: &Shared) {
     for (cfg, app_io, source) in want {
         // Unchanged apps keep their `Arc`: connections see no change.
         let i = apps.by_id(&cfg.id);
-        if i.is_some_and(|i| **apps.get(i) == cfg) {
+        if i.is_some_and(|i| {
+            **apps.get(i) == cfg && io.get(i.0 as usize).is_some_and(|x| *x.0 == app_io)
+        }) {
             continue;
         }
         changed = true;
@@ -242,6 +244,12 @@ pub async fn rebuild(st: &Shared) {
             p.push(AtomicU64::new(0));
         }
     }
+    st.webhooks
+        .update(&apps, |i| io.get(i.0 as usize).map(|x| &*x.0));
+    st.set_authorizer(
+        io.get(st.config.wsify_app)
+            .and_then(|x| x.0.authorizer.as_ref()),
+    );
     st.apps.io.store(Arc::new(io));
     st.node.set_apps(apps).await;
     st.apps.changed.notify_one();
@@ -344,8 +352,12 @@ pub async fn reload_config(st: &Shared) -> Result<usize, crate::config::ConfigEr
     let Some(path) = &st.config.apps_file else {
         return Ok(0);
     };
-    let apps = crate::config::app_json::reload_file_apps(path)?;
     let wsify = &st.config.apps[st.config.wsify_app].id;
+    let apps = crate::config::app_json::reload_file_apps(
+        path,
+        wsify,
+        st.config.authorizer_url.as_deref(),
+    )?;
     if !apps.iter().any(|(a, _)| &a.id == wsify) {
         return Err(crate::config::ConfigError::Invalid(format!(
             "the wsify app {wsify:?} cannot be removed by a reload"

@@ -54,6 +54,8 @@ pub struct AuthorizerStats {
 
 /// One app's authorizer.
 pub struct Authorizer {
+    /// What it was made from.
+    config: AuthorizerConfig,
     client: reqwest::Client,
     url: String,
     timeout: Duration,
@@ -70,6 +72,7 @@ impl Authorizer {
         stats: Arc<AuthorizerStats>,
     ) -> Self {
         Self {
+            config: cfg.clone(),
             client,
             url: cfg.url.clone(),
             timeout: Duration::from_millis(cfg.timeout_ms),
@@ -77,6 +80,11 @@ impl Authorizer {
             commands: cfg.commands.iter().cloned().collect(),
             stats,
         }
+    }
+
+    /// What it was made from.
+    pub fn config(&self) -> &AuthorizerConfig {
+        &self.config
     }
 
     /// Whether `command` is sent to the authorizer.

@@ -208,6 +208,9 @@ pub struct Config {
     /// The configuration file, read again on SIGHUP for its apps; none
     /// when the apps came from `--app` or are the development app.
     pub apps_file: Option<PathBuf>,
+    /// `--authorizer-url` / `PUSHMESH_AUTHORIZER_URL`: the wsify app's
+    /// authorizer URL, over the file's, at start and on every reload.
+    pub authorizer_url: Option<String>,
     /// Time a connection has, from accept, to be upgraded or send a whole request.
     pub handshake_timeout: Duration,
     /// Connections accepted and not yet established, at most; 0: unlimited.
@@ -289,6 +292,7 @@ impl Default for Config {
             admin_token: None,
             data_dir: None,
             apps_file: None,
+            authorizer_url: None,
             handshake_timeout: Duration::from_secs(10),
             max_pending_handshakes: 1024,
             max_pending_handshakes_per_ip: 128,

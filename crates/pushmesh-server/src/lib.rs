@@ -105,7 +105,10 @@ pub struct Shared {
     pub stats: Stats,
     /// Webhook delivery.
     pub webhooks: Webhooks,
-    authorizers: Vec<Option<Arc<Authorizer>>>,
+    /// The wsify app's authorizer (replaced when its settings change).
+    authorizer: arc_swap::ArcSwapOption<Authorizer>,
+    /// The pooled HTTP client of webhooks and the authorizer.
+    http: reqwest::Client,
     /// The cluster layer, when clustering is on.
     pub cluster: Option<pushmesh_cluster::Cluster>,
     cluster_events: Mutex<Option<tokio::sync::mpsc::Receiver<pushmesh_cluster::ClusterEvent>>>,
@@ -131,9 +134,34 @@ impl Shared {
         self.node.apps().by_key(key)
     }
 
-    /// The wsify authorizer of an app, if it has one.
+    /// The wsify authorizer, if the wsify app has one (only the wsify
+    /// app's connections call one).
     pub fn authorizer(&self, app: AppIdx) -> Option<Arc<Authorizer>> {
-        self.authorizers.get(app.0 as usize).cloned().flatten()
+        if app.0 as usize != self.config.wsify_app {
+            return None;
+        }
+        self.authorizer.load_full()
+    }
+
+    /// Serves the wsify app's authorizer settings: the same settings keep
+    /// the authorizer (and its calls in flight), others replace it.
+    pub fn set_authorizer(&self, cfg: Option<&config::AuthorizerConfig>) {
+        let current = self.authorizer.load();
+        if current.as_deref().map(Authorizer::config) == cfg {
+            return;
+        }
+        if let Some(c) = cfg {
+            tracing::info!(url = %c.url, "wsify authorizer set");
+        } else if current.is_some() {
+            tracing::info!("wsify authorizer removed");
+        }
+        self.authorizer.store(cfg.map(|c| {
+            Arc::new(Authorizer::new(
+                c,
+                self.http.clone(),
+                self.stats.authorizer.clone(),
+            ))
+        }));
     }
 }
 
@@ -180,16 +208,11 @@ impl Server {
             .build()
             .map_err(ServerError::Http)?;
         let stats = Stats::default();
-        let authorizers = config
-            .app_io
-            .iter()
-            .map(|io| {
-                io.authorizer
-                    .as_ref()
-                    .map(|a| Arc::new(Authorizer::new(a, http.clone(), stats.authorizer.clone())))
-            })
-            .collect();
-        let webhooks = Webhooks::new(&config, http);
+        let authorizer = config.app_io[config.wsify_app]
+            .authorizer
+            .as_ref()
+            .map(|a| Arc::new(Authorizer::new(a, http.clone(), stats.authorizer.clone())));
+        let webhooks = Webhooks::new(&config, http.clone());
         let scheduler = WebhookScheduler::new(config.webhook_delay);
         let ip_rate = config.connections_per_ip_per_sec;
         let api_rate = config.api_requests_per_sec;
@@ -238,7 +261,8 @@ impl Server {
             next_conn: AtomicU64::new(1),
             stats,
             webhooks,
-            authorizers,
+            authorizer: arc_swap::ArcSwapOption::new(authorizer),
+            http,
             apps: apps_state,
             admin_failures: limits::RateLimiter::new(1.0, 10.0),
             dashboard: dashboard::history::History::default(),
@@ -275,7 +299,7 @@ impl Server {
     ) -> Result<(), ServerError> {
         let st = self.shared;
         let app = router(st.clone());
-        let senders = st.webhooks.start();
+        st.webhooks.start();
         let cluster_tasks = cluster::spawn_tasks(&st);
         let pump = tokio::spawn(webhook_pump(st.clone()));
         let grace = tokio::spawn(apps::grace_timer(st.clone()));
@@ -362,9 +386,7 @@ impl Server {
         for t in cluster_tasks {
             t.abort();
         }
-        for s in senders {
-            s.abort();
-        }
+        st.webhooks.stop();
         r?;
         Ok(())
     }

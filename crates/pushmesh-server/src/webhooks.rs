@@ -1,5 +1,13 @@
 //! Pusher webhook delivery: one bounded queue and one sender task per URL.
 //!
+//! The targets follow the apps: [`Webhooks::update`] (called by every
+//! apps rebuild: SIGHUP, the admin API, a peer's change) keeps a target
+//! whose URL, event types, headers and batch are unchanged (its key and
+//! secret are updated in place, so queued events are signed with the new
+//! secret), starts a sender for a new one and retires a removed one: a
+//! retired target takes no new events and its sender ends once it has sent
+//! (or given up on) what it holds.
+//!
 //! Events leave the core as [`Output::Hook`](pushmesh_core::Output), pass the
 //! sans-IO [`WebhookScheduler`](pushmesh_core::WebhookScheduler) (delays and
 //! cancellations) and land here. Each URL's task sends its queue in order,
@@ -17,17 +25,18 @@
 //! deadline passes are not confirmed, so that peer delivers them.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pushmesh_core::ScheduledHook;
+use arc_swap::ArcSwap;
+use pushmesh_core::{AppIdx, Apps, ScheduledHook};
 use pushmesh_protocol::sign;
 use pushmesh_protocol::webhook::{self, IdentifiedEvent, WebhookEvent};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use tokio::sync::Notify;
 
-use crate::config::Config;
+use crate::config::{AppIo, Config, WebhookConfig};
 use crate::node::Links;
 
 /// Events routed and not yet finished by every target, by id; where to confirm.
@@ -88,21 +97,31 @@ struct Queued {
 struct Queue {
     items: VecDeque<Queued>,
     next_seq: u64,
+    /// The target was retired and its sender has ended: no more events.
+    closed: bool,
+}
+
+/// The app's key and secret a request is signed with.
+struct Signing {
+    key: String,
+    secret: String,
 }
 
 /// One webhook URL of one app.
 pub struct Target {
-    url: String,
+    /// What it was made from (a target is kept while this is unchanged).
+    spec: WebhookConfig,
     filter: Option<HashSet<String>>,
     headers: HeaderMap,
     batch: Duration,
-    key: String,
-    secret: String,
+    signing: Mutex<Arc<Signing>>,
     cap: usize,
     queue: Mutex<Queue>,
     notify: Notify,
-    /// Events delivered to this URL (per-app stats).
-    sent: AtomicU64,
+    /// Removed from its app: its sender ends once the queue is empty.
+    retired: AtomicBool,
+    /// Events delivered by the app's targets (per-app stats).
+    sent: Arc<AtomicU64>,
 }
 
 impl Target {
@@ -114,14 +133,86 @@ impl Target {
         self.filter.as_ref().is_none_or(|f| f.contains(e.name()))
     }
 
-    fn enqueue(&self, id: String, event: WebhookEvent, stats: &WebhookStats, confirm: &Confirm) {
+    /// A target for `spec` of the app with `key` and `secret`.
+    fn new(
+        spec: &WebhookConfig,
+        key: &str,
+        secret: &str,
+        cap: usize,
+        sent: Arc<AtomicU64>,
+    ) -> Self {
+        let mut headers = HeaderMap::new();
+        for (k, v) in &spec.headers {
+            match (
+                HeaderName::try_from(k.as_str()),
+                HeaderValue::try_from(v.as_str()),
+            ) {
+                (Ok(k), Ok(v)) => {
+                    headers.insert(k, v);
+                }
+                _ => tracing::warn!(header = %k, "ignoring invalid webhook header"),
+            }
+        }
+        Self {
+            spec: spec.clone(),
+            filter: spec
+                .event_types
+                .as_ref()
+                .map(|t| t.iter().cloned().collect()),
+            headers,
+            batch: Duration::from_millis(spec.batch_ms),
+            signing: Mutex::new(Arc::new(Signing {
+                key: key.to_owned(),
+                secret: secret.to_owned(),
+            })),
+            cap,
+            queue: Mutex::new(Queue::default()),
+            notify: Notify::new(),
+            retired: AtomicBool::new(false),
+            sent,
+        }
+    }
+
+    fn signing(&self) -> Arc<Signing> {
+        self.signing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_signing(&self, key: &str, secret: &str) {
+        let mut s = self.signing.lock().unwrap_or_else(|p| p.into_inner());
+        if s.key != key || s.secret != secret {
+            *s = Arc::new(Signing {
+                key: key.to_owned(),
+                secret: secret.to_owned(),
+            });
+        }
+    }
+
+    fn url(&self) -> &str {
+        &self.spec.url
+    }
+
+    /// Queues an event; false when the target is closed (retired and its
+    /// sender gone: the event is not for it any more).
+    fn enqueue(
+        &self,
+        id: String,
+        event: WebhookEvent,
+        stats: &WebhookStats,
+        confirm: &Confirm,
+    ) -> bool {
         let mut dropped = None;
         {
             let mut q = self.lock();
+            if q.closed {
+                return false;
+            }
             if q.items.len() >= self.cap {
                 if let Some(old) = q.items.pop_front() {
                     stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(url = %self.url, event = old.event.name(), channel = old.event.channel(),
+                    tracing::warn!(url = %self.url(), event = old.event.name(), channel = old.event.channel(),
                         "webhook queue full, dropped the oldest event");
                     dropped = Some(old.id);
                 }
@@ -139,6 +230,13 @@ impl Target {
             confirm.finished([id.as_str()]);
         }
         self.notify.notify_one();
+        true
+    }
+
+    /// Takes no new events; the sender ends once the queue is empty.
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+        self.notify.notify_one();
     }
 
     fn is_empty(&self) -> bool {
@@ -146,66 +244,139 @@ impl Target {
     }
 }
 
+/// Each slot's targets and delivered-events counter (parallel to the
+/// node's `Apps`).
+#[derive(Default)]
+struct Slots {
+    targets: Vec<Vec<Arc<Target>>>,
+    sent: Vec<Arc<AtomicU64>>,
+}
+
 /// Every app's webhook targets and their counters.
 pub struct Webhooks {
-    targets: Vec<Vec<Arc<Target>>>,
+    slots: ArcSwap<Slots>,
+    /// Removed targets whose senders still deliver what they hold.
+    retired: Mutex<Vec<Arc<Target>>>,
+    /// Sender tasks, once started.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    started: AtomicBool,
     /// Counters.
     pub stats: Arc<WebhookStats>,
     client: reqwest::Client,
     timeout: Duration,
     retry_for: Duration,
     backoff: Duration,
+    cap: usize,
     confirm: Arc<Confirm>,
 }
 
 impl Webhooks {
-    /// Targets from the configuration; no task runs until [`Webhooks::start`].
+    /// Targets of the configuration's apps; no task runs until
+    /// [`Webhooks::start`].
     pub fn new(config: &Config, client: reqwest::Client) -> Self {
-        let targets = config
-            .apps
-            .iter()
-            .zip(&config.app_io)
-            .map(|(app, io)| {
-                io.webhooks
-                    .iter()
-                    .map(|w| {
-                        let mut headers = HeaderMap::new();
-                        for (k, v) in &w.headers {
-                            match (
-                                HeaderName::try_from(k.as_str()),
-                                HeaderValue::try_from(v.as_str()),
-                            ) {
-                                (Ok(k), Ok(v)) => {
-                                    headers.insert(k, v);
-                                }
-                                _ => tracing::warn!(header = %k, "ignoring invalid webhook header"),
-                            }
-                        }
-                        Arc::new(Target {
-                            url: w.url.clone(),
-                            filter: w.event_types.as_ref().map(|t| t.iter().cloned().collect()),
-                            headers,
-                            batch: Duration::from_millis(w.batch_ms),
-                            key: app.key.clone(),
-                            secret: app.secret.clone(),
-                            cap: config.webhook_queue.max(1),
-                            queue: Mutex::new(Queue::default()),
-                            notify: Notify::new(),
-                            sent: AtomicU64::new(0),
-                        })
-                    })
-                    .collect()
-            })
-            .collect();
-        Self {
-            targets,
+        let w = Self {
+            slots: ArcSwap::from_pointee(Slots::default()),
+            retired: Mutex::new(Vec::new()),
+            tasks: Mutex::new(Vec::new()),
+            started: AtomicBool::new(false),
             stats: Arc::new(WebhookStats::default()),
             client,
             timeout: config.webhook_timeout,
             retry_for: config.webhook_retry_for,
             backoff: config.webhook_backoff,
+            cap: config.webhook_queue.max(1),
             confirm: Arc::default(),
+        };
+        let apps = Apps::new(config.apps.clone());
+        let io: Vec<AppIo> = config.app_io.clone();
+        w.update(&apps, |i| io.get(i.0 as usize));
+        w
+    }
+
+    /// Makes the targets what `apps` and their I/O settings (`io`, by
+    /// slot) say: unchanged targets kept (key and secret updated), new
+    /// ones started, removed ones retired. Called with the apps' change
+    /// lock held (one update at a time).
+    pub fn update<'a>(&self, apps: &Apps, io: impl Fn(AppIdx) -> Option<&'a AppIo>) {
+        let old = self.slots.load_full();
+        let mut next = Slots {
+            targets: vec![Vec::new(); apps.len()],
+            sent: (0..apps.len())
+                .map(|i| {
+                    old.sent
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(AtomicU64::new(0)))
+                })
+                .collect(),
+        };
+        let mut started = Vec::new();
+        for (i, app) in apps.iter() {
+            let slot = i.0 as usize;
+            let Some(io) = io(i) else { continue };
+            let mut before: Vec<Arc<Target>> = old.targets.get(slot).cloned().unwrap_or_default();
+            for spec in &io.webhooks {
+                let t = match before.iter().position(|t| &t.spec == spec) {
+                    Some(k) => {
+                        let t = before.swap_remove(k);
+                        t.set_signing(&app.key, &app.secret);
+                        t
+                    }
+                    None => {
+                        let t = Arc::new(Target::new(
+                            spec,
+                            &app.key,
+                            &app.secret,
+                            self.cap,
+                            next.sent[slot].clone(),
+                        ));
+                        started.push(t.clone());
+                        t
+                    }
+                };
+                next.targets[slot].push(t);
+            }
+            Self::retire_all(&self.retired, before);
         }
+        // Slots of removed apps.
+        for (slot, targets) in old.targets.iter().enumerate() {
+            if apps.is_removed(AppIdx(slot as u32)) || slot >= apps.len() {
+                Self::retire_all(&self.retired, targets.clone());
+            }
+        }
+        self.slots.store(Arc::new(next));
+        if self.started.load(Ordering::Acquire) {
+            for t in started {
+                self.spawn(t);
+            }
+        }
+        crate::node::lock(&self.retired).retain(|t| !t.lock().closed);
+    }
+
+    fn retire_all(retired: &Mutex<Vec<Arc<Target>>>, targets: Vec<Arc<Target>>) {
+        if targets.is_empty() {
+            return;
+        }
+        for t in &targets {
+            tracing::info!(url = %t.url(), "webhook target removed; its queue is still sent");
+            t.retire();
+        }
+        crate::node::lock(retired).extend(targets);
+    }
+
+    fn spawn(&self, target: Arc<Target>) {
+        let sender = Sender {
+            target,
+            client: self.client.clone(),
+            stats: self.stats.clone(),
+            timeout: self.timeout,
+            retry_for: self.retry_for,
+            backoff: self.backoff,
+            confirm: self.confirm.clone(),
+        };
+        let mut tasks = crate::node::lock(&self.tasks);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(sender.run()));
     }
 
     /// Where deliveries are confirmed (the node's webhook backup); set once.
@@ -213,31 +384,28 @@ impl Webhooks {
         let _ = self.confirm.links.set(links);
     }
 
-    /// Starts one sender task per target.
-    pub fn start(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        self.targets
-            .iter()
-            .flatten()
-            .map(|t| {
-                let sender = Sender {
-                    target: t.clone(),
-                    client: self.client.clone(),
-                    stats: self.stats.clone(),
-                    timeout: self.timeout,
-                    retry_for: self.retry_for,
-                    backoff: self.backoff,
-                    confirm: self.confirm.clone(),
-                };
-                tokio::spawn(sender.run())
-            })
-            .collect()
+    /// Starts one sender task per target (and, from now on, one for each
+    /// target an update adds).
+    pub fn start(&self) {
+        self.started.store(true, Ordering::Release);
+        for t in self.slots.load().targets.iter().flatten() {
+            self.spawn(t.clone());
+        }
+    }
+
+    /// Ends every sender task (the end of a shutdown).
+    pub fn stop(&self) {
+        for t in crate::node::lock(&self.tasks).drain(..) {
+            t.abort();
+        }
     }
 
     /// Queues events for every target of their app that wants them.
     pub fn route(&self, events: Vec<ScheduledHook>) {
         let mut unwanted = Vec::new();
+        let slots = self.slots.load();
         for ScheduledHook { id, app, event } in events {
-            let targets: Vec<&Arc<Target>> = self
+            let targets: Vec<&Arc<Target>> = slots
                 .targets
                 .get(app.0 as usize)
                 .map(|t| t.iter().filter(|t| t.wants(&event)).collect())
@@ -254,7 +422,9 @@ impl Webhooks {
                 .entry(id.clone())
                 .or_default() += targets.len();
             for t in targets {
-                t.enqueue(id.clone(), event.clone(), &self.stats, &self.confirm);
+                if !t.enqueue(id.clone(), event.clone(), &self.stats, &self.confirm) {
+                    self.confirm.finished([id.as_str()]);
+                }
             }
         }
         if let Some(links) = self.confirm.links.get() {
@@ -263,24 +433,40 @@ impl Webhooks {
     }
 
     /// Webhook events of `app` delivered from this node.
-    pub fn app_sent(&self, app: pushmesh_core::AppIdx) -> u64 {
-        self.targets.get(app.0 as usize).map_or(0, |t| {
-            t.iter().map(|t| t.sent.load(Ordering::Relaxed)).sum()
-        })
+    pub fn app_sent(&self, app: AppIdx) -> u64 {
+        self.slots
+            .load()
+            .sent
+            .get(app.0 as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Every target, retired ones included.
+    fn all(&self) -> Vec<Arc<Target>> {
+        let mut all: Vec<Arc<Target>> = self
+            .slots
+            .load()
+            .targets
+            .iter()
+            .flatten()
+            .cloned()
+            .collect();
+        all.extend(crate::node::lock(&self.retired).iter().cloned());
+        all
     }
 
     /// Whether every queue is empty.
     pub fn idle(&self) -> bool {
-        self.targets.iter().flatten().all(|t| t.is_empty())
+        self.all().iter().all(|t| t.is_empty())
     }
 
     /// Counts what is still queued as dropped (at the end of a shutdown).
     pub fn abandon(&self) {
-        for t in self.targets.iter().flatten() {
+        for t in self.all() {
             let n = std::mem::take(&mut t.lock().items).len();
             if n > 0 {
                 self.stats.dropped.fetch_add(n as u64, Ordering::Relaxed);
-                tracing::warn!(url = %t.url, events = n, "shutdown deadline: webhook events dropped");
+                tracing::warn!(url = %t.url(), events = n, "shutdown deadline: webhook events dropped");
             }
         }
     }
@@ -305,6 +491,13 @@ fn now_ms() -> u64 {
 impl Sender {
     async fn run(self) {
         loop {
+            {
+                let mut q = self.target.lock();
+                if q.items.is_empty() && self.target.retired.load(Ordering::Relaxed) {
+                    q.closed = true;
+                    return;
+                }
+            }
             if self.target.is_empty() {
                 self.target.notify.notified().await;
                 continue;
@@ -344,7 +537,7 @@ impl Sender {
                 self.target.sent.fetch_add(n, Ordering::Relaxed);
             } else {
                 self.stats.dropped.fetch_add(n, Ordering::Relaxed);
-                tracing::warn!(url = %self.target.url, events = n,
+                tracing::warn!(url = %self.target.url(), events = n,
                     "webhook retried for too long, events dropped");
             }
         }
@@ -353,16 +546,17 @@ impl Sender {
     /// Sends one request until acknowledged or out of time.
     async fn deliver(&self, events: &[IdentifiedEvent], oldest: Instant) -> bool {
         let body = webhook::body(now_ms(), events);
-        let signature = sign::sign(&self.target.secret, &String::from_utf8_lossy(&body));
+        let signing = self.target.signing();
+        let signature = sign::sign(&signing.secret, &String::from_utf8_lossy(&body));
         let mut delay = self.backoff;
         loop {
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let r = self
                 .client
-                .post(&self.target.url)
+                .post(self.target.url())
                 .headers(self.target.headers.clone())
                 .header(CONTENT_TYPE, "application/json")
-                .header("X-Pusher-Key", &self.target.key)
+                .header("X-Pusher-Key", &signing.key)
                 .header("X-Pusher-Signature", &signature)
                 .timeout(self.timeout)
                 .body(body.clone())
@@ -374,11 +568,11 @@ impl Sender {
                 Err(e) => e.to_string(),
             };
             if oldest.elapsed() + delay > self.retry_for {
-                tracing::warn!(url = %self.target.url, error = %failure, "webhook failed, giving up");
+                tracing::warn!(url = %self.target.url(), error = %failure, "webhook failed, giving up");
                 return false;
             }
             self.stats.retried.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(url = %self.target.url, error = %failure, retry_in_ms = delay.as_millis() as u64, "webhook failed, retrying");
+            tracing::debug!(url = %self.target.url(), error = %failure, retry_in_ms = delay.as_millis() as u64, "webhook failed, retrying");
             // Full jitter around the current step: [delay/2, delay].
             let jittered = delay / 2 + delay.mul_f64(rand::random::<f64>() / 2.0);
             tokio::time::sleep(jittered).await;
@@ -386,3 +580,6 @@ impl Sender {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -25,7 +25,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::time::timeout;
 
-use crate::authorizer::{Authorizer, Verdict};
+use crate::authorizer::Verdict;
 use crate::conn::{CloseRequest, ConnRef};
 use crate::websocket::driver::{
     await_close, pong_not_received, pump, CompressionGauge, Connection, End, Flow, Protocol,
@@ -187,7 +187,6 @@ struct Wsify<'a> {
     session: Session,
     app: AppIdx,
     envelope: bool,
-    authz: Option<Arc<Authorizer>>,
     /// `{"id", "query"}`, as the authorizer is told.
     connection: Value,
 }
@@ -286,13 +285,13 @@ async fn run_wsify(
         session,
         app,
         envelope,
-        authz: st.authorizer(app),
         connection: json!({ "id": socket_id, "query": query }),
     };
     let end = c.run(&mut proto).await;
     let channels: Vec<String> = proto.session.channels().map(ToString::to_string).collect();
     c.leave(&mut proto.session).await;
-    if let Some(a) = &proto.authz {
+    // The authorizer as it is now (SIGHUP may have changed it).
+    if let Some(a) = st.authorizer(app) {
         let connection = &proto.connection;
         if a.wants("leave") {
             for c in channels {
@@ -327,7 +326,7 @@ impl Wsify<'_> {
             Err(e) => return Handled::Error(String::new(), e.to_string()),
         };
         let name = cmd.name();
-        if let Some(a) = self.authz.as_deref().filter(|a| a.wants(name)) {
+        if let Some(a) = self.st.authorizer(self.app).filter(|a| a.wants(name)) {
             let mut body: Value = serde_json::from_str(text).unwrap_or(Value::Null);
             if let Value::Object(m) = &mut body {
                 m.insert("connection".into(), self.connection.clone());

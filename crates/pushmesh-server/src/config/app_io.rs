@@ -4,7 +4,7 @@
 use serde::Deserialize;
 
 /// The wsify authorizer webhook of an app.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorizerConfig {
     /// Where to POST.
@@ -45,7 +45,7 @@ impl AuthorizerConfig {
 }
 
 /// One webhook URL of an app.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// Where to POST.
@@ -63,7 +63,7 @@ pub struct WebhookConfig {
 }
 
 /// What the I/O side needs per app, beside the core's [`AppConfig`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct AppIo {
     /// wsify authorizer.
     pub authorizer: Option<AuthorizerConfig>,

@@ -11,10 +11,9 @@ use serde_json::{json, Map, Value};
 
 use super::{check, resolve::file_app, AppIo, ConfigError, FileApp, FileConfig};
 
-/// Settings an app made through the admin API cannot have (yet): they
-/// start tasks (webhook senders, the wsify authorizer) that only the
-/// configuration file sets up.
-pub const FILE_ONLY: [&str; 2] = ["webhooks", "authorizer"];
+/// What the admin API shows instead of a webhook header's value (which
+/// often carries a credential).
+pub const REDACTED: &str = "<redacted>";
 
 /// An app from a JSON object of `[[apps]]` fields (`id`, `key`, `secret`
 /// included): the same checks as the file's.
@@ -75,7 +74,7 @@ pub fn app_to_json(cfg: &AppConfig, io: &AppIo) -> Map<String, Value> {
                     json!({
                         "url": w.url,
                         "event_types": w.event_types,
-                        "headers": w.headers.keys().map(|k| (k.clone(), json!("<redacted>"))).collect::<Map<_, _>>(),
+                        "headers": w.headers.keys().map(|k| (k.clone(), json!(REDACTED))).collect::<Map<_, _>>(),
                         "batch_ms": w.batch_ms,
                     })
                 })
@@ -98,8 +97,14 @@ pub fn app_to_json(cfg: &AppConfig, io: &AppIo) -> Map<String, Value> {
 }
 
 /// The apps of the configuration file at `path`, read again (SIGHUP),
-/// with the file's checks: each app's, and ids and keys unique.
-pub fn reload_file_apps(path: &Path) -> Result<Vec<(AppConfig, AppIo)>, ConfigError> {
+/// with the file's checks: each app's, and ids and keys unique. The wsify
+/// app (`wsify`) gets `authorizer_url` (the flag's), else the file's
+/// top-level `authorizer_url`, as at start.
+pub fn reload_file_apps(
+    path: &Path,
+    wsify: &str,
+    authorizer_url: Option<&str>,
+) -> Result<Vec<(AppConfig, AppIo)>, ConfigError> {
     let mut file = FileConfig::load(path)?;
     let apps = std::mem::take(&mut file.apps)
         .into_iter()
@@ -120,6 +125,16 @@ pub fn reload_file_apps(path: &Path) -> Result<Vec<(AppConfig, AppIo)>, ConfigEr
                 "app {:?}: id and key must be unique across apps",
                 a.id
             )));
+        }
+    }
+    let mut apps = apps;
+    let url = authorizer_url
+        .map(str::to_owned)
+        .or(file.authorizer_url.take());
+    if let (Some(url), Some((_, io))) = (url, apps.iter_mut().find(|(a, _)| a.id == wsify)) {
+        match &mut io.authorizer {
+            Some(a) => a.url = url,
+            None => io.authorizer = Some(super::AuthorizerConfig::with_url(url)),
         }
     }
     let (cfgs, ios): (Vec<_>, Vec<_>) = apps.iter().cloned().unzip();

@@ -73,6 +73,16 @@ pub(super) fn app_values(apps: &[AppConfig], io: &[AppIo]) -> Result<(), ConfigE
         let at = |k: &str| format!("apps[id={:?}].{k}", a.id);
         if let Some(z) = &io.authorizer {
             http_url(at("authorizer.url"), &z.url)?;
+            if let Some(c) = z
+                .commands
+                .iter()
+                .find(|c| !super::app_io::all_commands().contains(c))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "app {:?}: unknown authorizer command {c:?}",
+                    a.id
+                )));
+            }
         }
         for (i, w) in io.webhooks.iter().enumerate() {
             http_url(at(&format!("webhooks[{i}].url")), &w.url)?;

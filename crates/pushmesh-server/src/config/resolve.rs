@@ -8,8 +8,8 @@ use pushmesh_core::AppConfig;
 
 use super::cluster::resolve_cluster;
 use super::{
-    app_io, check, development_app, generated_node_id, parse_app, AppIo, AuthorizerConfig, Cli,
-    Config, ConfigError, FileApp, FileConfig,
+    check, development_app, generated_node_id, parse_app, AppIo, AuthorizerConfig, Cli, Config,
+    ConfigError, FileApp, FileConfig,
 };
 
 /// The apps and their I/O settings, and which one wsify uses.
@@ -106,18 +106,6 @@ fn resolve_apps(file: &mut FileConfig, cli: &Cli) -> Result<Apps, ConfigError> {
         }
     }
     check::app_values(&apps, &app_io)?;
-    for (a, io) in apps.iter().zip(&app_io) {
-        if let Some(z) = &io.authorizer {
-            for c in &z.commands {
-                if !app_io::all_commands().contains(c) {
-                    return Err(ConfigError::Invalid(format!(
-                        "app {:?}: unknown authorizer command {c:?}",
-                        a.id
-                    )));
-                }
-            }
-        }
-    }
     Ok(Apps {
         apps,
         app_io,
@@ -207,6 +195,7 @@ fn layer(file: FileConfig, cli: Cli, apps: Apps) -> Result<Config, ConfigError> 
         admin_token,
         data_dir: cli.data_dir.clone().or(file.data_dir),
         apps_file,
+        authorizer_url: cli.authorizer_url.clone(),
         listen: cli.listen.or(file.listen).unwrap_or(d.listen),
         apps,
         app_io,

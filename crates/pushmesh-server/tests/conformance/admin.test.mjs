@@ -122,7 +122,9 @@ test('create, connect, publish, disable (4003, 403), enable, rotate with grace, 
   assert.equal(unknown.status, 400);
   assert.match(unknown.body.error, /bogus/);
   assert.equal((await api(s.port, 'POST', '/admin/apps', { key: 'b' })).status, 400);
-  assert.equal((await api(s.port, 'POST', '/admin/apps', { id: 'b', key: 'b', webhooks: [{ url: 'http://127.0.0.1:9/' }] })).status, 400);
+  const badHook = await api(s.port, 'POST', '/admin/apps', { id: 'b', key: 'b', webhooks: [{ url: 'ftp://127.0.0.1:9/' }] });
+  assert.equal(badHook.status, 400);
+  assert.match(badHook.body.error, /webhooks\[0\]\.url/);
 
   // The new app serves: pusher-js connects, a signed publish arrives.
   const c = client(s.port, { key: app.key, authUrl: 'http://127.0.0.1:9' });
