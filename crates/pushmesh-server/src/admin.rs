@@ -11,18 +11,17 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use pushmesh_core::app_registry::{AdminApp, RegistryError};
-use pushmesh_protocol::sign;
 use serde_json::{json, Map, Value};
 
 use crate::apps::{self, admin_app_config, now_ms, Source};
 use crate::config::app_json::{app_from_json, app_to_json, REDACTED};
+use crate::operator_token::{self, Checked};
 use crate::Shared;
 
 /// `pushmesh_admin_requests_total{outcome}` labels, in counter order.
@@ -90,26 +89,21 @@ fn authorize(st: &Shared, headers: &HeaderMap, ip: std::net::IpAddr) -> Result<(
             "the admin API is off (set admin_token)".into(),
         ));
     };
-    let now = Instant::now();
-    if !st.admin_failures.has_token(&ip, now) {
-        return Err(Refused(
+    match operator_token::check(
+        &st.admin_failures,
+        ip,
+        operator_token::bearer(headers),
+        token,
+    ) {
+        Checked::Accepted => Ok(()),
+        Checked::Limited => Err(Refused(
             StatusCode::TOO_MANY_REQUESTS,
             "too many failed admin requests from this address".into(),
-        ));
-    }
-    let given = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(g) if sign::constant_time_eq(g.trim().as_bytes(), token.as_bytes()) => Ok(()),
-        _ => {
-            st.admin_failures.allow(&ip, now);
-            Err(Refused(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong Authorization: Bearer token".into(),
-            ))
-        }
+        )),
+        Checked::Missing | Checked::Wrong => Err(Refused(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong Authorization: Bearer token".into(),
+        )),
     }
 }
 

@@ -13,7 +13,6 @@ pub mod history;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Form, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -23,6 +22,7 @@ use pushmesh_protocol::{sign, ChannelKind, ChannelName};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::operator_token::{self, Checked};
 use crate::Shared;
 
 const PAGE: &str = include_str!("../assets/dashboard.html");
@@ -109,25 +109,32 @@ fn authorized(
     if q.token.is_some() {
         return Err(Denied::TokenInUrl);
     }
-    let now = Instant::now();
-    if !st.admin_failures.has_token(&ip, now) {
-        return Err(Denied::RateLimited);
-    }
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let ok = match (bearer, cookie(headers, COOKIE)) {
-        (Some(b), _) => sign::constant_time_eq(b.trim().as_bytes(), token.as_bytes()),
-        (None, Some(c)) => sign::constant_time_eq(c.as_bytes(), session_value(token).as_bytes()),
-        (None, None) => return Err(Denied::NoSession),
+    let checked = match (operator_token::bearer(headers), cookie(headers, COOKIE)) {
+        (Some(b), _) => operator_token::check(&st.admin_failures, ip, Some(b), token),
+        (None, Some(c)) => {
+            operator_token::check(&st.admin_failures, ip, Some(c), &session_value(token))
+        }
+        (None, None) => operator_token::check(&st.admin_failures, ip, None, token),
     };
-    if ok {
-        Ok(())
-    } else {
-        st.admin_failures.allow(&ip, now);
-        Err(Denied::NoSession)
+    match checked {
+        Checked::Accepted => Ok(()),
+        Checked::Limited => Err(Denied::RateLimited),
+        Checked::Missing | Checked::Wrong => Err(Denied::NoSession),
     }
+}
+
+/// A 303 back to the page, setting the session cookie to `value` for
+/// `max_age` seconds (0 clears it).
+fn to_page_with_cookie(value: &str, max_age: u64, secure: bool) -> Response {
+    let secure = if secure { "; Secure" } else { "" };
+    let set = format!(
+        "{COOKIE}={value}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
+    );
+    let mut r = (StatusCode::SEE_OTHER, [(header::LOCATION, "/dashboard")]).into_response();
+    if let Ok(v) = HeaderValue::from_str(&set) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
 }
 
 /// `GET /dashboard`: the page, or the login form without a session.
@@ -159,43 +166,28 @@ pub async fn login(
     let Some(token) = &st.config.dashboard_token else {
         return Denied::Off.into_response();
     };
-    let (ip, now) = (peer.ip(), Instant::now());
-    if !st.admin_failures.has_token(&ip, now) {
-        return Denied::RateLimited.into_response();
+    let ip = peer.ip();
+    match operator_token::check(&st.admin_failures, ip, Some(f.token.trim()), token) {
+        Checked::Accepted => to_page_with_cookie(
+            &session_value(token),
+            COOKIE_MAX_AGE_SECS,
+            st.config.tls.is_some(),
+        ),
+        Checked::Limited => Denied::RateLimited.into_response(),
+        Checked::Missing | Checked::Wrong => {
+            tracing::warn!(client = %ip, "status page: wrong token at login");
+            (
+                StatusCode::UNAUTHORIZED,
+                Json(json!({ "error": "wrong dashboard token" })),
+            )
+                .into_response()
+        }
     }
-    if !sign::constant_time_eq(f.token.trim().as_bytes(), token.as_bytes()) {
-        st.admin_failures.allow(&ip, now);
-        tracing::warn!(client = %ip, "status page: wrong token at login");
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({ "error": "wrong dashboard token" })),
-        )
-            .into_response();
-    }
-    let secure = if st.config.tls.is_some() {
-        "; Secure"
-    } else {
-        ""
-    };
-    let set = format!(
-        "{COOKIE}={}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={COOKIE_MAX_AGE_SECS}{secure}",
-        session_value(token)
-    );
-    let mut r = (StatusCode::SEE_OTHER, [(header::LOCATION, "/dashboard")]).into_response();
-    if let Ok(v) = HeaderValue::from_str(&set) {
-        r.headers_mut().insert(header::SET_COOKIE, v);
-    }
-    r
 }
 
 /// `POST /dashboard/logout`: clears the cookie.
 pub async fn logout() -> Response {
-    let clear = format!("{COOKIE}=; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age=0");
-    let mut r = (StatusCode::SEE_OTHER, [(header::LOCATION, "/dashboard")]).into_response();
-    if let Ok(v) = HeaderValue::from_str(&clear) {
-        r.headers_mut().insert(header::SET_COOKIE, v);
-    }
-    r
+    to_page_with_cookie("", 0, false)
 }
 
 /// `GET /dashboard/api/stats`: this node's live figures, the cluster's

@@ -24,6 +24,7 @@ pub mod identity_headers;
 pub mod limits;
 pub mod metrics;
 pub mod node;
+pub mod operator_token;
 pub mod proxy;
 pub mod refusal;
 pub mod reject;
