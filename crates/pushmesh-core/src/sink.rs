@@ -30,6 +30,13 @@ impl Handle for ConnId {
 pub trait Sink<H> {
     /// Write a text frame to a connection.
     fn send(&mut self, to: &H, frame: &Bytes);
+    /// Write a state frame (superseded by the next one, like a
+    /// `subscription_count`) if the connection has room for it now;
+    /// false: not sent, and the connection is not a slow consumer for it.
+    fn send_state(&mut self, to: &H, frame: &Bytes) -> bool {
+        self.send(to, frame);
+        true
+    }
     /// Close a connection with a Pusher code (its session sends the
     /// `pusher:error` first).
     fn close(&mut self, to: &H, code: CloseCode, reason: &str);

@@ -12,6 +12,15 @@
 //! after [`Conn::hold`] wait until every hold is released, so a
 //! `subscription_succeeded` that waits for the peers' acknowledgement keeps
 //! its place before the events that follow it.
+//!
+//! **Backpressure on the client's own requests** (a burst of subscribes):
+//! the connection task stops reading the socket while the connection's
+//! requests in flight at the shards plus its queued frames reach
+//! `read_pause` (a quarter of the queue), and reads again once they drop
+//! below. So a client's own answers take at most about that many places,
+//! and the frames a barrier holds never count as slow consumption: only
+//! deliverable frames count against the queue's bound (`outbound_queue`);
+//! held ones have a bound of their own, as large.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -63,6 +72,15 @@ pub struct Conn {
     close_pending: AtomicBool,
     /// Bytes written to the client (per-app stats).
     bytes_sent: AtomicU64,
+    /// Requests routed to a shard and not yet handled there.
+    in_flight: AtomicUsize,
+    /// The task stopped reading: wake it when requests are handled.
+    read_paused: AtomicBool,
+    /// In flight plus queued at which the task stops reading.
+    read_pause: usize,
+    /// `queue.frames.len()`, as last set under the queue's lock (read
+    /// without it by the connection task before each read).
+    queued_len: AtomicUsize,
 }
 
 impl Conn {
@@ -78,12 +96,20 @@ impl Conn {
             return true;
         }
         let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if q.frames.len() >= self.cap {
+        // Held frames (the barrier's) are not the client's slowness: only
+        // deliverable ones count against the bound; held ones have their own.
+        let held = if q.holds > 0 {
+            q.frames.len() - q.before_gate
+        } else {
+            0
+        };
+        if q.frames.len() - held >= self.cap || held >= self.cap {
             return false;
         }
         let was_empty = q.frames.is_empty();
         q.frames.push_back(frame);
         q.queued += 1;
+        self.queued_len.store(q.frames.len(), Ordering::Relaxed);
         if q.holds > 0 {
             return true;
         }
@@ -93,6 +119,61 @@ impl Conn {
             self.waker.wake();
         }
         true
+    }
+
+    /// Queues a state frame (a `subscription_count`, superseded by the
+    /// next) only while the queue is less than half full; `false`: not
+    /// queued, send the then current state later (never a slow consumer).
+    pub fn try_send_state(&self, frame: Outbound) -> bool {
+        if self.gone.load(Ordering::Relaxed) {
+            return true;
+        }
+        if self.queued_len.load(Ordering::Relaxed) >= self.cap / 2 {
+            return false;
+        }
+        self.try_send(frame)
+    }
+
+    /// A request of this connection was handed to a shard.
+    pub fn routed(&self) {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A shard handled one of this connection's requests (its answer, if
+    /// any, is queued): a paused task may read again.
+    pub fn handled(&self) {
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if self.read_paused.load(Ordering::Acquire) {
+            self.waker.wake();
+        }
+    }
+
+    /// Whether the task should stop reading the client: its requests in
+    /// flight, `taken` frames of its own and the frames queued (held ones
+    /// included) reach the bound.
+    fn must_pause(&self, taken: usize) -> bool {
+        self.in_flight.load(Ordering::Acquire) + taken + self.queued_len.load(Ordering::Relaxed)
+            >= self.read_pause
+    }
+
+    /// Resolves when a paused task may read again (requests handled,
+    /// frames released); `taken` as in [`Outbox::read_paused`]. Cancel-safe.
+    pub async fn read_resumed(&self, taken: usize) {
+        std::future::poll_fn(|cx| {
+            if !self.must_pause(taken) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.must_pause(taken) {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        self.read_paused.store(false, Ordering::Release);
     }
 
     /// Counts bytes written to the client.
@@ -186,6 +267,10 @@ impl ConnRef {
             closing: AtomicBool::new(false),
             close_pending: AtomicBool::new(false),
             bytes_sent: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            read_paused: AtomicBool::new(false),
+            read_pause: (queue / 4).max(1),
+            queued_len: AtomicUsize::new(0),
         });
         (
             Self(c.clone()),
@@ -237,6 +322,19 @@ impl Outbox {
         self.try_recv().map(Next::Frame)
     }
 
+    /// Whether reading is paused now; marks the connection so that a
+    /// handled request wakes its task.
+    pub fn read_paused(&self) -> bool {
+        let paused = self.conn.must_pause(self.taken.len());
+        self.conn.read_paused.store(paused, Ordering::Release);
+        paused
+    }
+
+    /// Frames taken from the queue and not yet written.
+    pub fn taken(&self) -> usize {
+        self.taken.len()
+    }
+
     /// The next frame if one is queued.
     pub fn try_recv(&mut self) -> Option<Outbound> {
         if let Some(f) = self.taken.pop_front() {
@@ -252,6 +350,9 @@ impl Outbox {
             let n = std::mem::take(&mut q.before_gate);
             self.taken.extend(q.frames.drain(..n));
         }
+        self.conn
+            .queued_len
+            .store(q.frames.len(), Ordering::Relaxed);
         self.conn.has_frames.store(false, Ordering::Release);
         drop(q);
         self.taken.pop_front()

@@ -330,6 +330,7 @@ impl Node {
                     return;
                 };
                 let input = ShardInput::Request(h.clone(), req);
+                h.routed();
                 self.to_shard(app, channel.as_str(), Cmd::Input(input))
                     .await;
             }

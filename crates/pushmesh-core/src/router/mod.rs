@@ -17,6 +17,7 @@
 //! delivered anywhere) then [`Shard::deliver_local`] (cannot fail), or both
 //! at once with [`Shard::publish`]; `publish.rs`.
 
+mod counts;
 mod filter;
 mod history;
 mod history_state;
@@ -36,7 +37,7 @@ use bytes::Bytes;
 use indexmap::{IndexMap, IndexSet};
 use pushmesh_protocol::server;
 use pushmesh_protocol::webhook::WebhookEvent;
-use pushmesh_protocol::{ChannelKind, ChannelName};
+use pushmesh_protocol::ChannelName;
 use serde_json::value::RawValue;
 
 pub use filter::MAX_ADVERTISED;
@@ -98,6 +99,10 @@ struct Table<H> {
     dirty_counts: IndexSet<ChannelName>,
     /// Channels whose remote count changed: notify local subscribers.
     dirty_events: IndexSet<ChannelName>,
+    /// Connections that had no room for a channel's latest
+    /// `subscription_count` (`counts.rs`): sent the count then current at
+    /// the next tick.
+    deferred_counts: HashMap<ChannelName, std::collections::HashSet<ConnId>>,
 }
 
 impl<H> Default for Table<H> {
@@ -108,6 +113,7 @@ impl<H> Default for Table<H> {
             remote: HashMap::new(),
             dirty_counts: IndexSet::new(),
             dirty_events: IndexSet::new(),
+            deferred_counts: HashMap::new(),
         }
     }
 }
@@ -517,7 +523,10 @@ impl<H: Handle> Shard<H> {
     /// an answer, history to expire. An idle shard needs no time.
     pub fn needs_tick(&self) -> bool {
         self.tables.iter().any(|(_, t)| {
-            !t.cache.is_empty() || !t.dirty_counts.is_empty() || !t.dirty_events.is_empty()
+            !t.cache.is_empty()
+                || !t.dirty_counts.is_empty()
+                || !t.dirty_events.is_empty()
+                || !t.deferred_counts.is_empty()
         }) || self.limit.has_parked()
             || self.history.needs_tick()
     }
@@ -530,39 +539,7 @@ impl<H: Handle> Shard<H> {
             let t = &mut self.tables[app];
             t.cache
                 .retain(|_, c| now.saturating_duration_since(c.at) < CACHE_TTL);
-            let local = std::mem::take(&mut t.dirty_counts);
-            let mut remote = std::mem::take(&mut t.dirty_events);
-            for name in &local {
-                let count = t.channels.get(name).map_or(0, Channel::count);
-                sink.replicate(Delta::Count {
-                    app: cfg.id.clone(),
-                    channel: name.to_string(),
-                    count,
-                });
-                remote.swap_remove(name);
-            }
-            for name in local.iter().chain(remote.iter()) {
-                // Presence channels count members, not subscriptions (as Pusher).
-                if name.kind() == ChannelKind::Presence {
-                    continue;
-                }
-                let total = self.subscription_count(app, name);
-                let event = WebhookEvent::SubscriptionCount {
-                    channel: name.to_string(),
-                    subscription_count: total,
-                };
-                self.hook(app, name.as_str(), event, sink);
-                if !cfg.subscription_count_events {
-                    continue;
-                }
-                let Some(ch) = self.tables[app].channels.get(name) else {
-                    continue;
-                };
-                let f = server::subscription_count(name.as_str(), total);
-                for (_, h) in ch.pusher() {
-                    sink.send(h, &f);
-                }
-            }
+            self.count_tick(app, &cfg, sink);
         }
         self.presence_limit_tick(now, sink);
         self.history_tick(now, sink);

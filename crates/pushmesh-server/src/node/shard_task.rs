@@ -15,6 +15,12 @@ use crate::conn::ConnRef;
 
 fn run_cmd(machine: &mut ShardMachine<ConnRef>, now: Instant, cmd: Cmd, sink: &mut DriverSink<'_>) {
     match cmd {
+        Cmd::Input(ShardInput::Request(h, req)) => {
+            let conn = h.clone();
+            machine.handle(now, ShardInput::Request(h, req), sink);
+            // Its answer is queued: the connection may read its next request.
+            conn.handled();
+        }
         Cmd::Input(input) => machine.handle(now, input, sink),
         Cmd::Query(q) => q(machine.shard(), now),
     }

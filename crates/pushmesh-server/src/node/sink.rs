@@ -123,6 +123,15 @@ impl Sink<ConnRef> for DriverSink<'_> {
         }
     }
 
+    fn send_state(&mut self, to: &ConnRef, frame: &Bytes) -> bool {
+        let Some(text) = self.text(frame) else {
+            return true;
+        };
+        let queued = to.try_send_state(text);
+        self.queued += u64::from(queued);
+        queued
+    }
+
     fn close(&mut self, to: &ConnRef, code: CloseCode, reason: &str) {
         to.request_close(code, reason);
     }

@@ -185,6 +185,9 @@ impl<'a> Connection<'a> {
                 ka_deadline = keepalive.deadline();
                 ka_sleep.as_mut().reset(ka_deadline.into());
             }
+            // Backpressure on the client's own requests (see `conn`).
+            let paused = self.rx.read_paused();
+            let taken = self.rx.taken();
             let flow = tokio::select! {
                 biased;
                 next = self.rx.recv() => match next {
@@ -202,7 +205,8 @@ impl<'a> Connection<'a> {
                         }
                     }
                 },
-                msg = self.socket.recv() => {
+                () = self.h.read_resumed(taken), if paused => Flow::Continue,
+                msg = self.socket.recv(), if !paused => {
                     let now = Instant::now();
                     keepalive.on_activity(now);
                     match msg {

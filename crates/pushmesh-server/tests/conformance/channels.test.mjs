@@ -83,3 +83,28 @@ test('encrypted channel end to end; the server only sees ciphertext', async () =
     (e) => e.status === 400 && /encrypted/.test(e.body),
   );
 });
+
+test('5,000 subscribes at once on one pusher-js connection: all answered, never disconnected (backpressure, not 4100)', { timeout: 120000 }, async () => {
+  const c = mk();
+  await connected(c);
+  const states = [];
+  c.connection.bind('state_change', (s) => states.push(s.current));
+  let answered = 0;
+  const counted = new Set();
+  for (let k = 0; k < 5000; k++) {
+    const ch = c.subscribe(`burst-${k}`);
+    ch.bind('pusher:subscription_succeeded', () => { answered++; });
+    ch.bind('pusher:subscription_count', (d) => { if (d.subscription_count === 1) counted.add(k); });
+  }
+  const { until } = await import('./helpers.mjs');
+  await until(() => answered === 5000 || states.length > 0, '5,000 answers', 100000);
+  assert.deepEqual(states, [], 'the connection stayed connected');
+  assert.equal(answered, 5000);
+  // 5,000 counts change in one tick: those without room in the queue come
+  // at later ticks, never as a disconnect; every channel gets its count.
+  await until(() => counted.size === 5000 || states.length > 0, 'every channel\'s subscription_count', 100000);
+  assert.deepEqual(states, []);
+  const m = await (await fetch(`http://127.0.0.1:${srv.port}/metrics`)).text();
+  assert.match(m, /pushmesh_slow_consumer_disconnects_total 0\b/);
+  for (let k = 0; k < 5000; k++) c.unsubscribe(`burst-${k}`);
+});
