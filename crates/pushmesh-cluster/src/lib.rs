@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 
 pub use gossip::GossipStats;
 pub use identity::IdentityConflict;
-pub use receipt::{first_ack, Receipt};
+pub use receipt::{all_acked, first_ack, Receipt};
 pub use tls::TlsMaterial;
 
 /// Gossip key: the node's QUIC address (a node is live only once it has it).

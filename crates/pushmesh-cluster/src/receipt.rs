@@ -1,6 +1,8 @@
-//! Data frames whose acknowledgement a caller waits for: a publish on a
-//! history channel is answered once at least one peer holds the event, so
-//! the history survives the loss of the node that took it (docs/history.md).
+//! Data frames whose acknowledgement a caller waits for: a publish is
+//! answered once every peer with subscribers for it acknowledged it (order
+//! through the balancer, docs/cluster.md), and on a history channel once
+//! at least one peer holds the event, so the history survives the loss of
+//! the node that took it (docs/history.md).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -45,20 +47,34 @@ impl Cluster {
 /// Waits until one of `receipts` is acknowledged (true), or until
 /// `deadline` (false). No receipt: true at once.
 pub async fn first_ack(receipts: &[Receipt], deadline: Instant) -> bool {
+    acked_by(receipts, deadline, |r| r.iter().any(Receipt::acked)).await
+}
+
+/// Waits until every one of `receipts` is acknowledged (true), or until
+/// `deadline` (false). No receipt: true at once.
+pub async fn all_acked(receipts: &[Receipt], deadline: Instant) -> bool {
+    acked_by(receipts, deadline, |r| r.iter().all(Receipt::acked)).await
+}
+
+/// Waits until `done(receipts)` or `deadline`; whether it is done.
+async fn acked_by(
+    receipts: &[Receipt],
+    deadline: Instant,
+    done: impl Fn(&[Receipt]) -> bool,
+) -> bool {
     if receipts.is_empty() {
         return true;
     }
     loop {
         // Registered before the check, so no acknowledgement is missed.
-        let waits: Vec<_> = receipts
+        let mut waits: Vec<_> = receipts
             .iter()
             .map(|r| Box::pin(r.slot.acked.notified()))
             .collect();
-        let mut waits = waits;
         for w in &mut waits {
             w.as_mut().enable();
         }
-        if receipts.iter().any(Receipt::acked) {
+        if done(receipts) {
             return true;
         }
         let any = std::future::poll_fn(|cx| {
@@ -71,7 +87,7 @@ pub async fn first_ack(receipts: &[Receipt], deadline: Instant) -> bool {
         });
         tokio::select! {
             () = any => {}
-            () = tokio::time::sleep_until(deadline) => return receipts.iter().any(Receipt::acked),
+            () = tokio::time::sleep_until(deadline) => return done(receipts),
         }
     }
 }

@@ -183,11 +183,19 @@ pub enum Refusal {
     Draining = 1,
     /// An interested peer's buffer is full.
     PeerBufferFull = 2,
+    /// A peer with subscribers did not acknowledge the event in time (it
+    /// is delivered here and held for that peer, which may still get it).
+    PeerUnacknowledged = 3,
 }
 
 impl Refusal {
     /// Every reason, in counter order.
-    pub const ALL: [Refusal; 3] = [Self::Joining, Self::Draining, Self::PeerBufferFull];
+    pub const ALL: [Refusal; 4] = [
+        Self::Joining,
+        Self::Draining,
+        Self::PeerBufferFull,
+        Self::PeerUnacknowledged,
+    ];
 
     /// The `reason` of the JSON error and the metric label.
     pub fn as_str(self) -> &'static str {
@@ -195,6 +203,7 @@ impl Refusal {
             Self::Joining => "joining",
             Self::Draining => "draining",
             Self::PeerBufferFull => "peer_buffer_full",
+            Self::PeerUnacknowledged => "peer_unacknowledged",
         }
     }
 }

@@ -57,7 +57,7 @@ pub use router::{
 };
 pub use routing::shard_of;
 pub use session::{PresenceJoin, Proto, Request, Session, SessionOutput};
-pub use sink::{Handle, Sink};
+pub use sink::{AckFor, Handle, Sink};
 pub use users::Users;
 pub use webhooks::{ScheduledHook, WebhookScheduler};
 

@@ -26,6 +26,18 @@ impl Handle for ConnId {
     }
 }
 
+/// Why a publish's answer waits for a peer's acknowledgement of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckFor {
+    /// The peer has subscribers for the event: the answer waits until
+    /// every such peer acknowledged it (then a later publish, through any
+    /// node, reaches them after it: order through the balancer), or is 503.
+    Order,
+    /// A history copy for a peer without subscribers: the answer waits
+    /// (bounded) until any one peer holds the event.
+    Copy,
+}
+
 /// Receives the effects of the state machines, in order.
 pub trait Sink<H> {
     /// Write a text frame to a connection.
@@ -42,9 +54,10 @@ pub trait Sink<H> {
     fn close(&mut self, to: &H, code: CloseCode, reason: &str);
     /// A frame for a peer node.
     fn peer(&mut self, to: &NodeId, kind: FrameKind, frame: &Bytes);
-    /// A data frame whose acknowledgement the publish waits for (a history
-    /// event: answered once a peer holds it).
-    fn peer_durable(&mut self, to: &NodeId, frame: &Bytes) {
+    /// A data frame of a publish whose acknowledgement its answer waits
+    /// for, and why ([`AckFor`]).
+    fn peer_durable(&mut self, to: &NodeId, frame: &Bytes, why: AckFor) {
+        let _ = why;
         self.peer(to, FrameKind::Data, frame);
     }
     /// Whether a data frame for `to` can be held now (its buffer is not

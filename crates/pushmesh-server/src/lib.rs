@@ -231,6 +231,10 @@ impl Server {
                     .cluster
                     .as_ref()
                     .map_or(Duration::from_secs(1), |c| c.subscribe_barrier),
+                publish_ack_wait: config
+                    .cluster
+                    .as_ref()
+                    .map_or(Duration::from_secs(1), |c| c.publish_ack),
                 joining: config.cluster.is_some(),
             },
             cluster.clone(),

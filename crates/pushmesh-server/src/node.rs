@@ -57,7 +57,7 @@ pub struct HubStats {
     /// Subscriptions whose barrier timed out (peers did not acknowledge).
     pub barrier_timeouts: AtomicU64,
     /// Publishes answered 503, by reason (see [`Refusal`]).
-    pub refused: [AtomicU64; 3],
+    pub refused: [AtomicU64; 4],
     /// History publishes answered before any peer acknowledged them
     /// (after `DURABLE_WAIT`).
     pub history_unacked: AtomicU64,
@@ -71,6 +71,8 @@ pub struct Links {
     hooks: Mutex<WebhookScheduler>,
     waiters: Mutex<Barrier<ConnRef>>,
     barrier_wait: Duration,
+    /// Longest wait of a publish's answer for its interested peers' acks.
+    publish_ack_wait: Duration,
     /// Wakes the webhook pump when events were scheduled.
     pub hook_ready: Notify,
     /// Router counters.
@@ -115,24 +117,50 @@ impl Links {
 }
 
 /// A publish a shard accepted: the channel's info (if asked) and the
-/// receipts of its history frames, acknowledged before the answer.
+/// receipts of its data frames, acknowledged before the answer.
 pub struct Accepted {
     info: ChannelInfo,
-    receipts: Vec<pushmesh_cluster::Receipt>,
+    receipts: Receipts,
+}
+
+/// The receipts of a publish's data frames to its peers.
+#[derive(Default)]
+pub struct Receipts {
+    /// To peers with subscribers for it: every one must acknowledge.
+    pub(crate) ordered: Vec<pushmesh_cluster::Receipt>,
+    /// History copies to peers without: any one peer must hold the event.
+    pub(crate) copies: Vec<pushmesh_cluster::Receipt>,
 }
 
 /// Longest wait for a peer to acknowledge a history event before the
 /// publish is answered anyway (the event is held for the peers).
 const DURABLE_WAIT: Duration = Duration::from_secs(2);
 
-/// Waits (bounded) until a peer holds each accepted history event.
-async fn durable(receipts: &[pushmesh_cluster::Receipt], stats: &HubStats) {
-    if receipts.is_empty() {
-        return;
+impl Receipts {
+    fn extend(&mut self, other: Receipts) {
+        self.ordered.extend(other.ordered);
+        self.copies.extend(other.copies);
     }
-    let deadline = tokio::time::Instant::now() + DURABLE_WAIT;
-    if !pushmesh_cluster::first_ack(receipts, deadline).await {
-        stats.history_unacked.fetch_add(1, Ordering::Relaxed);
+
+    /// Waits until every peer with subscribers acknowledged (bounded by
+    /// `ack_wait`: past it, 503 `peer_unacknowledged`), and for a history
+    /// event until one peer holds it (bounded by 2 s: past it the answer
+    /// is 2xx anyway, counted, the event held for the peers).
+    async fn wait(&self, ack_wait: Duration, stats: &HubStats) -> Result<(), Refusal> {
+        let start = tokio::time::Instant::now();
+        // `publish_ack_ms = 0`: answered once the peers' buffers hold it.
+        if !ack_wait.is_zero()
+            && !pushmesh_cluster::all_acked(&self.ordered, start + ack_wait).await
+        {
+            return Err(Refusal::PeerUnacknowledged);
+        }
+        if self.copies.is_empty() || self.ordered.iter().any(pushmesh_cluster::Receipt::acked) {
+            return Ok(());
+        }
+        if !pushmesh_cluster::first_ack(&self.copies, start + DURABLE_WAIT).await {
+            stats.history_unacked.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 }
 
@@ -194,6 +222,8 @@ pub struct NodeSettings {
     pub socket_prefix: u32,
     /// Longest wait of the subscription barrier.
     pub barrier_wait: Duration,
+    /// Longest wait of a publish's answer for its interested peers' acks.
+    pub publish_ack_wait: Duration,
     /// Whether the node must join a cluster before it takes publishes.
     pub joining: bool,
 }
@@ -215,6 +245,7 @@ impl Node {
             hooks: Mutex::new(hooks),
             waiters: Mutex::new(Barrier::default()),
             barrier_wait: s.barrier_wait,
+            publish_ack_wait: s.publish_ack_wait,
             hook_ready: Notify::new(),
             stats: HubStats::default(),
             hook_relay: HookRelay::new(node.clone(), s.epoch, swap.clone()),
@@ -375,10 +406,11 @@ impl Node {
         }
         let mut out = Vec::with_capacity(replies.len());
         let mut refused = None;
+        let mut receipts = Receipts::default();
         for (name, rx) in replies {
             match rx.await {
                 Ok(Ok(a)) => {
-                    durable(&a.receipts, &self.links.stats).await;
+                    receipts.extend(a.receipts);
                     out.push(PublishedChannel { name, info: a.info });
                 }
                 Ok(Err(e)) => refused = Some(e),
@@ -386,6 +418,11 @@ impl Node {
                 Err(_) => return Err(self.refused(Refusal::Draining)),
             }
         }
+        // Every channel's peers at once: one wait, the slowest peer's.
+        receipts
+            .wait(self.links.publish_ack_wait, &self.links.stats)
+            .await
+            .map_err(|r| self.refused(r))?;
         if let Some(e) = refused {
             tracing::debug!(error = %e, "publish refused");
             return Err(self.refused(Refusal::PeerBufferFull));
@@ -435,10 +472,11 @@ impl Node {
             info: false,
         };
         match self.to_shard_publish(p).await.await {
-            Ok(Ok(a)) => {
-                durable(&a.receipts, &self.links.stats).await;
-                Ok(())
-            }
+            Ok(Ok(a)) => a
+                .receipts
+                .wait(self.links.publish_ack_wait, &self.links.stats)
+                .await
+                .map_err(|r| self.refused(r)),
             Ok(Err(_)) => Err(self.refused(Refusal::PeerBufferFull)),
             Err(_) => Err(self.refused(Refusal::Draining)),
         }

@@ -19,7 +19,7 @@ use crate::history::{
 };
 use crate::peer_frame::{HistoryStamp, PeerFrame};
 use crate::session::Proto;
-use crate::sink::{Handle, Sink};
+use crate::sink::{AckFor, Handle, Sink};
 
 /// How long a recovery waits for events a position names but this node
 /// has not got yet (they are on their way from a live peer).
@@ -244,8 +244,17 @@ impl<H: Handle> Shard<H> {
         store.append(ev.app, ev.channel, e, max);
         if !self.peers.is_empty() {
             let frame = PeerFrame::Event(peer_event(self.app_id(ev.app), p, Some(stamp))).encode();
+            let remote = self.tables[ev.app].remote.get(ev.channel);
+            let tags = p.tags();
             for to in &self.peers {
-                sink.peer_durable(to, &frame);
+                let why = if remote.is_some_and(|r| {
+                    r.interested.contains(to) && super::filter::peer_wants(r, to, tags)
+                }) {
+                    AckFor::Order
+                } else {
+                    AckFor::Copy
+                };
+                sink.peer_durable(to, &frame, why);
             }
         }
         Ok(())

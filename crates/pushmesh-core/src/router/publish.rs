@@ -23,7 +23,7 @@ use super::{Event, Publish, PublishRefused, Shard};
 use crate::filter::Tags;
 use crate::peer_frame::{FrameKind, HistoryStamp, PeerEvent, PeerFrame};
 use crate::session::Proto;
-use crate::sink::{Handle, Sink};
+use crate::sink::{AckFor, Handle, Sink};
 
 impl<H: Handle> Shard<H> {
     /// A whole publish: [`Shard::hand_to_peers`], then, if the peers took
@@ -162,7 +162,7 @@ impl<H: Handle> Shard<H> {
             for to in interested.iter().filter(|peer| peer_wants(r, peer, tags)) {
                 let frame = frame
                     .get_or_insert_with(|| PeerFrame::Event(peer_event(app_id, p, None)).encode());
-                sink.peer(to, FrameKind::Data, frame);
+                sink.peer_durable(to, frame, AckFor::Order);
             }
         }
         let n = interested.map_or(0, BTreeSet::len);

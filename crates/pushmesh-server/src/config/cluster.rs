@@ -32,6 +32,7 @@ pub(super) struct FileCluster {
     drain_wait_ms: Option<u64>,
     startup_timeout_ms: Option<u64>,
     subscribe_barrier_ms: Option<u64>,
+    publish_ack_ms: Option<u64>,
     min_cluster_size: Option<usize>,
 }
 
@@ -71,6 +72,9 @@ pub struct ClusterSettings {
     pub startup_timeout: Duration,
     /// Longest wait of the subscription barrier.
     pub subscribe_barrier: Duration,
+    /// Longest wait of a publish's answer for the acknowledgement of every
+    /// peer with subscribers (past it: 503 `peer_unacknowledged`).
+    pub publish_ack: Duration,
     /// Nodes (this one included) a starting node must have joined before
     /// it is ready; `startup_timeout` does not lower it.
     pub min_cluster_size: usize,
@@ -192,6 +196,7 @@ pub(super) fn resolve_cluster(
         drain_wait: Duration::from_millis(f.drain_wait_ms.unwrap_or(5000)),
         startup_timeout: Duration::from_millis(f.startup_timeout_ms.unwrap_or(10_000)),
         subscribe_barrier: Duration::from_millis(f.subscribe_barrier_ms.unwrap_or(1000)),
+        publish_ack: Duration::from_millis(f.publish_ack_ms.unwrap_or(1000)),
         min_cluster_size,
     }))
 }

@@ -8,12 +8,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use pushmesh_core::machine::{Barrier, Batch, ShardSink};
-use pushmesh_core::{AppIdx, ChannelInfo, Delta, FrameKind, NodeId, PublishRefused, Sink};
+use pushmesh_core::{AckFor, AppIdx, ChannelInfo, Delta, FrameKind, NodeId, PublishRefused, Sink};
 use pushmesh_protocol::webhook::WebhookEvent;
 use pushmesh_protocol::wire::Outbound;
 use pushmesh_protocol::CloseCode;
 
-use super::{hook_relay, lock, Accepted, Links, Reply};
+use super::{hook_relay, lock, Accepted, Links, Receipts, Reply};
 use crate::conn::ConnRef;
 
 /// The effects of one batch of work, done as they come.
@@ -22,8 +22,8 @@ pub struct DriverSink<'a> {
     last: Option<(Bytes, Outbound)>,
     queued: u64,
     batch: Batch<ConnRef>,
-    /// Receipts of the history frames of the current publish.
-    receipts: Vec<pushmesh_cluster::Receipt>,
+    /// Receipts of the current publish's data frames.
+    receipts: Receipts,
 }
 
 impl<'a> DriverSink<'a> {
@@ -33,7 +33,7 @@ impl<'a> DriverSink<'a> {
             last: None,
             queued: 0,
             batch: Batch::default(),
-            receipts: Vec::new(),
+            receipts: Receipts::default(),
         }
     }
 
@@ -142,10 +142,13 @@ impl Sink<ConnRef> for DriverSink<'_> {
         }
     }
 
-    fn peer_durable(&mut self, to: &NodeId, frame: &Bytes) {
+    fn peer_durable(&mut self, to: &NodeId, frame: &Bytes, why: AckFor) {
         if let Some(c) = &self.links.cluster {
             match c.send_with_receipt(to, frame.clone()) {
-                Some(r) => self.receipts.push(r),
+                Some(r) => match why {
+                    AckFor::Order => self.receipts.ordered.push(r),
+                    AckFor::Copy => self.receipts.copies.push(r),
+                },
                 None => {
                     c.send(to, FrameKind::Data, frame.clone());
                 }
@@ -174,8 +177,8 @@ impl Sink<ConnRef> for DriverSink<'_> {
 impl ShardSink<ConnRef> for DriverSink<'_> {
     type Reply = Reply;
 
-    /// Answers with the receipts of the history frames this publish sent
-    /// (the HTTP answer waits until a peer holds one of them).
+    /// Answers with the receipts of the data frames this publish sent
+    /// (the HTTP answer waits for them: [`Receipts::wait`]).
     fn answer(&mut self, reply: Reply, outcome: Result<ChannelInfo, PublishRefused>) {
         let receipts = std::mem::take(&mut self.receipts);
         let _ = reply.send(outcome.map(|info| Accepted { info, receipts }));
