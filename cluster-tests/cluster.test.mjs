@@ -97,7 +97,7 @@ test('presence across three nodes; kill -9 removes its members everywhere, one w
   rx.close();
 });
 
-test('partition between n1 and n2, then healing: held messages replayed exactly once, readiness not contagious', { timeout: 180000 }, async () => {
+test('partition between n1 and n2, then healing: held messages replayed exactly once (answered 503 peer_unacknowledged meanwhile), readiness not contagious', { timeout: 180000 }, async () => {
   for (const i of [1, 2, 3]) await startNode(i);
   await meshed([1, 2, 3]);
   const subs = {};
@@ -117,7 +117,15 @@ test('partition between n1 and n2, then healing: held messages replayed exactly 
     // n3 still reaches both sides.
     for (let k = 0; k < 10; k++) await sdk(3).trigger('feed', 'tick', { k, via: 3 });
     // n1 publishes: n1 and n3 subscribers get it now; n2's copy is held.
-    for (let k = 10; k < 20; k++) await sdk(1).trigger('feed', 'tick', { k, via: 1 });
+    // n2 has subscribers and cannot acknowledge, so the answer is not 2xx
+    // (#22: a 2xx promises the order across nodes): 503 peer_unacknowledged
+    // after publish_ack_ms.
+    for (let k = 10; k < 20; k++) {
+      const status = await sdk(1).trigger('feed', 'tick', { k, via: 1 }).then(() => 200, (e) => e.status);
+      assert.equal(status, 503, `publish ${k} through n1 during the cut`);
+    }
+    const m1 = await metrics(1);
+    assert.equal(m1['pushmesh_publish_refused_total{reason="peer_unacknowledged"}'], 10);
     await until(() => subs[1].length === 20 && subs[3].length === 20, 'healthy side got everything');
     await until(() => subs[2].length >= 10, 'n2 got what n3 published');
     // One broken path between two nodes takes nobody out: each still

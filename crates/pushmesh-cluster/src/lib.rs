@@ -12,6 +12,7 @@
 //! Buffers are bounded: [`Cluster::has_room`] is asked before a publish is
 //! delivered, so a full buffer refuses the publish (503) rather than lose it.
 
+mod arrivals;
 mod codec;
 pub mod gossip;
 pub mod identity;
@@ -242,6 +243,8 @@ struct Inner {
     links_refused: AtomicU64,
     /// Other live holders of this node's id.
     identity: identity::IdentityState,
+    /// Peer frames handed to the node and handled by it.
+    arrivals: arrivals::Arrivals,
 }
 
 /// A running cluster layer.
@@ -338,6 +341,7 @@ impl Cluster {
             gossip,
             links_refused: AtomicU64::new(0),
             identity: identity::IdentityState::new(&cfg.node_id, cfg.gossip_interval),
+            arrivals: arrivals::Arrivals::default(),
         });
         let c = Self { inner };
         tokio::spawn(c.clone().accept_loop());

@@ -190,7 +190,11 @@ impl Cluster {
             from: link.peer.clone(),
             frame,
         };
-        self.inner.events.send(ev).await.is_ok()
+        let sent = self.inner.events.send(ev).await.is_ok();
+        if sent {
+            self.inner.arrivals.handed();
+        }
+        sent
     }
 
     /// The data stream: numbered frames, each delivered once; an ack goes

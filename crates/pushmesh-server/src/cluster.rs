@@ -120,6 +120,7 @@ pub fn spawn_tasks(st: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
         .take();
     if let Some(mut rx) = rx {
         let st = st.clone();
+        let cluster = cluster.clone();
         tasks.push(tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
                 let node = &st.node;
@@ -140,7 +141,10 @@ pub fn spawn_tasks(st: &Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
                         );
                     }
                     ClusterEvent::Frame { from, frame } => {
-                        match node.peer_frame(&from, &frame).await {
+                        let handled = node.peer_frame(&from, &frame).await;
+                        // On its shard's queue: a publish taken here may go.
+                        cluster.frame_handled();
+                        match handled {
                             Ok(Some(admin)) => {
                                 // Off this loop: a stats question waits on the shards.
                                 let (st, from) = (st.clone(), from.clone());

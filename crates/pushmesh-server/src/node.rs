@@ -399,6 +399,7 @@ impl Node {
         tags: Option<Arc<Tags>>,
     ) -> Result<Vec<PublishedChannel>, PublishError> {
         let _entered = self.gate.enter().map_err(|r| self.refused(r))?;
+        self.after_acknowledged_frames().await;
         let mut replies = Vec::with_capacity(names.len());
         for p in ShardPublish::each(app, names, req, tags, info) {
             let name = p.channel.clone();
@@ -428,6 +429,19 @@ impl Node {
             return Err(self.refused(Refusal::PeerBufferFull));
         }
         Ok(out)
+    }
+
+    /// Waits until every peer frame this node has acknowledged is on its
+    /// shard's queue, so a publish taken now goes after them (a peer's
+    /// publish answered before this one was sent is delivered first here
+    /// too). At once when nothing is pending; bounded by `publish_ack_ms`.
+    async fn after_acknowledged_frames(&self) {
+        if let (Some(c), false) = (&self.links.cluster, self.links.publish_ack_wait.is_zero()) {
+            let deadline = tokio::time::Instant::now() + self.links.publish_ack_wait;
+            if !c.caught_up(deadline).await {
+                tracing::debug!("publish taken before the peers' frames were handled");
+            }
+        }
     }
 
     /// Queues a publish on its channel's shard; its answer comes on the receiver.
@@ -460,6 +474,7 @@ impl Node {
             .apps()
             .validate_wsify_broadcast(app, channel, content)?;
         let _entered = self.gate.enter().map_err(|r| self.refused(r))?;
+        self.after_acknowledged_frames().await;
         let content: Arc<RawValue> = Arc::from(content.to_owned());
         let p = ShardPublish {
             app,
