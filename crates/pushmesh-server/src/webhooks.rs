@@ -340,7 +340,7 @@ impl Webhooks {
         }
         // Slots of removed apps.
         for (slot, targets) in old.targets.iter().enumerate() {
-            if apps.is_removed(AppIdx(slot as u32)) || slot >= apps.len() {
+            if apps.is_removed(AppIdx(slot as u32)) {
                 Self::retire_all(&self.retired, targets.clone());
             }
         }

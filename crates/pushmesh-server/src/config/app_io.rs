@@ -72,3 +72,14 @@ pub struct AppIo {
     /// Allowed `Origin` header values; empty allows every origin.
     pub allowed_origins: Vec<String>,
 }
+
+impl AppIo {
+    /// The top-level `authorizer_url` (or its flag) over the app's
+    /// `[apps.authorizer]` URL, at start and on every reload.
+    pub fn set_authorizer_url(&mut self, url: String) {
+        match &mut self.authorizer {
+            Some(a) => a.url = url,
+            None => self.authorizer = Some(AuthorizerConfig::with_url(url)),
+        }
+    }
+}

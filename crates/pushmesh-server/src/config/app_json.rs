@@ -106,7 +106,7 @@ pub fn reload_file_apps(
     authorizer_url: Option<&str>,
 ) -> Result<Vec<(AppConfig, AppIo)>, ConfigError> {
     let mut file = FileConfig::load(path)?;
-    let apps = std::mem::take(&mut file.apps)
+    let mut apps = std::mem::take(&mut file.apps)
         .into_iter()
         .map(file_app)
         .collect::<Result<Vec<_>, _>>()?;
@@ -127,15 +127,11 @@ pub fn reload_file_apps(
             )));
         }
     }
-    let mut apps = apps;
     let url = authorizer_url
         .map(str::to_owned)
         .or(file.authorizer_url.take());
     if let (Some(url), Some((_, io))) = (url, apps.iter_mut().find(|(a, _)| a.id == wsify)) {
-        match &mut io.authorizer {
-            Some(a) => a.url = url,
-            None => io.authorizer = Some(super::AuthorizerConfig::with_url(url)),
-        }
+        io.set_authorizer_url(url);
     }
     let (cfgs, ios): (Vec<_>, Vec<_>) = apps.iter().cloned().unzip();
     check::app_values(&cfgs, &ios)?;

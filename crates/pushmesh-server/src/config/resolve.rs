@@ -8,8 +8,8 @@ use pushmesh_core::AppConfig;
 
 use super::cluster::resolve_cluster;
 use super::{
-    check, development_app, generated_node_id, parse_app, AppIo, AuthorizerConfig, Cli, Config,
-    ConfigError, FileApp, FileConfig,
+    check, development_app, generated_node_id, parse_app, AppIo, Cli, Config, ConfigError, FileApp,
+    FileConfig,
 };
 
 /// The apps and their I/O settings, and which one wsify uses.
@@ -99,11 +99,7 @@ fn resolve_apps(file: &mut FileConfig, cli: &Cli) -> Result<Apps, ConfigError> {
         })?,
     };
     if let Some(url) = cli.authorizer_url.clone().or(file.authorizer_url.take()) {
-        let io = &mut app_io[wsify_app];
-        match &mut io.authorizer {
-            Some(a) => a.url = url,
-            None => io.authorizer = Some(AuthorizerConfig::with_url(url)),
-        }
+        app_io[wsify_app].set_authorizer_url(url);
     }
     check::app_values(&apps, &app_io)?;
     Ok(Apps {
